@@ -1,0 +1,15 @@
+"""robaudit: find where inside a PyTorch classifier adversarial perturbations do their damage,
+harden those layers, and report the evidence in one HTML file."""
+from importlib.metadata import PackageNotFoundError, version as _version
+
+try:
+    __version__ = _version("robaudit")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.1.0"
+
+from .errors import RobauditError  # noqa: E402
+from .lsa import MVL, LSAResult, analyze, relative_error, pooled_relative_error  # noqa: E402
+from .models import LoadedModel, load_model  # noqa: E402
+
+__all__ = ["analyze", "load_model", "LoadedModel", "LSAResult", "MVL", "RobauditError",
+           "relative_error", "pooled_relative_error", "__version__"]

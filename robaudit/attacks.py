@@ -1,0 +1,278 @@
+"""The attack battery: a small spec language over torchattacks, plus statistical noise baselines.
+
+A spec is ``name`` or ``name:key=value,key=value`` (values may be fractions such as ``8/255``),
+e.g. ``pgd:eps=8/255,steps=10,alpha=2/255``. Specs are parsed once into :class:`AttackSpec`;
+:func:`expand` applies the eps sweep; :func:`build` makes a callable ``(x, y) -> x_adv``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .errors import RobauditError
+
+
+@dataclass(frozen=True)
+class AttackKind:
+    """What an attack name means: its family, norm, whether eps bounds it, and its parameters."""
+
+    name: str
+    kind: str  # "adversarial" | "noise"
+    norm: str  # "Linf" | "L2"
+    bounded: bool  # False for minimal-perturbation attacks (cw, deepfool): no eps
+    defaults: Mapping[str, Any]
+    description: str
+
+
+KINDS: dict[str, AttackKind] = {
+    k.name: k
+    for k in [
+        AttackKind("fgsm", "adversarial", "Linf", True, {}, "fast gradient sign, one step"),
+        AttackKind("pgd", "adversarial", "Linf", True, {"steps": 10, "alpha": None, "random_start": True},
+                   "projected gradient descent (Madry et al.); alpha defaults to 2.5*eps/steps"),
+        AttackKind("pgdl2", "adversarial", "L2", True, {"steps": 10, "alpha": None, "random_start": True},
+                   "PGD in the L2 ball; alpha defaults to 2.5*eps/steps"),
+        AttackKind("cw", "adversarial", "L2", False, {"c": 1.0, "kappa": 0.0, "steps": 50, "lr": 0.01},
+                   "Carlini-Wagner L2, minimal perturbation (no eps)"),
+        AttackKind("deepfool", "adversarial", "L2", False, {"steps": 50, "overshoot": 0.02},
+                   "DeepFool, minimal perturbation (no eps); slow, it loops per sample"),
+        AttackKind("autoattack", "adversarial", "Linf", True, {"version": "standard"},
+                   "AutoAttack ensemble (APGD-CE, APGD-T, FAB, Square)"),
+        AttackKind("square", "adversarial", "Linf", True, {"n_queries": 500, "p_init": 0.8},
+                   "Square attack, black-box (score-based)"),
+        AttackKind("gaussian", "noise", "Linf", True, {},
+                   "Gaussian noise with the L2 energy of a full-budget perturbation at eps"),
+        AttackKind("uniform", "noise", "Linf", True, {},
+                   "uniform noise with the L2 energy of a full-budget perturbation at eps"),
+        AttackKind("saltpepper", "noise", "Linf", True, {},
+                   "salt-and-pepper: a fraction eps^2 of the inputs set to 0 or 1 (same expected energy)"),
+    ]
+}
+NORMS = {"linf": "Linf", "inf": "Linf", "l2": "L2"}
+
+DEFAULT_BATTERY = ("fgsm", "pgd", "cw", "square", "gaussian", "uniform", "saltpepper")
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One attack configuration: a known name, its parameters and (for bounded attacks) an eps."""
+
+    name: str
+    params: tuple[tuple[str, Any], ...] = ()
+    eps: float | None = None
+    norm: str = "Linf"
+    explicit_eps: bool = False
+
+    @property
+    def kind(self) -> str:
+        return KINDS[self.name].kind
+
+    @property
+    def bounded(self) -> bool:
+        return KINDS[self.name].bounded
+
+    @property
+    def param_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in KINDS[self.name].defaults.items()}
+        out.update(dict(self.params))
+        return out
+
+    @property
+    def label(self) -> str:
+        """Name plus the parameters that differ from the defaults, e.g. ``pgd(steps=50)``; eps apart."""
+        defaults = KINDS[self.name].defaults
+        extra = [(k, v) for k, v in self.params if defaults.get(k, object()) != v]
+        if self.norm != KINDS[self.name].norm:
+            extra.insert(0, ("norm", self.norm))
+        if not extra:
+            return self.name
+        return f"{self.name}({','.join(f'{k}={_fmt(v)}' for k, v in extra)})"
+
+    def spec_string(self) -> str:
+        """The spec in the language it was parsed from (round-trips through :func:`parse`)."""
+        items = []
+        if self.eps is not None:
+            items.append(f"eps={_fmt(self.eps)}")
+        if self.norm != KINDS[self.name].norm:
+            items.append(f"norm={self.norm}")
+        items += [f"{k}={_fmt(v)}" for k, v in self.params]
+        return self.name + (":" + ",".join(items) if items else "")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def parse_number(text: str) -> float:
+    """Parse ``0.1``, ``8/255`` or ``1e-3`` into a float; raise a one-line error otherwise."""
+    text = text.strip()
+    try:
+        if "/" in text:
+            num, den = text.split("/", 1)
+            return float(Fraction(num.strip()) / Fraction(den.strip()))
+        return float(text)
+    except (ValueError, ZeroDivisionError) as e:
+        raise RobauditError(f"{text!r} is not a number (use e.g. 0.03 or 8/255)") from e
+
+
+def parse_eps_list(text: str | Sequence[str] | None) -> list[float] | None:
+    """Parse ``2/255,4/255,8/255`` into floats; every eps must be positive and finite."""
+    if text is None:
+        return None
+    parts = text.split(",") if isinstance(text, str) else [p for t in text for p in t.split(",")]
+    values = [parse_number(p) for p in parts if p.strip()]
+    if not values:
+        return None
+    for v in values:
+        if not math.isfinite(v) or v <= 0:
+            raise RobauditError(f"eps must be positive and finite, got {v}: use e.g. --eps 2/255,4/255,8/255")
+    return values
+
+
+def _parse_value(key: str, text: str, default: Any) -> Any:
+    t = text.strip()
+    if isinstance(default, bool) or t.lower() in ("true", "false"):
+        if t.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise RobauditError(f"{key}={text} must be true or false")
+        return t.lower() in ("true", "1", "yes")
+    if isinstance(default, str):
+        return t
+    value = parse_number(t)
+    if isinstance(default, int) and not isinstance(default, bool):
+        if value != int(value) or value < 1:
+            raise RobauditError(f"{key}={text} must be a positive whole number")
+        return int(value)
+    if not math.isfinite(value):
+        raise RobauditError(f"{key}={text} must be finite")
+    return value
+
+
+def parse(text: str) -> AttackSpec:
+    """Parse one spec string such as ``pgd:eps=8/255,steps=20`` into an :class:`AttackSpec`."""
+    name, _, rest = text.strip().partition(":")
+    name = name.strip().lower().replace("-", "").replace("_", "")
+    aliases = {"pgdlinf": "pgd", "aa": "autoattack", "saltandpepper": "saltpepper", "sp": "saltpepper",
+               "gauss": "gaussian", "noise": "gaussian"}
+    name = aliases.get(name, name)
+    if name not in KINDS:
+        raise RobauditError(f"unknown attack {name!r}: choose from {', '.join(KINDS)}")
+    kind = KINDS[name]
+    eps, norm, params = None, kind.norm, []
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip().lower()
+        if not sep:
+            raise RobauditError(f"attack parameter {item!r} needs a value, e.g. {name}:{key}=...")
+        if key == "eps":
+            if not kind.bounded:
+                raise RobauditError(f"{name} finds a minimal perturbation and takes no eps")
+            eps = parse_eps_list(value)[0]
+        elif key == "norm":
+            norm = NORMS.get(value.strip().lower())
+            if norm is None or (kind.kind == "adversarial" and norm != kind.norm and name != "autoattack"
+                                and name != "square"):
+                raise RobauditError(f"{name} does not support norm={value}")
+        elif key in kind.defaults:
+            params.append((key, _parse_value(key, value, kind.defaults[key] if kind.defaults[key] is not None else 0.0)))
+        else:
+            known = ", ".join(["eps", "norm", *kind.defaults]) if kind.bounded else ", ".join(kind.defaults)
+            raise RobauditError(f"unknown parameter {key!r} for {name}: it takes {known}")
+    return AttackSpec(name, tuple(params), eps, norm, explicit_eps=eps is not None)
+
+
+def expand(specs: Sequence[AttackSpec | str], eps: Sequence[float] | None) -> list[AttackSpec]:
+    """Apply the eps sweep: every bounded attack without its own eps runs once per sweep value."""
+    out: list[AttackSpec] = []
+    for spec in specs:
+        spec = parse(spec) if isinstance(spec, str) else spec
+        if not spec.bounded or spec.explicit_eps:
+            out.append(spec)
+            continue
+        values = eps if spec.norm == "Linf" or KINDS[spec.name].kind == "noise" else None
+        if not values:
+            if spec.norm == "L2":
+                values = [0.5]
+            else:
+                raise RobauditError(f"{spec.name} needs an eps: give --eps or {spec.name}:eps=...")
+        out.extend(replace(spec, eps=float(e)) for e in values)
+    seen = set()
+    unique = []
+    for s in out:
+        key = (s.label, s.eps)
+        if key not in seen:
+            seen.add(key)
+            unique.append(s)
+    return unique
+
+
+# -- building --------------------------------------------------------------------------------
+AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def build(spec: AttackSpec, model: nn.Module, *, num_classes: int, seed: int = 0) -> AttackFn:
+    """Make ``fn(x, y) -> x_adv`` for one configuration; the model is attacked in eval mode."""
+    p = spec.param_dict
+    if spec.kind == "noise":
+        return _noise(spec)
+    import torchattacks  # imported lazily: it is slow to import and the CLI's --help should not pay
+
+    name = spec.name
+    if name == "fgsm":
+        atk = torchattacks.FGSM(model, eps=spec.eps)
+    elif name in ("pgd", "pgdl2"):
+        alpha = p["alpha"] if p["alpha"] is not None else 2.5 * spec.eps / p["steps"]
+        cls = torchattacks.PGD if name == "pgd" else torchattacks.PGDL2
+        atk = cls(model, eps=spec.eps, alpha=alpha, steps=p["steps"], random_start=p["random_start"])
+    elif name == "cw":
+        atk = torchattacks.CW(model, c=p["c"], kappa=p["kappa"], steps=p["steps"], lr=p["lr"])
+    elif name == "deepfool":
+        atk = _DeepFool(torchattacks.DeepFool(model, steps=p["steps"], overshoot=p["overshoot"]))
+    elif name == "autoattack":
+        atk = torchattacks.AutoAttack(model, norm=spec.norm, eps=spec.eps, version=p["version"],
+                                      n_classes=num_classes, seed=seed)
+    elif name == "square":
+        atk = torchattacks.Square(model, norm=spec.norm, eps=spec.eps, n_queries=p["n_queries"],
+                                  p_init=p["p_init"], seed=seed)
+    else:  # pragma: no cover - KINDS and this table are kept in step
+        raise RobauditError(f"attack {name} has no builder")
+    return atk
+
+
+class _DeepFool:
+    """torchattacks' DeepFool returns ``(adv, target_labels)``; keep the uniform ``(x, y) -> x_adv``."""
+
+    def __init__(self, atk) -> None:
+        self.atk = atk
+
+    def __call__(self, x, y):
+        out = self.atk(x, y)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def _noise(spec: AttackSpec) -> AttackFn:
+    """Statistical noise with the L2 energy of a full-budget perturbation (``eps*sqrt(d)`` in Linf)."""
+
+    def fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        d = x[0].numel()
+        target = spec.eps * math.sqrt(d) if spec.norm == "Linf" else spec.eps
+        if spec.name == "saltpepper":
+            amount = min(1.0, (target**2) / d)  # each hit moves a component by about 1
+            hit = torch.rand_like(x) < amount
+            value = (torch.rand_like(x) < 0.5).to(x.dtype)
+            return torch.where(hit, value, x)
+        raw = torch.randn_like(x) if spec.name == "gaussian" else torch.rand_like(x) * 2 - 1
+        norms = raw.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
+        return (x + raw * (target / norms)).clamp(0, 1)
+
+    return fn
+
+
+def default_battery() -> list[AttackSpec]:
+    return [parse(s) for s in DEFAULT_BATTERY]

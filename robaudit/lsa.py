@@ -1,0 +1,371 @@
+"""Layer Sustainability Analysis: per-layer relative error under an attack battery, streamed by batch.
+
+For a layer ``l`` with output ``phi_l``: ``RE_l(x, x') = ||phi_l(x') - phi_l(x)||_2 / ||phi_l(x)||_2``.
+``re_mean``/``re_std`` aggregate it per sample; ``re_pooled = sqrt(sum ||delta||^2) / sqrt(sum ||phi||^2)``.
+All are sums over samples, so no activation outlives its batch.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from . import attacks as atk
+from .errors import NonFiniteError, RobauditError
+from .models import LoadedModel, check_compatible, with_normalization
+from .probe import Layer, LayerProbe, select_modules
+
+log = logging.getLogger(__name__)
+
+LSA_COLUMNS = ["layer", "layer_type", "attack", "eps", "re_mean", "re_std", "re_pooled", "n_samples",
+               "order", "kind", "norm", "is_output"]
+ACCURACY_COLUMNS = ["attack", "eps", "accuracy", "n_samples", "kind", "norm"]
+
+
+# -- the streaming statistic ---------------------------------------------------------------
+def per_sample_sq_norms(t: torch.Tensor) -> torch.Tensor:
+    """Squared L2 norm of each sample's activation, in float64."""
+    return t.detach().flatten(1).double().pow(2).sum(dim=1)
+
+
+class RelativeError:
+    """Streaming per-layer relative error, in the style of a torchmetrics ``Metric``.
+
+    ``update(clean, perturbed)`` takes one batch of one layer's outputs; ``compute()`` returns
+    ``re_mean``, ``re_std`` (population std over samples), ``re_pooled`` and counts. Samples whose
+    clean activation is exactly zero have no relative error: they are left out of the per-sample
+    statistics (counted in ``n_undefined``) but still enter the pooled ratio.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sum_re = 0.0
+        self.sum_re2 = 0.0
+        self.n = 0
+        self.n_undefined = 0
+        self.sum_delta2 = 0.0
+        self.sum_clean2 = 0.0
+
+    def update(self, clean: torch.Tensor, perturbed: torch.Tensor, *, clean_sq: torch.Tensor | None = None) -> None:
+        if clean.shape != perturbed.shape:
+            raise RobauditError(f"layer output shapes differ between clean {tuple(clean.shape)} and "
+                                f"perturbed {tuple(perturbed.shape)} inputs")
+        c2 = per_sample_sq_norms(clean) if clean_sq is None else clean_sq
+        d2 = per_sample_sq_norms(perturbed.detach().double() - clean.detach().double())
+        defined = c2 > 0
+        re = torch.sqrt(d2[defined] / c2[defined])
+        self.sum_re += float(re.sum())
+        self.sum_re2 += float(re.pow(2).sum())
+        self.n += int(defined.sum())
+        self.n_undefined += int((~defined).sum())
+        self.sum_delta2 += float(d2.sum())
+        self.sum_clean2 += float(c2.sum())
+
+    def compute(self) -> dict[str, float]:
+        mean = self.sum_re / self.n if self.n else math.nan
+        var = max(self.sum_re2 / self.n - mean * mean, 0.0) if self.n else math.nan
+        pooled = math.sqrt(self.sum_delta2) / math.sqrt(self.sum_clean2) if self.sum_clean2 > 0 else math.nan
+        return {"re_mean": mean, "re_std": math.sqrt(var) if self.n else math.nan, "re_pooled": pooled,
+                "n_samples": self.n, "n_undefined": self.n_undefined}
+
+
+def relative_error(clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``RE`` of one batch (differentiable; used by hardening and tests)."""
+    delta = (perturbed - clean).flatten(1).norm(dim=1)
+    return delta / clean.flatten(1).norm(dim=1)
+
+
+def pooled_relative_error(clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
+    """``||Phi' - Phi||_F / ||Phi||_F`` over the whole batch tensor (the reference code's measure)."""
+    return torch.linalg.vector_norm(perturbed - clean) / torch.linalg.vector_norm(clean)
+
+
+# -- results ---------------------------------------------------------------------------------
+@dataclass
+class MVL:
+    """The Most Vulnerable Layers list: which criterion and ranking picked them, most vulnerable first."""
+
+    criterion: str
+    attack: str
+    eps: float | None
+    metric: str
+    layers: pd.DataFrame
+    k: int | None = None
+    z: float | None = None
+    excluded: list[str] = field(default_factory=list)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.layers["layer"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "criterion": self.criterion,
+            "k": self.k,
+            "z": self.z,
+            "attack": self.attack,
+            "eps": self.eps,
+            "metric": self.metric,
+            "excluded": list(self.excluded),
+            "layers": [
+                {"layer": r.layer, "score": float(r.score), "layer_type": r.layer_type}
+                for r in self.layers.itertuples()
+            ],
+        }
+
+
+@dataclass
+class LSAResult:
+    """What :func:`analyze` measured: per-layer RE and accuracy per attack configuration."""
+
+    lsa: pd.DataFrame
+    accuracy: pd.DataFrame
+    layers: list[Layer]
+    attacks: list[atk.AttackSpec]
+    n_samples: int
+    seconds: float = 0.0
+
+    def to_frame(self) -> pd.DataFrame:
+        return self.lsa.copy()
+
+    @property
+    def clean_accuracy(self) -> float:
+        return float(self.accuracy.loc[self.accuracy["attack"] == "clean", "accuracy"].iloc[0])
+
+    def strongest(self) -> tuple[str, float | None]:
+        """The adversarial configuration to rank by: lowest accuracy at its attack's largest eps."""
+        return strongest_attack(self.accuracy)
+
+    def mvl(self, k: int | None = None, *, z: float | None = None, attack: str | None = None,
+            eps: float | None = None, metric: str = "re_mean", include_output: bool = False) -> MVL:
+        return select_mvl(self.lsa, self.accuracy, k=k, z=z, attack=attack, eps=eps, metric=metric,
+                          include_output=include_output)
+
+
+# Tie-break between equally strong attacks: prefer the stronger family (white-box, iterative).
+_FAMILY_PRIORITY = {"autoattack": 0, "pgd": 1, "pgdl2": 1, "cw": 2, "deepfool": 3, "square": 4, "fgsm": 5}
+
+
+def strongest_attack(accuracy: pd.DataFrame) -> tuple[str, float | None]:
+    """The adversarial configuration with the lowest accuracy at its largest eps (then lowest mean)."""
+    adv = accuracy[(accuracy["kind"] == "adversarial") & (accuracy["attack"] != "worst-case")]
+    if adv.empty:
+        raise RobauditError("the battery has no adversarial attack to rank layers by: add one, e.g. --attack pgd")
+    best = None
+    for name, rows in adv.groupby("attack", sort=False):
+        rows = rows.sort_values("eps", na_position="first")
+        row = rows.iloc[-1]
+        family = name.split("(", 1)[0]
+        key = (float(row["accuracy"]), float(rows["accuracy"].mean()), _FAMILY_PRIORITY.get(family, 9))
+        if best is None or key < best[0]:
+            eps = None if pd.isna(row["eps"]) else float(row["eps"])
+            best = (key, name, eps)
+    return best[1], best[2]
+
+
+def select_mvl(lsa: pd.DataFrame, accuracy: pd.DataFrame, *, k: int | None = None, z: float | None = None,
+               attack: str | None = None, eps: float | None = None, metric: str = "re_mean",
+               include_output: bool = False) -> MVL:
+    """Rank layers by ``metric`` under one attack configuration; keep the top ``k`` or the z-outliers."""
+    if metric not in ("re_mean", "re_pooled"):
+        raise RobauditError(f"unknown MVL metric {metric!r}: use re_mean or re_pooled")
+    if k is not None and z is not None:
+        raise RobauditError("choose one MVL criterion: --mvl-top K or --mvl-z Z")
+    if k is not None and k < 1:
+        raise RobauditError("--mvl-top must be at least 1")
+    if attack is None:
+        attack, default_eps = strongest_attack(accuracy)
+        eps = default_eps if eps is None else eps
+    rows = lsa[lsa["attack"] == attack]
+    if rows.empty:
+        raise RobauditError(f"no attack named {attack!r} in this analysis: choose from "
+                            f"{', '.join(dict.fromkeys(lsa['attack']))}")
+    if eps is None and rows["eps"].notna().any():
+        eps = float(rows["eps"].max())
+    if eps is not None:
+        rows = rows[np.isclose(rows["eps"].astype(float), eps)]
+        if rows.empty:
+            raise RobauditError(f"{attack} was not run at eps {eps:g}")
+    excluded = []
+    if not include_output:
+        excluded = list(rows.loc[rows["is_output"].astype(bool), "layer"])
+        rows = rows[~rows["is_output"].astype(bool)]
+    ranked = rows.sort_values([metric, "order"], ascending=[False, True])
+    ranked = ranked[ranked[metric].notna()]
+    if z is not None:
+        mu, sd = ranked[metric].mean(), ranked[metric].std(ddof=0)
+        ranked = ranked[ranked[metric] > mu + z * sd]
+        criterion = "z"
+    else:
+        k = k if k is not None else 5
+        if k > len(ranked):
+            raise RobauditError(f"--mvl-top {k} is more than the {len(ranked)} layers analyzed: use at most {len(ranked)}")
+        ranked = ranked.head(k)
+        criterion = "top-k"
+    table = ranked[["layer", metric, "layer_type"]].rename(columns={metric: "score"}).reset_index(drop=True)
+    return MVL(criterion, attack, eps, metric, table, k=k if criterion == "top-k" else None, z=z, excluded=excluded)
+
+
+# -- the analysis ----------------------------------------------------------------------------
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise RobauditError(f"unknown device {device!r}: use auto, cpu or cuda") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RobauditError("--device cuda was asked for but no CUDA device is available: use --device cpu")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _as_tensors(data) -> tuple[torch.Tensor, torch.Tensor, int]:
+    if hasattr(data, "x") and hasattr(data, "y"):
+        return data.x, data.y, int(getattr(data, "num_classes", int(data.y.max()) + 1))
+    x, y = data
+    return x, y, int(y.max()) + 1
+
+
+def analyze(
+    model: nn.Module | LoadedModel,
+    data,
+    *,
+    attacks: Sequence[str | atk.AttackSpec] | None = None,
+    eps: Sequence[float] | None = None,
+    layers: Sequence[str] | None = None,
+    layer_types: Sequence[str] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    batch_size: int = 128,
+    device: str | torch.device = "auto",
+    seed: int = 0,
+    type_map: Mapping[str, str] | None = None,
+    progress: bool = False,
+) -> LSAResult:
+    """Run the attack battery on ``data`` and measure every probed layer's relative error.
+
+    ``model`` is the user's classifier (inputs in [0, 1], or normalized by ``mean``/``std``);
+    ``data`` a :class:`robaudit.data.Dataset` or an ``(x, y)`` pair. Per batch: one hooked clean
+    forward, reused by every attack; per attack, the adversarial batch and one hooked forward.
+    """
+    import time
+
+    started = time.perf_counter()
+    if isinstance(model, LoadedModel):
+        type_map = type_map or model.type_map
+        model = model.module
+    x_all, y_all, num_classes = _as_tensors(data)
+    if len(x_all) == 0:
+        raise RobauditError("the data set is empty: check --samples and the data files")
+    if batch_size < 1:
+        raise RobauditError("--batch-size must be at least 1")
+    dev = resolve_device(device)
+    specs = atk.expand(list(attacks) if attacks else atk.default_battery(), eps)
+    model = model.to(dev).eval()
+    full = with_normalization(model, mean, std, ndim=x_all.dim()).to(dev).eval()
+    check_compatible(full, x_all.to(dev), num_classes)
+    modules = select_modules(model, layer_types=layer_types, patterns=layers, type_map=type_map)
+
+    seed_everything(seed)
+    builders = [atk.build(s, full, num_classes=num_classes, seed=seed) for s in specs]
+    stats: dict[tuple[str, int], RelativeError] = {}
+    correct = {"clean": 0, **{i: 0 for i in range(len(specs))}}
+    worst_keys = sorted({(s.norm, s.eps) for s in specs if s.kind == "adversarial" and s.bounded},
+                        key=lambda t: (t[0], t[1]))
+    worst_correct = {k: 0 for k in worst_keys}
+    output_layers: set[str] = set()
+    n_total = len(x_all)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_total * len(specs), desc="analyze", unit="ex", leave=False)
+    with LayerProbe(model, modules, type_map=type_map, detach=True) as probe:
+        for start in range(0, n_total, batch_size):
+            x = x_all[start:start + batch_size].to(dev)
+            y = y_all[start:start + batch_size].to(dev)
+            with torch.no_grad():
+                logits, outs = probe.run(full, x)
+            clean = dict(outs)
+            if not torch.isfinite(logits).all():
+                raise NonFiniteError(f"the model returns non-finite outputs on clean samples {start}..{start + len(x) - 1}")
+            for name, t in clean.items():
+                if t.shape == logits.shape and torch.equal(t, logits.detach()):
+                    output_layers.add(name)
+            clean_sq = {name: per_sample_sq_norms(t) for name, t in clean.items()}
+            ok_clean = logits.argmax(1) == y
+            correct["clean"] += int(ok_clean.sum())
+            robust = {k: ok_clean.clone() for k in worst_keys}
+            for i, (spec, attack_fn) in enumerate(zip(specs, builders)):
+                probe.enabled = False
+                try:
+                    x_adv = attack_fn(x, y).detach()
+                finally:
+                    probe.enabled = True
+                    model.eval()
+                if not torch.isfinite(x_adv).all():
+                    raise NonFiniteError(f"{spec.label} produced non-finite inputs: the model's gradients may be "
+                                         "non-finite; check the weights")
+                with torch.no_grad():
+                    adv_logits, adv_outs = probe.run(full, x_adv)
+                ok = adv_logits.argmax(1) == y
+                correct[i] += int(ok.sum())
+                if spec.kind == "adversarial" and spec.bounded:
+                    robust[(spec.norm, spec.eps)] &= ok
+                for name, t in adv_outs.items():
+                    if name not in clean:
+                        raise RobauditError(f"layer {name} ran on the perturbed input but not on the clean one: "
+                                            "the model's control flow depends on its input; restrict --layers")
+                    stats.setdefault((name, i), RelativeError()).update(clean[name], t, clean_sq=clean_sq[name])
+                if bar is not None:
+                    bar.update(len(x))
+            for k in worst_keys:
+                worst_correct[k] += int(robust[k].sum())
+            del clean, clean_sq, outs
+    if bar is not None:
+        bar.close()
+
+    layer_list = probe.layers
+    rows = []
+    for layer in layer_list:
+        for i, spec in enumerate(specs):
+            st = stats.get((layer.name, i))
+            if st is None:
+                continue
+            rows.append({
+                "layer": layer.name, "layer_type": layer.layer_type, "attack": spec.label, "eps": spec.eps,
+                **{k: v for k, v in st.compute().items() if k != "n_undefined"},
+                "order": layer.order, "kind": spec.kind, "norm": spec.norm,
+                "is_output": layer.name in output_layers,
+            })
+    lsa = pd.DataFrame(rows, columns=LSA_COLUMNS)
+    acc_rows = [{"attack": "clean", "eps": None, "accuracy": correct["clean"] / n_total, "n_samples": n_total,
+                 "kind": "clean", "norm": None}]
+    for i, spec in enumerate(specs):
+        acc_rows.append({"attack": spec.label, "eps": spec.eps, "accuracy": correct[i] / n_total,
+                         "n_samples": n_total, "kind": spec.kind, "norm": spec.norm})
+    for (norm, e), c in worst_correct.items():
+        acc_rows.append({"attack": "worst-case", "eps": e, "accuracy": c / n_total, "n_samples": n_total,
+                         "kind": "adversarial", "norm": norm})
+    accuracy = pd.DataFrame(acc_rows, columns=ACCURACY_COLUMNS)
+    lsa_finite = lsa[["re_mean", "re_pooled"]].replace([np.inf, -np.inf], np.nan)
+    if len(lsa) and lsa_finite.isna().all().all():
+        raise NonFiniteError("every layer's relative error is undefined: the model's activations are all zero")
+    return LSAResult(lsa=lsa, accuracy=accuracy, layers=layer_list, attacks=specs, n_samples=n_total,
+                     seconds=time.perf_counter() - started)

@@ -1,0 +1,341 @@
+"""Model loading for every supported format, the input-normalization wrapper, and saving.
+
+Formats: ``torch.export`` archives (``.pt2``, safe, keep module names), robaudit checkpoints
+(architecture + state dict, loaded with ``weights_only=True``), bare state dicts
+(``.pt``/``.pth``/``.safetensors``) with an ``--arch``, and pickled modules (only when the user
+trusts the file, because unpickling runs code from it). TorchScript cannot be hooked.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import pickle
+import sys
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .errors import NonFiniteError, RobauditError
+
+CHECKPOINT_KEY = "robaudit_checkpoint"
+EXPORT_HINT = (
+    "export it with a dynamic batch dimension: torch.export.save(torch.export.export(model.eval(), (x,), "
+    "dynamic_shapes=({0: torch.export.Dim('batch', min=1, max=65536)},)), 'model.pt2')"
+)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to probe: the module (in eval mode) plus where it came from."""
+
+    module: nn.Module
+    format: str  # "export" | "checkpoint" | "state_dict" | "pickle"
+    path: Path | None = None
+    sha256: str | None = None
+    type_map: dict[str, str] = field(default_factory=dict)  # qualified name -> original class
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    exported: Any = None  # the torch.export.ExportedProgram for .pt2 models
+
+    @property
+    def stem(self) -> str:
+        return self.path.stem if self.path else type(self.module).__name__
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# -- architecture --------------------------------------------------------------------------
+def resolve_arch(arch: str) -> type:
+    """Import ``package.module:Class`` or ``path/to/file.py:Class`` and return the class."""
+    if ":" not in arch:
+        raise RobauditError(f"--arch {arch!r} must look like 'package.module:Class' or 'file.py:Class'")
+    mod_name, _, cls_name = arch.rpartition(":")
+    try:
+        if mod_name.endswith(".py"):
+            path = Path(mod_name)
+            if not path.is_file():
+                raise RobauditError(f"architecture file {path} not found: check the --arch path")
+            spec = importlib.util.spec_from_file_location(f"robaudit_arch_{path.stem}", path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise RobauditError(f"cannot import {mod_name!r} for --arch ({e}); is it installed or on PYTHONPATH?") from e
+    cls = getattr(module, cls_name, None)
+    if cls is None:
+        raise RobauditError(f"{mod_name} has no attribute {cls_name!r}: check the --arch class name")
+    return cls
+
+
+def build_arch(arch: str, kwargs: dict | None, state_dict: dict, source: Path) -> nn.Module:
+    cls = resolve_arch(arch)
+    try:
+        module = cls(**(kwargs or {}))
+    except TypeError as e:
+        raise RobauditError(f"cannot build {arch} with arguments {kwargs or {}}: {e}; pass them with --arch-kwargs") from e
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = " ".join(l.strip() for l in first[:3])
+        raise RobauditError(f"the weights in {source.name} do not fit {arch}: {detail}") from e
+    return module
+
+
+# -- loaders -------------------------------------------------------------------------------
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    return any(n.split("/", 1)[-1].startswith("code/") for n in names) and not any(
+        n.endswith("data.pkl") and "/code/" not in n and n.count("/") == 1 for n in names if "constants" in n
+    )
+
+
+def _load_export(path: Path) -> LoadedModel:
+    try:
+        ep = torch.export.load(str(path))
+    except Exception as e:  # a corrupt or foreign archive
+        raise RobauditError(f"{path.name} is not a readable torch.export archive ({type(e).__name__}): re-export it") from e
+    _check_dynamic_batch(ep, path)
+    module = torch.export.unflatten(ep)
+    type_map: dict[str, str] = {}
+    for node in ep.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if not stack:
+            continue
+        for qualname, cls in stack.values():
+            if qualname:
+                cls_name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+                type_map.setdefault(qualname, cls_name.rsplit(".", 1)[-1])
+    return LoadedModel(module=module, format="export", type_map=type_map, exported=ep)
+
+
+def _check_dynamic_batch(ep, path: Path) -> None:
+    inputs = set(ep.graph_signature.user_inputs)
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in inputs:
+            val = node.meta.get("val")
+            shape = getattr(val, "shape", None)
+            if shape is not None and len(shape) > 0 and isinstance(shape[0], int):
+                raise RobauditError(
+                    f"{path.name} was exported with a fixed batch size of {shape[0]}, so attacks cannot run on "
+                    f"other batch sizes; {EXPORT_HINT}"
+                )
+
+
+def _load_torch_file(path: Path, *, arch: str | None, arch_kwargs: dict | None, trust_model: bool) -> LoadedModel:
+    if _is_torchscript(path):
+        raise RobauditError(
+            f"{path.name} is a TorchScript module, whose layers cannot be hooked; {EXPORT_HINT}"
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not trust_model:
+            raise RobauditError(
+                f"{path.name} is a pickled module: loading it runs code from the file; "
+                "pass --trust-model if you trust its source, or save it with torch.export (see README)"
+            ) from e
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e2:
+            raise RobauditError(f"cannot unpickle {path.name} ({type(e2).__name__}: {e2})") from e2
+        if not isinstance(obj, nn.Module):
+            raise RobauditError(f"{path.name} holds a {type(obj).__name__}, not an nn.Module")
+        if isinstance(obj, torch.jit.ScriptModule):
+            raise RobauditError(f"{path.name} is a TorchScript module, whose layers cannot be hooked; {EXPORT_HINT}")
+        return LoadedModel(module=obj, format="pickle")
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise RobauditError(f"{path.name} is not a readable PyTorch file ({type(e).__name__}): check the path") from e
+    if isinstance(obj, dict) and obj.get(CHECKPOINT_KEY):
+        ck_arch = arch or obj.get("arch")
+        kwargs = arch_kwargs if arch_kwargs is not None else obj.get("arch_kwargs") or {}
+        if not ck_arch:
+            raise RobauditError(f"{path.name} names no architecture: pass --arch module:Class")
+        module = build_arch(ck_arch, kwargs, obj["state_dict"], path)
+        return LoadedModel(module=module, format="checkpoint", arch=ck_arch, arch_kwargs=dict(kwargs))
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return _from_state_dict(obj, path, arch, arch_kwargs)
+    raise RobauditError(f"{path.name} holds no model: expected a state dict, a robaudit checkpoint or a module")
+
+
+def _from_state_dict(state: dict, path: Path, arch: str | None, arch_kwargs: dict | None) -> LoadedModel:
+    if not arch:
+        raise RobauditError(f"{path.name} is a bare state dict: pass --arch module:Class (and --arch-kwargs JSON)")
+    module = build_arch(arch, arch_kwargs, state, path)
+    return LoadedModel(module=module, format="state_dict", arch=arch, arch_kwargs=dict(arch_kwargs or {}))
+
+
+def _load_safetensors(path: Path, *, arch: str | None, arch_kwargs: dict | None) -> LoadedModel:
+    try:
+        from safetensors.torch import load_file
+    except ImportError as e:
+        raise RobauditError("reading .safetensors needs the safetensors package: pip install safetensors") from e
+    try:
+        state = load_file(str(path))
+    except Exception as e:
+        raise RobauditError(f"{path.name} is not a readable safetensors file ({type(e).__name__})") from e
+    return _from_state_dict(state, path, arch, arch_kwargs)
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    arch: str | None = None,
+    arch_kwargs: dict | None = None,
+    trust_model: bool = False,
+) -> LoadedModel:
+    """Load a model file of any supported format and put it in eval mode."""
+    path = Path(path)
+    if not path.exists():
+        raise RobauditError(f"model file {path} not found: check the path")
+    if not path.is_file():
+        raise RobauditError(f"{path} is not a file: give the model file itself")
+    if isinstance(arch_kwargs, str):
+        arch_kwargs = parse_arch_kwargs(arch_kwargs)
+    suffix = path.suffix.lower()
+    if suffix == ".pt2":
+        loaded = _load_export(path)
+    elif suffix == ".safetensors":
+        loaded = _load_safetensors(path, arch=arch, arch_kwargs=arch_kwargs)
+    else:
+        loaded = _load_torch_file(path, arch=arch, arch_kwargs=arch_kwargs, trust_model=trust_model)
+    loaded.path = path
+    loaded.sha256 = sha256_file(path)
+    loaded.module.eval()
+    return loaded
+
+
+def parse_arch_kwargs(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RobauditError(f"--arch-kwargs must be a JSON object such as '{{\"width\": 32}}' ({e.msg})") from e
+    if not isinstance(value, dict):
+        raise RobauditError("--arch-kwargs must be a JSON object such as '{\"width\": 32}'")
+    return value
+
+
+# -- normalization -------------------------------------------------------------------------
+class Normalized(nn.Module):
+    """``model((x - mean) / std)``: keeps attacks and eps in [0, 1] input space."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float], ndim: int) -> None:
+        super().__init__()
+        if len(mean) != len(std):
+            raise RobauditError("--mean and --std need the same number of values (one per channel)")
+        if any(s <= 0 for s in std):
+            raise RobauditError("--std values must be positive")
+        shape = (1, len(mean)) + (1,) * max(ndim - 2, 0)
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).reshape(shape))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).reshape(shape))
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
+def with_normalization(model: nn.Module, mean, std, *, ndim: int) -> nn.Module:
+    """Wrap ``model`` in a normalization layer, or return it unchanged when no mean/std is given."""
+    if mean is None and std is None:
+        return model
+    if mean is None or std is None:
+        raise RobauditError("give both --mean and --std (one value per channel), or neither")
+    return Normalized(model, mean, std, ndim)
+
+
+# -- checks --------------------------------------------------------------------------------
+def check_compatible(model: nn.Module, x: torch.Tensor, num_classes: int, *, name: str = "the model") -> None:
+    """Run one small forward pass and fail early, in one line, if model and data do not fit."""
+    with torch.no_grad():
+        try:
+            out = model(x[:2])
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RobauditError(
+                f"{name} does not accept inputs of shape {tuple(x.shape[1:])} from this data set ({msg[:200]}); "
+                "pick the data set it was trained on"
+            ) from e
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise RobauditError(f"{name} must return logits of shape (batch, classes); it returned {shape}")
+    if out.shape[1] < num_classes:
+        raise RobauditError(
+            f"{name} has {out.shape[1]} outputs but the data set has {num_classes} classes: pick the matching data set"
+        )
+    if out.shape[1] > num_classes:
+        warnings.warn(f"{name} has {out.shape[1]} outputs for {num_classes} classes", stacklevel=2)
+    if not torch.isfinite(out).all():
+        raise NonFiniteError(f"{name} returns non-finite outputs (NaN or inf) on clean data: check the weights")
+
+
+# -- saving --------------------------------------------------------------------------------
+def save_checkpoint(path: str | os.PathLike, module: nn.Module, *, arch: str, arch_kwargs: dict | None = None,
+                    extra: dict | None = None) -> Path:
+    """Write a robaudit checkpoint (architecture + state dict), loadable with ``weights_only=True``."""
+    path = Path(path)
+    payload = {
+        CHECKPOINT_KEY: 1,
+        "arch": arch,
+        "arch_kwargs": dict(arch_kwargs or {}),
+        "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+    }
+    if extra:
+        payload["extra"] = extra
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def export_model(path: str | os.PathLike, module: nn.Module, example: torch.Tensor) -> Path:
+    """Save ``module`` as a ``torch.export`` archive with a dynamic batch dimension."""
+    path = Path(path)
+    was_training = module.training
+    module.eval()
+    try:
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        x = example[:2] if example.shape[0] >= 2 else example.repeat(2, *([1] * (example.dim() - 1)))
+        ep = torch.export.export(module, (x.cpu(),), dynamic_shapes=({0: batch},))
+    finally:
+        module.train(was_training)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.export.save(ep, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def save_exported_weights(path: str | os.PathLike, loaded: LoadedModel, module: nn.Module) -> Path:
+    """Copy trained weights of an unflattened ``.pt2`` model back into its program and save it."""
+    path = Path(path)
+    ep = loaded.exported
+    trained = module.state_dict()
+    for key in list(ep.state_dict):
+        if key in trained:
+            ep.state_dict[key] = trained[key].detach().clone().cpu()
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.export.save(ep, str(tmp))
+    os.replace(tmp, path)
+    return path
