@@ -1,0 +1,493 @@
+"""Data sets for auditing: embedded (moons, digits), standard on-disk formats (MNIST / Fashion-MNIST IDX,
+CIFAR-10/100 python pickle batches, downloaded when allowed) and user ``.npz`` files.
+
+Every loader gives pixels in [0, 1] (normalization belongs to the model), labels as int64, in a fixed
+order, so the same call always gives the same samples. CIFAR pickles are read with a restricted unpickler
+that can build numpy arrays and nothing else, so reading them never runs code from the file.
+"""
+from __future__ import annotations
+
+import codecs
+import gzip
+import hashlib
+import http.client
+import logging
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Callable
+
+import numpy as np
+import torch
+
+from .errors import RobauditError
+
+log = logging.getLogger(__name__)
+
+DATASETS: tuple[str, ...] = ("moons", "digits", "mnist", "fashion-mnist", "cifar10", "cifar100")
+_ALIASES = {
+    "fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist",
+    "cifar-10": "cifar10", "cifar_10": "cifar10", "cifar-100": "cifar100", "cifar_100": "cifar100",
+}
+SPLITS = ("test", "train")
+DOWNLOAD_TIMEOUT_S = 30
+
+# moons: a fixed pool of make_moons points (noise 0.2, random_state 0, already shuffled by scikit-learn);
+# the first 1500 are the train split, the last 500 the test split; both features are min/max scaled into
+# [0, 1] with the pool's extremes so train and test share one scaling and clamping to [0, 1] is valid.
+MOONS_POOL, MOONS_TRAIN, MOONS_NOISE, MOONS_SEED = 2000, 1500, 0.2, 0
+# digits: scikit-learn's 1797 8x8 images; a stratified test split of 360 images (random_state 0),
+# each split kept in the order of load_digits.
+DIGITS_TEST, DIGITS_SEED = 360, 0
+
+
+@dataclass
+class Dataset:
+    """One split of a data set, in input space [0, 1], ready for a model and its attacks."""
+
+    name: str
+    split: str
+    x: torch.Tensor
+    y: torch.Tensor
+    num_classes: int
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    default_eps: tuple[float, ...]
+    source: str
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one sample (C×H×W or D)."""
+        return tuple(self.x.shape[1:])
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """What is known about a data set before reading it, and the function that reads one split."""
+
+    title: str
+    num_classes: int
+    input_shape: tuple[int, ...]
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    default_eps: tuple[float, ...]
+    # (spec name, split, data_dir or None, download) -> (x array, y array, divisor so x/divisor is in [0,1], source)
+    load: Callable[[str, str, Path | None, bool], tuple[np.ndarray, np.ndarray, float, str]]
+    needs_files: bool
+
+
+# ----------------------------------------------------------------------------------------------
+# embedded data sets (scikit-learn, no download)
+
+
+def _load_moons(name: str, split: str, data_dir: Path | None, download: bool):
+    """Two interleaved half-moons, N×2, deterministic pool and split, scaled into [0, 1]."""
+    from sklearn.datasets import make_moons
+
+    x, y = make_moons(n_samples=MOONS_POOL, noise=MOONS_NOISE, random_state=MOONS_SEED)
+    lo, hi = x.min(axis=0), x.max(axis=0)
+    x = (x - lo) / (hi - lo)
+    part = slice(0, MOONS_TRAIN) if split == "train" else slice(MOONS_TRAIN, MOONS_POOL)
+    return x[part].astype(np.float32), y[part], 1.0, "scikit-learn"
+
+
+def _load_digits(name: str, split: str, data_dir: Path | None, download: bool):
+    """scikit-learn's 8×8 digit images (values 0..16) as N×1×8×8 with a fixed stratified split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    idx_train, idx_test = train_test_split(
+        np.arange(len(d.target)), test_size=DIGITS_TEST, random_state=DIGITS_SEED, stratify=d.target
+    )
+    idx = np.sort(idx_train if split == "train" else idx_test)
+    return d.images[idx].reshape(-1, 1, 8, 8).astype(np.float32), d.target[idx], 16.0, "scikit-learn"
+
+
+# ----------------------------------------------------------------------------------------------
+# downloads
+
+
+def _fetch(url: str, out: BinaryIO) -> None:
+    """Copy ``url`` into the open file ``out`` (the only function here that touches the network)."""
+    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+        shutil.copyfileobj(response, out, length=1 << 20)
+
+
+def _md5(path: Path) -> str:
+    """Hex md5 of a file, read in chunks (integrity check against the published checksums)."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _download(title: str, urls: list[str], dest: Path, md5: str, what: str = "the files") -> None:
+    """Download ``dest`` from the first mirror that works; keep it only if its md5 matches.
+
+    The file is written under a temporary name beside ``dest`` and renamed only after the checksum
+    matched, so an interrupted or wrong download never leaves a file that looks complete.
+    """
+    problems = []
+    for url in urls:
+        log.info("downloading %s to %s", url, dest)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+        except OSError as exc:
+            raise RobauditError(f"cannot download {title} to {dest.parent} ({exc.strerror or exc}): choose a "
+                                "writable data directory or put the files there yourself (see README)") from None
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                _fetch(url, out)
+            got = _md5(tmp)
+            if got != md5:
+                problems.append(f"{url} has md5 {got}, expected {md5}")
+                continue
+            os.replace(tmp, dest)
+            return
+        except (OSError, ValueError, http.client.HTTPException) as exc:  # URLError, timeouts are OSErrors
+            reason = exc if isinstance(exc, urllib.error.HTTPError) else getattr(exc, "reason", None) or exc
+            problems.append(f"{url}: {reason}")
+        finally:
+            tmp.unlink(missing_ok=True)
+    raise RobauditError(f"cannot download {title} to {dest.parent} ({'; '.join(problems)}): "
+                        f"put {what} there yourself (see README) or check the network")
+
+
+# ----------------------------------------------------------------------------------------------
+# MNIST / Fashion-MNIST (IDX files)
+
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_IDX_SOURCES = {  # name -> (sub-folders torchvision and others use, mirrors, md5 of each .gz file)
+    "mnist": (
+        ("mnist", "MNIST"),
+        ("https://ossci-datasets.s3.amazonaws.com/mnist/", "https://storage.googleapis.com/cvdf-datasets/mnist/"),
+        {"train-images-idx3-ubyte": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+         "train-labels-idx1-ubyte": "d53e105ee54ea40749a09fcbcd1e9432",
+         "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
+         "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c"},
+    ),
+    "fashion-mnist": (
+        ("fashion-mnist", "FashionMNIST", "fashion_mnist"),
+        ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+         "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"),
+        {"train-images-idx3-ubyte": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+         "train-labels-idx1-ubyte": "25c81989df183df01b3e8a0aad5dffbe",
+         "t10k-images-idx3-ubyte": "bef4ecab320f06d8554ea6380940ec79",
+         "t10k-labels-idx1-ubyte": "bb300cfdad3c16e7a12a480ee83cd310"},
+    ),
+}
+
+
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """Parse an IDX file (plain or .gz) of unsigned bytes with ``ndim`` dimensions, checking its header.
+
+    Layout: two zero bytes, type code 0x08 (uint8), the number of dimensions, then each dimension
+    as a big-endian uint32, then the data. Anything else is reported as a damaged file.
+    """
+    bad = f"{path} is not a valid IDX file"
+    fix = "delete it and download it again"
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise RobauditError(f"{bad} (cannot read or decompress it: {exc}): {fix}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise RobauditError(f"{bad} (bad magic number {raw[:4].hex() or 'empty file'}): {fix}")
+    if raw[2] != 0x08 or raw[3] != ndim:
+        raise RobauditError(f"{bad} (type code 0x{raw[2]:02x} with {raw[3]} dimensions, "
+                            f"expected 0x08 with {ndim}): {fix}")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise RobauditError(f"{bad} (header truncated): {fix}")
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    size = int(np.prod(dims))
+    if len(raw) - header != size:
+        raise RobauditError(f"{bad} (dimensions {dims} need {size} data bytes, the file has {len(raw) - header}; "
+                            f"truncated or damaged): {fix}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _find_idx(folders: list[Path], base: str) -> Path | None:
+    """The first of ``base`` or ``base.gz`` found in ``folders``."""
+    for folder in folders:
+        for candidate in (folder / base, folder / f"{base}.gz"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _load_idx(name: str, split: str, data_dir: Path | None, download: bool):
+    """MNIST-style data set from IDX files in data_dir, data_dir/<name>/ or data_dir/<name>/raw/."""
+    subdirs, mirrors, md5s = _IDX_SOURCES[name]
+    title = _SPECS[name].title
+    folders = [data_dir] + [data_dir / s / r for s in subdirs for r in ("", "raw")]
+    folders = [Path(os.path.normpath(f)) for f in folders]
+    paths = []
+    for base in _IDX_FILES[split]:
+        found = _find_idx(folders, base)
+        if found is None:
+            if not download:
+                raise RobauditError(
+                    f"{title} {split} file {base}[.gz] not found in {data_dir}, {data_dir / subdirs[0]} "
+                    f"or {data_dir / subdirs[0] / 'raw'}: put the IDX files there or allow downloading")
+            found = data_dir / subdirs[0] / f"{base}.gz"
+            _download(title, [m + found.name for m in mirrors], found, md5s[base], "the IDX files")
+        paths.append(found)
+    images, labels = read_idx(paths[0], 3), read_idx(paths[1], 1)
+    if images.shape[0] != labels.shape[0]:
+        raise RobauditError(f"{paths[0]} holds {images.shape[0]} images but {paths[1]} holds {labels.shape[0]} "
+                            "labels: use matching files of one split")
+    return images[:, None], labels, 255.0, str(paths[0].parent)
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR-10 / CIFAR-100 (python pickle batches)
+
+_CIFAR_SOURCES = {  # name -> (folder, train files, test files, label key, archive, url, md5 of archive)
+    "cifar10": ("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), "labels",
+                "cifar-10-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                "c58f30108f718f92721af3b95e74349a"),
+    "cifar100": ("cifar-100-python", ("train",), ("test",), "fine_labels",
+                 "cifar-100-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                 "eb9058c3a382ffc7106e4002c42a8d85"),
+}
+
+
+def _latin1_encode(obj, encoding="utf-8", errors="strict"):
+    """``_codecs.encode`` as protocol-2 pickles use it for bytes, limited to latin-1 text."""
+    if not isinstance(obj, str) or encoding.lower().replace("_", "-") not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"unexpected _codecs.encode({type(obj).__name__}, {encoding!r})")
+    return codecs.encode(obj, "latin-1", errors)
+
+
+_RECONSTRUCT = np.zeros(0).__reduce__()[0]  # numpy's _reconstruct, wherever this numpy version keeps it
+_SAFE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1_encode,
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """An unpickler that builds numpy arrays and plain containers only; any other global is refused."""
+
+    def __init__(self, file, path: Path):
+        super().__init__(file, encoding="bytes")
+        self.path = path
+
+    def find_class(self, module, name):
+        try:
+            return _SAFE_GLOBALS[(module, name)]
+        except KeyError:
+            raise RobauditError(
+                f"refusing to read {self.path}: its pickle asks for {module}.{name}, which a CIFAR batch never "
+                "needs (no code from the file was run): delete it and use the original CIFAR files") from None
+
+
+def read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read one CIFAR batch safely: a dict with ``data`` (N×3072 uint8) and ``label_key`` (N ints)."""
+    fix = "delete it and download it again"
+    try:
+        with open(path, "rb") as fh:
+            batch = _ArrayUnpickler(fh, path).load()
+    except RobauditError:
+        raise
+    except Exception as exc:  # a damaged pickle can fail in many ways; none of them runs code
+        raise RobauditError(f"cannot read CIFAR batch {path} ({type(exc).__name__}: {exc}): {fix}") from None
+    if not isinstance(batch, dict):
+        raise RobauditError(f"{path} is not a CIFAR batch (a {type(batch).__name__}, not a dict): {fix}")
+    batch = {k.decode("latin-1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    data, labels = batch.get("data"), batch.get(label_key)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise RobauditError(f"{path} has no uint8 'data' array of shape N×3072: {fix}")
+    try:
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError):
+        labels = np.zeros(0)
+    if labels.shape != (data.shape[0],):
+        raise RobauditError(f"{path} has no {label_key!r} list of {data.shape[0]} labels: {fix}")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def safe_extract(archive: Path, dest: Path) -> None:
+    """Extract a tar archive into ``dest``, refusing absolute paths, '..' and anything but files and folders."""
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = tar.getmembers()
+            for m in members:
+                escapes = m.name.startswith(("/", "\\")) or os.path.isabs(m.name) or ".." in PurePosixPath(m.name).parts
+                if escapes or not (m.isfile() or m.isdir()):
+                    raise RobauditError(f"refusing to extract {archive}: member {m.name!r} is a link, an absolute path "
+                                        "or leaves the folder; delete the archive and download the original")
+            tar.extractall(dest, members=members, filter="data")
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        raise RobauditError(f"cannot extract {archive} ({exc}): delete it and download it again") from None
+
+
+def _load_cifar(name: str, split: str, data_dir: Path | None, download: bool):
+    """CIFAR batches from data_dir/<folder>/ (or data_dir/<name>/<folder>/), extracting or downloading the archive."""
+    folder, train, test, label_key, archive, url, md5 = _CIFAR_SOURCES[name]
+    title = _SPECS[name].title
+    files = train if split == "train" else test
+    roots = [data_dir, data_dir / name]
+    batch_dir = next((r / folder for r in roots if all((r / folder / f).is_file() for f in files)), None)
+    if batch_dir is None:
+        tgz = next((r / archive for r in roots if (r / archive).is_file()), None)
+        if tgz is None:
+            if not download:
+                names = files[0] if len(files) == 1 else "{" + ",".join(files) + "}"
+                raise RobauditError(f"{title} {split} files not found: expected {data_dir / folder / names} or "
+                                    f"{data_dir / archive}: put them there or allow downloading")
+            tgz = data_dir / archive
+            _download(title, [url], tgz, md5, f"{archive} or its extracted {folder}/")
+        log.info("extracting %s", tgz)
+        safe_extract(tgz, tgz.parent)
+        batch_dir = tgz.parent / folder
+        missing = [f for f in files if not (batch_dir / f).is_file()]
+        if missing:
+            raise RobauditError(f"{tgz} does not contain {folder}/{missing[0]}: use the original {archive}")
+    parts = [read_cifar_batch(batch_dir / f, label_key) for f in files]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), 255.0, str(batch_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# registry, npz files and the public entry points
+
+_SPECS: dict[str, _Spec] = {
+    "moons": _Spec("moons", 2, (2,), None, None, (0.05, 0.1, 0.2), _load_moons, False),
+    "digits": _Spec("digits", 10, (1, 8, 8), None, None, (0.05, 0.1, 0.2), _load_digits, False),
+    "mnist": _Spec("MNIST", 10, (1, 28, 28), (0.1307,), (0.3081,), (0.1, 0.2, 0.3), _load_idx, True),
+    "fashion-mnist": _Spec("Fashion-MNIST", 10, (1, 28, 28), (0.2860,), (0.3530,), (0.1, 0.2, 0.3), _load_idx, True),
+    "cifar10": _Spec("CIFAR-10", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+                     (2 / 255, 4 / 255, 8 / 255), _load_cifar, True),
+    "cifar100": _Spec("CIFAR-100", 100, (3, 32, 32), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+                      (2 / 255, 4 / 255, 8 / 255), _load_cifar, True),
+}
+NPZ_DEFAULT_EPS = (0.05, 0.1, 0.2)
+
+
+def _canonical(name) -> str | None:
+    """The registry key for a data set name (case-insensitive, aliases accepted), or None."""
+    key = str(name).strip().lower()
+    key = _ALIASES.get(key, key)
+    return key if key in _SPECS else None
+
+
+def default_data_dir() -> Path:
+    """Where MNIST/CIFAR files live when no data_dir is given: $ROBAUDIT_DATA or ~/.cache/robaudit/data."""
+    return Path(os.environ.get("ROBAUDIT_DATA") or Path.home() / ".cache" / "robaudit" / "data").expanduser()
+
+
+def dataset_info(name) -> dict:
+    """What a known data set looks like (classes, input shape, normalization, eps sweep) without reading it."""
+    key = _canonical(name)
+    if key is None:
+        raise _unknown(name)
+    s = _SPECS[key]
+    return {"name": key, "title": s.title, "num_classes": s.num_classes, "input_shape": s.input_shape,
+            "mean": s.mean, "std": s.std, "default_eps": s.default_eps, "needs_data_dir": s.needs_files}
+
+
+def _unknown(name) -> RobauditError:
+    return RobauditError(f"unknown data set {name!r}: use one of {', '.join(DATASETS)} "
+                         "or a path to an .npz file with arrays x and y")
+
+
+def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read and validate a user .npz file: x float in [0,1] (N×D or N×C×H×W), y integers ≥ 0 of shape N."""
+    fix = "save it with np.savez(path, x=float32 array in [0,1] of shape N×D or N×C×H×W, y=int array of shape N)"
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys = list(npz.keys())
+            if "x" not in keys or "y" not in keys:
+                raise RobauditError(f"{path} has arrays {keys}, not x and y: {fix}")
+            x, y = npz["x"], npz["y"]
+    except RobauditError:
+        raise
+    except Exception as exc:  # bad zip, object arrays (pickles are refused), damaged members
+        raise RobauditError(f"cannot read {path} as an .npz file without pickles ({exc}): {fix}") from None
+    if not np.issubdtype(x.dtype, np.floating):
+        raise RobauditError(f"{path}: x has dtype {x.dtype}, not float (uint8 images: divide by 255): {fix}")
+    if x.ndim not in (2, 4) or x.shape[0] == 0:
+        raise RobauditError(f"{path}: x has shape {x.shape}, expected N×D or N×C×H×W with N > 0: {fix}")
+    if not (np.issubdtype(y.dtype, np.integer) and y.ndim == 1 and y.shape[0] == x.shape[0]):
+        raise RobauditError(f"{path}: y has dtype {y.dtype} and shape {y.shape}, expected integers of shape "
+                            f"({x.shape[0]},) to match x: {fix}")
+    if not np.isfinite(x).all():
+        raise RobauditError(f"{path}: x contains NaN or infinite values: {fix}")
+    if x.min() < 0 or x.max() > 1:
+        raise RobauditError(f"{path}: x has values in [{x.min():g}, {x.max():g}], outside [0, 1]: {fix}")
+    if y.min() < 0:
+        raise RobauditError(f"{path}: y has negative labels: {fix}")
+    return x, y
+
+
+def _select(n: int, samples: int | None, shuffle: bool, seed: int, what: str) -> np.ndarray | slice:
+    """Indices of the samples to keep: a seeded permutation when shuffling, then the first ``samples``."""
+    if samples is not None and samples > n:
+        warnings.warn(f"asked for {samples} samples but {what} has only {n}: using all {n}", stacklevel=3)
+        samples = None
+    if not shuffle:
+        return slice(0, samples)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+    return perm[:samples] if samples is not None else perm
+
+
+def load_dataset(name: str, *, split: str = "test", samples: int | None = None, shuffle: bool = False,
+                 seed: int = 0, data_dir: str | os.PathLike | None = None, download: bool = True) -> Dataset:
+    """Load one split of a known data set or of an .npz file as float32 tensors in [0, 1].
+
+    ``samples`` keeps the first N (in file order, or in a permutation seeded by ``seed`` when
+    ``shuffle``); MNIST/CIFAR files come from ``data_dir`` (default :func:`default_data_dir`) and are
+    downloaded there, checksum-verified, when missing and ``download`` is true.
+    """
+    if split not in SPLITS:
+        raise RobauditError(f"unknown split {split!r}: use 'test' or 'train'")
+    if samples is not None and (isinstance(samples, bool) or int(samples) != samples or samples <= 0):
+        raise RobauditError(f"samples must be a positive whole number, not {samples!r}: leave it out to use all")
+    key = _canonical(name)
+    if key is not None:
+        spec = _SPECS[key]
+        folder = None
+        if spec.needs_files:
+            folder = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+        x, y, scale, source = spec.load(key, split, folder, download)
+        if y.size and (y.min() < 0 or y.max() >= spec.num_classes):
+            raise RobauditError(f"{spec.title} labels in {source} lie outside 0..{spec.num_classes - 1}: "
+                                "the files are damaged or of another data set; replace them")
+        num_classes, mean, std, eps, title = spec.num_classes, spec.mean, spec.std, spec.default_eps, key
+    else:
+        path = Path(os.fspath(name)).expanduser()
+        if not path.is_file():
+            if path.suffix.lower() == ".npz":
+                raise RobauditError(f"no such file: {path}: check the path to the .npz file")
+            raise _unknown(name)
+        x, y = _load_npz(path)
+        scale, source, title = 1.0, str(path.resolve()), path.stem
+        num_classes, mean, std, eps = int(y.max()) + 1, None, None, NPZ_DEFAULT_EPS
+    keep = _select(len(y), None if samples is None else int(samples), shuffle, seed, f"{title} {split}")
+    xs = torch.from_numpy(np.ascontiguousarray(x[keep], dtype=np.float32))
+    if scale != 1.0:
+        xs = xs / scale
+    ys = torch.from_numpy(np.ascontiguousarray(y[keep], dtype=np.int64))
+    return Dataset(name=title, split=split, x=xs, y=ys, num_classes=num_classes, mean=mean, std=std,
+                   default_eps=tuple(float(e) for e in eps), source=source)

@@ -1,0 +1,467 @@
+"""Tests for robaudit.data: small files in the real formats (IDX, CIFAR pickles, tar.gz, npz), no network."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import struct
+import tarfile
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from robaudit import data
+from robaudit.data import DATASETS, Dataset, dataset_info, load_dataset
+from robaudit.errors import RobauditError
+
+# ------------------------------------------------------------------------------------------------
+# writers for the real on-disk formats
+
+
+def idx_bytes(arr: np.ndarray) -> bytes:
+    """IDX encoding of a uint8 array: 0,0,0x08,ndim, big-endian uint32 dims, data."""
+    arr = np.asarray(arr, dtype=np.uint8)
+    return bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
+
+
+def mnist_arrays(n=5):
+    images = ((np.arange(n * 28 * 28) * 7) % 256).astype(np.uint8).reshape(n, 28, 28)
+    labels = np.arange(n, dtype=np.uint8) % 10
+    return images, labels
+
+
+def write_idx(folder, prefix="t10k", n=5, gz=True):
+    folder.mkdir(parents=True, exist_ok=True)
+    images, labels = mnist_arrays(n)
+    for kind, arr in (("images-idx3", images), ("labels-idx1", labels)):
+        raw = idx_bytes(arr)
+        name = f"{prefix}-{kind}-ubyte"
+        if gz:
+            (folder / f"{name}.gz").write_bytes(gzip.compress(raw))
+        else:
+            (folder / name).write_bytes(raw)
+    return images, labels
+
+
+def cifar_arrays(n, seed, classes=10):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(n, 3072), dtype=np.uint8), [int(v) for v in rng.integers(0, classes, n)]
+
+
+def write_cifar10(root, n=4):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    batches = {}
+    for i, fname in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
+        x, y = cifar_arrays(n, seed=i)
+        batches[fname] = (x, y)
+        with open(folder / fname, "wb") as fh:
+            pickle.dump({b"batch_label": b"x", b"data": x, b"labels": y}, fh, protocol=2)
+    return batches
+
+
+def targz_of(folder, archive):
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+
+
+def _py2_str(s: bytes) -> bytes:
+    """SHORT_BINSTRING or BINSTRING opcode: a python-2 ``str``, as in the original CIFAR files."""
+    return b"U" + bytes([len(s)]) + s if len(s) < 256 else b"T" + struct.pack("<i", len(s)) + s
+
+
+def py2_cifar_pickle(x: np.ndarray, labels: list[int]) -> bytes:
+    """A CIFAR batch pickled the way python 2 + old numpy wrote the published files (hand-assembled opcodes)."""
+    n = x.shape[0]
+    array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + _py2_str(b"b") + b"\x87R"
+             + b"(K\x01K" + bytes([n]) + b"M" + struct.pack("<H", 3072) + b"\x86"
+             + b"cnumpy\ndtype\n" + _py2_str(b"u1") + b"K\x00K\x01\x87R"
+             + b"(K\x03" + _py2_str(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+             + b"\x89" + _py2_str(x.tobytes()) + b"tb")
+    label_list = b"](" + b"".join(b"K" + bytes([v]) for v in labels) + b"e"
+    return b"\x80\x02}(" + _py2_str(b"data") + array + _py2_str(b"labels") + label_list + b"u."
+
+
+class Evil:
+    """A pickle payload whose loading would run a shell command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+# ------------------------------------------------------------------------------------------------
+# embedded data sets
+
+
+@pytest.mark.parametrize("name,shape,classes,n_test,n_train", [
+    ("moons", (2,), 2, 500, 1500),
+    ("digits", (1, 8, 8), 10, 360, 1437),
+])
+def test_embedded_shapes_ranges_determinism(name, shape, classes, n_test, n_train):
+    test = load_dataset(name)
+    train = load_dataset(name, split="train")
+    again = load_dataset(name.upper())
+    assert isinstance(test, Dataset) and test.name == name and test.split == "test"
+    assert (len(test), len(train)) == (n_test, n_train)
+    assert test.input_shape == shape and test.x.dtype == torch.float32 and test.y.dtype == torch.int64
+    assert test.num_classes == classes and set(test.y.tolist()) == set(range(classes))
+    for d in (test, train):
+        assert d.x.min() >= 0 and d.x.max() <= 1
+    assert train.x.min() == 0 or train.x.max() == 1 or name == "digits"
+    assert torch.equal(test.x, again.x) and torch.equal(test.y, again.y)
+    assert test.mean is None and test.std is None and test.source == "scikit-learn"
+    assert test.default_eps == (0.05, 0.1, 0.2)
+    # the splits are disjoint
+    flat = lambda d: {tuple(r) for r in d.x.reshape(len(d), -1).tolist()}  # noqa: E731
+    if name == "moons":
+        assert not flat(test) & flat(train)
+
+
+def test_samples_and_shuffle():
+    first = load_dataset("digits", samples=50)
+    full = load_dataset("digits")
+    assert torch.equal(first.x, full.x[:50])
+    a = load_dataset("digits", samples=50, shuffle=True, seed=3)
+    b = load_dataset("digits", samples=50, shuffle=True, seed=3)
+    c = load_dataset("digits", samples=50, shuffle=True, seed=4)
+    assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+    assert not torch.equal(a.x, first.x) and not torch.equal(a.x, c.x)
+    perm = torch.randperm(360, generator=torch.Generator().manual_seed(3))[:50]
+    assert torch.equal(a.x, full.x[perm]) and torch.equal(a.y, full.y[perm])
+
+
+def test_samples_too_many_warns_and_nonpositive_refused():
+    with pytest.warns(UserWarning, match="only 500"):
+        d = load_dataset("moons", samples=10_000)
+    assert len(d) == 500
+    for bad in (0, -3):
+        with pytest.raises(RobauditError, match="positive"):
+            load_dataset("moons", samples=bad)
+
+
+def test_unknown_name_and_split():
+    with pytest.raises(RobauditError, match=r"unknown data set 'imagenet'.*mnist.*\.npz"):
+        load_dataset("imagenet")
+    with pytest.raises(RobauditError, match="no such file"):
+        load_dataset("/nonexistent/file.npz")
+    with pytest.raises(RobauditError, match="split"):
+        load_dataset("moons", split="val")
+    assert DATASETS == ("moons", "digits", "mnist", "fashion-mnist", "cifar10", "cifar100")
+
+
+def test_dataset_info_and_aliases():
+    info = dataset_info("Fashion_MNIST")
+    assert info["name"] == "fashion-mnist" and info["mean"] == (0.2860,) and info["input_shape"] == (1, 28, 28)
+    assert dataset_info("cifar10")["default_eps"] == (2 / 255, 4 / 255, 8 / 255)
+    with pytest.raises(RobauditError):
+        dataset_info("nope")
+
+
+# ------------------------------------------------------------------------------------------------
+# MNIST / Fashion-MNIST IDX
+
+
+@pytest.mark.parametrize("gz", [True, False])
+@pytest.mark.parametrize("sub", ["", "mnist", "MNIST/raw"])
+def test_mnist_idx(tmp_path, gz, sub):
+    images, labels = write_idx(tmp_path / sub if sub else tmp_path, gz=gz)
+    d = load_dataset("mnist", data_dir=tmp_path, download=False)
+    assert d.x.shape == (5, 1, 28, 28) and d.y.tolist() == labels.tolist()
+    assert torch.equal(d.x, torch.tensor(images, dtype=torch.float32)[:, None] / 255)
+    assert d.mean == (0.1307,) and d.std == (0.3081,) and d.default_eps == (0.1, 0.2, 0.3) and d.num_classes == 10
+
+
+def test_fashion_alias_and_train_split(tmp_path):
+    write_idx(tmp_path / "FashionMNIST" / "raw", prefix="train", n=3)
+    d = load_dataset("fashionmnist", split="train", data_dir=tmp_path, download=False)
+    assert d.name == "fashion-mnist" and len(d) == 3 and d.mean == (0.2860,) and d.std == (0.3530,)
+
+
+def test_data_dir_from_environment(tmp_path, monkeypatch):
+    write_idx(tmp_path / "mnist")
+    monkeypatch.setenv("ROBAUDIT_DATA", str(tmp_path))
+    assert len(load_dataset("mnist", download=False)) == 5
+
+
+def test_idx_corrupt(tmp_path):
+    images, labels = mnist_arrays()
+    good_labels = gzip.compress(idx_bytes(labels))
+    cases = {
+        "bad magic": b"\x08\x03" + idx_bytes(images)[2:],
+        "truncated": idx_bytes(images)[:-100],
+        "wrong type": bytes([0, 0, 0x0D, 3]) + idx_bytes(images)[4:],
+        "empty": b"",
+    }
+    for what, raw in cases.items():
+        (tmp_path / "t10k-images-idx3-ubyte").write_bytes(raw)
+        (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(good_labels)
+        with pytest.raises(RobauditError, match="not a valid IDX file") as err:
+            load_dataset("mnist", data_dir=tmp_path, download=False)
+        assert "\n" not in str(err.value), what
+    (tmp_path / "t10k-images-idx3-ubyte").unlink()
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(images))[:-30])  # cut gzip
+    with pytest.raises(RobauditError, match="decompress"):
+        load_dataset("mnist", data_dir=tmp_path, download=False)
+
+
+def test_idx_count_mismatch(tmp_path):
+    images, _ = mnist_arrays(5)
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(images))
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(4, np.uint8)))
+    with pytest.raises(RobauditError, match="5 images but .* 4 labels"):
+        load_dataset("mnist", data_dir=tmp_path, download=False)
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10", "cifar100"])
+def test_missing_files_without_download(tmp_path, name):
+    with pytest.raises(RobauditError, match="not found") as err:
+        load_dataset(name, data_dir=tmp_path / "nothing", download=False)
+    assert str(tmp_path / "nothing") in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "nothing").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# downloads (network replaced by a fake)
+
+
+def test_download_checksum(tmp_path, monkeypatch):
+    payload = b"some bytes"
+    monkeypatch.setattr(data, "_fetch", lambda url, out: out.write(payload))
+    dest = tmp_path / "dl" / "file.gz"
+    with pytest.raises(RobauditError, match="md5"):
+        data._download("MNIST", ["http://mirror/file.gz"], dest, "0" * 32)
+    assert list((tmp_path / "dl").iterdir()) == []  # neither the file nor a temp file is left
+    data._download("MNIST", ["http://mirror/file.gz"], dest, hashlib.md5(payload).hexdigest())
+    assert dest.read_bytes() == payload and list((tmp_path / "dl").iterdir()) == [dest]
+
+
+def test_download_falls_back_to_next_mirror(tmp_path, monkeypatch):
+    calls = []
+
+    def fetch(url, out):
+        calls.append(url)
+        if "first" in url:
+            raise OSError("connection refused")
+        out.write(b"ok")
+
+    monkeypatch.setattr(data, "_fetch", fetch)
+    dest = tmp_path / "f"
+    data._download("X", ["http://first/f", "http://second/f"], dest, hashlib.md5(b"ok").hexdigest())
+    assert calls == ["http://first/f", "http://second/f"] and dest.read_bytes() == b"ok"
+
+
+def test_download_network_failure_message(tmp_path, monkeypatch):
+    def fetch(url, out):
+        out.write(b"partial")
+        raise OSError("no route to host")
+
+    monkeypatch.setattr(data, "_fetch", fetch)
+    with pytest.raises(RobauditError, match=r"cannot download MNIST to .*no route to host.*check the network") as err:
+        load_dataset("mnist", data_dir=tmp_path / "empty")
+    assert "\n" not in str(err.value)
+    assert not any(p.is_file() for p in (tmp_path / "empty").rglob("*"))
+
+
+def test_download_end_to_end_mnist(tmp_path, monkeypatch):
+    images, labels = mnist_arrays(5)
+    files = {"t10k-images-idx3-ubyte.gz": gzip.compress(idx_bytes(images)),
+             "t10k-labels-idx1-ubyte.gz": gzip.compress(idx_bytes(labels))}
+    fetched = []
+
+    def fetch(url, out):
+        fetched.append(url)
+        out.write(files[url.rsplit("/", 1)[1]])
+
+    monkeypatch.setattr(data, "_fetch", fetch)
+    monkeypatch.setitem(data._IDX_SOURCES, "mnist", (
+        data._IDX_SOURCES["mnist"][0], data._IDX_SOURCES["mnist"][1],
+        {k[:-3]: hashlib.md5(v).hexdigest() for k, v in files.items()}))
+    d = load_dataset("mnist", data_dir=tmp_path)
+    assert torch.equal(d.x, torch.tensor(images, dtype=torch.float32)[:, None] / 255)
+    assert (tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz").is_file()
+    assert fetched[0].startswith("https://ossci-datasets.s3.amazonaws.com/mnist/")
+    load_dataset("mnist", data_dir=tmp_path)  # now found on disk: no second download
+    assert len(fetched) == 2
+
+
+def test_download_end_to_end_cifar(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    batches = write_cifar10(src)
+    archive = tmp_path / "a.tar.gz"
+    targz_of(src / "cifar-10-batches-py", archive)
+    blob = archive.read_bytes()
+    monkeypatch.setattr(data, "_fetch", lambda url, out: out.write(blob))
+    src_spec = data._CIFAR_SOURCES["cifar10"]
+    monkeypatch.setitem(data._CIFAR_SOURCES, "cifar10", src_spec[:-1] + (hashlib.md5(blob).hexdigest(),))
+    d = load_dataset("cifar10", data_dir=tmp_path / "dd")
+    assert d.y.tolist() == batches["test_batch"][1]
+    assert (tmp_path / "dd" / "cifar-10-python.tar.gz").is_file()
+
+
+def test_published_checksums():
+    assert data._IDX_SOURCES["mnist"][2]["train-images-idx3-ubyte"] == "f68b3c2dcbeaaa9fbdd348bbdeb94873"
+    assert data._IDX_SOURCES["fashion-mnist"][2]["t10k-labels-idx1-ubyte"] == "bb300cfdad3c16e7a12a480ee83cd310"
+    assert data._CIFAR_SOURCES["cifar10"][-1] == "c58f30108f718f92721af3b95e74349a"
+    assert data._CIFAR_SOURCES["cifar100"][-1] == "eb9058c3a382ffc7106e4002c42a8d85"
+
+
+# ------------------------------------------------------------------------------------------------
+# CIFAR
+
+
+def test_cifar10_batches(tmp_path):
+    batches = write_cifar10(tmp_path)
+    test = load_dataset("cifar10", data_dir=tmp_path, download=False)
+    x, y = batches["test_batch"]
+    assert test.x.shape == (4, 3, 32, 32) and test.y.tolist() == y
+    assert torch.equal(test.x, torch.tensor(x, dtype=torch.float32).reshape(4, 3, 32, 32) / 255)
+    assert test.mean == (0.4914, 0.4822, 0.4465) and test.std == (0.2470, 0.2435, 0.2616)
+    train = load_dataset("cifar10", split="train", data_dir=tmp_path, download=False)
+    assert len(train) == 20
+    assert train.y.tolist() == sum((batches[f"data_batch_{k}"][1] for k in range(1, 6)), [])
+
+
+def test_cifar10_targz(tmp_path):
+    src = tmp_path / "src"
+    batches = write_cifar10(src)
+    dd = tmp_path / "dd"
+    dd.mkdir()
+    targz_of(src / "cifar-10-batches-py", dd / "cifar-10-python.tar.gz")
+    d = load_dataset("cifar10", data_dir=dd, download=False)
+    assert d.y.tolist() == batches["test_batch"][1]
+    assert (dd / "cifar-10-batches-py" / "test_batch").is_file()
+
+
+def test_cifar100(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    x, y = cifar_arrays(6, seed=1, classes=100)
+    for fname in ("train", "test"):
+        with open(folder / fname, "wb") as fh:
+            pickle.dump({b"data": x, b"fine_labels": y, b"coarse_labels": [0] * 6}, fh, protocol=2)
+    d = load_dataset("cifar100", data_dir=tmp_path, download=False)
+    assert d.num_classes == 100 and d.y.tolist() == y and d.x.shape == (6, 3, 32, 32)
+    assert d.mean == (0.5071, 0.4865, 0.4409)
+
+
+def test_cifar_python2_pickle(tmp_path):
+    """The published files reference numpy.core.multiarray and hold python-2 strings."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    x, y = cifar_arrays(3, seed=5)
+    blob = py2_cifar_pickle(x, y)
+    assert pickle.loads(blob, encoding="bytes")[b"labels"] == y  # the hand-made pickle is well formed
+    (folder / "test_batch").write_bytes(blob)
+    d = load_dataset("cifar10", data_dir=tmp_path, download=False)
+    assert d.y.tolist() == y
+    assert torch.equal(d.x, torch.tensor(x, dtype=torch.float32).reshape(3, 3, 32, 32) / 255)
+
+
+@pytest.mark.parametrize("payload", ["system", "eval"])
+def test_malicious_pickle_refused(tmp_path, payload):
+    write_cifar10(tmp_path)
+    marker = tmp_path / "pwned"
+    evil = Evil(marker) if payload == "system" else _EvalPayload(marker)
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as fh:
+        pickle.dump({b"data": evil, b"labels": [0]}, fh, protocol=2)
+    with pytest.raises(RobauditError, match="refusing to read .*test_batch") as err:
+        load_dataset("cifar10", data_dir=tmp_path, download=False)
+    assert "\n" not in str(err.value)
+    assert not marker.exists()
+
+
+class _EvalPayload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (eval, (f"open({str(self.marker)!r}, 'w')",))
+
+
+def test_cifar_damaged_batch(tmp_path):
+    write_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(RobauditError, match="cannot read CIFAR batch"):
+        load_dataset("cifar10", data_dir=tmp_path, download=False)
+    with open(path, "wb") as fh:
+        pickle.dump({b"data": np.zeros((2, 10), np.uint8), b"labels": [0, 1]}, fh, protocol=2)
+    with pytest.raises(RobauditError, match="N×3072"):
+        load_dataset("cifar10", data_dir=tmp_path, download=False)
+
+
+def test_tar_path_traversal_refused(tmp_path):
+    dd = tmp_path / "dd"
+    dd.mkdir()
+    with tarfile.open(dd / "cifar-10-python.tar.gz", "w:gz") as tar:
+        info = tarfile.TarInfo("../escaped")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"bad"))
+    with pytest.raises(RobauditError, match="refusing to extract"):
+        load_dataset("cifar10", data_dir=dd, download=False)
+    assert not (tmp_path / "escaped").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# npz
+
+
+@pytest.mark.parametrize("shape", [(7, 3), (7, 1, 4, 4)])
+def test_npz(tmp_path, shape):
+    rng = np.random.default_rng(0)
+    x = rng.random(shape).astype(np.float32)
+    y = np.array([0, 1, 2, 0, 1, 2, 4])
+    path = tmp_path / "mine.npz"
+    np.savez(path, x=x, y=y)
+    d = load_dataset(str(path))
+    assert d.name == "mine" and d.num_classes == 5 and d.input_shape == shape[1:]
+    assert torch.equal(d.x, torch.from_numpy(x)) and d.y.tolist() == y.tolist()
+    assert d.mean is None and d.source == str(path.resolve())
+    d3 = load_dataset(path, samples=3)
+    assert torch.equal(d3.x, torch.from_numpy(x[:3]))
+
+
+@pytest.mark.parametrize("x,y,match", [
+    (np.full((3, 2), 1.5, np.float32), np.zeros(3, np.int64), "outside"),
+    (np.full((3, 2), -0.1, np.float32), np.zeros(3, np.int64), "outside"),
+    (np.zeros((3, 2), np.float32), np.zeros((3, 1), np.int64), "y has"),
+    (np.zeros((3, 2), np.float32), np.zeros(2, np.int64), "y has"),
+    (np.zeros((3, 2), np.float32), np.zeros(3, np.float32), "y has"),
+    (np.array([[0.1, np.nan]] * 3, np.float32), np.zeros(3, np.int64), "NaN"),
+    (np.zeros((3, 2), np.uint8), np.zeros(3, np.int64), "not float"),
+    (np.zeros((3, 2, 2), np.float32), np.zeros(3, np.int64), "shape"),
+])
+def test_npz_invalid(tmp_path, x, y, match):
+    path = tmp_path / "bad.npz"
+    np.savez(path, x=x, y=y)
+    with pytest.raises(RobauditError, match=match) as err:
+        load_dataset(str(path))
+    assert "\n" not in str(err.value)
+
+
+def test_npz_refuses_pickles_and_missing_keys(tmp_path):
+    path = tmp_path / "obj.npz"
+    np.savez(path, x=np.array([Evil(tmp_path / "pwned")], dtype=object), y=np.zeros(1, np.int64))
+    with pytest.raises(RobauditError, match="cannot read"):
+        load_dataset(str(path))
+    assert not (tmp_path / "pwned").exists()
+    path = tmp_path / "keys.npz"
+    np.savez(path, images=np.zeros((2, 2), np.float32))
+    with pytest.raises(RobauditError, match="not x and y"):
+        load_dataset(str(path))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(RobauditError, match="cannot read"):
+        load_dataset(str(tmp_path / "junk.npz"))
+
+
+def test_no_warnings_on_normal_load():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_dataset("moons", samples=10)
