@@ -151,6 +151,10 @@ class LSAResult:
                           include_output=include_output)
 
 
+# Modules that only reshape or pass their input through: their RE repeats the previous layer's.
+PASSTHROUGH_TYPES = frozenset({"Flatten", "Unflatten", "Identity", "Dropout", "Dropout1d", "Dropout2d",
+                               "Dropout3d", "AlphaDropout", "FeatureAlphaDropout"})
+
 # Tie-break between equally strong attacks: prefer the stronger family (white-box, iterative).
 _FAMILY_PRIORITY = {"autoattack": 0, "pgd": 1, "pgdl2": 1, "cw": 2, "deepfool": 3, "square": 4, "fgsm": 5}
 
@@ -175,7 +179,11 @@ def strongest_attack(accuracy: pd.DataFrame) -> tuple[str, float | None]:
 def select_mvl(lsa: pd.DataFrame, accuracy: pd.DataFrame, *, k: int | None = None, z: float | None = None,
                attack: str | None = None, eps: float | None = None, metric: str = "re_mean",
                include_output: bool = False) -> MVL:
-    """Rank layers by ``metric`` under one attack configuration; keep the top ``k`` or the z-outliers."""
+    """Rank layers by ``metric`` under one attack configuration; keep the top ``k`` or the z-outliers.
+
+    Pass-through modules (Flatten, Identity, Dropout in eval) and, unless ``include_output``, the
+    output layer are left out and listed in ``excluded``.
+    """
     if metric not in ("re_mean", "re_pooled"):
         raise RobauditError(f"unknown MVL metric {metric!r}: use re_mean or re_pooled")
     if k is not None and z is not None:
@@ -195,10 +203,11 @@ def select_mvl(lsa: pd.DataFrame, accuracy: pd.DataFrame, *, k: int | None = Non
         rows = rows[np.isclose(rows["eps"].astype(float), eps)]
         if rows.empty:
             raise RobauditError(f"{attack} was not run at eps {eps:g}")
-    excluded = []
+    drop = rows["layer_type"].isin(PASSTHROUGH_TYPES)
     if not include_output:
-        excluded = list(rows.loc[rows["is_output"].astype(bool), "layer"])
-        rows = rows[~rows["is_output"].astype(bool)]
+        drop |= rows["is_output"].astype(bool)
+    excluded = list(rows.loc[drop, "layer"])
+    rows = rows[~drop]
     ranked = rows.sort_values([metric, "order"], ascending=[False, True])
     ranked = ranked[ranked[metric].notna()]
     if z is not None:

@@ -100,13 +100,11 @@ def build_arch(arch: str, kwargs: dict | None, state_dict: dict, source: Path) -
 
 # -- loaders -------------------------------------------------------------------------------
 def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives are zip files with a ``code/`` folder; ``torch.save`` archives have none."""
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as z:
-        names = z.namelist()
-    return any(n.split("/", 1)[-1].startswith("code/") for n in names) and not any(
-        n.endswith("data.pkl") and "/code/" not in n and n.count("/") == 1 for n in names if "constants" in n
-    )
+        return any("/code/" in f"/{n}" for n in z.namelist())
 
 
 def _load_export(path: Path) -> LoadedModel:
@@ -321,7 +319,7 @@ def export_model(path: str | os.PathLike, module: nn.Module, example: torch.Tens
         ep = torch.export.export(module, (x.cpu(),), dynamic_shapes=({0: batch},))
     finally:
         module.train(was_training)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # torch.export wants the .pt2 ending
     torch.export.save(ep, str(tmp))
     os.replace(tmp, path)
     return path
@@ -335,7 +333,7 @@ def save_exported_weights(path: str | os.PathLike, loaded: LoadedModel, module: 
     for key in list(ep.state_dict):
         if key in trained:
             ep.state_dict[key] = trained[key].detach().clone().cpu()
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # torch.export wants the .pt2 ending
     torch.export.save(ep, str(tmp))
     os.replace(tmp, path)
     return path

@@ -1,0 +1,349 @@
+"""The ``robaudit`` command: a thin click layer over the Python API.
+
+Every user-facing failure becomes one line on stderr and a non-zero exit; ``--debug`` shows the
+traceback instead.
+"""
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+from .errors import RobauditError
+
+EXIT_USER = 2
+EXIT_INTERNAL = 1
+EXIT_INTERRUPTED = 130
+
+
+class _Group(click.Group):
+    """A click group that turns exceptions into one-line messages unless ``--debug`` is on."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except KeyboardInterrupt:
+            if _debug(ctx):
+                raise
+            click.echo("interrupted: nothing half-written was left behind", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+        except RobauditError as e:
+            if _debug(ctx):
+                raise
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(EXIT_USER)
+        except Exception as e:  # a bug, not the user's fault: still one line, with the way to learn more
+            if _debug(ctx):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            click.echo(f"error: unexpected {type(e).__name__}: {first[:300]} (rerun with --debug for the traceback)",
+                       err=True)
+            ctx.exit(EXIT_INTERNAL)
+
+
+def _debug(ctx: click.Context) -> bool:
+    root = ctx.find_root()
+    return bool(root.params.get("debug")) if root is not None else False
+
+
+def _floats(text: str | None, option: str) -> list[float] | None:
+    if text is None:
+        return None
+    from .attacks import parse_number
+
+    try:
+        return [parse_number(p) for p in text.split(",") if p.strip()]
+    except RobauditError as e:
+        raise RobauditError(f"{option}: {e}") from e
+
+
+def _split_list(values) -> list[str] | None:
+    out = [p.strip() for v in values or () for p in v.split(",") if p.strip()]
+    return out or None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug logs).")
+@click.version_option(package_name="robaudit", prog_name="robaudit")
+def main(debug: bool, verbose: int) -> None:
+    """Audit a PyTorch classifier's robustness layer by layer.
+
+    \b
+      robaudit analyze MODEL --dataset digits   # LSA -> Most Vulnerable Layers
+      robaudit harden --mvl-top 5               # AT-LR on those layers, re-analyzed
+      robaudit report                           # one self-contained HTML file
+    """
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not debug:
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+
+
+def model_options(f):
+    """Options that say how to load a model file (shared by analyze and harden)."""
+    for opt in reversed([
+        click.option("--arch", help="Architecture for a state dict: 'package.module:Class' or 'file.py:Class'."),
+        click.option("--arch-kwargs", help="JSON keyword arguments for --arch, e.g. '{\"width\": 32}'."),
+        click.option("--trust-model", is_flag=True,
+                     help="Allow loading a pickled nn.Module (this runs code from the file)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def data_options(f):
+    """Options that say which data to use (shared by analyze and harden)."""
+    for opt in reversed([
+        click.option("--dataset", "-d", required=False,
+                     help="moons, digits, mnist, fashion-mnist, cifar10, cifar100, or a path to an .npz file."),
+        click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+                     help="Where MNIST/CIFAR files are (downloaded there when the network allows)."),
+        click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True),
+        click.option("--samples", "-n", type=int, help="Use the first N samples (in file order unless --shuffle)."),
+        click.option("--shuffle", is_flag=True, help="Take a seeded random subset instead of the first N."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@model_options
+@data_options
+@click.option("--attack", "-a", "attacks", multiple=True, metavar="SPEC",
+              help="Attack spec, repeatable: e.g. 'pgd:eps=8/255,steps=10'. Default: "
+                   "fgsm, pgd, cw, square and gaussian/uniform/salt-and-pepper noise.")
+@click.option("--eps", metavar="LIST", help="Eps sweep for every attack without its own eps, e.g. 2/255,4/255,8/255.")
+@click.option("--layers", "layer_globs", multiple=True, metavar="GLOB", help="Probe only layers matching these names.")
+@click.option("--layer-types", metavar="LIST", help="Probe only these module classes, e.g. ReLU,Conv2d.")
+@click.option("--mean", metavar="LIST", help="Per-channel input mean: the model is wrapped in a normalization layer.")
+@click.option("--std", metavar="LIST", help="Per-channel input std (with --mean).")
+@click.option("--no-normalize", is_flag=True, help="Do not apply the data set's default mean/std (the model normalizes).")
+@click.option("--mvl-top", type=int, help="MVL: the K most vulnerable layers (default 5).")
+@click.option("--mvl-z", type=float, help="MVL: layers whose RE exceeds mean + Z*std across layers.")
+@click.option("--mvl-attack", help="Rank layers under this attack label (default: the strongest in the battery).")
+@click.option("--mvl-metric", type=click.Choice(["re_mean", "re_pooled"]), default="re_mean", show_default=True)
+@click.option("--include-output", is_flag=True, help="Let the output (logits) layer enter the MVL list.")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "-o", type=click.Path(path_type=Path), help="Run directory (default reports/<model>-<dataset>/).")
+@click.option("--no-report", is_flag=True, help="Do not render report.html.")
+@click.option("--no-checks", is_flag=True, help="Skip the gradient-masking sanity probes.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+def analyze(model, arch, arch_kwargs, trust_model, dataset, data_dir, split, samples, shuffle, attacks, eps,
+            layer_globs, layer_types, mean, std, no_normalize, mvl_top, mvl_z, mvl_attack, mvl_metric,
+            include_output, batch_size, device, seed, out, no_report, no_checks, progress):
+    """Layer Sustainability Analysis of MODEL: per-layer RE under an attack battery -> MVL list."""
+    from .attacks import parse_eps_list
+    from .models import parse_arch_kwargs
+    from .pipeline import analyze_run
+
+    if not dataset:
+        raise RobauditError("--dataset is required: e.g. --dataset digits (see robaudit analyze --help)")
+    if samples is not None and samples < 1:
+        raise RobauditError("--samples must be at least 1")
+    if mvl_top is not None and mvl_z is not None:
+        raise RobauditError("choose one MVL criterion: --mvl-top K or --mvl-z Z")
+    run = analyze_run(
+        model, dataset, out=out, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_model=trust_model,
+        data_dir=data_dir, split=split, samples=samples, shuffle=shuffle, attacks=list(attacks) or None,
+        eps=parse_eps_list(eps), layers=list(layer_globs) or None, layer_types=_split_list([layer_types] if layer_types else []),
+        mean=_floats(mean, "--mean"), std=_floats(std, "--std"), normalize=not no_normalize,
+        mvl_top=mvl_top, mvl_z=mvl_z, mvl_attack=mvl_attack, mvl_metric=mvl_metric, include_output=include_output,
+        batch_size=batch_size, device=device, seed=seed, checks=not no_checks, report=not no_report,
+        progress=sys.stderr.isatty() if progress is None else progress,
+        command=shlex.join(["robaudit", *sys.argv[1:]]) if Path(sys.argv[0]).name.startswith("robaudit")
+        else None,
+    )
+    echo_summary(run)
+
+
+def echo_summary(run) -> None:
+    """Print the accuracy table, the MVL list and where the outputs are."""
+    res, mvl = run.result, run.mvl
+    acc = res.accuracy
+    click.echo(f"{run.manifest['model']['path']} on {run.manifest['dataset']['name']} "
+               f"({res.n_samples} samples, {res.seconds:.1f} s)")
+    click.echo(f"clean accuracy: {100 * res.clean_accuracy:.1f}%")
+    for eps_val, rows in acc[acc["attack"] != "clean"].groupby(acc["eps"].fillna(-1.0), sort=True):
+        label = "unbounded" if eps_val < 0 else f"eps {eps_val:g}"
+        items = ", ".join(f"{r.attack} {100 * r.accuracy:.1f}%" for r in rows.itertuples())
+        click.echo(f"  {label}: {items}")
+    eps_txt = f" at eps {mvl.eps:g}" if mvl.eps is not None else ""
+    click.echo(f"\nMost Vulnerable Layers (ranked by {mvl.metric} under {mvl.attack}{eps_txt}):")
+    width = max([len(n) for n in mvl.names] + [5])
+    click.echo(f"  {'rank':>4}  {'layer':<{width}}  {'type':<14} {mvl.metric:>9}")
+    for i, r in enumerate(mvl.layers.itertuples(), 1):
+        click.echo(f"  {i:>4}  {r.layer:<{width}}  {r.layer_type:<14} {r.score:>9.4f}")
+    if mvl.excluded:
+        click.echo(f"  (not ranked: {', '.join(mvl.excluded)} -- output and pass-through layers; "
+                   "--include-output ranks the output layer)")
+    click.echo(f"\nrun directory: {run.path}")
+    report = Path(run.path) / "report.html"
+    if report.exists():
+        click.echo(f"report: {report}")
+
+
+@main.command()
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), help="Run directory (default: the latest under reports/).")
+@click.option("--out", "-o", type=click.Path(path_type=Path), help="HTML file to write (default RUN/report.html).")
+def report(run_dir, out):
+    """Render a run directory into one self-contained HTML file."""
+    from .report import render_report
+    from .rundir import latest_run
+
+    path = render_report(run_dir or latest_run(), out)
+    click.echo(f"report: {path}")
+
+
+@main.command("attacks")
+def list_attacks():
+    """List the attacks and noise baselines the spec language knows."""
+    from .attacks import KINDS
+
+    for k in KINDS.values():
+        params = ", ".join(f"{p}={v}" for p, v in k.defaults.items())
+        eps = "eps, " if k.bounded else ""
+        click.echo(f"{k.name:<11} {k.kind:<11} {k.norm:<4}  {k.description}")
+        if eps or params:
+            click.echo(f"{'':<11} params: {eps}{params}".rstrip(", "))
+
+
+# --- harden ---
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path), required=False)
+@click.option("--run", "run_dir", type=click.Path(path_type=Path),
+              help="Analyzed run directory to harden (default: the latest under reports/).")
+@model_options
+@data_options
+@click.option("--out", "-o", type=click.Path(path_type=Path),
+              help="With MODEL: run directory for the analysis that comes first (default reports/<model>-<dataset>/).")
+@click.option("--method", type=click.Choice(["atlr", "at", "layerwise", "standard"]), default="atlr",
+              show_default=True, help="atlr: AT-LR; at: plain PGD adversarial training (the baseline); layerwise: "
+                                      "perturb the MVL activations (about the cost of ordinary training); standard.")
+@click.option("--mvl-top", type=int, help="Harden the K most vulnerable layers (default: the run's MVL list).")
+@click.option("--gamma", default="1", show_default=True, metavar="G[,G...]",
+              help="AT-LR weight of each layer's RE: one value, or one per MVL layer.")
+@click.option("--re-mode", type=click.Choice(["pooled", "per-sample"]), default="pooled", show_default=True,
+              help="RE pooled over the batch (the reference code) or averaged per sample.")
+@click.option("--base-attack", type=click.Choice(["pgd", "fgsm"]), default="pgd", show_default=True)
+@click.option("--eps", "train_eps", metavar="EPS",
+              help="Training eps (input space, Linf; default: the middle of the analysis eps sweep).")
+@click.option("--steps", type=int, default=10, show_default=True, help="PGD steps while training.")
+@click.option("--alpha", metavar="STEP", help="PGD step size (default 2.5*eps/steps).")
+@click.option("--layer-eps", metavar="R", help="layerwise: relative size of the activation perturbation (default eps).")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--lr", type=float, help="Learning rate (default 1e-3 for adam, 1e-2 for sgd).")
+@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--schedule", type=click.Choice(["cosine", "none"]), default="cosine", show_default=True)
+@click.option("--clean-weight", type=float, default=0.0, show_default=True,
+              help="Mix clean CE into the loss: (1-w)*CE(adv) + w*CE(clean).")
+@click.option("--dual-bn", is_flag=True,
+              help="Separate BatchNorm statistics for clean passes (MixBN); the adversarial ones are used at test.")
+@click.option("--include-output", is_flag=True, help="Let the output (logits) layer be regularized.")
+@click.option("--val-fraction", type=float, default=0.1, show_default=True,
+              help="Share of the train split held out for validation after every epoch.")
+@click.option("--train-data", type=click.Path(path_type=Path), help="Training .npz when the run's data set is a file.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted harden from its last complete epoch.")
+@click.option("--force", is_flag=True, help="Replace an earlier hardened/ result or checkpoint.")
+@click.option("--seed", type=int, help="Seed (default: the analysis seed).")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda ...")
+@click.option("--no-report", is_flag=True, help="Do not render report.html.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@click.pass_context
+def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_dir, split, samples, shuffle, out,
+           method, mvl_top, gamma, re_mode, base_attack, train_eps, steps, alpha, layer_eps, epochs, batch_size, lr,
+           optimizer, weight_decay, schedule, clean_weight, dual_bn, include_output, val_fraction, train_data,
+           resume, force, seed, device, no_report, progress):
+    """Fine-tune the model so its Most Vulnerable Layers become sustainable; re-analyze; compare.
+
+    \b
+      robaudit harden --mvl-top 5                     # the latest run under reports/
+      robaudit harden --run reports/m-digits --method at
+      robaudit harden model.pt2 --dataset digits      # analyze first, then harden
+    """
+    import importlib.util
+
+    from .attacks import parse_number
+    from .harden import HardenInterrupted, harden_run
+    from .rundir import latest_run
+
+    if model is not None and run_dir is not None:
+        raise RobauditError("give either MODEL (analyzed first) or --run DIR, not both")
+    show_progress = sys.stderr.isatty() if progress is None else progress
+    command = shlex.join(["robaudit", *sys.argv[1:]]) if Path(sys.argv[0]).name.startswith("robaudit") else None
+    eps_value = parse_number(train_eps) if train_eps is not None else None
+    if eps_value is not None and not eps_value > 0:
+        raise RobauditError(f"--eps must be positive, got {train_eps}: e.g. --eps 0.1 or --eps 8/255")
+    if mvl_top is not None and mvl_top < 1:
+        raise RobauditError("--mvl-top must be at least 1")
+    if model is not None:
+        from .models import parse_arch_kwargs
+        from .pipeline import analyze_run
+
+        if not dataset:
+            raise RobauditError("--dataset is required with MODEL: e.g. robaudit harden model.pt2 --dataset digits")
+        analysis = analyze_run(
+            model, dataset, out=out, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_model=trust_model,
+            data_dir=data_dir, split=split, samples=samples, shuffle=shuffle, mvl_top=mvl_top,
+            include_output=include_output, device=device, seed=seed or 0, report=False, progress=show_progress)
+        run_dir = analysis.path
+        click.echo(f"analyzed {model} -> {run_dir}")
+    elif run_dir is None:
+        run_dir = latest_run("reports")
+    try:
+        done = harden_run(
+            run_dir, mvl_top=mvl_top, method=method, gamma=gamma, re_mode=re_mode, base_attack=base_attack,
+            eps=eps_value, steps=steps, alpha=parse_number(alpha) if alpha else None,
+            layer_eps=parse_number(layer_eps) if layer_eps else None, epochs=epochs, batch_size=batch_size, lr=lr,
+            optimizer=optimizer, weight_decay=weight_decay, schedule=schedule, clean_weight=clean_weight,
+            dual_bn=dual_bn, include_output=include_output, val_fraction=val_fraction, train_data=train_data,
+            resume=resume, force=force, seed=seed, device=device, progress=show_progress, command=command)
+    except HardenInterrupted as e:
+        if _debug(ctx):
+            raise
+        click.echo(f"interrupted: {e}", err=True)
+        ctx.exit(EXIT_INTERRUPTED)
+    _echo_harden(done)
+    if not no_report and importlib.util.find_spec("robaudit.report") is not None:
+        from .report import render_report
+
+        report_path = render_report(done.run_dir)
+        click.echo(f"report: {report_path}")
+
+
+def _echo_harden(done) -> None:
+    """Print the settings, the before/after comparison and where the outputs are."""
+    s, res = done.settings, done.result
+    click.echo(f"{s['method']} on {', '.join(s['mvl_layers']) or 'no layer'} (eps {s['eps']:g}, {s['epochs']} epochs, "
+               f"{s['seconds_training']:.1f} s); validation: {res.validation}")
+    click.echo(f"BatchNorm at test: {res.bn_at_test}")
+    for note in res.notes:
+        click.echo(f"note: {note}")
+    comp = done.comparison
+    acc = comp[comp["kind"] == "accuracy"]
+    click.echo("\naccuracy            before    after    delta")
+    for r in acc.itertuples():
+        label = r.attack if r.eps is None or r.eps != r.eps else f"{r.attack} eps {r.eps:g}"
+        click.echo(f"  {label:<18} {100 * r.before:6.1f}%  {100 * r.after:6.1f}%  {100 * r.delta:+6.1f}")
+    re_rows = comp[comp["kind"] == "re"]
+    if len(re_rows):
+        r0 = re_rows.iloc[0]
+        eps_txt = f" eps {r0['eps']:g}" if r0["eps"] == r0["eps"] and r0["eps"] is not None else ""
+        click.echo(f"\nRE of the MVL layers under {r0['attack']}{eps_txt}   before    after")
+        for r in re_rows.itertuples():
+            click.echo(f"  {r.layer:<30} {r.before:8.4f} {r.after:8.4f}")
+    click.echo(f"\nhardened model: {done.model_path}")
+    click.echo(f"outputs: {done.hardened_dir}/ (history.csv, comparison.csv, harden.json, lsa.csv, accuracy.csv, "
+               "mvl.json)")

@@ -1,0 +1,169 @@
+"""The ``analyze`` stage end to end: load model and data, run LSA, write the run directory.
+
+This is what ``robaudit analyze`` calls; researchers can call :func:`analyze_run` directly.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import platform
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from . import __version__
+from . import attacks as atk
+from .data import load_dataset
+from .errors import RobauditError
+from .lsa import MVL, PASSTHROUGH_TYPES, LSAResult, analyze, resolve_device
+from .models import LoadedModel, load_model, with_normalization
+from .rundir import write_run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AnalysisRun:
+    """The outcome of :func:`analyze_run`: the result, its MVL list and where it was written."""
+
+    result: LSAResult
+    mvl: MVL
+    path: Path
+    manifest: dict
+    checks: dict | None
+
+
+def default_out(model_path: Path | None, dataset: str, root: str | Path = "reports") -> Path:
+    stem = model_path.stem if model_path else "model"
+    return Path(root) / f"{stem}-{Path(dataset).stem if dataset.endswith('.npz') else dataset}"
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def analyze_run(
+    model: str | Path | LoadedModel,
+    dataset: str,
+    *,
+    out: str | Path | None = None,
+    arch: str | None = None,
+    arch_kwargs: dict | None = None,
+    trust_model: bool = False,
+    data_dir: str | Path | None = None,
+    split: str = "test",
+    samples: int | None = None,
+    shuffle: bool = False,
+    attacks: Sequence[str] | None = None,
+    eps: Sequence[float] | None = None,
+    layers: Sequence[str] | None = None,
+    layer_types: Sequence[str] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    normalize: bool = True,
+    mvl_top: int | None = None,
+    mvl_z: float | None = None,
+    mvl_attack: str | None = None,
+    mvl_metric: str = "re_mean",
+    include_output: bool = False,
+    batch_size: int = 128,
+    device: str = "auto",
+    seed: int = 0,
+    checks: bool = True,
+    report: bool = True,
+    progress: bool = False,
+    command: str | None = None,
+) -> AnalysisRun:
+    """Analyze a model file on a data set and write the run directory (and its report)."""
+    started = _now()
+    loaded = model if isinstance(model, LoadedModel) else load_model(
+        model, arch=arch, arch_kwargs=arch_kwargs, trust_model=trust_model)
+    data = load_dataset(dataset, split=split, samples=samples, shuffle=shuffle, seed=seed, data_dir=data_dir)
+    if normalize and mean is None and std is None:
+        mean, std = data.mean, data.std
+    elif not normalize:
+        mean = std = None
+    specs = [atk.parse(a) for a in attacks] if attacks else atk.default_battery()
+    eps = list(eps) if eps else list(data.default_eps)
+    dev = resolve_device(device)
+
+    result = analyze(loaded, data, attacks=specs, eps=eps, layers=layers, layer_types=layer_types, mean=mean,
+                     std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress)
+    if mvl_top is None and mvl_z is None:
+        layers_ = result.lsa.drop_duplicates("layer")
+        rankable = ~layers_["layer_type"].isin(PASSTHROUGH_TYPES)
+        if not include_output:
+            rankable &= ~layers_["is_output"].astype(bool)
+        mvl_top = min(5, max(1, int(rankable.sum())))
+    mvl = result.mvl(mvl_top, z=mvl_z, attack=mvl_attack, metric=mvl_metric, include_output=include_output)
+
+    check_results = None
+    if checks:
+        check_results = _model_checks(loaded, data, mean, std, dev, seed, eps)
+
+    out = Path(out) if out else default_out(loaded.path, data.name)
+    manifest = {
+        "robaudit_version": __version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "command": command or _api_command(loaded, dataset, attacks, eps, seed, out),
+        "argv": list(sys.argv),
+        "model": {
+            "path": str(loaded.path.resolve()) if loaded.path else None,
+            "sha256": loaded.sha256,
+            "format": loaded.format,
+            "arch": loaded.arch,
+            "arch_kwargs": loaded.arch_kwargs,
+            "trust_model": bool(trust_model),
+            "class": type(loaded.module).__name__,
+        },
+        "normalization": {"mean": list(mean) if mean is not None else None,
+                          "std": list(std) if std is not None else None},
+        "dataset": {"name": data.name, "split": split, "samples": samples, "shuffle": shuffle,
+                    "data_dir": str(data_dir) if data_dir else None, "source": data.source,
+                    "num_classes": data.num_classes, "input_shape": list(data.input_shape)},
+        "n_samples": result.n_samples,
+        "seed": seed,
+        "device": str(dev),
+        "batch_size": batch_size,
+        "attacks": [s.spec_string() for s in specs],
+        "configurations": [s.spec_string() for s in result.attacks],
+        "eps": eps,
+        "layers": {"patterns": list(layers) if layers else None, "types": list(layer_types) if layer_types else None},
+        "num_layers": len(result.layers),
+        "mvl": {"top": mvl_top, "z": mvl_z, "attack": mvl_attack, "metric": mvl_metric,
+                "include_output": include_output},
+        "clean_accuracy": result.clean_accuracy,
+        "seconds": round(result.seconds, 3),
+        "started": started,
+        "finished": _now(),
+    }
+    write_run(out, result, mvl, manifest, check_results)
+    if report:
+        from .report import render_report
+
+        render_report(out)
+    return AnalysisRun(result, mvl, out, manifest, check_results)
+
+
+def _model_checks(loaded: LoadedModel, data, mean, std, dev, seed: int, eps: Sequence[float]) -> dict:
+    """The model checks AutoAttack runs before attacking, plus gradient-masking probes (sanity module)."""
+    from .sanity import run_model_checks
+
+    full = with_normalization(loaded.module, mean, std, ndim=data.x.dim()).to(dev).eval()
+    return run_model_checks(full, data.x, data.y, device=dev, seed=seed, eps_max=max(eps))
+
+
+def _api_command(loaded: LoadedModel, dataset: str, attacks, eps, seed: int, out: Path) -> str:
+    parts = ["robaudit", "analyze", str(loaded.path) if loaded.path else "MODEL", "--dataset", dataset]
+    for a in attacks or []:
+        parts += ["--attack", a]
+    if eps:
+        parts += ["--eps", ",".join(f"{e:g}" for e in eps)]
+    parts += ["--seed", str(seed), "--out", str(out)]
+    return shlex.join(parts)
