@@ -109,6 +109,7 @@ def data_options(f):
         click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True),
         click.option("--samples", "-n", type=int, help="Use the first N samples (in file order unless --shuffle)."),
         click.option("--shuffle", is_flag=True, help="Take a seeded random subset instead of the first N."),
+        click.option("--no-download", is_flag=True, help="Never download: fail if the data files are missing."),
     ]):
         f = opt(f)
     return f
@@ -139,7 +140,7 @@ def data_options(f):
 @click.option("--no-report", is_flag=True, help="Do not render report.html.")
 @click.option("--no-checks", is_flag=True, help="Skip the gradient-masking sanity probes.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
-def analyze(model, arch, arch_kwargs, trust_model, dataset, data_dir, split, samples, shuffle, attacks, eps,
+def analyze(model, arch, arch_kwargs, trust_model, dataset, data_dir, split, samples, shuffle, no_download, attacks, eps,
             layer_globs, layer_types, mean, std, no_normalize, mvl_top, mvl_z, mvl_attack, mvl_metric,
             include_output, batch_size, device, seed, out, no_report, no_checks, progress):
     """Layer Sustainability Analysis of MODEL: per-layer RE under an attack battery -> MVL list."""
@@ -155,7 +156,8 @@ def analyze(model, arch, arch_kwargs, trust_model, dataset, data_dir, split, sam
         raise RobauditError("choose one MVL criterion: --mvl-top K or --mvl-z Z")
     run = analyze_run(
         model, dataset, out=out, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_model=trust_model,
-        data_dir=data_dir, split=split, samples=samples, shuffle=shuffle, attacks=list(attacks) or None,
+        data_dir=data_dir, split=split, samples=samples, shuffle=shuffle, download=not no_download,
+        attacks=list(attacks) or None,
         eps=parse_eps_list(eps), layers=list(layer_globs) or None, layer_types=_split_list([layer_types] if layer_types else []),
         mean=_floats(mean, "--mean"), std=_floats(std, "--std"), normalize=not no_normalize,
         mvl_top=mvl_top, mvl_z=mvl_z, mvl_attack=mvl_attack, mvl_metric=mvl_metric, include_output=include_output,
@@ -265,7 +267,7 @@ def list_attacks():
 def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_dir, split, samples, shuffle, out,
            method, mvl_top, gamma, re_mode, base_attack, train_eps, steps, alpha, layer_eps, epochs, batch_size, lr,
            optimizer, weight_decay, schedule, clean_weight, dual_bn, include_output, val_fraction, train_data,
-           resume, force, seed, device, no_report, progress):
+           resume, force, seed, device, no_report, progress, **data_extra):
     """Fine-tune the model so its Most Vulnerable Layers become sustainable; re-analyze; compare.
 
     \b
@@ -297,7 +299,8 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
         analysis = analyze_run(
             model, dataset, out=out, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_model=trust_model,
             data_dir=data_dir, split=split, samples=samples, shuffle=shuffle, mvl_top=mvl_top,
-            include_output=include_output, device=device, seed=seed or 0, report=False, progress=show_progress)
+            include_output=include_output, device=device, seed=seed or 0, report=False, progress=show_progress,
+            **({"download": not data_extra["no_download"]} if "no_download" in data_extra else {}))
         run_dir = analysis.path
         click.echo(f"analyzed {model} -> {run_dir}")
     elif run_dir is None:
@@ -309,7 +312,8 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
             layer_eps=parse_number(layer_eps) if layer_eps else None, epochs=epochs, batch_size=batch_size, lr=lr,
             optimizer=optimizer, weight_decay=weight_decay, schedule=schedule, clean_weight=clean_weight,
             dual_bn=dual_bn, include_output=include_output, val_fraction=val_fraction, train_data=train_data,
-            resume=resume, force=force, seed=seed, device=device, progress=show_progress, command=command)
+            resume=resume, force=force, seed=seed, device=device, progress=show_progress, command=command,
+            download=not data_extra.get("no_download", False))
     except HardenInterrupted as e:
         if _debug(ctx):
             raise

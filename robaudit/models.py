@@ -144,9 +144,15 @@ def _load_torch_file(path: Path, *, arch: str | None, arch_kwargs: dict | None, 
         raise RobauditError(
             f"{path.name} is a TorchScript module, whose layers cannot be hooked; {EXPORT_HINT}"
         )
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":  # neither torch.save's zip nor a legacy pickle
+        raise RobauditError(f"{path.name} is not a readable PyTorch file: check the path (formats: README)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower():  # the weights-only unpickler refuses globals: code to run
+            raise RobauditError(f"{path.name} is not a readable PyTorch file ({str(e).splitlines()[0][:120]})") from e
         if not trust_model:
             raise RobauditError(
                 f"{path.name} is a pickled module: loading it runs code from the file; "

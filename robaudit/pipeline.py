@@ -58,6 +58,7 @@ def analyze_run(
     split: str = "test",
     samples: int | None = None,
     shuffle: bool = False,
+    download: bool = True,
     attacks: Sequence[str] | None = None,
     eps: Sequence[float] | None = None,
     layers: Sequence[str] | None = None,
@@ -82,7 +83,8 @@ def analyze_run(
     started = _now()
     loaded = model if isinstance(model, LoadedModel) else load_model(
         model, arch=arch, arch_kwargs=arch_kwargs, trust_model=trust_model)
-    data = load_dataset(dataset, split=split, samples=samples, shuffle=shuffle, seed=seed, data_dir=data_dir)
+    data = load_dataset(dataset, split=split, samples=samples, shuffle=shuffle, seed=seed, data_dir=data_dir,
+                        download=download)
     if normalize and mean is None and std is None:
         mean, std = data.mean, data.std
     elif not normalize:

@@ -1,0 +1,191 @@
+"""The ``robaudit`` command end to end through click's CliRunner, and every bad input's one-line failure."""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+
+from robaudit.cli import main
+from robaudit.errors import RobauditError
+from robaudit.models import save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS_PT2 = ROOT / "examples" / "digits_cnn.pt2"
+MOONS_PT2 = ROOT / "examples" / "moons_mlp.pt2"
+FAST = ["--attack", "fgsm", "--attack", "pgd:steps=3", "--attack", "gaussian", "--eps", "0.1,0.2",
+        "--samples", "48", "--batch-size", "20", "--no-checks", "--no-report"]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
+
+
+def assert_one_line_failure(result, *needles: str) -> None:
+    assert result.exit_code not in (0, None), result.output
+    err = result.stderr.strip()
+    assert err.startswith("error: "), err
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle.lower() in err.lower(), err
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    result = invoke("analyze", DIGITS_PT2, "--dataset", "digits", *FAST, "--out", out)
+    assert result.exit_code == 0, result.output
+    return out, result
+
+
+def test_analyze_writes_the_run_directory_contract(digits_run):
+    out, result = digits_run
+    lsa = pd.read_csv(out / "lsa.csv")
+    assert list(lsa.columns[:8]) == ["layer", "layer_type", "attack", "eps", "re_mean", "re_std", "re_pooled",
+                                     "n_samples"]
+    # 11 probed layers of the example CNN x (fgsm, pgd, gaussian) x 2 eps
+    assert lsa["layer"].nunique() == 11
+    assert len(lsa) == 11 * 3 * 2
+    assert set(lsa["layer_type"]) >= {"Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d", "Linear"}
+    assert (lsa["n_samples"] <= 48).all() and (lsa["re_pooled"] >= 0).all()
+    acc = pd.read_csv(out / "accuracy.csv")
+    assert list(acc.columns[:4]) == ["attack", "eps", "accuracy", "n_samples"]
+    assert acc.loc[acc["attack"] == "clean", "accuracy"].item() > 0.9
+    for eps in (0.1, 0.2):
+        at = acc[np.isclose(acc["eps"], eps)]
+        worst = at.loc[at["attack"] == "worst-case", "accuracy"].item()
+        assert worst <= at.loc[at["kind"] == "adversarial", "accuracy"].min() + 1e-12
+    mvl = json.loads((out / "mvl.json").read_text())
+    assert mvl["criterion"] == "top-k" and mvl["attack"] in ("pgd(steps=3)", "fgsm")
+    scores = [l["score"] for l in mvl["layers"]]
+    assert scores == sorted(scores, reverse=True) and len(scores) == 5
+    assert "classifier.3" not in [l["layer"] for l in mvl["layers"]]  # output layer left out
+    manifest = json.loads((out / "manifest.json").read_text())
+    for key in ("robaudit_version", "torch_version", "command", "model", "dataset", "n_samples", "seed", "device",
+                "attacks", "started", "finished"):
+        assert key in manifest
+    assert manifest["model"]["sha256"] and manifest["n_samples"] == 48
+    assert "Most Vulnerable Layers" in result.stdout and str(out) in result.stdout
+
+
+def test_same_seed_same_numbers(digits_run, tmp_path):
+    out, _ = digits_run
+    again = invoke("analyze", DIGITS_PT2, "--dataset", "digits", *FAST, "--out", tmp_path / "again")
+    assert again.exit_code == 0, again.output
+    pd.testing.assert_frame_equal(pd.read_csv(out / "lsa.csv"), pd.read_csv(tmp_path / "again" / "lsa.csv"))
+    pd.testing.assert_frame_equal(pd.read_csv(out / "accuracy.csv"), pd.read_csv(tmp_path / "again" / "accuracy.csv"))
+
+
+def test_moons_mlp_and_layer_filters(tmp_path):
+    result = invoke("analyze", MOONS_PT2, "--dataset", "moons", "--attack", "pgd:steps=5", "--eps", "0.1",
+                    "--layer-types", "ReLU", "--mvl-top", "2", "--samples", "100", "--no-checks", "--no-report",
+                    "--out", tmp_path / "m")
+    assert result.exit_code == 0, result.output
+    lsa = pd.read_csv(tmp_path / "m" / "lsa.csv")
+    assert set(lsa["layer_type"]) == {"ReLU"} and lsa["layer"].nunique() == 3
+    assert len(json.loads((tmp_path / "m" / "mvl.json").read_text())["layers"]) == 2
+
+
+def test_attacks_command_lists_the_battery():
+    result = invoke("attacks")
+    assert result.exit_code == 0
+    for name in ("fgsm", "pgd", "pgdl2", "cw", "deepfool", "autoattack", "square", "gaussian", "uniform",
+                 "saltpepper"):
+        assert name in result.stdout
+
+
+# -- bad input: one line, non-zero exit, no traceback, no partial run directory ---------------------
+@pytest.fixture
+def nan_checkpoint(tmp_path):
+    from robaudit.examples.models import MoonsMLP
+
+    model = MoonsMLP()
+    with torch.no_grad():
+        model.net[0].weight.fill_(float("nan"))
+    return save_checkpoint(tmp_path / "nan.pt", model, arch="robaudit.examples.models:MoonsMLP")
+
+
+def _bad_cases(tmp_path: Path, nan_checkpoint: Path) -> dict[str, tuple[list, tuple[str, ...]]]:
+    corrupt = tmp_path / "corrupt.pt2"
+    corrupt.write_bytes(b"not a zip archive at all" * 10)
+    corrupt_pt = tmp_path / "corrupt.pt"
+    corrupt_pt.write_bytes(bytes(range(256)) * 4)
+    pickled = tmp_path / "pickled.pt"
+    from robaudit.examples.models import MoonsMLP
+
+    torch.save(MoonsMLP(), pickled)
+    many = tmp_path / "five_classes.npz"
+    np.savez(many, x=np.random.default_rng(0).random((20, 2), dtype=np.float32), y=np.arange(20) % 5)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    return {
+        "missing model": (["analyze", tmp_path / "nope.pt2", "--dataset", "digits"], ("not found",)),
+        "corrupt pt2": (["analyze", corrupt, "--dataset", "digits"], ("export",)),
+        "corrupt pt": (["analyze", corrupt_pt, "--dataset", "digits"], ("not a readable",)),
+        "pickle without trust": (["analyze", pickled, "--dataset", "moons"], ("--trust-model",)),
+        "unknown data set": (["analyze", MOONS_PT2, "--dataset", "imagenet7"], ("unknown",)),
+        "empty data dir": (["analyze", DIGITS_PT2, "--dataset", "mnist", "--data-dir", empty, "--no-download"],
+                           (str(empty),)),
+        "input shape": (["analyze", MOONS_PT2, "--dataset", "digits"], ("shape",)),
+        "class count": (["analyze", MOONS_PT2, "--dataset", many], ("classes",)),
+        "non-finite": (["analyze", nan_checkpoint, "--dataset", "moons"], ("non-finite",)),
+        "unknown attack": (["analyze", MOONS_PT2, "--dataset", "moons", "--attack", "pgdd"], ("unknown attack",)),
+        "unknown parameter": (["analyze", MOONS_PT2, "--dataset", "moons", "--attack", "pgd:stepz=3"],
+                              ("unknown parameter",)),
+        "zero eps": (["analyze", MOONS_PT2, "--dataset", "moons", "--eps", "0"], ("eps",)),
+        "negative eps": (["analyze", MOONS_PT2, "--dataset", "moons", "--attack", "fgsm:eps=-0.1"], ("eps",)),
+        "bad arch": (["analyze", nan_checkpoint, "--dataset", "moons", "--arch", "no_such_module_xyz:Net"],
+                     ("cannot import",)),
+        "too many mvl": (["analyze", MOONS_PT2, "--dataset", "moons", "--mvl-top", "50", "--attack", "fgsm",
+                          "--samples", "20", "--no-checks"], ("--mvl-top",)),
+    }
+
+
+CASES = ["missing model", "corrupt pt2", "corrupt pt", "pickle without trust", "unknown data set", "empty data dir",
+         "input shape", "class count", "non-finite", "unknown attack", "unknown parameter", "zero eps",
+         "negative eps", "bad arch", "too many mvl"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_fails_in_one_line(case, tmp_path, nan_checkpoint):
+    args, needles = _bad_cases(tmp_path, nan_checkpoint)[case]
+    out = tmp_path / "out"
+    result = invoke(*args, "--out", out)
+    assert_one_line_failure(result, *needles)
+    assert not out.exists(), "a failed analysis must leave no run directory"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "no temporary directory left behind"
+
+
+def test_failure_keeps_an_existing_run_directory(digits_run, tmp_path):
+    out, _ = digits_run
+    before = (out / "lsa.csv").read_bytes()
+    result = invoke("analyze", MOONS_PT2, "--dataset", "digits", "--out", out)
+    assert_one_line_failure(result, "shape")
+    assert (out / "lsa.csv").read_bytes() == before
+
+
+def test_debug_shows_the_exception():
+    result = CliRunner().invoke(main, ["--debug", "analyze", "missing.pt2", "--dataset", "digits"])
+    assert isinstance(result.exception, RobauditError)
+
+
+def test_trusted_pickle_loads(tmp_path):
+    from robaudit.examples.models import MoonsMLP
+
+    torch.manual_seed(0)
+    pickled = tmp_path / "pickled.pt"
+    torch.save(MoonsMLP(), pickled)
+    result = invoke("analyze", pickled, "--trust-model", "--dataset", "moons", "--attack", "fgsm", "--eps", "0.1",
+                    "--samples", "16", "--no-checks", "--no-report", "--out", tmp_path / "r")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r" / "manifest.json").read_text())["model"]["format"] == "pickle"
+
+
+def test_report_without_a_run_fails_cleanly(tmp_path):
+    assert_one_line_failure(invoke("report", "--run", tmp_path / "missing"), "run")
