@@ -1,0 +1,1019 @@
+"""Render a run directory into one self-contained HTML audit.
+
+The file stands on its own: plots are inline SVG (matplotlib, no pyplot state), the stylesheet
+and the table-sorting script are inlined and allowed by their sha256 hashes in a
+Content-Security-Policy meta tag, and nothing is fetched. Every value that comes from the model
+or the user (module names, paths, class names, command lines) is autoescaped by jinja2.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import io
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Any, Iterable
+
+import jinja2
+import matplotlib
+import numpy as np
+import pandas as pd
+from markupsafe import Markup
+from matplotlib.colors import LogNorm, Normalize
+from matplotlib.figure import Figure  # never pyplot: no global figure state, no GUI backend
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+from . import sanity
+from .errors import RobauditError
+from .sanity import attack_name
+
+__all__ = ["render_report"]
+
+log = logging.getLogger(__name__)
+
+TEMPLATE = "report.html.j2"
+LSA_COLUMNS = ("layer", "attack", "eps", "re_mean", "order", "kind")
+ACCURACY_COLUMNS = ("attack", "eps", "accuracy")
+HASHED_SUFFIXES = (".csv", ".json", ".pt2", ".pt", ".pth", ".safetensors")
+
+METHOD_NAMES = {"atlr": "AT-LR", "at-lr": "AT-LR", "at": "adversarial training", "pgd-at": "adversarial training",
+                "layerwise": "layer-wise perturbation training", "lat": "layer-wise perturbation training"}
+
+MPL_RC = {
+    "svg.fonttype": "none",  # text stays text: small, searchable, selectable
+    "svg.hashsalt": "robaudit",  # deterministic ids (then made unique per figure)
+    "text.parse_math": False,  # module names may contain "$"
+    "text.usetex": False,
+    "font.family": "sans-serif",
+    "font.sans-serif": ["DejaVu Sans", "Arial"],
+    "font.size": 8.5,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.color": "#e3e6ea",
+    "grid.linewidth": 0.6,
+    "legend.frameon": False,
+    "legend.fontsize": 7.5,
+    "figure.dpi": 100,
+}
+ADVERSARIAL_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#e377c2", "#8c564b"]
+NOISE_COLORS = ["#7f7f7f", "#bcbd22", "#a0785a", "#5f9ea0"]
+MVL_COLOR = "#b3261e"
+
+
+# ------------------------------------------------------------------------------------ formatting
+
+
+def _isnan(v: Any) -> bool:
+    """None, NaN or NA (a missing CSV cell); False for anything that is not a scalar."""
+    try:
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def fmt_pct(v: Any) -> str:
+    """A fraction as a percentage with one decimal: ``0.964 -> "96.4 %"``."""
+    return "n/a" if _isnan(v) else f"{100.0 * float(v):.1f} %"
+
+
+def fmt_points(v: Any) -> str:
+    """An accuracy change in percentage points: ``0.3 -> "+30.0 points"``."""
+    return "n/a" if _isnan(v) else f"{100.0 * float(v):+.1f} points"
+
+
+def fmt_eps(v: Any) -> str:
+    return "" if _isnan(v) else f"{float(v):.4g}"
+
+
+def fmt_re(v: Any) -> str:
+    return "" if _isnan(v) else f"{float(v):.3g}"
+
+
+def fmt_num(v: Any) -> str:
+    if _isnan(v):
+        return ""
+    if isinstance(v, (int, np.integer)) or (isinstance(v, float) and v.is_integer() and abs(v) < 1e15):
+        return str(int(v))
+    return f"{float(v):.4g}"
+
+
+def _sort_key(v: Any) -> str | None:
+    return None if _isnan(v) else repr(float(v))
+
+
+# ---------------------------------------------------------------------------------- table model
+
+
+@dataclass
+class Cell:
+    text: Any
+    sort: str | None = None
+    cls: str = ""
+
+
+@dataclass
+class Column:
+    label: str
+    numeric: bool = False
+
+
+@dataclass
+class Row:
+    cells: list[Cell]
+    cls: str = ""
+
+
+@dataclass
+class Table:
+    columns: list[Column]
+    rows: list[Row] = field(default_factory=list)
+    caption: str = ""
+    sortable: bool = True
+    id: str = ""
+
+
+def num_cell(v: Any, fmt=fmt_num) -> Cell:
+    return Cell(fmt(v), _sort_key(v), "num")
+
+
+def _kv_table(items: Iterable[tuple[str, Any]], caption: str = "") -> Table:
+    rows = [Row([Cell(k), Cell(_plain(v), cls="wrap")]) for k, v in items]
+    return Table([Column("Field"), Column("Value")], rows, caption=caption, sortable=False)
+
+
+def _plain(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_plain(x) for x in v)
+    if isinstance(v, dict):
+        return json.dumps(v, sort_keys=True)
+    return str(v)
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.extend(_flatten(v, key + "."))
+        else:
+            out.append((key, v))
+    return out
+
+
+# ------------------------------------------------------------------------------------- loading
+
+
+@dataclass
+class Run:
+    path: Path
+    lsa: pd.DataFrame | None
+    accuracy: pd.DataFrame | None
+    mvl: dict | None
+    manifest: dict
+    checks: dict | None
+
+
+def _not_a_run(path: Path, why: str = "") -> RobauditError:
+    extra = f" ({why})" if why else ""
+    return RobauditError(f"{path} is not a robaudit run directory{extra}: run `robaudit analyze` first")
+
+
+def _read_csv(path: Path, required: Iterable[str]) -> pd.DataFrame | None:
+    if not path.is_file():
+        return None
+    try:
+        df = pd.read_csv(path)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise RobauditError(f"cannot read {path} ({type(exc).__name__}): rerun the robaudit step that wrote it") from exc
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise RobauditError(f"{path} lacks the columns {', '.join(missing)}: rerun the robaudit step that wrote it")
+    return df
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RobauditError(f"cannot read {path} ({type(exc).__name__}): rerun the robaudit step that wrote it") from exc
+    if not isinstance(data, dict):
+        raise RobauditError(f"{path} does not hold a JSON object: rerun the robaudit step that wrote it")
+    return data
+
+
+def _load_run(path: Path, *, required: bool) -> Run | None:
+    lsa = _read_csv(path / "lsa.csv", LSA_COLUMNS)
+    accuracy = _read_csv(path / "accuracy.csv", ACCURACY_COLUMNS)
+    if lsa is None and (required or accuracy is None):
+        if required:
+            raise _not_a_run(path, "no lsa.csv")
+        return None
+    for df in (lsa, accuracy):
+        if df is not None:
+            df["eps"] = pd.to_numeric(df["eps"], errors="coerce")
+            for col, default in (("kind", "adversarial"), ("norm", "Linf")):
+                if col not in df.columns:
+                    df[col] = default
+                df[col] = df[col].fillna(default).astype(str)
+            df["attack"] = df["attack"].astype(str)
+    if lsa is not None:
+        lsa["layer"] = lsa["layer"].astype(str)
+        if "layer_type" not in lsa.columns:
+            lsa["layer_type"] = ""
+        lsa["layer_type"] = lsa["layer_type"].fillna("").astype(str)
+    if accuracy is not None:
+        accuracy["accuracy"] = pd.to_numeric(accuracy["accuracy"], errors="coerce")
+    return Run(path, lsa, accuracy, _read_json(path / "mvl.json"), _read_json(path / "manifest.json") or {},
+               _read_json(path / "checks.json"))
+
+
+def _find(run: Path, name: str) -> Path:
+    """A hardening output: inside ``hardened/`` or beside it."""
+    inner = run / "hardened" / name
+    return inner if inner.is_file() else run / name
+
+
+# -------------------------------------------------------------------------------------- plotting
+
+
+def _svg(fig: Figure, prefix: str, label: str, dpi: int = 100) -> Markup:
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", dpi=dpi, metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
+    return Markup(clean_svg(buf.getvalue(), prefix, label))
+
+
+# matplotlib quotes an attribute with ' when its value holds a " (see backend_svg._quote_escape_attrib).
+_STYLE_RE = re.compile(r"""\sstyle=(["'])(.*?)\1""")
+_ID_RE = re.compile(r"""\sid=(["'])(.*?)\1""")
+_REF_RE = re.compile(r'url\(#([^)"]+)\)|href="#([^"]+)"')
+
+
+def clean_svg(svg: str, prefix: str, label: str) -> str:
+    """Make matplotlib's SVG fit for inline use under a strict CSP.
+
+    Drops the XML prolog, metadata, comments and the <style> element; turns every ``style``
+    attribute into presentation attributes (CSP blocks style attributes, not presentation
+    attributes); keeps only referenced ids, prefixed so that several plots share one document.
+    """
+    svg = svg[svg.index("<svg"):]
+    svg = re.sub(r"<metadata>.*?</metadata>", "", svg, flags=re.S)
+    svg = re.sub(r"<!--.*?-->", "", svg, flags=re.S)
+    svg = re.sub(r"<style[^>]*>.*?</style>", "", svg, flags=re.S)
+    svg = re.sub(r"<defs>\s*</defs>", "", svg)
+    referenced = {a or b for a, b in _REF_RE.findall(svg)}
+
+    def tag(m: re.Match) -> str:
+        t = m.group(0)
+        if t.startswith("</"):
+            return t
+
+        def style(sm: re.Match) -> str:
+            props: dict[str, str] = {}
+            for decl in html.unescape(sm.group(2)).split(";"):
+                name, sep, value = decl.partition(":")
+                if sep and name.strip():
+                    props[name.strip()] = value.strip()
+            return "".join(f' {k}="{html.escape(v, quote=True)}"' for k, v in props.items())
+
+        t = _STYLE_RE.sub(style, t)
+        t = _ID_RE.sub(lambda im: f' id="{prefix}-{im.group(2)}"' if im.group(2) in referenced else "", t)
+        return _REF_RE.sub(lambda rm: f"url(#{prefix}-{rm.group(1)})" if rm.group(1)
+                           else f'href="#{prefix}-{rm.group(2)}"', t)
+
+    svg = re.sub(r"<[^>]+>", tag, svg)
+    root_end = svg.index(">")
+    root = svg[:root_end]
+    root = re.sub(r'\sxmlns(:\w+)?="[^"]*"', "", root)
+    root += (f' class="plot" role="img" aria-label="{html.escape(label, quote=True)}"'
+             ' stroke-linejoin="round" stroke-linecap="butt"')
+    svg = root + svg[root_end:]
+    return re.sub(r"\n\s+", "\n", svg).strip()
+
+
+@dataclass
+class Plot:
+    svg: Markup
+    caption: str
+
+
+def _config_label(attack: str, eps: float, norm: str, *, show_norm: bool) -> str:
+    label = attack_name(attack)
+    if _isnan(eps):
+        return f"{label} (min. {norm})"
+    return f"{label} ε={fmt_eps(eps)}" + (f" {norm}" if show_norm else "")
+
+
+class Palette:
+    """One color and line style per attack label, shared by every plot of the report."""
+
+    def __init__(self, frames: Iterable[pd.DataFrame | None]):
+        adversarial, noise = [], []
+        for df in frames:
+            if df is None:
+                continue
+            for attack, kind in df[["attack", "kind"]].drop_duplicates().itertuples(index=False):
+                if attack in (sanity.CLEAN, sanity.WORST_CASE):
+                    continue
+                target = noise if kind == "noise" else adversarial
+                if attack not in target:
+                    target.append(attack)
+        self.style: dict[str, dict] = {sanity.WORST_CASE: {"color": "#111111", "linestyle": "-", "linewidth": 2.4}}
+        for i, a in enumerate(sorted(adversarial)):
+            self.style[a] = {"color": ADVERSARIAL_COLORS[i % len(ADVERSARIAL_COLORS)], "linestyle": "-", "linewidth": 1.5}
+        for i, a in enumerate(sorted(noise)):
+            self.style.setdefault(a, {"color": NOISE_COLORS[i % len(NOISE_COLORS)], "linestyle": "--", "linewidth": 1.2})
+
+    def __call__(self, attack: str) -> dict:
+        return dict(self.style.get(attack, {"color": "#444444", "linestyle": "-", "linewidth": 1.2}))
+
+
+def _layers(lsa: pd.DataFrame) -> list[tuple[int, str, str]]:
+    """(order, layer, layer_type) in forward order."""
+    first = lsa.sort_values("order", kind="stable").drop_duplicates("layer")
+    return [(int(o), str(n), str(t)) for o, n, t in first[["order", "layer", "layer_type"]].itertuples(index=False)]
+
+
+def _configs(lsa: pd.DataFrame) -> list[tuple[str, float, str, str]]:
+    """(attack, eps, norm, kind): adversarial before noise, then by attack and eps."""
+    cfg = lsa[["attack", "eps", "norm", "kind"]].drop_duplicates()
+    cfg = cfg.assign(_noise=cfg["kind"] == "noise", _minimal=cfg["eps"].isna())
+    cfg = cfg.sort_values(["_noise", "_minimal", "attack", "norm", "eps"])
+    return [(a, e, n, k) for a, e, n, k in cfg[["attack", "eps", "norm", "kind"]].itertuples(index=False)]
+
+
+def _re_matrix(lsa: pd.DataFrame, layers, configs, metric: str) -> np.ndarray:
+    index = {name: i for i, (_, name, _) in enumerate(layers)}
+    mat = np.full((len(layers), len(configs)), np.nan)
+    for j, (attack, eps, norm, _) in enumerate(configs):
+        sel = (lsa["attack"] == attack) & (lsa["norm"] == norm)
+        sel &= lsa["eps"].isna() if _isnan(eps) else np.isclose(lsa["eps"], eps)
+        for name, value in lsa.loc[sel, ["layer", metric]].itertuples(index=False):
+            mat[index[name], j] = value
+    return mat
+
+
+def _plain_log_ticks(axis) -> None:
+    """Log-axis tick labels as plain numbers (the default ones are mathtext, which is switched off)."""
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _mark_mvl_ticks(labels, mvl: set[str]) -> None:
+    for t in labels:
+        if t.get_text() in mvl:
+            t.set_color(MVL_COLOR)
+            t.set_fontweight("bold")
+
+
+def plot_heatmap(layers, configs, mat, mvl: set[str], metric: str, show_norm: bool) -> Plot:
+    n_l, n_c = mat.shape
+    fig = Figure(figsize=(min(11.0, 2.8 + 0.55 * n_c), 1.6 + 0.17 * n_l), layout="constrained")
+    ax = fig.add_subplot()
+    ax.grid(False)
+    finite = mat[np.isfinite(mat)]
+    positive = finite[finite > 0]
+    if len(positive) and len(positive) == len(finite) and positive.max() / positive.min() > 20:
+        norm = LogNorm(vmin=positive.min(), vmax=positive.max())
+    else:
+        norm = Normalize(vmin=float(finite.min()) if len(finite) else 0.0, vmax=float(finite.max()) if len(finite) else 1.0)
+    image = ax.imshow(np.ma.masked_invalid(mat), aspect="auto", interpolation="nearest", cmap="viridis", norm=norm)
+    ax.set_yticks(range(n_l), [name for _, name, _ in layers], fontsize=7)
+    ax.set_xticks(range(n_c), [_config_label(a, e, n, show_norm=show_norm) for a, e, n, _ in configs],
+                  rotation=50, ha="right", rotation_mode="anchor", fontsize=7.5)
+    _mark_mvl_ticks(ax.get_yticklabels(), mvl)
+    ax.set_ylabel("layer (forward order)")
+    bar = fig.colorbar(image, ax=ax, label=f"RE ({metric})", shrink=min(1.0, 6.0 / max(1.0, 0.17 * n_l)), pad=0.02)
+    if isinstance(norm, LogNorm):
+        _plain_log_ticks(bar.ax.yaxis)
+    return Plot(_svg(fig, "heatmap", "Heatmap of RE per layer and perturbation configuration", dpi=150),
+                f"RE of every layer (rows, forward order) under every perturbation configuration (columns); "
+                f"{'log' if isinstance(norm, LogNorm) else 'linear'} color scale. MVL layers in red.")
+
+
+def plot_profile(layers, configs, mat, mvl: set[str], palette: Palette, metric: str, show_norm: bool) -> Plot:
+    groups: dict[Any, list[int]] = {}
+    for j, (_, eps, _, _) in enumerate(configs):
+        groups.setdefault("min" if _isnan(eps) else float(eps), []).append(j)
+    keys = sorted((k for k in groups if k != "min")) + (["min"] if "min" in groups else [])
+    n_l = len(layers)
+    fig = Figure(figsize=(min(11.0, max(8.5, 3.0 + 0.16 * n_l)), 1.1 + 2.3 * len(keys)), layout="constrained")
+    axes = fig.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0]
+    x = np.arange(n_l)
+    mvl_idx = [i for i, (_, name, _) in enumerate(layers) if name in mvl]
+    finite = mat[np.isfinite(mat)]
+    log_scale = len(finite) and (finite > 0).all() and finite.max() / finite.min() > 100
+    for ax, key in zip(axes, keys):
+        for i in mvl_idx:
+            ax.axvspan(i - 0.4, i + 0.4, color=MVL_COLOR, alpha=0.12, linewidth=0)
+        for j in groups[key]:
+            attack, eps, norm, kind = configs[j]
+            st = palette(attack)
+            ax.plot(x, mat[:, j], marker="o" if kind != "noise" else "x", markersize=3,
+                    label=_config_label(attack, eps, norm, show_norm=show_norm), **st)
+        ax.set_ylabel(f"RE ({metric})")
+        ax.set_title("minimal-perturbation attacks" if key == "min" else f"ε = {fmt_eps(key)}", fontsize=9, loc="left")
+        if log_scale:
+            ax.set_yscale("log")
+            _plain_log_ticks(ax.yaxis)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    axes[-1].set_xticks(x, [name for _, name, _ in layers], rotation=90, fontsize=7)
+    _mark_mvl_ticks(axes[-1].get_xticklabels(), mvl)
+    axes[-1].set_xlim(-0.6, n_l - 0.4)
+    return Plot(_svg(fig, "profile", "RE profile per layer, adversarial and noise perturbations"),
+                "Per-layer RE profile: adversarial attacks (solid) against statistical noise of the same "
+                "size (dashed), one panel per eps; MVL layers shaded red.")
+
+
+def plot_accuracy(before: pd.DataFrame, after: pd.DataFrame | None, palette: Palette) -> Plot | None:
+    curves = before[before["eps"].notna() & (before["attack"] != sanity.CLEAN)]
+    if curves.empty:
+        return None
+    norms = sorted(curves["norm"].unique())
+    fig = Figure(figsize=(min(11.0, 4.6 * len(norms) + 2.0), 3.4), layout="constrained")
+    axes = fig.subplots(1, len(norms), squeeze=False)[0]
+    for ax, norm in zip(axes, norms):
+        for frame, tag, dashed in ((before, "", False), (after, " (hardened)", True)):
+            if frame is None:
+                continue
+            clean = frame.loc[frame["attack"] == sanity.CLEAN, "accuracy"]
+            part = frame[frame["eps"].notna() & (frame["norm"] == norm) & (frame["attack"] != sanity.CLEAN)]
+            if dashed:
+                part = part[part["kind"] != "noise"]
+            for attack in sorted(part["attack"].unique(), key=lambda a: (a == sanity.WORST_CASE, a)):
+                pts = part[part["attack"] == attack].sort_values("eps")
+                xs, ys = list(pts["eps"]), list(pts["accuracy"] * 100)
+                if len(clean):
+                    xs, ys = [0.0] + xs, [float(clean.iloc[0]) * 100] + ys
+                st = palette(attack)
+                if dashed:
+                    st.update(linestyle=(0, (4, 2)), alpha=0.9)
+                marker = "s" if dashed else ("x" if pts["kind"].iloc[0] == "noise" else "o")
+                ax.plot(xs, ys, marker=marker, markersize=3.5, label=attack_name(attack) + tag, **st)
+        ax.set_xlabel(f"eps ({norm})")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(-3, 103)
+    axes[-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
+    caption = "Accuracy against eps, one curve per attack; eps 0 is the clean accuracy; worst case in black."
+    if after is not None:
+        caption += " Dashed curves with square markers: the hardened model."
+    return Plot(_svg(fig, "accuracy", "Robust accuracy against eps"), caption)
+
+
+LOSS_COLUMNS = {"loss": ("total", "#111111"), "ce": ("cross-entropy", "#1f77b4"),
+                "ce_adv": ("cross-entropy (adversarial)", "#1f77b4"), "ce_clean": ("cross-entropy (clean)", "#2ca02c"),
+                "ce_perturbed": ("cross-entropy (perturbed)", "#9467bd"), "reg": ("layer regularizer", "#d62728")}
+ACCURACY_HISTORY_COLUMNS = {"clean_acc": ("clean", "#2ca02c"), "val_clean_acc": ("clean", "#2ca02c"),
+                            "robust_acc": ("robust", "#d62728"), "val_robust_acc": ("robust", "#d62728")}
+
+
+def plot_history(history: pd.DataFrame) -> Plot | None:
+    """Loss terms and validation accuracies per epoch (``clean_acc`` or ``val_clean_acc`` alike)."""
+    losses = [c for c in LOSS_COLUMNS if c in history.columns]
+    accs = [c for c in ACCURACY_HISTORY_COLUMNS if c in history.columns]
+    if "epoch" not in history.columns or history.empty or not (losses or accs):
+        return None
+    fig = Figure(figsize=(10.0, 3.1), layout="constrained")
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    epoch = pd.to_numeric(history["epoch"], errors="coerce")
+    for col in losses:
+        label, color = LOSS_COLUMNS[col]
+        ax_loss.plot(epoch, pd.to_numeric(history[col], errors="coerce"), marker="o", markersize=3, color=color,
+                     label=label)
+    for col in accs:
+        label, color = ACCURACY_HISTORY_COLUMNS[col]
+        ax_acc.plot(epoch, pd.to_numeric(history[col], errors="coerce") * 100, marker="o", markersize=3,
+                    color=color, label=f"{label} (validation)")
+    for ax, title, ylabel in ((ax_loss, "loss terms", "training loss"), (ax_acc, "accuracy", "accuracy (%)")):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9, loc="left")
+        if ax.lines:
+            ax.legend()
+    ax_acc.set_ylim(-3, 103)
+    return Plot(_svg(fig, "history", "Hardening training history"),
+                "Training history: loss terms and validation accuracy per epoch (epoch 0: before hardening).")
+
+
+def plot_re_before_after(re_rows: pd.DataFrame) -> Plot | None:
+    if re_rows.empty:
+        return None
+    labels = list(re_rows["label"])
+    y = np.arange(len(labels))
+    fig = Figure(figsize=(8.0, 1.0 + 0.36 * len(labels)), layout="constrained")
+    ax = fig.add_subplot()
+    ax.barh(y - 0.19, re_rows["before"], height=0.38, color="#9aa3ad", label="before")
+    ax.barh(y + 0.19, re_rows["after"], height=0.38, color="#1f77b4", label="after hardening")
+    ax.set_yticks(y, labels, fontsize=7.5)
+    ax.invert_yaxis()
+    ax.set_xlabel("RE")
+    ax.legend(loc="lower right")
+    return Plot(_svg(fig, "rebeforeafter", "RE of the MVL layers before and after hardening"),
+                "RE of the MVL layers before and after hardening, under the attack that ranked them.")
+
+
+# ------------------------------------------------------------------------------------- sections
+
+
+def _at_eps(df: pd.DataFrame, attack: str, eps: float, norm: str | None = None) -> float | None:
+    sel = (df["attack"] == attack) & df["eps"].notna()
+    if norm is not None:
+        sel &= df["norm"] == norm
+    rows = df[sel]
+    rows = rows[np.isclose(rows["eps"].astype(float), eps)]
+    return None if rows.empty else float(rows["accuracy"].iloc[0])
+
+
+def _clean_acc(df: pd.DataFrame | None) -> tuple[float | None, Any]:
+    if df is None:
+        return None, None
+    rows = df[df["attack"] == sanity.CLEAN]
+    if rows.empty:
+        return None, None
+    n = rows["n_samples"].iloc[0] if "n_samples" in rows.columns else None
+    return float(rows["accuracy"].iloc[0]), n
+
+
+def _accuracy_comparison(before: pd.DataFrame | None, after: pd.DataFrame | None, comparison: pd.DataFrame | None) -> pd.DataFrame:
+    """Rows attack, eps, norm, before, after, delta for the accuracy rows of a hardened run."""
+    cols = ["attack", "eps", "norm", "before", "after", "delta"]
+    if comparison is not None and {"kind", "before", "after"} <= set(comparison.columns):
+        rows = comparison[comparison["kind"] == "accuracy"].copy()
+        if not rows.empty:
+            rows["eps"] = pd.to_numeric(rows["eps"], errors="coerce")
+            rows["attack"] = rows["attack"].astype(str)
+            if "norm" not in rows.columns:
+                rows["norm"] = "Linf"
+            rows["delta"] = pd.to_numeric(rows["after"], errors="coerce") - pd.to_numeric(rows["before"], errors="coerce")
+            return rows[cols].reset_index(drop=True)
+    if before is None or after is None:
+        return pd.DataFrame(columns=cols)
+    key = ["attack", "eps", "norm"]
+    merged = before[key + ["accuracy"]].merge(after[key + ["accuracy"]], on=key, suffixes=("_b", "_a"))
+    merged = merged.rename(columns={"accuracy_b": "before", "accuracy_a": "after"})
+    merged["delta"] = merged["after"] - merged["before"]
+    return merged[cols]
+
+
+def _re_comparison(run: Run, hardened: Run | None, comparison: pd.DataFrame | None, mvl_layers: list[str]) -> pd.DataFrame:
+    cols = ["label", "layer", "attack", "eps", "before", "after", "delta"]
+    if comparison is not None and {"kind", "layer", "before", "after"} <= set(comparison.columns):
+        rows = comparison[comparison["kind"] == "re"].copy()
+        if not rows.empty:
+            rows["eps"] = pd.to_numeric(rows["eps"], errors="coerce")
+            rows["layer"] = rows["layer"].astype(str)
+            rows["attack"] = rows["attack"].astype(str)
+            for c in ("before", "after"):
+                rows[c] = pd.to_numeric(rows[c], errors="coerce")
+            rows["delta"] = rows["after"] - rows["before"]
+            multi = rows[["attack", "eps"]].drop_duplicates().shape[0] > 1
+            rows["label"] = [f"{l} · {attack_name(a)} ε={fmt_eps(e)}" if multi else l
+                             for l, a, e in rows[["layer", "attack", "eps"]].itertuples(index=False)]
+            return rows[cols].reset_index(drop=True)
+    if hardened is None or hardened.lsa is None or run.lsa is None or not run.mvl or not mvl_layers:
+        return pd.DataFrame(columns=cols)
+    attack, eps = run.mvl.get("attack"), run.mvl.get("eps")
+    metric = run.mvl.get("metric", "re_mean")
+    metric = metric if metric in run.lsa.columns else "re_mean"
+    out = []
+    for layer in mvl_layers:
+        vals = []
+        for lsa in (run.lsa, hardened.lsa):
+            sel = (lsa["layer"] == layer) & (lsa["attack"] == str(attack))
+            sel &= lsa["eps"].isna() if eps is None else np.isclose(lsa["eps"], float(eps))
+            vals.append(float(lsa.loc[sel, metric].iloc[0]) if sel.any() and metric in lsa.columns else float("nan"))
+        out.append((layer, layer, attack, eps, vals[0], vals[1], vals[1] - vals[0]))
+    return pd.DataFrame(out, columns=cols)
+
+
+def _mvl_section(run: Run) -> dict | None:
+    if not run.mvl:
+        return None
+    mvl = run.mvl
+    layers = mvl.get("layers") or []
+    crit = mvl.get("criterion")
+    where = f"{mvl.get('metric', 're_mean')} under {attack_name(mvl.get('attack', '?'))}"
+    if mvl.get("eps") is not None:
+        where += f" at eps {fmt_eps(mvl['eps'])}"
+    if crit == "z":
+        how = f"layers whose RE exceeds the mean across layers by more than {fmt_num(mvl.get('z'))} standard deviations"
+    else:
+        how = f"the top {fmt_num(mvl.get('k', len(layers)))} layers"
+    rows = [Row([num_cell(i + 1), Cell(str(item.get("layer", "")), cls="layer"), Cell(str(item.get("layer_type", ""))),
+                 num_cell(item.get("score"), fmt_re)], cls="mvl")
+            for i, item in enumerate(layers)]
+    table = Table([Column("Rank", True), Column("Layer"), Column("Type"), Column("Score (RE)", True)], rows,
+                  caption="MVL list, most vulnerable first")
+    description = f"Ranked by {where}; selected: {how}. {len(layers)} layers."
+    if mvl.get("excluded"):
+        description += f" Not ranked (output layers): {', '.join(map(str, mvl['excluded']))}."
+    return {"description": description, "table": table}
+
+
+def _layers_section(run: Run, palette: Palette, mvl_names: set[str]) -> dict:
+    lsa = run.lsa
+    metric = (run.mvl or {}).get("metric", "re_mean")
+    metric = metric if metric in lsa.columns else "re_mean"
+    layers, configs = _layers(lsa), _configs(lsa)
+    show_norm = lsa.loc[lsa["eps"].notna(), "norm"].nunique() > 1
+    mat = _re_matrix(lsa, layers, configs, metric)
+    figures = [plot_heatmap(layers, configs, mat, mvl_names, metric, show_norm),
+               plot_profile(layers, configs, mat, mvl_names, palette, metric, show_norm)]
+    columns = [Column("#", True), Column("Layer"), Column("Type")]
+    columns += [Column(_config_label(a, e, n, show_norm=show_norm), True) for a, e, n, _ in configs]
+    rows = []
+    for i, (order, name, ltype) in enumerate(layers):
+        cells = [num_cell(order), Cell(name, cls="layer"), Cell(ltype)] + [num_cell(v, fmt_re) for v in mat[i]]
+        rows.append(Row(cells, cls="mvl" if name in mvl_names else ""))
+    table = Table(columns, rows, caption=f"RE ({metric}) per layer; click a column header to sort.")
+    return {"metric": metric, "n_layers": len(layers), "n_configs": len(configs), "figures": figures, "table": table}
+
+
+def _accuracy_section(run: Run, hardened: Run | None, palette: Palette) -> dict | None:
+    acc = run.accuracy
+    if acc is None:
+        return None
+    after = hardened.accuracy if hardened is not None else None
+    plot = plot_accuracy(acc, after, palette)
+    columns = [Column("Attack"), Column("Kind"), Column("Norm"), Column("eps", True), Column("Accuracy", True),
+               Column("Samples", True)]
+    after_map = {}
+    if after is not None:
+        columns += [Column("Hardened", True), Column("Change", True)]
+        after_map = {(a, fmt_eps(e), n): v for a, e, n, v in after[["attack", "eps", "norm", "accuracy"]].itertuples(index=False)}
+    rows = []
+    for r in acc.itertuples(index=False):
+        cells = [Cell(attack_name(r.attack)), Cell(r.kind if r.attack != sanity.CLEAN else ""),
+                 Cell(r.norm if not _isnan(r.eps) else ""), num_cell(r.eps, fmt_eps), num_cell(r.accuracy, fmt_pct),
+                 num_cell(getattr(r, "n_samples", None))]
+        if after is not None:
+            v = after_map.get((r.attack, fmt_eps(r.eps), r.norm))
+            cells += [num_cell(v, fmt_pct), num_cell(None if v is None else v - r.accuracy, fmt_points)]
+        rows.append(Row(cells, cls="strong" if r.attack in (sanity.CLEAN, sanity.WORST_CASE) else ""))
+    return {"figures": [plot] if plot else [], "table": Table(columns, rows, caption="Accuracy under every attack.")}
+
+
+def _hardening_section(run: Run, hardened: Run | None, history, settings, acc_cmp, re_cmp) -> dict | None:
+    if hardened is None and history is None and settings is None and acc_cmp.empty and re_cmp.empty:
+        return None
+    settings = settings or {}
+    method = settings.get("method")
+    bits = [f"Method: {METHOD_NAMES.get(str(method).lower(), method) if method else 'not recorded'}"]
+    if settings.get("base_attack"):
+        bits.append(f"base attack {attack_name(settings['base_attack'])}"
+                    + (f" at eps {fmt_eps(settings['eps'])}" if settings.get("eps") is not None else ""))
+    if settings.get("epochs") is not None:
+        bits.append(f"{fmt_num(settings['epochs'])} epochs")
+    description = "; ".join(bits) + "."
+    figures, tables = [], []
+    if history is not None:
+        plot = plot_history(history)
+        if plot:
+            figures.append(plot)
+    if not re_cmp.empty:
+        plot = plot_re_before_after(re_cmp)
+        if plot:
+            figures.append(plot)
+        tables.append(Table(
+            [Column("Layer"), Column("Attack"), Column("eps", True), Column("RE before", True), Column("RE after", True),
+             Column("Change", True)],
+            [Row([Cell(r.layer, cls="mvl"), Cell(attack_name(r.attack)), num_cell(r.eps, fmt_eps), num_cell(r.before, fmt_re),
+                  num_cell(r.after, fmt_re), num_cell(r.delta, fmt_re)]) for r in re_cmp.itertuples(index=False)],
+            caption="RE of the MVL layers before and after hardening."))
+    if not acc_cmp.empty and (hardened is None or hardened.accuracy is None):  # else section 3 shows it
+        tables.append(Table(
+            [Column("Attack"), Column("Norm"), Column("eps", True), Column("Before", True), Column("After", True),
+             Column("Change", True)],
+            [Row([Cell(attack_name(r.attack)), Cell("" if _isnan(r.eps) else r.norm), num_cell(r.eps, fmt_eps),
+                  num_cell(r.before, fmt_pct), num_cell(r.after, fmt_pct), num_cell(r.delta, fmt_points)],
+                 cls="strong" if r.attack in (sanity.CLEAN, sanity.WORST_CASE) else "")
+             for r in acc_cmp.itertuples(index=False)],
+            caption="Accuracy before and after hardening."))
+    if history is not None and not history.empty:
+        pct_cols = set(ACCURACY_HISTORY_COLUMNS)
+        tables.append(Table(
+            [Column(c, True) for c in history.columns],
+            [Row([num_cell(v, fmt_pct if c in pct_cols else fmt_num) for c, v in zip(history.columns, r)])
+             for r in history.itertuples(index=False)],
+            caption="Training history per epoch (accuracies on the validation split)."))
+    return {"description": description,
+            "settings": _kv_table(_flatten(settings), caption="harden.json") if settings else None,
+            "figures": figures, "tables": tables}
+
+
+def _sanity_group(title: str, checks: list[sanity.Check]) -> dict:
+    warns = [c for c in checks if c.status == "warn"]
+    rows = [Row([Cell(Markup('<span class="badge {0}">{0}</span>').format(c.status), c.status),
+                 Cell(c.name), Cell(c.detail, cls="wrap")]) for c in checks]
+    return {"title": title,
+            "warn": f"{len(warns)} of {len(checks)} checks warn." if warns else "",
+            "table": Table([Column("Status"), Column("Check"), Column("Numbers")], rows)}
+
+
+def _sanity_sentence(who: str, checks: list[sanity.Check]) -> Markup:
+    counts = {s: sum(c.status == s for c in checks) for s in ("pass", "warn", "skip")}
+    skipped = f" ({counts['skip']} skipped for lack of data)" if counts["skip"] else ""
+    if not counts["warn"]:
+        return Markup("{}: all {} sanity checks that ran pass{}.").format(who, counts["pass"], skipped)
+    names = "; ".join(c.name for c in checks if c.status == "warn")
+    verb = "warns" if counts["warn"] == 1 else "warn"
+    return Markup("{}: <strong>{} sanity check{} {}</strong>: {}. The model may be masking gradients; "
+                  "see section 5.{}").format(who, counts["warn"], "" if counts["warn"] == 1 else "s", verb, names,
+                                             Markup(skipped))
+
+
+def _verdict(run: Run, hardened: Run | None, acc_cmp: pd.DataFrame, settings: dict | None,
+             checks: list[sanity.Check], checks_after: list[sanity.Check] | None) -> dict:
+    man = run.manifest
+    sentences: list[Markup] = []
+    cards: list[dict] = []
+    acc = run.accuracy
+    clean, n = _clean_acc(acc)
+    n = n if n is not None else man.get("n_samples")
+    if clean is not None:
+        sentences.append(Markup("Clean accuracy <strong>{}</strong> ({} samples).").format(fmt_pct(clean), fmt_num(n)))
+        cards.append({"label": "Clean accuracy", "value": fmt_pct(clean), "sub": f"{fmt_num(n)} samples", "cls": ""})
+
+    worst = acc[(acc["attack"] == sanity.WORST_CASE) & acc["eps"].notna()].sort_values("eps") if acc is not None else None
+    mvl = run.mvl or {}
+    if acc is not None and worst is not None:
+        head_eps = None
+        if mvl.get("eps") is not None and _at_eps(acc, sanity.WORST_CASE, float(mvl["eps"])) is not None:
+            head_eps = float(mvl["eps"])
+        elif not worst.empty:
+            head_eps = float(worst["eps"].iloc[-1])
+        if head_eps is not None:
+            head_norm = worst.loc[np.isclose(worst["eps"], head_eps), "norm"].iloc[0]
+            w = _at_eps(acc, sanity.WORST_CASE, head_eps, head_norm)
+            a = _at_eps(acc, str(mvl["attack"]), head_eps, head_norm) if mvl.get("attack") else None
+            if a is not None:
+                sentences.append(Markup("Under {} at eps {}, accuracy falls to <strong>{}</strong>; worst case over "
+                                        "the battery <strong>{}</strong>.").format(
+                    attack_name(mvl["attack"]), fmt_eps(head_eps), fmt_pct(a), fmt_pct(w)))
+            else:
+                sentences.append(Markup("At eps {}, worst-case accuracy over the battery is <strong>{}</strong>.").format(
+                    fmt_eps(head_eps), fmt_pct(w)))
+            cards.append({"label": "Worst-case accuracy", "value": fmt_pct(w), "sub": f"eps {fmt_eps(head_eps)} {head_norm}",
+                          "cls": ""})
+            others = [(e, nm, v) for e, nm, v in worst[["eps", "norm", "accuracy"]].itertuples(index=False)
+                      if not (np.isclose(e, head_eps) and nm == head_norm)]
+            if others:
+                sentences.append(Markup("Worst case at the other eps: {}.").format(
+                    ", ".join(f"{fmt_pct(v)} at eps {fmt_eps(e)}" + (f" {nm}" if nm != head_norm else "")
+                              for e, nm, v in others)))
+
+    layers = mvl.get("layers") or []
+    if layers:
+        listed = ", ".join(f"{item.get('layer')} (RE {fmt_re(item.get('score'))})" for item in layers)
+        where = f"{attack_name(mvl.get('attack', '?'))}" + (f" at eps {fmt_eps(mvl['eps'])}" if mvl.get("eps") is not None else "")
+        sentences.append(Markup("The most vulnerable layers under {} are {}.").format(where, listed))
+        cards.append({"label": "Most vulnerable layer", "value": str(layers[0].get("layer")),
+                      "sub": f"RE {fmt_re(layers[0].get('score'))}; {len(layers)} MVL layers", "cls": ""})
+
+    if hardened is not None or not acc_cmp.empty:
+        method = (settings or {}).get("method")
+        method = METHOD_NAMES.get(str(method).lower(), method) if method else "hardening"
+        parts = []
+        for r in acc_cmp[acc_cmp["attack"] == sanity.WORST_CASE].dropna(subset=["delta"]).sort_values("eps").itertuples(index=False):
+            verb = "rose" if r.delta >= 0 else "fell"
+            parts.append(f"at eps {fmt_eps(r.eps)} it {verb} from {fmt_pct(r.before)} to {fmt_pct(r.after)} "
+                         f"({fmt_points(r.delta)})")
+        clean_rows = acc_cmp[acc_cmp["attack"] == sanity.CLEAN].dropna(subset=["delta"])
+        if parts:
+            sentences.append(Markup("After {}, worst-case accuracy changed: <strong>{}</strong>.").format(method, "; ".join(parts)))
+        if not clean_rows.empty:
+            r = clean_rows.iloc[0]
+            sentences.append(Markup("Clean accuracy after {}: {} (was {}, {}).").format(
+                method, fmt_pct(r["after"]), fmt_pct(r["before"]), fmt_points(r["delta"])))
+        head = acc_cmp[acc_cmp["attack"] == sanity.WORST_CASE].dropna(subset=["delta"])
+        if mvl.get("eps") is not None and not head.empty:
+            match = head[np.isclose(head["eps"].astype(float), float(mvl["eps"]))]
+            head = match if not match.empty else head
+        if not head.empty:
+            r = head.iloc[-1]
+            cards.append({"label": "After hardening", "value": fmt_pct(r["after"]),
+                          "sub": f"worst case, eps {fmt_eps(r['eps'])}: {fmt_points(r['delta'])}",
+                          "cls": "pass" if r["delta"] > 0 else ""})
+        if not parts and clean_rows.empty:
+            sentences.append(Markup("The model was hardened ({}), but no before/after accuracy was recorded.").format(method))
+
+    sentences.append(_sanity_sentence("Audited model", checks))
+    if checks_after is not None:
+        sentences.append(_sanity_sentence("Hardened model", checks_after))
+    all_checks = checks + (checks_after or [])
+    n_warn = sum(c.status == "warn" for c in all_checks)
+    cards.append({"label": "Sanity checks", "value": f"{n_warn} warn" if n_warn else "all pass",
+                  "sub": f"{sum(c.status == 'pass' for c in all_checks)} pass, {sum(c.status == 'skip' for c in all_checks)} skipped",
+                  "cls": "warn" if n_warn else "pass"})
+    return {"sentences": sentences, "cards": cards, "table": _verdict_table(acc, hardened.accuracy if hardened else None)}
+
+
+def _verdict_table(acc: pd.DataFrame | None, after: pd.DataFrame | None) -> Table | None:
+    """Attack x eps accuracy matrix ("before -> after" for hardened runs)."""
+    if acc is None:
+        return None
+    adv = acc[(acc["kind"] != "noise") & acc["eps"].notna()]
+    if adv.empty:
+        return None
+    eps_cols = sorted({(n, float(e)) for e, n in adv[["eps", "norm"]].itertuples(index=False)})
+    show_norm = len({n for n, _ in eps_cols}) > 1
+    columns = [Column("Attack")] + [Column(f"eps {fmt_eps(e)}" + (f" {n}" if show_norm else ""), True) for n, e in eps_cols]
+    attacks = sorted(adv["attack"].unique(), key=lambda a: (a == sanity.WORST_CASE, a))
+    rows = []
+    for attack in attacks:
+        cells = [Cell(attack_name(attack))]
+        for norm, eps in eps_cols:
+            v = _at_eps(acc, attack, eps, norm)
+            text = fmt_pct(v) if v is not None else ""
+            if after is not None and v is not None:
+                w = _at_eps(after, attack, eps, norm)
+                if w is not None:
+                    text += f" → {fmt_pct(w)}"
+            cells.append(Cell(text, _sort_key(v) if v is not None else None, "num"))
+        rows.append(Row(cells, cls="strong" if attack == sanity.WORST_CASE else ""))
+    caption = "Accuracy under attack" + (" (before → after hardening)" if after is not None else "")
+    return Table(columns, rows, caption=caption + ".", sortable=False)
+
+
+def _files_table(run_dir: Path, skip: Path) -> Table | None:
+    rows = []
+    for path in sorted(run_dir.rglob("*")):
+        if not path.is_file() or path.suffix.lower() not in HASHED_SUFFIXES or path.resolve() == skip.resolve():
+            continue
+        if len(path.relative_to(run_dir).parts) > 3:
+            continue
+        try:
+            digest = hashlib.sha256()
+            with path.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+            size = path.stat().st_size
+        except OSError:
+            continue
+        rows.append(Row([Cell(str(path.relative_to(run_dir))), num_cell(size), Cell(digest.hexdigest(), cls="wrap")]))
+    if not rows:
+        return None
+    return Table([Column("File"), Column("Bytes", True), Column("SHA-256")], rows,
+                 caption="The machine-readable files behind this report, as they were when it was rendered.")
+
+
+def _reproduce_section(run: Run, settings: dict | None, run_dir: Path, out: Path) -> dict:
+    man = run.manifest
+    commands = []
+    if man.get("command"):
+        commands.append({"title": "Rerun the audit", "text": str(man["command"])})
+    if settings and settings.get("command"):
+        commands.append({"title": "Rerun the hardening", "text": str(settings["command"])})
+    commands.append({"title": "Render this report again", "text": f"robaudit report --run {run_dir}"})
+    manifest = _kv_table(_flatten(man), caption="manifest.json") if man else Table(
+        [Column("Field"), Column("Value")], [Row([Cell("manifest.json"), Cell("missing")])], sortable=False)
+    return {"commands": commands, "manifest": manifest, "files": _files_table(run_dir, out)}
+
+
+# ------------------------------------------------------------------------------------ rendering
+
+
+def _read_resource(name: str) -> str:
+    try:
+        return resources.files("robaudit.templates").joinpath(name).read_text(encoding="utf-8")
+    except (FileNotFoundError, ModuleNotFoundError) as exc:
+        raise RobauditError(f"robaudit's report template {name} is missing: reinstall robaudit") from exc
+
+
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FunctionLoader(_read_resource),
+        autoescape=True,  # forced: select_autoescape would not cover a .j2 name
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+
+
+def _csp_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
+
+
+def content_security_policy(css: str, script: str) -> str:
+    """Nothing may load; only the inline stylesheet and script with exactly these contents may apply."""
+    return (f"default-src 'none'; img-src data:; style-src {_csp_hash(css)}; script-src {_csp_hash(script)}; "
+            "base-uri 'none'; form-action 'none'")
+
+
+def _version() -> str:
+    try:
+        return metadata.version("robaudit")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _write_atomic(out: Path, text: str) -> None:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    except OSError as exc:
+        raise RobauditError(f"cannot write {out} ({exc.strerror}): pass --out with a writable path") from exc
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise RobauditError(f"cannot write {out} ({exc.strerror}): pass --out with a writable path") from exc
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def render_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Render ``run_dir`` into one self-contained HTML file; return its path (default ``<run_dir>/report.html``)."""
+    run_dir = Path(run_dir)
+    try:
+        is_dir = run_dir.is_dir()
+    except OSError:
+        is_dir = False
+    if not is_dir:
+        raise _not_a_run(run_dir)
+    out = Path(out) if out is not None else run_dir / "report.html"
+    if out.is_dir():
+        out = out / "report.html"
+
+    run = _load_run(run_dir, required=True)
+    hardened = _load_run(run_dir / "hardened", required=False) if (run_dir / "hardened").is_dir() else None
+    history = _read_csv(_find(run_dir, "history.csv"), ["epoch"])
+    comparison = _read_csv(_find(run_dir, "comparison.csv"), ["kind", "before", "after"])
+    settings = _read_json(_find(run_dir, "harden.json"))
+    hardened_any = hardened is not None or history is not None or comparison is not None or settings is not None
+
+    mvl_layers = [str(item.get("layer")) for item in (run.mvl or {}).get("layers") or []]
+    mvl_names = set(mvl_layers)
+    acc_cmp = _accuracy_comparison(run.accuracy, hardened.accuracy if hardened else None, comparison)
+    re_cmp = _re_comparison(run, hardened, comparison, mvl_layers)
+    checks = sanity.evaluate(run.accuracy, run.checks)
+    checks_after = None
+    if hardened is not None and hardened.accuracy is not None:
+        checks_after = sanity.evaluate(hardened.accuracy, hardened.checks)
+
+    with matplotlib.rc_context(MPL_RC):
+        palette = Palette([run.lsa, run.accuracy, hardened.accuracy if hardened else None])
+        layers = _layers_section(run, palette, mvl_names)
+        accuracy = _accuracy_section(run, hardened, palette)
+        hardening = _hardening_section(run, hardened, history, settings, acc_cmp, re_cmp) if hardened_any else None
+
+    sanity_groups = [_sanity_group("Audited model" if checks_after is not None else "Checks", checks)]
+    if checks_after is not None:
+        sanity_groups.append(_sanity_group("Hardened model", checks_after))
+
+    man = run.manifest
+    model = man.get("model") or {}
+    dataset = man.get("dataset") or {}
+    model_name = Path(str(model.get("path"))).name if model.get("path") else run_dir.name
+    data_name = str(dataset.get("name") or "unknown data")
+    sub = [f"data set {data_name}" + (f" ({dataset['split']} split)" if dataset.get("split") else "")]
+    if man.get("n_samples") is not None:
+        sub.append(f"{fmt_num(man['n_samples'])} samples")
+    if man.get("seed") is not None:
+        sub.append(f"seed {man['seed']}")
+    if man.get("finished"):
+        sub.append(f"finished {man['finished']}")
+    if model.get("sha256"):
+        sub.append(f"model sha256 {str(model['sha256'])[:12]}…")
+
+    css, script = _read_resource("report.css"), _read_resource("sort.js")
+    context = {
+        "title": f"Robustness audit: {model_name} on {data_name}",
+        "subtitle": "; ".join(sub),
+        "version": _version(),
+        "run_name": str(run_dir),
+        "css": Markup(css),
+        "script": Markup(script),
+        "csp": content_security_policy(css, script),
+        "verdict": _verdict(run, hardened, acc_cmp, settings, checks, checks_after),
+        "layers": layers,
+        "mvl": _mvl_section(run),
+        "accuracy": accuracy,
+        "hardening": hardening,
+        "sanity": sanity_groups,
+        "reproduce": _reproduce_section(run, settings, run_dir, out),
+    }
+    text = _environment().get_template(TEMPLATE).render(**context)
+    _write_atomic(out, text)
+    log.info("wrote %s (%.0f kB)", out, len(text.encode("utf-8")) / 1024)
+    return out

@@ -1,0 +1,436 @@
+"""Evaluation sanity checks after Carlini et al. 2019, "On Evaluating Adversarial Robustness".
+
+Two halves:
+
+- :func:`run_model_checks` probes a model on a small batch before it is attacked: outputs that are
+  already probabilities, zero or non-finite input gradients, a forward pass that is not
+  deterministic (the checks AutoAttack runs), and a few attacks the battery may not include (PGD at
+  a very large eps, PGD with 10 and 50 steps, FGSM). It returns raw numbers as a JSON-serializable
+  dict, written to the run directory as ``checks.json``.
+- :func:`evaluate` reads an ``accuracy.csv`` frame and that dict and decides pass / warn / skip, each
+  with the numbers behind it. All thresholds live here, so re-rendering an old run applies them
+  again.
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import pandas as pd
+
+if TYPE_CHECKING:  # torch is imported lazily: evaluate() only needs pandas
+    from torch import Tensor, nn
+
+__all__ = [
+    "Check",
+    "attack_name",
+    "evaluate",
+    "run_model_checks",
+    "ITERATIVE",
+    "WHITE_BOX",
+    "MONOTONE",
+    "LARGE_EPS",
+    "MORE_STEPS",
+    "PROBABILITIES",
+    "GRADIENTS",
+    "DETERMINISM",
+]
+
+# Check names, in the order evaluate() returns them.
+ITERATIVE = "Iterative attacks at least as strong as single-step ones"
+WHITE_BOX = "White-box attacks at least as strong as black-box ones"
+MONOTONE = "Accuracy non-increasing in eps"
+LARGE_EPS = "Accuracy near zero at a very large eps"
+MORE_STEPS = "More PGD steps do not help the model"
+PROBABILITIES = "Outputs are logits, not probabilities"
+GRADIENTS = "Input gradients non-zero and finite"
+DETERMINISM = "Forward pass deterministic"
+
+MASKING = "the model may be masking gradients, so the robust accuracies above are upper bounds"
+
+# A difference of half a point, or of one sample on small sets, is noise rather than evidence.
+MIN_TOLERANCE = 0.005
+# "Near zero": the accuracy an untargeted attack should reach at LARGE_EPS_VALUE.
+LARGE_EPS_MAX_ACCURACY = 0.05
+LARGE_EPS_VALUE = 0.5  # Linf, on inputs in [0, 1]
+LARGE_EPS_STEPS = 10
+# PGD-50 falling this far below PGD-10 means PGD-10 had not converged.
+CONVERGENCE_GAP = 0.05
+# Two forward passes of one batch may differ by this much (relative to the output scale).
+DETERMINISM_RTOL = 1e-5
+PROBABILITY_ATOL = 1e-4
+
+SINGLE_STEP_ATTACKS = frozenset({"fgsm", "ffgsm", "rfgsm", "fgm"})
+ITERATIVE_ATTACKS = frozenset({
+    "pgd", "pgdl2", "pgdrs", "pgdrsl2", "bim", "apgd", "apgdt", "mifgsm", "difgsm", "tifgsm",
+    "vmifgsm", "vnifgsm", "nifgsm", "sinifgsm", "eotpgd", "tpgd", "upgd", "autoattack", "fab",
+    "cw", "deepfool", "jsma", "sparsefool", "eaden", "eadl1", "jitter", "spsa",
+})
+BLACK_BOX_ATTACKS = frozenset({"square", "onepixel", "pixle", "simba", "hsja", "boundary"})
+WORST_CASE = "worst-case"
+CLEAN = "clean"
+ATTACK_NAMES = {
+    "clean": "clean", "worst-case": "worst case", "fgsm": "FGSM", "ffgsm": "FFGSM", "rfgsm": "R+FGSM",
+    "pgd": "PGD", "pgdl2": "PGD-L2", "bim": "BIM", "apgd": "APGD", "apgdt": "APGD-T", "mifgsm": "MI-FGSM",
+    "cw": "CW", "deepfool": "DeepFool", "fab": "FAB", "square": "Square", "autoattack": "AutoAttack",
+    "gaussian": "Gaussian noise", "uniform": "uniform noise", "saltpepper": "salt-and-pepper noise",
+}
+
+# attack_fn(model, x, y, *, kind, eps, steps) -> adversarial x; kind is "fgsm" or "pgd" (Linf).
+AttackFn = Callable[..., "Tensor"]
+
+
+@dataclass(frozen=True)
+class Check:
+    """One sanity check: its name, ``pass`` / ``warn`` / ``skip``, and the numbers behind the status."""
+
+    name: str
+    status: str
+    detail: str
+
+
+def attack_family(label: str) -> str:
+    """The base name of an attack label: ``"PGD-50"`` -> ``"pgd"``, ``"pgdl2"`` -> ``"pgdl2"``."""
+    token = re.split(r"[^a-z0-9]+", str(label).strip().lower())[0]
+    known = SINGLE_STEP_ATTACKS | ITERATIVE_ATTACKS | BLACK_BOX_ATTACKS
+    if token in known:
+        return token
+    stripped = token.rstrip("0123456789")
+    return stripped if stripped in known else token
+
+
+def attack_name(label) -> str:
+    """How an attack label of the CSVs reads in prose: ``"pgd" -> "PGD"``; unknown labels stay as they are."""
+    text = str(label)
+    head = re.match(r"[A-Za-z0-9_-]+", text)
+    if head is None:
+        return text
+    return ATTACK_NAMES.get(head.group(0).lower(), head.group(0)) + text[head.end():]
+
+
+def _pct(x: float) -> str:
+    return f"{100.0 * x:.1f} %"
+
+
+def _eps(e: float) -> str:
+    return f"{e:.4g}"
+
+
+def _tolerance(n: float | None) -> float:
+    if n is None or not n or (isinstance(n, float) and math.isnan(n)):
+        return MIN_TOLERANCE
+    return max(MIN_TOLERANCE, 1.0 / float(n))
+
+
+# --------------------------------------------------------------------------- accuracy frame checks
+
+
+def _attack_rows(accuracy: pd.DataFrame) -> pd.DataFrame:
+    """Adversarial rows with a finite eps, with a ``family`` column."""
+    df = accuracy.copy()
+    df["eps"] = pd.to_numeric(df["eps"], errors="coerce")
+    df["accuracy"] = pd.to_numeric(df["accuracy"], errors="coerce")
+    if "kind" not in df:
+        df["kind"] = "adversarial"
+    if "norm" not in df:
+        df["norm"] = "Linf"
+    df["norm"] = df["norm"].fillna("Linf")
+    df = df[(df["kind"].fillna("adversarial") == "adversarial") & df["eps"].notna() & df["accuracy"].notna()]
+    df = df[df["attack"].astype(str) != CLEAN]
+    return df.assign(family=df["attack"].map(attack_family))
+
+
+def _n(rows: pd.DataFrame) -> float | None:
+    if "n_samples" not in rows:
+        return None
+    n = pd.to_numeric(rows["n_samples"], errors="coerce").dropna()
+    return float(n.min()) if len(n) else None
+
+
+def _stronger_check(
+    name: str,
+    rows: pd.DataFrame,
+    strong: frozenset[str],
+    weak: frozenset[str],
+    strong_word: str,
+    weak_word: str,
+    extra: list[tuple[str, float, str, float, float, str, float]] = (),
+) -> Check:
+    """Per (eps, norm): the best attack of ``strong`` must reach an accuracy no higher than the best of ``weak``.
+
+    ``extra`` holds comparisons from the model probes: (strong label, acc, weak label, acc, eps, norm,
+    tolerance).
+    """
+    comparisons = []  # (eps, norm, strong label, strong acc, weak label, weak acc, tolerance)
+    for (eps, norm), group in rows.groupby(["eps", "norm"], sort=True):
+        s = group[group["family"].isin(strong)]
+        w = group[group["family"].isin(weak)]
+        if s.empty or w.empty:
+            continue
+        sb = s.loc[s["accuracy"].idxmin()]
+        wb = w.loc[w["accuracy"].idxmin()]
+        comparisons.append((eps, norm, attack_name(sb["attack"]), sb["accuracy"], attack_name(wb["attack"]),
+                            wb["accuracy"], _tolerance(_n(group))))
+    for s_label, s_acc, w_label, w_acc, eps, norm, tol in extra:
+        comparisons.append((eps, norm, s_label, s_acc, w_label, w_acc, tol))
+    if not comparisons:
+        return Check(name, "skip", f"no {strong_word} and {weak_word} attack ran at the same eps")
+    bad = [c for c in comparisons if c[3] > c[5] + c[6]]
+    parts = [f"eps {_eps(e)} {n}: {sl} {_pct(sa)} vs {wl} {_pct(wa)}" for e, n, sl, sa, wl, wa, _ in comparisons]
+    if bad:
+        e, n, sl, sa, wl, wa, _ = bad[0]
+        return Check(name, "warn", (
+            f"{wl} ({weak_word}) leaves {_pct(wa)} accuracy at eps {_eps(e)} {n} but {sl} ({strong_word}) "
+            f"leaves {_pct(sa)}: a {strong_word} attack should be at least as strong; {MASKING}. "
+            + "All comparisons: " + "; ".join(parts) + "."))
+    return Check(name, "pass", "; ".join(parts) + ".")
+
+
+def _monotone_check(accuracy: pd.DataFrame, rows: pd.DataFrame) -> Check:
+    clean = accuracy[accuracy["attack"].astype(str) == CLEAN]
+    clean_acc = float(pd.to_numeric(clean["accuracy"], errors="coerce").iloc[0]) if len(clean) else None
+    curves, bad = 0, []
+    for (attack, norm), group in rows.groupby(["attack", "norm"], sort=True):
+        group = group.sort_values("eps")
+        points = [(0.0, clean_acc)] if clean_acc is not None else []
+        points += list(zip(group["eps"], group["accuracy"]))
+        if len(points) < 2:
+            continue
+        curves += 1
+        tol = _tolerance(_n(group))
+        for (e0, a0), (e1, a1) in zip(points, points[1:]):
+            if a1 > a0 + tol:
+                bad.append(f"{attack_name(attack)} ({norm}) rises from {_pct(a0)} at eps {_eps(e0)} to {_pct(a1)} at eps {_eps(e1)}")
+    if not curves:
+        return Check(MONOTONE, "skip", "no attack ran at more than one eps")
+    if bad:
+        return Check(MONOTONE, "warn", "; ".join(bad) + f": a larger eps can only help the attacker; {MASKING}.")
+    return Check(MONOTONE, "pass", f"{curves} accuracy curves (clean accuracy at eps 0) never rise with eps.")
+
+
+def _large_eps_check(rows: pd.DataFrame, attacks: dict | None) -> Check:
+    if attacks and attacks.get("pgd_large") is not None:
+        eps, acc = attacks["large_eps"], attacks["pgd_large"]
+        source = f"PGD-{attacks.get('pgd_large_steps', LARGE_EPS_STEPS)} at eps {_eps(eps)} Linf (model checks)"
+    else:
+        large = rows[(rows["norm"] == "Linf") & (rows["eps"] >= LARGE_EPS_VALUE)]
+        if large.empty:
+            reason = (attacks or {}).get("skipped") or "model checks not run"
+            return Check(LARGE_EPS, "skip", f"no attack ran at eps >= {_eps(LARGE_EPS_VALUE)} Linf ({reason}).")
+        best = large.loc[large["accuracy"].idxmin()]
+        eps, acc = float(best["eps"]), float(best["accuracy"])
+        source = f"{attack_name(best['attack'])} at eps {_eps(eps)} Linf"
+    if acc > LARGE_EPS_MAX_ACCURACY:
+        return Check(LARGE_EPS, "warn", (
+            f"{source} leaves {_pct(acc)} accuracy (expected <= {_pct(LARGE_EPS_MAX_ACCURACY)}): an attack this "
+            f"large should break almost every input; {MASKING}."))
+    return Check(LARGE_EPS, "pass", f"{source}: {_pct(acc)} accuracy.")
+
+
+def _more_steps_check(attacks: dict | None, n: float | None) -> Check:
+    if not attacks or attacks.get("pgd10") is None or attacks.get("pgd50") is None:
+        reason = (attacks or {}).get("skipped") or "model checks not run"
+        return Check(MORE_STEPS, "skip", f"PGD-10 vs PGD-50 not compared ({reason}).")
+    a10, a50 = attacks["pgd10"], attacks["pgd50"]
+    where = f"at eps {_eps(attacks['eps_max'])} Linf"
+    numbers = f"PGD-10 {_pct(a10)}, PGD-50 {_pct(a50)} {where}"
+    if a50 > a10 + _tolerance(n):
+        return Check(MORE_STEPS, "warn", f"{numbers}: more steps raised the accuracy; {MASKING}.")
+    if a50 < a10 - CONVERGENCE_GAP:
+        return Check(MORE_STEPS, "warn", (
+            f"{numbers}: PGD-10 had not converged, so attacks with few steps overstate robustness; "
+            "rerun the battery with more steps."))
+    return Check(MORE_STEPS, "pass", numbers + ".")
+
+
+# ------------------------------------------------------------------------------- model checks
+
+
+def _probability_check(outputs: dict | None) -> Check:
+    if not outputs or outputs.get("min") is None:
+        return Check(PROBABILITIES, "skip", "model checks not run.")
+    lo, hi, err = outputs["min"], outputs["max"], outputs.get("max_row_sum_error")
+    numbers = f"outputs in [{lo:.4g}, {hi:.4g}]" + ("" if err is None else f", row sums differ from 1 by up to {err:.2g}")
+    if lo >= 0.0 and hi <= 1.0 and err is not None and err <= PROBABILITY_ATOL:
+        return Check(PROBABILITIES, "warn", (
+            f"{numbers}: the model outputs probabilities (softmax); cross-entropy on them saturates, so "
+            f"gradient attacks are weakened and {MASKING}. Audit the model without its final softmax."))
+    return Check(PROBABILITIES, "pass", numbers + ".")
+
+
+def _gradient_check(gradients: dict | None) -> Check:
+    if not gradients or gradients.get("zero_fraction") is None:
+        return Check(GRADIENTS, "skip", "model checks not run.")
+    frac, finite = gradients["zero_fraction"], gradients.get("finite", True)
+    numbers = f"{_pct(frac)} of samples have an all-zero input gradient of the cross-entropy"
+    numbers += "" if finite else "; some gradients or outputs are NaN or infinite"
+    if gradients.get("error"):
+        numbers += f" ({gradients['error']})"
+    if frac > 0 or not finite:
+        return Check(GRADIENTS, "warn", (
+            f"{numbers}: gradient attacks have nothing to follow there (a rounding, sign or detached step, "
+            f"or saturated outputs); {MASKING}."))
+    return Check(GRADIENTS, "pass", numbers + ".")
+
+
+def _determinism_check(determinism: dict | None) -> Check:
+    if not determinism or determinism.get("max_rel_diff") is None:
+        return Check(DETERMINISM, "skip", "model checks not run.")
+    diff = determinism["max_rel_diff"]
+    numbers = f"two forward passes of one batch differ by at most {diff:.3g} (relative to the output scale)"
+    if diff > DETERMINISM_RTOL:
+        return Check(DETERMINISM, "warn", (
+            f"{numbers}: the model is randomized in eval mode; attacks must average over its randomness "
+            f"(EOT) or {MASKING}."))
+    return Check(DETERMINISM, "pass", numbers + ".")
+
+
+def evaluate(accuracy: pd.DataFrame | None, model_checks: dict | None = None) -> list[Check]:
+    """Decide every sanity check from an ``accuracy.csv`` frame and the ``checks.json`` dict.
+
+    ``accuracy`` has the columns ``attack, eps, accuracy, n_samples, kind, norm``; either argument may be
+    None, which turns the checks that need it into ``skip``.
+    """
+    if accuracy is None:
+        accuracy = pd.DataFrame(columns=["attack", "eps", "accuracy", "n_samples", "kind", "norm"])
+    rows = _attack_rows(accuracy)
+    mc = model_checks or {}
+    attacks = mc.get("attacks")
+    n = mc.get("n_samples")
+    white = SINGLE_STEP_ATTACKS | ITERATIVE_ATTACKS
+
+    probes = []
+    if attacks and attacks.get("fgsm") is not None:
+        eps, tol = attacks["eps_max"], _tolerance(n)
+        for key, label in (("pgd10", "PGD-10"), ("pgd50", "PGD-50")):
+            if attacks.get(key) is not None:
+                probes.append((label, attacks[key], "FGSM", attacks["fgsm"], eps, "Linf (model checks)", tol))
+        if len(probes) == 2:  # compare the stronger of the two PGD probes, as for the battery
+            probes = [min(probes, key=lambda p: p[1])]
+
+    return [
+        _stronger_check(ITERATIVE, rows, ITERATIVE_ATTACKS, SINGLE_STEP_ATTACKS, "iterative", "single-step", probes),
+        _stronger_check(WHITE_BOX, rows, white, BLACK_BOX_ATTACKS, "white-box", "black-box"),
+        _monotone_check(accuracy, rows),
+        _large_eps_check(rows, attacks),
+        _more_steps_check(attacks, n),
+        _probability_check(mc.get("outputs")),
+        _gradient_check(mc.get("gradients")),
+        _determinism_check(mc.get("determinism")),
+    ]
+
+
+# --------------------------------------------------------------------------------- model probes
+
+
+def _torchattacks(model: "nn.Module", x: "Tensor", y: "Tensor", *, kind: str, eps: float, steps: int) -> "Tensor":
+    import torchattacks
+
+    if kind == "fgsm":
+        attack = torchattacks.FGSM(model, eps=eps)
+    else:
+        attack = torchattacks.PGD(model, eps=eps, alpha=2.5 * eps / steps, steps=steps, random_start=True)
+    attack.set_device(x.device)
+    return attack(x, y)
+
+
+def _finite_or_none(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+def run_model_checks(
+    model: "nn.Module",
+    x: "Tensor",
+    y: "Tensor",
+    *,
+    device,
+    seed: int,
+    eps_max: float | None = None,
+    attack_fn: AttackFn | None = None,
+    max_samples: int = 128,
+) -> dict:
+    """Probe ``model`` on at most ``max_samples`` of ``(x, y)`` and return the raw numbers (JSON-serializable).
+
+    ``eps_max`` is the largest Linf eps of the battery (PGD-10, PGD-50 and FGSM run there; None skips them).
+    ``attack_fn(model, x, y, *, kind, eps, steps)`` returns adversarial inputs for ``kind`` ``"fgsm"`` or
+    ``"pgd"`` (Linf); by default torchattacks runs, which needs inputs in [0, 1]. The model runs in eval
+    mode and is returned to its previous mode.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    start = time.perf_counter()
+    device = torch.device(device)
+    x = x[:max_samples].to(device)
+    y = y[:max_samples].to(device).long()
+    was_training = model.training
+    model.eval()
+    torch.manual_seed(seed)
+    result: dict = {"n_samples": int(len(x)), "seed": int(seed), "device": str(device)}
+    try:
+        with torch.no_grad():
+            out1 = model(x).float()
+            out2 = model(x).float()
+        finite_out = bool(torch.isfinite(out1).all())
+        scale = max(1.0, float(out1[torch.isfinite(out1)].abs().max())) if out1.numel() and finite_out else 1.0
+        diff = float((out1 - out2).abs().max()) if out1.numel() else 0.0
+        result["determinism"] = {"max_rel_diff": _finite_or_none(diff / scale)}
+        outputs = {"finite": finite_out, "min": None, "max": None, "max_row_sum_error": None}
+        if finite_out and out1.numel():
+            outputs["min"], outputs["max"] = float(out1.min()), float(out1.max())
+            if out1.dim() == 2 and out1.shape[1] >= 2:
+                outputs["max_row_sum_error"] = float((out1.sum(dim=1) - 1.0).abs().max())
+        result["outputs"] = outputs
+        result["clean_accuracy"] = float((out1.argmax(dim=1) == y).float().mean()) if out1.dim() == 2 else None
+
+        xg = x.clone().requires_grad_(True)
+        gradients: dict = {"error": None}
+        try:
+            logits = model(xg)
+            loss = F.cross_entropy(logits.float(), y, reduction="sum")
+            grad = torch.autograd.grad(loss, xg, allow_unused=True)[0] if loss.requires_grad else None
+        except RuntimeError as exc:  # a graph cut by .detach(), numpy, integer casts ...
+            grad, gradients["error"] = None, str(exc).splitlines()[0][:200]
+        if grad is None:
+            grad = torch.zeros_like(x)
+            gradients["error"] = gradients["error"] or "the output does not depend differentiably on the input"
+        flat = grad.reshape(len(x), -1)
+        gradients["finite"] = bool(torch.isfinite(flat).all()) and finite_out
+        gradients["zero_fraction"] = float((flat.abs().sum(dim=1) == 0).float().mean())
+        result["gradients"] = gradients
+
+        result["attacks"] = _attack_probes(model, x, y, eps_max=eps_max, attack_fn=attack_fn)
+    finally:
+        model.train(was_training)
+    result["seconds"] = round(time.perf_counter() - start, 3)
+    return result
+
+
+def _attack_probes(model, x, y, *, eps_max, attack_fn) -> dict:
+    import torch
+
+    if attack_fn is None:
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0.0 or hi > 1.0:
+            return {"skipped": f"inputs span [{lo:.3g}, {hi:.3g}], not [0, 1]; pass attack_fn to probe them"}
+        attack_fn = _torchattacks
+
+    def accuracy(kind: str, eps: float, steps: int) -> float:
+        x_adv = attack_fn(model, x, y, kind=kind, eps=eps, steps=steps)
+        with torch.no_grad():
+            return float((model(x_adv).argmax(dim=1) == y).float().mean())
+
+    try:
+        probes: dict = {"norm": "Linf", "large_eps": LARGE_EPS_VALUE, "pgd_large_steps": LARGE_EPS_STEPS,
+                        "pgd_large": accuracy("pgd", LARGE_EPS_VALUE, LARGE_EPS_STEPS),
+                        "eps_max": eps_max, "fgsm": None, "pgd10": None, "pgd50": None}
+        if eps_max:
+            probes["fgsm"] = accuracy("fgsm", eps_max, 1)
+            probes["pgd10"] = accuracy("pgd", eps_max, 10)
+            probes["pgd50"] = accuracy("pgd", eps_max, 50)
+    except RuntimeError as exc:  # no gradient to follow at all: the gradient check reports why
+        return {"skipped": "the attack probes failed: " + str(exc).splitlines()[0][:200]}
+    return probes

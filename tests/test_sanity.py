@@ -1,0 +1,236 @@
+"""Evaluation sanity checks (Carlini et al. 2019) and the model checks AutoAttack runs."""
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from robaudit import sanity
+from robaudit.sanity import Check, evaluate, run_model_checks
+
+from _rundir import model_checks
+
+
+def frame(rows, n=1000) -> pd.DataFrame:
+    """accuracy.csv rows from (attack, eps, accuracy[, kind]) tuples, with a clean row."""
+    out = [{"attack": "clean", "eps": math.nan, "accuracy": 0.95, "n_samples": n, "kind": "clean", "norm": None}]
+    for r in rows:
+        attack, eps, acc = r[:3]
+        kind = r[3] if len(r) > 3 else "adversarial"
+        out.append({"attack": attack, "eps": eps, "accuracy": acc, "n_samples": n, "kind": kind, "norm": "Linf"})
+    return pd.DataFrame(out)
+
+
+def by_name(checks: list[Check]) -> dict[str, Check]:
+    return {c.name: c for c in checks}
+
+
+HEALTHY = [
+    ("fgsm", 0.1, 0.40), ("pgd", 0.1, 0.20), ("square", 0.1, 0.30), ("gaussian", 0.1, 0.94, "noise"),
+    ("fgsm", 0.3, 0.10), ("pgd", 0.3, 0.01), ("square", 0.3, 0.05), ("gaussian", 0.3, 0.93, "noise"),
+    ("worst-case", 0.1, 0.18), ("worst-case", 0.3, 0.0), ("cw", math.nan, 0.0),
+]
+
+
+def test_healthy_evaluation_passes_everything():
+    checks = evaluate(frame(HEALTHY), model_checks())
+    assert [c.name for c in checks] == [sanity.ITERATIVE, sanity.WHITE_BOX, sanity.MONOTONE, sanity.LARGE_EPS,
+                                        sanity.MORE_STEPS, sanity.PROBABILITIES, sanity.GRADIENTS, sanity.DETERMINISM]
+    assert {c.name: c.status for c in checks} == {c.name: "pass" for c in checks}, checks
+    iterative = by_name(checks)[sanity.ITERATIVE]
+    assert "PGD 20.0 % vs FGSM 40.0 %" in iterative.detail  # the numbers behind the status
+    assert "PGD 1.0 % vs FGSM 10.0 %" in iterative.detail
+
+
+def test_single_step_stronger_than_iterative_warns():
+    rows = [("fgsm", 0.1, 0.20), ("pgd", 0.1, 0.45), ("worst-case", 0.1, 0.2)]
+    check = by_name(evaluate(frame(rows)))[sanity.ITERATIVE]
+    assert check.status == "warn"
+    assert "FGSM" in check.detail and "20.0 %" in check.detail and "45.0 %" in check.detail
+    assert "masking gradients" in check.detail
+
+
+def test_black_box_stronger_than_white_box_warns():
+    rows = [("fgsm", 0.1, 0.50), ("pgd", 0.1, 0.40), ("square", 0.1, 0.25)]
+    check = by_name(evaluate(frame(rows)))[sanity.WHITE_BOX]
+    assert check.status == "warn"
+    assert "Square" in check.detail and "25.0 %" in check.detail and "40.0 %" in check.detail
+
+
+def test_accuracy_increasing_in_eps_warns():
+    rows = [("pgd", 0.1, 0.20), ("pgd", 0.2, 0.35), ("pgd", 0.3, 0.10)]
+    check = by_name(evaluate(frame(rows)))[sanity.MONOTONE]
+    assert check.status == "warn"
+    assert "20.0 % at eps 0.1 to 35.0 % at eps 0.2" in check.detail
+
+
+def test_attack_above_clean_accuracy_warns():
+    check = by_name(evaluate(frame([("pgd", 0.1, 0.99)])))[sanity.MONOTONE]
+    assert check.status == "warn"  # clean accuracy (95 %) is the curve's value at eps 0
+
+
+def test_differences_within_one_sample_are_noise():
+    rows = [("fgsm", 0.1, 0.300), ("pgd", 0.1, 0.3025), ("pgd", 0.2, 0.3050)]
+    checks = by_name(evaluate(frame(rows, n=400)))
+    assert checks[sanity.ITERATIVE].status == "pass"
+    assert checks[sanity.MONOTONE].status == "pass"
+
+
+def test_large_eps_accuracy_not_near_zero_warns():
+    mc = model_checks(attacks={**model_checks()["attacks"], "pgd_large": 0.31})
+    check = by_name(evaluate(frame(HEALTHY), mc))[sanity.LARGE_EPS]
+    assert check.status == "warn"
+    assert "31.0 %" in check.detail and "eps 0.5" in check.detail
+
+
+def test_large_eps_from_the_battery_without_model_checks():
+    rows = [("pgd", 0.1, 0.2), ("pgd", 0.5, 0.4)]
+    check = by_name(evaluate(frame(rows)))[sanity.LARGE_EPS]
+    assert check.status == "warn" and "40.0 %" in check.detail
+    assert by_name(evaluate(frame([("pgd", 0.1, 0.2)])))[sanity.LARGE_EPS].status == "skip"
+
+
+def test_more_steps_helping_the_model_warns():
+    mc = model_checks(attacks={**model_checks()["attacks"], "pgd10": 0.10, "pgd50": 0.25})
+    check = by_name(evaluate(frame(HEALTHY), mc))[sanity.MORE_STEPS]
+    assert check.status == "warn" and "PGD-10 10.0 %, PGD-50 25.0 %" in check.detail
+
+
+def test_probe_fgsm_beating_pgd_warns():
+    mc = model_checks(attacks={**model_checks()["attacks"], "fgsm": 0.05, "pgd10": 0.30, "pgd50": 0.30})
+    assert by_name(evaluate(None, mc))[sanity.ITERATIVE].status == "warn"
+
+
+def test_missing_inputs_skip():
+    checks = evaluate(None, None)
+    assert {c.status for c in checks} == {"skip"}
+    assert all(c.detail for c in checks)
+
+
+def test_model_check_flags_from_checks_json():
+    mc = model_checks(outputs={"finite": True, "min": 0.0, "max": 0.9, "max_row_sum_error": 1e-7},
+                      gradients={"error": None, "finite": True, "zero_fraction": 0.25},
+                      determinism={"max_rel_diff": 0.03})
+    checks = by_name(evaluate(frame(HEALTHY), mc))
+    assert checks[sanity.PROBABILITIES].status == "warn" and "softmax" in checks[sanity.PROBABILITIES].detail
+    assert checks[sanity.GRADIENTS].status == "warn" and "25.0 %" in checks[sanity.GRADIENTS].detail
+    assert checks[sanity.DETERMINISM].status == "warn" and "0.03" in checks[sanity.DETERMINISM].detail
+
+
+# ----------------------------------------------------------------------------- run_model_checks
+
+
+class Round(nn.Module):
+    def forward(self, x):
+        return torch.round(x * 4) / 4
+
+
+class Sign(nn.Module):
+    def forward(self, x):
+        return torch.sign(x - 0.5)
+
+
+class Noisy(nn.Module):
+    """Randomness that eval mode does not switch off."""
+
+    def forward(self, x):
+        return x + 0.1 * torch.rand_like(x)
+
+
+def mlp(*pre, post=()):
+    torch.manual_seed(0)
+    return nn.Sequential(*pre, nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10), *post)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(200, 1, 8, 8, generator=g), torch.randint(0, 10, (200,), generator=g)
+
+
+def statuses(model, batch, **kw):
+    x, y = batch
+    result = run_model_checks(model, x, y, device="cpu", seed=0, eps_max=0.1, **kw)
+    json.dumps(result, allow_nan=False)  # checks.json is plain JSON
+    return result, {c.name: c.status for c in evaluate(None, result)}
+
+
+def test_plain_mlp_passes_model_checks(batch):
+    model = mlp()
+    model.train()
+    result, status = statuses(model, batch)
+    assert result["n_samples"] == 128  # at most 128 samples
+    assert status[sanity.PROBABILITIES] == status[sanity.GRADIENTS] == status[sanity.DETERMINISM] == "pass"
+    assert status[sanity.LARGE_EPS] == "pass" and result["attacks"]["pgd_large"] <= 0.05
+    assert status[sanity.ITERATIVE] == status[sanity.MORE_STEPS] == "pass"
+    assert model.training  # the caller's mode is restored
+
+
+def test_softmax_output_is_flagged(batch):
+    _, status = statuses(mlp(post=(nn.Softmax(dim=1),)), batch)
+    assert status[sanity.PROBABILITIES] == "warn"
+
+
+@pytest.mark.parametrize("step", [Round(), Sign()], ids=["round", "sign"])
+def test_zero_gradients_are_flagged(batch, step):
+    result, status = statuses(mlp(step), batch)
+    assert result["gradients"]["zero_fraction"] == 1.0
+    assert status[sanity.GRADIENTS] == "warn"
+
+
+def test_detached_graph_is_flagged(batch):
+    class Detach(nn.Module):
+        def forward(self, x):
+            return x.detach()
+
+    result, status = statuses(mlp(Detach()), batch)
+    assert status[sanity.GRADIENTS] == "warn"
+
+
+def test_randomized_forward_is_flagged(batch):
+    result, status = statuses(mlp(Noisy()), batch)
+    assert result["determinism"]["max_rel_diff"] > 0
+    assert status[sanity.DETERMINISM] == "warn"
+
+
+def test_nonfinite_outputs_are_flagged(batch):
+    class Inf(nn.Module):
+        def forward(self, x):
+            return x / (x - x)
+
+    x, y = batch
+    result = run_model_checks(mlp(Inf()), x, y, device="cpu", seed=0, eps_max=None)
+    assert by_name(evaluate(None, result))[sanity.GRADIENTS].status == "warn"
+
+
+def test_inputs_outside_unit_range_skip_the_default_attacks(batch):
+    x, y = batch
+    result = run_model_checks(mlp(), x * 4 - 2, y, device="cpu", seed=0, eps_max=0.1)
+    assert "not [0, 1]" in result["attacks"]["skipped"]
+    checks = by_name(evaluate(None, result))
+    assert checks[sanity.MORE_STEPS].status == "skip" and "not [0, 1]" in checks[sanity.MORE_STEPS].detail
+
+
+def test_custom_attack_fn_is_used(batch):
+    calls = []
+
+    def attack_fn(model, x, y, *, kind, eps, steps):
+        calls.append((kind, eps, steps))
+        return x
+
+    x, y = batch
+    result = run_model_checks(mlp(), x, y, device="cpu", seed=0, eps_max=0.2, attack_fn=attack_fn)
+    assert sorted(calls) == sorted([("pgd", 0.5, sanity.LARGE_EPS_STEPS), ("fgsm", 0.2, 1), ("pgd", 0.2, 10),
+                                    ("pgd", 0.2, 50)])
+    assert result["attacks"]["pgd_large"] == result["clean_accuracy"]
+
+
+def test_model_checks_are_seeded(batch):
+    x, y = batch
+    a = run_model_checks(mlp(), x, y, device="cpu", seed=3, eps_max=0.1)
+    b = run_model_checks(mlp(), x, y, device="cpu", seed=3, eps_max=0.1)
+    assert a["attacks"] == b["attacks"]
