@@ -32,6 +32,8 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 
 from . import sanity
 from .errors import RobauditError
+from .models import sha256_file
+from .rundir import read_json
 from .sanity import attack_name
 
 __all__ = ["render_report"]
@@ -205,8 +207,8 @@ def _read_json(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = read_json(path)
+    except (OSError, UnicodeDecodeError) as exc:
         raise RobauditError(f"cannot read {path} ({type(exc).__name__}): rerun the robaudit step that wrote it") from exc
     if not isinstance(data, dict):
         raise RobauditError(f"{path} does not hold a JSON object: rerun the robaudit step that wrote it")
@@ -856,14 +858,10 @@ def _files_table(run_dir: Path, skip: Path) -> Table | None:
         if len(path.relative_to(run_dir).parts) > 3:
             continue
         try:
-            digest = hashlib.sha256()
-            with path.open("rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(chunk)
-            size = path.stat().st_size
+            digest, size = sha256_file(path), path.stat().st_size
         except OSError:
             continue
-        rows.append(Row([Cell(str(path.relative_to(run_dir))), num_cell(size), Cell(digest.hexdigest(), cls="wrap")]))
+        rows.append(Row([Cell(str(path.relative_to(run_dir))), num_cell(size), Cell(digest, cls="wrap")]))
     if not rows:
         return None
     return Table([Column("File"), Column("Bytes", True), Column("SHA-256")], rows,
