@@ -139,7 +139,6 @@ class Table:
     rows: list[Row] = field(default_factory=list)
     caption: str = ""
     sortable: bool = True
-    id: str = ""
 
 
 def num_cell(v: Any, fmt=fmt_num) -> Cell:
