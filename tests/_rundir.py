@@ -25,7 +25,7 @@ def layer_names(n_layers: int, *, evil: bool = False) -> list[tuple[str, str]]:
     while len(names) < n_layers - 1:
         names.append((f"features.{i}", "Conv2d" if i % 2 == 0 else "ReLU"))
         i += 1
-    if n_layers >= 4:
+    if len(names) >= 4:
         names[2] = ("act", "ReLU")
         names[3] = ("act#2", "ReLU")
     if evil:
