@@ -1,0 +1,442 @@
+"""Layer Sustainability Analysis: the relative-error statistic, its streaming, analyze(), MVL selection."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from tests.helpers import CNN_LAYERS, NormTinyCNN, assert_no_hooks, make_cnn, make_data, rel_diff
+from tests.helpers import single_thread  # noqa: F401  (autouse fixture)
+from robaudit import attacks as atk
+from robaudit.errors import NonFiniteError, RobauditError
+from robaudit.lsa import (ACCURACY_COLUMNS, LSA_COLUMNS, RelativeError, analyze, pooled_relative_error,
+                          relative_error, select_mvl, strongest_attack)
+from robaudit.probe import LayerProbe
+
+RE_COLS = ["re_mean", "re_std", "re_pooled"]
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    return make_cnn()
+
+
+@pytest.fixture(scope="module")
+def data(cnn):
+    return make_data(cnn, 20)
+
+
+def run(model, data, **kw):
+    kw.setdefault("device", "cpu")
+    return analyze(model, data, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# the relative error, by hand
+
+
+def hand_linear() -> nn.Module:
+    """phi(x) = W x + b with W = [[2, 0], [0, 1]], b = [1, 0] (float64 so the arithmetic is exact)."""
+    lin = nn.Linear(2, 2).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[2.0, 0.0], [0.0, 1.0]]))
+        lin.bias.copy_(torch.tensor([1.0, 0.0]))
+    return nn.Sequential(lin).eval()
+
+
+# clean x           -> phi      |phi|    perturbed x'      -> phi'       delta       |delta|  RE
+# (1, 4)            -> (3, 4)     5      (1.5, 4)          -> (4, 4)     (1, 0)        1      1/5   = 0.2
+# (2, 12)           -> (5, 12)   13      (3.25, 18)        -> (7.5, 18)  (2.5, 6)      6.5    6.5/13 = 0.5
+# (-0.5, 8)         -> (0, 8)     8      (-0.5, 1.6)       -> (0, 1.6)   (0, -6.4)     6.4    6.4/8 = 0.8
+# re_mean   = (0.2 + 0.5 + 0.8) / 3 = 0.5
+# re_std    = sqrt(((-0.3)^2 + 0^2 + 0.3^2) / 3) = sqrt(0.06) = 0.2449489742783178   (population std)
+# re_pooled = sqrt(1 + 42.25 + 40.96) / sqrt(25 + 169 + 64) = sqrt(84.21 / 258) = 0.5713102036872869
+CLEAN = torch.tensor([[1.0, 4.0], [2.0, 12.0], [-0.5, 8.0]], dtype=torch.float64)
+PERTURBED = torch.tensor([[1.5, 4.0], [3.25, 18.0], [-0.5, 1.6]], dtype=torch.float64)
+
+
+def test_relative_error_matches_hand_computation():
+    model = hand_linear()
+    with LayerProbe(model, ["0"]) as probe:
+        _, clean = probe.run(model, CLEAN)
+        clean = dict(clean)
+        _, pert = probe.run(model, PERTURBED)
+    assert_no_hooks(model)
+    phi, phi_p = clean["0"], pert["0"]
+    torch.testing.assert_close(phi, torch.tensor([[3.0, 4.0], [5.0, 12.0], [0.0, 8.0]], dtype=torch.float64))
+
+    per_sample = relative_error(phi, phi_p)
+    torch.testing.assert_close(per_sample, torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64), rtol=0, atol=1e-12)
+    assert float(pooled_relative_error(phi, phi_p)) == pytest.approx(0.5713102036872869, rel=1e-12)
+
+    st = RelativeError()
+    st.update(phi, phi_p)
+    out = st.compute()
+    assert out["re_mean"] == pytest.approx(0.5, rel=1e-12)
+    assert out["re_std"] == pytest.approx(0.2449489742783178, rel=1e-9)
+    assert out["re_pooled"] == pytest.approx(0.5713102036872869, rel=1e-12)
+    assert out["n_samples"] == 3 and out["n_undefined"] == 0
+
+
+def numpy_reference(clean: np.ndarray, pert: np.ndarray) -> dict:
+    c = clean.reshape(len(clean), -1).astype(np.float64)
+    d = pert.reshape(len(pert), -1).astype(np.float64) - c
+    re = np.linalg.norm(d, axis=1) / np.linalg.norm(c, axis=1)
+    return {"re_mean": re.mean(), "re_std": re.std(), "re_pooled": np.linalg.norm(d) / np.linalg.norm(c)}
+
+
+def test_streaming_over_uneven_batches_equals_one_pass():
+    g = torch.Generator().manual_seed(3)
+    clean = torch.randn(13, 3, 4, generator=g)
+    pert = clean + 0.3 * torch.randn(13, 3, 4, generator=g)
+    st = RelativeError()
+    start = 0
+    for size in (1, 4, 2, 6):  # uneven batches covering all 13 samples
+        st.update(clean[start:start + size], pert[start:start + size])
+        start += size
+    assert start == 13
+    got = st.compute()
+    ref = numpy_reference(clean.numpy(), pert.numpy())
+    for key in RE_COLS:
+        assert got[key] == pytest.approx(ref[key], rel=1e-9), key
+    assert got["n_samples"] == 13
+    st.reset()
+    assert st.compute()["n_samples"] == 0 and math.isnan(st.compute()["re_mean"])
+
+
+def test_update_rejects_mismatched_shapes():
+    with pytest.raises(RobauditError, match="shapes differ"):
+        RelativeError().update(torch.ones(2, 3), torch.ones(2, 4))
+
+
+def test_analyze_is_independent_of_batch_size(cnn, data):
+    # Only deterministic attacks: the noise baselines draw from the global RNG batch by batch, so
+    # their draws depend on how the data are cut (salt-and-pepper interleaves two draws per batch).
+    battery = ["fgsm", "pgd:random_start=false,steps=3"]
+    small = run(cnn, data, attacks=battery, eps=[0.03], batch_size=7)
+    big = run(cnn, data, attacks=battery, eps=[0.03], batch_size=1000)
+    cols = [c for c in LSA_COLUMNS if c not in RE_COLS]
+    pd.testing.assert_frame_equal(small.lsa[cols], big.lsa[cols])
+    assert rel_diff(small.lsa[RE_COLS], big.lsa[RE_COLS]) < 1e-9
+    pd.testing.assert_frame_equal(small.accuracy, big.accuracy)
+    assert (small.lsa["n_samples"] == 20).all()
+
+
+def test_re_pooled_on_one_batch_is_one_frobenius_norm(cnn, data):
+    """On a single batch re_pooled is the reference code's ||Phi' - Phi||_F / ||Phi||_F."""
+    res = run(cnn, data, attacks=["fgsm"], eps=[0.03], batch_size=len(data.x))
+    x_adv = atk.build(atk.parse("fgsm:eps=0.03"), cnn, num_classes=4)(data.x, data.y)
+    with LayerProbe(cnn, CNN_LAYERS) as probe:
+        _, clean = probe.run(cnn, data.x)
+        clean = dict(clean)
+        _, adv = probe.run(cnn, x_adv)
+        adv = dict(adv)
+    by_layer = res.lsa.set_index("layer")
+    assert list(by_layer.index) == CNN_LAYERS
+    for name in CNN_LAYERS:
+        frob = torch.linalg.vector_norm(adv[name].double() - clean[name].double()) / torch.linalg.vector_norm(
+            clean[name].double())
+        assert by_layer.loc[name, "re_pooled"] == pytest.approx(float(frob), rel=1e-9), name
+        # the library helper computes the same measure in the tensors' own precision
+        assert float(pooled_relative_error(clean[name], adv[name])) == pytest.approx(float(frob), rel=1e-5)
+        per_sample = relative_error(clean[name].double(), adv[name].double())
+        assert by_layer.loc[name, "re_mean"] == pytest.approx(float(per_sample.mean()), rel=1e-9)
+
+
+def test_zero_norm_clean_activation_is_left_out():
+    clean = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 2.0]])
+    pert = torch.tensor([[1.0, 0.0], [3.0, 5.0], [0.0, 3.0]])
+    st = RelativeError()
+    st.update(clean, pert)
+    out = st.compute()
+    # defined samples: RE = 1/5 = 0.2 and 1/2 = 0.5; the zero sample only enters the pooled ratio:
+    # re_pooled = sqrt(1 + 1 + 1) / sqrt(0 + 25 + 4) = sqrt(3 / 29)
+    assert out["n_samples"] == 2 and out["n_undefined"] == 1
+    assert out["re_mean"] == pytest.approx(0.35)
+    assert out["re_std"] == pytest.approx(0.15)
+    assert out["re_pooled"] == pytest.approx(math.sqrt(3 / 29))
+
+
+def relu_gate() -> nn.Module:
+    """Linear(2, 2) with W = I, b = (-0.5, -0.5), then ReLU, then Linear(2, 2): the ReLU output is all
+    zero for inputs with both coordinates <= 0.5."""
+    first, last = nn.Linear(2, 2), nn.Linear(2, 2)
+    with torch.no_grad():
+        first.weight.copy_(torch.eye(2))
+        first.bias.fill_(-0.5)
+        last.weight.copy_(torch.tensor([[1.0, -1.0], [-1.0, 1.0]]))
+        last.bias.copy_(torch.tensor([0.1, 0.0]))
+    return nn.Sequential(first, nn.ReLU(), last).eval()
+
+
+def test_zero_norm_sample_in_analyze_gives_finite_statistics():
+    model = relu_gate()
+    x = torch.tensor([[0.1, 0.2], [0.9, 0.6], [0.7, 0.95], [0.8, 0.55]])  # sample 0: ReLU output (0, 0)
+    y = model(x).argmax(1).detach()
+    res = run(model, SimpleNamespace(x=x, y=y, num_classes=2), attacks=["fgsm", "gaussian"], eps=[0.05])
+    relu = res.lsa[res.lsa["layer"] == "1"]
+    assert len(relu) == 2
+    assert (relu["n_samples"] == 3).all()  # the zero sample is left out of the per-sample statistics
+    assert np.isfinite(relu[RE_COLS].to_numpy(float)).all()
+    assert np.isfinite(res.lsa[RE_COLS].to_numpy(float)).all()
+    assert_no_hooks(model)
+
+
+def test_all_zero_activations_are_reported():
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU()).eval()
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.zero_()  # every activation, logits included, is exactly zero
+    x = torch.rand(4, 2)
+    with pytest.raises(NonFiniteError, match="undefined"):
+        run(model, (x, torch.tensor([0, 1, 0, 1])), attacks=["gaussian"], eps=[0.1])
+    assert_no_hooks(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# analyze(): frame layout, accuracy, normalization, reproducibility, argument errors
+
+
+def test_lsa_frame_layout(cnn, data):
+    res = run(cnn, data, attacks=["fgsm", "cw:steps=2"], eps=[0.01, 0.03], batch_size=8)
+    assert list(res.lsa.columns) == LSA_COLUMNS
+    assert list(res.accuracy.columns) == ACCURACY_COLUMNS
+    assert [l.name for l in res.layers] == CNN_LAYERS
+    assert len(res.lsa) == len(CNN_LAYERS) * 3  # fgsm at two eps, cw once (no eps)
+    assert res.lsa.loc[res.lsa["is_output"], "layer"].unique().tolist() == ["classifier.1"]
+    assert res.lsa.loc[res.lsa["attack"] == "cw(steps=2)", "eps"].isna().all()
+    assert set(res.lsa.loc[res.lsa["attack"] == "fgsm", "eps"]) == {0.01, 0.03}
+    assert res.lsa.loc[res.lsa["layer"] == "features.2", "layer_type"].unique().tolist() == ["ReLU"]
+    assert res.n_samples == 20 and res.clean_accuracy == 1.0
+    assert res.seconds > 0
+
+
+def threshold_model() -> nn.Module:
+    """1-D two-class model: logits (0.5 - x, x - 0.5), i.e. class 1 exactly when x > 0.5."""
+    lin = nn.Linear(1, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[-1.0], [1.0]]))
+        lin.bias.copy_(torch.tensor([0.5, -0.5]))
+    return nn.Sequential(lin).eval()
+
+
+def test_accuracy_by_hand():
+    # x     y  clean   eps 0.1 (moved away from its class)   eps 0.3
+    # 0.10  0  right   0.20 -> 0 right                        0.40 -> 0 right
+    # 0.45  0  right   0.55 -> 1 wrong                        0.75 -> 1 wrong
+    # 0.70  1  right   0.60 -> 1 right                        0.40 -> 0 wrong
+    # 0.52  1  right   0.42 -> 0 wrong                        0.22 -> 0 wrong
+    # 0.80  0  wrong   0.90 -> 1 wrong                        1.00 -> 1 wrong
+    # clean 4/5, eps 0.1: 2/5, eps 0.3: 1/5 -- for FGSM and PGD alike on a linear model
+    x = torch.tensor([[0.10], [0.45], [0.70], [0.52], [0.80]])
+    y = torch.tensor([0, 0, 1, 1, 0])
+    res = run(threshold_model(), (x, y), attacks=["fgsm", "pgd", "gaussian"], eps=[0.1, 0.3], batch_size=2)
+    acc = res.accuracy.set_index(["attack", "eps"])["accuracy"]
+    assert res.clean_accuracy == pytest.approx(0.8)
+    for name in ("fgsm", "pgd", "worst-case"):
+        assert acc[(name, 0.1)] == pytest.approx(0.4), name
+        assert acc[(name, 0.3)] == pytest.approx(0.2), name
+    worst = res.accuracy[res.accuracy["attack"] == "worst-case"]
+    assert sorted(worst["eps"]) == [0.1, 0.3]  # noise never enters the worst case
+    assert (res.accuracy["n_samples"] == 5).all()
+
+
+def test_worst_case_is_at_most_every_attack(cnn, data):
+    res = run(cnn, data, attacks=["fgsm", "pgd:steps=3", "square:n_queries=10", "gaussian", "cw:steps=2"],
+              eps=[0.01, 0.03], batch_size=8)
+    acc = res.accuracy
+    clean = acc[acc["attack"] == "clean"]
+    assert len(clean) == 1 and clean["eps"].isna().all() and float(clean["accuracy"].iloc[0]) == 1.0
+    worst = acc[acc["attack"] == "worst-case"]
+    assert sorted(worst["eps"]) == [0.01, 0.03]
+    for row in worst.itertuples():
+        at_eps = acc[(acc["kind"] == "adversarial") & (acc["attack"] != "worst-case") & np.isclose(acc["eps"], row.eps)]
+        assert set(at_eps["attack"]) == {"fgsm", "pgd(steps=3)", "square(n_queries=10)"}
+        assert row.accuracy <= at_eps["accuracy"].min()
+    assert acc["accuracy"].between(0, 1).all()
+
+
+def test_normalization_equals_model_with_it_built_in():
+    mean, std = 0.4, 0.3
+    plain = make_cnn(5)
+    built_in = NormTinyCNN(mean, std).eval()
+    built_in.load_state_dict(plain.state_dict())  # mean/std are not part of the state dict
+    data = make_data(built_in, 12)
+    battery = ["fgsm", "pgd:random_start=false,steps=2", "gaussian"]
+    a = run(plain, data, attacks=battery, eps=[0.03], mean=[mean], std=[std], batch_size=5, seed=3)
+    b = run(built_in, data, attacks=battery, eps=[0.03], batch_size=5, seed=3)
+    assert [l.name for l in a.layers] == [l.name for l in b.layers] == CNN_LAYERS  # the wrapper is not probed
+    cols = [c for c in LSA_COLUMNS if c not in RE_COLS]
+    pd.testing.assert_frame_equal(a.lsa[cols], b.lsa[cols])
+    assert rel_diff(a.lsa[RE_COLS], b.lsa[RE_COLS]) < 1e-6
+    pd.testing.assert_frame_equal(a.accuracy, b.accuracy)
+    assert_no_hooks(plain)
+
+
+def test_same_seed_same_numbers_other_seed_other_noise(cnn, data):
+    battery = ["pgd:steps=2", "gaussian", "uniform", "saltpepper"]
+    one = run(cnn, data, attacks=battery, eps=[0.03], batch_size=8, seed=7)
+    two = run(cnn, data, attacks=battery, eps=[0.03], batch_size=8, seed=7)
+    pd.testing.assert_frame_equal(one.lsa, two.lsa)
+    pd.testing.assert_frame_equal(one.accuracy, two.accuracy)
+    other = run(cnn, data, attacks=battery, eps=[0.03], batch_size=8, seed=8)
+    for name in ("gaussian", "uniform", "saltpepper"):
+        a = one.lsa.loc[one.lsa["attack"] == name, "re_pooled"].to_numpy()
+        b = other.lsa.loc[other.lsa["attack"] == name, "re_pooled"].to_numpy()
+        assert not np.allclose(a, b), name
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"batch_size": 0}, "batch-size"),
+    ({"device": "tpu9"}, "device"),
+    ({"attacks": ["fgsm"]}, "needs an eps"),
+    ({"attacks": ["gaussian"], "eps": [0.1], "layers": ["nothing.*"]}, "no layer matches"),
+])
+def test_analyze_argument_errors(cnn, data, kwargs, match):
+    with pytest.raises(RobauditError, match=match):
+        run(cnn, data, **kwargs)
+    assert_no_hooks(cnn)
+
+
+@pytest.mark.xfail(strict=True, reason="_as_tensors evaluates int(y.max()) (getattr's default) before analyze "
+                                       "checks for empty data: RuntimeError instead of RobauditError")
+@pytest.mark.parametrize("as_pair", [True, False], ids=["pair", "dataset"])
+def test_analyze_empty_data(cnn, as_pair):
+    x, y = torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)
+    empty = (x, y) if as_pair else SimpleNamespace(x=x, y=y, num_classes=4)
+    with pytest.raises(RobauditError, match="empty"):
+        run(cnn, empty, attacks=["fgsm"], eps=[0.1])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a missing CUDA device")
+def test_analyze_cuda_without_cuda(cnn, data):
+    with pytest.raises(RobauditError, match="no CUDA"):
+        run(cnn, data, attacks=["fgsm"], eps=[0.1], device="cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# MVL selection and the strongest attack, on hand-made frames
+
+def lsa_frame(values: dict[tuple[str, float | None], list[float]], layers: list[str], output: str) -> pd.DataFrame:
+    rows = []
+    for (attack, eps), res in values.items():
+        for order, (layer, re) in enumerate(zip(layers, res)):
+            rows.append({"layer": layer, "layer_type": "ReLU" if layer != output else "Linear", "attack": attack,
+                         "eps": eps, "re_mean": re, "re_std": 0.1, "re_pooled": re / 2, "n_samples": 10,
+                         "order": order, "kind": "adversarial", "norm": "Linf", "is_output": layer == output})
+    return pd.DataFrame(rows, columns=LSA_COLUMNS)
+
+
+def accuracy_frame(rows: list[tuple[str, float | None, float, str]]) -> pd.DataFrame:
+    return pd.DataFrame([{"attack": a, "eps": e, "accuracy": acc, "n_samples": 10, "kind": k, "norm": "Linf"}
+                         for a, e, acc, k in rows], columns=ACCURACY_COLUMNS)
+
+
+LAYERS = ["l1", "l2", "l3", "l4", "l5", "out"]
+HAND_LSA = lsa_frame({
+    ("pgd", 0.1): [0.5, 3.0, 0.4, 0.6, 0.2, 4.0],
+    ("pgd", 0.3): [1.0, 1.1, 0.9, 5.0, 1.0, 9.0],
+    ("fgsm", 0.1): [0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
+    ("fgsm", 0.3): [2.0, 0.1, 0.1, 0.1, 0.1, 0.1],
+}, LAYERS, "out")
+HAND_ACC = accuracy_frame([
+    ("clean", None, 0.9, "clean"),
+    ("fgsm", 0.1, 0.6, "adversarial"), ("fgsm", 0.3, 0.4, "adversarial"),
+    ("pgd", 0.1, 0.5, "adversarial"), ("pgd", 0.3, 0.1, "adversarial"),
+    ("gaussian", 0.3, 0.0, "noise"),  # noise never counts as the strongest attack
+    ("worst-case", 0.3, 0.0, "adversarial"),  # nor does the worst-case row
+])
+
+
+def test_strongest_attack_is_lowest_accuracy_at_largest_eps():
+    assert strongest_attack(HAND_ACC) == ("pgd", 0.3)
+    # equal at the largest eps: the lower mean over the sweep wins (fgsm mean 0.3 < pgd mean 0.35)
+    tie = accuracy_frame([("fgsm", 0.1, 0.5, "adversarial"), ("fgsm", 0.3, 0.1, "adversarial"),
+                          ("pgd", 0.1, 0.6, "adversarial"), ("pgd", 0.3, 0.1, "adversarial")])
+    assert strongest_attack(tie) == ("fgsm", 0.3)
+    # fully equal: the stronger family wins
+    fam = accuracy_frame([("fgsm", 0.3, 0.1, "adversarial"), ("autoattack", 0.3, 0.1, "adversarial"),
+                          ("pgd", 0.3, 0.1, "adversarial")])
+    assert strongest_attack(fam) == ("autoattack", 0.3)
+    # a minimal-perturbation attack has no eps
+    cw = accuracy_frame([("pgd", 0.3, 0.1, "adversarial"), ("cw", None, 0.05, "adversarial")])
+    assert strongest_attack(cw) == ("cw", None)
+    with pytest.raises(RobauditError, match="no adversarial attack"):
+        strongest_attack(accuracy_frame([("clean", None, 1.0, "clean"), ("gaussian", 0.1, 0.9, "noise")]))
+
+
+def test_mvl_top_k_ranks_by_the_strongest_attack():
+    mvl = select_mvl(HAND_LSA, HAND_ACC, k=3)
+    assert (mvl.attack, mvl.eps, mvl.criterion, mvl.k) == ("pgd", 0.3, "top-k", 3)
+    # pgd @ 0.3 without the output layer: l4 5.0 > l2 1.1 > l1 1.0 = l5 1.0 (tie -> earlier layer)
+    assert mvl.names == ["l4", "l2", "l1"]
+    assert list(mvl.layers["score"]) == [5.0, 1.1, 1.0]
+    assert mvl.excluded == ["out"]
+    assert mvl.to_dict()["layers"][0] == {"layer": "l4", "score": 5.0, "layer_type": "ReLU"}
+
+
+def test_mvl_output_layer_on_request():
+    mvl = select_mvl(HAND_LSA, HAND_ACC, k=2, include_output=True)
+    assert mvl.names == ["out", "l4"] and mvl.excluded == []
+
+
+def test_mvl_leaves_out_pass_through_layers():
+    frame = HAND_LSA.copy()
+    frame.loc[frame["layer"] == "l4", "layer_type"] = "Flatten"  # repeats the RE of the layer before it
+    mvl = select_mvl(frame, HAND_ACC, k=2, include_output=True)
+    assert mvl.names == ["out", "l2"] and mvl.excluded == ["l4"]
+
+
+def test_mvl_chosen_attack_eps_and_metric():
+    assert select_mvl(HAND_LSA, HAND_ACC, k=1, attack="pgd", eps=0.1).names == ["l2"]
+    assert select_mvl(HAND_LSA, HAND_ACC, k=1, attack="fgsm").names == ["l1"]  # its largest eps, 0.3
+    pooled = select_mvl(HAND_LSA, HAND_ACC, k=2, metric="re_pooled")
+    assert pooled.names == ["l4", "l2"] and list(pooled.layers["score"]) == [2.5, 0.55]
+
+
+def test_mvl_z_criterion():
+    # pgd @ 0.3 without the output layer: 1.0, 1.1, 0.9, 5.0, 1.0
+    # mean = 9.0 / 5 = 1.8; population std = sqrt((0.64 + 0.49 + 0.81 + 10.24 + 0.64) / 5) = sqrt(2.564) = 1.6012
+    # z = 1 -> threshold 3.4012: only l4; z = 3 -> threshold 6.60: none; z = -1 -> 0.199: all, ranked
+    one = select_mvl(HAND_LSA, HAND_ACC, z=1.0)
+    assert one.criterion == "z" and one.z == 1.0 and one.k is None
+    assert one.names == ["l4"]
+    assert select_mvl(HAND_LSA, HAND_ACC, z=3.0).names == []
+    assert select_mvl(HAND_LSA, HAND_ACC, z=-1.0).names == ["l4", "l2", "l1", "l5", "l3"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"k": 6}, "more than the 5 layers"),
+    ({"k": 0}, "at least 1"),
+    ({"k": 2, "z": 1.0}, "choose one"),
+    ({"k": 1, "attack": "nope"}, "no attack named"),
+    ({"k": 1, "attack": "pgd", "eps": 0.2}, "not run at eps"),
+    ({"k": 1, "metric": "re_max"}, "metric"),
+])
+def test_mvl_errors(kwargs, match):
+    with pytest.raises(RobauditError, match=match):
+        select_mvl(HAND_LSA, HAND_ACC, **kwargs)
+
+
+@pytest.mark.xfail(strict=True, reason="select_mvl defaults k to 5 and then refuses models with fewer than 5 "
+                                       "non-output layers, citing a --mvl-top the user never gave")
+def test_mvl_default_k_on_a_small_model():
+    small = lsa_frame({("pgd", 0.3): [0.3, 0.9, 0.5, 2.0]}, ["l1", "l2", "l3", "out"], "out")
+    mvl = select_mvl(small, accuracy_frame([("pgd", 0.3, 0.2, "adversarial")]))
+    assert mvl.names == ["l2", "l3", "l1"]
+
+
+def test_mvl_from_a_real_analysis(cnn, data):
+    res = run(cnn, data, attacks=["fgsm", "gaussian"], eps=[0.03], batch_size=10)
+    mvl = res.mvl(3)
+    assert (mvl.attack, mvl.eps) == ("fgsm", 0.03)
+    # the output layer and the pass-through Flatten (whose RE repeats the pool's) are left out
+    assert mvl.excluded == ["classifier.0", "classifier.1"]
+    fgsm = res.lsa[(res.lsa["attack"] == "fgsm") & ~res.lsa["layer"].isin(mvl.excluded)]
+    assert mvl.names == list(fgsm.sort_values("re_mean", ascending=False)["layer"][:3])
+    assert res.strongest() == ("fgsm", 0.03)

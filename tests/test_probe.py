@@ -1,0 +1,274 @@
+"""Layer selection and hooks: repeated modules, filters on eager and exported models, cleanup."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from tests.helpers import CNN_LAYERS, CNN_RELUS, assert_no_hooks, export_dynamic, make_cnn, make_data, make_twice
+from tests.helpers import single_thread  # noqa: F401  (autouse fixture)
+from robaudit.errors import RobauditError
+from robaudit.lsa import analyze
+from robaudit.models import load_model
+from robaudit.probe import LayerProbe, module_types, select_modules
+
+TWICE_LAYERS = ["fc1", "act", "fc2", "act#2", "fc3"]
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    return make_cnn()
+
+
+@pytest.fixture(scope="module")
+def cnn_pt2(cnn, tmp_path_factory):
+    return load_model(export_dynamic(cnn, tmp_path_factory.mktemp("probe") / "cnn.pt2", torch.rand(2, 1, 8, 8)))
+
+
+@pytest.fixture(params=["eager", "pt2"])
+def model_and_types(request, cnn, cnn_pt2):
+    """The same CNN as an eager module and as an unflattened ``.pt2`` (original classes from the type map)."""
+    if request.param == "eager":
+        return cnn, None
+    return cnn_pt2.module, cnn_pt2.type_map
+
+
+# ---------------------------------------------------------------------------------------------
+# repeated modules
+
+
+def probe_twice(model, type_map=None):
+    names = select_modules(model, type_map=type_map)
+    assert names == ["fc1", "act", "fc2", "fc3"]
+    with LayerProbe(model, names, type_map=type_map) as probe:
+        logits, outs = probe.run(model, torch.rand(3, 4))
+        outs = dict(outs)
+    assert_no_hooks(model)
+    return probe, logits, outs
+
+
+def test_module_called_twice_gives_two_layers():
+    model = make_twice()
+    probe, logits, outs = probe_twice(model)
+    assert list(outs) == TWICE_LAYERS
+    assert [(l.name, l.module, l.call, l.order, l.layer_type) for l in probe.layers] == [
+        ("fc1", "fc1", 1, 0, "Linear"), ("act", "act", 1, 1, "ReLU"), ("fc2", "fc2", 1, 2, "Linear"),
+        ("act#2", "act", 2, 3, "ReLU"), ("fc3", "fc3", 1, 4, "Linear")]
+    # each call's own output: act is relu(fc1), act#2 is relu(fc2)
+    torch.testing.assert_close(outs["act"], outs["fc1"].clamp_min(0))
+    torch.testing.assert_close(outs["act#2"], outs["fc2"].clamp_min(0))
+    torch.testing.assert_close(outs["fc3"], logits)
+
+
+def test_module_called_twice_in_an_export(tmp_path):
+    model = make_twice()
+    loaded = load_model(export_dynamic(model, tmp_path / "twice.pt2", torch.rand(2, 4)))
+    assert loaded.format == "export"
+    probe, logits, outs = probe_twice(loaded.module, loaded.type_map)
+    assert list(outs) == TWICE_LAYERS
+    assert [l.layer_type for l in probe.layers] == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]
+    torch.testing.assert_close(outs["act#2"], outs["fc2"].clamp_min(0))
+    # and analyze names the layers the same way for both
+    x = torch.rand(6, 4)
+    data = SimpleNamespace(x=x, y=model(x).argmax(1).detach(), num_classes=3)
+    eager = analyze(model, data, attacks=["gaussian"], eps=[0.1], device="cpu")
+    exported = analyze(loaded, data, attacks=["gaussian"], eps=[0.1], device="cpu")
+    assert list(eager.lsa["layer"]) == list(exported.lsa["layer"]) == TWICE_LAYERS
+    assert list(exported.lsa["layer_type"]) == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]
+
+
+def test_reset_restarts_call_counting():
+    model = make_twice()
+    with LayerProbe(model, ["act"]) as probe:
+        for _ in range(2):
+            _, outs = probe.run(model, torch.rand(2, 4))
+            assert list(outs) == ["act", "act#2"]
+        probe.reset()
+        model(torch.rand(2, 4))
+        model(torch.rand(2, 4))  # without reset the calls keep counting
+        assert list(probe.outputs()) == ["act", "act#2", "act#3", "act#4"]
+
+
+# ---------------------------------------------------------------------------------------------
+# layer filters, on an eager module and an unflattened .pt2
+
+
+def test_all_leaf_layers(model_and_types):
+    model, types = model_and_types
+    assert select_modules(model, type_map=types) == CNN_LAYERS
+
+
+def test_filter_by_type(model_and_types):
+    model, types = model_and_types
+    assert select_modules(model, layer_types=["ReLU"], type_map=types) == CNN_RELUS
+    assert select_modules(model, layer_types=["relu", " conv2d "], type_map=types) == [
+        "features.0", "features.2", "features.4", "features.5"]
+
+
+def test_filter_by_glob(model_and_types):
+    model, types = model_and_types
+    assert select_modules(model, patterns=["features.*"], type_map=types) == CNN_LAYERS[:7]
+    assert select_modules(model, patterns=["classifier.1", "features.[02]"], type_map=types) == [
+        "features.0", "features.2", "classifier.1"]
+    assert select_modules(model, layer_types=["Linear"], patterns=["classifier.*"], type_map=types) == [
+        "classifier.1"]
+
+
+def test_unknown_type_is_refused(model_and_types):
+    model, types = model_and_types
+    with pytest.raises(RobauditError, match="no module of type gelu.*ReLU"):
+        select_modules(model, layer_types=["GELU"], type_map=types)
+
+
+def test_filters_that_match_nothing(model_and_types):
+    model, types = model_and_types
+    with pytest.raises(RobauditError, match="no layer matches names head.*features.0"):
+        select_modules(model, patterns=["head.*"], type_map=types)
+    with pytest.raises(RobauditError, match="no layer matches types ReLU and names classifier"):
+        select_modules(model, layer_types=["ReLU"], patterns=["classifier.*"], type_map=types)
+
+
+def test_export_keeps_original_classes(cnn_pt2):
+    types = module_types(cnn_pt2.module, cnn_pt2.type_map)
+    assert [types[n] for n in CNN_LAYERS] == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU",
+                                              "MaxPool2d", "Flatten", "Linear"]
+    # without the type map the unflattened modules are generic
+    assert "ReLU" not in module_types(cnn_pt2.module).values()
+
+
+def test_relu_hooks_fire_on_an_export(cnn, cnn_pt2):
+    x = torch.rand(5, 1, 8, 8)
+    got = {}
+    for key, (model, types) in {"eager": (cnn, None), "pt2": (cnn_pt2.module, cnn_pt2.type_map)}.items():
+        names = select_modules(model, layer_types=["ReLU"], type_map=types)
+        with LayerProbe(model, names, type_map=types) as probe:
+            _, outs = probe.run(model, x)
+            got[key] = dict(outs)
+        assert_no_hooks(model)
+    assert list(got["pt2"]) == CNN_RELUS
+    for name in CNN_RELUS:
+        torch.testing.assert_close(got["pt2"][name], got["eager"][name], rtol=1e-5, atol=1e-6)
+        assert (got["pt2"][name] >= 0).all()
+
+
+def test_analyze_with_layer_types_on_an_export(cnn, cnn_pt2):
+    data = make_data(cnn, 6)
+    res = analyze(cnn_pt2, data, attacks=["gaussian"], eps=[0.05], layer_types=["ReLU"], device="cpu")
+    assert list(res.lsa["layer"]) == CNN_RELUS
+    assert set(res.lsa["layer_type"]) == {"ReLU"}
+    assert_no_hooks(cnn_pt2.module)
+
+
+# ---------------------------------------------------------------------------------------------
+# hooks never outlive the probe
+
+
+def test_hooks_removed_after_success(cnn):
+    with LayerProbe(cnn, CNN_LAYERS) as probe:
+        assert sum(len(m._forward_hooks) for m in cnn.modules()) == len(CNN_LAYERS)
+        probe.run(cnn, torch.rand(2, 1, 8, 8))
+    assert_no_hooks(cnn)
+    probe.remove()  # idempotent
+    assert_no_hooks(cnn)
+
+
+def test_hooks_removed_after_an_exception_in_the_block(cnn):
+    with pytest.raises(ValueError, match="boom"):
+        with LayerProbe(cnn, CNN_LAYERS) as probe:
+            probe.run(cnn, torch.rand(2, 1, 8, 8))
+            raise ValueError("boom")
+    assert_no_hooks(cnn)
+
+
+def test_hooks_removed_after_an_exception_in_the_forward(cnn):
+    def bad_transform(layer, out):
+        if layer.name == "features.4":
+            raise RuntimeError("transform failed")
+        return out
+
+    with pytest.raises(RuntimeError, match="transform failed"):
+        with LayerProbe(cnn, CNN_LAYERS, transform=bad_transform) as probe:
+            probe.run(cnn, torch.rand(2, 1, 8, 8))
+    assert_no_hooks(cnn)
+
+
+def test_unknown_module_name_registers_nothing(cnn):
+    with pytest.raises(RobauditError, match="no module named 'features.9'"):
+        with LayerProbe(cnn, ["features.0", "features.9"]):
+            pass  # pragma: no cover
+    assert_no_hooks(cnn)
+
+
+class Bomb(nn.Module):
+    """Wraps a model and raises on its ``n``-th forward pass run without gradients (or with them)."""
+
+    def __init__(self, inner: nn.Module, *, n: int, grad: bool) -> None:
+        super().__init__()
+        self.inner, self.n, self.grad, self.calls = inner, n, grad, 0
+
+    def forward(self, x):
+        if torch.is_grad_enabled() == self.grad:
+            self.calls += 1
+            if self.calls == self.n:
+                raise RuntimeError("model exploded")
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("where, n, grad", [
+    ("adversarial pass", 3, False),  # no-grad calls: compatibility check, clean pass, then the adversarial pass
+    ("inside the attack", 1, True),
+    ("clean pass of the second batch", 4, False),
+])
+def test_hooks_removed_when_analyze_fails(where, n, grad):
+    model = Bomb(make_cnn(), n=n, grad=grad).eval()
+    data = make_data(model.inner, 6)
+    with pytest.raises(RuntimeError, match="model exploded"):
+        analyze(model, data, attacks=["fgsm"], eps=[0.03], batch_size=4, device="cpu")
+    assert_no_hooks(model)
+
+
+def test_hooks_removed_when_analyze_fails_with_normalization():
+    model = Bomb(make_cnn(), n=3, grad=False).eval()
+    data = make_data(model.inner, 4)
+    with pytest.raises(RuntimeError, match="model exploded"):
+        analyze(model, data, attacks=["fgsm"], eps=[0.03], mean=[0.5], std=[0.25], device="cpu")
+    assert_no_hooks(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# recording modes
+
+
+def test_transform_replaces_the_output(cnn):
+    x = torch.rand(3, 1, 8, 8)
+    with torch.no_grad():
+        plain = cnn(x)
+    with LayerProbe(cnn, ["features.5"], transform=lambda layer, out: torch.zeros_like(out)) as probe:
+        with torch.no_grad():
+            logits, outs = probe.run(cnn, x)
+    assert (outs["features.5"] == 0).all()
+    # with the last ReLU zeroed, the logits are the classifier's bias
+    torch.testing.assert_close(logits, cnn.classifier[1].bias.expand(3, -1))
+    assert not torch.allclose(logits, plain)
+    assert_no_hooks(cnn)
+
+
+def test_detach_false_keeps_the_graph(cnn):
+    x = torch.rand(2, 1, 8, 8)
+    with LayerProbe(cnn, CNN_RELUS, detach=False) as probe:
+        _, outs = probe.run(cnn, x)
+        outs["features.5"].sum().backward()
+    assert cnn.features[0].weight.grad is not None
+    cnn.zero_grad(set_to_none=True)
+    with LayerProbe(cnn, CNN_RELUS) as probe:
+        _, outs = probe.run(cnn, x)
+    assert not outs["features.5"].requires_grad
+
+
+def test_disabled_probe_records_nothing(cnn):
+    with LayerProbe(cnn, CNN_LAYERS) as probe:
+        probe.enabled = False
+        _, outs = probe.run(cnn, torch.rand(2, 1, 8, 8))
+    assert len(outs) == 0 and probe.layers == []
