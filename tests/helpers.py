@@ -132,6 +132,14 @@ def export_fixed(model: nn.Module, path: Path, example: torch.Tensor) -> Path:
     return path
 
 
+TIMING_COLUMNS = ["seconds"]
+
+
+def accuracy_numbers(res):
+    """The accuracy frame of an analysis without its wall-clock columns (which differ run to run)."""
+    return res.accuracy.drop(columns=TIMING_COLUMNS, errors="ignore")
+
+
 def rel_diff(a, b) -> float:
     """Largest relative difference between two arrays of finite numbers (0 where both are 0)."""
     import numpy as np

@@ -159,9 +159,11 @@ def test_expand_without_eps():
 
 def test_default_battery():
     battery = atk.default_battery()
-    assert [s.name for s in battery] == list(atk.DEFAULT_BATTERY)
-    assert {s.name for s in battery} <= set(KINDS)
+    assert battery == [parse(s) for s in atk.DEFAULT_BATTERY]
     assert any(s.kind == "noise" for s in battery) and any(s.kind == "adversarial" for s in battery)
+    assert any(s.kind == "adversarial" and not s.bounded for s in battery)  # a minimal-perturbation attack too
+    for spec in expand(battery, [0.1, 0.2]):
+        assert spec.eps is None if not spec.bounded else spec.eps in (0.1, 0.2)
 
 
 # ---------------------------------------------------------------------------------------------
