@@ -43,7 +43,7 @@ KINDS: dict[str, AttackKind] = {
                    "DeepFool, minimal perturbation (no eps); slow, it loops per sample"),
         AttackKind("autoattack", "adversarial", "Linf", True, {"version": "standard"},
                    "AutoAttack ensemble (APGD-CE, APGD-T, FAB, Square)"),
-        AttackKind("square", "adversarial", "Linf", True, {"n_queries": 500, "p_init": 0.8},
+        AttackKind("square", "adversarial", "Linf", True, {"n_queries": 1000, "p_init": 0.8},
                    "Square attack, black-box (score-based)"),
         AttackKind("gaussian", "noise", "Linf", True, {},
                    "Gaussian noise with the L2 energy of a full-budget perturbation at eps"),
@@ -55,7 +55,7 @@ KINDS: dict[str, AttackKind] = {
 }
 NORMS = {"linf": "Linf", "inf": "Linf", "l2": "L2"}
 
-DEFAULT_BATTERY = ("fgsm", "pgd", "cw", "square", "gaussian", "uniform", "saltpepper")
+DEFAULT_BATTERY = ("fgsm", "pgd", "cw", "square:n_queries=200", "gaussian", "uniform", "saltpepper")
 
 
 @dataclass(frozen=True)
@@ -274,5 +274,10 @@ def _noise(spec: AttackSpec) -> AttackFn:
     return fn
 
 
-def default_battery() -> list[AttackSpec]:
-    return [parse(s) for s in DEFAULT_BATTERY]
+def default_battery(eps: Sequence[float] | None = None) -> list[AttackSpec]:
+    """The default battery. Square, a black-box attack that costs hundreds of forward passes, runs
+    once at the largest eps: enough for the white-box-vs-black-box check, cheap enough for every model."""
+    specs = [parse(s) for s in DEFAULT_BATTERY]
+    if eps:
+        specs = [replace(s, eps=float(max(eps)), explicit_eps=True) if s.name == "square" else s for s in specs]
+    return specs

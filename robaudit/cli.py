@@ -28,6 +28,9 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
+        except BrokenPipeError:  # output piped into e.g. `head`: nothing left to say
+            sys.stderr.close()
+            ctx.exit(EXIT_INTERNAL)
         except KeyboardInterrupt:
             if _debug(ctx):
                 raise
@@ -337,17 +340,20 @@ def _echo_harden(done) -> None:
         click.echo(f"note: {note}")
     comp = done.comparison
     acc = comp[comp["kind"] == "accuracy"]
-    click.echo("\naccuracy            before    after    delta")
-    for r in acc.itertuples():
-        label = r.attack if r.eps is None or r.eps != r.eps else f"{r.attack} eps {r.eps:g}"
-        click.echo(f"  {label:<18} {100 * r.before:6.1f}%  {100 * r.after:6.1f}%  {100 * r.delta:+6.1f}")
+    labels = [r.attack if r.eps is None or r.eps != r.eps else f"{r.attack} eps {r.eps:g}" for r in acc.itertuples()]
+    width = max([len(x) for x in labels] + [8])
+    click.echo(f"\n  {'accuracy':<{width}}  {'before':>7}  {'after':>7}  {'delta':>6}")
+    for label, r in zip(labels, acc.itertuples()):
+        click.echo(f"  {label:<{width}}  {100 * r.before:6.1f}%  {100 * r.after:6.1f}%  {100 * r.delta:+6.1f}")
     re_rows = comp[comp["kind"] == "re"]
     if len(re_rows):
         r0 = re_rows.iloc[0]
         eps_txt = f" eps {r0['eps']:g}" if r0["eps"] == r0["eps"] and r0["eps"] is not None else ""
-        click.echo(f"\nRE of the MVL layers under {r0['attack']}{eps_txt}   before    after")
+        lw = max([len(str(x)) for x in re_rows["layer"]] + [5])
+        click.echo(f"\nRE ({done.settings['mvl_ranking']['metric']}) of the MVL layers under {r0['attack']}{eps_txt}:")
+        click.echo(f"  {'layer':<{lw}}  {'before':>8}  {'after':>8}")
         for r in re_rows.itertuples():
-            click.echo(f"  {r.layer:<30} {r.before:8.4f} {r.after:8.4f}")
+            click.echo(f"  {r.layer:<{lw}}  {r.before:8.4f}  {r.after:8.4f}")
     click.echo(f"\nhardened model: {done.model_path}")
     click.echo(f"outputs: {done.hardened_dir}/ (history.csv, comparison.csv, harden.json, lsa.csv, accuracy.csv, "
                "mvl.json)")

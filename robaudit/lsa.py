@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 LSA_COLUMNS = ["layer", "layer_type", "attack", "eps", "re_mean", "re_std", "re_pooled", "n_samples",
                "order", "kind", "norm", "is_output"]
-ACCURACY_COLUMNS = ["attack", "eps", "accuracy", "n_samples", "kind", "norm"]
+ACCURACY_COLUMNS = ["attack", "eps", "accuracy", "n_samples", "kind", "norm", "seconds"]
 
 
 # -- the streaming statistic ---------------------------------------------------------------
@@ -272,8 +273,6 @@ def analyze(
     ``data`` a :class:`robaudit.data.Dataset` or an ``(x, y)`` pair. Per batch: one hooked clean
     forward, reused by every attack; per attack, the adversarial batch and one hooked forward.
     """
-    import time
-
     started = time.perf_counter()
     if isinstance(model, LoadedModel):
         type_map = type_map or model.type_map
@@ -284,7 +283,7 @@ def analyze(
     if batch_size < 1:
         raise RobauditError("--batch-size must be at least 1")
     dev = resolve_device(device)
-    specs = atk.expand(list(attacks) if attacks else atk.default_battery(), eps)
+    specs = atk.expand(list(attacks) if attacks else atk.default_battery(eps), eps)
     model = model.to(dev).eval()
     full = with_normalization(model, mean, std, ndim=x_all.dim()).to(dev).eval()
     check_compatible(full, x_all.to(dev), num_classes)
@@ -294,6 +293,7 @@ def analyze(
     builders = [atk.build(s, full, num_classes=num_classes, seed=seed) for s in specs]
     stats: dict[tuple[str, int], RelativeError] = {}
     correct = {"clean": 0, **{i: 0 for i in range(len(specs))}}
+    seconds = [0.0] * len(specs)  # time spent generating each configuration's perturbed inputs
     worst_keys = sorted({(s.norm, s.eps) for s in specs if s.kind == "adversarial" and s.bounded},
                         key=lambda t: (t[0], t[1]))
     worst_correct = {k: 0 for k in worst_keys}
@@ -323,11 +323,13 @@ def analyze(
             robust = {k: ok_clean.clone() for k in worst_keys}
             for i, (spec, attack_fn) in enumerate(zip(specs, builders)):
                 probe.enabled = False
+                tic = time.perf_counter()
                 try:
                     x_adv = attack_fn(x, y).detach()
                 finally:
                     probe.enabled = True
                     model.eval()
+                seconds[i] += time.perf_counter() - tic
                 if not torch.isfinite(x_adv).all():
                     raise NonFiniteError(f"{spec.label} produced non-finite inputs: the model's gradients may be "
                                          "non-finite; check the weights")
@@ -365,13 +367,13 @@ def analyze(
             })
     lsa = pd.DataFrame(rows, columns=LSA_COLUMNS)
     acc_rows = [{"attack": "clean", "eps": None, "accuracy": correct["clean"] / n_total, "n_samples": n_total,
-                 "kind": "clean", "norm": None}]
+                 "kind": "clean", "norm": None, "seconds": None}]
     for i, spec in enumerate(specs):
         acc_rows.append({"attack": spec.label, "eps": spec.eps, "accuracy": correct[i] / n_total,
-                         "n_samples": n_total, "kind": spec.kind, "norm": spec.norm})
+                         "n_samples": n_total, "kind": spec.kind, "norm": spec.norm, "seconds": seconds[i]})
     for (norm, e), c in worst_correct.items():
         acc_rows.append({"attack": "worst-case", "eps": e, "accuracy": c / n_total, "n_samples": n_total,
-                         "kind": "adversarial", "norm": norm})
+                         "kind": "adversarial", "norm": norm, "seconds": None})
     accuracy = pd.DataFrame(acc_rows, columns=ACCURACY_COLUMNS)
     lsa_finite = lsa[["re_mean", "re_pooled"]].replace([np.inf, -np.inf], np.nan)
     if len(lsa) and lsa_finite.isna().all().all():

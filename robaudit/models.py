@@ -114,6 +114,12 @@ def _load_export(path: Path) -> LoadedModel:
         raise RobauditError(f"{path.name} is not a readable torch.export archive ({type(e).__name__}): re-export it") from e
     _check_dynamic_batch(ep, path)
     module = torch.export.unflatten(ep)
+    # Unflattened submodules run their graphs through torch.fx.Interpreter by default, about 7x
+    # slower than eager on a small CNN; the generated code computes the same and still calls each
+    # submodule, so forward hooks keep firing.
+    for sub in module.modules():
+        if hasattr(sub, "_run_with_interpreter"):
+            sub._run_with_interpreter = False
     type_map: dict[str, str] = {}
     for node in ep.graph.nodes:
         stack = node.meta.get("nn_module_stack")
@@ -336,9 +342,12 @@ def save_exported_weights(path: str | os.PathLike, loaded: LoadedModel, module: 
     path = Path(path)
     ep = loaded.exported
     trained = module.state_dict()
-    for key in list(ep.state_dict):
+    for key, old in list(ep.state_dict.items()):
         if key in trained:
-            ep.state_dict[key] = trained[key].detach().clone().cpu()
+            value = trained[key].detach().clone().cpu()
+            # the program's verifier wants parameters to stay nn.Parameter objects
+            ep.state_dict[key] = nn.Parameter(value, requires_grad=old.requires_grad) \
+                if isinstance(old, nn.Parameter) else value
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # torch.export wants the .pt2 ending
     torch.export.save(ep, str(tmp))
     os.replace(tmp, path)

@@ -89,8 +89,8 @@ def analyze_run(
         mean, std = data.mean, data.std
     elif not normalize:
         mean = std = None
-    specs = [atk.parse(a) for a in attacks] if attacks else atk.default_battery()
     eps = list(eps) if eps else list(data.default_eps)
+    specs = [atk.parse(a) for a in attacks] if attacks else atk.default_battery(eps)
     dev = resolve_device(device)
 
     result = analyze(loaded, data, attacks=specs, eps=eps, layers=layers, layer_types=layer_types, mean=mean,
