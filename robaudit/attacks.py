@@ -94,13 +94,13 @@ class AttackSpec:
         return f"{self.name}({','.join(f'{k}={_fmt(v)}' for k, v in extra)})"
 
     def spec_string(self) -> str:
-        """The spec in the language it was parsed from (round-trips through :func:`parse`)."""
+        """The spec in the language it was parsed from (round-trips exactly through :func:`parse`)."""
         items = []
         if self.eps is not None:
-            items.append(f"eps={_fmt(self.eps)}")
+            items.append(f"eps={self.eps!r}")
         if self.norm != KINDS[self.name].norm:
             items.append(f"norm={self.norm}")
-        items += [f"{k}={_fmt(v)}" for k, v in self.params]
+        items += [f"{k}={v!r}" if isinstance(v, float) else f"{k}={v}" for k, v in self.params]
         return self.name + (":" + ",".join(items) if items else "")
 
 
@@ -137,21 +137,27 @@ def parse_eps_list(text: str | Sequence[str] | None) -> list[float] | None:
 
 
 def _parse_value(key: str, text: str, default: Any) -> Any:
+    """Parse one parameter value with the type of its default (bool, whole number, word or float)."""
     t = text.strip()
-    if isinstance(default, bool) or t.lower() in ("true", "false"):
+    if isinstance(default, bool):
         if t.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise RobauditError(f"{key}={text} must be true or false")
         return t.lower() in ("true", "1", "yes")
     if isinstance(default, str):
         return t
+    if t.lower() in ("true", "false", "yes", "no"):
+        raise RobauditError(f"{key}={text} must be a number")
     value = parse_number(t)
-    if isinstance(default, int) and not isinstance(default, bool):
+    if isinstance(default, int):
         if value != int(value) or value < 1:
             raise RobauditError(f"{key}={text} must be a positive whole number")
         return int(value)
     if not math.isfinite(value):
         raise RobauditError(f"{key}={text} must be finite")
     return value
+
+
+CHOICES = {("autoattack", "version"): ("standard", "plus", "rand")}
 
 
 def parse(text: str) -> AttackSpec:
@@ -180,7 +186,11 @@ def parse(text: str) -> AttackSpec:
                                 and name != "square"):
                 raise RobauditError(f"{name} does not support norm={value}")
         elif key in kind.defaults:
-            params.append((key, _parse_value(key, value, kind.defaults[key] if kind.defaults[key] is not None else 0.0)))
+            parsed = _parse_value(key, value, kind.defaults[key] if kind.defaults[key] is not None else 0.0)
+            choices = CHOICES.get((name, key))
+            if choices and parsed not in choices:
+                raise RobauditError(f"{name}:{key}={value} is not one of {', '.join(choices)}")
+            params.append((key, parsed))
         else:
             known = ", ".join(["eps", "norm", *kind.defaults]) if kind.bounded else ", ".join(kind.defaults)
             raise RobauditError(f"unknown parameter {key!r} for {name}: it takes {known}")
@@ -235,6 +245,10 @@ def build(spec: AttackSpec, model: nn.Module, *, num_classes: int, seed: int = 0
     elif name == "deepfool":
         atk = _DeepFool(torchattacks.DeepFool(model, steps=p["steps"], overshoot=p["overshoot"]))
     elif name == "autoattack":
+        if num_classes < 4 and p["version"] != "rand":
+            # APGD-T and FAB-T target the top-9 other classes; torchattacks fails on fewer than 4
+            raise RobauditError(f"autoattack needs at least 4 classes (this data set has {num_classes}): "
+                                "use pgd, or autoattack:version=rand")
         atk = torchattacks.AutoAttack(model, norm=spec.norm, eps=spec.eps, version=p["version"],
                                       n_classes=num_classes, seed=seed)
     elif name == "square":

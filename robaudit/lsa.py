@@ -216,7 +216,8 @@ def select_mvl(lsa: pd.DataFrame, accuracy: pd.DataFrame, *, k: int | None = Non
         ranked = ranked[ranked[metric] > mu + z * sd]
         criterion = "z"
     else:
-        k = k if k is not None else 5
+        if k is None:  # the default: five, or every rankable layer of a smaller model
+            k = max(1, min(5, len(ranked)))
         if k > len(ranked):
             raise RobauditError(f"--mvl-top {k} is more than the {len(ranked)} layers analyzed: use at most {len(ranked)}")
         ranked = ranked.head(k)
@@ -245,10 +246,12 @@ def seed_everything(seed: int) -> None:
 
 
 def _as_tensors(data) -> tuple[torch.Tensor, torch.Tensor, int]:
-    if hasattr(data, "x") and hasattr(data, "y"):
-        return data.x, data.y, int(getattr(data, "num_classes", int(data.y.max()) + 1))
-    x, y = data
-    return x, y, int(y.max()) + 1
+    """``(x, y, num_classes)`` from a Dataset or an ``(x, y)`` pair; refuses empty data in one line."""
+    x, y = (data.x, data.y) if hasattr(data, "x") and hasattr(data, "y") else data
+    if len(x) == 0 or len(y) == 0:
+        raise RobauditError("the data set is empty: check --samples and the data files")
+    num_classes = getattr(data, "num_classes", None)
+    return x, y, int(num_classes) if num_classes is not None else int(y.max()) + 1
 
 
 def analyze(
@@ -278,8 +281,6 @@ def analyze(
         type_map = type_map or model.type_map
         model = model.module
     x_all, y_all, num_classes = _as_tensors(data)
-    if len(x_all) == 0:
-        raise RobauditError("the data set is empty: check --samples and the data files")
     if batch_size < 1:
         raise RobauditError("--batch-size must be at least 1")
     dev = resolve_device(device)

@@ -304,8 +304,6 @@ def test_analyze_argument_errors(cnn, data, kwargs, match):
     assert_no_hooks(cnn)
 
 
-@pytest.mark.xfail(strict=True, reason="_as_tensors evaluates int(y.max()) (getattr's default) before analyze "
-                                       "checks for empty data: RuntimeError instead of RobauditError")
 @pytest.mark.parametrize("as_pair", [True, False], ids=["pair", "dataset"])
 def test_analyze_empty_data(cnn, as_pair):
     x, y = torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)
@@ -424,8 +422,6 @@ def test_mvl_errors(kwargs, match):
         select_mvl(HAND_LSA, HAND_ACC, **kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason="select_mvl defaults k to 5 and then refuses models with fewer than 5 "
-                                       "non-output layers, citing a --mvl-top the user never gave")
 def test_mvl_default_k_on_a_small_model():
     small = lsa_frame({("pgd", 0.3): [0.3, 0.9, 0.5, 2.0]}, ["l1", "l2", "l3", "out"], "out")
     mvl = select_mvl(small, accuracy_frame([("pgd", 0.3, 0.2, "adversarial")]))
