@@ -620,7 +620,7 @@ def _mvl_section(run: Run) -> dict | None:
                   caption="MVL list, most vulnerable first")
     description = f"Ranked by {where}; selected: {how}. {len(layers)} layers."
     if mvl.get("excluded"):
-        description += f" Not ranked (output layers): {', '.join(map(str, mvl['excluded']))}."
+        description += f" Not ranked (the output layer and pass-through layers such as Flatten): {', '.join(map(str, mvl['excluded']))}."
     return {"description": description, "table": table}
 
 
