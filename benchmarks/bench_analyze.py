@@ -1,0 +1,286 @@
+"""What LSA costs on top of the attacks it runs, and whether its memory stays flat, side by side in one run.
+
+    python benchmarks/bench_analyze.py            # about 2 minutes on 2 CPU cores
+    python benchmarks/bench_analyze.py --quick    # under a minute: 256 samples timed, memory at 1k vs 4k
+    python benchmarks/bench_analyze.py --profile  # also: where analyze spends its time (cProfile)
+
+1. Time: ``analyze`` on the digits CNN with a battery (FGSM, PGD and Gaussian noise at 3 eps, plus CW)
+   against a bare loop that only generates the same adversarial examples with the same attack objects
+   over the same batches. Target: analyze at most 1.15x the bare loop (the extra cost is one hooked
+   clean forward per batch, one hooked forward per attack and the streaming statistics). The two run
+   alternately, so that load from other processes affects both alike; the median of the rounds is used.
+   analyze's own account of the time spent inside the attacks is printed beside it.
+2. Memory: peak resident memory added by ``analyze`` (FGSM + PGD) on 1k and on 10k samples, each size in
+   a fresh subprocess that samples /proc/self/statm from a thread. Target: flat (ratio about 1.0x), since
+   the statistics stream and no activation outlives its batch. The added memory is small (tens of MB), so
+   a growth under 10 MB counts as flat whatever the ratio; what keeping activations would cost is printed
+   for scale.
+
+Exit status 0 when both targets are met, 1 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from robaudit import attacks as atk
+from robaudit.lsa import analyze, seed_everything
+
+try:
+    from robaudit.examples.models import DigitsCNN
+except ImportError:  # a source tree that was not installed: the same architecture, defined here
+    class DigitsCNN(nn.Module):
+        def __init__(self, width: int = 16, hidden: int = 64, num_classes: int = 10) -> None:
+            super().__init__()
+            self.features = nn.Sequential(
+                nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+                nn.MaxPool2d(2),
+            )
+            self.classifier = nn.Sequential(
+                nn.Flatten(), nn.Linear(2 * width * 16, hidden), nn.ReLU(), nn.Linear(hidden, num_classes),
+            )
+
+        def forward(self, x):
+            return self.classifier(self.features(x))
+
+
+BATTERY = ["fgsm", "pgd", "cw", "gaussian"]
+EPS = [0.05, 0.1, 0.2]
+MEMORY_BATTERY = ["fgsm", "pgd"]
+MEMORY_SIZES = (1_000, 10_000)
+QUICK_MEMORY_SIZES = (1_000, 4_000)
+TIME_SAMPLES, QUICK_TIME_SAMPLES = 768, 256
+TIME_TARGET = 1.15
+MEMORY_TARGET = 1.25  # "flat"; small absolute numbers are ratio-noisy, so a growth under
+MEMORY_NOISE_MB = 10.0  # this many MB also counts as flat (the allocator's own variation between runs)
+
+
+def digits(split: str = "train", n: int | None = None):
+    """scikit-learn's digits as N x 1 x 8 x 8 in [0, 1], through robaudit's loader when it is there,
+    repeated to ``n`` samples when ``n`` is given."""
+    x, y, num_classes = _digits(split)
+    if n is not None:
+        reps = -(-n // len(x))
+        x, y = x.repeat(reps, 1, 1, 1)[:n].contiguous(), y.repeat(reps)[:n].contiguous()
+    return x, y, num_classes
+
+
+def _digits(split: str):
+    try:
+        from robaudit.data import load_dataset
+
+        d = load_dataset("digits", split=split)
+        return d.x, d.y, d.num_classes
+    except ImportError:
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x = torch.tensor(d.images, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16
+        return x, torch.tensor(d.target), 10
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = DigitsCNN()
+    with torch.no_grad():  # BatchNorm statistics as after training, not the identity of a fresh module
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def bare_loop(model, x, y, num_classes, battery, eps, batch_size, seed) -> None:
+    """Only the attacks: the same attack objects, batches and order as analyze, nothing measured."""
+    seed_everything(seed)
+    specs = atk.expand(battery, eps)
+    builders = [atk.build(s, model, num_classes=num_classes, seed=seed) for s in specs]
+    for start in range(0, len(x), batch_size):
+        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        for fn in builders:
+            fn(xb, yb).detach()
+            model.eval()
+
+
+def run_analyze(model, x, y, battery, eps, batch_size, seed):
+    return analyze(model, (x, y), attacks=battery, eps=eps, batch_size=batch_size, device="cpu", seed=seed)
+
+
+def time_it(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+# -- memory: one subprocess per size ---------------------------------------------------------
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+class PeakSampler:
+    """Samples the resident set size every ``interval`` seconds in a thread and keeps the peak."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval, self.peak, self._stop = interval, rss_bytes(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
+def activation_bytes_per_sample(model) -> int:
+    """Bytes of every probed layer's output for one sample: what keeping activations would cost."""
+    from robaudit.probe import LayerProbe, select_modules
+
+    with LayerProbe(model, select_modules(model)) as probe, torch.no_grad():
+        _, outs = probe.run(model, digits("train", 2)[0])
+        return sum(t[0].numel() * t.element_size() for t in outs.values())
+
+
+def memory_child(n: int, batch_size: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    x, y, _ = digits("train", n)
+    model = make_model()
+    # warm up: import torchattacks, initialize autograd and the allocator on a few batches
+    run_analyze(model, x[:2 * batch_size], y[:2 * batch_size], MEMORY_BATTERY, [0.1], batch_size, 0)
+    baseline = rss_bytes()
+    with PeakSampler() as sampler:
+        t = time_it(lambda: run_analyze(model, x, y, MEMORY_BATTERY, [0.1], batch_size, 0))
+    return {"n": n, "baseline_mb": baseline / 2**20, "peak_mb": sampler.peak / 2**20,
+            "added_mb": (sampler.peak - baseline) / 2**20, "seconds": t}
+
+
+def measure_memory(n: int, batch_size: int, threads: int) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", str(n), "--batch-size", str(batch_size),
+           "--threads", str(threads)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# -- report ----------------------------------------------------------------------------------
+def profile_analyze(model, x, y, num_classes, batch_size, out) -> None:
+    """Where analyze's time goes beyond the attacks: robaudit's own functions, by total time."""
+    prof = cProfile.Profile()
+    prof.enable()
+    run_analyze(model, x, y, BATTERY, EPS, batch_size, 0)
+    prof.disable()
+    buf = io.StringIO()
+    stats = pstats.Stats(prof, stream=buf).sort_stats("cumulative")
+    stats.print_stats(r"robaudit[/\\](lsa|probe|attacks|models)\.py|torchattacks[/\\]attack\.py.*__call__", 15)
+    out.write("\ncProfile of one analyze run (robaudit functions and the attack calls, cumulative time):\n")
+    out.write("\n".join(l for l in buf.getvalue().splitlines() if l.strip() and "function calls" not in l) + "\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer samples and rounds (about 1 minute)")
+    p.add_argument("--rounds", type=int, default=None, help="timing rounds (default 3; the median is used)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is steadiest on shared cores)")
+    p.add_argument("--profile", action="store_true", help="also print a cProfile of one analyze run")
+    p.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.memory_child is not None:
+        print(json.dumps(memory_child(args.memory_child, args.batch_size, args.threads)))
+        return 0
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    out = sys.stdout
+    rounds = args.rounds or 3
+    x, y, num_classes = digits("train", QUICK_TIME_SAMPLES if args.quick else TIME_SAMPLES)
+    model = make_model()
+    n_configs = len(atk.expand(BATTERY, EPS))
+    out.write(f"digits: {type(model).__name__} (random weights), {len(x)} samples, batch {args.batch_size}, "
+              f"{torch.get_num_threads()} thread(s), cpu\n")
+    out.write(f"battery: {', '.join(BATTERY)} at eps {', '.join(f'{e:g}' for e in EPS)} "
+              f"({n_configs} configurations, torchattacks defaults: PGD-10, CW-50)\n\n")
+
+    # warm up both paths once (imports, autograd, allocator), untimed
+    small = slice(0, args.batch_size)
+    run_analyze(model, x[small], y[small], BATTERY, EPS, args.batch_size, 0)
+    bare_loop(model, x[small], y[small], num_classes, BATTERY, EPS, args.batch_size, 0)
+
+    times = {"analyze": [], "attacks only": []}
+    inside: list[float] = []  # analyze's own account of the seconds spent generating perturbed inputs
+
+    def timed_analyze():
+        res = run_analyze(model, x, y, BATTERY, EPS, args.batch_size, 0)
+        if "seconds" in res.accuracy:
+            inside.append(float(res.accuracy["seconds"].sum()))
+
+    for r in range(rounds):
+        jobs = [("analyze", timed_analyze),
+                ("attacks only", lambda: bare_loop(model, x, y, num_classes, BATTERY, EPS, args.batch_size, 0))]
+        for name, fn in (jobs if r % 2 == 0 else jobs[::-1]):
+            times[name].append(time_it(fn))
+    out.write(f"{'time':<14} {'median s':>9} {'min':>8} {'max':>8}   ({rounds} rounds, alternating)\n")
+    for name, t in times.items():
+        out.write(f"{name:<14} {statistics.median(t):>9.3f} {min(t):>8.3f} {max(t):>8.3f}\n")
+    ratio = statistics.median(times["analyze"]) / statistics.median(times["attacks only"])
+    ok_time = ratio <= TIME_TARGET
+    if inside:
+        share = statistics.median(inside)
+        out.write(f"(analyze's own clock: {share:.3f} s of it inside the attacks, the rest "
+                  f"{statistics.median(times['analyze']) - share:.3f} s probing and statistics)\n")
+    best = min(times["analyze"]) / min(times["attacks only"])
+    out.write(f"analyze / attacks only: {ratio:.3f}x  (target <= {TIME_TARGET}x: "
+              f"{'ok' if ok_time else 'ABOVE TARGET'}; fastest runs alone: {best:.3f}x)\n\n")
+
+    sizes = QUICK_MEMORY_SIZES if args.quick else MEMORY_SIZES
+    mem = [measure_memory(n, args.batch_size, args.threads) for n in sizes]
+    out.write(f"{'memory':<14} {'baseline MB':>12} {'peak MB':>9} {'added MB':>9} {'s':>7}   "
+              f"({' + '.join(MEMORY_BATTERY)} at eps 0.1, fresh process per size)\n")
+    for m in mem:
+        out.write(f"{m['n']:>6} samples {m['baseline_mb']:>12.1f} {m['peak_mb']:>9.1f} {m['added_mb']:>9.1f} "
+                  f"{m['seconds']:>7.2f}\n")
+    mem_ratio = max(mem[1]["added_mb"], 0.1) / max(mem[0]["added_mb"], 0.1)
+    growth = mem[1]["added_mb"] - mem[0]["added_mb"]
+    ok_mem = mem_ratio <= MEMORY_TARGET or growth <= MEMORY_NOISE_MB
+    verdict = "ok" if mem_ratio <= MEMORY_TARGET else (
+        f"ok, the growth is within {MEMORY_NOISE_MB:g} MB of allocator noise" if ok_mem else "NOT FLAT")
+    out.write(f"added memory {sizes[1]} / {sizes[0]} samples: {mem_ratio:.2f}x, {growth:+.1f} MB  "
+              f"(target: flat, <= {MEMORY_TARGET}x: {verdict})\n")
+    kept = activation_bytes_per_sample(model) * (1 + len(MEMORY_BATTERY)) * (sizes[1] - sizes[0]) / 2**20
+    out.write(f"(for scale: keeping the clean and perturbed activations of the extra {sizes[1] - sizes[0]} "
+              f"samples would take {kept:,.0f} MB)\n")
+
+    if args.profile:
+        profile_analyze(model, x, y, num_classes, args.batch_size, out)
+    elif not ok_time:
+        out.write("\n(run with --profile to see where analyze spends the extra time)\n")
+    out.write(f"\n{time.perf_counter() - started:.0f} s in all\n")
+    return 0 if ok_time and ok_mem else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
