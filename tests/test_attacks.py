@@ -226,6 +226,28 @@ def test_autoattack_on_a_three_class_model():
     assert x_adv.shape == data.x.shape
 
 
+@pytest.mark.xfail(strict=True, raises=IndexError,
+                   reason="autoattack:version=rand (APGD-CE + APGD-DLR) needs 3+ classes: on a 2-class model it "
+                          "crashes with IndexError, yet the <4-class refusal recommends it")
+def test_autoattack_rand_on_a_two_class_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).eval()
+    x = torch.rand(2, 2)
+    y = model(x).argmax(1).detach()
+    try:
+        fn = build(parse("autoattack:eps=0.0001,version=rand"), model, num_classes=2)  # nothing gets fooled
+    except RobauditError as e:
+        assert "version=rand" not in str(e)  # a refusal must not recommend what fails the same way
+        return
+    assert fn(x, y).shape == x.shape
+
+
+@pytest.mark.parametrize("version", ["standard", "plus"])
+def test_autoattack_refuses_fewer_than_four_classes(version):
+    with pytest.raises(RobauditError, match="at least 4 classes"):
+        build(parse(f"autoattack:eps=0.1,version={version}"), make_cnn(1, num_classes=3), num_classes=3)
+
+
 # ---------------------------------------------------------------------------------------------
 # the noise baselines
 

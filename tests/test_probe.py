@@ -238,6 +238,66 @@ def test_hooks_removed_when_analyze_fails_with_normalization():
 
 
 # ---------------------------------------------------------------------------------------------
+# in-place operations after a probed layer
+
+
+class Residual(nn.Module):
+    """``head(relu(lin(x) + x))``, with the addition done in place (as ResNet blocks do) or not."""
+
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.inplace = inplace
+        self.lin = nn.Linear(4, 4)
+        self.act = nn.ReLU(inplace=inplace)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        out = self.lin(x)
+        if self.inplace:
+            out += x
+        else:
+            out = out + x
+        return self.head(self.act(out))
+
+
+def relu_mlp(inplace: bool) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=inplace), nn.Linear(6, 3)).eval()
+
+
+def residual(inplace: bool) -> nn.Module:
+    torch.manual_seed(0)
+    return Residual(inplace).eval()
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="the hook keeps output.detach(), which shares storage with the output: a later in-place "
+                          "op (ReLU(inplace=True), out += identity) rewrites the recorded activation")
+@pytest.mark.parametrize("make, layer", [(relu_mlp, "0"), (residual, "lin")], ids=["inplace-relu", "residual-add"])
+def test_in_place_ops_do_not_rewrite_recorded_outputs(make, layer):
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    recorded = {}
+    for inplace in (False, True):
+        model = make(inplace)
+        with LayerProbe(model, [layer]) as probe, torch.no_grad():
+            _, outs = probe.run(model, x)
+            recorded[inplace] = outs[layer]
+    torch.testing.assert_close(recorded[True], recorded[False])
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="in-place ops after a probed layer change its recorded activations, hence its RE")
+def test_analyze_is_blind_to_in_place_ops():
+    x = torch.rand(8, 4, generator=torch.Generator().manual_seed(2))
+    frames = []
+    for inplace in (False, True):
+        model = residual(inplace)
+        data = SimpleNamespace(x=x, y=model(x).argmax(1).detach(), num_classes=3)
+        frames.append(analyze(model, data, attacks=["fgsm"], eps=[0.05], device="cpu").lsa)
+    assert frames[0]["re_mean"].tolist() == pytest.approx(frames[1]["re_mean"].tolist(), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
 # recording modes
 
 
