@@ -245,10 +245,12 @@ def build(spec: AttackSpec, model: nn.Module, *, num_classes: int, seed: int = 0
     elif name == "deepfool":
         atk = _DeepFool(torchattacks.DeepFool(model, steps=p["steps"], overshoot=p["overshoot"]))
     elif name == "autoattack":
-        if num_classes < 4 and p["version"] != "rand":
-            # APGD-T and FAB-T target the top-9 other classes; torchattacks fails on fewer than 4
-            raise RobauditError(f"autoattack needs at least 4 classes (this data set has {num_classes}): "
-                                "use pgd, or autoattack:version=rand")
+        # APGD-T/FAB-T target other classes and APGD-DLR ranks three logits: torchattacks fails below these
+        needed = 3 if p["version"] == "rand" else 4
+        if num_classes < needed:
+            hint = "use pgd, or autoattack:version=rand" if num_classes == 3 else "use pgd"
+            raise RobauditError(f"autoattack ({p['version']}) needs at least {needed} classes "
+                                f"(this data set has {num_classes}): {hint}")
         atk = torchattacks.AutoAttack(model, norm=spec.norm, eps=spec.eps, version=p["version"],
                                       n_classes=num_classes, seed=seed)
     elif name == "square":

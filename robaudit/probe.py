@@ -5,10 +5,11 @@ A layer is a call of a module in one forward pass: a module called k times gives
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -121,16 +122,29 @@ class LayerProbe:
         missing = [n for n in self.module_names if n not in named]
         if missing:
             raise RobauditError(f"the model has no module named {missing[0]!r}")
+        self._register()
+        return self
+
+    def _register(self) -> None:
+        named = dict(self.model.named_modules())
         try:
             for name in self.module_names:
                 self._handles.append(named[name].register_forward_hook(self._make_hook(name)))
         except Exception:
             self.remove()
             raise
-        return self
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Remove the hooks for the duration of the block (e.g. while attacks run), then restore them."""
+        self.remove()
+        try:
+            yield
+        finally:
+            self._register()
 
     def remove(self) -> None:
         """Remove every hook this probe registered (idempotent)."""
@@ -153,7 +167,9 @@ class LayerProbe:
             if self.transform is not None:
                 new = self.transform(layer, output)
                 output = new
-            self._outputs[key] = output.detach() if self.detach else output
+            # clone: a later in-place op (ReLU(inplace=True), ``out += identity``) would otherwise
+            # rewrite the recorded activation through shared storage
+            self._outputs[key] = output.detach().clone() if self.detach else output
             return new
 
         return hook

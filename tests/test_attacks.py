@@ -226,9 +226,6 @@ def test_autoattack_on_a_three_class_model():
     assert x_adv.shape == data.x.shape
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError,
-                   reason="autoattack:version=rand (APGD-CE + APGD-DLR) needs 3+ classes: on a 2-class model it "
-                          "crashes with IndexError, yet the <4-class refusal recommends it")
 def test_autoattack_rand_on_a_two_class_model():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).eval()

@@ -91,6 +91,11 @@ def numpy_reference(clean: np.ndarray, pert: np.ndarray) -> dict:
     return {"re_mean": re.mean(), "re_std": re.std(), "re_pooled": np.linalg.norm(d) / np.linalg.norm(c)}
 
 
+# Norms are taken in the activations' own float32 (summed in float64): against a float64 reference
+# they agree to float32 precision, not to float64's.
+FLOAT32_REL = 1e-6
+
+
 def test_streaming_over_uneven_batches_equals_one_pass():
     g = torch.Generator().manual_seed(3)
     clean = torch.randn(13, 3, 4, generator=g)
@@ -104,7 +109,7 @@ def test_streaming_over_uneven_batches_equals_one_pass():
     got = st.compute()
     ref = numpy_reference(clean.numpy(), pert.numpy())
     for key in RE_COLS:
-        assert got[key] == pytest.approx(ref[key], rel=1e-9), key
+        assert got[key] == pytest.approx(ref[key], rel=FLOAT32_REL), key
     assert got["n_samples"] == 13
     st.reset()
     assert st.compute()["n_samples"] == 0 and math.isnan(st.compute()["re_mean"])
@@ -142,11 +147,11 @@ def test_re_pooled_on_one_batch_is_one_frobenius_norm(cnn, data):
     for name in CNN_LAYERS:
         frob = torch.linalg.vector_norm(adv[name].double() - clean[name].double()) / torch.linalg.vector_norm(
             clean[name].double())
-        assert by_layer.loc[name, "re_pooled"] == pytest.approx(float(frob), rel=1e-9), name
+        assert by_layer.loc[name, "re_pooled"] == pytest.approx(float(frob), rel=FLOAT32_REL), name
         # the library helper computes the same measure in the tensors' own precision
         assert float(pooled_relative_error(clean[name], adv[name])) == pytest.approx(float(frob), rel=1e-5)
         per_sample = relative_error(clean[name].double(), adv[name].double())
-        assert by_layer.loc[name, "re_mean"] == pytest.approx(float(per_sample.mean()), rel=1e-9)
+        assert by_layer.loc[name, "re_mean"] == pytest.approx(float(per_sample.mean()), rel=FLOAT32_REL)
 
 
 def test_zero_norm_clean_activation_is_left_out():
