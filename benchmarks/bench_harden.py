@@ -1,0 +1,98 @@
+"""Seconds per training epoch of the hardening methods, side by side in one run.
+
+    python benchmarks/bench_harden.py                    # digits CNN (BatchNorm), 3 rounds
+    python benchmarks/bench_harden.py --dataset moons --rounds 5
+
+Targets: ``atlr`` at most 1.25x ``at`` (the extra clean pass and the regularizer), and ``layerwise`` at
+most 1.3x ``standard`` (perturbing activations reuses the previous batch's gradient, no extra pass).
+The methods run interleaved, one epoch each per round, so that load from other processes affects them
+alike; the median over rounds is reported. Only the training loop is timed (``history.seconds``),
+not the per-epoch validation.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from robaudit.data import load_dataset
+from robaudit import harden as H
+from robaudit.harden import harden
+
+try:
+    from robaudit.examples.models import DigitsCNN, MoonsMLP
+except ImportError:  # pragma: no cover - a source tree that was not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from models import DigitsCNN, MoonsMLP
+
+METHODS = ("standard", "layerwise", "at", "atlr")
+PAIRS = (("atlr", "at", 1.25), ("layerwise", "standard", 1.3))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="digits", choices=["digits", "moons"])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10, help="PGD steps of the adversarial methods")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = DigitsCNN() if args.dataset == "digits" else MoonsMLP()
+    layers = ["features.2", "features.5"] if args.dataset == "digits" else ["net.3", "net.5"]
+    train = load_dataset(args.dataset, split="train")
+    wall: dict[str, list[float]] = {m: [] for m in METHODS}
+    cpu: dict[str, list[float]] = {m: [] for m in METHODS}
+    real_epoch = H._train_epoch
+    cpu_last: list[float] = []
+
+    def timed_epoch(**kw):  # CPU time of the training loop alone (validation excluded)
+        c0 = time.process_time()
+        try:
+            return real_epoch(**kw)
+        finally:
+            cpu_last.append(time.process_time() - c0)
+
+    H._train_epoch = timed_epoch
+    started = time.perf_counter()
+    try:
+        for r in range(args.rounds):
+            order = METHODS if r % 2 == 0 else METHODS[::-1]
+            for method in order:
+                res = harden(copy.deepcopy(model), train, eps=0.1, method=method, mvl_layers=layers, epochs=1,
+                             batch_size=args.batch_size, steps=args.steps, seed=r, device=args.device,
+                             check_collapse=False)
+                wall[method].append(float(res.history["seconds"].iloc[-1]))
+                cpu[method].append(cpu_last[-1])
+    finally:
+        H._train_epoch = real_epoch
+    out = sys.stdout
+    out.write(f"{args.dataset}: {type(model).__name__}, {len(train)} training samples (10% held out), batch "
+              f"{args.batch_size}, PGD-{args.steps}, {args.rounds} rounds, {torch.get_num_threads()} thread(s), "
+              f"device {args.device}\n\n")
+    out.write(f"{'method':<10} {'wall s/epoch':>13} {'(min-max)':>15} {'CPU s/epoch':>12}\n")
+    for m in METHODS:
+        t = wall[m]
+        out.write(f"{m:<10} {statistics.median(t):>13.3f} {f'({min(t):.2f}-{max(t):.2f})':>15} "
+                  f"{statistics.median(cpu[m]):>12.3f}\n")
+    out.write("\nratios of medians (CPU time is what the process itself used, less sensitive to other load):\n")
+    ok = True
+    for a, b, target in PAIRS:
+        r_wall = statistics.median(wall[a]) / statistics.median(wall[b])
+        r_cpu = statistics.median(cpu[a]) / statistics.median(cpu[b])
+        verdict = "ok" if r_cpu <= target else "ABOVE TARGET"
+        ok &= r_cpu <= target
+        out.write(f"{a} / {b}: wall {r_wall:.2f}x, CPU {r_cpu:.2f}x  (target <= {target}x: {verdict})\n")
+    out.write(f"\n{time.perf_counter() - started:.0f} s in all\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,351 @@
+"""Hardening: every method trains, the AT-LR loss is what the paper writes, gamma 0 is AT, resume is exact,
+the run-directory stage writes a hardened model that reloads and re-analyzes, and bad input fails in one line."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from torch import nn
+
+from robaudit import harden as H
+from robaudit.errors import NonFiniteError, RobauditError
+from robaudit.harden import (CHECKPOINT_NAME, DualBatchNorm, HardenInterrupted, atlr_objective, harden,
+                             harden_run, layer_relative_error)
+from tests.helpers import TinyCNN, single_thread  # noqa: F401  (single_thread: autouse fixture)
+
+FAST = dict(eps=0.1, steps=3, batch_size=16, seed=0)
+
+
+def tiny_cnn(seed: int = 0) -> TinyCNN:
+    torch.manual_seed(seed)
+    return TinyCNN(width=4, num_classes=3)
+
+
+class TinyMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def blobs(n: int = 48, seed: int = 0) -> SimpleNamespace:
+    """Three classes of 1x8x8 images in [0, 1] that a tiny CNN can learn (bright rows differ by class)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    x = torch.rand((n, 1, 8, 8), generator=g) * 0.3
+    for c in range(3):
+        x[y == c, :, 2 * c:2 * c + 3, :] += 0.6
+    return SimpleNamespace(x=x.clamp(0, 1), y=y, num_classes=3, name="blobs", split="train")
+
+
+def weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# the regularizer and the loss
+
+
+def test_relative_error_modes_match_the_formulas():
+    torch.manual_seed(0)
+    clean, adv = torch.randn(5, 3, 4), torch.randn(5, 3, 4)
+    pooled = (adv - clean).norm() / clean.norm()
+    per = ((adv - clean).flatten(1).norm(dim=1) / clean.flatten(1).norm(dim=1)).mean()
+    assert torch.allclose(layer_relative_error(clean, adv, "pooled"), pooled)
+    assert torch.allclose(layer_relative_error(clean, adv, "per-sample"), per)
+    # a sample whose clean activation is zero has no RE: it is left out, and gradients stay finite
+    clean[0] = 0
+    c = clean.clone().requires_grad_(True)
+    re = layer_relative_error(c, adv, "per-sample")
+    expected = ((adv - clean)[1:].flatten(1).norm(dim=1) / clean[1:].flatten(1).norm(dim=1)).mean()
+    assert torch.allclose(re, expected)
+    re.backward()
+    assert torch.isfinite(c.grad).all()
+    zero = torch.zeros(2, 3, requires_grad=True)
+    out = layer_relative_error(zero, torch.ones(2, 3), "pooled")
+    out.backward()
+    assert out.item() == 0 and torch.isfinite(zero.grad).all()
+
+
+@pytest.mark.parametrize("re_mode", ["pooled", "per-sample"])
+def test_atlr_loss_is_ce_plus_the_hand_computed_regularizer(re_mode):
+    model = tiny_cnn().train()
+    reference = copy.deepcopy(model)
+    data = blobs(8)
+    x, y = data.x, data.y
+    x_adv = (x + 0.1 * torch.sign(torch.randn(x.shape, generator=torch.Generator().manual_seed(1)))).clamp(0, 1)
+    layers, gamma = ["features.2", "features.5"], [0.7, 1.3]
+    loss, terms = atlr_objective(model, x, x_adv, y, layers=layers, gamma=gamma, re_mode=re_mode)
+
+    # by hand: the two ReLU outputs, clean then adversarial pass, in train mode (batch statistics) as in training
+
+    def run(m, inp):
+        h = m.features[1](m.features[0](inp))
+        a1 = torch.relu(h)
+        a2 = torch.relu(m.features[4](m.features[3](a1)))
+        return m.classifier(m.features[6](a2)), [a1, a2]
+
+    _, clean_acts = run(reference, x)
+    logits_adv, adv_acts = run(reference, x_adv)
+    if re_mode == "pooled":
+        res = [(a - c).norm() / c.norm() for c, a in zip(clean_acts, adv_acts)]
+    else:
+        res = [((a - c).flatten(1).norm(dim=1) / c.flatten(1).norm(dim=1)).mean() for c, a in zip(clean_acts, adv_acts)]
+    expected = F.cross_entropy(logits_adv, y) + gamma[0] * res[0] + gamma[1] * res[1]
+    assert torch.allclose(loss, expected, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(terms["re:features.2"], res[0], rtol=1e-5)
+    assert torch.allclose(terms["ce_adv"], F.cross_entropy(logits_adv, y), rtol=1e-5)
+    # gradients flow through both passes: the clean pass alone moves the first conv's weights
+    loss.backward()
+    assert model.features[0].weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+@pytest.mark.parametrize("method", ["atlr", "at", "layerwise", "standard"])
+def test_one_epoch_of_each_method_runs_and_changes_the_weights(method):
+    model = tiny_cnn()
+    before = weights(model)
+    res = harden(model, blobs(), method=method, mvl_layers=["features.2", "features.5"], epochs=1, **FAST)
+    assert not same_weights(before, weights(model))
+    h = res.history
+    assert list(h["epoch"]) == [0, 1]
+    assert {"loss", "val_clean_acc", "val_robust_acc", "seconds"} <= set(h.columns)
+    assert math.isfinite(h["loss"].iloc[-1]) and h["seconds"].iloc[-1] > 0
+    if method == "atlr":
+        assert {"ce_adv", "reg", "re:features.2", "re:features.5"} <= set(h.columns)
+        assert h["loss"].iloc[-1] == pytest.approx(h["ce_adv"].iloc[-1] + h["reg"].iloc[-1], rel=1e-6)
+    if method == "layerwise":
+        assert "ce_perturbed" in h.columns
+    assert not model.training
+    assert "held-out" in res.validation
+
+
+def test_gamma_zero_reduces_atlr_to_at_exactly():
+    a, b = tiny_cnn(), tiny_cnn()
+    ra = harden(a, blobs(), method="at", mvl_layers=["features.2"], epochs=2, **FAST)
+    rb = harden(b, blobs(), method="atlr", mvl_layers=["features.2"], gamma=0.0, epochs=2, **FAST)
+    assert same_weights(weights(a), weights(b))
+    assert list(ra.history["loss"]) == pytest.approx(list(rb.history["loss"]), nan_ok=True, abs=0)
+    # and gamma > 0 does change the result
+    c = tiny_cnn()
+    harden(c, blobs(), method="atlr", mvl_layers=["features.2"], gamma=1.0, epochs=2, **FAST)
+    assert not same_weights(weights(a), weights(c))
+
+
+def test_same_seed_same_numbers_and_the_callers_rng_is_untouched():
+    a, b = tiny_cnn(), tiny_cnn()
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    harden(a, blobs(), method="layerwise", mvl_layers=["features.2"], epochs=1, **FAST)
+    assert torch.equal(torch.rand(1), expected_next)
+    harden(b, blobs(), method="layerwise", mvl_layers=["features.2"], epochs=1, **FAST)
+    assert same_weights(weights(a), weights(b))
+
+
+@pytest.mark.parametrize("method,dual", [("atlr", True), ("layerwise", False)])
+def test_resume_after_an_interrupted_epoch_equals_an_uninterrupted_run(tmp_path, monkeypatch, method, dual):
+    kw = dict(method=method, mvl_layers=["features.2", "features.5"], epochs=3, dual_bn=dual, **FAST)
+    full = tiny_cnn()
+    r_full = harden(full, blobs(), checkpoint_dir=tmp_path / "a", **kw)
+
+    real = H._train_epoch
+
+    def interrupted(**k):
+        if k["epoch"] == 2:
+            raise KeyboardInterrupt
+        return real(**k)
+
+    monkeypatch.setattr(H, "_train_epoch", interrupted)
+    with pytest.raises(HardenInterrupted, match="--resume"):
+        harden(tiny_cnn(), blobs(), checkpoint_dir=tmp_path / "b", **kw)
+    assert H.load_checkpoint(tmp_path / "b" / CHECKPOINT_NAME)["epoch"] == 1
+    monkeypatch.setattr(H, "_train_epoch", real)
+    resumed = tiny_cnn()
+    r_res = harden(resumed, blobs(), checkpoint_dir=tmp_path / "b", resume=True, **kw)
+    assert r_res.resumed_from_epoch == 1
+    assert same_weights(weights(full), weights(resumed))
+    cols = [c for c in r_full.history.columns if "seconds" not in c]
+    pd.testing.assert_frame_equal(r_full.history[cols], r_res.history[cols])
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    harden(tiny_cnn(), blobs(), method="at", epochs=1, checkpoint_dir=tmp_path, **FAST)
+    with pytest.raises(RobauditError, match="other settings"):
+        harden(tiny_cnn(), blobs(), method="at", epochs=1, checkpoint_dir=tmp_path, resume=True, lr=0.5,
+               **FAST)
+
+
+def test_dual_bn_keeps_clean_statistics_apart():
+    model = tiny_cnn()
+    bn = model.features[1]
+    dual = DualBatchNorm(model)
+    main_before = bn.running_mean.clone()
+    model.train()
+    with dual.clean():
+        model(blobs(8).x + 0.5)
+    assert torch.equal(bn.running_mean, main_before)  # the adversarial (main) set is untouched by a clean pass
+    assert not torch.equal(dual.aux["features.1"]["running_mean"], main_before)
+    model(blobs(8).x)
+    assert not torch.equal(bn.running_mean, main_before)
+    res = harden(tiny_cnn(), blobs(), method="atlr", mvl_layers=["features.2"], epochs=1, dual_bn=True, **FAST)
+    assert res.bn_at_test.startswith("adversarial")
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: one line, nothing written
+
+
+def test_bad_settings_fail_in_one_line():
+    cases = [
+        (dict(eps=0.0), "positive"),
+        (dict(eps=-0.1), "positive"),
+        (dict(dual_bn=True, model=TinyMLP()), "BatchNorm"),
+        (dict(mvl_layers=["nope"]), "no layer named"),
+        (dict(gamma=[1.0, 2.0, 3.0]), "gamma"),
+        (dict(method="magic"), "unknown method"),
+    ]
+    for overrides, needle in cases:
+        kw = dict(method="atlr", mvl_layers=["features.2"], epochs=1, **FAST)
+        model = overrides.pop("model", tiny_cnn())
+        data = blobs() if not isinstance(model, TinyMLP) else SimpleNamespace(
+            x=torch.rand(20, 2), y=torch.arange(20) % 2, num_classes=2, name="pts", split="train")
+        if isinstance(model, TinyMLP):
+            kw["mvl_layers"] = ["net.1"]
+        kw.update(overrides)
+        with pytest.raises(RobauditError, match=needle) as info:
+            harden(model, data, **kw)
+        assert "\n" not in str(info.value)
+
+
+class Diverging(TinyCNN):
+    """Its training outputs turn NaN from the 5th training forward pass on (epoch 2 of 3 batches each)."""
+
+    calls = 0
+
+    def forward(self, x):
+        out = super().forward(x)
+        if self.training:
+            Diverging.calls += 1
+            if Diverging.calls >= 5:
+                out = out * float("nan")
+        return out
+
+
+def test_a_diverging_loss_stops_with_a_message_and_keeps_the_last_complete_epoch(tmp_path):
+    torch.manual_seed(0)
+    Diverging.calls = 0
+    with pytest.raises(NonFiniteError, match="lower --lr") as info:
+        harden(Diverging(width=4, num_classes=3), blobs(), method="at", epochs=3, checkpoint_dir=tmp_path, **FAST)
+    assert "\n" not in str(info.value) and "epoch 2" in str(info.value)
+    state = H.load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_collapse_to_chance_stops_training(monkeypatch):
+    calls = {"n": 0}
+
+    def collapsing(*a, **k):  # a model that was accurate before hardening, then at chance (1 of 3 classes)
+        calls["n"] += 1
+        return (1.0, 0.5) if calls["n"] == 1 else (0.2, 0.0)
+
+    monkeypatch.setattr(H, "_evaluate", collapsing)
+    with pytest.raises(RobauditError, match="collapsed at epoch 1") as info:
+        harden(tiny_cnn(), blobs(), method="atlr", mvl_layers=["classifier.1"], epochs=2, **FAST)
+    assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# the run-directory stage and the command
+
+
+@pytest.fixture(scope="module")
+def moons_run(tmp_path_factory):
+    """A tiny MLP checkpoint, trained a little on moons, analyzed with PGD on 60 test samples."""
+    from robaudit.models import save_checkpoint
+    from robaudit.pipeline import analyze_run
+
+    root = tmp_path_factory.mktemp("harden")
+    torch.manual_seed(0)
+    from robaudit.data import load_dataset
+    from robaudit.examples.models import MoonsMLP
+
+    model = MoonsMLP(hidden=8)
+    harden(model, load_dataset("moons", split="train", samples=300), method="standard", eps=0.1, epochs=3,
+           batch_size=64, lr=1e-2)
+    path = save_checkpoint(root / "mlp.pt", model, arch="robaudit.examples.models:MoonsMLP",
+                           arch_kwargs={"hidden": 8})
+    run = analyze_run(path, "moons", out=root / "run", samples=60, attacks=["pgd:steps=3"], eps=[0.05, 0.1, 0.2],
+                      checks=False, report=False, mvl_top=2)
+    return run.path
+
+
+def test_harden_run_writes_a_hardened_model_that_reloads_and_reanalyzes(moons_run):
+    from robaudit import analyze
+    from robaudit.data import load_dataset
+    from robaudit.models import load_model
+
+    done = harden_run(moons_run, mvl_top=2, epochs=1, steps=3, batch_size=256, device="cpu")
+    hdir = moons_run / "hardened"
+    for name in ("model.pt", "lsa.csv", "accuracy.csv", "mvl.json", "manifest.json", "history.csv",
+                 "comparison.csv", "harden.json"):
+        assert (hdir / name).is_file(), name
+    assert not (moons_run / CHECKPOINT_NAME).exists()
+    comp = pd.read_csv(hdir / "comparison.csv")
+    assert list(comp.columns) == ["kind", "attack", "eps", "layer", "before", "after", "delta"]
+    assert set(comp["kind"]) == {"accuracy", "re"}
+    assert list(comp.loc[comp["kind"] == "re", "layer"]) == done.result.mvl_layers
+    settings = json.loads((hdir / "harden.json").read_text())
+    assert settings["method"] == "atlr" and settings["eps"] == 0.1 and "command" in settings
+    manifest = json.loads((hdir / "manifest.json").read_text())
+    assert manifest["model"]["trust_model"] is False and manifest["hardened_from"]["method"] == "atlr"
+    # the hardened model loads without --trust-model and analyzes to the numbers written
+    loaded = load_model(hdir / "model.pt")
+    test = load_dataset("moons", split="test", samples=60)
+    again = analyze(loaded, test, attacks=["pgd:steps=3"], eps=[0.05, 0.1, 0.2], device="cpu", seed=0)
+    written = pd.read_csv(hdir / "accuracy.csv")
+    assert list(again.accuracy["accuracy"]) == pytest.approx(list(written["accuracy"]))
+
+
+def test_harden_run_bad_input_leaves_everything_in_place(moons_run, tmp_path):
+    before = {p.name: p.read_bytes() for p in moons_run.iterdir() if p.is_file()}
+    for kw, needle in [(dict(mvl_top=99), "more than"), (dict(mvl_top=2, eps=0), "positive"),
+                       (dict(mvl_top=2, dual_bn=True), "BatchNorm")]:
+        with pytest.raises(RobauditError, match=needle):
+            harden_run(moons_run, force=True, epochs=1, **kw)
+    after = {p.name: p.read_bytes() for p in moons_run.iterdir() if p.is_file()}
+    assert before == after
+    with pytest.raises(RobauditError, match="not a robaudit run directory"):
+        harden_run(tmp_path, mvl_top=2)
+
+
+def test_cli_harden(moons_run):
+    from robaudit.cli import main
+
+    runner = CliRunner()
+    res = runner.invoke(main, ["harden", "--run", str(moons_run), "--mvl-top", "1", "--epochs", "1", "--steps", "2",
+                               "--batch-size", "256", "--method", "at", "--force", "--no-report", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "hardened model:" in res.output and "before" in res.output
+    assert json.loads((moons_run / "hardened" / "harden.json").read_text())["method"] == "at"
+    res = runner.invoke(main, ["harden", "--run", str(moons_run), "--mvl-top", "1", "--epochs", "1"])
+    assert res.exit_code == 2 and "--force" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    res = runner.invoke(main, ["harden", "--run", str(moons_run), "--eps", "-1", "--force"])
+    assert res.exit_code == 2 and "positive" in res.stderr
