@@ -1,24 +1,30 @@
 """Reproduce the LSA paper's AT-LR claim on moons (MLP) and digits (CNN with BatchNorm), with honest baselines.
 
-    python examples/reproduce_lsa.py            # 3 seeds, both data sets, about 10-15 minutes on 2 CPU cores
-    python examples/reproduce_lsa.py --quick    # 1 seed, fewer epochs: a smoke run of a couple of minutes
+    python examples/reproduce_lsa.py              # 3 seeds, both data sets: 5-12 minutes on 2 CPU cores
+    python examples/reproduce_lsa.py --quick      # 1 seed, 3 epochs: a smoke run of about a minute
+    python examples/reproduce_lsa.py --ablation   # digits: gamma, per-sample RE, layer sets, dual BN
 
-For every data set and seed: train a model normally (``pretrain``), run the Layer Sustainability
-Analysis on it (``robaudit.analyze``, PGD at the training eps, ReLU outputs) and take the two most
-vulnerable layers (the output layer left out) as the MVL set. Then, from those same weights, fine-tune
-with each method for the same number of epochs:
+For every data set and seed: train a model normally, run the Layer Sustainability Analysis on it
+(``robaudit.analyze``: PGD at the training eps, ReLU outputs, ranked by mean RE) and take the two most
+vulnerable layers (the output layer is never a ReLU here) as the MVL set. Then, from those same weights,
+fine-tune with each method for the same number of epochs (``--init scratch``: train each from the same
+initial weights instead):
 
-- ``standard``   ordinary training (the cost and accuracy reference);
-- ``at``         PGD-10 adversarial training (Madry et al.), the base AT;
-- ``atlr``       AT-LR: the same AT plus ``gamma * RE_l(x, x_adv)`` on the two MVL layers;
-- ``atlr-lvl``   control: the same penalty on the two *least* vulnerable layers;
-- ``layerwise``  efficient layerwise adversarial training on the MVL layers.
+- ``standard``       ordinary training (the cost and accuracy reference);
+- ``at``             PGD-10 adversarial training (Madry et al.), the base AT every claim is measured against;
+- ``atlr``           AT-LR: the same AT plus ``gamma * RE_l(x, x_adv)`` (pooled) on the two MVL layers;
+- ``atlr-lvl``       control: the same penalty on the two *least* vulnerable layers (these small models
+                     have three ReLU layers, so the two sets share one layer);
+- ``atlr-mvl1`` / ``atlr-lvl1``  the disjoint control: the single most / least vulnerable layer;
+- ``atlr[gamma=3]``  AT-LR with a stronger penalty;
+- ``layerwise``      efficient layerwise adversarial training on the MVL layers.
 
 Every model is evaluated with PGD-20 (alpha = 2.5 eps / 20, random start) over an eps grid reaching
-three times the training eps. The table gives mean ± std over seeds, plus the paired difference
-(AT-LR minus AT, same seed, same starting weights); the plot shows accuracy against eps.
-Outputs: ``reports/reproduce/results.csv`` (one row per data set, seed, method, eps),
-``summary.csv``, ``table.md`` and ``accuracy_vs_eps.png``.
+three times the training eps. The table gives mean ± std over seeds, plus the paired difference against
+``at`` (same seed, same starting weights) with the number of seeds on which the method wins. Runs that
+collapse to a constant output are reported and left out of the means. Outputs (``--out``, default
+``reports/reproduce/``): ``results.csv`` (one row per data set, seed, method, eps), ``summary.csv``,
+``differences.csv``, ``table.md`` and ``accuracy_vs_eps.png``.
 """
 from __future__ import annotations
 
@@ -47,9 +53,10 @@ log = logging.getLogger("reproduce_lsa")
 
 TRAIN_EPS = 0.1
 EVAL_EPS = (0.05, 0.1, 0.15, 0.2, 0.3)
-METHODS = ("standard", "at", "atlr", "atlr-lvl", "layerwise")
-ABLATION = ("at", "atlr", "atlr[gamma=3]", "atlr[re=per-sample]", "atlr[layers=top1]", "atlr[layers=bottom1]",
+METHODS = ("standard", "at", "atlr", "atlr-lvl", "atlr-mvl1", "atlr-lvl1", "atlr[gamma=3]", "layerwise")
+ABLATION = ("at", "atlr", "atlr[gamma=3]", "atlr[re=per-sample]", "atlr-mvl1", "atlr-lvl1",
             "atlr[layers=all]", "atlr[dual_bn=1]")
+ALIASES = {"atlr-lvl": "bottom", "atlr-mvl1": "top1", "atlr-lvl1": "bottom1"}
 SETUPS = {
     # name: (model factory, pretraining epochs, fine-tuning epochs, learning rate, batch size)
     "moons": (lambda: MoonsMLP(), 60, 20, 1e-3, 64),
@@ -88,7 +95,8 @@ def rank_layers(model, test, *, seed: int, samples: int) -> pd.DataFrame:
 
 
 def parse_method(text: str) -> tuple[str, dict]:
-    """``atlr``, ``atlr-lvl`` or a variant such as ``atlr[gamma=3]``, ``atlr[layers=bottom1,re=per-sample]``.
+    """``atlr``, an alias (``atlr-lvl``: the ``top`` least vulnerable layers; ``atlr-mvl1`` / ``atlr-lvl1``: the
+    single most / least vulnerable one) or a variant such as ``atlr[gamma=3]``, ``atlr[layers=bottom1,re=per-sample]``.
 
     Options: ``gamma``, ``re`` (pooled / per-sample), ``layers`` (topK, bottomK or all), ``dual_bn``.
     """
@@ -98,8 +106,8 @@ def parse_method(text: str) -> tuple[str, dict]:
     for item in filter(None, (p.strip() for p in rest.rstrip("]").split(","))):
         key, _, value = item.partition("=")
         opts[key.strip()] = value.strip() or "1"
-    if name == "atlr-lvl":
-        name, opts = "atlr", {"layers": "bottom", **opts}
+    if name in ALIASES:
+        name, opts = "atlr", {"layers": ALIASES[name], **opts}
     if name not in ("standard", "at", "atlr", "layerwise"):
         raise SystemExit(f"unknown method {text!r}")
     return name, opts
@@ -132,6 +140,7 @@ def run_one(name: str, seed: int, *, epochs: int | None, pre_epochs: int | None,
            schedule="none", check_collapse=False)
     ranking = rank_layers(base, test, seed=seed, samples=len(test.y))
     order = list(ranking["layer"])
+    ranking_text = ", ".join(f"{r.layer} {r.score:.3f}" for r in ranking.itertuples())
     log.info("%s seed %d: pretrained in %.1f s, clean %.3f; RE ranking %s", name, seed, time.perf_counter() - t0,
              clean_accuracy(base, test.x, test.y),
              ", ".join(f"{r.layer}={r.score:.3f}" for r in ranking.itertuples()))
@@ -157,11 +166,11 @@ def run_one(name: str, seed: int, *, epochs: int | None, pre_epochs: int | None,
                  time.perf_counter() - t1)
         used = " ".join(layers) if kind in ("atlr", "layerwise") else ""
         rows.append({"dataset": name, "seed": seed, "method": label, "eps": 0.0, "accuracy": clean,
-                     "layers": used, "train_seconds": train_s, "collapsed": collapsed})
+                     "layers": used, "train_seconds": train_s, "collapsed": collapsed, "ranking": ranking_text})
         for e in eval_eps:
             rows.append({"dataset": name, "seed": seed, "method": label, "eps": e,
                          "accuracy": pgd_accuracy(model, test.x, test.y, e, seed=seed),
-                         "layers": used, "train_seconds": train_s, "collapsed": collapsed})
+                         "layers": used, "train_seconds": train_s, "collapsed": collapsed, "ranking": ranking_text})
     return rows
 
 
@@ -194,10 +203,14 @@ def _pm(mean, std) -> str:
     return f"{100 * mean:.1f} ± {100 * std:.1f}"
 
 
-def markdown(agg: pd.DataFrame, diffs: pd.DataFrame, settings: str) -> str:
+def markdown(agg: pd.DataFrame, diffs: pd.DataFrame, settings: str, results: pd.DataFrame | None = None) -> str:
     lines = ["# AT-LR reproduction", "", settings, ""]
     for ds in agg["dataset"].unique():
         a = agg[agg["dataset"] == ds]
+        if results is not None and "ranking" in results:
+            ranks = results[(results["dataset"] == ds) & (results["eps"] == 0)].drop_duplicates("seed")
+            lines += [f"{ds} layers by mean RE under PGD at eps {TRAIN_EPS:g} (most vulnerable first): "
+                      + "; ".join(f"seed {r.seed}: {r.ranking}" for r in ranks.itertuples()), ""]
         eps = sorted(a["eps"].unique())
         lines += [f"## {ds}: accuracy % (mean ± std over seeds; eps 0 = clean, PGD-20 otherwise)", "",
                   "| method | " + " | ".join("clean" if e == 0 else f"eps {e:g}" for e in eps) + " |",
@@ -220,7 +233,8 @@ def markdown(agg: pd.DataFrame, diffs: pd.DataFrame, settings: str) -> str:
                 cells = []
                 for e in eps:
                     if e in r.index:
-                        cells.append(f"{100 * r.loc[e, 'mean']:+.1f} ± {100 * (0 if pd.isna(r.loc[e, 'std']) else r.loc[e, 'std']):.1f} "
+                        sd = 0.0 if pd.isna(r.loc[e, "std"]) else r.loc[e, "std"]
+                        cells.append(f"{100 * r.loc[e, 'mean']:+.1f} ± {100 * sd:.1f} "
                                      f"({int(r.loc[e, 'wins'])}/{int(r.loc[e, 'count'])})")
                     else:
                         cells.append("")
@@ -242,7 +256,7 @@ def plot(agg: pd.DataFrame, path: Path) -> None:
         for method in a["method"].unique():
             r = a[a["method"] == method].sort_values("eps")
             ax.errorbar(r["eps"], 100 * r["mean"], yerr=100 * r["std"].fillna(0), marker="o", capsize=3,
-                        label=method, linestyle="--" if method == "atlr-lvl" else "-")
+                        label=method, linestyle="--" if "lvl" in method else "-")
         ax.axvline(TRAIN_EPS, color="grey", linewidth=0.8, linestyle=":")
         ax.set_title(f"{ds} (train eps {TRAIN_EPS:g}, PGD-20)")
         ax.set_xlabel("eps (Linf)")
@@ -342,10 +356,11 @@ def main(argv=None) -> int:
     settings = (f"{seeds} seed(s); " + ("every method trained from the same initial weights as the standard model "
                                           "whose LSA gave the MVL" if args.init == "scratch" else
                                           "every method fine-tunes the standard model whose LSA gave the MVL")
-                + f"; Adam, epochs {ft}, PGD-10 training at eps {TRAIN_EPS:g}, gamma {args.gamma:g}, RE {args.re_mode}, "
+                + f"; Adam, epochs {ft}, PGD-10 training at eps {TRAIN_EPS:g}, gamma {args.gamma:g}, "
+                  f"RE {args.re_mode}, "
                 f"MVL = top-{args.top} ReLU layers by mean RE (output left out); evaluation PGD-20 on the test split; "
                 f"{time.perf_counter() - started:.0f} s in all.")
-    text = markdown(agg, diffs, settings)
+    text = markdown(agg, diffs, settings, results)
     gone = results[results["collapsed"] & (results["eps"] == 0)] if "collapsed" in results else results.iloc[:0]
     if len(gone):
         text += ("\nCollapsed to a constant output (left out of the means above): "

@@ -230,6 +230,49 @@ class _Recorder:
         return out
 
 
+def _clean_and_adversarial(full: nn.Module, probe: LayerProbe | None, recorder: _Recorder, x: torch.Tensor,
+                           x_adv: torch.Tensor, *, record: bool, need_clean: bool, joint: bool,
+                           clean_ctx=contextlib.nullcontext):
+    """Run the clean pass (when needed) and the adversarial pass; return logits and recorded outputs of both.
+
+    ``joint``: one forward pass of ``cat([x, x_adv])``, split afterwards -- the same numbers for a model
+    without batch statistics, at the cost of one larger pass instead of two (much cheaper for small
+    models); never used with trainable BatchNorm, whose batch statistics would mix the two halves.
+    Falls back to two passes (returning ``joint=False``) if a recorded output is not batch-first.
+    """
+    n = x.shape[0]
+    if joint and need_clean:
+        recorder.active = record
+        if probe is not None:
+            probe.reset()
+        logits = full(torch.cat([x, x_adv]))
+        outs = recorder.take()
+        recorder.active = False
+        if logits.shape[0] == 2 * n and all(t.shape[0] == 2 * n for t in outs.values()):
+            return (logits[:n], {k: t[:n] for k, t in outs.items()}, logits[n:],
+                    {k: t[n:] for k, t in outs.items()}, True)
+    logits_clean, clean_outs = None, {}
+    if need_clean:
+        recorder.active = record
+        with clean_ctx():
+            if probe is not None:
+                probe.reset()
+            logits_clean = full(x)
+        clean_outs = recorder.take()
+    recorder.active = record
+    if probe is not None:
+        probe.reset()
+    logits_adv = full(x_adv)
+    adv_outs = recorder.take()
+    recorder.active = False
+    return logits_clean, clean_outs, logits_adv, adv_outs, False
+
+
+def batch_independent(module: nn.Module, exported: bool = False) -> bool:
+    """True when no layer computes batch statistics in training (no trainable BatchNorm)."""
+    return exported or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
 class _LayerwisePerturber:
     """Probe transform for layerwise AT: add ``layer_eps * rms_i * sign(g_prev)`` to each MVL output.
 
@@ -252,21 +295,21 @@ class _LayerwisePerturber:
             n = out.shape[0]
             if sign.shape[0] < n:
                 sign = sign.repeat(math.ceil(n / sign.shape[0]), *([1] * (sign.dim() - 1)))
-            sign = sign[:n].to(out.dtype)
-            rms = out.detach().flatten(1).norm(dim=1).div_(math.sqrt(out[0].numel()))
-            out = out + (self.layer_eps * rms.view(n, *([1] * (out.dim() - 1)))) * sign
+            sign = sign[:n] if sign.shape[0] != n else sign
+            rms = out.detach().flatten(1).norm(dim=1).mul_(self.layer_eps / math.sqrt(out[0].numel()))
+            out = out + rms.view(n, *([1] * (out.dim() - 1))) * sign
         if out.requires_grad:
             out.register_hook(lambda g, name=name: self._keep(name, g))
         return out
 
     def _keep(self, name: str, grad: torch.Tensor) -> None:
-        self.signs[name] = grad.detach().sign().to(torch.int8)
+        self.signs[name] = grad.detach().sign()
 
     def state_dict(self) -> dict:
-        return {k: v.cpu().clone() for k, v in self.signs.items()}
+        return {k: v.to("cpu", torch.int8) for k, v in self.signs.items()}
 
-    def load_state_dict(self, state: Mapping, device) -> None:
-        self.signs = {k: v.to(device) for k, v in state.items()}
+    def load_state_dict(self, state: Mapping, device, dtype=torch.float32) -> None:
+        self.signs = {k: v.to(device, dtype) for k, v in state.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -553,7 +596,8 @@ def harden(
     if val is None:
         train, val, val_desc = split_validation(train, fraction=val_fraction, seed=seed)
     else:
-        val_desc = f"the given validation set ({len(val.y)} samples, {getattr(val, 'name', '?')} {getattr(val, 'split', '')})"
+        val_desc = (f"the given validation set ({len(val.y)} samples, {getattr(val, 'name', '?')} "
+                    f"{getattr(val, 'split', '')})")
     if len(train.y) < 2 or len(val.y) < 1:
         raise RobauditError("too few samples to train and validate on")
     dev = resolve_device(device)
@@ -598,6 +642,8 @@ def harden(
     probe_modules = _layer_modules(mvl_layers) if method in ("atlr", "layerwise") and (
         method == "layerwise" or any(g != 0 for g in gammas.values())) else []
     transform = perturber if method == "layerwise" else recorder
+    # clean and adversarial batches share one forward pass when no layer keeps batch statistics
+    joint_passes = method in ("at", "atlr") and dual is None and batch_independent(module, exported)
 
     # -- checkpoint / resume -------------------------------------------------------------------
     ck_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
@@ -650,7 +696,7 @@ def harden(
                     batch_size=batch_size, seed=seed, opt=opt, train_attack=train_attack, gammas=gammas,
                     re_mode=re_mode, clean_weight=clean_weight, clean_ctx=clean_ctx, recorder=recorder,
                     perturber=perturber, probe_modules=probe_modules, transform=transform, type_map=type_map,
-                    progress=progress, epochs=epochs)
+                    progress=progress, epochs=epochs, joint_passes=joint_passes)
                 t0 = time.perf_counter()
                 c, r = _evaluate(full, val.x, val.y, val_attack, batch_size, dev)
                 row.update({"val_clean_acc": c, "val_robust_acc": r, "val_seconds": time.perf_counter() - t0})
@@ -699,7 +745,7 @@ def harden(
 
 def _train_epoch(*, epoch, method, module, full, x, y, n, batch_size, seed, opt, train_attack, gammas, re_mode,
                  clean_weight, clean_ctx, recorder, perturber, probe_modules, transform, type_map, progress,
-                 epochs) -> dict:
+                 epochs, joint_passes=False) -> dict:
     """One pass over the training data; returns the epoch's history row (mean loss terms, seconds)."""
     t0 = time.perf_counter()
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).to(x.device)
@@ -715,64 +761,58 @@ def _train_epoch(*, epoch, method, module, full, x, y, n, batch_size, seed, opt,
     any_gamma = any(g != 0 for g in gammas.values())
     # hooks are registered only around the training passes, never while the attack runs
     probe = LayerProbe(module, probe_modules, type_map=type_map, detach=False, transform=transform)
-    hooks = probe if probe_modules else contextlib.nullcontext()
-    for bi, s in enumerate(starts):
-        idx = perm[s:s + batch_size]
-        xb, yb = x[idx], y[idx]
-        terms: dict[str, torch.Tensor]
-        if method in ("at", "atlr"):
-            x_adv = train_attack(xb, yb).detach()
-            module.train()
-            full.train()
-            record = method == "atlr" and any_gamma
-            with hooks:
-                logits_clean, clean_outs = None, {}
-                if record or clean_weight > 0:
-                    recorder.active = record
+    # layerwise runs no attack: its hooks stay for the whole epoch
+    epoch_hooks = probe if probe_modules and method == "layerwise" else contextlib.nullcontext()
+    hooks = probe if probe_modules and method != "layerwise" else contextlib.nullcontext()
+    with epoch_hooks:
+        joint = joint_passes
+        for bi, s in enumerate(starts):
+            idx = perm[s:s + batch_size]
+            xb, yb = x[idx], y[idx]
+            terms: dict[str, torch.Tensor]
+            if method in ("at", "atlr"):
+                x_adv = train_attack(xb, yb).detach()
+                full.train()
+                record = method == "atlr" and any_gamma
+                with hooks:
+                    logits_clean, clean_outs, logits_adv, adv_outs, joint = _clean_and_adversarial(
+                        full, probe, recorder, xb, x_adv, record=record, need_clean=record or clean_weight > 0,
+                        joint=joint, clean_ctx=clean_ctx)
+                loss, terms = atlr_loss(logits_adv, yb, clean_outs, adv_outs,
+                                        gammas=gammas if method == "atlr" else {}, re_mode=re_mode,
+                                        logits_clean=logits_clean, clean_weight=clean_weight)
+            elif method == "layerwise":
+                full.train()
+                with hooks:
+                    perturber.active = True
+                    probe.reset()
+                    logits = full(xb)
+                    perturber.active = False
+                ce = F.cross_entropy(logits, yb)
+                terms = {"ce_perturbed": ce}
+                loss = ce
+                if clean_weight > 0:
                     with clean_ctx():
-                        probe.reset()
-                        logits_clean = full(xb)
-                    clean_outs = recorder.take()
-                recorder.active = record
-                probe.reset()
-                logits_adv = full(x_adv)
-                adv_outs = recorder.take()
-                recorder.active = False
-            loss, terms = atlr_loss(logits_adv, yb, clean_outs, adv_outs,
-                                    gammas=gammas if method == "atlr" else {}, re_mode=re_mode,
-                                    logits_clean=logits_clean, clean_weight=clean_weight)
-        elif method == "layerwise":
-            full.train()
-            with hooks:
-                perturber.active = True
-                probe.reset()
-                logits = full(xb)
-                perturber.active = False
-            ce = F.cross_entropy(logits, yb)
-            terms = {"ce_perturbed": ce}
-            loss = ce
-            if clean_weight > 0:
-                with clean_ctx():
-                    ce_c = F.cross_entropy(full(xb), yb)
-                terms["ce_clean"] = ce_c
-                loss = (1 - clean_weight) * ce + clean_weight * ce_c
-        else:  # standard
-            full.train()
-            ce = F.cross_entropy(full(xb), yb)
-            terms, loss = {"ce_clean": ce}, ce
-        if not torch.isfinite(loss):
-            raise NonFiniteError(f"the loss became {float(loss.detach())} at epoch {epoch}, batch {bi + 1}: lower --lr "
-                                 "(or --gamma); nothing was saved from this epoch")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        k = len(yb)
-        count += k
-        for name, v in {"loss": loss, **terms}.items():
-            v = v.detach() * k
-            sums[name] = sums[name] + v if name in sums else v
-        if bar is not None:
-            bar.update(1)
+                        ce_c = F.cross_entropy(full(xb), yb)
+                    terms["ce_clean"] = ce_c
+                    loss = (1 - clean_weight) * ce + clean_weight * ce_c
+            else:  # standard
+                full.train()
+                ce = F.cross_entropy(full(xb), yb)
+                terms, loss = {"ce_clean": ce}, ce
+            if not torch.isfinite(loss):
+                raise NonFiniteError(f"the loss became {float(loss.detach())} at epoch {epoch}, batch {bi + 1}: "
+                                     "lower --lr (or --gamma); nothing was saved from this epoch")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            k = len(yb)
+            count += k
+            for name, v in {"loss": loss, **terms}.items():
+                v = v.detach() * k
+                sums[name] = sums[name] + v if name in sums else v
+            if bar is not None:
+                bar.update(1)
     if bar is not None:
         bar.close()
     full.eval()
@@ -784,24 +824,20 @@ def _train_epoch(*, epoch, method, module, full, x, y, n, batch_size, seed, opt,
 
 def atlr_objective(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, *,
                    layers: Sequence[str], gamma: float | Sequence[float] = 1.0, re_mode: str = "pooled",
-                   clean_weight: float = 0.0, mean=None, std=None,
-                   type_map: Mapping[str, str] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   clean_weight: float = 0.0, mean=None, std=None, type_map: Mapping[str, str] | None = None,
+                   joint: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The AT-LR loss of one batch as :func:`harden` computes it (clean pass, then adversarial pass).
 
-    The model runs in its current mode (train mode in training); returns ``(loss, terms)``.
+    The model runs in its current mode (train mode in training); returns ``(loss, terms)``. ``joint``
+    runs both halves as one concatenated pass when the model has no BatchNorm (as training does).
     """
     gammas = dict(zip(layers, parse_gamma(gamma, len(layers))))
     full = with_normalization(model, mean, std, ndim=x.dim())
     rec = _Recorder()
     with LayerProbe(model, _layer_modules(layers), type_map=type_map, detach=False, transform=rec) as probe:
-        rec.active = True
-        probe.reset()
-        logits_clean = full(x)
-        clean = rec.take()
-        rec.active = True
-        probe.reset()
-        logits_adv = full(x_adv)
-        adv = rec.take()
+        logits_clean, clean, logits_adv, adv, _ = _clean_and_adversarial(
+            full, probe, rec, x, x_adv, record=True, need_clean=True,
+            joint=joint and batch_independent(model))
     return atlr_loss(logits_adv, y, clean, adv, gammas=gammas, re_mode=re_mode, logits_clean=logits_clean,
                      clean_weight=clean_weight)
 
@@ -958,11 +994,11 @@ def harden_run(
     dest = run_dir / HARDENED_DIR
     ck_path = run_dir / CHECKPOINT_NAME
     # -- check everything cheap before training -------------------------------------------------
-    if dest.exists() and not force and not resume:
-        raise RobauditError(f"{dest} already exists from an earlier harden: pass --force to replace it")
     if ck_path.exists() and not resume and not force:
         raise RobauditError(f"an interrupted harden left {ck_path}: pass --resume to continue it, or --force to "
                             "start over")
+    if dest.exists() and not force and not resume:
+        raise RobauditError(f"{dest} already exists from an earlier harden: pass --force to replace it")
     if resume and not ck_path.exists():
         raise RobauditError(f"no checkpoint to resume in {run_dir} ({CHECKPOINT_NAME}): run without --resume")
     eps_list = man.get("eps") or []

@@ -113,6 +113,20 @@ def test_atlr_loss_is_ce_plus_the_hand_computed_regularizer(re_mode):
     assert model.features[0].weight.grad.abs().sum() > 0
 
 
+def test_one_joint_pass_equals_two_passes_without_batchnorm():
+    torch.manual_seed(0)
+    model = TinyMLP().train()
+    x = torch.rand(10, 2)
+    x_adv = (x + 0.1).clamp(0, 1)
+    y = torch.arange(10) % 2
+    kw = dict(layers=["net.1", "net.3"], gamma=[1.0, 0.5], clean_weight=0.3)
+    two, t2 = atlr_objective(model, x, x_adv, y, **kw)
+    one, t1 = atlr_objective(model, x, x_adv, y, joint=True, **kw)
+    assert torch.allclose(one, two, rtol=1e-5, atol=1e-6)
+    for k in t2:
+        assert torch.allclose(t1[k], t2[k], rtol=1e-5, atol=1e-6), k
+
+
 # ---------------------------------------------------------------------------------------------
 # training
 
