@@ -982,7 +982,7 @@ def harden_run(
     """
     from .data import load_dataset
     from .lsa import analyze, resolve_device, select_mvl
-    from .models import export_model, load_model, save_checkpoint, sha256_file
+    from .models import export_model, load_model, save_checkpoint, save_exported_weights, sha256_file
     from .rundir import atomic_dir, fill_run, read_run, write_csv, write_json
 
     started = _now()
@@ -1072,7 +1072,7 @@ def harden_run(
         with atomic_dir(dest) as tmp:
             tmp_model = tmp / fname
             if loaded.format == "export":
-                _save_exported(tmp_model, loaded, module)
+                save_exported_weights(tmp_model, loaded, module)
             elif loaded.format == "pickle":
                 export_model(tmp_model, module, train_set.x[:2])
             else:
@@ -1137,33 +1137,6 @@ def harden_run(
         ck_path.unlink()
     return HardenRun(run_dir=run_dir, hardened_dir=dest, model_path=final_model, result=result, analysis=analysis,
                      comparison=comparison, settings=settings)
-
-
-def _save_exported(path: Path, loaded: LoadedModel, module: nn.Module) -> Path:
-    """Write trained weights back into the ``torch.export`` program, in place, and save it atomically.
-
-    The program's state dict entries are copied into (not replaced), so parameters stay
-    ``nn.Parameter`` objects, which ``torch.export.save`` requires.
-    """
-    ep = loaded.exported
-    trained = module.state_dict()
-    missing = []
-    with torch.no_grad():
-        for key, target in ep.state_dict.items():
-            if key in trained:
-                target.copy_(trained[key].to(target.device, target.dtype))
-            else:
-                missing.append(key)
-        for key, target in getattr(ep, "constants", {}).items():
-            if key in trained and isinstance(target, torch.Tensor):
-                target.copy_(trained[key].to(target.device, target.dtype))
-    if missing:
-        log.warning("kept the original values of %d program entries the trained module does not name: %s",
-                    len(missing), ", ".join(missing[:5]))
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    torch.export.save(ep, str(tmp))
-    os.replace(tmp, path)
-    return path
 
 
 def _api_command(run_dir: Path, method: str, mvl_top, eps: float, epochs: int, seed: int) -> str:
