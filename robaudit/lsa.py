@@ -80,9 +80,10 @@ class RelativeError:
 
 
 def relative_error(clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``RE`` of one batch (differentiable; used by hardening and tests)."""
+    """Per-sample ``RE`` of one batch (differentiable); NaN where the clean activation is all zero."""
     delta = (perturbed - clean).flatten(1).norm(dim=1)
-    return delta / clean.flatten(1).norm(dim=1)
+    norm = clean.flatten(1).norm(dim=1)
+    return torch.where(norm > 0, delta / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.nan)
 
 
 def pooled_relative_error(clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:

@@ -442,3 +442,11 @@ def test_mvl_from_a_real_analysis(cnn, data):
     fgsm = res.lsa[(res.lsa["attack"] == "fgsm") & ~res.lsa["layer"].isin(mvl.excluded)]
     assert mvl.names == list(fgsm.sort_values("re_mean", ascending=False)["layer"][:3])
     assert res.strongest() == ("fgsm", 0.03)
+
+
+def test_relative_error_is_nan_not_inf_for_an_all_zero_activation():
+    clean = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    perturbed = torch.tensor([[3.0, 5.0], [1.0, 0.0]])
+    re = relative_error(clean, perturbed)
+    assert re[0].item() == pytest.approx(1 / 5)  # ||(0, 1)|| / ||(3, 4)||
+    assert torch.isnan(re[1])
