@@ -27,6 +27,7 @@ class AttackKind:
     bounded: bool  # False for minimal-perturbation attacks (cw, deepfool): no eps
     defaults: Mapping[str, Any]
     description: str
+    norms: tuple[str, ...] = ()  # norms the spec may ask for; empty: only ``norm``
 
 
 KINDS: dict[str, AttackKind] = {
@@ -42,15 +43,15 @@ KINDS: dict[str, AttackKind] = {
         AttackKind("deepfool", "adversarial", "L2", False, {"steps": 50, "overshoot": 0.02},
                    "DeepFool, minimal perturbation (no eps); slow, it loops per sample"),
         AttackKind("autoattack", "adversarial", "Linf", True, {"version": "standard"},
-                   "AutoAttack ensemble (APGD-CE, APGD-T, FAB, Square)"),
+                   "AutoAttack ensemble (APGD-CE, APGD-T, FAB, Square)", ("Linf", "L2")),
         AttackKind("square", "adversarial", "Linf", True, {"n_queries": 1000, "p_init": 0.8},
-                   "Square attack, black-box (score-based)"),
+                   "Square attack, black-box (score-based)", ("Linf", "L2")),
         AttackKind("gaussian", "noise", "Linf", True, {},
-                   "Gaussian noise with the L2 energy of a full-budget perturbation at eps"),
+                   "Gaussian noise with the L2 energy of a full-budget perturbation at eps", ("Linf", "L2")),
         AttackKind("uniform", "noise", "Linf", True, {},
-                   "uniform noise with the L2 energy of a full-budget perturbation at eps"),
+                   "uniform noise with the L2 energy of a full-budget perturbation at eps", ("Linf", "L2")),
         AttackKind("saltpepper", "noise", "Linf", True, {},
-                   "salt-and-pepper: a fraction eps^2 of the inputs set to 0 or 1 (same expected energy)"),
+                   "salt-and-pepper: a fraction eps^2 of the inputs set to 0 or 1 (same expected energy)", ("Linf", "L2")),
     ]
 }
 NORMS = {"linf": "Linf", "inf": "Linf", "l2": "L2"}
@@ -182,8 +183,7 @@ def parse(text: str) -> AttackSpec:
             eps = parse_eps_list(value)[0]
         elif key == "norm":
             norm = NORMS.get(value.strip().lower())
-            if norm is None or (kind.kind == "adversarial" and norm != kind.norm and name != "autoattack"
-                                and name != "square"):
+            if norm not in (kind.norms or (kind.norm,)):
                 raise RobauditError(f"{name} does not support norm={value}")
         elif key in kind.defaults:
             parsed = _parse_value(key, value, kind.defaults[key] if kind.defaults[key] is not None else 0.0)

@@ -114,7 +114,6 @@ class LayerProbe:
         self._calls: dict[str, int] = {}
         self._outputs: "OrderedDict[str, torch.Tensor]" = OrderedDict()
         self._layers: dict[str, Layer] = {}
-        self.enabled = True
 
     # -- hook management -------------------------------------------------------------------
     def __enter__(self) -> "LayerProbe":
@@ -154,7 +153,7 @@ class LayerProbe:
 
     def _make_hook(self, name: str):
         def hook(module, inputs, output):
-            if not self.enabled or not isinstance(output, torch.Tensor):
+            if not isinstance(output, torch.Tensor):
                 return None
             call = self._calls.get(name, 0) + 1
             self._calls[name] = call

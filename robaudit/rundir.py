@@ -77,8 +77,7 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def write_run(out_dir: str | os.PathLike, result, mvl, manifest: dict, checks: dict | None = None,
-              *, extra_files: dict[str, Any] | None = None) -> Path:
+def write_run(out_dir: str | os.PathLike, result, mvl, manifest: dict, checks: dict | None = None) -> Path:
     """Write an analysis (an :class:`~robaudit.lsa.LSAResult` and its MVL) as a run directory.
 
     An existing directory is replaced whole: a new analysis invalidates an old hardening.
@@ -88,11 +87,6 @@ def write_run(out_dir: str | os.PathLike, result, mvl, manifest: dict, checks: d
         raise RobauditError(f"{out_dir} exists and is not a directory: choose another --out")
     with atomic_dir(out_dir) as tmp:
         fill_run(tmp, result, mvl, manifest, checks)
-        for name, content in (extra_files or {}).items():
-            if isinstance(content, pd.DataFrame):
-                write_csv(tmp / name, content)
-            else:
-                write_json(tmp / name, content)
     return out_dir
 
 

@@ -322,8 +322,11 @@ def test_detach_false_keeps_the_graph(cnn):
     assert not outs["features.5"].requires_grad
 
 
-def test_disabled_probe_records_nothing(cnn):
+def test_paused_probe_records_nothing_and_resumes(cnn):
     with LayerProbe(cnn, CNN_LAYERS) as probe:
-        probe.enabled = False
+        with probe.paused():
+            _, outs = probe.run(cnn, torch.rand(2, 1, 8, 8))
+            assert len(outs) == 0 and probe.layers == []
+            assert all(not m._forward_hooks for m in cnn.modules())
         _, outs = probe.run(cnn, torch.rand(2, 1, 8, 8))
-    assert len(outs) == 0 and probe.layers == []
+        assert list(outs) == CNN_LAYERS
