@@ -134,6 +134,9 @@ def parse_eps_list(text: str | Sequence[str] | None) -> list[float] | None:
     for v in values:
         if not math.isfinite(v) or v <= 0:
             raise RobauditError(f"eps must be positive and finite, got {v}: use e.g. --eps 2/255,4/255,8/255")
+        if v > 1:
+            raise RobauditError(f"eps {v:g} is larger than the whole [0, 1] input range (an Linf ball that "
+                                "contains every input): use e.g. --eps 8/255; L2 attacks take their own eps")
     return values
 
 
@@ -155,7 +158,17 @@ def _parse_value(key: str, text: str, default: Any) -> Any:
         return int(value)
     if not math.isfinite(value):
         raise RobauditError(f"{key}={text} must be finite")
+    low, low_ok, high = _FLOAT_RANGES.get(key, (-math.inf, True, math.inf))
+    if value < low or (value == low and not low_ok) or value > high:
+        bound = f"{'at least' if low_ok else 'greater than'} {low:g}" + (f" and at most {high:g}" if high < math.inf else "")
+        raise RobauditError(f"{key}={text} must be {bound}")
     return value
+
+
+# (lower bound, lower bound allowed, upper bound) of the float parameters: a step size of 0 or less
+# leaves the input where it is and would read as perfect robustness
+_FLOAT_RANGES = {"alpha": (0.0, False, math.inf), "lr": (0.0, False, math.inf), "c": (0.0, False, math.inf),
+                 "kappa": (0.0, True, math.inf), "overshoot": (0.0, True, math.inf), "p_init": (0.0, False, 1.0)}
 
 
 CHOICES = {("autoattack", "version"): ("standard", "plus", "rand")}
@@ -180,7 +193,9 @@ def parse(text: str) -> AttackSpec:
         if key == "eps":
             if not kind.bounded:
                 raise RobauditError(f"{name} finds a minimal perturbation and takes no eps")
-            eps = parse_eps_list(value)[0]
+            eps = parse_number(value) if value.strip() else None
+            if eps is None or not math.isfinite(eps) or eps <= 0:
+                raise RobauditError(f"{name}:eps={value} must be a positive number, e.g. {name}:eps=8/255")
         elif key == "norm":
             norm = NORMS.get(value.strip().lower())
             if norm not in (kind.norms or (kind.norm,)):
@@ -194,6 +209,8 @@ def parse(text: str) -> AttackSpec:
         else:
             known = ", ".join(["eps", "norm", *kind.defaults]) if kind.bounded else ", ".join(kind.defaults)
             raise RobauditError(f"unknown parameter {key!r} for {name}: it takes {known}")
+    if eps is not None and norm == "Linf" and eps > 1:
+        raise RobauditError(f"{name}:eps={eps:g} is larger than the whole [0, 1] input range: use e.g. eps=8/255")
     return AttackSpec(name, tuple(params), eps, norm, explicit_eps=eps is not None)
 
 

@@ -18,6 +18,7 @@ from .errors import RobauditError
 EXIT_USER = 2
 EXIT_INTERNAL = 1
 EXIT_INTERRUPTED = 130
+SEED_MAX = 2**32 - 1  # numpy's and torch's generators both take it
 
 
 class _Group(click.Group):
@@ -96,7 +97,8 @@ def model_options(f):
         click.option("--arch", help="Architecture for a state dict: 'package.module:Class' or 'file.py:Class'."),
         click.option("--arch-kwargs", help="JSON keyword arguments for --arch, e.g. '{\"width\": 32}'."),
         click.option("--trust-model", is_flag=True,
-                     help="Allow loading a pickled nn.Module (this runs code from the file)."),
+                     help="Run code from the model file: unpickle a module, load a .pt2 without inspecting it, "
+                          "import a .py architecture a checkpoint names. Only for files whose source you trust."),
     ]):
         f = opt(f)
     return f
@@ -138,14 +140,15 @@ def data_options(f):
 @click.option("--include-output", is_flag=True, help="Let the output (logits) layer enter the MVL list.")
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True)
 @click.option("--out", "-o", type=click.Path(path_type=Path), help="Run directory (default reports/<model>-<dataset>/).")
+@click.option("--force", is_flag=True, help="Replace an earlier run in --out (robaudit never replaces other folders).")
 @click.option("--no-report", is_flag=True, help="Do not render report.html.")
 @click.option("--no-checks", is_flag=True, help="Skip the gradient-masking sanity probes.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 def analyze(model, arch, arch_kwargs, trust_model, dataset, data_dir, split, samples, shuffle, no_download, attacks, eps,
             layer_globs, layer_types, mean, std, no_normalize, mvl_top, mvl_z, mvl_attack, mvl_metric,
-            include_output, batch_size, device, seed, out, no_report, no_checks, progress):
+            include_output, batch_size, device, seed, out, force, no_report, no_checks, progress):
     """Layer Sustainability Analysis of MODEL: per-layer RE under an attack battery -> MVL list."""
     from .attacks import parse_eps_list
     from .models import parse_arch_kwargs
@@ -167,7 +170,7 @@ def analyze(model, arch, arch_kwargs, trust_model, dataset, data_dir, split, sam
         batch_size=batch_size, device=device, seed=seed, checks=not no_checks, report=not no_report,
         progress=sys.stderr.isatty() if progress is None else progress,
         command=shlex.join(["robaudit", *sys.argv[1:]]) if Path(sys.argv[0]).name.startswith("robaudit")
-        else None,
+        else None, force=force,
     )
     echo_summary(run)
 
@@ -262,7 +265,7 @@ def list_attacks():
 @click.option("--train-data", type=click.Path(path_type=Path), help="Training .npz when the run's data set is a file.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted harden from its last complete epoch.")
 @click.option("--force", is_flag=True, help="Replace an earlier hardened/ result or checkpoint.")
-@click.option("--seed", type=int, help="Seed (default: the analysis seed).")
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), help="Seed (default: the analysis seed).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda ...")
 @click.option("--no-report", is_flag=True, help="Do not render report.html.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
@@ -294,20 +297,28 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
     if mvl_top is not None and mvl_top < 1:
         raise RobauditError("--mvl-top must be at least 1")
     if model is not None:
+        from .harden import CHECKPOINT_NAME
         from .models import parse_arch_kwargs
-        from .pipeline import analyze_run
+        from .pipeline import analyze_run, default_out
 
         if not dataset:
             raise RobauditError("--dataset is required with MODEL: e.g. robaudit harden model.pt2 --dataset digits")
-        analysis = analyze_run(
-            model, dataset, out=out, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_model=trust_model,
-            data_dir=data_dir, split=split, samples=samples, shuffle=shuffle, mvl_top=mvl_top,
-            include_output=include_output, device=device, seed=seed or 0, report=False, progress=show_progress,
-            **({"download": not data_extra["no_download"]} if "no_download" in data_extra else {}))
-        run_dir = analysis.path
-        click.echo(f"analyzed {model} -> {run_dir}")
+        planned = Path(out) if out else default_out(model, dataset)
+        if resume and (planned / CHECKPOINT_NAME).is_file():
+            run_dir = planned  # the analysis is there already; analyzing again would replace the checkpoint
+            click.echo(f"resuming the interrupted harden in {run_dir}")
+        else:
+            analysis = analyze_run(
+                model, dataset, out=out, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
+                trust_model=trust_model, data_dir=data_dir, split=split, samples=samples, shuffle=shuffle,
+                mvl_top=mvl_top, include_output=include_output, device=device, seed=seed or 0, report=False,
+                progress=show_progress, force=force,
+                **({"download": not data_extra["no_download"]} if "no_download" in data_extra else {}))
+            run_dir = analysis.path
+            click.echo(f"analyzed {model} -> {run_dir}")
     elif run_dir is None:
         run_dir = latest_run("reports")
+        click.echo(f"hardening the latest run: {run_dir}")
     try:
         done = harden_run(
             run_dir, mvl_top=mvl_top, method=method, gamma=gamma, re_mode=re_mode, base_attack=base_attack,
@@ -316,7 +327,7 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
             optimizer=optimizer, weight_decay=weight_decay, schedule=schedule, clean_weight=clean_weight,
             dual_bn=dual_bn, include_output=include_output, val_fraction=val_fraction, train_data=train_data,
             resume=resume, force=force, seed=seed, device=device, progress=show_progress, command=command,
-            download=not data_extra.get("no_download", False))
+            download=not data_extra.get("no_download", False), arch=arch, trust_model=trust_model)
     except HardenInterrupted as e:
         if _debug(ctx):
             raise

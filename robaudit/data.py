@@ -278,9 +278,12 @@ def _latin1_encode(obj, encoding="utf-8", errors="strict"):
 
 
 _RECONSTRUCT = np.zeros(0).__reduce__()[0]  # numpy's _reconstruct, wherever this numpy version keeps it
+_FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]  # what protocol-5 pickles of arrays call: bytes -> array
 _SAFE_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
     ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,
+    ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): _latin1_encode,

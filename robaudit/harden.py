@@ -970,6 +970,8 @@ def harden_run(
     progress: bool = False,
     command: str | None = None,
     download: bool = True,
+    arch: str | None = None,
+    trust_model: bool = False,
 ) -> HardenRun:
     """Harden the model of an analyzed run directory and write ``RUN/hardened/``.
 
@@ -982,8 +984,9 @@ def harden_run(
     """
     from .data import load_dataset
     from .lsa import analyze, resolve_device, select_mvl
-    from .models import export_model, load_model, save_checkpoint, save_exported_weights, sha256_file
-    from .rundir import atomic_dir, fill_run, read_run, write_csv, write_json
+    from .models import (check_stored_arch, export_model, load_model, save_checkpoint, save_exported_weights,
+                         sha256_file)
+    from .rundir import atomic_dir, fill_run, foreign_entries, read_run, write_csv, write_json
 
     started = _now()
     run_dir = Path(run_dir)
@@ -999,6 +1002,9 @@ def harden_run(
                             "start over")
     if dest.exists() and not force and not resume:
         raise RobauditError(f"{dest} already exists from an earlier harden: pass --force to replace it")
+    foreign = [f for f in foreign_entries(run_dir) if f.startswith(f"{HARDENED_DIR}/")] if dest.is_dir() else []
+    if foreign:
+        raise RobauditError(f"{dest} holds files robaudit did not write ({', '.join(foreign[:3])}): move them out first")
     if resume and not ck_path.exists():
         raise RobauditError(f"no checkpoint to resume in {run_dir} ({CHECKPOINT_NAME}): run without --resume")
     eps_list = man.get("eps") or []
@@ -1018,8 +1024,11 @@ def harden_run(
         raise RobauditError(f"the run's model file {mm.get('path')} is gone: restore it, or analyze again")
     if mm.get("sha256") and sha256_file(model_path) != mm["sha256"]:
         raise RobauditError(f"{model_path} changed since the analysis (sha256 differs): analyze it again first")
-    loaded = load_model(model_path, arch=mm.get("arch"), arch_kwargs=mm.get("arch_kwargs") or None,
-                        trust_model=bool(mm.get("trust_model")))
+    # the manifest is a file like any other: its architecture is checked as a checkpoint's would be, and
+    # only this command's --trust-model (never the manifest's record of an earlier one) lets code run
+    if arch is None and mm.get("arch"):
+        arch = check_stored_arch(mm["arch"], run_dir / "manifest.json", trust_model=trust_model)
+    loaded = load_model(model_path, arch=arch, arch_kwargs=mm.get("arch_kwargs") or None, trust_model=trust_model)
     norm = man.get("normalization") or {}
     mean, std = norm.get("mean"), norm.get("std")
     ds = man.get("dataset") or {}

@@ -7,10 +7,12 @@ trusts the file, because unpickling runs code from it). TorchScript cannot be ho
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import pickle
 import sys
@@ -23,6 +25,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .archive import check_archive, is_dotted_name, is_identifier
 from .errors import NonFiniteError, RobauditError
 
 CHECKPOINT_KEY = "robaudit_checkpoint"
@@ -80,7 +83,31 @@ def resolve_arch(arch: str) -> type:
     cls = getattr(module, cls_name, None)
     if cls is None:
         raise RobauditError(f"{mod_name} has no attribute {cls_name!r}: check the --arch class name")
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise RobauditError(f"architecture {arch!r} is not an nn.Module class: give --arch module:Class of the model")
     return cls
+
+
+def check_stored_arch(arch: object, source: Path, *, trust_model: bool) -> str:
+    """An ``arch`` read from a checkpoint is data from the file: it may only name an installed nn.Module class.
+
+    A ``file.py:Class`` stored in the file would run that file, so it needs ``--trust-model`` (or the user's
+    own ``--arch``).
+    """
+    if not isinstance(arch, str) or ":" not in arch:
+        raise RobauditError(f"{source.name} names no usable architecture ({str(arch)[:60]!r}): pass --arch module:Class")
+    mod_name, _, cls_name = arch.rpartition(":")
+    if mod_name.endswith(".py"):
+        if not trust_model:
+            raise RobauditError(
+                f"{source.name} names the architecture file {mod_name}: importing it runs that file; pass "
+                f"--arch {arch} yourself if you trust it (or --trust-model)")
+        return arch
+    if not (is_dotted_name(mod_name) and is_identifier(cls_name)
+            and all(is_identifier(part) for part in mod_name.split("."))):
+        raise RobauditError(f"{source.name} names the architecture {arch[:80]!r}, which is not module:Class; "
+                            "pass --arch module:Class")
+    return arch
 
 
 def build_arch(arch: str, kwargs: dict | None, state_dict: dict, source: Path) -> nn.Module:
@@ -107,11 +134,33 @@ def _is_torchscript(path: Path) -> bool:
         return any("/code/" in f"/{n}" for n in z.namelist())
 
 
-def _load_export(path: Path) -> LoadedModel:
+@contextlib.contextmanager
+def _quiet_torch_export_logs():
+    """torch logs whole tracebacks while it reads a bad archive; robaudit reports it in one line."""
+    loggers = [logging.getLogger(name) for name in ("torch.export", "torch._export", "torch.export.pt2_archive")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
     try:
-        ep = torch.export.load(str(path))
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _load_export(path: Path, *, trust_model: bool = False) -> LoadedModel:
+    if not trust_model:
+        check_archive(path)  # before torch reads a byte of it: its loader unpickles and pastes names into code
+    try:
+        with _quiet_torch_export_logs(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ep = torch.export.load(str(path))
     except Exception as e:  # a corrupt or foreign archive
         raise RobauditError(f"{path.name} is not a readable torch.export archive ({type(e).__name__}): re-export it") from e
+    # shape guards are kept as Python source that ExportedProgram.module() would exec; robaudit never calls
+    # it, and drops them so that a re-saved archive does not carry a stranger's code on
+    if not trust_model:
+        ep._guards_code = []
     _check_dynamic_batch(ep, path)
     module = torch.export.unflatten(ep)
     # Unflattened submodules run their graphs through torch.fx.Interpreter by default, about 7x
@@ -176,10 +225,12 @@ def _load_torch_file(path: Path, *, arch: str | None, arch_kwargs: dict | None, 
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise RobauditError(f"{path.name} is not a readable PyTorch file ({type(e).__name__}): check the path") from e
     if isinstance(obj, dict) and obj.get(CHECKPOINT_KEY):
-        ck_arch = arch or obj.get("arch")
-        kwargs = arch_kwargs if arch_kwargs is not None else obj.get("arch_kwargs") or {}
-        if not ck_arch:
+        if not arch and not obj.get("arch"):
             raise RobauditError(f"{path.name} names no architecture: pass --arch module:Class")
+        ck_arch = arch or check_stored_arch(obj.get("arch"), path, trust_model=trust_model)
+        kwargs = arch_kwargs if arch_kwargs is not None else obj.get("arch_kwargs") or {}
+        if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+            raise RobauditError(f"{path.name} stores architecture arguments that are not a mapping: pass --arch-kwargs")
         module = build_arch(ck_arch, kwargs, obj["state_dict"], path)
         return LoadedModel(module=module, format="checkpoint", arch=ck_arch, arch_kwargs=dict(kwargs))
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -225,7 +276,7 @@ def load_model(
         arch_kwargs = parse_arch_kwargs(arch_kwargs)
     suffix = path.suffix.lower()
     if suffix == ".pt2":
-        loaded = _load_export(path)
+        loaded = _load_export(path, trust_model=trust_model)
     elif suffix == ".safetensors":
         loaded = _load_safetensors(path, arch=arch, arch_kwargs=arch_kwargs)
     else:
@@ -236,9 +287,10 @@ def load_model(
     return loaded
 
 
-def parse_arch_kwargs(text: str | None) -> dict:
-    if not text:
-        return {}
+def parse_arch_kwargs(text: str | None) -> dict | None:
+    """``--arch-kwargs`` JSON; None when not given, so that a checkpoint's own arguments apply."""
+    if text is None or not text.strip():
+        return None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import math
 import platform
 import shlex
 import sys
@@ -21,7 +22,7 @@ from .data import load_dataset
 from .errors import RobauditError
 from .lsa import MVL, PASSTHROUGH_TYPES, LSAResult, analyze, resolve_device
 from .models import LoadedModel, load_model, with_normalization
-from .rundir import write_run
+from .rundir import check_output_dir, write_run
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +79,25 @@ def analyze_run(
     report: bool = True,
     progress: bool = False,
     command: str | None = None,
+    force: bool = False,
 ) -> AnalysisRun:
-    """Analyze a model file on a data set and write the run directory (and its report)."""
+    """Analyze a model file on a data set and write the run directory (and its report).
+
+    An existing ``out`` must be an earlier robaudit run, and is replaced only with ``force``.
+    """
     started = _now()
+    if out is not None:
+        check_output_dir(out, force=force)  # before minutes of analysis, not after
+    if mvl_top is not None and mvl_top < 1:
+        raise RobauditError("--mvl-top must be at least 1")
+    if mvl_z is not None and not math.isfinite(mvl_z):
+        raise RobauditError(f"--mvl-z must be a finite number of standard deviations, got {mvl_z}")
     loaded = model if isinstance(model, LoadedModel) else load_model(
         model, arch=arch, arch_kwargs=arch_kwargs, trust_model=trust_model)
     data = load_dataset(dataset, split=split, samples=samples, shuffle=shuffle, seed=seed, data_dir=data_dir,
                         download=download)
+    out = Path(out) if out else default_out(loaded.path, data.name)
+    check_output_dir(out, force=force)
     if normalize and mean is None and std is None:
         mean, std = data.mean, data.std
     elif not normalize:
@@ -107,7 +120,6 @@ def analyze_run(
     if checks:
         check_results = _model_checks(loaded, data, mean, std, dev, seed, eps)
 
-    out = Path(out) if out else default_out(loaded.path, data.name)
     manifest = {
         "robaudit_version": __version__,
         "torch_version": torch.__version__,
@@ -145,11 +157,13 @@ def analyze_run(
         "started": started,
         "finished": _now(),
     }
-    write_run(out, result, mvl, manifest, check_results)
+    finish = None
     if report:
         from .report import render_report
 
-        render_report(out)
+        def finish(staging: Path) -> None:
+            render_report(staging, name=out)
+    write_run(out, result, mvl, manifest, check_results, force=force, finish=finish)
     return AnalysisRun(result, mvl, out, manifest, check_results)
 
 

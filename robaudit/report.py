@@ -867,14 +867,14 @@ def _files_table(run_dir: Path, skip: Path) -> Table | None:
                  caption="The machine-readable files behind this report, as they were when it was rendered.")
 
 
-def _reproduce_section(run: Run, settings: dict | None, run_dir: Path, out: Path) -> dict:
+def _reproduce_section(run: Run, settings: dict | None, run_dir: Path, out: Path, shown: Path) -> dict:
     man = run.manifest
     commands = []
     if man.get("command"):
         commands.append({"title": "Rerun the audit", "text": str(man["command"])})
     if settings and settings.get("command"):
         commands.append({"title": "Rerun the hardening", "text": str(settings["command"])})
-    commands.append({"title": "Render this report again", "text": f"robaudit report --run {run_dir}"})
+    commands.append({"title": "Render this report again", "text": f"robaudit report --run {shown}"})
     manifest = _kv_table(_flatten(man), caption="manifest.json") if man else Table(
         [Column("Field"), Column("Value")], [Row([Cell("manifest.json"), Cell("missing")])], sortable=False)
     return {"commands": commands, "manifest": manifest, "files": _files_table(run_dir, out)}
@@ -939,9 +939,14 @@ def _write_atomic(out: Path, text: str) -> None:
         raise
 
 
-def render_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
-    """Render ``run_dir`` into one self-contained HTML file; return its path (default ``<run_dir>/report.html``)."""
+def render_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
+                  name: str | os.PathLike | None = None) -> Path:
+    """Render ``run_dir`` into one self-contained HTML file; return its path (default ``<run_dir>/report.html``).
+
+    ``name`` is the directory the report speaks of, when ``run_dir`` is a staging copy not yet renamed into place.
+    """
     run_dir = Path(run_dir)
+    shown = Path(name) if name is not None else run_dir
     try:
         is_dir = run_dir.is_dir()
     except OSError:
@@ -981,7 +986,7 @@ def render_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = No
     man = run.manifest
     model = man.get("model") or {}
     dataset = man.get("dataset") or {}
-    model_name = Path(str(model.get("path"))).name if model.get("path") else run_dir.name
+    model_name = Path(str(model.get("path"))).name if model.get("path") else shown.name
     data_name = str(dataset.get("name") or "unknown data")
     sub = [f"data set {data_name}" + (f" ({dataset['split']} split)" if dataset.get("split") else "")]
     if man.get("n_samples") is not None:
@@ -998,7 +1003,7 @@ def render_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = No
         "title": f"Robustness audit: {model_name} on {data_name}",
         "subtitle": "; ".join(sub),
         "version": _version(),
-        "run_name": str(run_dir),
+        "run_name": str(shown),
         "css": Markup(css),
         "script": Markup(script),
         "csp": content_security_policy(css, script),
@@ -1008,7 +1013,7 @@ def render_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = No
         "accuracy": accuracy,
         "hardening": hardening,
         "sanity": sanity_groups,
-        "reproduce": _reproduce_section(run, settings, run_dir, out),
+        "reproduce": _reproduce_section(run, settings, run_dir, out, shown),
     }
     text = _environment().get_template(TEMPLATE).render(**context)
     _write_atomic(out, text)

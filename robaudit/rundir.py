@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -22,6 +22,81 @@ import pandas as pd
 from .errors import RobauditError
 
 REQUIRED = ("lsa.csv", "accuracy.csv", "mvl.json", "manifest.json")
+# Everything robaudit writes into a run directory; a directory holding anything else is not replaced.
+RUN_ENTRIES = frozenset(REQUIRED + ("checks.json", "report.html", "history.csv", "comparison.csv", "harden.json",
+                                    "harden-checkpoint.pt", "hardened"))
+HARDENED_ENTRIES = RUN_ENTRIES | {"model.pt", "model.pt2"}
+_SYSTEM_ROOTS = ("/proc", "/sys", "/dev")
+
+
+def _own_temp(name: str) -> bool:
+    """Names of robaudit's own staging files and directories (``.x.tmp``, ``.x.old-PID``)."""
+    return name.startswith(".") and (name.endswith(".tmp") or ".tmp." in name or ".old-" in name)
+
+
+def is_run_dir(path: Path) -> bool:
+    """A directory whose manifest robaudit wrote."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "robaudit_version" in manifest
+
+
+def foreign_entries(run: Path) -> list[str]:
+    """Entries of a run directory that robaudit did not write (relative paths)."""
+    found = []
+    for entry in sorted(run.iterdir()):
+        if entry.name in RUN_ENTRIES or _own_temp(entry.name):
+            if entry.name == "hardened" and entry.is_dir():
+                found += [f"hardened/{e.name}" for e in sorted(entry.iterdir())
+                          if e.name not in HARDENED_ENTRIES and not _own_temp(e.name)]
+            continue
+        found.append(entry.name)
+    return found
+
+
+def check_output_dir(out: str | os.PathLike, *, force: bool = False, option: str = "--out") -> Path:
+    """Refuse, before any work, an output path that robaudit could not write or must not replace.
+
+    robaudit replaces only its own run directories, and only with ``force``; it never deletes a user's files.
+    """
+    if str(out).strip() == "":
+        raise RobauditError(f"{option} is empty: give a directory such as reports/my-model")
+    path = Path(out)
+    absolute = Path(os.path.abspath(path))
+    if any(absolute == Path(r) or Path(r) in absolute.parents for r in _SYSTEM_ROOTS):
+        raise RobauditError(f"{option} {path} is inside a system directory: choose a folder of your own")
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            raise RobauditError(f"{option} {path} exists and is not a directory: choose another {option}")
+        if path.is_symlink():
+            raise RobauditError(f"{option} {path} is a symbolic link: give the real directory")
+        if any(path.iterdir()):
+            if not is_run_dir(path):
+                raise RobauditError(f"{option} {path} exists and is not a robaudit run directory; robaudit replaces "
+                                    f"only its own runs: choose another {option}")
+            if not force:
+                raise RobauditError(f"{option} {path} holds an earlier run: pass --force to replace it, or choose "
+                                    f"another {option}")
+            foreign = foreign_entries(path)
+            if foreign:
+                raise RobauditError(f"{option} {path} holds files robaudit did not write ({', '.join(foreign[:3])}); "
+                                    f"move them out or choose another {option}")
+    parent = absolute.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise RobauditError(f"{option} {path}: {parent} is a file, not a directory: choose another {option}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RobauditError(f"{option} {path}: {parent} is not writable: choose another {option}")
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _jsonable(value: Any) -> Any:
@@ -62,6 +137,7 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a run is shared like any folder the user makes
         yield tmp
         old = None
         if dest.exists():
@@ -77,16 +153,19 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def write_run(out_dir: str | os.PathLike, result, mvl, manifest: dict, checks: dict | None = None) -> Path:
+def write_run(out_dir: str | os.PathLike, result, mvl, manifest: dict, checks: dict | None = None, *,
+              force: bool = False, finish: Callable[[Path], None] | None = None) -> Path:
     """Write an analysis (an :class:`~robaudit.lsa.LSAResult` and its MVL) as a run directory.
 
-    An existing directory is replaced whole: a new analysis invalidates an old hardening.
+    An earlier run there is replaced whole, and only with ``force``: a new analysis invalidates an old
+    hardening. ``finish(staging_dir)`` (e.g. rendering the report) runs before the directory is renamed
+    into place, so an interrupt never leaves a run without its report.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise RobauditError(f"{out_dir} exists and is not a directory: choose another --out")
+    out_dir = check_output_dir(out_dir, force=force)
     with atomic_dir(out_dir) as tmp:
         fill_run(tmp, result, mvl, manifest, checks)
+        if finish is not None:
+            finish(tmp)
     return out_dir
 
 

@@ -167,7 +167,7 @@ def test_bad_input_fails_in_one_line(case, tmp_path, nan_checkpoint):
 def test_failure_keeps_an_existing_run_directory(digits_run, tmp_path):
     out, _ = digits_run
     before = (out / "lsa.csv").read_bytes()
-    result = invoke("analyze", MOONS_PT2, "--dataset", "digits", "--out", out)
+    result = invoke("analyze", MOONS_PT2, "--dataset", "digits", "--out", out, "--force")
     assert_one_line_failure(result, "shape")
     assert (out / "lsa.csv").read_bytes() == before
 

@@ -50,8 +50,9 @@ def write(fmt: str, cnn: nn.Module, folder, pt2_file):
         return pt2_file, {}
     if fmt == "checkpoint":  # names its architecture as module:Class
         return save_checkpoint(folder / "ck.pt", cnn, arch="tests.helpers:TinyCNN", arch_kwargs=ARCH_KWARGS), {}
-    if fmt == "checkpoint-file-arch":  # ... or as path/to/file.py:Class
-        return save_checkpoint(folder / "ck_file.pt", cnn, arch=f"{HELPERS_FILE}:TinyCNN", arch_kwargs=ARCH_KWARGS), {}
+    if fmt == "checkpoint-file-arch":  # ... or as path/to/file.py:Class, which runs that file: only when trusted
+        path = save_checkpoint(folder / "ck_file.pt", cnn, arch=f"{HELPERS_FILE}:TinyCNN", arch_kwargs=ARCH_KWARGS)
+        return path, {"trust_model": True}
     if fmt == "state_dict":
         torch.save(sd, folder / "sd.pt")
         return folder / "sd.pt", {"arch": "tests.helpers:TinyCNN", "arch_kwargs": '{"width": 4}'}
