@@ -92,6 +92,7 @@ def analyze_run(
         raise RobauditError("--mvl-top must be at least 1")
     if mvl_z is not None and not math.isfinite(mvl_z):
         raise RobauditError(f"--mvl-z must be a finite number of standard deviations, got {mvl_z}")
+    specs = [atk.parse(a) for a in attacks] if attacks else None
     loaded = model if isinstance(model, LoadedModel) else load_model(
         model, arch=arch, arch_kwargs=arch_kwargs, trust_model=trust_model)
     data = load_dataset(dataset, split=split, samples=samples, shuffle=shuffle, seed=seed, data_dir=data_dir,
@@ -103,7 +104,7 @@ def analyze_run(
     elif not normalize:
         mean = std = None
     eps = list(eps) if eps else list(data.default_eps)
-    specs = [atk.parse(a) for a in attacks] if attacks else atk.default_battery(eps)
+    specs = specs or atk.default_battery(eps)
     dev = resolve_device(device)
 
     result = analyze(loaded, data, attacks=specs, eps=eps, layers=layers, layer_types=layer_types, mean=mean,

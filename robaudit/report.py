@@ -918,6 +918,16 @@ def _version() -> str:
         return "unknown"
 
 
+def _is_own_report(path: Path) -> bool:
+    """A file whose head carries the generator tag that robaudit's template writes."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return False
+    return b'<meta name="generator" content="robaudit' in head
+
+
 def _write_atomic(out: Path, text: str) -> None:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -956,6 +966,9 @@ def render_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = No
     out = Path(out) if out is not None else run_dir / "report.html"
     if out.is_dir():
         out = out / "report.html"
+    if out.is_file() and not _is_own_report(out):
+        raise RobauditError(f"{out} exists and is not a robaudit report: choose another --out (robaudit replaces "
+                            "only its own reports)")
 
     run = _load_run(run_dir, required=True)
     hardened = _load_run(run_dir / "hardened", required=False) if (run_dir / "hardened").is_dir() else None

@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -130,12 +131,35 @@ def write_csv(path: Path, frame: pd.DataFrame) -> None:
     os.replace(tmp, path)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_staging(dest: Path) -> None:
+    """Remove staging directories that a killed robaudit left next to ``dest`` (named ``.NAME.PID.*.tmp``).
+
+    Only directories of that exact form, whose process is gone, are touched: they are robaudit's own.
+    """
+    pattern = re.compile(rf"\.{re.escape(dest.name)}\.([0-9]+)\.[A-Za-z0-9_]+\.tmp")
+    for entry in dest.parent.iterdir():
+        m = pattern.fullmatch(entry.name)
+        if m and entry.is_dir() and not entry.is_symlink() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary directory that replaces ``dest`` only if the block succeeds."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    _remove_stale_staging(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=".tmp", dir=dest.parent))
     try:
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a run is shared like any folder the user makes
         yield tmp
