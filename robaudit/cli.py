@@ -180,9 +180,13 @@ def echo_summary(run) -> None:
                f"({res.n_samples} samples, {res.seconds:.1f} s)")
     click.echo(f"clean accuracy: {100 * res.clean_accuracy:.1f}%")
     for eps_val, rows in acc[acc["attack"] != "clean"].groupby(acc["eps"].fillna(-1.0), sort=True):
-        label = "unbounded" if eps_val < 0 else f"eps {eps_val:g}"
+        if eps_val < 0:  # minimal-perturbation attacks: the size they needed, not an accuracy
+            items = ", ".join(f"{r.attack} fools {100 * r.success_rate:.1f}% at median {r.norm} {r.pert_median:.3g}"
+                              for r in rows.itertuples())
+            click.echo(f"  minimal perturbation: {items}")
+            continue
         items = ", ".join(f"{r.attack} {100 * r.accuracy:.1f}%" for r in rows.itertuples())
-        click.echo(f"  {label}: {items}")
+        click.echo(f"  eps {eps_val:g}: {items}")
     eps_txt = f" at eps {mvl.eps:g}" if mvl.eps is not None else ""
     click.echo(f"\nMost Vulnerable Layers (ranked by {mvl.metric} under {mvl.attack}{eps_txt}):")
     width = max([len(n) for n in mvl.names] + [5])

@@ -643,14 +643,53 @@ def _layers_section(run: Run, palette: Palette, mvl_names: set[str]) -> dict:
     return {"metric": metric, "n_layers": len(layers), "n_configs": len(configs), "figures": figures, "table": table}
 
 
+def _minimal_rows(df: pd.DataFrame | None) -> pd.DataFrame:
+    """The rows of minimal-perturbation attacks (CW, DeepFool): adversarial, no eps."""
+    if df is None:
+        return pd.DataFrame(columns=["attack"])
+    return df[df["eps"].isna() & (df["kind"] == "adversarial") & ~df["attack"].isin([sanity.CLEAN, sanity.WORST_CASE])]
+
+
+def _col(r, name: str) -> Any:
+    return getattr(r, name, None)
+
+
+def _perturbation_table(acc: pd.DataFrame, after: pd.DataFrame | None) -> Table | None:
+    """Minimal-perturbation attacks by the size of the perturbation they needed, never by accuracy."""
+    rows_before = _minimal_rows(acc)
+    if rows_before.empty:
+        return None
+    columns = [Column("Attack"), Column("Norm"), Column("Success rate", True), Column("Median perturbation", True),
+               Column("90th percentile", True), Column("Samples", True)]
+    after_map = {}
+    if after is not None:
+        columns += [Column("Median after hardening", True), Column("Success rate after", True)]
+        after_map = {r.attack: r for r in _minimal_rows(after).itertuples(index=False)}
+    rows = []
+    for r in rows_before.itertuples(index=False):
+        cells = [Cell(attack_name(r.attack)), Cell(r.norm), num_cell(_col(r, "success_rate"), fmt_pct),
+                 num_cell(_col(r, "pert_median"), fmt_re), num_cell(_col(r, "pert_p90"), fmt_re),
+                 num_cell(_col(r, "n_samples"))]
+        if after is not None:
+            a = after_map.get(r.attack)
+            cells += [num_cell(_col(a, "pert_median"), fmt_re), num_cell(_col(a, "success_rate"), fmt_pct)]
+        rows.append(Row(cells))
+    return Table(columns, rows, caption=(
+        "Minimal-perturbation attacks (no eps): the share of correctly classified samples they fooled and the "
+        "norm of the perturbation that fooled them (a larger perturbation means a more robust model). Their "
+        "accuracy is not a robust accuracy and is not shown."))
+
+
 def _accuracy_section(run: Run, hardened: Run | None, palette: Palette) -> dict | None:
     acc = run.accuracy
     if acc is None:
         return None
     after = hardened.accuracy if hardened is not None else None
     plot = plot_accuracy(acc, after, palette)
+    perturbation = _perturbation_table(acc, after)
+    acc = acc.drop(index=_minimal_rows(acc).index)
     columns = [Column("Attack"), Column("Kind"), Column("Norm"), Column("eps", True), Column("Accuracy", True),
-               Column("Samples", True)]
+               Column("Success rate", True), Column("Samples", True)]
     after_map = {}
     if after is not None:
         columns += [Column("Hardened", True), Column("Change", True)]
@@ -659,12 +698,15 @@ def _accuracy_section(run: Run, hardened: Run | None, palette: Palette) -> dict 
     for r in acc.itertuples(index=False):
         cells = [Cell(attack_name(r.attack)), Cell(r.kind if r.attack != sanity.CLEAN else ""),
                  Cell(r.norm if not _isnan(r.eps) else ""), num_cell(r.eps, fmt_eps), num_cell(r.accuracy, fmt_pct),
-                 num_cell(getattr(r, "n_samples", None))]
+                 num_cell(_col(r, "success_rate"), fmt_pct), num_cell(getattr(r, "n_samples", None))]
         if after is not None:
             v = after_map.get((r.attack, fmt_eps(r.eps), r.norm))
             cells += [num_cell(v, fmt_pct), num_cell(None if v is None else v - r.accuracy, fmt_points)]
         rows.append(Row(cells, cls="strong" if r.attack in (sanity.CLEAN, sanity.WORST_CASE) else ""))
-    return {"figures": [plot] if plot else [], "table": Table(columns, rows, caption="Accuracy under every attack.")}
+    return {"figures": [plot] if plot else [], "perturbation": perturbation,
+            "table": Table(columns, rows, caption=(
+                "Accuracy under every attack with an eps budget; success rate: the share of correctly classified "
+                "samples the attack fooled."))}
 
 
 def _hardening_section(run: Run, hardened: Run | None, history, settings, acc_cmp, re_cmp) -> dict | None:
@@ -701,8 +743,8 @@ def _hardening_section(run: Run, hardened: Run | None, history, settings, acc_cm
             [Row([Cell(attack_name(r.attack)), Cell("" if _isnan(r.eps) else r.norm), num_cell(r.eps, fmt_eps),
                   num_cell(r.before, fmt_pct), num_cell(r.after, fmt_pct), num_cell(r.delta, fmt_points)],
                  cls="strong" if r.attack in (sanity.CLEAN, sanity.WORST_CASE) else "")
-             for r in acc_cmp.itertuples(index=False)],
-            caption="Accuracy before and after hardening."))
+             for r in acc_cmp.itertuples(index=False) if not (_isnan(r.eps) and r.attack != sanity.CLEAN)],
+            caption="Accuracy before and after hardening (attacks with an eps budget)."))
     if history is not None and not history.empty:
         pct_cols = set(ACCURACY_HISTORY_COLUMNS)
         tables.append(Table(
@@ -775,6 +817,14 @@ def _verdict(run: Run, hardened: Run | None, acc_cmp: pd.DataFrame, settings: di
                 sentences.append(Markup("Worst case at the other eps: {}.").format(
                     ", ".join(f"{fmt_pct(v)} at eps {fmt_eps(e)}" + (f" {nm}" if nm != head_norm else "")
                               for e, nm, v in others)))
+
+    for r in _minimal_rows(acc).itertuples(index=False):
+        if _isnan(_col(r, "pert_median")):
+            continue
+        sentences.append(Markup("{} (minimal perturbation) fools {} of the correctly classified samples with a median "
+                                "{} perturbation of <strong>{}</strong> (90th percentile {}).").format(
+            attack_name(r.attack), fmt_pct(_col(r, "success_rate")), r.norm, fmt_re(r.pert_median),
+            fmt_re(_col(r, "pert_p90"))))
 
     layers = mvl.get("layers") or []
     if layers:

@@ -306,3 +306,23 @@ def test_wheel_install_renders_the_same_report(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert Path(proc.stdout.strip()).is_relative_to(site)  # the installed copy rendered it
     assert (tmp_path / "wheel.html").read_bytes() == expected
+
+
+def test_minimal_perturbation_attacks_by_size_not_accuracy(tmp_path):
+    run = make_run(tmp_path / "run", n_layers=5, attacks=("pgd",), noise=(), eps=(0.1,), minimal=("cw",),
+                   hardened=True)
+    text = render_report(run).read_text(encoding="utf-8")
+    acc_section = section(text, "accuracy")
+    tables = re.findall(r"<table.*?</table>", acc_section, re.S)
+    accuracy_table = next(t for t in tables if "Accuracy under every attack" in t)
+    perturbation_table = next(t for t in tables if "Minimal-perturbation attacks" in t)
+    assert ">CW<" not in accuracy_table  # its accuracy (0 %) is no robust accuracy
+    cw = pd.read_csv(run / "accuracy.csv").set_index("attack").loc["cw"]
+    h_cw = pd.read_csv(run / "hardened" / "accuracy.csv").set_index("attack").loc["cw"]
+    row = visible(re.search(r"<tr><td>CW</td>.*?</tr>", perturbation_table, re.S).group(0))
+    for value in (fmt_re(cw["pert_median"]), fmt_re(cw["pert_p90"]), fmt_pct(cw["success_rate"]),
+                  fmt_re(h_cw["pert_median"])):
+        assert value in row
+    verdict = visible(section(text, "verdict"))
+    assert f"median L2 perturbation of {fmt_re(cw['pert_median'])}" in verdict
+    assert "CW 0.0 %" not in visible(text) and "CW →" not in verdict
