@@ -334,7 +334,7 @@ class Palette:
         for i, a in enumerate(sorted(adversarial)):
             self.style[a] = {"color": ADVERSARIAL_COLORS[i % len(ADVERSARIAL_COLORS)], "linestyle": "-", "linewidth": 1.5}
         for i, a in enumerate(sorted(noise)):
-            self.style.setdefault(a, {"color": NOISE_COLORS[i % len(NOISE_COLORS)], "linestyle": "--", "linewidth": 1.2})
+            self.style.setdefault(a, {"color": NOISE_COLORS[i % len(NOISE_COLORS)], "linestyle": ":", "linewidth": 1.4})
 
     def __call__(self, attack: str) -> dict:
         return dict(self.style.get(attack, {"color": "#444444", "linestyle": "-", "linewidth": 1.2}))
@@ -435,10 +435,16 @@ def plot_profile(layers, configs, mat, mvl: set[str], palette: Palette, metric: 
     axes[-1].set_xlim(-0.6, n_l - 0.4)
     return Plot(_svg(fig, "profile", "RE profile per layer, adversarial and noise perturbations"),
                 "Per-layer RE profile: adversarial attacks (solid) against statistical noise of the same "
-                "size (dashed), one panel per eps; MVL layers shaded red.")
+                "size (dotted), one panel per eps; MVL layers shaded red.")
 
 
-def plot_accuracy(before: pd.DataFrame, after: pd.DataFrame | None, palette: Palette) -> Plot | None:
+HARDENED_STYLE = {"linestyle": (0, (5, 2)), "alpha": 0.9}  # dashed, square markers: after hardening
+
+
+def accuracy_figure(before: pd.DataFrame, after: pd.DataFrame | None, palette: Palette) -> Figure | None:
+    """Accuracy against eps: a curve from the clean accuracy at eps 0 for attacks measured at several eps,
+    a marker alone for an attack measured at one eps (no line through eps where it never ran).
+    Adversarial solid with circles, noise dotted with crosses, the hardened model dashed with squares."""
     curves = before[before["eps"].notna() & (before["attack"] != sanity.CLEAN)]
     if curves.empty:
         return None
@@ -456,18 +462,30 @@ def plot_accuracy(before: pd.DataFrame, after: pd.DataFrame | None, palette: Pal
             for attack in sorted(part["attack"].unique(), key=lambda a: (a == sanity.WORST_CASE, a)):
                 pts = part[part["attack"] == attack].sort_values("eps")
                 xs, ys = list(pts["eps"]), list(pts["accuracy"] * 100)
-                if len(clean):
+                single = len(pts) == 1
+                if len(clean) and not single:
                     xs, ys = [0.0] + xs, [float(clean.iloc[0]) * 100] + ys
                 st = palette(attack)
                 if dashed:
-                    st.update(linestyle=(0, (4, 2)), alpha=0.9)
+                    st.update(HARDENED_STYLE)
+                if single:
+                    st.update(linestyle="none")
                 marker = "s" if dashed else ("x" if pts["kind"].iloc[0] == "noise" else "o")
-                ax.plot(xs, ys, marker=marker, markersize=3.5, label=attack_name(attack) + tag, **st)
+                ax.plot(xs, ys, marker=marker, markersize=6 if single else 3.5,
+                        label=attack_name(attack) + tag + (f" (eps {fmt_eps(xs[0])} only)" if single else ""), **st)
         ax.set_xlabel(f"eps ({norm})")
         ax.set_ylabel("accuracy (%)")
         ax.set_ylim(-3, 103)
     axes[-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
-    caption = "Accuracy against eps, one curve per attack; eps 0 is the clean accuracy; worst case in black."
+    return fig
+
+
+def plot_accuracy(before: pd.DataFrame, after: pd.DataFrame | None, palette: Palette) -> Plot | None:
+    fig = accuracy_figure(before, after, palette)
+    if fig is None:
+        return None
+    caption = ("Accuracy against eps, one curve per attack (solid; statistical noise dotted); eps 0 is the clean "
+               "accuracy; worst case in black. An attack measured at a single eps is a marker alone.")
     if after is not None:
         caption += " Dashed curves with square markers: the hardened model."
     return Plot(_svg(fig, "accuracy", "Robust accuracy against eps"), caption)

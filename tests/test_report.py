@@ -326,3 +326,35 @@ def test_minimal_perturbation_attacks_by_size_not_accuracy(tmp_path):
     verdict = visible(section(text, "verdict"))
     assert f"median L2 perturbation of {fmt_re(cw['pert_median'])}" in verdict
     assert "CW 0.0 %" not in visible(text) and "CW →" not in verdict
+
+
+def test_accuracy_plot_single_eps_markers_and_distinct_styles():
+    import matplotlib
+
+    from robaudit.report import MPL_RC, Palette, accuracy_figure
+
+    def frame(shift: float) -> pd.DataFrame:
+        rows = [("clean", np.nan, 0.95, "clean", "")]
+        rows += [("pgd", 0.1, 0.5 + shift, "adversarial", "Linf"), ("pgd", 0.2, 0.1 + shift, "adversarial", "Linf"),
+                 ("square(n_queries=200)", 0.2, 0.3 + shift, "adversarial", "Linf"),
+                 ("gaussian", 0.1, 0.9, "noise", "Linf"), ("gaussian", 0.2, 0.85, "noise", "Linf"),
+                 ("worst-case", 0.1, 0.5 + shift, "adversarial", "Linf"),
+                 ("worst-case", 0.2, 0.1 + shift, "adversarial", "Linf")]
+        return pd.DataFrame(rows, columns=["attack", "eps", "accuracy", "kind", "norm"])
+
+    before, after = frame(0.0), frame(0.2)
+    with matplotlib.rc_context(MPL_RC):
+        fig = accuracy_figure(before, after, Palette([before, after]))
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    square = lines["Square(n_queries=200) (eps 0.2 only)"]
+    assert list(square.get_xdata()) == [0.2] and square.get_linestyle() == "None"
+    assert list(square.get_ydata()) == [30.0]
+    h_square = lines["Square(n_queries=200) (hardened) (eps 0.2 only)"]
+    assert list(h_square.get_xdata()) == [0.2] and h_square.get_linestyle() == "None"
+    pgd = lines["PGD"]
+    assert list(pgd.get_xdata()) == [0.0, 0.1, 0.2] and list(pgd.get_ydata()) == pytest.approx([95, 50, 10])
+    styles = {name: (lines[name].get_linestyle(), lines[name].get_marker())
+              for name in ("PGD", "Gaussian noise", "PGD (hardened)")}
+    assert len(set(styles.values())) == 3, styles  # adversarial, noise and hardened curves differ
+    assert styles["PGD"][0] == "-" and styles["Gaussian noise"][0] == ":" and styles["PGD (hardened)"][0] == "--"
+    assert "Gaussian noise (hardened)" not in lines
