@@ -778,10 +778,11 @@ def _hardening_section(run: Run, hardened: Run | None, history, settings, acc_cm
 def _sanity_group(title: str, checks: list[sanity.Check]) -> dict:
     warns = [c for c in checks if c.status == "warn"]
     rows = [Row([Cell(Markup('<span class="badge {0}">{0}</span>').format(c.status), c.status),
-                 Cell(c.name), Cell(c.detail, cls="wrap")]) for c in checks]
+                 Cell(c.name), Cell(c.detail, cls="wrap"), Cell(getattr(c, "threshold", ""), cls="wrap")])
+            for c in checks]
     return {"title": title,
             "warn": f"{len(warns)} of {len(checks)} checks warn." if warns else "",
-            "table": Table([Column("Status"), Column("Check"), Column("Numbers")], rows)}
+            "table": Table([Column("Status"), Column("Check"), Column("Numbers"), Column("Threshold")], rows)}
 
 
 def _sanity_sentence(who: str, checks: list[sanity.Check]) -> Markup:
@@ -791,9 +792,13 @@ def _sanity_sentence(who: str, checks: list[sanity.Check]) -> Markup:
         return Markup("{}: all {} sanity checks that ran pass{}.").format(who, counts["pass"], skipped)
     names = "; ".join(c.name for c in checks if c.status == "warn")
     verb = "warns" if counts["warn"] == 1 else "warn"
-    return Markup("{}: <strong>{} sanity check{} {}</strong>: {}. The model may be masking gradients; "
-                  "see section 5.{}").format(who, counts["warn"], "" if counts["warn"] == 1 else "s", verb, names,
-                                             Markup(skipped))
+    why = []
+    if any(c.status == "warn" and c.name == sanity.CHANCE for c in checks):
+        why.append("The model is at or near chance: every robustness number is noise.")
+    if any(c.status == "warn" and c.name != sanity.CHANCE for c in checks):
+        why.append("The model may be masking gradients.")
+    return Markup("{}: <strong>{} sanity check{} {}</strong>: {}. {} See section 5.{}").format(
+        who, counts["warn"], "" if counts["warn"] == 1 else "s", verb, names, " ".join(why), Markup(skipped))
 
 
 def _verdict(run: Run, hardened: Run | None, acc_cmp: pd.DataFrame, settings: dict | None,
@@ -806,7 +811,8 @@ def _verdict(run: Run, hardened: Run | None, acc_cmp: pd.DataFrame, settings: di
     n = n if n is not None else man.get("n_samples")
     if clean is not None:
         sentences.append(Markup("Clean accuracy <strong>{}</strong> ({} samples).").format(fmt_pct(clean), fmt_num(n)))
-        cards.append({"label": "Clean accuracy", "value": fmt_pct(clean), "sub": f"{fmt_num(n)} samples", "cls": ""})
+        cards.append({"label": "Clean accuracy", "value": fmt_pct(clean), "sub": f"{fmt_num(n)} samples", "cls": "",
+                      "concerns": [c for c in checks if c.name == sanity.CHANCE]})
 
     worst = acc[(acc["attack"] == sanity.WORST_CASE) & acc["eps"].notna()].sort_values("eps") if acc is not None else None
     mvl = run.mvl or {}
@@ -828,7 +834,7 @@ def _verdict(run: Run, hardened: Run | None, acc_cmp: pd.DataFrame, settings: di
                 sentences.append(Markup("At eps {}, worst-case accuracy over the battery is <strong>{}</strong>.").format(
                     fmt_eps(head_eps), fmt_pct(w)))
             cards.append({"label": "Worst-case accuracy", "value": fmt_pct(w), "sub": f"eps {fmt_eps(head_eps)} {head_norm}",
-                          "cls": ""})
+                          "cls": "", "concerns": checks})
             others = [(e, nm, v) for e, nm, v in worst[["eps", "norm", "accuracy"]].itertuples(index=False)
                       if not (np.isclose(e, head_eps) and nm == head_norm)]
             if others:
@@ -875,7 +881,7 @@ def _verdict(run: Run, hardened: Run | None, acc_cmp: pd.DataFrame, settings: di
             r = head.iloc[-1]
             cards.append({"label": "After hardening", "value": fmt_pct(r["after"]),
                           "sub": f"worst case, eps {fmt_eps(r['eps'])}: {fmt_points(r['delta'])}",
-                          "cls": "pass" if r["delta"] > 0 else ""})
+                          "cls": "pass" if r["delta"] > 0 else "", "concerns": checks_after or []})
         if not parts and clean_rows.empty:
             sentences.append(Markup("The model was hardened ({}), but no before/after accuracy was recorded.").format(method))
 
@@ -887,6 +893,11 @@ def _verdict(run: Run, hardened: Run | None, acc_cmp: pd.DataFrame, settings: di
     cards.append({"label": "Sanity checks", "value": f"{n_warn} warn" if n_warn else "all pass",
                   "sub": f"{sum(c.status == 'pass' for c in all_checks)} pass, {sum(c.status == 'skip' for c in all_checks)} skipped",
                   "cls": "warn" if n_warn else "pass"})
+    for card in cards:  # a card is never green while a check that concerns its number warns
+        concerns = card.pop("concerns", [])
+        if any(c.status == "warn" for c in concerns):
+            card["cls"] = "warn"
+            card["sub"] += f"; {sum(c.status == 'warn' for c in concerns)} check(s) warn"
     return {"sentences": sentences, "cards": cards, "table": _verdict_table(acc, hardened.accuracy if hardened else None)}
 
 
@@ -1031,10 +1042,11 @@ def render_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = No
     mvl_names = set(mvl_layers)
     acc_cmp = _accuracy_comparison(run.accuracy, hardened.accuracy if hardened else None, comparison)
     re_cmp = _re_comparison(run, hardened, comparison, mvl_layers)
-    checks = sanity.evaluate(run.accuracy, run.checks)
+    num_classes = (run.manifest.get("dataset") or {}).get("num_classes")
+    checks = sanity.evaluate(run.accuracy, run.checks, num_classes=num_classes)
     checks_after = None
     if hardened is not None and hardened.accuracy is not None:
-        checks_after = sanity.evaluate(hardened.accuracy, hardened.checks)
+        checks_after = sanity.evaluate(hardened.accuracy, hardened.checks, num_classes=num_classes)
 
     with matplotlib.rc_context(MPL_RC):
         palette = Palette([run.lsa, run.accuracy, hardened.accuracy if hardened else None])

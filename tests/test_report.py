@@ -358,3 +358,32 @@ def test_accuracy_plot_single_eps_markers_and_distinct_styles():
     assert len(set(styles.values())) == 3, styles  # adversarial, noise and hardened curves differ
     assert styles["PGD"][0] == "-" and styles["Gaussian noise"][0] == ":" and styles["PGD (hardened)"][0] == "--"
     assert "Gaussian noise (hardened)" not in lines
+
+
+def _cards(text: str) -> dict[str, str]:
+    """Card label -> its class attribute."""
+    return {visible(label): cls for cls, label in
+            re.findall(r'<div class="card ?([a-z]*)"><div class="label">(.*?)</div>', section(text, "verdict"))}
+
+
+def test_cards_never_green_while_a_check_about_them_warns(tmp_path):
+    run = make_run(tmp_path / "run", n_layers=5, hardened=True)
+    (run / "hardened" / "checks.json").write_text(json.dumps(model_checks()))
+    assert _cards(render_report(run).read_text())["After hardening"] == "pass"
+    # the hardened model: PGD-50 leaves more samples robust than PGD-10 (possible masking)
+    (run / "hardened" / "checks.json").write_text(json.dumps(model_checks(
+        attacks={**model_checks()["attacks"], "pgd10": 2 / 128, "pgd50": 3 / 128})))
+    text = render_report(run).read_text()
+    assert _cards(text)["After hardening"] == "warn"
+    assert "PGD-50 leaves no more samples robust than PGD-10" in visible(section(text, "sanity"))  # threshold shown
+
+
+def test_chance_level_model_is_flagged(tmp_path):
+    run = make_run(tmp_path / "run", n_layers=5, clean=0.094)
+    text = render_report(run).read_text()
+    cards = _cards(text)
+    assert cards["Clean accuracy"] == "warn" and cards["Sanity checks"] == "warn"
+    verdict = visible(section(text, "verdict"))
+    assert "Clean accuracy well above chance" in verdict and "every robustness number is noise" in verdict
+    sanity_text = visible(section(text, "sanity"))
+    assert "chance is 10.0 % (10 classes)" in sanity_text and "clean accuracy above 20.0 %" in sanity_text
