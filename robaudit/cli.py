@@ -312,7 +312,23 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
         click.echo(f"analyzed {model} -> {run_dir}")
     elif run_dir is None:
         run_dir = latest_run("reports")
+        click.echo(f"hardening the latest run under reports/: {run_dir}")
+    if resume:
+        from .harden import CHECKPOINT_NAME, load_checkpoint
+
+        ck = Path(run_dir) / CHECKPOINT_NAME
+        if ck.is_file():
+            epoch = int(load_checkpoint(ck)["epoch"])
+            click.echo(f"resuming from the checkpoint of epoch {epoch} ({ck}): training continues at epoch {epoch + 1}")
+    warned: list[str] = []
+    show = warnings.showwarning
+
+    def _record(message, *args, **kwargs):  # a note already shown as a warning is not repeated at the end
+        warned.append(str(message))
+        show(message, *args, **kwargs)
+
     try:
+        warnings.showwarning = _record
         done = harden_run(
             run_dir, mvl_top=mvl_top, method=method, gamma=gamma, re_mode=re_mode, base_attack=base_attack,
             eps=eps_value, steps=steps, alpha=parse_number(alpha) if alpha else None,
@@ -326,7 +342,9 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
             raise
         click.echo(f"interrupted: {e}", err=True)
         ctx.exit(EXIT_INTERRUPTED)
-    _echo_harden(done)
+    finally:
+        warnings.showwarning = show
+    _echo_harden(done, warned=warned)
     if not no_report and importlib.util.find_spec("robaudit.report") is not None:
         from .report import render_report
 
@@ -334,21 +352,34 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
         click.echo(f"report: {report_path}")
 
 
-def _echo_harden(done) -> None:
+def _echo_harden(done, *, warned=()) -> None:
     """Print the settings, the before/after comparison and where the outputs are."""
     s, res = done.settings, done.result
     click.echo(f"{s['method']} on {', '.join(s['mvl_layers']) or 'no layer'} (eps {s['eps']:g}, {s['epochs']} epochs, "
                f"{s['seconds_training']:.1f} s); validation: {res.validation}")
     click.echo(f"BatchNorm at test: {res.bn_at_test}")
     for note in res.notes:
-        click.echo(f"note: {note}")
+        if note not in warned:
+            click.echo(f"note: {note}")
     comp = done.comparison
     acc = comp[comp["kind"] == "accuracy"]
+    acc = acc[acc["eps"].notna() | (acc["attack"] == "clean")]  # minimal-perturbation attacks: no robust accuracy
     labels = [r.attack if r.eps is None or r.eps != r.eps else f"{r.attack} eps {r.eps:g}" for r in acc.itertuples()]
     width = max([len(x) for x in labels] + [8])
     click.echo(f"\n  {'accuracy':<{width}}  {'before':>7}  {'after':>7}  {'delta':>6}")
     for label, r in zip(labels, acc.itertuples()):
         click.echo(f"  {label:<{width}}  {100 * r.before:6.1f}%  {100 * r.after:6.1f}%  {100 * r.delta:+6.1f}")
+    after = done.analysis.accuracy
+    minimal = after[after["eps"].isna() & (after["kind"] == "adversarial")]
+    before_file = Path(done.run_dir) / "accuracy.csv"
+    if len(minimal) and before_file.is_file():
+        import pandas as pd
+
+        before = pd.read_csv(before_file).set_index("attack")
+        for r in minimal.itertuples():
+            if r.attack in before.index and "pert_median" in before.columns:
+                click.echo(f"  {r.attack}: median {r.norm} perturbation to fool a sample "
+                           f"{before.loc[r.attack, 'pert_median']:.3g} -> {r.pert_median:.3g}")
     re_rows = comp[comp["kind"] == "re"]
     if len(re_rows):
         r0 = re_rows.iloc[0]
