@@ -174,6 +174,7 @@ def analyze(model, arch, arch_kwargs, trust_model, dataset, data_dir, split, sam
 
 def echo_summary(run) -> None:
     """Print the accuracy table, the MVL list and where the outputs are."""
+    from .sanity import format_eps
     res, mvl = run.result, run.mvl
     acc = res.accuracy
     click.echo(f"{run.manifest['model']['path']} on {run.manifest['dataset']['name']} "
@@ -186,8 +187,8 @@ def echo_summary(run) -> None:
             click.echo(f"  minimal perturbation: {items}")
             continue
         items = ", ".join(f"{r.attack} {100 * r.accuracy:.1f}%" for r in rows.itertuples())
-        click.echo(f"  eps {eps_val:g}: {items}")
-    eps_txt = f" at eps {mvl.eps:g}" if mvl.eps is not None else ""
+        click.echo(f"  eps {format_eps(eps_val)}: {items}")
+    eps_txt = f" at eps {format_eps(mvl.eps)}" if mvl.eps is not None else ""
     click.echo(f"\nMost Vulnerable Layers (ranked by {mvl.metric} under {mvl.attack}{eps_txt}):")
     width = max([len(n) for n in mvl.names] + [5])
     click.echo(f"  {'rank':>4}  {'layer':<{width}}  {'type':<14} {mvl.metric:>9}")
@@ -220,11 +221,14 @@ def list_attacks():
     from .attacks import KINDS
 
     for k in KINDS.values():
+        norms = k.norms or (k.norm,)
         params = ", ".join(f"{p}={v}" for p, v in k.defaults.items())
         eps = "eps, " if k.bounded else ""
-        click.echo(f"{k.name:<11} {k.kind:<11} {k.norm:<4}  {k.description}")
-        if eps or params:
-            click.echo(f"{'':<11} params: {eps}{params}".rstrip(", "))
+        choice = f"norm={k.norm} (or {', '.join(f'norm={n}' for n in norms if n != k.norm)}), " if len(norms) > 1 else ""
+        click.echo(f"{k.name:<11} {k.kind:<11} {'/'.join(norms):<7}  {k.description}")
+        if eps or params or choice:
+            click.echo(f"{'':<11} params: {eps}{choice}{params}".rstrip(", "))
+    click.echo("\ne.g. robaudit analyze MODEL -d digits --attack pgd:eps=8/255,steps=20 --attack square:norm=L2,eps=0.5")
 
 
 # --- harden ---
@@ -354,8 +358,9 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
 
 def _echo_harden(done, *, warned=()) -> None:
     """Print the settings, the before/after comparison and where the outputs are."""
+    from .sanity import format_eps
     s, res = done.settings, done.result
-    click.echo(f"{s['method']} on {', '.join(s['mvl_layers']) or 'no layer'} (eps {s['eps']:g}, {s['epochs']} epochs, "
+    click.echo(f"{s['method']} on {', '.join(s['mvl_layers']) or 'no layer'} (eps {format_eps(s['eps'])}, {s['epochs']} epochs, "
                f"{s['seconds_training']:.1f} s); validation: {res.validation}")
     click.echo(f"BatchNorm at test: {res.bn_at_test}")
     for note in res.notes:
@@ -364,7 +369,7 @@ def _echo_harden(done, *, warned=()) -> None:
     comp = done.comparison
     acc = comp[comp["kind"] == "accuracy"]
     acc = acc[acc["eps"].notna() | (acc["attack"] == "clean")]  # minimal-perturbation attacks: no robust accuracy
-    labels = [r.attack if r.eps is None or r.eps != r.eps else f"{r.attack} eps {r.eps:g}" for r in acc.itertuples()]
+    labels = [r.attack if r.eps is None or r.eps != r.eps else f"{r.attack} eps {format_eps(r.eps)}" for r in acc.itertuples()]
     width = max([len(x) for x in labels] + [8])
     click.echo(f"\n  {'accuracy':<{width}}  {'before':>7}  {'after':>7}  {'delta':>6}")
     for label, r in zip(labels, acc.itertuples()):
@@ -383,7 +388,7 @@ def _echo_harden(done, *, warned=()) -> None:
     re_rows = comp[comp["kind"] == "re"]
     if len(re_rows):
         r0 = re_rows.iloc[0]
-        eps_txt = f" eps {r0['eps']:g}" if r0["eps"] == r0["eps"] and r0["eps"] is not None else ""
+        eps_txt = f" eps {format_eps(r0['eps'])}" if r0["eps"] == r0["eps"] and r0["eps"] is not None else ""
         lw = max([len(str(x)) for x in re_rows["layer"]] + [5])
         click.echo(f"\nRE ({done.settings['mvl_ranking']['metric']}) of the MVL layers under {r0['attack']}{eps_txt}:")
         click.echo(f"  {'layer':<{lw}}  {'before':>8}  {'after':>8}")

@@ -92,7 +92,8 @@ def fmt_points(v: Any) -> str:
 
 
 def fmt_eps(v: Any) -> str:
-    return "" if _isnan(v) else f"{float(v):.4g}"
+    """An eps as the user wrote it (``8/255`` stays a fraction)."""
+    return "" if _isnan(v) else sanity.format_eps(v)
 
 
 def fmt_re(v: Any) -> str:

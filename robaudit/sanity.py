@@ -17,6 +17,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import TYPE_CHECKING, Callable
 
 import pandas as pd
@@ -27,6 +28,7 @@ if TYPE_CHECKING:  # torch is imported lazily: evaluate() only needs pandas
 __all__ = [
     "Check",
     "attack_name",
+    "format_eps",
     "CHANCE",
     "evaluate",
     "run_model_checks",
@@ -123,8 +125,20 @@ def _pct(x: float) -> str:
     return f"{100.0 * x:.1f} %"
 
 
+def format_eps(value: float) -> str:
+    """An eps as the user wrote it: ``0.1`` stays ``0.1``, ``8/255`` stays ``8/255`` (not ``0.03137``)."""
+    v = float(value)
+    short = f"{v:.4g}"
+    if not math.isfinite(v) or float(short) == v:
+        return short
+    frac = Fraction(v).limit_denominator(1024)
+    if frac.denominator > 1 and abs(float(frac) - v) <= 1e-12 * max(1.0, abs(v)):
+        return f"{frac.numerator}/{frac.denominator}"
+    return short
+
+
 def _eps(e: float) -> str:
-    return f"{e:.4g}"
+    return format_eps(e)
 
 
 def _tolerance_text(n: float | None) -> str:

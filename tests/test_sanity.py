@@ -259,3 +259,9 @@ def test_model_checks_are_seeded(batch):
     a = run_model_checks(mlp(), x, y, device="cpu", seed=3, eps_max=0.1)
     b = run_model_checks(mlp(), x, y, device="cpu", seed=3, eps_max=0.1)
     assert a["attacks"] == b["attacks"]
+
+
+def test_eps_keeps_the_users_fraction():
+    assert [sanity.format_eps(v) for v in (0.1, 0.05, 8 / 255, 2 / 255, 1 / 3, 0.0313725)] == [
+        "0.1", "0.05", "8/255", "2/255", "1/3", "0.03137"]
+    assert sanity.format_eps(float(repr(8 / 255)[:-1])) == "8/255"  # one digit less after a CSV round trip
