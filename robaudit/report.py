@@ -505,9 +505,10 @@ def plot_history(history: pd.DataFrame) -> Plot | None:
     accs = [c for c in ACCURACY_HISTORY_COLUMNS if c in history.columns]
     if "epoch" not in history.columns or history.empty or not (losses or accs):
         return None
-    fig = Figure(figsize=(10.0, 3.1), layout="constrained")
+    fig = Figure(figsize=(10.5, 3.1), layout="constrained")
     ax_loss, ax_acc = fig.subplots(1, 2)
     epoch = pd.to_numeric(history["epoch"], errors="coerce")
+    first, last = (int(epoch.min()), int(epoch.max())) if epoch.notna().any() else (0, 1)
     for col in losses:
         label, color = LOSS_COLUMNS[col]
         ax_loss.plot(epoch, pd.to_numeric(history[col], errors="coerce"), marker="o", markersize=3, color=color,
@@ -517,12 +518,13 @@ def plot_history(history: pd.DataFrame) -> Plot | None:
         ax_acc.plot(epoch, pd.to_numeric(history[col], errors="coerce") * 100, marker="o", markersize=3,
                     color=color, label=f"{label} (validation)")
     for ax, title, ylabel in ((ax_loss, "loss terms", "training loss"), (ax_acc, "accuracy", "accuracy (%)")):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(10, last - first + 1)))
+        ax.set_xlim(first - 0.5, last + 0.5)  # whole epochs only, even for a one-epoch run
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=9, loc="left")
         if ax.lines:
-            ax.legend()
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the data, never over it
     ax_acc.set_ylim(-3, 103)
     return Plot(_svg(fig, "history", "Hardening training history"),
                 "Training history: loss terms and validation accuracy per epoch (epoch 0: before hardening).")
@@ -540,7 +542,7 @@ def plot_re_before_after(re_rows: pd.DataFrame) -> Plot | None:
     ax.set_yticks(y, labels, fontsize=7.5)
     ax.invert_yaxis()
     ax.set_xlabel("RE")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     return Plot(_svg(fig, "rebeforeafter", "RE of the MVL layers before and after hardening"),
                 "RE of the MVL layers before and after hardening, under the attack that ranked them.")
 

@@ -387,3 +387,33 @@ def test_chance_level_model_is_flagged(tmp_path):
     assert "Clean accuracy well above chance" in verdict and "every robustness number is noise" in verdict
     sanity_text = visible(section(text, "sanity"))
     assert "chance is 10.0 % (10 classes)" in sanity_text and "clean accuracy above 20.0 %" in sanity_text
+
+
+def test_history_plot_whole_epochs_and_legends_beside_the_data(monkeypatch):
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    from robaudit import report as R
+
+    captured = []
+    real = R._svg
+
+    def keep(fig, *args, **kwargs):
+        captured.append(fig)
+        return real(fig, *args, **kwargs)
+
+    history = pd.DataFrame({"epoch": [0, 1], "loss": [np.nan, 0.95], "ce_adv": [np.nan, 0.9], "reg": [np.nan, 0.05],
+                            "val_clean_acc": [0.99, 0.97], "val_robust_acc": [0.1, 0.4]})
+    re_rows = pd.DataFrame({"label": ["a", "b"], "before": [1.0, 2.0], "after": [0.5, 1.0]})
+    monkeypatch.setattr(R, "_svg", keep)
+    with matplotlib.rc_context(R.MPL_RC):
+        R.plot_history(history)
+        R.plot_re_before_after(re_rows)
+    history_fig, re_fig = captured
+    assert isinstance(history_fig, Figure)
+    for ax in history_fig.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks) and ax.get_xlim() == (-0.5, 1.5)
+    for ax in history_fig.axes + re_fig.axes:  # each legend anchored outside the axes, to the right
+        legend = ax.get_legend()
+        assert legend is not None and legend.get_bbox_to_anchor().x0 >= ax.bbox.x1 - 1
