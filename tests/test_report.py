@@ -417,3 +417,11 @@ def test_history_plot_whole_epochs_and_legends_beside_the_data(monkeypatch):
     for ax in history_fig.axes + re_fig.axes:  # each legend anchored outside the axes, to the right
         legend = ax.get_legend()
         assert legend is not None and legend.get_bbox_to_anchor().x0 >= ax.bbox.x1 - 1
+
+
+def test_every_table_scrolls_inside_its_own_box(hardened):
+    _, _, text = hardened
+    body = text[text.index("<body>"):]
+    assert body.count("<table") == body.count('<div class="table-wrap">\n<table')
+    css = (REPO / "templates" / "report.css").read_text()
+    assert re.search(r"\.table-wrap \{[^}]*overflow-x: auto", css)
