@@ -252,8 +252,8 @@ def build(spec: AttackSpec, model: nn.Module, *, num_classes: int, seed: int = 0
             hint = "use pgd, or autoattack:version=rand" if num_classes == 3 else "use pgd"
             raise RobauditError(f"autoattack ({p['version']}) needs at least {needed} classes "
                                 f"(this data set has {num_classes}): {hint}")
-        atk = torchattacks.AutoAttack(model, norm=spec.norm, eps=spec.eps, version=p["version"],
-                                      n_classes=num_classes, seed=seed)
+        atk = _ImagesOnly(torchattacks.AutoAttack(model, norm=spec.norm, eps=spec.eps, version=p["version"],
+                                                  n_classes=num_classes, seed=seed), spec.label)
     elif name == "square":
         atk = _Square(torchattacks.Square(model, norm=spec.norm, eps=spec.eps, n_queries=p["n_queries"],
                                           p_init=p["p_init"], seed=seed),
@@ -273,6 +273,19 @@ class _DeepFool:
     def __call__(self, x, y):
         out = self.atk(x, y)
         return out[0] if isinstance(out, tuple) else out
+
+
+class _ImagesOnly:
+    """An attack torchattacks runs on images only: a one-line error for other input shapes."""
+
+    def __init__(self, atk, label: str) -> None:
+        self.atk, self.label = atk, label
+
+    def __call__(self, x, y):
+        if x.dim() != 4:
+            raise RobauditError(f"{self.label} needs image inputs (N x C x H x W), not {tuple(x.shape)}: "
+                                "on vectors use pgd, pgdl2 and square")
+        return self.atk(x, y)
 
 
 class _Square:

@@ -336,3 +336,10 @@ def test_square_on_vectors_keeps_images_to_torchattacks():
     fn = build(parse("square:eps=0.1,n_queries=5"), model, num_classes=4, seed=0)
     assert type(fn.image_attack).__name__ == "Square"
     assert fn(x, y).shape == x.shape
+
+
+def test_autoattack_on_vectors_fails_in_one_line():
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4)).eval()
+    fn = build(parse("autoattack:eps=0.1"), model, num_classes=4, seed=0)
+    with pytest.raises(RobauditError, match=r"needs image inputs .* use pgd, pgdl2 and square"):
+        fn(torch.rand(5, 6), torch.zeros(5, dtype=torch.long))
