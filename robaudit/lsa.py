@@ -194,10 +194,16 @@ _FAMILY_PRIORITY = {"autoattack": 0, "pgd": 1, "pgdl2": 1, "cw": 2, "deepfool": 
 
 
 def strongest_attack(accuracy: pd.DataFrame) -> tuple[str, float | None]:
-    """The adversarial configuration with the lowest accuracy at its largest eps (then lowest mean)."""
+    """The adversarial configuration with the lowest accuracy at its largest eps (then lowest mean).
+
+    Only attacks with an eps budget compete: the accuracy left by a minimal-perturbation attack (CW,
+    DeepFool) measures no robustness at any budget, so they rank layers only in a battery without others.
+    """
     adv = accuracy[(accuracy["kind"] == "adversarial") & (accuracy["attack"] != "worst-case")]
     if adv.empty:
         raise RobauditError("the battery has no adversarial attack to rank layers by: add one, e.g. --attack pgd")
+    if adv["eps"].notna().any():
+        adv = adv[adv["eps"].notna()]
     best = None
     for name, rows in adv.groupby("attack", sort=False):
         rows = rows.sort_values("eps", na_position="first")

@@ -367,9 +367,10 @@ def test_strongest_attack_is_lowest_accuracy_at_largest_eps():
     fam = accuracy_frame([("fgsm", 0.3, 0.1, "adversarial"), ("autoattack", 0.3, 0.1, "adversarial"),
                           ("pgd", 0.3, 0.1, "adversarial")])
     assert strongest_attack(fam) == ("autoattack", 0.3)
-    # a minimal-perturbation attack has no eps
+    # a minimal-perturbation attack has no eps: its accuracy is no robust accuracy, so it ranks only alone
     cw = accuracy_frame([("pgd", 0.3, 0.1, "adversarial"), ("cw", None, 0.05, "adversarial")])
-    assert strongest_attack(cw) == ("cw", None)
+    assert strongest_attack(cw) == ("pgd", 0.3)
+    assert strongest_attack(cw[cw["attack"] == "cw"]) == ("cw", None)
     with pytest.raises(RobauditError, match="no adversarial attack"):
         strongest_attack(accuracy_frame([("clean", None, 1.0, "clean"), ("gaussian", 0.1, 0.9, "noise")]))
 
