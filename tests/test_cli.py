@@ -211,7 +211,8 @@ def test_harden_says_which_run_and_epoch_and_warns_once(tmp_path, monkeypatch):
         return real(**k)
 
     monkeypatch.setattr(H, "_train_epoch", interrupted)
-    stopped = invoke("harden", "--epochs", "2", "--steps", "2", "--batch-size", "256", "--no-report")
+    with pytest.warns(UserWarning, match="stay frozen"):
+        stopped = invoke("harden", "--epochs", "2", "--steps", "2", "--batch-size", "256", "--no-report")
     assert stopped.exit_code == 130, stopped.output
     assert stopped.stdout.startswith("hardening the latest run under reports/: reports")  # said before training
     monkeypatch.setattr(H, "_train_epoch", real)
