@@ -182,8 +182,9 @@ def echo_summary(run) -> None:
     click.echo(f"clean accuracy: {100 * res.clean_accuracy:.1f}%")
     for eps_val, rows in acc[acc["attack"] != "clean"].groupby(acc["eps"].fillna(-1.0), sort=True):
         if eps_val < 0:  # minimal-perturbation attacks: the size they needed, not an accuracy
-            items = ", ".join(f"{r.attack} fools {100 * r.success_rate:.1f}% at median {r.norm} {r.pert_median:.3g}"
-                              for r in rows.itertuples())
+            items = ", ".join(f"{r.attack} fools {100 * r.success_rate:.1f}%" + (
+                "" if r.pert_median != r.pert_median else f" at median {r.norm} {r.pert_median:.3g}")
+                for r in rows.itertuples())
             click.echo(f"  minimal perturbation: {items}")
             continue
         items = ", ".join(f"{r.attack} {100 * r.accuracy:.1f}%" for r in rows.itertuples())
