@@ -203,10 +203,10 @@ def _stronger_check(
                             wb["accuracy"], _tolerance(_n(group))))
     for s_label, s_acc, w_label, w_acc, eps, norm, tol in extra:
         comparisons.append((eps, norm, s_label, s_acc, w_label, w_acc, tol))
-    tolerances = sorted({c[6] for c in comparisons})
-    threshold = (f"at each eps, the best {strong_word} attack's accuracy at most the best {weak_word} attack's "
-                 f"+ {', '.join(f'{100 * t:.2g}' for t in tolerances) or _tolerance_text(None)} points "
-                 f"(the larger of {100 * MIN_TOLERANCE:.2g} points and one sample)")
+    tolerances = " or ".join(f"{100 * t:.2g}" for t in sorted({c[6] for c in comparisons}))
+    threshold = (f"at each eps, the best {strong_word} attack's accuracy at most the best {weak_word} attack's + "
+                 + (f"{tolerances} points" if tolerances else "a tolerance")
+                 + f" (the larger of {100 * MIN_TOLERANCE:.2g} points and one sample)")
     if not comparisons:
         return Check(name, "skip", f"no {strong_word} and {weak_word} attack ran at the same eps", threshold)
     bad = [c for c in comparisons if c[3] > c[5] + c[6]]
@@ -269,7 +269,7 @@ def _more_steps_check(attacks: dict | None, n: float | None) -> Check:
     """PGD-50 and PGD-10 run on the same samples from the same random start: a single sample more left
     robust by PGD-50 is a warning (no tolerance that one or two samples could hide behind)."""
     threshold = (f"PGD-50 leaves no more samples robust than PGD-10 (0 samples tolerance), and at most "
-                 f"{100 * CONVERGENCE_GAP:.3g} points fewer")
+                 f"{100 * CONVERGENCE_GAP:.3g} points below it (else PGD-10 had not converged)")
     if not attacks or attacks.get("pgd10") is None or attacks.get("pgd50") is None:
         reason = (attacks or {}).get("skipped") or "model checks not run"
         return Check(MORE_STEPS, "skip", f"PGD-10 vs PGD-50 not compared ({reason}).", threshold)
