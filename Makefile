@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.robaudit-installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench screenshot clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,18 @@ test: $(STAMP)  ## run the test suite
 bench: $(STAMP)  ## side-by-side speed and memory ratios (not tests)
 	$(BIN)/python benchmarks/bench_analyze.py
 	$(BIN)/python benchmarks/bench_harden.py
+
+CHROMIUM ?= $(shell command -v chromium || command -v chromium-browser)
+SHOT_RUN := build/screenshot-run
+
+screenshot: $(STAMP)  ## regenerate docs/report-digits.png (the top of the example report) with headless Chromium
+	@test -n "$(CHROMIUM)" || { echo "error: chromium not found: install it (apt-get install chromium) or pass CHROMIUM=/path/to/chromium"; exit 1; }
+	rm -rf $(SHOT_RUN) build/chromium-profile
+	$(BIN)/robaudit analyze examples/digits_cnn.pt2 --dataset digits --out $(SHOT_RUN)
+	$(CHROMIUM) --headless --no-sandbox --disable-gpu --hide-scrollbars --no-first-run --disable-background-networking \
+		--user-data-dir=$(abspath build/chromium-profile) --window-size=1200,1640 \
+		--screenshot=$(abspath docs/report-digits.png) file://$(abspath $(SHOT_RUN))/report.html
+	rm -rf build/chromium-profile
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -11,5 +11,13 @@ from .errors import RobauditError  # noqa: E402
 from .lsa import MVL, LSAResult, analyze, relative_error, pooled_relative_error  # noqa: E402
 from .models import LoadedModel, load_model  # noqa: E402
 
-__all__ = ["analyze", "load_model", "LoadedModel", "LSAResult", "MVL", "RobauditError",
+
+def load_example(name: str) -> LoadedModel:
+    """Load a shipped example model by name (``"digits_cnn"`` for its ``.pt2``, or ``"digits_cnn.pt"``)."""
+    from . import examples
+
+    return load_model(examples.path(name))
+
+
+__all__ = ["analyze", "load_model", "load_example", "LoadedModel", "LSAResult", "MVL", "RobauditError",
            "relative_error", "pooled_relative_error", "__version__"]

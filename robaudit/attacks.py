@@ -45,7 +45,8 @@ KINDS: dict[str, AttackKind] = {
         AttackKind("autoattack", "adversarial", "Linf", True, {"version": "standard"},
                    "AutoAttack ensemble (APGD-CE, APGD-T, FAB, Square)", ("Linf", "L2")),
         AttackKind("square", "adversarial", "Linf", True, {"n_queries": 1000, "p_init": 0.8},
-                   "Square attack, black-box (score-based)", ("Linf", "L2")),
+                   "Square attack, black-box (score-based); on N x D inputs a random search over "
+                   "coordinate subsets with the same schedule", ("Linf", "L2")),
         AttackKind("gaussian", "noise", "Linf", True, {},
                    "Gaussian noise with the L2 energy of a full-budget perturbation at eps", ("Linf", "L2")),
         AttackKind("uniform", "noise", "Linf", True, {},
@@ -268,11 +269,13 @@ def build(spec: AttackSpec, model: nn.Module, *, num_classes: int, seed: int = 0
             hint = "use pgd, or autoattack:version=rand" if num_classes == 3 else "use pgd"
             raise RobauditError(f"autoattack ({p['version']}) needs at least {needed} classes "
                                 f"(this data set has {num_classes}): {hint}")
-        atk = torchattacks.AutoAttack(model, norm=spec.norm, eps=spec.eps, version=p["version"],
-                                      n_classes=num_classes, seed=seed)
+        atk = _ImagesOnly(torchattacks.AutoAttack(model, norm=spec.norm, eps=spec.eps, version=p["version"],
+                                                  n_classes=num_classes, seed=seed), spec.label)
     elif name == "square":
-        atk = torchattacks.Square(model, norm=spec.norm, eps=spec.eps, n_queries=p["n_queries"],
-                                  p_init=p["p_init"], seed=seed)
+        atk = _Square(torchattacks.Square(model, norm=spec.norm, eps=spec.eps, n_queries=p["n_queries"],
+                                          p_init=p["p_init"], seed=seed),
+                      VectorSquare(model, norm=spec.norm, eps=spec.eps, n_queries=p["n_queries"],
+                                   p_init=p["p_init"], seed=seed))
     else:  # pragma: no cover - KINDS and this table are kept in step
         raise RobauditError(f"attack {name} has no builder")
     return atk
@@ -287,6 +290,108 @@ class _DeepFool:
     def __call__(self, x, y):
         out = self.atk(x, y)
         return out[0] if isinstance(out, tuple) else out
+
+
+class _ImagesOnly:
+    """An attack torchattacks runs on images only: a one-line error for other input shapes."""
+
+    def __init__(self, atk, label: str) -> None:
+        self.atk, self.label = atk, label
+
+    def __call__(self, x, y):
+        if x.dim() != 4:
+            raise RobauditError(f"{self.label} needs image inputs (N x C x H x W), not {tuple(x.shape)}: "
+                                "on vectors use pgd, pgdl2 and square")
+        return self.atk(x, y)
+
+
+class _Square:
+    """torchattacks' Square for images (N x C x H x W); :class:`VectorSquare` for any other input shape."""
+
+    def __init__(self, image_attack, vector_attack) -> None:
+        self.image_attack, self.vector_attack = image_attack, vector_attack
+
+    def __call__(self, x, y):
+        return (self.image_attack if x.dim() == 4 else self.vector_attack)(x, y)
+
+
+def _p_selection(p_init: float, it: int, n_queries: int) -> float:
+    """Square's schedule of the share of coordinates changed per query (rescaled to ``n_queries``)."""
+    it = int(it / n_queries * 10000)
+    for bound, div in ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128),
+                       (8000, 256)):
+        if it <= bound:
+            return p_init / div
+    return p_init / 512
+
+
+class VectorSquare:
+    """Square's random search (Andriushchenko et al. 2020) for inputs without a spatial layout (N x D).
+
+    torchattacks' Square needs N x C x H x W images, and no reshape of a vector into one keeps its
+    windows valid. Here a "square" is a random subset of ``p * D`` coordinates, ``p`` following
+    Square's schedule; a proposal is kept when it lowers the margin loss (correct logit minus the
+    best other). Linf: the subset's coordinates jump to a random vertex of the eps box; L2: they get
+    fresh Gaussian directions and the whole perturbation is rescaled to norm eps. Inputs stay in [0, 1].
+    Queries: ``n_queries`` per sample at most (one forward pass of the still-unfooled samples each).
+    """
+
+    def __init__(self, model: nn.Module, *, norm: str, eps: float, n_queries: int, p_init: float,
+                 seed: int = 0) -> None:
+        self.model, self.norm, self.eps = model, norm, float(eps)
+        self.n_queries, self.p_init, self.seed = int(n_queries), float(p_init), int(seed)
+
+    def _margin(self, x: torch.Tensor, y: torch.Tensor, shape) -> torch.Tensor:
+        logits = self.model(x.view(len(x), *shape))
+        correct = logits.gather(1, y[:, None]).squeeze(1)
+        others = logits.scatter(1, y[:, None], float("-inf")).max(1).values
+        return correct - others
+
+    def _project(self, delta: torch.Tensor) -> torch.Tensor:
+        if self.norm == "Linf":
+            return delta.clamp(-self.eps, self.eps)
+        norms = delta.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return delta * (self.eps / norms)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        gen = torch.Generator(device="cpu").manual_seed(self.seed)
+
+        def rand(*size):  # drawn on the CPU so that every device gives the same numbers
+            return torch.rand(*size, generator=gen).to(x.device, x.dtype)
+
+        def randn(*size):
+            return torch.randn(*size, generator=gen).to(x.device, x.dtype)
+
+        shape = x.shape[1:]
+        n, d = len(x), x[0].numel()
+        flat = x.detach().reshape(n, d)
+        y = y.to(x.device).long()
+        with torch.no_grad():
+            if self.norm == "Linf":
+                delta = self.eps * torch.sign(rand(n, d) - 0.5)
+            else:
+                delta = self._project(randn(n, d))
+            best = (flat + delta).clamp(0, 1)
+            margin = self._margin(best, y, shape)
+            for it in range(self.n_queries):
+                todo = (margin > 0).nonzero().squeeze(1)
+                if len(todo) == 0:
+                    break
+                k = max(1, min(d, round(_p_selection(self.p_init, it, self.n_queries) * d)))
+                chosen = rand(len(todo), d).argsort(dim=1)[:, :k]
+                mask = torch.zeros(len(todo), d, dtype=torch.bool, device=x.device).scatter_(1, chosen.to(x.device), True)
+                current = best[todo] - flat[todo]
+                if self.norm == "Linf":
+                    proposal = torch.where(mask, self.eps * torch.sign(rand(len(todo), d) - 0.5), current)
+                else:
+                    scale = current.norm(dim=1, keepdim=True).clamp_min(self.eps) / math.sqrt(k)
+                    proposal = self._project(torch.where(mask, randn(len(todo), d) * scale, current))
+                candidate = (flat[todo] + proposal).clamp(0, 1)
+                m = self._margin(candidate, y[todo], shape)
+                better = m < margin[todo]
+                best[todo[better]] = candidate[better]
+                margin[todo[better]] = m[better]
+        return best.view_as(x)
 
 
 def _noise(spec: AttackSpec) -> AttackFn:

@@ -177,16 +177,22 @@ def analyze(model, arch, arch_kwargs, trust_model, dataset, data_dir, split, sam
 
 def echo_summary(run) -> None:
     """Print the accuracy table, the MVL list and where the outputs are."""
+    from .sanity import format_eps
     res, mvl = run.result, run.mvl
     acc = res.accuracy
     click.echo(f"{run.manifest['model']['path']} on {run.manifest['dataset']['name']} "
                f"({res.n_samples} samples, {res.seconds:.1f} s)")
     click.echo(f"clean accuracy: {100 * res.clean_accuracy:.1f}%")
     for eps_val, rows in acc[acc["attack"] != "clean"].groupby(acc["eps"].fillna(-1.0), sort=True):
-        label = "unbounded" if eps_val < 0 else f"eps {eps_val:g}"
+        if eps_val < 0:  # minimal-perturbation attacks: the size they needed, not an accuracy
+            items = ", ".join(f"{r.attack} fools {100 * r.success_rate:.1f}%" + (
+                "" if r.pert_median != r.pert_median else f" at median {r.norm} {r.pert_median:.3g}")
+                for r in rows.itertuples())
+            click.echo(f"  minimal perturbation: {items}")
+            continue
         items = ", ".join(f"{r.attack} {100 * r.accuracy:.1f}%" for r in rows.itertuples())
-        click.echo(f"  {label}: {items}")
-    eps_txt = f" at eps {mvl.eps:g}" if mvl.eps is not None else ""
+        click.echo(f"  eps {format_eps(eps_val)}: {items}")
+    eps_txt = f" at eps {format_eps(mvl.eps)}" if mvl.eps is not None else ""
     click.echo(f"\nMost Vulnerable Layers (ranked by {mvl.metric} under {mvl.attack}{eps_txt}):")
     width = max([len(n) for n in mvl.names] + [5])
     click.echo(f"  {'rank':>4}  {'layer':<{width}}  {'type':<14} {mvl.metric:>9}")
@@ -219,11 +225,14 @@ def list_attacks():
     from .attacks import KINDS
 
     for k in KINDS.values():
+        norms = k.norms or (k.norm,)
         params = ", ".join(f"{p}={v}" for p, v in k.defaults.items())
         eps = "eps, " if k.bounded else ""
-        click.echo(f"{k.name:<11} {k.kind:<11} {k.norm:<4}  {k.description}")
-        if eps or params:
-            click.echo(f"{'':<11} params: {eps}{params}".rstrip(", "))
+        choice = f"norm={k.norm} (or {', '.join(f'norm={n}' for n in norms if n != k.norm)}), " if len(norms) > 1 else ""
+        click.echo(f"{k.name:<11} {k.kind:<11} {'/'.join(norms):<7}  {k.description}")
+        if eps or params or choice:
+            click.echo(f"{'':<11} params: {eps}{choice}{params}".rstrip(", "))
+    click.echo("\ne.g. robaudit analyze MODEL -d digits --attack pgd:eps=8/255,steps=20 --attack square:norm=L2,eps=0.5")
 
 
 # --- harden ---
@@ -296,8 +305,9 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
         raise RobauditError(f"--eps must be positive, got {train_eps}: e.g. --eps 0.1 or --eps 8/255")
     if mvl_top is not None and mvl_top < 1:
         raise RobauditError("--mvl-top must be at least 1")
+    from .harden import CHECKPOINT_NAME
+
     if model is not None:
-        from .harden import CHECKPOINT_NAME
         from .models import parse_arch_kwargs
         from .pipeline import analyze_run, default_out
 
@@ -318,8 +328,23 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
             click.echo(f"analyzed {model} -> {run_dir}")
     elif run_dir is None:
         run_dir = latest_run("reports")
-        click.echo(f"hardening the latest run: {run_dir}")
+        click.echo(f"hardening the latest run under reports/: {run_dir}")
+    if resume:
+        from .harden import load_checkpoint
+
+        ck = Path(run_dir) / CHECKPOINT_NAME
+        if ck.is_file():
+            epoch = int(load_checkpoint(ck)["epoch"])
+            click.echo(f"resuming from the checkpoint of epoch {epoch} ({ck}): training continues at epoch {epoch + 1}")
+    warned: list[str] = []
+    show = warnings.showwarning
+
+    def _record(message, *args, **kwargs):  # a note already shown as a warning is not repeated at the end
+        warned.append(str(message))
+        show(message, *args, **kwargs)
+
     try:
+        warnings.showwarning = _record
         done = harden_run(
             run_dir, mvl_top=mvl_top, method=method, gamma=gamma, re_mode=re_mode, base_attack=base_attack,
             eps=eps_value, steps=steps, alpha=parse_number(alpha) if alpha else None,
@@ -333,7 +358,9 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
             raise
         click.echo(f"interrupted: {e}", err=True)
         ctx.exit(EXIT_INTERRUPTED)
-    _echo_harden(done)
+    finally:
+        warnings.showwarning = show
+    _echo_harden(done, warned=warned)
     if not no_report and importlib.util.find_spec("robaudit.report") is not None:
         from .report import render_report
 
@@ -341,25 +368,39 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
         click.echo(f"report: {report_path}")
 
 
-def _echo_harden(done) -> None:
+def _echo_harden(done, *, warned=()) -> None:
     """Print the settings, the before/after comparison and where the outputs are."""
+    from .sanity import format_eps
     s, res = done.settings, done.result
-    click.echo(f"{s['method']} on {', '.join(s['mvl_layers']) or 'no layer'} (eps {s['eps']:g}, {s['epochs']} epochs, "
+    click.echo(f"{s['method']} on {', '.join(s['mvl_layers']) or 'no layer'} (eps {format_eps(s['eps'])}, {s['epochs']} epochs, "
                f"{s['seconds_training']:.1f} s); validation: {res.validation}")
     click.echo(f"BatchNorm at test: {res.bn_at_test}")
     for note in res.notes:
-        click.echo(f"note: {note}")
+        if note not in warned:
+            click.echo(f"note: {note}")
     comp = done.comparison
     acc = comp[comp["kind"] == "accuracy"]
-    labels = [r.attack if r.eps is None or r.eps != r.eps else f"{r.attack} eps {r.eps:g}" for r in acc.itertuples()]
+    acc = acc[acc["eps"].notna() | (acc["attack"] == "clean")]  # minimal-perturbation attacks: no robust accuracy
+    labels = [r.attack if r.eps is None or r.eps != r.eps else f"{r.attack} eps {format_eps(r.eps)}" for r in acc.itertuples()]
     width = max([len(x) for x in labels] + [8])
     click.echo(f"\n  {'accuracy':<{width}}  {'before':>7}  {'after':>7}  {'delta':>6}")
     for label, r in zip(labels, acc.itertuples()):
         click.echo(f"  {label:<{width}}  {100 * r.before:6.1f}%  {100 * r.after:6.1f}%  {100 * r.delta:+6.1f}")
+    after = done.analysis.accuracy
+    minimal = after[after["eps"].isna() & (after["kind"] == "adversarial")]
+    before_file = Path(done.run_dir) / "accuracy.csv"
+    if len(minimal) and before_file.is_file():
+        import pandas as pd
+
+        before = pd.read_csv(before_file).set_index("attack")
+        for r in minimal.itertuples():
+            if r.attack in before.index and "pert_median" in before.columns:
+                click.echo(f"  {r.attack}: median {r.norm} perturbation to fool a sample "
+                           f"{before.loc[r.attack, 'pert_median']:.3g} -> {r.pert_median:.3g}")
     re_rows = comp[comp["kind"] == "re"]
     if len(re_rows):
         r0 = re_rows.iloc[0]
-        eps_txt = f" eps {r0['eps']:g}" if r0["eps"] == r0["eps"] and r0["eps"] is not None else ""
+        eps_txt = f" eps {format_eps(r0['eps'])}" if r0["eps"] == r0["eps"] and r0["eps"] is not None else ""
         lw = max([len(str(x)) for x in re_rows["layer"]] + [5])
         click.echo(f"\nRE ({done.settings['mvl_ranking']['metric']}) of the MVL layers under {r0['attack']}{eps_txt}:")
         click.echo(f"  {'layer':<{lw}}  {'before':>8}  {'after':>8}")

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 LSA_COLUMNS = ["layer", "layer_type", "attack", "eps", "re_mean", "re_std", "re_pooled", "n_samples",
                "order", "kind", "norm", "is_output"]
-ACCURACY_COLUMNS = ["attack", "eps", "accuracy", "n_samples", "kind", "norm", "seconds"]
+ACCURACY_COLUMNS = ["attack", "eps", "accuracy", "n_samples", "kind", "norm", "seconds", "success_rate",
+                    "pert_median", "pert_p90"]
 
 
 # -- the streaming statistic ---------------------------------------------------------------
@@ -77,6 +78,37 @@ class RelativeError:
         pooled = math.sqrt(self.sum_delta2) / math.sqrt(self.sum_clean2) if self.sum_clean2 > 0 else math.nan
         return {"re_mean": mean, "re_std": math.sqrt(var) if self.n else math.nan, "re_pooled": pooled,
                 "n_samples": self.n, "n_undefined": self.n_undefined}
+
+
+class PerturbationSizes:
+    """Success rate and perturbation size of one attack configuration, streamed by batch.
+
+    A sample is *fooled* when the model classifies it correctly and its perturbed input wrongly;
+    ``success_rate`` is fooled / correctly classified. ``pert_median`` and ``pert_p90`` are the median
+    and 90th percentile (linear interpolation) of ``||x' - x||`` in the attack's own norm over the
+    fooled samples: for minimal-perturbation attacks (CW, DeepFool) the size they needed. One float
+    per fooled sample is kept.
+    """
+
+    def __init__(self, norm: str) -> None:
+        self.ord = math.inf if norm == "Linf" else 2
+        self.n_correct = 0
+        self.sizes: list[np.ndarray] = []
+
+    def update(self, x: torch.Tensor, x_adv: torch.Tensor, ok_clean: torch.Tensor, ok_adv: torch.Tensor) -> None:
+        fooled = ok_clean & ~ok_adv
+        self.n_correct += int(ok_clean.sum())
+        if fooled.any():
+            delta = (x_adv[fooled] - x[fooled]).detach().flatten(1).double()
+            self.sizes.append(torch.linalg.vector_norm(delta, ord=self.ord, dim=1).cpu().numpy())
+
+    def compute(self) -> dict[str, float]:
+        sizes = np.concatenate(self.sizes) if self.sizes else np.zeros(0)
+        rate = len(sizes) / self.n_correct if self.n_correct else math.nan
+        if not len(sizes):
+            return {"success_rate": rate, "pert_median": math.nan, "pert_p90": math.nan}
+        return {"success_rate": rate, "pert_median": float(np.median(sizes)),
+                "pert_p90": float(np.percentile(sizes, 90))}
 
 
 def relative_error(clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
@@ -162,10 +194,16 @@ _FAMILY_PRIORITY = {"autoattack": 0, "pgd": 1, "pgdl2": 1, "cw": 2, "deepfool": 
 
 
 def strongest_attack(accuracy: pd.DataFrame) -> tuple[str, float | None]:
-    """The adversarial configuration with the lowest accuracy at its largest eps (then lowest mean)."""
+    """The adversarial configuration with the lowest accuracy at its largest eps (then lowest mean).
+
+    Only attacks with an eps budget compete: the accuracy left by a minimal-perturbation attack (CW,
+    DeepFool) measures no robustness at any budget, so they rank layers only in a battery without others.
+    """
     adv = accuracy[(accuracy["kind"] == "adversarial") & (accuracy["attack"] != "worst-case")]
     if adv.empty:
         raise RobauditError("the battery has no adversarial attack to rank layers by: add one, e.g. --attack pgd")
+    if adv["eps"].notna().any():
+        adv = adv[adv["eps"].notna()]
     best = None
     for name, rows in adv.groupby("attack", sort=False):
         rows = rows.sort_values("eps", na_position="first")
@@ -296,6 +334,7 @@ def analyze(
     stats: dict[tuple[str, int], RelativeError] = {}
     correct = {"clean": 0, **{i: 0 for i in range(len(specs))}}
     seconds = [0.0] * len(specs)  # time spent generating each configuration's perturbed inputs
+    sizes = [PerturbationSizes(s.norm) for s in specs]
     worst_keys = sorted({(s.norm, s.eps) for s in specs if s.kind == "adversarial" and s.bounded},
                         key=lambda t: (t[0], t[1]))
     worst_correct = {k: 0 for k in worst_keys}
@@ -338,6 +377,7 @@ def analyze(
                     adv_logits, adv_outs = probe.run(full, x_adv)
                 ok = adv_logits.argmax(1) == y
                 correct[i] += int(ok.sum())
+                sizes[i].update(x, x_adv, ok_clean, ok)
                 if spec.kind == "adversarial" and spec.bounded:
                     robust[(spec.norm, spec.eps)] &= ok
                 for name, t in adv_outs.items():
@@ -371,10 +411,12 @@ def analyze(
                  "kind": "clean", "norm": None, "seconds": None}]
     for i, spec in enumerate(specs):
         acc_rows.append({"attack": spec.label, "eps": spec.eps, "accuracy": correct[i] / n_total,
-                         "n_samples": n_total, "kind": spec.kind, "norm": spec.norm, "seconds": seconds[i]})
-    for (norm, e), c in worst_correct.items():
+                         "n_samples": n_total, "kind": spec.kind, "norm": spec.norm, "seconds": seconds[i],
+                         **sizes[i].compute()})
+    for (norm, e), c in worst_correct.items():  # fooled by at least one attack; no single perturbation to size
+        rate = (correct["clean"] - c) / correct["clean"] if correct["clean"] else math.nan
         acc_rows.append({"attack": "worst-case", "eps": e, "accuracy": c / n_total, "n_samples": n_total,
-                         "kind": "adversarial", "norm": norm, "seconds": None})
+                         "kind": "adversarial", "norm": norm, "seconds": None, "success_rate": rate})
     accuracy = pd.DataFrame(acc_rows, columns=ACCURACY_COLUMNS)
     lsa_finite = lsa[["re_mean", "re_pooled"]].replace([np.inf, -np.inf], np.nan)
     if len(lsa) and lsa_finite.isna().all().all():

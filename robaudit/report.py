@@ -92,7 +92,8 @@ def fmt_points(v: Any) -> str:
 
 
 def fmt_eps(v: Any) -> str:
-    return "" if _isnan(v) else f"{float(v):.4g}"
+    """An eps as the user wrote it (``8/255`` stays a fraction)."""
+    return "" if _isnan(v) else sanity.format_eps(v)
 
 
 def fmt_re(v: Any) -> str:
@@ -334,7 +335,7 @@ class Palette:
         for i, a in enumerate(sorted(adversarial)):
             self.style[a] = {"color": ADVERSARIAL_COLORS[i % len(ADVERSARIAL_COLORS)], "linestyle": "-", "linewidth": 1.5}
         for i, a in enumerate(sorted(noise)):
-            self.style.setdefault(a, {"color": NOISE_COLORS[i % len(NOISE_COLORS)], "linestyle": "--", "linewidth": 1.2})
+            self.style.setdefault(a, {"color": NOISE_COLORS[i % len(NOISE_COLORS)], "linestyle": ":", "linewidth": 1.4})
 
     def __call__(self, attack: str) -> dict:
         return dict(self.style.get(attack, {"color": "#444444", "linestyle": "-", "linewidth": 1.2}))
@@ -435,10 +436,16 @@ def plot_profile(layers, configs, mat, mvl: set[str], palette: Palette, metric: 
     axes[-1].set_xlim(-0.6, n_l - 0.4)
     return Plot(_svg(fig, "profile", "RE profile per layer, adversarial and noise perturbations"),
                 "Per-layer RE profile: adversarial attacks (solid) against statistical noise of the same "
-                "size (dashed), one panel per eps; MVL layers shaded red.")
+                "size (dotted), one panel per eps; MVL layers shaded red.")
 
 
-def plot_accuracy(before: pd.DataFrame, after: pd.DataFrame | None, palette: Palette) -> Plot | None:
+HARDENED_STYLE = {"linestyle": (0, (5, 2)), "alpha": 0.9}  # dashed, square markers: after hardening
+
+
+def accuracy_figure(before: pd.DataFrame, after: pd.DataFrame | None, palette: Palette) -> Figure | None:
+    """Accuracy against eps: a curve from the clean accuracy at eps 0 for attacks measured at several eps,
+    a marker alone for an attack measured at one eps (no line through eps where it never ran).
+    Adversarial solid with circles, noise dotted with crosses, the hardened model dashed with squares."""
     curves = before[before["eps"].notna() & (before["attack"] != sanity.CLEAN)]
     if curves.empty:
         return None
@@ -456,18 +463,30 @@ def plot_accuracy(before: pd.DataFrame, after: pd.DataFrame | None, palette: Pal
             for attack in sorted(part["attack"].unique(), key=lambda a: (a == sanity.WORST_CASE, a)):
                 pts = part[part["attack"] == attack].sort_values("eps")
                 xs, ys = list(pts["eps"]), list(pts["accuracy"] * 100)
-                if len(clean):
+                single = len(pts) == 1
+                if len(clean) and not single:
                     xs, ys = [0.0] + xs, [float(clean.iloc[0]) * 100] + ys
                 st = palette(attack)
                 if dashed:
-                    st.update(linestyle=(0, (4, 2)), alpha=0.9)
+                    st.update(HARDENED_STYLE)
+                if single:
+                    st.update(linestyle="none")
                 marker = "s" if dashed else ("x" if pts["kind"].iloc[0] == "noise" else "o")
-                ax.plot(xs, ys, marker=marker, markersize=3.5, label=attack_name(attack) + tag, **st)
+                ax.plot(xs, ys, marker=marker, markersize=6 if single else 3.5,
+                        label=attack_name(attack) + tag + (f" (eps {fmt_eps(xs[0])} only)" if single else ""), **st)
         ax.set_xlabel(f"eps ({norm})")
         ax.set_ylabel("accuracy (%)")
         ax.set_ylim(-3, 103)
     axes[-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
-    caption = "Accuracy against eps, one curve per attack; eps 0 is the clean accuracy; worst case in black."
+    return fig
+
+
+def plot_accuracy(before: pd.DataFrame, after: pd.DataFrame | None, palette: Palette) -> Plot | None:
+    fig = accuracy_figure(before, after, palette)
+    if fig is None:
+        return None
+    caption = ("Accuracy against eps, one curve per attack (solid; statistical noise dotted); eps 0 is the clean "
+               "accuracy; worst case in black. An attack measured at a single eps is a marker alone.")
     if after is not None:
         caption += " Dashed curves with square markers: the hardened model."
     return Plot(_svg(fig, "accuracy", "Robust accuracy against eps"), caption)
@@ -486,9 +505,10 @@ def plot_history(history: pd.DataFrame) -> Plot | None:
     accs = [c for c in ACCURACY_HISTORY_COLUMNS if c in history.columns]
     if "epoch" not in history.columns or history.empty or not (losses or accs):
         return None
-    fig = Figure(figsize=(10.0, 3.1), layout="constrained")
+    fig = Figure(figsize=(10.5, 3.1), layout="constrained")
     ax_loss, ax_acc = fig.subplots(1, 2)
     epoch = pd.to_numeric(history["epoch"], errors="coerce")
+    first, last = (int(epoch.min()), int(epoch.max())) if epoch.notna().any() else (0, 1)
     for col in losses:
         label, color = LOSS_COLUMNS[col]
         ax_loss.plot(epoch, pd.to_numeric(history[col], errors="coerce"), marker="o", markersize=3, color=color,
@@ -498,12 +518,13 @@ def plot_history(history: pd.DataFrame) -> Plot | None:
         ax_acc.plot(epoch, pd.to_numeric(history[col], errors="coerce") * 100, marker="o", markersize=3,
                     color=color, label=f"{label} (validation)")
     for ax, title, ylabel in ((ax_loss, "loss terms", "training loss"), (ax_acc, "accuracy", "accuracy (%)")):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(10, last - first + 1)))
+        ax.set_xlim(first - 0.5, last + 0.5)  # whole epochs only, even for a one-epoch run
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=9, loc="left")
         if ax.lines:
-            ax.legend()
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the data, never over it
     ax_acc.set_ylim(-3, 103)
     return Plot(_svg(fig, "history", "Hardening training history"),
                 "Training history: loss terms and validation accuracy per epoch (epoch 0: before hardening).")
@@ -521,7 +542,7 @@ def plot_re_before_after(re_rows: pd.DataFrame) -> Plot | None:
     ax.set_yticks(y, labels, fontsize=7.5)
     ax.invert_yaxis()
     ax.set_xlabel("RE")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     return Plot(_svg(fig, "rebeforeafter", "RE of the MVL layers before and after hardening"),
                 "RE of the MVL layers before and after hardening, under the attack that ranked them.")
 
@@ -643,14 +664,53 @@ def _layers_section(run: Run, palette: Palette, mvl_names: set[str]) -> dict:
     return {"metric": metric, "n_layers": len(layers), "n_configs": len(configs), "figures": figures, "table": table}
 
 
+def _minimal_rows(df: pd.DataFrame | None) -> pd.DataFrame:
+    """The rows of minimal-perturbation attacks (CW, DeepFool): adversarial, no eps."""
+    if df is None:
+        return pd.DataFrame(columns=["attack"])
+    return df[df["eps"].isna() & (df["kind"] == "adversarial") & ~df["attack"].isin([sanity.CLEAN, sanity.WORST_CASE])]
+
+
+def _col(r, name: str) -> Any:
+    return getattr(r, name, None)
+
+
+def _perturbation_table(acc: pd.DataFrame, after: pd.DataFrame | None) -> Table | None:
+    """Minimal-perturbation attacks by the size of the perturbation they needed, never by accuracy."""
+    rows_before = _minimal_rows(acc)
+    if rows_before.empty:
+        return None
+    columns = [Column("Attack"), Column("Norm"), Column("Success rate", True), Column("Median perturbation", True),
+               Column("90th percentile", True), Column("Samples", True)]
+    after_map = {}
+    if after is not None:
+        columns += [Column("Median after hardening", True), Column("Success rate after", True)]
+        after_map = {r.attack: r for r in _minimal_rows(after).itertuples(index=False)}
+    rows = []
+    for r in rows_before.itertuples(index=False):
+        cells = [Cell(attack_name(r.attack)), Cell(r.norm), num_cell(_col(r, "success_rate"), fmt_pct),
+                 num_cell(_col(r, "pert_median"), fmt_re), num_cell(_col(r, "pert_p90"), fmt_re),
+                 num_cell(_col(r, "n_samples"))]
+        if after is not None:
+            a = after_map.get(r.attack)
+            cells += [num_cell(_col(a, "pert_median"), fmt_re), num_cell(_col(a, "success_rate"), fmt_pct)]
+        rows.append(Row(cells))
+    return Table(columns, rows, caption=(
+        "Minimal-perturbation attacks (no eps): the share of correctly classified samples they fooled and the "
+        "norm of the perturbation that fooled them (a larger perturbation means a more robust model). Their "
+        "accuracy is not a robust accuracy and is not shown."))
+
+
 def _accuracy_section(run: Run, hardened: Run | None, palette: Palette) -> dict | None:
     acc = run.accuracy
     if acc is None:
         return None
     after = hardened.accuracy if hardened is not None else None
     plot = plot_accuracy(acc, after, palette)
+    perturbation = _perturbation_table(acc, after)
+    acc = acc.drop(index=_minimal_rows(acc).index)
     columns = [Column("Attack"), Column("Kind"), Column("Norm"), Column("eps", True), Column("Accuracy", True),
-               Column("Samples", True)]
+               Column("Success rate", True), Column("Samples", True)]
     after_map = {}
     if after is not None:
         columns += [Column("Hardened", True), Column("Change", True)]
@@ -659,12 +719,15 @@ def _accuracy_section(run: Run, hardened: Run | None, palette: Palette) -> dict 
     for r in acc.itertuples(index=False):
         cells = [Cell(attack_name(r.attack)), Cell(r.kind if r.attack != sanity.CLEAN else ""),
                  Cell(r.norm if not _isnan(r.eps) else ""), num_cell(r.eps, fmt_eps), num_cell(r.accuracy, fmt_pct),
-                 num_cell(getattr(r, "n_samples", None))]
+                 num_cell(_col(r, "success_rate"), fmt_pct), num_cell(getattr(r, "n_samples", None))]
         if after is not None:
             v = after_map.get((r.attack, fmt_eps(r.eps), r.norm))
             cells += [num_cell(v, fmt_pct), num_cell(None if v is None else v - r.accuracy, fmt_points)]
         rows.append(Row(cells, cls="strong" if r.attack in (sanity.CLEAN, sanity.WORST_CASE) else ""))
-    return {"figures": [plot] if plot else [], "table": Table(columns, rows, caption="Accuracy under every attack.")}
+    return {"figures": [plot] if plot else [], "perturbation": perturbation,
+            "table": Table(columns, rows, caption=(
+                "Accuracy under every attack with an eps budget; success rate: the share of correctly classified "
+                "samples the attack fooled."))}
 
 
 def _hardening_section(run: Run, hardened: Run | None, history, settings, acc_cmp, re_cmp) -> dict | None:
@@ -701,8 +764,8 @@ def _hardening_section(run: Run, hardened: Run | None, history, settings, acc_cm
             [Row([Cell(attack_name(r.attack)), Cell("" if _isnan(r.eps) else r.norm), num_cell(r.eps, fmt_eps),
                   num_cell(r.before, fmt_pct), num_cell(r.after, fmt_pct), num_cell(r.delta, fmt_points)],
                  cls="strong" if r.attack in (sanity.CLEAN, sanity.WORST_CASE) else "")
-             for r in acc_cmp.itertuples(index=False)],
-            caption="Accuracy before and after hardening."))
+             for r in acc_cmp.itertuples(index=False) if not (_isnan(r.eps) and r.attack != sanity.CLEAN)],
+            caption="Accuracy before and after hardening (attacks with an eps budget)."))
     if history is not None and not history.empty:
         pct_cols = set(ACCURACY_HISTORY_COLUMNS)
         tables.append(Table(
@@ -718,10 +781,11 @@ def _hardening_section(run: Run, hardened: Run | None, history, settings, acc_cm
 def _sanity_group(title: str, checks: list[sanity.Check]) -> dict:
     warns = [c for c in checks if c.status == "warn"]
     rows = [Row([Cell(Markup('<span class="badge {0}">{0}</span>').format(c.status), c.status),
-                 Cell(c.name), Cell(c.detail, cls="wrap")]) for c in checks]
+                 Cell(c.name), Cell(c.detail, cls="wrap"), Cell(getattr(c, "threshold", ""), cls="wrap")])
+            for c in checks]
     return {"title": title,
             "warn": f"{len(warns)} of {len(checks)} checks warn." if warns else "",
-            "table": Table([Column("Status"), Column("Check"), Column("Numbers")], rows)}
+            "table": Table([Column("Status"), Column("Check"), Column("Numbers"), Column("Threshold")], rows)}
 
 
 def _sanity_sentence(who: str, checks: list[sanity.Check]) -> Markup:
@@ -731,9 +795,13 @@ def _sanity_sentence(who: str, checks: list[sanity.Check]) -> Markup:
         return Markup("{}: all {} sanity checks that ran pass{}.").format(who, counts["pass"], skipped)
     names = "; ".join(c.name for c in checks if c.status == "warn")
     verb = "warns" if counts["warn"] == 1 else "warn"
-    return Markup("{}: <strong>{} sanity check{} {}</strong>: {}. The model may be masking gradients; "
-                  "see section 5.{}").format(who, counts["warn"], "" if counts["warn"] == 1 else "s", verb, names,
-                                             Markup(skipped))
+    why = []
+    if any(c.status == "warn" and c.name == sanity.CHANCE for c in checks):
+        why.append("The model is at or near chance: every robustness number is noise.")
+    if any(c.status == "warn" and c.name != sanity.CHANCE for c in checks):
+        why.append("The model may be masking gradients.")
+    return Markup("{}: <strong>{} sanity check{} {}</strong>: {}. {} See section 5.{}").format(
+        who, counts["warn"], "" if counts["warn"] == 1 else "s", verb, names, " ".join(why), Markup(skipped))
 
 
 def _verdict(run: Run, hardened: Run | None, acc_cmp: pd.DataFrame, settings: dict | None,
@@ -746,7 +814,8 @@ def _verdict(run: Run, hardened: Run | None, acc_cmp: pd.DataFrame, settings: di
     n = n if n is not None else man.get("n_samples")
     if clean is not None:
         sentences.append(Markup("Clean accuracy <strong>{}</strong> ({} samples).").format(fmt_pct(clean), fmt_num(n)))
-        cards.append({"label": "Clean accuracy", "value": fmt_pct(clean), "sub": f"{fmt_num(n)} samples", "cls": ""})
+        cards.append({"label": "Clean accuracy", "value": fmt_pct(clean), "sub": f"{fmt_num(n)} samples", "cls": "",
+                      "concerns": [c for c in checks if c.name == sanity.CHANCE]})
 
     worst = acc[(acc["attack"] == sanity.WORST_CASE) & acc["eps"].notna()].sort_values("eps") if acc is not None else None
     mvl = run.mvl or {}
@@ -768,13 +837,21 @@ def _verdict(run: Run, hardened: Run | None, acc_cmp: pd.DataFrame, settings: di
                 sentences.append(Markup("At eps {}, worst-case accuracy over the battery is <strong>{}</strong>.").format(
                     fmt_eps(head_eps), fmt_pct(w)))
             cards.append({"label": "Worst-case accuracy", "value": fmt_pct(w), "sub": f"eps {fmt_eps(head_eps)} {head_norm}",
-                          "cls": ""})
+                          "cls": "", "concerns": checks})
             others = [(e, nm, v) for e, nm, v in worst[["eps", "norm", "accuracy"]].itertuples(index=False)
                       if not (np.isclose(e, head_eps) and nm == head_norm)]
             if others:
                 sentences.append(Markup("Worst case at the other eps: {}.").format(
                     ", ".join(f"{fmt_pct(v)} at eps {fmt_eps(e)}" + (f" {nm}" if nm != head_norm else "")
                               for e, nm, v in others)))
+
+    for r in _minimal_rows(acc).itertuples(index=False):
+        if _isnan(_col(r, "pert_median")):
+            continue
+        sentences.append(Markup("{} (minimal perturbation) fools {} of the correctly classified samples with a median "
+                                "{} perturbation of <strong>{}</strong> (90th percentile {}).").format(
+            attack_name(r.attack), fmt_pct(_col(r, "success_rate")), r.norm, fmt_re(r.pert_median),
+            fmt_re(_col(r, "pert_p90"))))
 
     layers = mvl.get("layers") or []
     if layers:
@@ -807,7 +884,7 @@ def _verdict(run: Run, hardened: Run | None, acc_cmp: pd.DataFrame, settings: di
             r = head.iloc[-1]
             cards.append({"label": "After hardening", "value": fmt_pct(r["after"]),
                           "sub": f"worst case, eps {fmt_eps(r['eps'])}: {fmt_points(r['delta'])}",
-                          "cls": "pass" if r["delta"] > 0 else ""})
+                          "cls": "pass" if r["delta"] > 0 else "", "concerns": checks_after or []})
         if not parts and clean_rows.empty:
             sentences.append(Markup("The model was hardened ({}), but no before/after accuracy was recorded.").format(method))
 
@@ -819,6 +896,11 @@ def _verdict(run: Run, hardened: Run | None, acc_cmp: pd.DataFrame, settings: di
     cards.append({"label": "Sanity checks", "value": f"{n_warn} warn" if n_warn else "all pass",
                   "sub": f"{sum(c.status == 'pass' for c in all_checks)} pass, {sum(c.status == 'skip' for c in all_checks)} skipped",
                   "cls": "warn" if n_warn else "pass"})
+    for card in cards:  # a card is never green while a check that concerns its number warns
+        concerns = card.pop("concerns", [])
+        if any(c.status == "warn" for c in concerns):
+            card["cls"] = "warn"
+            card["sub"] += f"; {sum(c.status == 'warn' for c in concerns)} check(s) warn"
     return {"sentences": sentences, "cards": cards, "table": _verdict_table(acc, hardened.accuracy if hardened else None)}
 
 
@@ -981,10 +1063,11 @@ def render_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = No
     mvl_names = set(mvl_layers)
     acc_cmp = _accuracy_comparison(run.accuracy, hardened.accuracy if hardened else None, comparison)
     re_cmp = _re_comparison(run, hardened, comparison, mvl_layers)
-    checks = sanity.evaluate(run.accuracy, run.checks)
+    num_classes = (run.manifest.get("dataset") or {}).get("num_classes")
+    checks = sanity.evaluate(run.accuracy, run.checks, num_classes=num_classes)
     checks_after = None
     if hardened is not None and hardened.accuracy is not None:
-        checks_after = sanity.evaluate(hardened.accuracy, hardened.checks)
+        checks_after = sanity.evaluate(hardened.accuracy, hardened.checks, num_classes=num_classes)
 
     with matplotlib.rc_context(MPL_RC):
         palette = Palette([run.lsa, run.accuracy, hardened.accuracy if hardened else None])

@@ -17,6 +17,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import TYPE_CHECKING, Callable
 
 import pandas as pd
@@ -27,6 +28,8 @@ if TYPE_CHECKING:  # torch is imported lazily: evaluate() only needs pandas
 __all__ = [
     "Check",
     "attack_name",
+    "format_eps",
+    "CHANCE",
     "evaluate",
     "run_model_checks",
     "ITERATIVE",
@@ -40,6 +43,7 @@ __all__ = [
 ]
 
 # Check names, in the order evaluate() returns them.
+CHANCE = "Clean accuracy well above chance"
 ITERATIVE = "Iterative attacks at least as strong as single-step ones"
 WHITE_BOX = "White-box attacks at least as strong as black-box ones"
 MONOTONE = "Accuracy non-increasing in eps"
@@ -59,6 +63,10 @@ LARGE_EPS_VALUE = 0.5  # Linf, on inputs in [0, 1]
 LARGE_EPS_STEPS = 10
 # PGD-50 falling this far below PGD-10 means PGD-10 had not converged.
 CONVERGENCE_GAP = 0.05
+# "Well above chance": clean accuracy above 1/K plus this margin, or plus 3 binomial standard deviations of
+# an at-chance model on n samples where that is larger (a chance-level model on a few samples can reach 1/K + 10 points).
+CHANCE_MARGIN = 0.10
+CHANCE_SIGMAS = 3.0
 # Two forward passes of one batch may differ by this much (relative to the output scale).
 DETERMINISM_RTOL = 1e-5
 PROBABILITY_ATOL = 1e-4
@@ -85,11 +93,13 @@ AttackFn = Callable[..., "Tensor"]
 
 @dataclass(frozen=True)
 class Check:
-    """One sanity check: its name, ``pass`` / ``warn`` / ``skip``, and the numbers behind the status."""
+    """One sanity check: its name, ``pass`` / ``warn`` / ``skip``, the numbers behind the status, and the
+    threshold the numbers were held to."""
 
     name: str
     status: str
     detail: str
+    threshold: str = ""
 
 
 def attack_family(label: str) -> str:
@@ -115,8 +125,25 @@ def _pct(x: float) -> str:
     return f"{100.0 * x:.1f} %"
 
 
+def format_eps(value: float) -> str:
+    """An eps as the user wrote it: ``0.1`` stays ``0.1``, ``8/255`` stays ``8/255`` (not ``0.03137``)."""
+    v = float(value)
+    short = f"{v:.4g}"
+    if not math.isfinite(v) or float(short) == v:
+        return short
+    frac = Fraction(v).limit_denominator(1024)
+    if frac.denominator > 1 and abs(float(frac) - v) <= 1e-12 * max(1.0, abs(v)):
+        return f"{frac.numerator}/{frac.denominator}"
+    return short
+
+
 def _eps(e: float) -> str:
-    return f"{e:.4g}"
+    return format_eps(e)
+
+
+def _tolerance_text(n: float | None) -> str:
+    return (f"{100 * _tolerance(n):.2g} points (the larger of {100 * MIN_TOLERANCE:.2g} points and one sample"
+            + (f" of {int(n)})" if n else ")"))
 
 
 def _tolerance(n: float | None) -> float:
@@ -176,8 +203,12 @@ def _stronger_check(
                             wb["accuracy"], _tolerance(_n(group))))
     for s_label, s_acc, w_label, w_acc, eps, norm, tol in extra:
         comparisons.append((eps, norm, s_label, s_acc, w_label, w_acc, tol))
+    tolerances = " or ".join(f"{100 * t:.2g}" for t in sorted({c[6] for c in comparisons}))
+    threshold = (f"at each eps, the best {strong_word} attack's accuracy at most the best {weak_word} attack's + "
+                 + (f"{tolerances} points" if tolerances else "a tolerance")
+                 + f" (the larger of {100 * MIN_TOLERANCE:.2g} points and one sample)")
     if not comparisons:
-        return Check(name, "skip", f"no {strong_word} and {weak_word} attack ran at the same eps")
+        return Check(name, "skip", f"no {strong_word} and {weak_word} attack ran at the same eps", threshold)
     bad = [c for c in comparisons if c[3] > c[5] + c[6]]
     parts = [f"eps {_eps(e)} {n}: {sl} {_pct(sa)} vs {wl} {_pct(wa)}" for e, n, sl, sa, wl, wa, _ in comparisons]
     if bad:
@@ -185,8 +216,8 @@ def _stronger_check(
         return Check(name, "warn", (
             f"{wl} ({weak_word}) leaves {_pct(wa)} accuracy at eps {_eps(e)} {n} but {sl} ({strong_word}) "
             f"leaves {_pct(sa)}: a {strong_word} attack should be at least as strong; {MASKING}. "
-            + "All comparisons: " + "; ".join(parts) + "."))
-    return Check(name, "pass", "; ".join(parts) + ".")
+            + "All comparisons: " + "; ".join(parts) + "."), threshold)
+    return Check(name, "pass", "; ".join(parts) + ".", threshold)
 
 
 def _monotone_check(accuracy: pd.DataFrame, rows: pd.DataFrame) -> Check:
@@ -204,14 +235,17 @@ def _monotone_check(accuracy: pd.DataFrame, rows: pd.DataFrame) -> Check:
         for (e0, a0), (e1, a1) in zip(points, points[1:]):
             if a1 > a0 + tol:
                 bad.append(f"{attack_name(attack)} ({norm}) rises from {_pct(a0)} at eps {_eps(e0)} to {_pct(a1)} at eps {_eps(e1)}")
+    threshold = (f"no rise between consecutive eps (clean accuracy at eps 0) above {_tolerance_text(_n(rows))}")
     if not curves:
-        return Check(MONOTONE, "skip", "no attack ran at more than one eps")
+        return Check(MONOTONE, "skip", "no attack ran at more than one eps", threshold)
     if bad:
-        return Check(MONOTONE, "warn", "; ".join(bad) + f": a larger eps can only help the attacker; {MASKING}.")
-    return Check(MONOTONE, "pass", f"{curves} accuracy curves (clean accuracy at eps 0) never rise with eps.")
+        return Check(MONOTONE, "warn", "; ".join(bad) + f": a larger eps can only help the attacker; {MASKING}.",
+                     threshold)
+    return Check(MONOTONE, "pass", f"{curves} accuracy curves (clean accuracy at eps 0) never rise with eps.", threshold)
 
 
 def _large_eps_check(rows: pd.DataFrame, attacks: dict | None) -> Check:
+    threshold = f"accuracy at most {_pct(LARGE_EPS_MAX_ACCURACY)} at eps >= {_eps(LARGE_EPS_VALUE)} Linf"
     if attacks and attacks.get("pgd_large") is not None:
         eps, acc = attacks["large_eps"], attacks["pgd_large"]
         source = f"PGD-{attacks.get('pgd_large_steps', LARGE_EPS_STEPS)} at eps {_eps(eps)} Linf (model checks)"
@@ -219,51 +253,92 @@ def _large_eps_check(rows: pd.DataFrame, attacks: dict | None) -> Check:
         large = rows[(rows["norm"] == "Linf") & (rows["eps"] >= LARGE_EPS_VALUE)]
         if large.empty:
             reason = (attacks or {}).get("skipped") or "model checks not run"
-            return Check(LARGE_EPS, "skip", f"no attack ran at eps >= {_eps(LARGE_EPS_VALUE)} Linf ({reason}).")
+            return Check(LARGE_EPS, "skip", f"no attack ran at eps >= {_eps(LARGE_EPS_VALUE)} Linf ({reason}).",
+                         threshold)
         best = large.loc[large["accuracy"].idxmin()]
         eps, acc = float(best["eps"]), float(best["accuracy"])
         source = f"{attack_name(best['attack'])} at eps {_eps(eps)} Linf"
     if acc > LARGE_EPS_MAX_ACCURACY:
         return Check(LARGE_EPS, "warn", (
             f"{source} leaves {_pct(acc)} accuracy (expected <= {_pct(LARGE_EPS_MAX_ACCURACY)}): an attack this "
-            f"large should break almost every input; {MASKING}."))
-    return Check(LARGE_EPS, "pass", f"{source}: {_pct(acc)} accuracy.")
+            f"large should break almost every input; {MASKING}."), threshold)
+    return Check(LARGE_EPS, "pass", f"{source}: {_pct(acc)} accuracy.", threshold)
 
 
 def _more_steps_check(attacks: dict | None, n: float | None) -> Check:
+    """PGD-50 and PGD-10 run on the same samples from the same random start: a single sample more left
+    robust by PGD-50 is a warning (no tolerance that one or two samples could hide behind)."""
+    threshold = (f"PGD-50 leaves no more samples robust than PGD-10 (0 samples tolerance), and at most "
+                 f"{100 * CONVERGENCE_GAP:.3g} points below it (else PGD-10 had not converged)")
     if not attacks or attacks.get("pgd10") is None or attacks.get("pgd50") is None:
         reason = (attacks or {}).get("skipped") or "model checks not run"
-        return Check(MORE_STEPS, "skip", f"PGD-10 vs PGD-50 not compared ({reason}).")
+        return Check(MORE_STEPS, "skip", f"PGD-10 vs PGD-50 not compared ({reason}).", threshold)
     a10, a50 = attacks["pgd10"], attacks["pgd50"]
     where = f"at eps {_eps(attacks['eps_max'])} Linf"
     numbers = f"PGD-10 {_pct(a10)}, PGD-50 {_pct(a50)} {where}"
-    if a50 > a10 + _tolerance(n):
-        return Check(MORE_STEPS, "warn", f"{numbers}: more steps raised the accuracy; {MASKING}.")
+    if n:
+        c10, c50 = round(a10 * n), round(a50 * n)
+        numbers += f" ({c10} vs {c50} of {int(n)} samples robust)"
+        more = c50 > c10
+    else:
+        more = a50 > a10 + 1e-12
+    if more:
+        return Check(MORE_STEPS, "warn", f"{numbers}: more steps raised the accuracy; {MASKING}.", threshold)
     if a50 < a10 - CONVERGENCE_GAP:
         return Check(MORE_STEPS, "warn", (
             f"{numbers}: PGD-10 had not converged, so attacks with few steps overstate robustness; "
-            "rerun the battery with more steps."))
-    return Check(MORE_STEPS, "pass", numbers + ".")
+            "rerun the battery with more steps."), threshold)
+    return Check(MORE_STEPS, "pass", numbers + ".", threshold)
+
+
+def chance_threshold(num_classes: int, n: float | None) -> float:
+    """The clean accuracy a model must exceed to count as well above chance (1/K plus a margin)."""
+    chance = 1.0 / num_classes
+    sigma = math.sqrt(chance * (1 - chance) / n) if n else 0.0
+    return min(1.0, chance + max(CHANCE_MARGIN, CHANCE_SIGMAS * sigma))
+
+
+def _chance_check(accuracy: pd.DataFrame, num_classes: int | None) -> Check:
+    clean = accuracy[accuracy["attack"].astype(str) == CLEAN]
+    acc = pd.to_numeric(clean["accuracy"], errors="coerce").dropna()
+    threshold = (f"clean accuracy above 1/K + max({100 * CHANCE_MARGIN:.3g} points, {CHANCE_SIGMAS:g} binomial "
+                 "standard deviations at chance)")
+    if not num_classes or num_classes < 2 or acc.empty:
+        why = "the number of classes is not recorded" if acc.size else "no clean accuracy"
+        return Check(CHANCE, "skip", f"not compared ({why}).", threshold)
+    n = _n(clean)
+    bar = chance_threshold(int(num_classes), n)
+    threshold = f"clean accuracy above {_pct(bar)} ({threshold})"
+    value = float(acc.iloc[0])
+    numbers = (f"clean accuracy {_pct(value)}"
+               + (f" on {int(n)} samples" if n else "") + f"; chance is {_pct(1 / num_classes)} ({num_classes} classes)")
+    if value <= bar:
+        return Check(CHANCE, "warn", (
+            f"{numbers}: the model is at or near chance, so every robustness number in this report is noise; "
+            "check the model file, its normalization (--mean/--std) and the data set."), threshold)
+    return Check(CHANCE, "pass", numbers + ".", threshold)
 
 
 # ------------------------------------------------------------------------------- model checks
 
 
 def _probability_check(outputs: dict | None) -> Check:
+    threshold = f"warn when every output is in [0, 1] and every row sums to 1 within {PROBABILITY_ATOL:g}"
     if not outputs or outputs.get("min") is None:
-        return Check(PROBABILITIES, "skip", "model checks not run.")
+        return Check(PROBABILITIES, "skip", "model checks not run.", threshold)
     lo, hi, err = outputs["min"], outputs["max"], outputs.get("max_row_sum_error")
     numbers = f"outputs in [{lo:.4g}, {hi:.4g}]" + ("" if err is None else f", row sums differ from 1 by up to {err:.2g}")
     if lo >= 0.0 and hi <= 1.0 and err is not None and err <= PROBABILITY_ATOL:
         return Check(PROBABILITIES, "warn", (
             f"{numbers}: the model outputs probabilities (softmax); cross-entropy on them saturates, so "
-            f"gradient attacks are weakened and {MASKING}. Audit the model without its final softmax."))
-    return Check(PROBABILITIES, "pass", numbers + ".")
+            f"gradient attacks are weakened and {MASKING}. Audit the model without its final softmax."), threshold)
+    return Check(PROBABILITIES, "pass", numbers + ".", threshold)
 
 
 def _gradient_check(gradients: dict | None) -> Check:
+    threshold = "no sample with an all-zero input gradient; every gradient finite"
     if not gradients or gradients.get("zero_fraction") is None:
-        return Check(GRADIENTS, "skip", "model checks not run.")
+        return Check(GRADIENTS, "skip", "model checks not run.", threshold)
     frac, finite = gradients["zero_fraction"], gradients.get("finite", True)
     numbers = f"{_pct(frac)} of samples have an all-zero input gradient of the cross-entropy"
     numbers += "" if finite else "; some gradients or outputs are NaN or infinite"
@@ -272,27 +347,30 @@ def _gradient_check(gradients: dict | None) -> Check:
     if frac > 0 or not finite:
         return Check(GRADIENTS, "warn", (
             f"{numbers}: gradient attacks have nothing to follow there (a rounding, sign or detached step, "
-            f"or saturated outputs); {MASKING}."))
-    return Check(GRADIENTS, "pass", numbers + ".")
+            f"or saturated outputs); {MASKING}."), threshold)
+    return Check(GRADIENTS, "pass", numbers + ".", threshold)
 
 
 def _determinism_check(determinism: dict | None) -> Check:
+    threshold = f"outputs of two passes differ by at most {DETERMINISM_RTOL:g} (relative)"
     if not determinism or determinism.get("max_rel_diff") is None:
-        return Check(DETERMINISM, "skip", "model checks not run.")
+        return Check(DETERMINISM, "skip", "model checks not run.", threshold)
     diff = determinism["max_rel_diff"]
     numbers = f"two forward passes of one batch differ by at most {diff:.3g} (relative to the output scale)"
     if diff > DETERMINISM_RTOL:
         return Check(DETERMINISM, "warn", (
             f"{numbers}: the model is randomized in eval mode; attacks must average over its randomness "
-            f"(EOT) or {MASKING}."))
-    return Check(DETERMINISM, "pass", numbers + ".")
+            f"(EOT) or {MASKING}."), threshold)
+    return Check(DETERMINISM, "pass", numbers + ".", threshold)
 
 
-def evaluate(accuracy: pd.DataFrame | None, model_checks: dict | None = None) -> list[Check]:
+def evaluate(accuracy: pd.DataFrame | None, model_checks: dict | None = None, *,
+             num_classes: int | None = None) -> list[Check]:
     """Decide every sanity check from an ``accuracy.csv`` frame and the ``checks.json`` dict.
 
     ``accuracy`` has the columns ``attack, eps, accuracy, n_samples, kind, norm``; either argument may be
-    None, which turns the checks that need it into ``skip``.
+    None, which turns the checks that need it into ``skip``. ``num_classes`` (the manifest's, or
+    ``checks.json``'s) sets chance level for the clean-accuracy check.
     """
     if accuracy is None:
         accuracy = pd.DataFrame(columns=["attack", "eps", "accuracy", "n_samples", "kind", "norm"])
@@ -312,6 +390,7 @@ def evaluate(accuracy: pd.DataFrame | None, model_checks: dict | None = None) ->
             probes = [min(probes, key=lambda p: p[1])]
 
     return [
+        _chance_check(accuracy, num_classes or mc.get("num_classes")),
         _stronger_check(ITERATIVE, rows, ITERATIVE_ATTACKS, SINGLE_STEP_ATTACKS, "iterative", "single-step", probes),
         _stronger_check(WHITE_BOX, rows, white, BLACK_BOX_ATTACKS, "white-box", "black-box"),
         _monotone_check(accuracy, rows),
@@ -418,7 +497,10 @@ def _attack_probes(model, x, y, *, eps_max, attack_fn) -> dict:
             return {"skipped": f"inputs span [{lo:.3g}, {hi:.3g}], not [0, 1]; pass attack_fn to probe them"}
         attack_fn = _torchattacks
 
+    seed = torch.initial_seed()
+
     def accuracy(kind: str, eps: float, steps: int) -> float:
+        torch.manual_seed(seed)  # every probe from the same random start: PGD-10 and PGD-50 compare like for like
         x_adv = attack_fn(model, x, y, kind=kind, eps=eps, steps=steps)
         with torch.no_grad():
             return float((model(x_adv).argmax(dim=1) == y).float().mean())

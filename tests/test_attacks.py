@@ -296,3 +296,50 @@ def test_noise_follows_the_global_seed():
     b = fn(x, y)
     c = fn(x, y)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ---------------------------------------------------------------------------------------------
+# Square on vector inputs
+
+
+def _linear_vector_model() -> torch.nn.Module:
+    """Two classes on D=4 inputs: logit difference 1 - sum_j w_j x_j, so class 0 wins near 0."""
+    lin = torch.nn.Linear(4, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]))
+        lin.bias.copy_(torch.tensor([1.0, 0.0]))
+    return lin.eval()
+
+
+@pytest.mark.parametrize("norm,eps,budget", [("Linf", 0.3, 0.3), ("L2", 0.6, 0.6)])
+def test_square_on_vectors_stays_in_the_ball_and_in_range(norm, eps, budget):
+    model = _linear_vector_model()
+    x = torch.tensor([[0.1, 0.2, 0.0, 0.2], [0.9, 0.0, 0.05, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    y = torch.zeros(3, dtype=torch.long)
+    fn = build(parse(f"square:norm={norm},eps={eps},n_queries=50"), model, num_classes=2, seed=0)
+    adv = fn(x, y)
+    assert adv.shape == x.shape and adv.min() >= 0 and adv.max() <= 1
+    delta = (adv - x).abs().amax(1) if norm == "Linf" else (adv - x).norm(dim=1)
+    assert (delta <= budget + 1e-6).all()
+    # sample 0: sum 0.5, a +0.3 step on each coordinate reaches 1.7 > 1 (Linf) -- the margin is fooled
+    if norm == "Linf":
+        assert model(adv).argmax(1)[0] == 1
+        # sample 2 sits at 0: the best vertex adds 0.3 to each of 4 coordinates, sum 1.2 > 1, fooled too
+        assert model(adv).argmax(1)[2] == 1
+    assert torch.equal(adv, fn(x, y))  # same seed, same numbers
+
+
+def test_square_on_vectors_keeps_images_to_torchattacks():
+    model = make_cnn()
+    data = make_data(model, n=4)
+    x, y = data.x, data.y
+    fn = build(parse("square:eps=0.1,n_queries=5"), model, num_classes=4, seed=0)
+    assert type(fn.image_attack).__name__ == "Square"
+    assert fn(x, y).shape == x.shape
+
+
+def test_autoattack_on_vectors_fails_in_one_line():
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4)).eval()
+    fn = build(parse("autoattack:eps=0.1"), model, num_classes=4, seed=0)
+    with pytest.raises(RobauditError, match=r"needs image inputs .* use pgd, pgdl2 and square"):
+        fn(torch.rand(5, 6), torch.zeros(5, dtype=torch.long))

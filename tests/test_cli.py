@@ -100,6 +100,9 @@ def test_attacks_command_lists_the_battery():
     for name in ("fgsm", "pgd", "pgdl2", "cw", "deepfool", "autoattack", "square", "gaussian", "uniform",
                  "saltpepper"):
         assert name in result.stdout
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if line and not line[0].isspace()}
+    assert "Linf/L2" in lines["square"] and "Linf/L2" in lines["autoattack"] and "Linf/L2" not in lines["pgd"]
+    assert "norm=Linf (or norm=L2)" in result.stdout
 
 
 # -- bad input: one line, non-zero exit, no traceback, no partial run directory ---------------------
@@ -191,3 +194,44 @@ def test_trusted_pickle_loads(tmp_path):
 
 def test_report_without_a_run_fails_cleanly(tmp_path):
     assert_one_line_failure(invoke("report", "--run", tmp_path / "missing"), "run")
+
+
+def test_harden_says_which_run_and_epoch_and_warns_once(tmp_path, monkeypatch):
+    import robaudit.harden as H
+
+    monkeypatch.chdir(tmp_path)
+    first = invoke("analyze", DIGITS_PT2, "--dataset", "digits", "--attack", "fgsm", "--eps", "0.1", "--samples", "24",
+                   "--no-checks", "--no-report", "--out", "reports/digits")
+    assert first.exit_code == 0, first.output
+    real = H._train_epoch
+
+    def interrupted(**k):
+        if k["epoch"] == 2:
+            raise KeyboardInterrupt
+        return real(**k)
+
+    monkeypatch.setattr(H, "_train_epoch", interrupted)
+    with pytest.warns(UserWarning, match="stay frozen"):
+        stopped = invoke("harden", "--epochs", "2", "--steps", "2", "--batch-size", "256", "--no-report")
+    assert stopped.exit_code == 130, stopped.output
+    assert stopped.stdout.startswith("hardening the latest run under reports/: reports")  # said before training
+    monkeypatch.setattr(H, "_train_epoch", real)
+    with pytest.warns(UserWarning, match="stay frozen while hardening") as shown:
+        resumed = invoke("harden", "--run", "reports/digits", "--resume", "--epochs", "2", "--steps", "2",
+                         "--batch-size", "256", "--no-report")
+    assert resumed.exit_code == 0, resumed.output
+    assert resumed.stdout.splitlines()[0].startswith("resuming from the checkpoint of epoch 1 ")
+    assert "continues at epoch 2" in resumed.stdout
+    # the frozen-BatchNorm message: once as a warning, not again among the notes at the end
+    assert len([w for w in shown if "stay frozen" in str(w.message)]) == 1
+    assert "stay frozen while hardening" not in resumed.output
+
+
+def test_eps_fraction_stays_a_fraction_in_labels(tmp_path):
+    out = tmp_path / "run"
+    result = invoke("analyze", DIGITS_PT2, "--dataset", "digits", "--attack", "fgsm", "--eps", "8/255",
+                    "--samples", "16", "--no-checks", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "eps 8/255: fgsm" in result.stdout and "0.0313" not in result.stdout
+    report = (out / "report.html").read_text()
+    assert "FGSM ε=8/255" in report and "at eps 8/255" in report

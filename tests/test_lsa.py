@@ -367,9 +367,10 @@ def test_strongest_attack_is_lowest_accuracy_at_largest_eps():
     fam = accuracy_frame([("fgsm", 0.3, 0.1, "adversarial"), ("autoattack", 0.3, 0.1, "adversarial"),
                           ("pgd", 0.3, 0.1, "adversarial")])
     assert strongest_attack(fam) == ("autoattack", 0.3)
-    # a minimal-perturbation attack has no eps
+    # a minimal-perturbation attack has no eps: its accuracy is no robust accuracy, so it ranks only alone
     cw = accuracy_frame([("pgd", 0.3, 0.1, "adversarial"), ("cw", None, 0.05, "adversarial")])
-    assert strongest_attack(cw) == ("cw", None)
+    assert strongest_attack(cw) == ("pgd", 0.3)
+    assert strongest_attack(cw[cw["attack"] == "cw"]) == ("cw", None)
     with pytest.raises(RobauditError, match="no adversarial attack"):
         strongest_attack(accuracy_frame([("clean", None, 1.0, "clean"), ("gaussian", 0.1, 0.9, "noise")]))
 
@@ -450,3 +451,50 @@ def test_relative_error_is_nan_not_inf_for_an_all_zero_activation():
     re = relative_error(clean, perturbed)
     assert re[0].item() == pytest.approx(1 / 5)  # ||(0, 1)|| / ||(3, 4)||
     assert torch.isnan(re[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# success rate and perturbation size
+
+
+def test_perturbation_sizes_by_hand():
+    from robaudit.lsa import PerturbationSizes
+
+    x = torch.zeros(7, 2)
+    # L2 norms 0.1, 0.2, 0.3, 0.4, 1.0 (fooled), 5.0 (wrong already on clean), 2.0 (not fooled)
+    x_adv = torch.tensor([[0.1, 0.0], [0.0, 0.2], [0.3, 0.0], [0.0, 0.4], [0.6, 0.8], [3.0, 4.0], [2.0, 0.0]])
+    ok_clean = torch.tensor([True, True, True, True, True, False, True])
+    ok_adv = torch.tensor([False, False, False, False, False, False, True])
+    sizes = PerturbationSizes("L2")
+    sizes.update(x[:3], x_adv[:3], ok_clean[:3], ok_adv[:3])  # two batches, as analyze streams them
+    sizes.update(x[3:], x_adv[3:], ok_clean[3:], ok_adv[3:])
+    out = sizes.compute()
+    assert out["success_rate"] == pytest.approx(5 / 6)
+    assert out["pert_median"] == pytest.approx(0.3)
+    assert out["pert_p90"] == pytest.approx(0.4 + 0.6 * (1.0 - 0.4))  # position 0.9 * 4 = 3.6
+    linf = PerturbationSizes("Linf")
+    linf.update(x, x_adv, ok_clean, ok_adv)
+    assert linf.compute()["pert_median"] == pytest.approx(0.3)  # Linf norms 0.1, 0.2, 0.3, 0.4, 0.8
+    empty = PerturbationSizes("Linf")
+    empty.update(x, x, ok_clean, ok_clean)
+    assert empty.compute()["success_rate"] == 0 and math.isnan(empty.compute()["pert_median"])
+
+
+def test_accuracy_csv_success_rate_and_perturbation_by_hand():
+    """Logit(1) - logit(0) = x1 + x2 - 1; FGSM at eps 0.2 moves both coordinates by 0.2 toward the other class."""
+    lin = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
+        lin.bias.copy_(torch.tensor([1.0, 0.0]))
+    x = torch.tensor([[0.1, 0.1], [0.35, 0.35], [0.9, 0.9], [0.6, 0.6], [0.9, 0.8]])
+    y = torch.tensor([0, 0, 0, 1, 1])
+    # correct on clean: 0, 1, 3, 4 (sample 2 is wrong already); FGSM flips 1 (0.7 -> 1.1) and 3 (1.2 -> 0.8)
+    res = analyze(nn.Sequential(lin), (x, y), attacks=["fgsm"], eps=[0.2], device="cpu")
+    acc = res.accuracy.set_index("attack")
+    assert acc.loc["clean", "accuracy"] == pytest.approx(4 / 5)
+    assert acc.loc["fgsm", "accuracy"] == pytest.approx(2 / 5)
+    assert acc.loc["fgsm", "success_rate"] == pytest.approx(2 / 4)
+    assert acc.loc["fgsm", "pert_median"] == pytest.approx(0.2, abs=1e-6)
+    assert acc.loc["fgsm", "pert_p90"] == pytest.approx(0.2, abs=1e-6)
+    assert acc.loc["worst-case", "success_rate"] == pytest.approx(2 / 4)
+    assert math.isnan(acc.loc["clean", "success_rate"]) and math.isnan(acc.loc["worst-case", "pert_median"])

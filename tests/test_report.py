@@ -306,3 +306,122 @@ def test_wheel_install_renders_the_same_report(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert Path(proc.stdout.strip()).is_relative_to(site)  # the installed copy rendered it
     assert (tmp_path / "wheel.html").read_bytes() == expected
+
+
+def test_minimal_perturbation_attacks_by_size_not_accuracy(tmp_path):
+    run = make_run(tmp_path / "run", n_layers=5, attacks=("pgd",), noise=(), eps=(0.1,), minimal=("cw",),
+                   hardened=True)
+    text = render_report(run).read_text(encoding="utf-8")
+    acc_section = section(text, "accuracy")
+    tables = re.findall(r"<table.*?</table>", acc_section, re.S)
+    accuracy_table = next(t for t in tables if "Accuracy under every attack" in t)
+    perturbation_table = next(t for t in tables if "Minimal-perturbation attacks" in t)
+    assert ">CW<" not in accuracy_table  # its accuracy (0 %) is no robust accuracy
+    cw = pd.read_csv(run / "accuracy.csv").set_index("attack").loc["cw"]
+    h_cw = pd.read_csv(run / "hardened" / "accuracy.csv").set_index("attack").loc["cw"]
+    row = visible(re.search(r"<tr><td>CW</td>.*?</tr>", perturbation_table, re.S).group(0))
+    for value in (fmt_re(cw["pert_median"]), fmt_re(cw["pert_p90"]), fmt_pct(cw["success_rate"]),
+                  fmt_re(h_cw["pert_median"])):
+        assert value in row
+    verdict = visible(section(text, "verdict"))
+    assert f"median L2 perturbation of {fmt_re(cw['pert_median'])}" in verdict
+    assert "CW 0.0 %" not in visible(text) and "CW →" not in verdict
+
+
+def test_accuracy_plot_single_eps_markers_and_distinct_styles():
+    import matplotlib
+
+    from robaudit.report import MPL_RC, Palette, accuracy_figure
+
+    def frame(shift: float) -> pd.DataFrame:
+        rows = [("clean", np.nan, 0.95, "clean", "")]
+        rows += [("pgd", 0.1, 0.5 + shift, "adversarial", "Linf"), ("pgd", 0.2, 0.1 + shift, "adversarial", "Linf"),
+                 ("square(n_queries=200)", 0.2, 0.3 + shift, "adversarial", "Linf"),
+                 ("gaussian", 0.1, 0.9, "noise", "Linf"), ("gaussian", 0.2, 0.85, "noise", "Linf"),
+                 ("worst-case", 0.1, 0.5 + shift, "adversarial", "Linf"),
+                 ("worst-case", 0.2, 0.1 + shift, "adversarial", "Linf")]
+        return pd.DataFrame(rows, columns=["attack", "eps", "accuracy", "kind", "norm"])
+
+    before, after = frame(0.0), frame(0.2)
+    with matplotlib.rc_context(MPL_RC):
+        fig = accuracy_figure(before, after, Palette([before, after]))
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    square = lines["Square(n_queries=200) (eps 0.2 only)"]
+    assert list(square.get_xdata()) == [0.2] and square.get_linestyle() == "None"
+    assert list(square.get_ydata()) == [30.0]
+    h_square = lines["Square(n_queries=200) (hardened) (eps 0.2 only)"]
+    assert list(h_square.get_xdata()) == [0.2] and h_square.get_linestyle() == "None"
+    pgd = lines["PGD"]
+    assert list(pgd.get_xdata()) == [0.0, 0.1, 0.2] and list(pgd.get_ydata()) == pytest.approx([95, 50, 10])
+    styles = {name: (lines[name].get_linestyle(), lines[name].get_marker())
+              for name in ("PGD", "Gaussian noise", "PGD (hardened)")}
+    assert len(set(styles.values())) == 3, styles  # adversarial, noise and hardened curves differ
+    assert styles["PGD"][0] == "-" and styles["Gaussian noise"][0] == ":" and styles["PGD (hardened)"][0] == "--"
+    assert "Gaussian noise (hardened)" not in lines
+
+
+def _cards(text: str) -> dict[str, str]:
+    """Card label -> its class attribute."""
+    return {visible(label): cls for cls, label in
+            re.findall(r'<div class="card ?([a-z]*)"><div class="label">(.*?)</div>', section(text, "verdict"))}
+
+
+def test_cards_never_green_while_a_check_about_them_warns(tmp_path):
+    run = make_run(tmp_path / "run", n_layers=5, hardened=True)
+    (run / "hardened" / "checks.json").write_text(json.dumps(model_checks()))
+    assert _cards(render_report(run).read_text())["After hardening"] == "pass"
+    # the hardened model: PGD-50 leaves more samples robust than PGD-10 (possible masking)
+    (run / "hardened" / "checks.json").write_text(json.dumps(model_checks(
+        attacks={**model_checks()["attacks"], "pgd10": 2 / 128, "pgd50": 3 / 128})))
+    text = render_report(run).read_text()
+    assert _cards(text)["After hardening"] == "warn"
+    assert "PGD-50 leaves no more samples robust than PGD-10" in visible(section(text, "sanity"))  # threshold shown
+
+
+def test_chance_level_model_is_flagged(tmp_path):
+    run = make_run(tmp_path / "run", n_layers=5, clean=0.094)
+    text = render_report(run).read_text()
+    cards = _cards(text)
+    assert cards["Clean accuracy"] == "warn" and cards["Sanity checks"] == "warn"
+    verdict = visible(section(text, "verdict"))
+    assert "Clean accuracy well above chance" in verdict and "every robustness number is noise" in verdict
+    sanity_text = visible(section(text, "sanity"))
+    assert "chance is 10.0 % (10 classes)" in sanity_text and "clean accuracy above 20.0 %" in sanity_text
+
+
+def test_history_plot_whole_epochs_and_legends_beside_the_data(monkeypatch):
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    from robaudit import report as R
+
+    captured = []
+    real = R._svg
+
+    def keep(fig, *args, **kwargs):
+        captured.append(fig)
+        return real(fig, *args, **kwargs)
+
+    history = pd.DataFrame({"epoch": [0, 1], "loss": [np.nan, 0.95], "ce_adv": [np.nan, 0.9], "reg": [np.nan, 0.05],
+                            "val_clean_acc": [0.99, 0.97], "val_robust_acc": [0.1, 0.4]})
+    re_rows = pd.DataFrame({"label": ["a", "b"], "before": [1.0, 2.0], "after": [0.5, 1.0]})
+    monkeypatch.setattr(R, "_svg", keep)
+    with matplotlib.rc_context(R.MPL_RC):
+        R.plot_history(history)
+        R.plot_re_before_after(re_rows)
+    history_fig, re_fig = captured
+    assert isinstance(history_fig, Figure)
+    for ax in history_fig.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks) and ax.get_xlim() == (-0.5, 1.5)
+    for ax in history_fig.axes + re_fig.axes:  # each legend anchored outside the axes, to the right
+        legend = ax.get_legend()
+        assert legend is not None and legend.get_bbox_to_anchor().x0 >= ax.bbox.x1 - 1
+
+
+def test_every_table_scrolls_inside_its_own_box(hardened):
+    _, _, text = hardened
+    body = text[text.index("<body>"):]
+    assert body.count("<table") == body.count('<div class="table-wrap">\n<table')
+    css = (REPO / "templates" / "report.css").read_text()
+    assert re.search(r"\.table-wrap \{[^}]*overflow-x: auto", css)

@@ -37,13 +37,38 @@ HEALTHY = [
 
 
 def test_healthy_evaluation_passes_everything():
-    checks = evaluate(frame(HEALTHY), model_checks())
-    assert [c.name for c in checks] == [sanity.ITERATIVE, sanity.WHITE_BOX, sanity.MONOTONE, sanity.LARGE_EPS,
+    checks = evaluate(frame(HEALTHY), model_checks(), num_classes=10)
+    assert [c.name for c in checks] == [sanity.CHANCE, sanity.ITERATIVE, sanity.WHITE_BOX, sanity.MONOTONE, sanity.LARGE_EPS,
                                         sanity.MORE_STEPS, sanity.PROBABILITIES, sanity.GRADIENTS, sanity.DETERMINISM]
     assert {c.name: c.status for c in checks} == {c.name: "pass" for c in checks}, checks
     iterative = by_name(checks)[sanity.ITERATIVE]
     assert "PGD 20.0 % vs FGSM 40.0 %" in iterative.detail  # the numbers behind the status
     assert "PGD 1.0 % vs FGSM 10.0 %" in iterative.detail
+    assert all(c.threshold for c in checks)  # every check states what it held the numbers to
+
+
+def test_chance_level_model_warns():
+    """10 classes, 360 samples: chance 10 %, bar 10 % + max(10 points, 3 * sqrt(0.1 * 0.9 / 360) = 4.7) = 20 %."""
+    assert sanity.chance_threshold(10, 360) == pytest.approx(0.20)
+    assert sanity.chance_threshold(2, 16) == pytest.approx(0.5 + 3 * math.sqrt(0.25 / 16))  # 87.5 %
+    at_chance = frame([("pgd", 0.1, 0.05)], n=360)
+    at_chance.loc[at_chance["attack"] == "clean", "accuracy"] = 0.094
+    check = by_name(evaluate(at_chance, num_classes=10))[sanity.CHANCE]
+    assert check.status == "warn" and "9.4 %" in check.detail and "chance is 10.0 %" in check.detail
+    assert "20.0 %" in check.threshold
+    at_chance.loc[at_chance["attack"] == "clean", "accuracy"] = 0.201
+    assert by_name(evaluate(at_chance, num_classes=10))[sanity.CHANCE].status == "pass"
+    assert by_name(evaluate(at_chance))[sanity.CHANCE].status == "skip"  # no class count recorded
+
+
+def test_more_steps_warns_on_a_single_sample():
+    """PGD-50 leaving 3 of 128 samples robust where PGD-10 leaves 2 (2.3 % vs 1.6 %) is evidence, not noise."""
+    mc = model_checks(n_samples=128, attacks={**model_checks()["attacks"], "pgd10": 2 / 128, "pgd50": 3 / 128})
+    check = by_name(evaluate(frame(HEALTHY), mc))[sanity.MORE_STEPS]
+    assert check.status == "warn" and "2 vs 3 of 128 samples" in check.detail
+    assert "0 samples" in check.threshold
+    mc = model_checks(n_samples=128, attacks={**model_checks()["attacks"], "pgd10": 2 / 128, "pgd50": 2 / 128})
+    assert by_name(evaluate(frame(HEALTHY), mc))[sanity.MORE_STEPS].status == "pass"
 
 
 def test_single_step_stronger_than_iterative_warns():
@@ -234,3 +259,9 @@ def test_model_checks_are_seeded(batch):
     a = run_model_checks(mlp(), x, y, device="cpu", seed=3, eps_max=0.1)
     b = run_model_checks(mlp(), x, y, device="cpu", seed=3, eps_max=0.1)
     assert a["attacks"] == b["attacks"]
+
+
+def test_eps_keeps_the_users_fraction():
+    assert [sanity.format_eps(v) for v in (0.1, 0.05, 8 / 255, 2 / 255, 1 / 3, 0.0313725)] == [
+        "0.1", "0.05", "8/255", "2/255", "1/3", "0.03137"]
+    assert sanity.format_eps(float(repr(8 / 255)[:-1])) == "8/255"  # one digit less after a CSV round trip

@@ -1,0 +1,33 @@
+"""Every shipped example model, with its data set and the default battery, end to end through the CLI."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from robaudit.cli import main
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+DATASETS = {"digits_cnn": "digits", "moons_mlp": "moons"}
+SHIPPED = sorted(p for p in EXAMPLES.iterdir() if p.suffix in (".pt2", ".pt"))
+
+
+def test_every_example_has_a_data_set():
+    assert SHIPPED and {p.stem for p in SHIPPED} == set(DATASETS)
+
+
+@pytest.mark.parametrize("model", SHIPPED, ids=lambda p: p.name)
+def test_example_with_the_default_battery(model, tmp_path):
+    out = tmp_path / "run"
+    # the default battery (no --attack), few samples: every attack of it must run on this input shape
+    result = CliRunner().invoke(main, ["analyze", str(model), "--dataset", DATASETS[model.stem],
+                                       "--samples", "16", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    acc = pd.read_csv(out / "accuracy.csv")
+    families = {a.split("(")[0] for a in acc["attack"]}
+    assert {"fgsm", "pgd", "cw", "square", "gaussian", "uniform", "saltpepper"} <= families
+    assert json.loads((out / "checks.json").read_text())["n_samples"] == 16
+    assert (out / "report.html").stat().st_size > 0
