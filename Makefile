@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.robaudit-installed
 
-.PHONY: demo test bench screenshot clean
+.PHONY: demo test security bench screenshot clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,10 +13,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)  ## analyze the example digits CNN; prints the MVL list and the run directory
-	$(BIN)/robaudit analyze examples/digits_cnn.pt2 --dataset digits
+	$(BIN)/robaudit analyze examples/digits_cnn.pt2 --dataset digits --force
 
 test: $(STAMP)  ## run the test suite
 	$(BIN)/python -m pytest -q
+
+security: $(STAMP)  ## hostile model, run and data files through every loader, and the data-safety checks
+	$(BIN)/python -m pytest -q tests/test_hostile.py tests/test_data_safety.py
 
 bench: $(STAMP)  ## side-by-side speed and memory ratios (not tests)
 	$(BIN)/python benchmarks/bench_analyze.py
