@@ -301,3 +301,24 @@ def test_npz_with_pickled_objects_is_refused(tmp_path, marker):
     with pytest.raises(RobauditError, match="without pickles"):
         load_dataset(str(tmp_path / "evil.npz"))
     assert not marker.exists()
+
+
+def test_a_run_directory_cannot_grant_trust_or_name_a_python_file(tmp_path, marker):
+    """harden --run reads the model's architecture from manifest.json: a file like any other."""
+    from robaudit.examples.models import MoonsMLP
+    from tests.test_cli import invoke
+
+    torch.save(MoonsMLP().state_dict(), tmp_path / "sd.pt")
+    out = tmp_path / "run"
+    result = invoke("analyze", tmp_path / "sd.pt", "--arch", "robaudit.examples.models:MoonsMLP", "--dataset",
+                    "moons", "--attack", "fgsm", "--eps", "0.1", "--samples", "20", "--no-checks", "--no-report",
+                    "--out", out)
+    assert result.exit_code == 0, result.output
+    evil = tmp_path / "evil_arch.py"
+    evil.write_text(f"open({str(marker)!r}, 'w')\nfrom robaudit.examples.models import MoonsMLP\n")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["model"].update(arch=f"{evil}:MoonsMLP", trust_model=True)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    result = invoke("harden", "--run", out, "--epochs", "1", "--no-report")
+    assert result.exit_code == 2 and "--trust-model" in result.stderr, result.output
+    assert not marker.exists()
