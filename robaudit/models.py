@@ -117,8 +117,12 @@ def _load_export(path: Path) -> LoadedModel:
     # Unflattened submodules run their graphs through torch.fx.Interpreter by default, about 7x
     # slower than eager on a small CNN; the generated code computes the same and still calls each
     # submodule, so forward hooks keep firing.
+    # unflatten generates each submodule's code before it merges repeated calls (``relu``,
+    # ``relu@1``) into one module, so that code can name modules that no longer exist: rebuild it.
     for sub in module.modules():
         if hasattr(sub, "_run_with_interpreter"):
+            if hasattr(sub, "finalize"):
+                sub.finalize()
             sub._run_with_interpreter = False
     type_map: dict[str, str] = {}
     for node in ep.graph.nodes:
@@ -284,6 +288,12 @@ def check_compatible(model: nn.Module, x: torch.Tensor, num_classes: int, *, nam
             out = model(x[:2])
         except Exception as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if not isinstance(e, (RuntimeError, ValueError, IndexError)):
+                # shape mismatches raise these; anything else (AttributeError, ...) is a failure to run
+                raise RobauditError(
+                    f"{name} failed to run on a batch of this data set ({type(e).__name__}: {msg[:200]}): "
+                    "the inputs' shape is not the cause; rerun with --debug for the traceback"
+                ) from e
             raise RobauditError(
                 f"{name} does not accept inputs of shape {tuple(x.shape[1:])} from this data set ({msg[:200]}); "
                 "pick the data set it was trained on"

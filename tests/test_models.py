@@ -318,3 +318,12 @@ def test_no_warning_for_a_matching_model(cnn):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_compatible(cnn, torch.rand(2, 1, 8, 8), 4)
+
+
+def test_check_compatible_tells_a_failure_from_a_shape_mismatch():
+    class Broken(nn.Module):
+        def forward(self, x):
+            return self.missing(x)
+
+    with pytest.raises(RobauditError, match=r"failed to run .*AttributeError.*not the cause"):
+        check_compatible(Broken(), torch.rand(2, 1, 8, 8), 4)
