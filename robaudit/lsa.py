@@ -10,6 +10,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -20,8 +21,8 @@ from torch import nn
 
 from . import attacks as atk
 from .errors import NonFiniteError, RobauditError
-from .models import LoadedModel, check_compatible, with_normalization
-from .probe import Layer, LayerProbe, select_modules
+from .models import LoadedModel, as_graph, check_compatible, with_normalization
+from .probe import PROBE_MODES, Layer, LayerProbe, select_modules
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +229,30 @@ def select_mvl(lsa: pd.DataFrame, accuracy: pd.DataFrame, *, k: int | None = Non
 
 
 # -- the analysis ----------------------------------------------------------------------------
+def graph_for_ops(model: nn.Module, example: torch.Tensor, type_map: Mapping[str, str] | None = None):
+    """``(module, type_map)`` whose functional ops are probeable: the model itself when it is an
+    unflattened program, else its internal export; an eager model that cannot be exported keeps
+    module-level probing, with a warning."""
+    from torch.export.unflatten import UnflattenedModule
+
+    if isinstance(model, UnflattenedModule):
+        return model, type_map
+    try:
+        with torch.no_grad():
+            model(example[:2])
+    except Exception:  # the compatibility check that follows says why, in one line
+        return model, type_map
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return as_graph(model, example)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        warnings.warn(f"the model cannot be exported ({type(e).__name__}: {first}), so its functional ops are "
+                      "not probed; only its modules are (--probe modules silences this)", stacklevel=3)
+        return model, type_map
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -269,6 +294,7 @@ def analyze(
     device: str | torch.device = "auto",
     seed: int = 0,
     type_map: Mapping[str, str] | None = None,
+    probe: str = "all",
     progress: bool = False,
 ) -> LSAResult:
     """Run the attack battery on ``data`` and measure every probed layer's relative error.
@@ -276,6 +302,8 @@ def analyze(
     ``model`` is the user's classifier (inputs in [0, 1], or normalized by ``mean``/``std``);
     ``data`` a :class:`robaudit.data.Dataset` or an ``(x, y)`` pair. Per batch: one hooked clean
     forward, reused by every attack; per attack, the adversarial batch and one hooked forward.
+    ``probe`` (``modules``, ``ops`` or ``all``) says which layers are candidates: to probe an eager
+    model's functional ops it runs the model's own ``torch.export`` graph, so names match its ``.pt2``.
     """
     started = time.perf_counter()
     if isinstance(model, LoadedModel):
@@ -286,10 +314,14 @@ def analyze(
         raise RobauditError("--batch-size must be at least 1")
     dev = resolve_device(device)
     specs = atk.expand(list(attacks) if attacks else atk.default_battery(eps), eps)
+    if probe not in PROBE_MODES:
+        raise RobauditError(f"unknown probe mode {probe!r}: use {', '.join(PROBE_MODES)}")
     model = model.to(dev).eval()
+    if probe != "modules":
+        model, type_map = graph_for_ops(model, x_all[:2].to(dev), type_map)
     full = with_normalization(model, mean, std, ndim=x_all.dim()).to(dev).eval()
     check_compatible(full, x_all[:2].to(dev), num_classes)
-    modules = select_modules(model, layer_types=layer_types, patterns=layers, type_map=type_map)
+    modules = select_modules(model, layer_types=layer_types, patterns=layers, type_map=type_map, probe=probe)
 
     seed_everything(seed)
     builders = [atk.build(s, full, num_classes=num_classes, seed=seed) for s in specs]

@@ -258,7 +258,7 @@ def test_hooks_removed_when_analyze_fails(where, n, grad):
     model = Bomb(make_cnn(), n=n, grad=grad).eval()
     data = make_data(model.inner, 6)
     with pytest.raises(RuntimeError, match="model exploded"):
-        analyze(model, data, attacks=["fgsm"], eps=[0.03], batch_size=4, device="cpu")
+        analyze(model, data, attacks=["fgsm"], eps=[0.03], batch_size=4, device="cpu", probe="modules")
     assert_no_hooks(model)
 
 
@@ -266,7 +266,7 @@ def test_hooks_removed_when_analyze_fails_with_normalization():
     model = Bomb(make_cnn(), n=3, grad=False).eval()
     data = make_data(model.inner, 4)
     with pytest.raises(RuntimeError, match="model exploded"):
-        analyze(model, data, attacks=["fgsm"], eps=[0.03], mean=[0.5], std=[0.25], device="cpu")
+        analyze(model, data, attacks=["fgsm"], eps=[0.03], mean=[0.5], std=[0.25], device="cpu", probe="modules")
     assert_no_hooks(model)
 
 
