@@ -25,7 +25,7 @@ from .errors import RobauditError
 PROBE_MODES = ("modules", "ops", "all")
 
 # functional activations (aten names, in-place variants included) probed as layers of their caller
-ACTIVATION_OPS = frozenset({"relu", "gelu", "silu", "hardtanh", "leaky_relu", "elu", "sigmoid", "tanh"})
+ACTIVATION_OPS = frozenset({"relu", "relu6", "gelu", "silu", "hardtanh", "leaky_relu", "elu", "sigmoid", "tanh"})
 # torch.nn modules whose output is a tuple: the first tensor is the layer's output (attention)
 TUPLE_MODULES = frozenset({"MultiheadAttention"})
 _CONTAINERS = {"Module", "Sequential", "ModuleList", "ModuleDict", "ParameterList", "ParameterDict", "Container"}
