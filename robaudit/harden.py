@@ -565,6 +565,10 @@ def harden(
     frozen_names: list[str] = []
     if isinstance(module, UnflattenedModule):  # BN, dropout and norms train as in eager mode
         _, frozen_names = make_trainable(module, dict(type_map or {}))
+    fixed_batch = module.__dict__.get("_robaudit_fixed_batch")
+    if fixed_batch is not None and batch_size != fixed_batch:
+        notes.append(f"the archive was exported for batches of {fixed_batch}: training uses batches of {fixed_batch}")
+        batch_size = fixed_batch
     known = {n for n, _ in module.named_modules() if n} | set(op_layers(module))
     for name in _layer_modules(mvl_layers):
         if name not in known:
@@ -657,7 +661,8 @@ def harden(
         method == "layerwise" or any(g != 0 for g in gammas.values())) else []
     transform = perturber if method == "layerwise" else recorder
     # clean and adversarial batches share one forward pass when no layer keeps batch statistics
-    joint_passes = method in ("at", "atlr") and dual is None and batch_independent(module, exported)
+    joint_passes = (method in ("at", "atlr") and dual is None and fixed_batch is None
+                    and batch_independent(module, exported))
 
     # -- checkpoint / resume -------------------------------------------------------------------
     ck_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None

@@ -112,8 +112,12 @@ def _load_export(path: Path) -> LoadedModel:
         ep = torch.export.load(str(path))
     except Exception as e:  # a corrupt or foreign archive
         raise RobauditError(f"{path.name} is not a readable torch.export archive ({type(e).__name__}): re-export it") from e
-    _check_dynamic_batch(ep, path)
+    fixed = _fixed_batch(ep)
     module, type_map = unflatten_program(ep)
+    if fixed is not None:
+        run_at_fixed_batch(module, fixed)
+        warnings.warn(f"{path.name} was exported with a fixed batch size of {fixed}: it runs in batches of {fixed}, "
+                      f"the last one padded (padded rows are dropped); {EXPORT_HINT}", stacklevel=3)
     return LoadedModel(module=module, format="export", type_map=type_map, exported=ep)
 
 
@@ -233,17 +237,45 @@ def make_trainable(module: nn.Module, type_map: dict[str, str]) -> tuple[list[st
     return rebuilt, frozen
 
 
-def _check_dynamic_batch(ep, path: Path) -> None:
+def _fixed_batch(ep) -> int | None:
+    """The batch size an archive was exported with, or None when its batch dimension is dynamic."""
     inputs = set(ep.graph_signature.user_inputs)
     for node in ep.graph.nodes:
         if node.op == "placeholder" and node.name in inputs:
             val = node.meta.get("val")
             shape = getattr(val, "shape", None)
             if shape is not None and len(shape) > 0 and isinstance(shape[0], int):
-                raise RobauditError(
-                    f"{path.name} was exported with a fixed batch size of {shape[0]}, so attacks cannot run on "
-                    f"other batch sizes; {EXPORT_HINT}"
-                )
+                return int(shape[0])
+    return None
+
+
+def run_at_fixed_batch(module: nn.Module, batch: int) -> None:
+    """Let a module that accepts only batches of ``batch`` rows take any batch.
+
+    Inputs are cut into chunks of ``batch`` rows, the last padded with copies of its last row; the
+    padded rows are dropped from the output. While a chunk runs, ``module._robaudit_chunk`` holds
+    ``(index, valid_rows)`` so that a :class:`~robaudit.probe.LayerProbe` can join the chunks' layer
+    outputs and leave the padding out.
+    """
+    inner = type(module).forward
+
+    def forward(x, *args, **kwargs):
+        outs = []
+        try:
+            for i, start in enumerate(range(0, x.shape[0], batch)):
+                part = x[start:start + batch]
+                valid = part.shape[0]
+                if valid < batch:
+                    part = torch.cat([part, part[-1:].expand(batch - valid, *part.shape[1:])])
+                module.__dict__["_robaudit_chunk"] = (i, valid)
+                outs.append(inner(module, part, *args, **kwargs)[:valid])
+        finally:
+            module.__dict__["_robaudit_chunk"] = None
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    module.forward = forward
+    module.__dict__["_robaudit_fixed_batch"] = batch
+    module.__dict__["_robaudit_chunk"] = None
 
 
 def _load_torch_file(path: Path, *, arch: str | None, arch_kwargs: dict | None, trust_model: bool) -> LoadedModel:

@@ -227,6 +227,7 @@ class LayerProbe:
         self.transform = transform
         self._handles: list = []
         self._calls: dict[str, int] = {}
+        self._chunk: int | None = None
         self._outputs: "OrderedDict[str, torch.Tensor]" = OrderedDict()
         self._layers: dict[str, Layer] = {}
 
@@ -280,6 +281,15 @@ class LayerProbe:
                 output = output[index]
             if not isinstance(output, torch.Tensor):
                 return None
+            chunk = self.model.__dict__.get("_robaudit_chunk")  # a fixed-batch model running one chunk
+            rest = None
+            if chunk is not None:
+                part, valid = chunk
+                if part != self._chunk:  # each chunk is the same forward pass again: count its calls afresh
+                    self._chunk = part
+                    self._calls.clear()
+                if output.dim() and output.shape[0] > valid:
+                    output, rest = output[:valid], output[valid:]
             call = self._calls.get(name, 0) + 1
             self._calls[name] = call
             key = name if call == 1 else f"{name}#{call}"
@@ -293,7 +303,12 @@ class LayerProbe:
                 output = new
             # clone: a later in-place op (ReLU(inplace=True), ``out += identity``) would otherwise
             # rewrite the recorded activation through shared storage
-            self._outputs[key] = output.detach().clone() if self.detach else output
+            record = output.detach().clone() if self.detach else output
+            if chunk is not None and chunk[0] > 0 and key in self._outputs:
+                record = torch.cat([self._outputs[key], record])
+            self._outputs[key] = record
+            if rest is not None:  # the padded rows go on unchanged
+                new = torch.cat([new if new is not None else output, rest])
             if new is not None and index is not None:
                 items = list(whole)
                 items[index] = new
@@ -306,6 +321,7 @@ class LayerProbe:
     def reset(self) -> None:
         """Forget the outputs of the last forward pass (call before each forward)."""
         self._calls.clear()
+        self._chunk = None
         self._outputs = OrderedDict()
 
     def outputs(self) -> "OrderedDict[str, torch.Tensor]":

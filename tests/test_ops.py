@@ -227,3 +227,16 @@ def test_dual_bn_on_an_export(tmp_path):
                      steps=1, batch_size=8, dual_bn=True, device="cpu", val_fraction=0.25)
     assert res.bn_at_test.startswith("adversarial")
     assert not torch.equal(loaded.module.state_dict()["features.1.running_mean"], start)
+
+
+def test_harden_a_fixed_batch_export(tmp_path):
+    from tests.helpers import export_fixed
+
+    cnn = make_cnn(5)
+    with pytest.warns(UserWarning, match="fixed batch size of 4"):
+        loaded = load_model(export_fixed(cnn, tmp_path / "fixed.pt2", torch.rand(4, 1, 8, 8)))
+    res = harden(loaded, make_data(cnn, 14), method="atlr", mvl_layers=["features.2", "features.5"], eps=0.05,
+                 epochs=1, steps=1, batch_size=8, device="cpu", val_fraction=0.25, check_collapse=False)
+    assert any("batches of 4" in n for n in res.notes)
+    assert res.settings["batch_size"] == 4
+    assert res.final["re:features.5"] > 0
