@@ -108,6 +108,19 @@ def test_same_layers_and_relative_error(analyses):
     assert (a.lsa["re_mean"] > 0).any()
 
 
+def test_module_hooks_on_the_eager_model_match_the_export(case, analyses):
+    """Without ops, the eager model itself is hooked (no internal export): its layers and RE still match."""
+    exported, eager, _, _ = analyses
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = analyze(exported, case["data"], attacks=ATTACK, eps=EPS, device="cpu", seed=0, probe="modules")
+        b = analyze(eager, case["data"], attacks=ATTACK, eps=EPS, device="cpu", seed=0, probe="modules")
+    assert list(a.lsa["layer"]) == list(b.lsa["layer"])
+    assert list(a.lsa["layer_type"]) == list(b.lsa["layer_type"])
+    for col in ("re_mean", "re_pooled"):
+        assert rel_diff(a.lsa[col], b.lsa[col]) <= 1e-5
+
+
 def test_every_activation_call_is_a_layer(case, analyses):
     counter = CountActivations()
     with torch.no_grad(), counter:
