@@ -207,7 +207,7 @@ def profile_analyze(model, x, y, num_classes, batch_size, out) -> None:
 
 
 ARCH_CASES = (("resnet18", {"width": 16}), ("vit", {"dim": 64, "mlp": 128, "heads": 4}))
-ARCH_SAMPLES, ARCH_BATCH = 64, 32
+ARCH_SAMPLES, ARCH_BATCH = 128, 64
 ARCH_BATTERY = ["pgd"]
 ARCH_EPS = [8 / 255]
 

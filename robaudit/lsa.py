@@ -6,6 +6,7 @@ All are sums over samples, so no activation outlives its batch.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -339,6 +340,8 @@ def analyze(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n_total * len(specs), desc="analyze", unit="ex", leave=False)
+    # a fixed-batch archive runs in chunks, whose outputs the probe joins: read them after the pass
+    streaming = model.__dict__.get("_robaudit_fixed_batch") is None
     with LayerProbe(model, modules, type_map=type_map, detach=True) as probe:
         for start in range(0, n_total, batch_size):
             x = x_all[start:start + batch_size].to(dev)
@@ -352,6 +355,14 @@ def analyze(
                 if t.shape == logits.shape and torch.equal(t, logits.detach()):
                     output_layers.add(name)
             clean_sq = {name: per_sample_sq_norms(t) for name, t in clean.items()}
+
+            def observe(i: int, layer: Layer, t: torch.Tensor, clean=clean, clean_sq=clean_sq) -> torch.Tensor:
+                if layer.name not in clean:
+                    raise RobauditError(f"layer {layer.name} ran on the perturbed input but not on the clean one: "
+                                        "the model's control flow depends on its input; restrict --layers")
+                stats.setdefault((layer.name, i), RelativeError()).update(clean[layer.name], t,
+                                                                          clean_sq=clean_sq[layer.name])
+                return t
             ok_clean = logits.argmax(1) == y
             correct["clean"] += int(ok_clean.sum())
             robust = {k: ok_clean.clone() for k in worst_keys}
@@ -367,7 +378,14 @@ def analyze(
                     raise NonFiniteError(f"{spec.label} produced non-finite inputs: the model's gradients may be "
                                          "non-finite; check the weights")
                 with torch.no_grad():
-                    adv_logits, adv_outs = probe.run(full, x_adv)
+                    if streaming:  # each layer's statistics update as it runs: no copy of its output is kept
+                        probe.transform, probe.record = functools.partial(observe, i), False
+                        try:
+                            adv_logits, adv_outs = probe.run(full, x_adv)
+                        finally:
+                            probe.transform, probe.record = None, True
+                    else:
+                        adv_logits, adv_outs = probe.run(full, x_adv)
                 ok = adv_logits.argmax(1) == y
                 correct[i] += int(ok.sum())
                 if spec.kind == "adversarial" and spec.bounded:

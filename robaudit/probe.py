@@ -225,6 +225,7 @@ class LayerProbe:
         self.types = module_types(model, type_map)
         self.detach = detach
         self.transform = transform
+        self.record = True  # False: only call ``transform`` (an observer may read each output as it runs)
         self._handles: list = []
         self._calls: dict[str, int] = {}
         self._chunk: int | None = None
@@ -303,10 +304,11 @@ class LayerProbe:
                 output = new
             # clone: a later in-place op (ReLU(inplace=True), ``out += identity``) would otherwise
             # rewrite the recorded activation through shared storage
-            record = output.detach().clone() if self.detach else output
-            if chunk is not None and chunk[0] > 0 and key in self._outputs:
-                record = torch.cat([self._outputs[key], record])
-            self._outputs[key] = record
+            record = (output.detach().clone() if self.detach else output) if self.record else None
+            if self.record:
+                if chunk is not None and chunk[0] > 0 and key in self._outputs:
+                    record = torch.cat([self._outputs[key], record])
+                self._outputs[key] = record
             if rest is not None:  # the padded rows go on unchanged
                 new = torch.cat([new if new is not None else output, rest])
             if new is not None and index is not None:
