@@ -240,3 +240,27 @@ def test_harden_a_fixed_batch_export(tmp_path):
     assert any("batches of 4" in n for n in res.notes)
     assert res.settings["batch_size"] == 4
     assert res.final["re:features.5"] > 0
+
+
+@pytest.mark.parametrize("mode", ["modules", "ops"])
+def test_cli_probe_option(tmp_path, mode):
+    import json
+
+    import numpy as np
+    import pandas as pd
+    from click.testing import CliRunner
+
+    from robaudit.cli import main
+
+    model = net()
+    data = data_for(model, 8)
+    pt2 = export_dynamic(model, tmp_path / "net.pt2", data.x)
+    np.savez(tmp_path / "d.npz", x=(data.x.clamp(0, 1)).numpy(), y=data.y.numpy())
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, ["analyze", str(pt2), "--dataset", str(tmp_path / "d.npz"), "--attack",
+                                    "fgsm", "--eps", "0.1", "--probe", mode, "--no-checks", "--no-report",
+                                    "--mvl-top", "1", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    layers = list(dict.fromkeys(pd.read_csv(out / "lsa.csv")["layer"]))
+    assert layers == [n for n in NET_LAYERS if (":" in n) == (mode == "ops")]
+    assert json.loads((out / "manifest.json").read_text())["layers"]["probe"] == mode
