@@ -264,3 +264,20 @@ def test_cli_probe_option(tmp_path, mode):
     layers = list(dict.fromkeys(pd.read_csv(out / "lsa.csv")["layer"]))
     assert layers == [n for n in NET_LAYERS if (":" in n) == (mode == "ops")]
     assert json.loads((out / "manifest.json").read_text())["layers"]["probe"] == mode
+
+
+def test_a_model_that_cannot_be_exported_is_probed_by_modules():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return F.relu(h) if float(h.sum()) > 1e9 else h  # data-dependent: torch.export refuses it
+
+    torch.manual_seed(0)
+    model = Branchy().eval()
+    with pytest.warns(UserWarning, match="cannot be exported.*only its modules"):
+        res = analyze(model, data_for(model), attacks=["gaussian"], eps=[0.1], device="cpu")
+    assert [l.name for l in res.layers] == ["fc"]
