@@ -192,7 +192,10 @@ def _verdict_and_gate(ctx, run_dir: Path, bars, as_json: bool, *, before: Path |
                    "fgsm, pgd, cw, square and gaussian/uniform/salt-and-pepper noise.")
 @click.option("--eps", metavar="LIST", help="Eps sweep for every attack without its own eps, e.g. 2/255,4/255,8/255.")
 @click.option("--layers", "layer_globs", multiple=True, metavar="GLOB", help="Probe only layers matching these names.")
-@click.option("--layer-types", metavar="LIST", help="Probe only these module classes, e.g. ReLU,Conv2d.")
+@click.option("--layer-types", metavar="LIST", help="Probe only these module classes or ops, e.g. ReLU,Conv2d "
+                                                    "(relu matches ReLU modules and relu ops).")
+@click.option("--probe", type=click.Choice(["modules", "ops", "all"]), default="all", show_default=True,
+              help="Layers to probe: leaf modules, functional ops (activations, residual additions), or both.")
 @click.option("--mean", metavar="LIST", help="Per-channel input mean: the model is wrapped in a normalization layer.")
 @click.option("--std", metavar="LIST", help="Per-channel input std (with --mean).")
 @click.option("--no-normalize", is_flag=True, help="Do not apply the data set's default mean/std (the model normalizes).")
@@ -212,9 +215,9 @@ def _verdict_and_gate(ctx, run_dir: Path, bars, as_json: bool, *, before: Path |
 @gate_options
 @click.pass_context
 def analyze(ctx, model, arch, arch_kwargs, trust_model, dataset, data_dir, split, samples, shuffle, no_download,
-            attacks, eps, layer_globs, layer_types, mean, std, no_normalize, mvl_top, mvl_z, mvl_attack, mvl_metric,
-            include_output, batch_size, device, seed, out, force, no_report, no_checks, progress, fail_under, max_re,
-            strict, as_json):
+            attacks, eps, layer_globs, layer_types, probe, mean, std, no_normalize, mvl_top, mvl_z, mvl_attack,
+            mvl_metric, include_output, batch_size, device, seed, out, force, no_report, no_checks, progress,
+            fail_under, max_re, strict, as_json):
     """Layer Sustainability Analysis of MODEL: per-layer RE under an attack battery -> MVL list."""
     from .attacks import parse_eps_list
     from .models import parse_arch_kwargs
@@ -232,7 +235,7 @@ def analyze(ctx, model, arch, arch_kwargs, trust_model, dataset, data_dir, split
         data_dir=data_dir, split=split, samples=samples, shuffle=shuffle, download=not no_download,
         attacks=list(attacks) or None,
         eps=parse_eps_list(eps), layers=list(layer_globs) or None, layer_types=_split_list([layer_types] if layer_types else []),
-        mean=_floats(mean, "--mean"), std=_floats(std, "--std"), normalize=not no_normalize,
+        probe=probe, mean=_floats(mean, "--mean"), std=_floats(std, "--std"), normalize=not no_normalize,
         mvl_top=mvl_top, mvl_z=mvl_z, mvl_attack=mvl_attack, mvl_metric=mvl_metric, include_output=include_output,
         batch_size=batch_size, device=device, seed=seed, checks=not no_checks, report=not no_report,
         progress=sys.stderr.isatty() if progress is None else progress,

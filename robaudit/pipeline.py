@@ -64,6 +64,7 @@ def analyze_run(
     eps: Sequence[float] | None = None,
     layers: Sequence[str] | None = None,
     layer_types: Sequence[str] | None = None,
+    probe: str = "all",
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     normalize: bool = True,
@@ -107,8 +108,8 @@ def analyze_run(
     specs = specs or atk.default_battery(eps)
     dev = resolve_device(device)
 
-    result = analyze(loaded, data, attacks=specs, eps=eps, layers=layers, layer_types=layer_types, mean=mean,
-                     std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress)
+    result = analyze(loaded, data, attacks=specs, eps=eps, layers=layers, layer_types=layer_types, probe=probe,
+                     mean=mean, std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress)
     if mvl_top is None and mvl_z is None:
         layers_ = result.lsa.drop_duplicates("layer")
         rankable = ~layers_["layer_type"].isin(PASSTHROUGH_TYPES)
@@ -149,7 +150,8 @@ def analyze_run(
         "attacks": [s.spec_string() for s in specs],
         "configurations": [s.spec_string() for s in result.attacks],
         "eps": eps,
-        "layers": {"patterns": list(layers) if layers else None, "types": list(layer_types) if layer_types else None},
+        "layers": {"patterns": list(layers) if layers else None, "types": list(layer_types) if layer_types else None,
+                   "probe": probe},
         "num_layers": len(result.layers),
         "mvl": {"top": mvl_top, "z": mvl_z, "attack": mvl_attack, "metric": mvl_metric,
                 "include_output": include_output},
