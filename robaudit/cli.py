@@ -291,6 +291,31 @@ def report(run_dir, out):
     click.echo(f"report: {path}")
 
 
+@main.command()
+@click.argument("run_a", type=click.Path(path_type=Path))
+@click.argument("run_b", type=click.Path(path_type=Path))
+@click.option("--out", "-o", type=click.Path(path_type=Path),
+              help="HTML file to write (default compare-<A>-vs-<B>.html in the current directory).")
+@click.option("--json", "as_json", is_flag=True, help="Print the deltas as one JSON object instead of writing HTML.")
+def compare(run_a, run_b, out, as_json):
+    """Put two runs side by side: accuracy, RE per layer, MVL lists and manifest differences, with deltas.
+
+    \b
+      robaudit compare reports/model-v1-cifar10 reports/model-v2-cifar10
+      robaudit compare reports/m-digits reports/m-digits/hardened --json
+    """
+    import json
+
+    from .compare import compare_runs, render_compare
+
+    cmp = compare_runs(run_a, run_b)
+    if as_json:
+        click.echo(json.dumps(cmp.to_dict(), indent=2, allow_nan=False, default=str))
+        return
+    path = render_compare(cmp, out or Path(f"compare-{Path(run_a).name}-vs-{Path(run_b).name}.html"))
+    click.echo(f"comparison: {path}")
+
+
 @main.command("attacks")
 def list_attacks():
     """List the attacks and noise baselines the spec language knows."""

@@ -1,0 +1,173 @@
+"""``robaudit compare RUN_A RUN_B``: what changed between two audits, as deltas and one self-contained page.
+
+Model v1 against v2, or before against after a change: accuracy per attack and eps, RE per layer where
+the layer names match (under A's ranking attack), the two MVL lists, and the manifest fields that differ.
+The page uses the report's style, CSP and table macros, and fetches nothing.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from markupsafe import Markup
+from matplotlib.figure import Figure
+
+from .errors import RobauditError
+from .rundir import Run, read_run
+
+# manifest fields whose difference explains a difference in the numbers
+MANIFEST_FIELDS = (
+    ("model", "path"), ("model", "sha256"), ("model", "format"), ("model", "arch"), ("dataset", "name"),
+    ("dataset", "split"), ("dataset", "samples"), ("n_samples",), ("seed",), ("attacks",), ("eps",),
+    ("layers", "probe"), ("normalization", "mean"), ("normalization", "std"), ("torch_version",),
+    ("robaudit_version",), ("device",),
+)
+
+
+@dataclass
+class Comparison:
+    """Two runs side by side: accuracy and RE frames with deltas, the MVL lists, the manifest differences."""
+
+    a: Run
+    b: Run
+    accuracy: pd.DataFrame  # attack, eps, norm, a, b, delta
+    re: pd.DataFrame  # layer, order, a, b, delta (under A's ranking attack at its eps)
+    ranking: dict
+    mvl_a: list[str]
+    mvl_b: list[str]
+    manifest: list[tuple[str, Any, Any]]
+
+    def to_dict(self) -> dict:
+        def records(df: pd.DataFrame) -> list[dict]:
+            return [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
+                    for r in df.astype(object).where(df.notna(), None).to_dict("records")]
+
+        return {"run_a": str(self.a.path), "run_b": str(self.b.path), "accuracy": records(self.accuracy),
+                "re": records(self.re), "re_ranking": self.ranking, "mvl_a": self.mvl_a, "mvl_b": self.mvl_b,
+                "mvl_common": [l for l in self.mvl_a if l in self.mvl_b],
+                "manifest_differences": [{"field": f, "a": x, "b": y} for f, x, y in self.manifest]}
+
+
+def _get(d: dict, path: tuple[str, ...]) -> Any:
+    for key in path:
+        d = d.get(key) if isinstance(d, dict) else None
+    return d
+
+
+def _accuracy(a: Run, b: Run) -> pd.DataFrame:
+    cols = ["attack", "eps", "norm"]
+
+    def frame(run: Run, name: str) -> pd.DataFrame:
+        df = run.accuracy[[c for c in cols if c in run.accuracy] + ["accuracy"]].copy()
+        df["eps"] = df["eps"].astype(float).round(12)
+        return df.rename(columns={"accuracy": name})
+
+    merged = frame(a, "a").merge(frame(b, "b"), on=cols, how="outer", sort=False)
+    merged["delta"] = merged["b"] - merged["a"]
+    order = {name: i for i, name in enumerate(dict.fromkeys(list(a.accuracy["attack"]) + list(b.accuracy["attack"])))}
+    merged["_o"] = merged["attack"].map(order)
+    return merged.sort_values(["_o", "eps"], na_position="first").drop(columns="_o").reset_index(drop=True)
+
+
+def _re(a: Run, b: Run) -> tuple[pd.DataFrame, dict]:
+    mvl = a.mvl or {}
+    attack, eps, metric = mvl.get("attack"), mvl.get("eps"), mvl.get("metric") or "re_mean"
+
+    def pick(run: Run) -> pd.DataFrame:
+        lsa = run.lsa[run.lsa["attack"] == attack]
+        if eps is not None:
+            lsa = lsa[np.isclose(lsa["eps"].astype(float), float(eps))]
+        keep = ["layer", metric] + (["order"] if "order" in lsa else [])
+        return lsa[keep].drop_duplicates("layer")
+
+    left, right = pick(a), pick(b)
+    merged = left.rename(columns={metric: "a"}).merge(
+        right[["layer", metric]].rename(columns={metric: "b"}), on="layer", how="inner")
+    merged["delta"] = merged["b"] - merged["a"]
+    if "order" in merged:
+        merged = merged.sort_values("order")
+    ranking = {"attack": attack, "eps": eps, "metric": metric, "layers_a": int(len(left)), "layers_b": int(len(right)),
+               "matched": int(len(merged))}
+    return merged.reset_index(drop=True), ranking
+
+
+def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike) -> Comparison:
+    """Read two run directories and put them side by side."""
+    a, b = read_run(run_a), read_run(run_b)
+    re_frame, ranking = _re(a, b)
+    manifest = []
+    for path in MANIFEST_FIELDS:
+        x, y = _get(a.manifest, path), _get(b.manifest, path)
+        if x != y:
+            manifest.append((".".join(path), x, y))
+    names = lambda run: [str(l.get("layer")) for l in (run.mvl or {}).get("layers") or []]  # noqa: E731
+    return Comparison(a, b, _accuracy(a, b), re_frame, ranking, names(a), names(b), manifest)
+
+
+def _plot_re(cmp: Comparison, label_a: str, label_b: str) -> Markup | None:
+    from .report import MPL_RC, _svg
+
+    if cmp.re.empty:
+        return None
+    with matplotlib.rc_context(MPL_RC):
+        fig = Figure(figsize=(8.0, 3.2), layout="constrained")
+        ax = fig.add_subplot()
+        x = np.arange(len(cmp.re))
+        ax.plot(x, cmp.re["a"], marker="o", markersize=3, color="#9aa3ad", label=label_a)
+        ax.plot(x, cmp.re["b"], marker="s", markersize=3, color="#1f77b4", linestyle=(0, (5, 2)), label=label_b)
+        ax.set_xticks(x, list(cmp.re["layer"]), rotation=90, fontsize=6.5)
+        ax.set_ylabel(cmp.ranking["metric"])
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        return _svg(fig, "comparere", "RE per layer, run A and run B")
+
+
+def render_compare(cmp: Comparison, out: str | os.PathLike) -> Path:
+    """Write the comparison page (refusing to overwrite a file that is not robaudit's own)."""
+    from . import report as R
+
+    out = Path(out)
+    if out.is_dir():
+        raise RobauditError(f"--out {out} is a directory: give the HTML file to write")
+    if out.exists() and not R._is_own_report(out):
+        raise RobauditError(f"{out} exists and is not a robaudit page: choose another --out")
+    la, lb = f"A: {cmp.a.path.name}", f"B: {cmp.b.path.name}"
+    acc_rows = [R.Row([R.Cell(R.attack_name(r.attack)), R.num_cell(r.eps, R.fmt_eps), R.Cell(r.norm or ""),
+                       R.num_cell(r.a, R.fmt_pct), R.num_cell(r.b, R.fmt_pct), R.num_cell(r.delta, R.fmt_points)],
+                      cls="strong" if r.attack in ("clean", "worst-case") else "")
+                for r in cmp.accuracy.itertuples()]
+    re_rows = [R.Row([R.Cell(r.layer), R.num_cell(r.a, R.fmt_re), R.num_cell(r.b, R.fmt_re),
+                      R.num_cell(r.delta, R.fmt_re)]) for r in cmp.re.itertuples()]
+    depth = max(len(cmp.mvl_a), len(cmp.mvl_b))
+    mvl_rows = [R.Row([R.Cell(str(i + 1)), R.Cell(cmp.mvl_a[i] if i < len(cmp.mvl_a) else ""),
+                       R.Cell(cmp.mvl_b[i] if i < len(cmp.mvl_b) else "")]) for i in range(depth)]
+    man_rows = [R.Row([R.Cell(f), R.Cell(R._plain(x), cls="wrap"), R.Cell(R._plain(y), cls="wrap")])
+                for f, x, y in cmp.manifest]
+    css, script = R._read_resource("report.css"), R._read_resource("sort.js")
+    rk = cmp.ranking
+    context = {
+        "title": f"Audit comparison: {cmp.a.path.name} vs {cmp.b.path.name}",
+        "subtitle": f"A = {cmp.a.path}; B = {cmp.b.path}; delta = B - A",
+        "version": R._version(), "css": Markup(css), "script": Markup(script),
+        "csp": R.content_security_policy(css, script),
+        "accuracy": R.Table([R.Column("Attack"), R.Column("eps", True), R.Column("Norm"), R.Column("A", True),
+                             R.Column("B", True), R.Column("Δ (points)", True)], acc_rows),
+        "re": R.Table([R.Column("Layer"), R.Column("A", True), R.Column("B", True), R.Column("Δ", True)], re_rows),
+        "re_note": (f"{rk['metric']} under {R.attack_name(rk['attack'])}"
+                    + (f" at eps {R.fmt_eps(rk['eps'])}" if rk["eps"] is not None else "")
+                    + f" (run A's ranking attack); {rk['matched']} layers match by name, of {rk['layers_a']} in A "
+                    f"and {rk['layers_b']} in B."),
+        "re_plot": _plot_re(cmp, la, lb),
+        "mvl": R.Table([R.Column("Rank"), R.Column("A"), R.Column("B")], mvl_rows, sortable=False),
+        "mvl_common": ", ".join(l for l in cmp.mvl_a if l in cmp.mvl_b) or "none",
+        "manifest": R.Table([R.Column("Field"), R.Column("A"), R.Column("B")], man_rows, sortable=False)
+        if man_rows else None,
+    }
+    text = R._environment().get_template("compare.html.j2").render(**context)
+    R._write_atomic(out, text)
+    return out
