@@ -121,6 +121,7 @@ def analyze_run(
     check_results = None
     if checks:
         check_results = _model_checks(loaded, data, mean, std, dev, seed, eps)
+    bn = _batchnorm_audit(loaded, data, result, mvl, mean, std, dev, seed, batch_size)
 
     manifest = {
         "robaudit_version": __version__,
@@ -166,8 +167,21 @@ def analyze_run(
 
         def finish(staging: Path) -> None:
             render_report(staging, name=out)
-    write_run(out, result, mvl, manifest, check_results, force=force, finish=finish)
+    write_run(out, result, mvl, manifest, check_results, force=force, finish=finish,
+              tables={"bn.csv": bn} if bn is not None else None)
     return AnalysisRun(result, mvl, out, manifest, check_results)
+
+
+def _batchnorm_audit(loaded: LoadedModel, data, result, mvl, mean, std, dev, seed: int, batch_size: int):
+    """bn.csv: clean vs adversarial BatchNorm statistics under the ranking attack; None without BatchNorm."""
+    from . import bnaudit
+
+    spec = bnaudit.ranking_spec(result.attacks, mvl.attack, mvl.eps)
+    if spec is None or not bnaudit.batchnorm_layers(loaded.module, loaded.type_map):
+        return None
+    full = with_normalization(loaded.module, mean, std, ndim=data.x.dim())
+    return bnaudit.audit_batchnorm(full, loaded.module, data.x, data.y, attack=spec, num_classes=data.num_classes,
+                                   type_map=loaded.type_map, batch_size=batch_size, device=dev, seed=seed)
 
 
 def _model_checks(loaded: LoadedModel, data, mean, std, dev, seed: int, eps: Sequence[float]) -> dict:

@@ -972,6 +972,73 @@ def _reproduce_section(run: Run, settings: dict | None, run_dir: Path, out: Path
     return {"commands": commands, "manifest": manifest, "files": _files_table(run_dir, out)}
 
 
+BN_LABELS = {"clean_vs_running": "clean vs running", "adv_vs_clean": "adversarial vs clean",
+             "adv_vs_running": "adversarial vs running"}
+BN_COLORS = {"clean_vs_running": "#9aa3ad", "adv_vs_clean": "#d62728", "adv_vs_running": "#1f77b4"}
+
+
+def plot_batchnorm(bn: pd.DataFrame, after: pd.DataFrame | None) -> Plot:
+    """The three distances per BatchNorm layer (log scale), and the adversarial shift after hardening."""
+    labels = list(bn["layer"])
+    y = np.arange(len(labels))
+    fig = Figure(figsize=(8.0, 1.2 + 0.5 * len(labels)), layout="constrained")
+    ax = fig.add_subplot()
+    h = 0.8 / (3 + (after is not None))
+    for i, col in enumerate(BN_LABELS):
+        ax.barh(y - 0.4 + h * (i + 0.5), bn[col].clip(lower=1e-6), height=h, color=BN_COLORS[col],
+                label=BN_LABELS[col])
+    if after is not None:
+        shifted = bn[["layer"]].merge(after[["layer", "adv_vs_clean"]], on="layer", how="left")["adv_vs_clean"]
+        ax.barh(y - 0.4 + h * 3.5, shifted.clip(lower=1e-6), height=h, color="#d62728", alpha=0.45, hatch="//",
+                label="adversarial vs clean, after hardening")
+    ax.set_xscale("log")
+    _plain_log_ticks(ax.xaxis)
+    ax.set_yticks(y, labels, fontsize=7.5)
+    ax.invert_yaxis()
+    ax.set_xlabel("symmetric KL between per-channel Gaussians (mean over channels)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return Plot(_svg(fig, "batchnorm", "BatchNorm statistics: clean, adversarial and running"),
+                "Per BatchNorm layer: how far clean and adversarial batch statistics lie from the running ones "
+                "the model uses at test time, and from each other.")
+
+
+def _batchnorm_section(run_dir: Path, shown: Path) -> dict | None:
+    from . import bnaudit
+
+    bn = _read_csv(run_dir / "bn.csv", ["layer", "clean_vs_running", "adv_vs_clean", "adv_vs_running"]) \
+        if (run_dir / "bn.csv").is_file() else None
+    if bn is None or bn.empty:
+        return None
+    after = _read_csv(run_dir / "hardened" / "bn.csv", ["layer", "adv_vs_clean"]) \
+        if (run_dir / "hardened" / "bn.csv").is_file() else None
+    v = bnaudit.verdict(bn)
+    if v["recommend_dual_bn"]:
+        sentence = Markup("Adversarial inputs shift the BatchNorm statistics <strong>{:.3g}x</strong> as far as clean "
+                          "ones do ({:.3g} vs {:.3g}): the two domains want separate statistics (Xie &amp; Yuille). "
+                          "Harden with separate clean BatchNorm statistics:").format(
+            v["ratio"], v["adversarial_shift"], v["clean_shift"])
+        command = f"robaudit harden --run {shown} --dual-bn"
+    else:
+        sentence = Markup("Adversarial inputs shift the BatchNorm statistics {:.3g}x as far as clean ones do "
+                          "({:.3g} vs {:.3g}): no sign that BatchNorm mixes two domains.").format(
+            v["ratio"], v["adversarial_shift"], v["clean_shift"])
+        command = None
+    rows = [Row([Cell(r["layer"]), Cell(r.get("layer_type", "")), num_cell(r.get("channels")),
+                 num_cell(r.get("n_clean"))] + [num_cell(r[c], fmt_re) for c in BN_LABELS]
+                + ([num_cell(_after_shift(after, r["layer"]), fmt_re)] if after is not None else []))
+            for r in bn.to_dict("records")]
+    columns = [Column("Layer"), Column("Type"), Column("Channels", True), Column("Values / domain", True)] + \
+        [Column(BN_LABELS[c], True) for c in BN_LABELS] + \
+        ([Column("adversarial vs clean, after hardening", True)] if after is not None else [])
+    return {"sentence": sentence, "command": command, "threshold": v["threshold"],
+            "plot": plot_batchnorm(bn, after), "table": Table(columns, rows)}
+
+
+def _after_shift(after: pd.DataFrame, layer: str) -> float | None:
+    hit = after.loc[after["layer"] == layer, "adv_vs_clean"]
+    return float(hit.iloc[0]) if len(hit) else None
+
+
 # ------------------------------------------------------------------------------------ rendering
 
 
@@ -1121,6 +1188,7 @@ def render_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = No
         "hardening": hardening,
         "sanity": sanity_groups,
         "reproduce": _reproduce_section(run, settings, run_dir, out, shown),
+        "batchnorm": _batchnorm_section(run_dir, shown),
     }
     text = _environment().get_template(TEMPLATE).render(**context)
     _write_atomic(out, text)

@@ -24,7 +24,7 @@ from .errors import RobauditError
 
 REQUIRED = ("lsa.csv", "accuracy.csv", "mvl.json", "manifest.json")
 # Everything robaudit writes into a run directory; a directory holding anything else is not replaced.
-RUN_ENTRIES = frozenset(REQUIRED + ("checks.json", "report.html", "history.csv", "comparison.csv", "harden.json",
+RUN_ENTRIES = frozenset(REQUIRED + ("checks.json", "bn.csv", "report.html", "history.csv", "comparison.csv", "harden.json",
                                     "harden-checkpoint.pt", "hardened"))
 HARDENED_ENTRIES = RUN_ENTRIES | {"model.pt", "model.pt2"}
 _SYSTEM_ROOTS = ("/proc", "/sys", "/dev")
@@ -178,7 +178,8 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_run(out_dir: str | os.PathLike, result, mvl, manifest: dict, checks: dict | None = None, *,
-              force: bool = False, finish: Callable[[Path], None] | None = None) -> Path:
+              force: bool = False, finish: Callable[[Path], None] | None = None,
+              tables: dict[str, pd.DataFrame] | None = None) -> Path:
     """Write an analysis (an :class:`~robaudit.lsa.LSAResult` and its MVL) as a run directory.
 
     An earlier run there is replaced whole, and only with ``force``: a new analysis invalidates an old
@@ -187,14 +188,19 @@ def write_run(out_dir: str | os.PathLike, result, mvl, manifest: dict, checks: d
     """
     out_dir = check_output_dir(out_dir, force=force)
     with atomic_dir(out_dir) as tmp:
-        fill_run(tmp, result, mvl, manifest, checks)
+        fill_run(tmp, result, mvl, manifest, checks, tables=tables)
         if finish is not None:
             finish(tmp)
     return out_dir
 
 
-def fill_run(directory: Path, result, mvl, manifest: dict, checks: dict | None = None) -> None:
-    """Write the four run files (and ``checks.json``) into an existing directory."""
+def fill_run(directory: Path, result, mvl, manifest: dict, checks: dict | None = None, *,
+             tables: dict[str, pd.DataFrame] | None = None) -> None:
+    """Write the four run files (and ``checks.json``, and optional tables such as ``bn.csv``) into a directory."""
+    for name, frame in (tables or {}).items():
+        if name not in RUN_ENTRIES:
+            raise ValueError(f"{name} is not a run-directory file")  # a programming error: RUN_ENTRIES lists them
+        write_csv(directory / name, frame)
     write_csv(directory / "lsa.csv", result.lsa)
     write_csv(directory / "accuracy.csv", result.accuracy)
     write_json(directory / "mvl.json", mvl.to_dict() if hasattr(mvl, "to_dict") else mvl)
