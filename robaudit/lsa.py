@@ -167,6 +167,8 @@ class LSAResult:
     attacks: list[atk.AttackSpec]
     n_samples: int
     seconds: float = 0.0
+    # configuration index -> per-sample "still classified correctly" of the first keep_outcomes samples
+    outcomes: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def to_frame(self) -> pd.DataFrame:
         return self.lsa.copy()
@@ -308,8 +310,12 @@ def analyze(
     seed: int = 0,
     type_map: Mapping[str, str] | None = None,
     progress: bool = False,
+    keep_outcomes: int = 0,
 ) -> LSAResult:
     """Run the attack battery on ``data`` and measure every probed layer's relative error.
+
+    ``keep_outcomes`` keeps, per configuration, which of the first that many samples stay correctly
+    classified (``LSAResult.outcomes``), so that the sanity checks reuse them instead of attacking again.
 
     ``model`` is the user's classifier (inputs in [0, 1], or normalized by ``mean``/``std``);
     ``data`` a :class:`robaudit.data.Dataset` or an ``(x, y)`` pair. Per batch: one hooked clean
@@ -340,6 +346,7 @@ def analyze(
     worst_correct = {k: 0 for k in worst_keys}
     output_layers: set[str] = set()
     n_total = len(x_all)
+    kept: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(specs))} if keep_outcomes > 0 else {}
 
     bar = None
     if progress:
@@ -377,6 +384,8 @@ def analyze(
                     adv_logits, adv_outs = probe.run(full, x_adv)
                 ok = adv_logits.argmax(1) == y
                 correct[i] += int(ok.sum())
+                if kept and start < keep_outcomes:
+                    kept[i].append(ok[:keep_outcomes - start].cpu())
                 sizes[i].update(x, x_adv, ok_clean, ok)
                 if spec.kind == "adversarial" and spec.bounded:
                     robust[(spec.norm, spec.eps)] &= ok
@@ -422,4 +431,4 @@ def analyze(
     if len(lsa) and lsa_finite.isna().all().all():
         raise NonFiniteError("every layer's relative error is undefined: the model's activations are all zero")
     return LSAResult(lsa=lsa, accuracy=accuracy, layers=layer_list, attacks=specs, n_samples=n_total,
-                     seconds=time.perf_counter() - started)
+                     seconds=time.perf_counter() - started, outcomes={i: torch.cat(v) for i, v in kept.items() if v})

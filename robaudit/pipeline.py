@@ -106,9 +106,15 @@ def analyze_run(
     eps = list(eps) if eps else list(data.default_eps)
     specs = specs or atk.default_battery(eps)
     dev = resolve_device(device)
+    plan = None
+    if checks:
+        from .sanity import plan_checks
+
+        plan = plan_checks(atk.expand(specs, eps), n_battery=len(data.x), num_classes=data.num_classes)
 
     result = analyze(loaded, data, attacks=specs, eps=eps, layers=layers, layer_types=layer_types, mean=mean,
-                     std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress)
+                     std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress,
+                     keep_outcomes=plan.n_samples if plan else 0)
     if mvl_top is None and mvl_z is None:
         layers_ = result.lsa.drop_duplicates("layer")
         rankable = ~layers_["layer_type"].isin(PASSTHROUGH_TYPES)
@@ -119,7 +125,7 @@ def analyze_run(
 
     check_results = None
     if checks:
-        check_results = _model_checks(loaded, data, mean, std, dev, seed, eps)
+        check_results = _model_checks(loaded, data, mean, std, dev, seed, plan, result)
 
     manifest = {
         "robaudit_version": __version__,
@@ -168,12 +174,20 @@ def analyze_run(
     return AnalysisRun(result, mvl, out, manifest, check_results)
 
 
-def _model_checks(loaded: LoadedModel, data, mean, std, dev, seed: int, eps: Sequence[float]) -> dict:
-    """The model checks AutoAttack runs before attacking, plus gradient-masking probes (sanity module)."""
+def _model_checks(loaded: LoadedModel, data, mean, std, dev, seed: int, plan, result: LSAResult) -> dict:
+    """The model checks AutoAttack runs before attacking, plus gradient-masking probes (sanity module),
+    on as many leading samples as ``plan`` affords, reusing the battery's outcomes there."""
     from .sanity import run_model_checks
 
+    info = {"plan": plan.to_dict(), "battery_seconds": round(result.seconds, 3)}
+    if plan.n_samples < 1:
+        return {"n_samples": 0, "seed": int(seed), "device": str(dev), **info,
+                "skipped": f"the battery is too cheap to pay for model checks within {100 * plan.share:.0f} % of its cost"}
     full = with_normalization(loaded.module, mean, std, ndim=data.x.dim()).to(dev).eval()
-    return run_model_checks(full, data.x, data.y, device=dev, seed=seed, eps_max=max(eps))
+    reuse = {key: result.outcomes[i] for key, i in plan.reuse.items()}
+    out = run_model_checks(full, data.x, data.y, device=dev, seed=seed, eps_max=plan.eps_max,
+                           max_samples=plan.n_samples, reuse=reuse, attacks=plan.attacks)
+    return {**out, **info}
 
 
 def _api_command(loaded: LoadedModel, dataset: str, attacks, eps, seed: int, out: Path) -> str:
