@@ -16,7 +16,11 @@
    a growth under 10 MB counts as flat whatever the ratio; what keeping activations would cost is printed
    for scale.
 
-Exit status 0 when both targets are met, 1 otherwise.
+3. DeepFool / PGD-10: robaudit's batched DeepFool (50 steps, overshoot 0.02, the battery's defaults)
+   against torchattacks' PGD-10 at eps 0.1 on the same samples and batches, alternating rounds, median.
+   Target: at most 10x. torchattacks' own per-sample DeepFool is timed on one batch for scale.
+
+Exit status 0 when all targets are met, 1 otherwise.
 """
 from __future__ import annotations
 
@@ -67,6 +71,7 @@ TIME_SAMPLES, QUICK_TIME_SAMPLES = 768, 256
 TIME_TARGET = 1.15
 MEMORY_TARGET = 1.25  # "flat"; small absolute numbers are ratio-noisy, so a growth under
 MEMORY_NOISE_MB = 10.0  # this many MB also counts as flat (the allocator's own variation between runs)
+DEEPFOOL_TARGET = 10.0
 
 
 def digits(split: str = "train", n: int | None = None):
@@ -200,6 +205,37 @@ def profile_analyze(model, x, y, num_classes, batch_size, out) -> None:
     out.write("\n".join(l for l in buf.getvalue().splitlines() if l.strip() and "function calls" not in l) + "\n")
 
 
+def deepfool_ratio(model, x, y, num_classes, batch_size, rounds, out, *, per_sample: bool) -> bool:
+    """Batched DeepFool against PGD-10 over the same batches; torchattacks' per-sample DeepFool on one batch."""
+    import torchattacks
+
+    attacks = {"PGD-10": atk.build(atk.parse("pgd:eps=0.1"), model, num_classes=num_classes),
+               "DeepFool": atk.build(atk.parse("deepfool"), model, num_classes=num_classes)}
+
+    def run(fn, xs=x, ys=y):
+        torch.manual_seed(0)
+        for start in range(0, len(xs), batch_size):
+            fn(xs[start:start + batch_size], ys[start:start + batch_size])
+        model.eval()
+
+    times = {name: [] for name in attacks}
+    for r in range(rounds):
+        for name in (list(attacks) if r % 2 == 0 else list(attacks)[::-1]):
+            times[name].append(time_it(lambda: run(attacks[name])))
+    pgd, df = (statistics.median(times[k]) for k in ("PGD-10", "DeepFool"))
+    ratio = df / pgd
+    out.write(f"\nDeepFool (batched, 50 steps) {df:.3f} s vs PGD-10 {pgd:.3f} s on {len(x)} samples: "
+              f"{ratio:.2f}x  (target <= {DEEPFOOL_TARGET:g}x: {'ok' if ratio <= DEEPFOOL_TARGET else 'ABOVE TARGET'})\n")
+    if per_sample:
+        one = slice(0, min(batch_size, len(x)))
+        loop = torchattacks.DeepFool(model, steps=50, overshoot=0.02)
+        t_loop = time_it(lambda: run(loop, x[one], y[one]))
+        t_pgd = time_it(lambda: run(attacks["PGD-10"], x[one], y[one]))
+        out.write(f"(torchattacks' per-sample DeepFool on one batch of {one.stop}: {t_loop:.3f} s, "
+                  f"{t_loop / t_pgd:.1f}x PGD-10 on the same batch)\n")
+    return ratio <= DEEPFOOL_TARGET
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer samples and rounds (about 1 minute)")
@@ -274,12 +310,14 @@ def main(argv=None) -> int:
     out.write(f"(for scale: keeping the clean and perturbed activations of the extra {sizes[1] - sizes[0]} "
               f"samples would take {kept:,.0f} MB)\n")
 
+    ok_df = deepfool_ratio(model, x, y, num_classes, args.batch_size, rounds, out, per_sample=not args.quick)
+
     if args.profile:
         profile_analyze(model, x, y, num_classes, args.batch_size, out)
     elif not ok_time:
         out.write("\n(run with --profile to see where analyze spends the extra time)\n")
     out.write(f"\n{time.perf_counter() - started:.0f} s in all\n")
-    return 0 if ok_time and ok_mem else 1
+    return 0 if ok_time and ok_mem and ok_df else 1
 
 
 if __name__ == "__main__":
