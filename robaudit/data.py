@@ -11,6 +11,7 @@ import codecs
 import gzip
 import hashlib
 import http.client
+import json
 import logging
 import os
 import pickle
@@ -412,7 +413,7 @@ def dataset_info(name) -> dict:
 
 def _unknown(name) -> RobauditError:
     return RobauditError(f"unknown data set {name!r}: use one of {', '.join(DATASETS)} "
-                         "or a path to an .npz file with arrays x and y")
+                         "a path to an .npz file with arrays x and y, or imagefolder:DIR")
 
 
 def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -444,6 +445,97 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+# ----------------------------------------------------------------------------------------------
+# image folders: one subfolder per class, PNG/JPEG decoded with Pillow
+
+IMAGEFOLDER_PREFIX = "imagefolder:"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_DEFAULT_EPS = (2 / 255, 4 / 255, 8 / 255)
+
+
+def _read_class_map(path: Path, folders: list[str]) -> dict[str, int]:
+    """A class map: a JSON object ``{"folder": label}`` or a JSON list of folder names in label order."""
+    fix = 'write {"folder name": label, ...} or ["folder of label 0", "folder of label 1", ...]'
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise RobauditError(f"cannot read class map {path} as JSON ({exc}): {fix}") from None
+    if isinstance(raw, list) and all(isinstance(n, str) for n in raw):
+        if len(set(raw)) != len(raw):
+            raise RobauditError(f"class map {path} names a folder twice: {fix}")
+        mapping = {n: i for i, n in enumerate(raw)}
+    elif isinstance(raw, dict) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                       for v in raw.values()):
+        mapping = dict(raw)
+    else:
+        raise RobauditError(f"class map {path} is neither a list of folder names nor an object of labels >= 0: {fix}")
+    missing = [f for f in folders if f not in mapping]
+    if missing:
+        raise RobauditError(f"class folder {missing[0]!r} is not in class map {path}: add it, or remove the folder")
+    return {f: mapping[f] for f in folders}
+
+
+def _decode(path: Path, mode: str, image_size: int | None):
+    """One image as an H×W(×C) uint8 array: resized (shorter side to ``image_size``) and center-cropped."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path, formats=["PNG", "JPEG"]) as img:
+            img = img.convert(mode)
+            if image_size is not None:
+                w, h = img.size
+                scale = image_size / min(w, h)
+                size = (max(image_size, round(w * scale)), max(image_size, round(h * scale)))
+                img = img.resize(size, Image.Resampling.BILINEAR)
+                left, top = (size[0] - image_size) // 2, (size[1] - image_size) // 2
+                img = img.crop((left, top, left + image_size, top + image_size))
+            return np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise RobauditError(f"cannot decode image {path} ({exc}): replace or remove it (PNG and JPEG only)") from None
+
+
+def _load_imagefolder(root: Path, *, image_size: int | None, class_map: Path | None):
+    """An image folder: ``root/<class>/<image>.png|.jpg``, classes in sorted order unless a class map says otherwise.
+
+    Returns ``(uint8 N×C×H×W, labels, classes, source)``; every image is RGB unless all are grayscale.
+    """
+    if image_size is not None and (isinstance(image_size, bool) or int(image_size) != image_size or image_size < 1):
+        raise RobauditError(f"--image-size must be a positive whole number of pixels, not {image_size!r}")
+    if not root.is_dir():
+        raise RobauditError(f"no such folder: {root}: give imagefolder:DIR with one subfolder of images per class")
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise RobauditError(f"{root} has no class subfolders: put each class's images in a folder of its own")
+    labels_of = _read_class_map(class_map, folders) if class_map is not None else {f: i for i, f in enumerate(folders)}
+    files = [(root / f / p.name, labels_of[f]) for f in folders
+             for p in sorted((root / f).iterdir(), key=lambda q: q.name)
+             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
+    if not files:
+        raise RobauditError(f"no .png/.jpg/.jpeg images in the class folders of {root}")
+    from PIL import Image
+
+    gray = True
+    for path, _ in files:  # headers only: are all images grayscale?
+        try:
+            with Image.open(path, formats=["PNG", "JPEG"]) as img:
+                gray &= img.mode in ("1", "L", "I", "I;16")
+        except Exception as exc:  # Pillow raises many types for damaged files; none runs code
+            raise RobauditError(f"cannot decode image {path} ({exc}): replace or remove it (PNG and JPEG only)") from None
+    mode = "L" if gray else "RGB"
+    first = _decode(files[0][0], mode, image_size)
+    x = np.empty((len(files), *first.shape), dtype=np.uint8)
+    for i, (path, _) in enumerate(files):
+        arr = first if i == 0 else _decode(path, mode, image_size)
+        if arr.shape != first.shape:
+            raise RobauditError(f"{path} is {arr.shape[1]}x{arr.shape[0]} pixels but {files[0][0]} is "
+                                f"{first.shape[1]}x{first.shape[0]}: pass --image-size N to resize and crop them all")
+        x[i] = arr
+    x = x[:, None] if gray else x.transpose(0, 3, 1, 2)
+    y = np.array([label for _, label in files], dtype=np.int64)
+    num_classes = max(labels_of.values()) + 1
+    return x, y, num_classes, str(root.resolve())
+
+
 def _select(n: int, samples: int | None, shuffle: bool, seed: int, what: str) -> np.ndarray | slice:
     """Indices of the samples to keep: a seeded permutation when shuffling, then the first ``samples``."""
     if samples is not None and samples > n:
@@ -456,19 +548,29 @@ def _select(n: int, samples: int | None, shuffle: bool, seed: int, what: str) ->
 
 
 def load_dataset(name: str, *, split: str = "test", samples: int | None = None, shuffle: bool = False,
-                 seed: int = 0, data_dir: str | os.PathLike | None = None, download: bool = True) -> Dataset:
-    """Load one split of a known data set or of an .npz file as float32 tensors in [0, 1].
+                 seed: int = 0, data_dir: str | os.PathLike | None = None, download: bool = True,
+                 image_size: int | None = None, class_map: str | os.PathLike | None = None) -> Dataset:
+    """Load one split of a known data set, an .npz file or an image folder as float32 tensors in [0, 1].
 
     ``samples`` keeps the first N (in file order, or in a permutation seeded by ``seed`` when
     ``shuffle``); MNIST/CIFAR files come from ``data_dir`` (default :func:`default_data_dir`) and are
-    downloaded there, checksum-verified, when missing and ``download`` is true.
+    downloaded there, checksum-verified, when missing and ``download`` is true. ``imagefolder:DIR``
+    reads DIR/<class>/<image> (PNG/JPEG; the folder is the split): ``image_size`` resizes each
+    image's shorter side and center-crops it square, ``class_map`` (JSON) sets the labels.
     """
     if split not in SPLITS:
         raise RobauditError(f"unknown split {split!r}: use 'test' or 'train'")
     if samples is not None and (isinstance(samples, bool) or int(samples) != samples or samples <= 0):
         raise RobauditError(f"samples must be a positive whole number, not {samples!r}: leave it out to use all")
     key = _canonical(name)
-    if key is not None:
+    if (image_size is not None or class_map is not None) and not str(name).startswith(IMAGEFOLDER_PREFIX):
+        raise RobauditError("--image-size and --class-map apply to --dataset imagefolder:DIR only")
+    if str(name).startswith(IMAGEFOLDER_PREFIX):
+        root = Path(str(name)[len(IMAGEFOLDER_PREFIX):]).expanduser()
+        x, y, num_classes, source = _load_imagefolder(
+            root, image_size=image_size, class_map=Path(class_map).expanduser() if class_map is not None else None)
+        scale, title, mean, std, eps = 255.0, f"imagefolder-{root.resolve().name}", None, None, IMAGE_DEFAULT_EPS
+    elif key is not None:
         spec = _SPECS[key]
         folder = None
         if spec.needs_files:

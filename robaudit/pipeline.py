@@ -60,6 +60,8 @@ def analyze_run(
     samples: int | None = None,
     shuffle: bool = False,
     download: bool = True,
+    image_size: int | None = None,
+    class_map: str | Path | None = None,
     attacks: Sequence[str] | None = None,
     eps: Sequence[float] | None = None,
     layers: Sequence[str] | None = None,
@@ -96,7 +98,7 @@ def analyze_run(
     loaded = model if isinstance(model, LoadedModel) else load_model(
         model, arch=arch, arch_kwargs=arch_kwargs, trust_model=trust_model)
     data = load_dataset(dataset, split=split, samples=samples, shuffle=shuffle, seed=seed, data_dir=data_dir,
-                        download=download)
+                        download=download, image_size=image_size, class_map=class_map)
     out = Path(out) if out else default_out(loaded.path, data.name)
     check_output_dir(out, force=force)
     if normalize and mean is None and std is None:
@@ -147,7 +149,9 @@ def analyze_run(
                           "std": list(std) if std is not None else None},
         "dataset": {"name": data.name, "split": split, "samples": samples, "shuffle": shuffle,
                     "data_dir": str(data_dir) if data_dir else None, "source": data.source,
-                    "num_classes": data.num_classes, "input_shape": list(data.input_shape)},
+                    "num_classes": data.num_classes, "input_shape": list(data.input_shape),
+                    **({"image_size": image_size} if image_size is not None else {}),
+                    **({"class_map": str(Path(class_map).resolve())} if class_map is not None else {})},
         "n_samples": result.n_samples,
         "seed": seed,
         "device": str(dev),
