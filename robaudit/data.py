@@ -416,19 +416,89 @@ def _unknown(name) -> RobauditError:
                          "a path to an .npz file with arrays x and y, or imagefolder:DIR")
 
 
-def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read and validate a user .npz file: x float in [0,1] (N×D or N×C×H×W), y integers ≥ 0 of shape N."""
-    fix = "save it with np.savez(path, x=float32 array in [0,1] of shape N×D or N×C×H×W, y=int array of shape N)"
+def _npz_memmap(path: Path, info) -> np.ndarray | None:
+    """A read-only memory map of one stored (uncompressed) .npy member of an .npz, or None if it cannot be."""
+    import struct as _struct
+    import zipfile
+
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+        return None
+    with open(path, "rb") as fh:
+        fh.seek(info.header_offset)
+        local = fh.read(30)
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            return None
+        name_len, extra_len = _struct.unpack("<HH", local[26:30])
+        start = info.header_offset + 30 + name_len + extra_len
+        fh.seek(start)
+        fmt = np.lib.format
+        version = fmt.read_magic(fh)
+        readers = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}
+        if version not in readers:
+            return None
+        shape, fortran, dtype = readers[version](fh)
+        offset = fh.tell()
+    if dtype.hasobject:
+        raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
+    if int(np.prod(shape)) == 0:
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape, order="F" if fortran else "C", offset=offset)
+
+
+def _read_npz(path: Path, fix: str) -> tuple[np.ndarray, np.ndarray]:
+    """x and y of an .npz: memory-mapped where stored uncompressed (np.savez), else read (np.savez_compressed)."""
+    import zipfile
+
     try:
         with np.load(path, allow_pickle=False) as npz:
             keys = list(npz.keys())
             if "x" not in keys or "y" not in keys:
                 raise RobauditError(f"{path} has arrays {keys}, not x and y: {fix}")
-            x, y = npz["x"], npz["y"]
+        with zipfile.ZipFile(path) as zf:
+            infos = {i.filename: i for i in zf.infolist()}
+        out = []
+        for key in ("x", "y"):
+            mapped = _npz_memmap(path, infos[f"{key}.npy"]) if f"{key}.npy" in infos else None
+            if mapped is None:
+                with np.load(path, allow_pickle=False) as npz:
+                    mapped = npz[key]
+            out.append(mapped)
+        return out[0], out[1]
     except RobauditError:
         raise
     except Exception as exc:  # bad zip, object arrays (pickles are refused), damaged members
         raise RobauditError(f"cannot read {path} as an .npz file without pickles ({exc}): {fix}") from None
+
+
+def _read_npy_pair(path: Path, fix: str) -> tuple[np.ndarray, np.ndarray]:
+    """``x.npy`` and the ``y.npy`` beside it, memory-mapped (``np.load(mmap_mode="r")``, no pickles)."""
+    labels = path.with_name("y.npy")
+    if not labels.is_file():
+        raise RobauditError(f"no labels file {labels} beside {path}: {fix}")
+    try:
+        return (np.load(path, mmap_mode="r", allow_pickle=False),
+                np.load(labels, mmap_mode="r", allow_pickle=False))
+    except Exception as exc:  # damaged headers, object arrays (pickles are refused)
+        raise RobauditError(f"cannot read {path} and {labels} as .npy files without pickles ({exc}): {fix}") from None
+
+
+def _rows(x: np.ndarray, chunk: int = 4096):
+    """x in blocks of rows, so that checks over a memory map never hold a full-size temporary."""
+    for start in range(0, x.shape[0], chunk):
+        yield x[start:start + chunk]
+
+
+def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read and validate a user .npz (or x.npy + y.npy) file: x float in [0,1] (N×D or N×C×H×W), y integers ≥ 0 of shape N.
+
+    Arrays stay memory-mapped where the format allows, so only the samples used are read into memory.
+    """
+    fix = "save it with np.savez(path, x=float32 array in [0,1] of shape N×D or N×C×H×W, y=int array of shape N)"
+    if path.suffix.lower() == ".npy":
+        fix = "save x.npy (float32 in [0,1], N×D or N×C×H×W) and y.npy (int, N) side by side with np.save"
+        x, y = _read_npy_pair(path, fix)
+    else:
+        x, y = _read_npz(path, fix)
     if not np.issubdtype(x.dtype, np.floating):
         raise RobauditError(f"{path}: x has dtype {x.dtype}, not float (uint8 images: divide by 255): {fix}")
     if x.ndim not in (2, 4) or x.shape[0] == 0:
@@ -436,10 +506,13 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not (np.issubdtype(y.dtype, np.integer) and y.ndim == 1 and y.shape[0] == x.shape[0]):
         raise RobauditError(f"{path}: y has dtype {y.dtype} and shape {y.shape}, expected integers of shape "
                             f"({x.shape[0]},) to match x: {fix}")
-    if not np.isfinite(x).all():
+    if not all(np.isfinite(block).all() for block in _rows(x)):
         raise RobauditError(f"{path}: x contains NaN or infinite values: {fix}")
-    if x.min() < 0 or x.max() > 1:
-        raise RobauditError(f"{path}: x has values in [{x.min():g}, {x.max():g}], outside [0, 1]: {fix}")
+    lo = min(float(block.min()) for block in _rows(x))
+    hi = max(float(block.max()) for block in _rows(x))
+    if lo < 0 or hi > 1:
+        raise RobauditError(f"{path}: x has values in [{lo:g}, {hi:g}], outside [0, 1]: {fix}")
+    y = np.asarray(y)
     if y.min() < 0:
         raise RobauditError(f"{path}: y has negative labels: {fix}")
     return x, y
@@ -583,16 +656,16 @@ def load_dataset(name: str, *, split: str = "test", samples: int | None = None, 
     else:
         path = Path(os.fspath(name)).expanduser()
         if not path.is_file():
-            if path.suffix.lower() == ".npz":
-                raise RobauditError(f"no such file: {path}: check the path to the .npz file")
+            if path.suffix.lower() in (".npz", ".npy"):
+                raise RobauditError(f"no such file: {path}: check the path to the {path.suffix.lower()} file")
             raise _unknown(name)
         x, y = _load_npz(path)
         scale, source, title = 1.0, str(path.resolve()), path.stem
         num_classes, mean, std, eps = int(y.max()) + 1, None, None, NPZ_DEFAULT_EPS
     keep = _select(len(y), None if samples is None else int(samples), shuffle, seed, f"{title} {split}")
-    xs = torch.from_numpy(np.ascontiguousarray(x[keep], dtype=np.float32))
+    xs = torch.from_numpy(np.array(x[keep], dtype=np.float32, order="C"))  # a copy: x may be a read-only memory map
     if scale != 1.0:
         xs = xs / scale
-    ys = torch.from_numpy(np.ascontiguousarray(y[keep], dtype=np.int64))
+    ys = torch.from_numpy(np.array(y[keep], dtype=np.int64, order="C"))
     return Dataset(name=title, split=split, x=xs, y=ys, num_classes=num_classes, mean=mean, std=std,
                    default_eps=tuple(float(e) for e in eps), source=source)

@@ -560,3 +560,35 @@ def test_cli_analyzes_an_image_folder(tmp_path):
     man = json.loads((out / "manifest.json").read_text())
     assert man["dataset"]["image_size"] == 4 and man["dataset"]["input_shape"] == [1, 4, 4]
     assert man["n_samples"] == 6
+
+
+def test_npz_members_are_memory_mapped_when_stored(tmp_path, monkeypatch):
+    rng = np.random.default_rng(1)
+    x, y = rng.random((9, 1, 3, 3)).astype(np.float32), np.arange(9) % 3
+    np.savez(tmp_path / "plain.npz", x=x, y=y)
+    np.savez_compressed(tmp_path / "packed.npz", x=x, y=y)
+    mapped, _ = data._read_npz(tmp_path / "plain.npz", "fix")
+    assert isinstance(mapped, np.memmap) and np.array_equal(mapped, x)
+    packed, _ = data._read_npz(tmp_path / "packed.npz", "fix")
+    assert not isinstance(packed, np.memmap) and np.array_equal(packed, x)
+    for name in ("plain.npz", "packed.npz"):
+        d = load_dataset(str(tmp_path / name), samples=4, shuffle=True, seed=2)
+        keep = torch.randperm(9, generator=torch.Generator().manual_seed(2))[:4].numpy()
+        assert torch.equal(d.x, torch.from_numpy(x[keep])) and d.y.tolist() == y[keep].tolist()
+        d.x += 1  # a private copy, not the file
+    assert np.array_equal(np.load(tmp_path / "plain.npz")["x"], x)
+
+
+def test_npy_pair_is_memory_mapped(tmp_path):
+    x, y = np.linspace(0, 1, 12, dtype=np.float32).reshape(6, 2), np.array([0, 1, 0, 1, 2, 2])
+    np.save(tmp_path / "x.npy", x)
+    with pytest.raises(RobauditError, match="no labels file"):
+        load_dataset(str(tmp_path / "x.npy"))
+    np.save(tmp_path / "y.npy", y)
+    d = load_dataset(str(tmp_path / "x.npy"))
+    assert torch.equal(d.x, torch.from_numpy(x)) and d.y.tolist() == y.tolist() and d.num_classes == 3
+    np.save(tmp_path / "y.npy", np.array([object()] * 6, dtype=object), allow_pickle=True)
+    with pytest.raises(RobauditError, match="without pickles"):
+        load_dataset(str(tmp_path / "x.npy"))
+    with pytest.raises(RobauditError, match="no such file"):
+        load_dataset(str(tmp_path / "missing.npy"))
