@@ -108,7 +108,7 @@ def data_options(f):
     """Options that say which data to use (shared by analyze and harden)."""
     for opt in reversed([
         click.option("--dataset", "-d", required=False,
-                     help="moons, digits, mnist, fashion-mnist, cifar10, cifar100, a path to an .npz file, "
+                     help="moons, digits, mnist, fashion-mnist, cifar10, cifar100, a path to an .npz or x.npy file, "
                           "or imagefolder:DIR (one subfolder of PNG/JPEG images per class)."),
         click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
                      help="Where MNIST/CIFAR files are (downloaded there when the network allows)."),
@@ -132,6 +132,8 @@ def data_options(f):
               help="imagefolder: resize each image's shorter side to N pixels, then center-crop N x N.")
 @click.option("--class-map", type=click.Path(dir_okay=False, path_type=Path),
               help='imagefolder: JSON {"folder": label, ...} or a list of folder names in label order.')
+@click.option("--workers", type=click.IntRange(0, 64), default=0, show_default=True,
+              help="imagefolder: DataLoader processes that decode images while the model runs (0: in this process).")
 @click.option("--eps", metavar="LIST", help="Eps sweep for every attack without its own eps, e.g. 2/255,4/255,8/255.")
 @click.option("--layers", "layer_globs", multiple=True, metavar="GLOB", help="Probe only layers matching these names.")
 @click.option("--layer-types", metavar="LIST", help="Probe only these module classes, e.g. ReLU,Conv2d.")
@@ -152,7 +154,7 @@ def data_options(f):
 @click.option("--no-checks", is_flag=True, help="Skip the gradient-masking sanity probes.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 def analyze(model, arch, arch_kwargs, trust_model, dataset, data_dir, split, samples, shuffle, no_download, attacks,
-            image_size, class_map, eps,
+            image_size, class_map, workers, eps,
             layer_globs, layer_types, mean, std, no_normalize, mvl_top, mvl_z, mvl_attack, mvl_metric,
             include_output, batch_size, device, seed, out, force, no_report, no_checks, progress):
     """Layer Sustainability Analysis of MODEL: per-layer RE under an attack battery -> MVL list."""
@@ -169,7 +171,7 @@ def analyze(model, arch, arch_kwargs, trust_model, dataset, data_dir, split, sam
     run = analyze_run(
         model, dataset, out=out, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_model=trust_model,
         data_dir=data_dir, split=split, samples=samples, shuffle=shuffle, download=not no_download,
-        image_size=image_size, class_map=class_map, attacks=list(attacks) or None,
+        image_size=image_size, class_map=class_map, workers=workers, attacks=list(attacks) or None,
         eps=parse_eps_list(eps), layers=list(layer_globs) or None, layer_types=_split_list([layer_types] if layer_types else []),
         mean=_floats(mean, "--mean"), std=_floats(std, "--std"), normalize=not no_normalize,
         mvl_top=mvl_top, mvl_z=mvl_z, mvl_attack=mvl_attack, mvl_metric=mvl_metric, include_output=include_output,

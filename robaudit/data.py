@@ -28,6 +28,7 @@ from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
+import torch.utils.data
 
 from .errors import RobauditError
 
@@ -567,11 +568,10 @@ def _decode(path: Path, mode: str, image_size: int | None):
         raise RobauditError(f"cannot decode image {path} ({exc}): replace or remove it (PNG and JPEG only)") from None
 
 
-def _load_imagefolder(root: Path, *, image_size: int | None, class_map: Path | None):
-    """An image folder: ``root/<class>/<image>.png|.jpg``, classes in sorted order unless a class map says otherwise.
-
-    Returns ``(uint8 N×C×H×W, labels, classes, source)``; every image is RGB unless all are grayscale.
-    """
+def _list_imagefolder(root: Path, *, image_size: int | None, class_map: Path | None):
+    """An image folder's files and labels: ``root/<class>/<image>.png|.jpg``, classes in sorted order unless
+    a class map says otherwise. Returns ``(files, mode, num_classes, source)``, files as (path, label);
+    every image is RGB unless all are grayscale."""
     if image_size is not None and (isinstance(image_size, bool) or int(image_size) != image_size or image_size < 1):
         raise RobauditError(f"--image-size must be a positive whole number of pixels, not {image_size!r}")
     if not root.is_dir():
@@ -595,6 +595,64 @@ def _load_imagefolder(root: Path, *, image_size: int | None, class_map: Path | N
         except Exception as exc:  # Pillow raises many types for damaged files; none runs code
             raise RobauditError(f"cannot decode image {path} ({exc}): replace or remove it (PNG and JPEG only)") from None
     mode = "L" if gray else "RGB"
+    return files, mode, max(labels_of.values()) + 1, str(root.resolve())
+
+
+def _chw(arr: np.ndarray) -> np.ndarray:
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files decoded one at a time: ``(uint8 C×H×W tensor, label)``, for a ``DataLoader``."""
+
+    def __init__(self, files: list[tuple[Path, int]], *, mode: str, image_size: int | None,
+                 shape: tuple[int, ...]) -> None:
+        self.files, self.mode, self.image_size, self.shape = files, mode, image_size, tuple(shape)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        path, label = self.files[i]
+        arr = _chw(_decode(path, self.mode, self.image_size))
+        if arr.shape != self.shape:
+            raise RobauditError(f"{path} is {arr.shape[2]}x{arr.shape[1]} pixels but the first image is "
+                                f"{self.shape[2]}x{self.shape[1]}: pass --image-size N to resize and crop them all")
+        return torch.from_numpy(np.array(arr, order="C")), label  # a writable copy of the decoded pixels
+
+
+@dataclass
+class StreamingDataset:
+    """A split read batch by batch: ``items`` yields ``(uint8 sample, label)``; labels are known up front.
+
+    Divide by ``scale`` on the device to get inputs in [0, 1]. :meth:`head` materializes the first samples.
+    """
+
+    name: str
+    split: str
+    items: torch.utils.data.Dataset
+    y: torch.Tensor
+    num_classes: int
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    default_eps: tuple[float, ...]
+    source: str
+    input_shape: tuple[int, ...]
+    scale: float = 255.0
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def head(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``n`` samples as float32 in [0, 1] and their labels."""
+        n = min(int(n), len(self))
+        x = torch.stack([self.items[i][0] for i in range(n)]).float() / self.scale
+        return x, self.y[:n]
+
+
+def _load_imagefolder(root: Path, *, image_size: int | None, class_map: Path | None):
+    """An image folder decoded whole: ``(uint8 N×C×H×W, labels, classes, source)``."""
+    files, mode, num_classes, source = _list_imagefolder(root, image_size=image_size, class_map=class_map)
     first = _decode(files[0][0], mode, image_size)
     x = np.empty((len(files), *first.shape), dtype=np.uint8)
     for i, (path, _) in enumerate(files):
@@ -603,10 +661,9 @@ def _load_imagefolder(root: Path, *, image_size: int | None, class_map: Path | N
             raise RobauditError(f"{path} is {arr.shape[1]}x{arr.shape[0]} pixels but {files[0][0]} is "
                                 f"{first.shape[1]}x{first.shape[0]}: pass --image-size N to resize and crop them all")
         x[i] = arr
-    x = x[:, None] if gray else x.transpose(0, 3, 1, 2)
+    x = x[:, None] if mode == "L" else x.transpose(0, 3, 1, 2)
     y = np.array([label for _, label in files], dtype=np.int64)
-    num_classes = max(labels_of.values()) + 1
-    return x, y, num_classes, str(root.resolve())
+    return x, y, num_classes, source
 
 
 def _select(n: int, samples: int | None, shuffle: bool, seed: int, what: str) -> np.ndarray | slice:
@@ -622,14 +679,16 @@ def _select(n: int, samples: int | None, shuffle: bool, seed: int, what: str) ->
 
 def load_dataset(name: str, *, split: str = "test", samples: int | None = None, shuffle: bool = False,
                  seed: int = 0, data_dir: str | os.PathLike | None = None, download: bool = True,
-                 image_size: int | None = None, class_map: str | os.PathLike | None = None) -> Dataset:
+                 image_size: int | None = None, class_map: str | os.PathLike | None = None,
+                 stream: bool = False) -> Dataset | StreamingDataset:
     """Load one split of a known data set, an .npz file or an image folder as float32 tensors in [0, 1].
 
     ``samples`` keeps the first N (in file order, or in a permutation seeded by ``seed`` when
     ``shuffle``); MNIST/CIFAR files come from ``data_dir`` (default :func:`default_data_dir`) and are
     downloaded there, checksum-verified, when missing and ``download`` is true. ``imagefolder:DIR``
     reads DIR/<class>/<image> (PNG/JPEG; the folder is the split): ``image_size`` resizes each
-    image's shorter side and center-crops it square, ``class_map`` (JSON) sets the labels.
+    image's shorter side and center-crops it square, ``class_map`` (JSON) sets the labels. With
+    ``stream``, an image folder comes back as a :class:`StreamingDataset` that decodes batch by batch.
     """
     if split not in SPLITS:
         raise RobauditError(f"unknown split {split!r}: use 'test' or 'train'")
@@ -638,6 +697,19 @@ def load_dataset(name: str, *, split: str = "test", samples: int | None = None, 
     key = _canonical(name)
     if (image_size is not None or class_map is not None) and not str(name).startswith(IMAGEFOLDER_PREFIX):
         raise RobauditError("--image-size and --class-map apply to --dataset imagefolder:DIR only")
+    if str(name).startswith(IMAGEFOLDER_PREFIX) and stream:
+        root = Path(str(name)[len(IMAGEFOLDER_PREFIX):]).expanduser()
+        files, mode, num_classes, source = _list_imagefolder(
+            root, image_size=image_size, class_map=Path(class_map).expanduser() if class_map is not None else None)
+        keep = _select(len(files), None if samples is None else int(samples), shuffle, seed,
+                       f"imagefolder {root.name}")
+        files = files[keep] if isinstance(keep, slice) else [files[i] for i in keep]
+        shape = _chw(_decode(files[0][0], mode, image_size)).shape
+        return StreamingDataset(
+            name=f"imagefolder-{root.resolve().name}", split=split,
+            items=ImageFiles(files, mode=mode, image_size=image_size, shape=shape),
+            y=torch.tensor([label for _, label in files], dtype=torch.int64), num_classes=num_classes, mean=None,
+            std=None, default_eps=IMAGE_DEFAULT_EPS, source=source, input_shape=tuple(shape))
     if str(name).startswith(IMAGEFOLDER_PREFIX):
         root = Path(str(name)[len(IMAGEFOLDER_PREFIX):]).expanduser()
         x, y, num_classes, source = _load_imagefolder(

@@ -62,6 +62,7 @@ def analyze_run(
     download: bool = True,
     image_size: int | None = None,
     class_map: str | Path | None = None,
+    workers: int = 0,
     attacks: Sequence[str] | None = None,
     eps: Sequence[float] | None = None,
     layers: Sequence[str] | None = None,
@@ -98,7 +99,8 @@ def analyze_run(
     loaded = model if isinstance(model, LoadedModel) else load_model(
         model, arch=arch, arch_kwargs=arch_kwargs, trust_model=trust_model)
     data = load_dataset(dataset, split=split, samples=samples, shuffle=shuffle, seed=seed, data_dir=data_dir,
-                        download=download, image_size=image_size, class_map=class_map)
+                        download=download, image_size=image_size, class_map=class_map,
+                        stream=str(dataset).startswith("imagefolder:"))
     out = Path(out) if out else default_out(loaded.path, data.name)
     check_output_dir(out, force=force)
     if normalize and mean is None and std is None:
@@ -112,11 +114,11 @@ def analyze_run(
     if checks:
         from .sanity import plan_checks
 
-        plan = plan_checks(atk.expand(specs, eps), n_battery=len(data.x), num_classes=data.num_classes)
+        plan = plan_checks(atk.expand(specs, eps), n_battery=len(data.y), num_classes=data.num_classes)
 
     result = analyze(loaded, data, attacks=specs, eps=eps, layers=layers, layer_types=layer_types, mean=mean,
                      std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress,
-                     keep_outcomes=plan.n_samples if plan else 0)
+                     keep_outcomes=plan.n_samples if plan else 0, workers=workers)
     if mvl_top is None and mvl_z is None:
         layers_ = result.lsa.drop_duplicates("layer")
         rankable = ~layers_["layer_type"].isin(PASSTHROUGH_TYPES)
@@ -187,9 +189,10 @@ def _model_checks(loaded: LoadedModel, data, mean, std, dev, seed: int, plan, re
     if plan.n_samples < 1:
         return {"n_samples": 0, "seed": int(seed), "device": str(dev), **info,
                 "skipped": f"the battery is too cheap to pay for model checks within {100 * plan.share:.0f} % of its cost"}
-    full = with_normalization(loaded.module, mean, std, ndim=data.x.dim()).to(dev).eval()
+    full = with_normalization(loaded.module, mean, std, ndim=len(data.input_shape) + 1).to(dev).eval()
+    x, y = data.head(plan.n_samples) if hasattr(data, "head") else (data.x, data.y)
     reuse = {key: result.outcomes[i] for key, i in plan.reuse.items()}
-    out = run_model_checks(full, data.x, data.y, device=dev, seed=seed, eps_max=plan.eps_max,
+    out = run_model_checks(full, x, y, device=dev, seed=seed, eps_max=plan.eps_max,
                            max_samples=plan.n_samples, reuse=reuse, attacks=plan.attacks)
     return {**out, **info}
 

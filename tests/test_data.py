@@ -12,6 +12,7 @@ import tarfile
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -592,3 +593,21 @@ def test_npy_pair_is_memory_mapped(tmp_path):
         load_dataset(str(tmp_path / "x.npy"))
     with pytest.raises(RobauditError, match="no such file"):
         load_dataset(str(tmp_path / "missing.npy"))
+
+
+def test_streamed_image_folder_gives_the_same_analysis_as_in_memory(tmp_path):
+    from robaudit.lsa import analyze
+
+    write_images(tmp_path / "imgs", {"a": [(5, 4)] * 5, "b": [(5, 4)] * 4})
+    root = f"imagefolder:{tmp_path / 'imgs'}"
+    eager = load_dataset(root, samples=7, shuffle=True, seed=3)
+    lazy = load_dataset(root, samples=7, shuffle=True, seed=3, stream=True)
+    assert len(lazy) == 7 and lazy.input_shape == eager.input_shape == (3, 4, 5)
+    assert torch.equal(lazy.y, eager.y) and torch.equal(lazy.head(7)[0], eager.x)
+    assert lazy.items[0][0].dtype == torch.uint8  # uint8 until the batch is on the device
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(60, 6), nn.ReLU(), nn.Linear(6, 2))
+    kw = dict(attacks=["pgd:steps=2", "gaussian"], eps=[0.1], batch_size=3, device="cpu", seed=4)
+    a, b = analyze(model, eager, **kw), analyze(model, lazy, **kw)
+    pd.testing.assert_frame_equal(a.lsa, b.lsa)
+    pd.testing.assert_frame_equal(a.accuracy.drop(columns="seconds"), b.accuracy.drop(columns="seconds"))
