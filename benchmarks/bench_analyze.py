@@ -16,7 +16,10 @@
    a growth under 10 MB counts as flat whatever the ratio; what keeping activations would cost is printed
    for scale.
 
-3. DeepFool / PGD-10: robaudit's batched DeepFool (50 steps, overshoot 0.02, the battery's defaults)
+3. Streaming memory: the same, on 1k and on 10k 8x8 PNG images read from an image folder on disk
+   (``--dataset imagefolder:DIR``, decoded batch by batch through a DataLoader). Target: at most 1.2x
+   (or a growth under the allocator noise above).
+4. DeepFool / PGD-10: robaudit's batched DeepFool (50 steps, overshoot 0.02, the battery's defaults)
    against torchattacks' PGD-10 at eps 0.1 on the same samples and batches, alternating rounds, median.
    Target: at most 10x. torchattacks' own per-sample DeepFool is timed on one batch for scale.
 
@@ -72,6 +75,7 @@ TIME_TARGET = 1.15
 MEMORY_TARGET = 1.25  # "flat"; small absolute numbers are ratio-noisy, so a growth under
 MEMORY_NOISE_MB = 10.0  # this many MB also counts as flat (the allocator's own variation between runs)
 DEEPFOOL_TARGET = 10.0
+FOLDER_TARGET = 1.2
 
 
 def digits(split: str = "train", n: int | None = None):
@@ -184,9 +188,39 @@ def memory_child(n: int, batch_size: int, threads: int) -> dict:
             "added_mb": (sampler.peak - baseline) / 2**20, "seconds": t}
 
 
-def measure_memory(n: int, batch_size: int, threads: int) -> dict:
+def write_image_folder(root: Path, n: int) -> Path:
+    """``n`` digits images as 8x8 grayscale PNGs, one folder per class (the train split, repeated)."""
+    from PIL import Image
+
+    x, y, _ = digits("train", n)
+    pixels = (x[:, 0] * 255).round().to(torch.uint8).numpy()
+    for i, (img, label) in enumerate(zip(pixels, y.tolist())):
+        folder = root / f"class{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img, "L").save(folder / f"{i:06d}.png")
+    return root
+
+
+def folder_memory_child(folder: str, batch_size: int, threads: int) -> dict:
+    from robaudit.data import load_dataset
+
+    torch.set_num_threads(threads)
+    model = make_model()
+    warm = load_dataset(f"imagefolder:{folder}", samples=2 * batch_size, stream=True)
+    analyze(model, warm, attacks=MEMORY_BATTERY, eps=[0.1], batch_size=batch_size, device="cpu", seed=0)
+    baseline = rss_bytes()
+    with PeakSampler() as sampler:
+        t = time.perf_counter()
+        data = load_dataset(f"imagefolder:{folder}", stream=True)
+        analyze(model, data, attacks=MEMORY_BATTERY, eps=[0.1], batch_size=batch_size, device="cpu", seed=0)
+        t = time.perf_counter() - t
+    return {"n": len(data), "baseline_mb": baseline / 2**20, "peak_mb": sampler.peak / 2**20,
+            "added_mb": (sampler.peak - baseline) / 2**20, "seconds": t}
+
+
+def measure_memory(n: int, batch_size: int, threads: int, folder: Path | None = None) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", str(n), "--batch-size", str(batch_size),
-           "--threads", str(threads)]
+           "--threads", str(threads)] + (["--memory-folder", str(folder)] if folder else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -203,6 +237,27 @@ def profile_analyze(model, x, y, num_classes, batch_size, out) -> None:
     stats.print_stats(r"robaudit[/\\](lsa|probe|attacks|models)\.py|torchattacks[/\\]attack\.py.*__call__", 15)
     out.write("\ncProfile of one analyze run (robaudit functions and the attack calls, cumulative time):\n")
     out.write("\n".join(l for l in buf.getvalue().splitlines() if l.strip() and "function calls" not in l) + "\n")
+
+
+def folder_memory(sizes, batch_size: int, threads: int, out) -> bool:
+    """Peak memory added by analyze streaming 1k and 10k PNGs from disk, each in a fresh process."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bench-images-") as tmp:
+        mem = [measure_memory(n, batch_size, threads, write_image_folder(Path(tmp) / f"n{n}", n)) for n in sizes]
+    out.write(f"\n{'image folder':<14} {'baseline MB':>12} {'peak MB':>9} {'added MB':>9} {'s':>7}   "
+              f"(PNG files decoded batch by batch, {' + '.join(MEMORY_BATTERY)} at eps 0.1)\n")
+    for m in mem:
+        out.write(f"{m['n']:>6} images  {m['baseline_mb']:>12.1f} {m['peak_mb']:>9.1f} {m['added_mb']:>9.1f} "
+                  f"{m['seconds']:>7.2f}\n")
+    ratio = max(mem[1]["added_mb"], 0.1) / max(mem[0]["added_mb"], 0.1)
+    growth = mem[1]["added_mb"] - mem[0]["added_mb"]
+    ok = ratio <= FOLDER_TARGET or growth <= MEMORY_NOISE_MB
+    verdict = "ok" if ratio <= FOLDER_TARGET else (
+        f"ok, the growth is within {MEMORY_NOISE_MB:g} MB of allocator noise" if ok else "NOT FLAT")
+    out.write(f"streamed memory {sizes[1]} / {sizes[0]} images: {ratio:.2f}x, {growth:+.1f} MB  "
+              f"(target <= {FOLDER_TARGET}x: {verdict})\n")
+    return ok
 
 
 def deepfool_ratio(model, x, y, num_classes, batch_size, rounds, out, *, per_sample: bool) -> bool:
@@ -244,7 +299,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is steadiest on shared cores)")
     p.add_argument("--profile", action="store_true", help="also print a cProfile of one analyze run")
     p.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--memory-folder", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.memory_child is not None and args.memory_folder:
+        print(json.dumps(folder_memory_child(args.memory_folder, args.batch_size, args.threads)))
+        return 0
     if args.memory_child is not None:
         print(json.dumps(memory_child(args.memory_child, args.batch_size, args.threads)))
         return 0
@@ -310,6 +369,7 @@ def main(argv=None) -> int:
     out.write(f"(for scale: keeping the clean and perturbed activations of the extra {sizes[1] - sizes[0]} "
               f"samples would take {kept:,.0f} MB)\n")
 
+    ok_folder = folder_memory(sizes, args.batch_size, args.threads, out)
     ok_df = deepfool_ratio(model, x, y, num_classes, args.batch_size, rounds, out, per_sample=not args.quick)
 
     if args.profile:
@@ -317,7 +377,7 @@ def main(argv=None) -> int:
     elif not ok_time:
         out.write("\n(run with --profile to see where analyze spends the extra time)\n")
     out.write(f"\n{time.perf_counter() - started:.0f} s in all\n")
-    return 0 if ok_time and ok_mem and ok_df else 1
+    return 0 if ok_time and ok_mem and ok_folder and ok_df else 1
 
 
 if __name__ == "__main__":

@@ -580,7 +580,7 @@ def _list_imagefolder(root: Path, *, image_size: int | None, class_map: Path | N
     if not folders:
         raise RobauditError(f"{root} has no class subfolders: put each class's images in a folder of its own")
     labels_of = _read_class_map(class_map, folders) if class_map is not None else {f: i for i, f in enumerate(folders)}
-    files = [(root / f / p.name, labels_of[f]) for f in folders
+    files = [(str(root / f / p.name), labels_of[f]) for f in folders  # str: smaller than a Path
              for p in sorted((root / f).iterdir(), key=lambda q: q.name)
              if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
     if not files:
