@@ -23,6 +23,10 @@
    against torchattacks' PGD-10 at eps 0.1 on the same samples and batches, alternating rounds, median.
    Target: at most 10x. torchattacks' own per-sample DeepFool is timed on one batch for scale.
 
+5. Sanity checks: ``analyze_run`` (PGD-10 at eps 0.1, checks on) on the digits CNN; the seconds the
+   model checks took against the battery's, from ``checks.json``. Target: at most 1.10x in all
+   (the checks are sized to 10 % of the battery's forward+backward passes).
+
 Exit status 0 when all targets are met, 1 otherwise.
 """
 from __future__ import annotations
@@ -76,6 +80,7 @@ MEMORY_TARGET = 1.25  # "flat"; small absolute numbers are ratio-noisy, so a gro
 MEMORY_NOISE_MB = 10.0  # this many MB also counts as flat (the allocator's own variation between runs)
 DEEPFOOL_TARGET = 10.0
 FOLDER_TARGET = 1.2
+CHECKS_TARGET = 0.10
 
 
 def digits(split: str = "train", n: int | None = None):
@@ -260,6 +265,31 @@ def folder_memory(sizes, batch_size: int, threads: int, out) -> bool:
     return ok
 
 
+def checks_share(n: int, threads: int, out) -> bool:
+    """What the sanity checks add to a PGD-10 analysis, by their own clock and the battery's."""
+    import tempfile
+
+    import numpy as np
+
+    from robaudit.models import save_checkpoint
+    from robaudit.pipeline import analyze_run
+
+    x, y, _ = digits("train", n)
+    with tempfile.TemporaryDirectory(prefix="bench-checks-") as tmp:
+        ckpt = save_checkpoint(Path(tmp) / "cnn.pt", make_model(), arch="robaudit.examples.models:DigitsCNN")
+        np.savez(Path(tmp) / "digits.npz", x=x.numpy(), y=y.numpy())
+        run = analyze_run(ckpt, str(Path(tmp) / "digits.npz"), out=Path(tmp) / "run", attacks=["pgd"], eps=[0.1],
+                          report=False, device="cpu")
+        checks = run.checks
+    share = checks["seconds"] / checks["battery_seconds"]
+    ok = share <= CHECKS_TARGET + 1e-9
+    out.write(f"\nsanity checks on {checks['n_samples']} of {n} samples (reused: "
+              f"{', '.join(checks['plan']['reused']) or 'nothing'}): {checks['seconds']:.3f} s vs the battery's "
+              f"{checks['battery_seconds']:.3f} s = {100 * share:.1f} %  (target <= {100 * CHECKS_TARGET:.0f} %: "
+              f"{'ok' if ok else 'ABOVE TARGET'})\n")
+    return ok
+
+
 def deepfool_ratio(model, x, y, num_classes, batch_size, rounds, out, *, per_sample: bool) -> bool:
     """Batched DeepFool against PGD-10 over the same batches; torchattacks' per-sample DeepFool on one batch."""
     import torchattacks
@@ -370,6 +400,7 @@ def main(argv=None) -> int:
               f"samples would take {kept:,.0f} MB)\n")
 
     ok_folder = folder_memory(sizes, args.batch_size, args.threads, out)
+    ok_checks = checks_share(len(x), args.threads, out)
     ok_df = deepfool_ratio(model, x, y, num_classes, args.batch_size, rounds, out, per_sample=not args.quick)
 
     if args.profile:
@@ -377,7 +408,7 @@ def main(argv=None) -> int:
     elif not ok_time:
         out.write("\n(run with --profile to see where analyze spends the extra time)\n")
     out.write(f"\n{time.perf_counter() - started:.0f} s in all\n")
-    return 0 if ok_time and ok_mem and ok_folder and ok_df else 1
+    return 0 if ok_time and ok_mem and ok_folder and ok_df and ok_checks else 1
 
 
 if __name__ == "__main__":

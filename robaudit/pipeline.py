@@ -114,7 +114,8 @@ def analyze_run(
     if checks:
         from .sanity import plan_checks
 
-        plan = plan_checks(atk.expand(specs, eps), n_battery=len(data.y), num_classes=data.num_classes)
+        plan = plan_checks(atk.expand(specs, eps), n_battery=len(data.y), num_classes=data.num_classes,
+                           batch_size=batch_size)
 
     result = analyze(loaded, data, attacks=specs, eps=eps, layers=layers, layer_types=layer_types, mean=mean,
                      std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress,

@@ -285,24 +285,29 @@ def test_plan_uses_the_batterys_largest_linf_eps_and_reuses_its_pgd10_and_fgsm()
 
 
 def test_plan_keeps_the_checks_within_a_tenth_of_the_battery():
-    # PGD-10 alone at one eps: (10 + 2/3) passes per sample; the checks reuse PGD-10 and run FGSM and PGD-50
-    f = sanity.FORWARD_COST
-    plan = sanity.plan_checks(specs("pgd", eps=(0.1,)), n_battery=1024, num_classes=10)
+    # PGD-10 alone at one eps: (10 + 2/3) passes per sample; the checks reuse PGD-10 and run FGSM and PGD-50.
+    # Each pass over a batch of b costs b + CALL_OVERHEAD: 8 batches of 128 for the battery, one of n for the checks.
+    f, k = sanity.FORWARD_COST, sanity.CALL_OVERHEAD
+    plan = sanity.plan_checks(specs("pgd", eps=(0.1,)), n_battery=1024, num_classes=10, batch_size=128)
     battery = f + 10 + f
     check = 2 * f + 1 + (1 + f) + (50 + f)
-    assert plan.battery_cost == pytest.approx(battery)
-    assert plan.n_samples == int(0.1 * 1024 * battery // check) == 20
-    assert plan.n_samples * plan.check_cost <= sanity.CHECK_SHARE * 1024 * plan.battery_cost
-    # a cheaper battery buys fewer samples; a long one is capped at 128
-    assert sanity.plan_checks(specs("pgd", eps=(0.1,)), n_battery=256, num_classes=10).n_samples == 5
+    budget = 0.1 * battery * 8 * (128 + k)
+    assert plan.battery_cost == pytest.approx(battery) and plan.budget == pytest.approx(budget)
+    assert plan.attacks and plan.n_samples == int(budget // check) - k == 7
+    assert (plan.n_samples + k) * plan.check_cost <= budget < (plan.n_samples + 1 + k) * plan.check_cost
+    # a long battery buys the cap of 128
     assert sanity.plan_checks(specs("pgd:steps=100", eps=(0.1,)), n_battery=10_000,
                               num_classes=10).n_samples == 128
+    # too short a battery for the attack probes: the cheap probes alone, within the same budget
+    short = sanity.plan_checks(specs("pgd", eps=(0.1,)), n_battery=256, num_classes=10)
+    assert not short.attacks and short.reuse == {}
+    assert (short.n_samples + k) * short.check_cost <= short.budget and short.check_cost == pytest.approx(2 * f + 1)
 
 
 def test_plan_drops_the_attack_probes_before_breaking_the_budget():
-    plan = sanity.plan_checks(specs("gaussian", "fgsm", eps=(0.1,)), n_battery=100, num_classes=10)
+    plan = sanity.plan_checks(specs("gaussian", "fgsm", eps=(0.1,)), n_battery=1000, num_classes=10)
     assert not plan.attacks and plan.n_samples >= 1 and plan.reuse == {}
-    assert plan.n_samples * plan.check_cost <= sanity.CHECK_SHARE * 100 * plan.battery_cost
+    assert (plan.n_samples + sanity.CALL_OVERHEAD) * plan.check_cost <= plan.budget
     assert sanity.plan_checks(specs("gaussian", eps=(0.1,)), n_battery=2, num_classes=10).n_samples == 0
 
 
@@ -342,11 +347,11 @@ def test_analyze_run_sizes_its_checks_and_reuses_the_batterys_pgd(tmp_path):
     torch.manual_seed(0)
     path = save_checkpoint(tmp_path / "mlp.pt", MoonsMLP(hidden=8), arch="robaudit.examples.models:MoonsMLP",
                            arch_kwargs={"hidden": 8})
-    run = analyze_run(path, "moons", out=tmp_path / "run", samples=200, attacks=["fgsm", "pgd"], eps=[0.05, 0.1],
+    run = analyze_run(path, "moons", out=tmp_path / "run", samples=500, attacks=["fgsm", "pgd"], eps=[0.05, 0.1],
                       report=False, seed=1)
     checks = json.loads((run.path / "checks.json").read_text())
-    plan = sanity.plan_checks(run.result.attacks, n_battery=200, num_classes=2)
-    assert checks["n_samples"] == plan.n_samples == checks["plan"]["n_samples"] < 128
+    plan = sanity.plan_checks(run.result.attacks, n_battery=500, num_classes=2, batch_size=128)
+    assert 1 <= checks["n_samples"] == plan.n_samples == checks["plan"]["n_samples"] < 128
     assert checks["attacks"]["eps_max"] == 0.1 and checks["plan"]["reused"] == ["fgsm", "pgd10"]
     pgd = [i for i, s in enumerate(run.result.attacks) if s.name == "pgd" and s.eps == 0.1][0]
     ok = run.result.outcomes[pgd]
