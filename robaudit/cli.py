@@ -121,6 +121,69 @@ def data_options(f):
     return f
 
 
+def gate_options(f):
+    """Bars a run must meet (exit 3 when missed) and machine-readable output (shared by analyze, harden, check)."""
+    for opt in reversed([
+        click.option("--fail-under", metavar="BARS",
+                     help="Exit 3 when an accuracy falls below its bar, e.g. 'worst-case=0.4,clean=0.9,pgd@8/255=0.35'; "
+                          "'sanity' fails the run when any sanity check warns."),
+        click.option("--max-re", type=float, metavar="R",
+                     help="Exit 3 when any layer's RE under the ranking attack exceeds R."),
+        click.option("--strict", is_flag=True, help="Exit 3 when any sanity check warns (same as --fail-under sanity)."),
+        click.option("--json", "as_json", is_flag=True,
+                     help="Print one JSON object (accuracies, worst case, MVL, sanity verdict, bars) and nothing else."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _bars(fail_under, max_re, strict):
+    from .gate import parse_bars
+
+    return parse_bars(fail_under, max_re=max_re, strict=strict)
+
+
+def _say(as_json: bool):
+    """Informational lines go to stderr when stdout carries the JSON object."""
+    return (lambda text: click.echo(text, err=True)) if as_json else click.echo
+
+
+def _verdict_and_gate(ctx, run_dir: Path, bars, as_json: bool, *, before: Path | None = None,
+                      extra: dict | None = None) -> None:
+    """Print the sanity verdict (or the JSON object), hold the bars against the run, exit 3 if one is missed."""
+    import json
+
+    from . import gate, verdict
+    from .rundir import read_run
+
+    run = read_run(run_dir)
+    checks = verdict.checks_of(run)
+    outcomes = gate.evaluate(bars, run, checks)
+    introduced = verdict.introduced_warnings(verdict.checks_of(read_run(before)), checks) if before else None
+    missed = [o for o in outcomes if not o.met]
+    if as_json:
+        obj = verdict.summarize(run, checks)
+        if introduced is not None:
+            obj["introduced_warnings"] = introduced
+        obj.update(extra or {})
+        obj["bars"] = [o.to_dict() for o in outcomes]
+        obj["passed"] = not missed
+        click.echo(json.dumps(obj, indent=2, allow_nan=False))
+    else:
+        report = run_dir / "report.html"
+        click.echo("")
+        for line in verdict.sanity_lines(checks, report=str(report) if report.exists() else None,
+                                         run_dir=str(run_dir.parent if before else run_dir)):
+            click.echo(line)
+        for name in introduced or []:
+            click.echo(f"  hardening introduced a warning the original model did not have: {name} -- the classic "
+                       "sign of a defence that only masks gradients")
+        for o in outcomes:
+            click.echo(f"{'bar met' if o.met else 'MISSED'}: {o.bar.name} ({o.text})")
+    if missed:
+        ctx.exit(gate.EXIT_MISSED)
+
+
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @model_options
@@ -136,7 +199,10 @@ def data_options(f):
               help="imagefolder: DataLoader processes that decode images while the model runs (0: in this process).")
 @click.option("--eps", metavar="LIST", help="Eps sweep for every attack without its own eps, e.g. 2/255,4/255,8/255.")
 @click.option("--layers", "layer_globs", multiple=True, metavar="GLOB", help="Probe only layers matching these names.")
-@click.option("--layer-types", metavar="LIST", help="Probe only these module classes, e.g. ReLU,Conv2d.")
+@click.option("--layer-types", metavar="LIST", help="Probe only these module classes or ops, e.g. ReLU,Conv2d "
+                                                    "(relu matches ReLU modules and relu ops).")
+@click.option("--probe", type=click.Choice(["modules", "ops", "all"]), default="all", show_default=True,
+              help="Layers to probe: leaf modules, functional ops (activations, residual additions), or both.")
 @click.option("--mean", metavar="LIST", help="Per-channel input mean: the model is wrapped in a normalization layer.")
 @click.option("--std", metavar="LIST", help="Per-channel input std (with --mean).")
 @click.option("--no-normalize", is_flag=True, help="Do not apply the data set's default mean/std (the model normalizes).")
@@ -153,10 +219,12 @@ def data_options(f):
 @click.option("--no-report", is_flag=True, help="Do not render report.html.")
 @click.option("--no-checks", is_flag=True, help="Skip the gradient-masking sanity probes.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
-def analyze(model, arch, arch_kwargs, trust_model, dataset, data_dir, split, samples, shuffle, no_download, attacks,
-            image_size, class_map, workers, eps,
-            layer_globs, layer_types, mean, std, no_normalize, mvl_top, mvl_z, mvl_attack, mvl_metric,
-            include_output, batch_size, device, seed, out, force, no_report, no_checks, progress):
+@gate_options
+@click.pass_context
+def analyze(ctx, model, arch, arch_kwargs, trust_model, dataset, data_dir, split, samples, shuffle, no_download,
+            attacks, image_size, class_map, workers, eps, layer_globs, layer_types, probe, mean, std, no_normalize, mvl_top, mvl_z, mvl_attack,
+            mvl_metric, include_output, batch_size, device, seed, out, force, no_report, no_checks, progress,
+            fail_under, max_re, strict, as_json):
     """Layer Sustainability Analysis of MODEL: per-layer RE under an attack battery -> MVL list."""
     from .attacks import parse_eps_list
     from .models import parse_arch_kwargs
@@ -168,19 +236,22 @@ def analyze(model, arch, arch_kwargs, trust_model, dataset, data_dir, split, sam
         raise RobauditError("--samples must be at least 1")
     if mvl_top is not None and mvl_z is not None:
         raise RobauditError("choose one MVL criterion: --mvl-top K or --mvl-z Z")
+    bars = _bars(fail_under, max_re, strict)
     run = analyze_run(
         model, dataset, out=out, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_model=trust_model,
         data_dir=data_dir, split=split, samples=samples, shuffle=shuffle, download=not no_download,
         image_size=image_size, class_map=class_map, workers=workers, attacks=list(attacks) or None,
         eps=parse_eps_list(eps), layers=list(layer_globs) or None, layer_types=_split_list([layer_types] if layer_types else []),
-        mean=_floats(mean, "--mean"), std=_floats(std, "--std"), normalize=not no_normalize,
+        probe=probe, mean=_floats(mean, "--mean"), std=_floats(std, "--std"), normalize=not no_normalize,
         mvl_top=mvl_top, mvl_z=mvl_z, mvl_attack=mvl_attack, mvl_metric=mvl_metric, include_output=include_output,
         batch_size=batch_size, device=device, seed=seed, checks=not no_checks, report=not no_report,
         progress=sys.stderr.isatty() if progress is None else progress,
         command=shlex.join(["robaudit", *sys.argv[1:]]) if Path(sys.argv[0]).name.startswith("robaudit")
         else None, force=force,
     )
-    echo_summary(run)
+    if not as_json:
+        echo_summary(run)
+    _verdict_and_gate(ctx, Path(run.path), bars, as_json)
 
 
 def echo_summary(run) -> None:
@@ -286,11 +357,12 @@ def list_attacks():
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda ...")
 @click.option("--no-report", is_flag=True, help="Do not render report.html.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@gate_options
 @click.pass_context
 def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_dir, split, samples, shuffle, out,
            method, mvl_top, gamma, re_mode, base_attack, train_eps, steps, alpha, layer_eps, epochs, batch_size, lr,
            optimizer, weight_decay, schedule, clean_weight, dual_bn, include_output, val_fraction, train_data,
-           resume, force, seed, device, no_report, progress, **data_extra):
+           resume, force, seed, device, no_report, progress, fail_under, max_re, strict, as_json, **data_extra):
     """Fine-tune the model so its Most Vulnerable Layers become sustainable; re-analyze; compare.
 
     \b
@@ -306,6 +378,8 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
 
     if model is not None and run_dir is not None:
         raise RobauditError("give either MODEL (analyzed first) or --run DIR, not both")
+    bars = _bars(fail_under, max_re, strict)
+    say = _say(as_json)
     show_progress = sys.stderr.isatty() if progress is None else progress
     command = shlex.join(["robaudit", *sys.argv[1:]]) if Path(sys.argv[0]).name.startswith("robaudit") else None
     eps_value = parse_number(train_eps) if train_eps is not None else None
@@ -324,7 +398,7 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
         planned = Path(out) if out else default_out(model, dataset)
         if resume and (planned / CHECKPOINT_NAME).is_file():
             run_dir = planned  # the analysis is there already; analyzing again would replace the checkpoint
-            click.echo(f"resuming the interrupted harden in {run_dir}")
+            say(f"resuming the interrupted harden in {run_dir}")
         else:
             analysis = analyze_run(
                 model, dataset, out=out, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
@@ -333,17 +407,17 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
                 progress=show_progress, force=force,
                 **({"download": not data_extra["no_download"]} if "no_download" in data_extra else {}))
             run_dir = analysis.path
-            click.echo(f"analyzed {model} -> {run_dir}")
+            say(f"analyzed {model} -> {run_dir}")
     elif run_dir is None:
         run_dir = latest_run("reports")
-        click.echo(f"hardening the latest run under reports/: {run_dir}")
+        say(f"hardening the latest run under reports/: {run_dir}")
     if resume:
         from .harden import load_checkpoint
 
         ck = Path(run_dir) / CHECKPOINT_NAME
         if ck.is_file():
             epoch = int(load_checkpoint(ck)["epoch"])
-            click.echo(f"resuming from the checkpoint of epoch {epoch} ({ck}): training continues at epoch {epoch + 1}")
+            say(f"resuming from the checkpoint of epoch {epoch} ({ck}): training continues at epoch {epoch + 1}")
     warned: list[str] = []
     show = warnings.showwarning
 
@@ -368,12 +442,53 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
         ctx.exit(EXIT_INTERRUPTED)
     finally:
         warnings.showwarning = show
-    _echo_harden(done, warned=warned)
+    if not as_json:
+        _echo_harden(done, warned=warned)
     if not no_report and importlib.util.find_spec("robaudit.report") is not None:
         from .report import render_report
 
         report_path = render_report(done.run_dir)
-        click.echo(f"report: {report_path}")
+        say(f"report: {report_path}")
+    _verdict_and_gate(ctx, Path(done.hardened_dir), bars, as_json, before=Path(done.run_dir),
+                      extra={"original_run_dir": str(done.run_dir), "hardened_model": str(done.model_path)})
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path), required=False)
+@click.option("--hardened", is_flag=True, help="Check the hardened model of RUN (RUN/hardened/).")
+@gate_options
+@click.pass_context
+def check(ctx, run_dir, hardened, fail_under, max_re, strict, as_json):
+    """Hold an existing run to bars without recomputing anything; exit 3 when one is missed.
+
+    \b
+      robaudit check reports/m-cifar10 --fail-under worst-case=0.40,clean=0.90 --max-re 0.8
+      robaudit check --strict --json            # the latest run; fail on any sanity warning
+    """
+    from .rundir import latest_run
+
+    bars = _bars(fail_under, max_re, strict)
+    run_dir = Path(run_dir) if run_dir else latest_run("reports")
+    target = run_dir / "hardened" if hardened else run_dir
+    if hardened and not target.is_dir():
+        raise RobauditError(f"{run_dir} has no hardened/ result: run `robaudit harden --run {run_dir}` first")
+    if not as_json:
+        _echo_accuracy(target)
+    _verdict_and_gate(ctx, target, bars, as_json, before=run_dir if hardened else None)
+
+
+def _echo_accuracy(run_dir: Path) -> None:
+    """The run's clean and worst-case accuracies, one line each, before the verdict."""
+    from . import verdict
+    from .rundir import read_run
+    from .sanity import format_eps
+
+    summary = verdict.summarize(read_run(run_dir))
+    click.echo(f"{summary['model']} on {summary['dataset']} ({summary['n_samples']} samples): {run_dir}")
+    if summary["clean_accuracy"] is not None:
+        click.echo(f"clean accuracy: {100 * summary['clean_accuracy']:.1f}%")
+    for w in summary["worst_case"]:
+        click.echo(f"  worst case at eps {format_eps(w['eps'])}: {100 * w['accuracy']:.1f}%")
 
 
 def _echo_harden(done, *, warned=()) -> None:

@@ -23,8 +23,10 @@ BN running statistics, so a clean pass (AT-LR's reference pass, or ``clean_weigh
 statistics into the ones used at test. With ``dual_bn`` (MixBN, Xie & Yuille) clean passes read and
 update a separate set of running statistics; the affine parameters are shared. **At test time the
 adversarial statistics are used**: they are the model's own BN buffers, the ones saved; the clean set
-is dropped after training. A ``torch.export`` archive was captured in eval mode: its BN statistics
-(and dropout) stay frozen during hardening -- harden a checkpoint with an architecture to train them.
+is dropped after training. A ``torch.export`` archive was captured in eval mode: its BatchNorm, Dropout,
+LayerNorm and GroupNorm leaves are rebuilt as ``torch.nn`` modules with the archive's parameters and buffers, so they train
+as in eager mode (and ``dual_bn`` works); the saved ``.pt2`` keeps its format. An eager model whose
+MVL list holds op layers (``block:relu``) trains through its internal export the same way.
 
 Every epoch ends with a validation pass (clean accuracy and PGD accuracy at the training eps) and,
 when ``checkpoint_dir`` is given, an atomic checkpoint (model, optimizer, scheduler, RNG states,
@@ -542,6 +544,7 @@ def harden(
         clean_weight = 0.0
 
     exported = False
+    eager = None  # an eager model trained through its graph (its op layers are in the MVL list)
     if isinstance(model, LoadedModel):
         type_map = type_map or model.type_map
         exported = model.format == "export"
@@ -551,22 +554,37 @@ def harden(
     mvl_layers = list(mvl_layers or [])
     if method in ("atlr", "layerwise") and not mvl_layers:
         raise RobauditError(f"method {method} needs MVL layers: pass mvl_layers (or --mvl-top K)")
-    known = {n for n, _ in module.named_modules() if n}
+    from torch.export.unflatten import UnflattenedModule
+
+    from .models import as_graph, make_trainable
+    from .probe import op_layers
+
+    if not isinstance(module, UnflattenedModule) and any(":" in n for n in mvl_layers):
+        eager = module
+        module, type_map = as_graph(eager, _as_dataset(train, "training").x[:2])
+    frozen_names: list[str] = []
+    if isinstance(module, UnflattenedModule):  # BN, dropout and norms train as in eager mode
+        _, frozen_names = make_trainable(module, dict(type_map or {}))
+    fixed_batch = module.__dict__.get("_robaudit_fixed_batch")
+    if fixed_batch is not None and batch_size != fixed_batch:
+        notes.append(f"the archive was exported for batches of {fixed_batch}: training uses batches of {fixed_batch}")
+        batch_size = fixed_batch
+    known = {n for n, _ in module.named_modules() if n} | set(op_layers(module))
     for name in _layer_modules(mvl_layers):
         if name not in known:
             raise RobauditError(f"the model has no layer named {name!r}: use layer names from the analysis")
     gammas = dict(zip(mvl_layers, parse_gamma(gamma, len(mvl_layers)))) if mvl_layers else {}
-    if exported:
-        frozen = sorted({t for t in (type_map or {}).values() if "batchnorm" in t.lower() or "dropout" in t.lower()})
-        if frozen:
-            msg = (f"the model is a torch.export archive, captured in eval mode: its {', '.join(frozen)} layers stay "
-                   "frozen while hardening (BatchNorm statistics are not updated; only weights train); harden a "
-                   "checkpoint with an architecture to train them")
-            warnings.warn(msg, stacklevel=2)
-            notes.append(msg)
+    frozen = sorted({(type_map or {}).get(n, "?") for n in frozen_names})
+    if frozen:
+        msg = (f"the model is a torch.export archive, captured in eval mode: its {', '.join(frozen)} layers that "
+               "could not be rebuilt stay frozen while hardening; harden a checkpoint with an architecture to "
+               "train them")
+        warnings.warn(msg, stacklevel=2)
+        notes.append(msg)
+    exported = exported and any("batchnorm" in t.lower() for t in frozen)  # only frozen BN matters below
     if dual_bn:
         if exported:
-            raise RobauditError("--dual-bn cannot work on a torch.export archive (its BatchNorm statistics are "
+            raise RobauditError("--dual-bn cannot work on this torch.export archive (its BatchNorm statistics are "
                                 "frozen): harden a checkpoint with an architecture, or drop --dual-bn")
         if not batchnorm_modules(module):
             raise RobauditError("--dual-bn needs a model with BatchNorm layers; this one has none: drop --dual-bn")
@@ -643,7 +661,8 @@ def harden(
         method == "layerwise" or any(g != 0 for g in gammas.values())) else []
     transform = perturber if method == "layerwise" else recorder
     # clean and adversarial batches share one forward pass when no layer keeps batch statistics
-    joint_passes = method in ("at", "atlr") and dual is None and batch_independent(module, exported)
+    joint_passes = (method in ("at", "atlr") and dual is None and fixed_batch is None
+                    and batch_independent(module, exported))
 
     # -- checkpoint / resume -------------------------------------------------------------------
     ck_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
@@ -731,6 +750,9 @@ def harden(
                 module.eval()
                 raise
     module.eval()
+    if eager is not None:  # same state dict keys: hand the trained weights back to the eager model
+        eager.load_state_dict(module.state_dict())
+        module = eager.eval()
     frame = pd.DataFrame(history)
     lead = ["epoch", "lr", "loss", "ce_adv", "ce_clean", "ce_perturbed", "reg"]
     cols = [c for c in lead if c in frame] + sorted(c for c in frame if c.startswith("re:")) + [
@@ -1089,7 +1111,8 @@ def harden_run(
             hardened = load_model(tmp_model)
             layer_spec = man.get("layers") or {}
             analysis = analyze(hardened, test, attacks=man.get("attacks") or None, eps=eps_list or None,
-                               layers=layer_spec.get("patterns"), layer_types=layer_spec.get("types"), mean=mean,
+                               layers=layer_spec.get("patterns"), layer_types=layer_spec.get("types"),
+                               probe=layer_spec.get("probe") or "all", mean=mean,
                                std=std, batch_size=int(man.get("batch_size", 128)), device=dev,
                                seed=int(man.get("seed", 0)))
             mvl_cfg = man.get("mvl") or {}

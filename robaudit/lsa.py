@@ -6,10 +6,12 @@ All are sums over samples, so no activation outlives its batch.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -20,8 +22,8 @@ from torch import nn
 
 from . import attacks as atk
 from .errors import NonFiniteError, RobauditError
-from .models import LoadedModel, check_compatible, with_normalization
-from .probe import Layer, LayerProbe, select_modules
+from .models import LoadedModel, as_graph, check_compatible, with_normalization
+from .probe import PROBE_MODES, Layer, LayerProbe, select_modules
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +270,30 @@ def select_mvl(lsa: pd.DataFrame, accuracy: pd.DataFrame, *, k: int | None = Non
 
 
 # -- the analysis ----------------------------------------------------------------------------
+def graph_for_ops(model: nn.Module, example: torch.Tensor, type_map: Mapping[str, str] | None = None):
+    """``(module, type_map)`` whose functional ops are probeable: the model itself when it is an
+    unflattened program, else its internal export; an eager model that cannot be exported keeps
+    module-level probing, with a warning."""
+    from torch.export.unflatten import UnflattenedModule
+
+    if isinstance(model, UnflattenedModule):
+        return model, type_map
+    try:
+        with torch.no_grad():
+            model(example[:2])
+    except Exception:  # the compatibility check that follows says why, in one line
+        return model, type_map
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return as_graph(model, example)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        warnings.warn(f"the model cannot be exported ({type(e).__name__}: {first}), so its functional ops are "
+                      "not probed; only its modules are (--probe modules silences this)", stacklevel=3)
+        return model, type_map
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -330,6 +356,7 @@ def analyze(
     device: str | torch.device = "auto",
     seed: int = 0,
     type_map: Mapping[str, str] | None = None,
+    probe: str = "all",
     progress: bool = False,
     keep_outcomes: int = 0,
     workers: int = 0,
@@ -344,6 +371,8 @@ def analyze(
     ``model`` is the user's classifier (inputs in [0, 1], or normalized by ``mean``/``std``);
     ``data`` a :class:`robaudit.data.Dataset` or an ``(x, y)`` pair. Per batch: one hooked clean
     forward, reused by every attack; per attack, the adversarial batch and one hooked forward.
+    ``probe`` (``modules``, ``ops`` or ``all``) says which layers are candidates: to probe an eager
+    model's functional ops it runs the model's own ``torch.export`` graph, so names match its ``.pt2``.
     """
     started = time.perf_counter()
     if isinstance(model, LoadedModel):
@@ -354,10 +383,14 @@ def analyze(
         raise RobauditError("--batch-size must be at least 1")
     dev = resolve_device(device)
     specs = atk.expand(list(attacks) if attacks else atk.default_battery(eps), eps)
+    if probe not in PROBE_MODES:
+        raise RobauditError(f"unknown probe mode {probe!r}: use {', '.join(PROBE_MODES)}")
     model = model.to(dev).eval()
+    if probe != "modules":
+        model, type_map = graph_for_ops(model, x_all[:2].to(dev), type_map)
     full = with_normalization(model, mean, std, ndim=x_all.dim()).to(dev).eval()
     check_compatible(full, x_all[:2].to(dev), num_classes)
-    modules = select_modules(model, layer_types=layer_types, patterns=layers, type_map=type_map)
+    modules = select_modules(model, layer_types=layer_types, patterns=layers, type_map=type_map, probe=probe)
 
     seed_everything(seed)
     builders = [atk.build(s, full, num_classes=num_classes, seed=seed) for s in specs]
@@ -377,6 +410,8 @@ def analyze(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n_total * len(specs), desc="analyze", unit="ex", leave=False)
+    # a fixed-batch archive runs in chunks, whose outputs the probe joins: read them after the pass
+    streaming = model.__dict__.get("_robaudit_fixed_batch") is None
     with LayerProbe(model, modules, type_map=type_map, detach=True) as probe:
         for start, x, y in _batches(data, x_all, y_all, batch_size, dev, workers):
             with torch.no_grad():
@@ -388,6 +423,14 @@ def analyze(
                 if t.shape == logits.shape and torch.equal(t, logits.detach()):
                     output_layers.add(name)
             clean_sq = {name: per_sample_sq_norms(t) for name, t in clean.items()}
+
+            def observe(i: int, layer: Layer, t: torch.Tensor, clean=clean, clean_sq=clean_sq) -> torch.Tensor:
+                if layer.name not in clean:
+                    raise RobauditError(f"layer {layer.name} ran on the perturbed input but not on the clean one: "
+                                        "the model's control flow depends on its input; restrict --layers")
+                stats.setdefault((layer.name, i), RelativeError()).update(clean[layer.name], t,
+                                                                          clean_sq=clean_sq[layer.name])
+                return t
             ok_clean = logits.argmax(1) == y
             correct["clean"] += int(ok_clean.sum())
             robust = {k: ok_clean.clone() for k in worst_keys}
@@ -403,7 +446,14 @@ def analyze(
                     raise NonFiniteError(f"{spec.label} produced non-finite inputs: the model's gradients may be "
                                          "non-finite; check the weights")
                 with torch.no_grad():
-                    adv_logits, adv_outs = probe.run(full, x_adv)
+                    if streaming:  # each layer's statistics update as it runs: no copy of its output is kept
+                        probe.transform, probe.record = functools.partial(observe, i), False
+                        try:
+                            adv_logits, adv_outs = probe.run(full, x_adv)
+                        finally:
+                            probe.transform, probe.record = None, True
+                    else:
+                        adv_logits, adv_outs = probe.run(full, x_adv)
                 ok = adv_logits.argmax(1) == y
                 correct[i] += int(ok.sum())
                 if kept and start < keep_outcomes:

@@ -67,6 +67,7 @@ def analyze_run(
     eps: Sequence[float] | None = None,
     layers: Sequence[str] | None = None,
     layer_types: Sequence[str] | None = None,
+    probe: str = "all",
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     normalize: bool = True,
@@ -117,8 +118,8 @@ def analyze_run(
         plan = plan_checks(atk.expand(specs, eps), n_battery=len(data.y), num_classes=data.num_classes,
                            batch_size=batch_size)
 
-    result = analyze(loaded, data, attacks=specs, eps=eps, layers=layers, layer_types=layer_types, mean=mean,
-                     std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress,
+    result = analyze(loaded, data, attacks=specs, eps=eps, layers=layers, layer_types=layer_types, probe=probe,
+                     mean=mean, std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress,
                      keep_outcomes=plan.n_samples if plan else 0, workers=workers)
     if mvl_top is None and mvl_z is None:
         layers_ = result.lsa.drop_duplicates("layer")
@@ -162,7 +163,8 @@ def analyze_run(
         "attacks": [s.spec_string() for s in specs],
         "configurations": [s.spec_string() for s in result.attacks],
         "eps": eps,
-        "layers": {"patterns": list(layers) if layers else None, "types": list(layer_types) if layer_types else None},
+        "layers": {"patterns": list(layers) if layers else None, "types": list(layer_types) if layer_types else None,
+                   "probe": probe},
         "num_layers": len(result.layers),
         "mvl": {"top": mvl_top, "z": mvl_z, "attack": mvl_attack, "metric": mvl_metric,
                 "include_output": include_output},

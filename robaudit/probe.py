@@ -1,7 +1,10 @@
 """Layer selection and forward hooks: capture every probed layer's output, always cleaning up.
 
 A layer is a call of a module in one forward pass: a module called k times gives the layers
-``name``, ``name#2``, ..., ``name#k`` (in the order the calls happen).
+``name``, ``name#2``, ..., ``name#k`` (in the order the calls happen). In a graph (an unflattened
+``torch.export`` program) functional activations and residual additions are layers too, named after
+the module that calls them: the k-th ``relu`` op run by ``layers.3`` is ``layers.3:relu#k``
+(``:relu`` at the top level). :func:`add_op_taps` makes them hookable.
 """
 from __future__ import annotations
 
@@ -11,10 +14,97 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
+import torch.fx
+
 import torch
 from torch import nn
 
 from .errors import RobauditError
+
+
+PROBE_MODES = ("modules", "ops", "all")
+
+# functional activations (aten names, in-place variants included) probed as layers of their caller
+ACTIVATION_OPS = frozenset({"relu", "relu6", "gelu", "silu", "hardtanh", "leaky_relu", "elu", "sigmoid", "tanh"})
+# torch.nn modules whose output is a tuple: the first tensor is the layer's output (attention)
+TUPLE_MODULES = frozenset({"MultiheadAttention"})
+_CONTAINERS = {"Module", "Sequential", "ModuleList", "ModuleDict", "ParameterList", "ParameterDict", "Container"}
+# classes of torch.nn: ops inside them belong to the module, which is probed as a whole
+NN_CLASSES = frozenset(n for n in dir(nn) if isinstance(getattr(nn, n), type)
+                       and issubclass(getattr(nn, n), nn.Module) and n not in _CONTAINERS)
+
+
+class OpTap(nn.Module):
+    """An identity module inserted after a functional op in a graph, so that a forward hook sees its output."""
+
+    def __init__(self, layer: str, op: str) -> None:
+        super().__init__()
+        self.layer = layer  # the layer name without call index, e.g. "layers.3:relu"
+        self.op = op
+
+    def forward(self, x):
+        return x
+
+
+def _op_name(node: "torch.fx.Node") -> str | None:
+    """The probed op a graph node runs (``relu``, ``relu6``, ``add`` ...), or None."""
+    if node.op != "call_function":
+        return None
+    target = str(node.target)
+    if not target.startswith("aten."):
+        return None
+    base = target.split(".")[1].rstrip("_")
+    if base == "add" and target.split(".")[2] == "Tensor":
+        vals = [getattr(a, "meta", {}).get("val") for a in node.args[:2]]
+        if len(vals) == 2 and all(isinstance(v, torch.Tensor) for v in vals):
+            return "add"
+        return None
+    if base not in ACTIVATION_OPS:
+        return None
+    if base == "hardtanh":
+        lo, hi = (list(node.args[1:3]) + [-1.0, 1.0][len(node.args) - 1:])[:2]
+        return "relu6" if (float(lo), float(hi)) == (0.0, 6.0) else "hardtanh"
+    return base
+
+
+def add_op_taps(root: nn.Module, type_map: Mapping[str, str]) -> int:
+    """Insert an :class:`OpTap` after every probed op of an unflattened program's graphs; return how many.
+
+    Ops inside torch.nn modules (the ReLU module's own ``relu``, attention's internals) are left to
+    the module. Each changed graph's code is generated again.
+    """
+    n = 0
+    for qual, sub in list(root.named_modules()):
+        graph = sub.__dict__.get("graph")
+        if not isinstance(graph, torch.fx.Graph) or not hasattr(sub, "finalize"):
+            continue
+        if qual and type_map.get(qual, type(sub).__name__) in NN_CLASSES:
+            continue
+        changed = False
+        for node in list(graph.nodes):
+            op = _op_name(node)
+            if op is None:
+                continue
+            tap_name = f"_robaudit_op{n}"
+            n += 1
+            sub.add_module(tap_name, OpTap(f"{qual}:{op}", op))
+            with graph.inserting_after(node):
+                tap = graph.create_node("call_module", tap_name, (node,))
+            tap.meta = dict(node.meta)
+            node.replace_all_uses_with(tap, delete_user_cb=lambda user, tap=tap: user is not tap)
+            changed = True
+        if changed:
+            sub.finalize()  # builds a new GraphModule over the changed graph, and lints it
+    return n
+
+
+def op_layers(model: nn.Module) -> dict[str, list[str]]:
+    """Op layer name (``layers.3:relu``) -> qualified names of its taps, in graph order."""
+    out: dict[str, list[str]] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, OpTap):
+            out.setdefault(mod.layer, []).append(name)
+    return out
 
 
 @dataclass(frozen=True)
@@ -37,7 +127,26 @@ def module_types(model: nn.Module, type_map: Mapping[str, str] | None = None) ->
     for name, mod in model.named_modules():
         if name == "":
             continue
+        if isinstance(mod, OpTap):
+            out[mod.layer] = mod.op
+            continue
         out[name] = (type_map or {}).get(name, type(mod).__name__)
+    return out
+
+
+def _module_leaves(model: nn.Module, types: Mapping[str, str]) -> list[str]:
+    """Modules probed as a whole: leaves, and tuple-returning torch.nn modules (not their insides)."""
+    out, inside = [], ()
+    for n, m in model.named_modules():
+        if not n or isinstance(m, OpTap):
+            continue
+        if inside and any(n.startswith(p + ".") for p in inside):
+            continue
+        if types.get(n) in TUPLE_MODULES:
+            out.append(n)
+            inside = inside + (n,)
+        elif not any(not isinstance(c, OpTap) for c in m.children()):
+            out.append(n)
     return out
 
 
@@ -47,14 +156,20 @@ def select_modules(
     layer_types: Sequence[str] | None = None,
     patterns: Sequence[str] | None = None,
     type_map: Mapping[str, str] | None = None,
+    probe: str = "all",
 ) -> list[str]:
-    """Names of the leaf modules to probe, filtered by class name and/or qualified-name glob.
+    """Names of the layers to probe, filtered by class or op name and/or qualified-name glob.
 
-    Without filters every leaf module is a candidate; modules whose output is not a tensor are
-    dropped later, when the probe first sees them run.
+    ``probe``: ``modules`` (leaf modules), ``ops`` (functional activations and residual additions of
+    a graph with :class:`OpTap` s) or ``all``. Without filters every candidate is selected; modules
+    whose output holds no tensor are dropped later, when the probe first sees them run.
     """
+    if probe not in PROBE_MODES:
+        raise RobauditError(f"unknown probe mode {probe!r}: use {', '.join(PROBE_MODES)}")
     types = module_types(model, type_map)
-    leaves = [n for n, m in model.named_modules() if n and not any(True for _ in m.children())]
+    leaves = _module_leaves(model, types) if probe != "ops" else []
+    if probe != "modules":
+        leaves += list(op_layers(model))
     wanted_types = {t.strip().lower() for t in layer_types or [] if t.strip()}
     if wanted_types:
         known = {t.lower() for t in types.values()}
@@ -110,15 +225,18 @@ class LayerProbe:
         self.types = module_types(model, type_map)
         self.detach = detach
         self.transform = transform
+        self.record = True  # False: only call ``transform`` (an observer may read each output as it runs)
         self._handles: list = []
         self._calls: dict[str, int] = {}
+        self._chunk: int | None = None
         self._outputs: "OrderedDict[str, torch.Tensor]" = OrderedDict()
         self._layers: dict[str, Layer] = {}
 
     # -- hook management -------------------------------------------------------------------
     def __enter__(self) -> "LayerProbe":
         named = dict(self.model.named_modules())
-        missing = [n for n in self.module_names if n not in named]
+        ops = op_layers(self.model)
+        missing = [n for n in self.module_names if n not in named and n not in ops]
         if missing:
             raise RobauditError(f"the model has no module named {missing[0]!r}")
         self._register()
@@ -126,9 +244,12 @@ class LayerProbe:
 
     def _register(self) -> None:
         named = dict(self.model.named_modules())
+        ops = op_layers(self.model)
         try:
             for name in self.module_names:
-                self._handles.append(named[name].register_forward_hook(self._make_hook(name)))
+                hook = self._make_hook(name)  # the taps of one op layer share its call count
+                for qual in ops.get(name, [name] if name in named else []):
+                    self._handles.append(named[qual].register_forward_hook(hook))
         except Exception:
             self.remove()
             raise
@@ -153,8 +274,23 @@ class LayerProbe:
 
     def _make_hook(self, name: str):
         def hook(module, inputs, output):
+            whole, index = output, None
+            if isinstance(output, (tuple, list)):  # attention: the first tensor is the layer's output
+                index = next((i for i, t in enumerate(output) if isinstance(t, torch.Tensor)), None)
+                if index is None:
+                    return None
+                output = output[index]
             if not isinstance(output, torch.Tensor):
                 return None
+            chunk = self.model.__dict__.get("_robaudit_chunk")  # a fixed-batch model running one chunk
+            rest = None
+            if chunk is not None:
+                part, valid = chunk
+                if part != self._chunk:  # each chunk is the same forward pass again: count its calls afresh
+                    self._chunk = part
+                    self._calls.clear()
+                if output.dim() and output.shape[0] > valid:
+                    output, rest = output[:valid], output[valid:]
             call = self._calls.get(name, 0) + 1
             self._calls[name] = call
             key = name if call == 1 else f"{name}#{call}"
@@ -168,7 +304,17 @@ class LayerProbe:
                 output = new
             # clone: a later in-place op (ReLU(inplace=True), ``out += identity``) would otherwise
             # rewrite the recorded activation through shared storage
-            self._outputs[key] = output.detach().clone() if self.detach else output
+            record = (output.detach().clone() if self.detach else output) if self.record else None
+            if self.record:
+                if chunk is not None and chunk[0] > 0 and key in self._outputs:
+                    record = torch.cat([self._outputs[key], record])
+                self._outputs[key] = record
+            if rest is not None:  # the padded rows go on unchanged
+                new = torch.cat([new if new is not None else output, rest])
+            if new is not None and index is not None:
+                items = list(whole)
+                items[index] = new
+                return type(whole)(items)
             return new
 
         return hook
@@ -177,6 +323,7 @@ class LayerProbe:
     def reset(self) -> None:
         """Forget the outputs of the last forward pass (call before each forward)."""
         self._calls.clear()
+        self._chunk = None
         self._outputs = OrderedDict()
 
     def outputs(self) -> "OrderedDict[str, torch.Tensor]":

@@ -30,7 +30,7 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure  # never pyplot: no global figure state, no GUI backend
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from . import sanity
+from . import sanity, verdict
 from .errors import RobauditError
 from .models import sha256_file
 from .rundir import read_json
@@ -799,12 +799,17 @@ def _checks_note(model_checks: dict | None) -> str:
     return text + "."
 
 
-def _sanity_group(title: str, checks: list[sanity.Check], model_checks: dict | None = None) -> dict:
+def _sanity_group(title: str, checks: list[sanity.Check], model_checks: dict | None = None, *,
+                  introduced: list[str] = ()) -> dict:
     warns = [c for c in checks if c.status == "warn"]
+    new = ("Hardening introduced " + ("a warning" if len(introduced) == 1 else f"{len(introduced)} warnings")
+           + " that the audited model did not have (" + "; ".join(introduced) + "): the classic sign of a defence "
+           "that only masks gradients. Do not read the hardened accuracies as robustness until a stronger or "
+           "gradient-free attack confirms them.") if introduced else ""
     rows = [Row([Cell(Markup('<span class="badge {0}">{0}</span>').format(c.status), c.status),
                  Cell(c.name), Cell(c.detail, cls="wrap"), Cell(getattr(c, "threshold", ""), cls="wrap")])
             for c in checks]
-    return {"title": title, "note": _checks_note(model_checks),
+    return {"title": title, "introduced": new, "note": _checks_note(model_checks),
             "warn": f"{len(warns)} of {len(checks)} checks warn." if warns else "",
             "table": Table([Column("Status"), Column("Check"), Column("Numbers"), Column("Threshold")], rows)}
 
@@ -912,6 +917,12 @@ def _verdict(run: Run, hardened: Run | None, acc_cmp: pd.DataFrame, settings: di
     sentences.append(_sanity_sentence("Audited model", checks))
     if checks_after is not None:
         sentences.append(_sanity_sentence("Hardened model", checks_after))
+        introduced = verdict.introduced_warnings(checks, checks_after)
+        if introduced:
+            sentences.append(Markup("<strong>Hardening introduced {}</strong> ({}): the classic sign of a defence "
+                                    "that only masks gradients.").format(
+                "a sanity warning" if len(introduced) == 1 else f"{len(introduced)} sanity warnings",
+                "; ".join(introduced)))
     all_checks = checks + (checks_after or [])
     n_warn = sum(c.status == "warn" for c in all_checks)
     cards.append({"label": "Sanity checks", "value": f"{n_warn} warn" if n_warn else "all pass",
@@ -1098,7 +1109,8 @@ def render_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = No
 
     sanity_groups = [_sanity_group("Audited model" if checks_after is not None else "Checks", checks, run.checks)]
     if checks_after is not None:
-        sanity_groups.append(_sanity_group("Hardened model", checks_after, hardened.checks))
+        sanity_groups.append(_sanity_group("Hardened model", checks_after, hardened.checks,
+                                           introduced=verdict.introduced_warnings(checks, checks_after)))
 
     man = run.manifest
     model = man.get("model") or {}

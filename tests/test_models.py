@@ -148,10 +148,24 @@ def test_export_accepts_any_batch_size(cnn, pt2_file, batch):
         torch.testing.assert_close(logits, cnn(x), rtol=1e-5, atol=1e-5)
 
 
-def test_export_with_a_fixed_batch_is_refused(cnn, folder):
+def test_export_with_a_fixed_batch_runs_padded(cnn, folder, data, pt2_file):
     path = export_fixed(cnn, folder / "fixed.pt2", torch.rand(4, 1, 8, 8))
-    with pytest.raises(RobauditError, match="fixed batch size of 4.*dynamic"):
-        load_model(path)
+    with pytest.warns(UserWarning, match="fixed batch size of 4.*padded") as caught:
+        loaded = load_model(path)
+    assert len([w for w in caught if "fixed batch" in str(w.message)]) == 1
+    x = torch.rand(7, 1, 8, 8)  # one full batch of 4, one of 3 padded to 4
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module(x), cnn(x))
+    with LayerProbe(loaded.module, CNN_RELUS, type_map=loaded.type_map) as probe, torch.no_grad():
+        _, outs = probe.run(loaded.module, x)
+        assert list(outs) == CNN_RELUS and outs["features.5"].shape[0] == 7
+    # the same numbers as the dynamic archive, batch sizes 3 and 5 included
+    kw = dict(attacks=["fgsm", "pgd:steps=2"], eps=[0.05], batch_size=5, device="cpu", seed=1)
+    fixed = analyze(loaded, data, **kw)
+    dynamic = analyze(load_model(pt2_file), data, **kw)
+    assert list(fixed.lsa["layer"]) == list(dynamic.lsa["layer"])
+    assert rel_diff(fixed.lsa[RE_COLS], dynamic.lsa[RE_COLS]) <= 1e-5
+    pd.testing.assert_frame_equal(accuracy_numbers(fixed), accuracy_numbers(dynamic))
 
 
 def test_hardened_weights_saved_back_into_the_export(pt2_file, folder):
@@ -319,3 +333,12 @@ def test_no_warning_for_a_matching_model(cnn):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_compatible(cnn, torch.rand(2, 1, 8, 8), 4)
+
+
+def test_check_compatible_tells_a_failure_from_a_shape_mismatch():
+    class Broken(nn.Module):
+        def forward(self, x):
+            return self.missing(x)
+
+    with pytest.raises(RobauditError, match=r"failed to run .*AttributeError.*not the cause"):
+        check_compatible(Broken(), torch.rand(2, 1, 8, 8), 4)

@@ -79,6 +79,39 @@ def test_module_called_twice_in_an_export(tmp_path):
     assert list(exported.lsa["layer_type"]) == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]
 
 
+class _Block(nn.Module):
+    """A residual block calling its one in-place ReLU twice (as torchvision's BasicBlock does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 2, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        out = self.conv2(self.relu(self.conv1(x)))
+        out += x
+        return self.relu(out)
+
+
+def test_nested_module_called_twice_in_an_export(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(_Block(), _Block(), nn.Flatten(), nn.Linear(32, 3)).eval()
+    loaded = load_model(export_dynamic(model, tmp_path / "blocks.pt2", torch.rand(2, 2, 4, 4)))
+    x = torch.rand(5, 2, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module(x), model(x))
+    names = select_modules(loaded.module, layer_types=["ReLU"], type_map=loaded.type_map)
+    assert names == ["0.relu", "1.relu"]
+    with LayerProbe(loaded.module, names, type_map=loaded.type_map) as probe, torch.no_grad():
+        _, outs = probe.run(loaded.module, x)
+        outs = dict(outs)
+    assert list(outs) == ["0.relu", "0.relu#2", "1.relu", "1.relu#2"]
+    with torch.no_grad():
+        first = model[0].relu(model[0].conv1(x).clone())
+    torch.testing.assert_close(outs["0.relu"], first)
+
+
 def test_reset_restarts_call_counting():
     model = make_twice()
     with LayerProbe(model, ["act"]) as probe:
@@ -225,7 +258,7 @@ def test_hooks_removed_when_analyze_fails(where, n, grad):
     model = Bomb(make_cnn(), n=n, grad=grad).eval()
     data = make_data(model.inner, 6)
     with pytest.raises(RuntimeError, match="model exploded"):
-        analyze(model, data, attacks=["fgsm"], eps=[0.03], batch_size=4, device="cpu")
+        analyze(model, data, attacks=["fgsm"], eps=[0.03], batch_size=4, device="cpu", probe="modules")
     assert_no_hooks(model)
 
 
@@ -233,7 +266,7 @@ def test_hooks_removed_when_analyze_fails_with_normalization():
     model = Bomb(make_cnn(), n=3, grad=False).eval()
     data = make_data(model.inner, 4)
     with pytest.raises(RuntimeError, match="model exploded"):
-        analyze(model, data, attacks=["fgsm"], eps=[0.03], mean=[0.5], std=[0.25], device="cpu")
+        analyze(model, data, attacks=["fgsm"], eps=[0.03], mean=[0.5], std=[0.25], device="cpu", probe="modules")
     assert_no_hooks(model)
 
 

@@ -1,0 +1,159 @@
+"""Robustness bars for CI: ``--fail-under worst-case=0.40,clean=0.90,pgd@8/255=0.35,sanity`` and ``--max-re``.
+
+Bars are parsed once, before any work (:func:`parse_bars`), and held against a run directory
+(:func:`evaluate`). A run that misses a bar is still written whole; the command then exits with
+:data:`EXIT_MISSED`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import sanity
+from .attacks import parse_number
+from .errors import RobauditError
+from .rundir import Run
+
+EXIT_MISSED = 3
+SANITY = "sanity"
+MAX_RE = "max-re"
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One bar: an accuracy metric (``attack``, optional ``eps``) at least ``value``, no sanity warning, or
+    every layer's RE at most ``value``."""
+
+    kind: str  # "accuracy" | "sanity" | "max-re"
+    attack: str = ""
+    eps: float | None = None
+    eps_text: str = ""
+    value: float | None = None
+
+    @property
+    def name(self) -> str:
+        if self.kind == SANITY:
+            return SANITY
+        if self.kind == MAX_RE:
+            return f"{MAX_RE}={self.value:g}"
+        return f"{self.attack}{'@' + self.eps_text if self.eps_text else ''}={self.value:g}"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    bar: Bar
+    met: bool
+    value: float | None
+    text: str
+
+    def to_dict(self) -> dict:
+        return {"bar": self.bar.name, "met": self.met, "value": self.value, "text": self.text}
+
+
+def _split(text: str) -> list[str]:
+    """Split on commas outside parentheses: ``pgd(steps=50,alpha=0.01)@0.1=0.3`` stays one item."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [i.strip() for i in items if i.strip()]
+
+
+def _fraction(text: str, what: str) -> float:
+    text = text.strip()
+    value = parse_number(text[:-1]) / 100 if text.endswith("%") else parse_number(text)
+    if not math.isfinite(value) or not 0 <= value <= 1:
+        raise RobauditError(f"{what} needs an accuracy between 0 and 1 (or a percentage), got {text!r}")
+    return value
+
+
+def parse_bars(fail_under: str | None = None, *, max_re: float | None = None, strict: bool = False) -> list[Bar]:
+    """Parse ``--fail-under``, ``--max-re`` and ``--strict`` into bars; one-line errors for bad syntax."""
+    bars: list[Bar] = []
+    for item in _split(fail_under or ""):
+        if item.lower() == SANITY:
+            bars.append(Bar(SANITY))
+            continue
+        metric, sep, value = item.rpartition("=")
+        if not sep or not metric.strip():
+            raise RobauditError(f"--fail-under item {item!r} must look like metric=value (e.g. worst-case=0.4, "
+                                "clean=0.9, pgd@8/255=0.35) or be 'sanity'")
+        attack, at, eps_text = metric.strip().rpartition("@") if "@" in metric else (metric.strip(), "", "")
+        eps = None
+        if at:
+            eps = parse_number(eps_text)
+            if not math.isfinite(eps) or eps <= 0:
+                raise RobauditError(f"--fail-under {item!r}: eps must be positive")
+        bars.append(Bar("accuracy", attack.strip(), eps, eps_text.strip(), _fraction(value, f"--fail-under {item!r}")))
+    if strict and not any(b.kind == SANITY for b in bars):
+        bars.append(Bar(SANITY))
+    if max_re is not None:
+        if not math.isfinite(max_re) or max_re <= 0:
+            raise RobauditError(f"--max-re must be a positive number, got {max_re}")
+        bars.append(Bar(MAX_RE, value=float(max_re)))
+    return bars
+
+
+def _accuracy(bar: Bar, run: Run) -> Outcome:
+    acc = run.accuracy
+    rows = acc[acc["attack"] == bar.attack]
+    if rows.empty:
+        known = ", ".join(sorted(set(acc["attack"])))
+        raise RobauditError(f"--fail-under names {bar.attack!r}, which is not in this run's accuracy.csv: "
+                            f"use one of {known}")
+    if bar.attack != sanity.CLEAN:
+        bounded = rows[rows["eps"].notna()]
+        if bar.eps is None:
+            rows = bounded[bounded["eps"] == bounded["eps"].max()] if not bounded.empty else rows
+        else:
+            rows = bounded[np.isclose(bounded["eps"].astype(float), bar.eps, rtol=1e-6, atol=1e-9)]
+            if rows.empty:
+                known = ", ".join(sanity.format_eps(e) for e in sorted(set(bounded["eps"])))
+                raise RobauditError(f"--fail-under {bar.name}: {bar.attack} ran at eps {known or 'no eps'}, not "
+                                    f"{bar.eps_text}")
+    value = float(rows["accuracy"].min())
+    eps = rows["eps"].iloc[0] if rows["eps"].notna().any() else None
+    where = f"{bar.attack}" + (f" at eps {sanity.format_eps(float(eps))}" if eps is not None else "")
+    met = value >= bar.value
+    return Outcome(bar, met, value, f"{where}: {100 * value:.1f}% {'>=' if met else '<'} {100 * bar.value:.1f}%")
+
+
+def _sanity(bar: Bar, checks: list[sanity.Check]) -> Outcome:
+    warns = [c.name for c in checks if c.status == "warn"]
+    text = "no sanity check warns" if not warns else f"{len(warns)} sanity check(s) warn: {'; '.join(warns)}"
+    return Outcome(bar, not warns, float(len(warns)), text)
+
+
+def _max_re(bar: Bar, run: Run) -> Outcome:
+    mvl = run.mvl or {}
+    metric = mvl.get("metric") or "re_mean"
+    lsa = run.lsa[run.lsa["attack"] == mvl.get("attack")]
+    if mvl.get("eps") is not None and "eps" in lsa:
+        lsa = lsa[np.isclose(lsa["eps"].astype(float), float(mvl["eps"]))]
+    lsa = lsa[lsa[metric].notna()]
+    if lsa.empty:
+        raise RobauditError(f"--max-re: this run has no RE under its ranking attack {mvl.get('attack')!r}")
+    worst = lsa.loc[lsa[metric].idxmax()]
+    value = float(worst[metric])
+    met = value <= bar.value
+    return Outcome(bar, met, value, f"largest {metric} under {mvl.get('attack')}: {worst['layer']} {value:.4f} "
+                                    f"{'<=' if met else '>'} {bar.value:g}")
+
+
+def evaluate(bars: list[Bar], run: Run, checks: list[sanity.Check]) -> list[Outcome]:
+    """Hold every bar against a run (and its sanity checks)."""
+    out = []
+    for bar in bars:
+        if bar.kind == SANITY:
+            out.append(_sanity(bar, checks))
+        elif bar.kind == MAX_RE:
+            out.append(_max_re(bar, run))
+        else:
+            out.append(_accuracy(bar, run))
+    return out

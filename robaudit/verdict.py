@@ -1,0 +1,103 @@
+"""What a run says, in a form for the terminal and for scripts: accuracies, worst case, MVL, sanity verdict.
+
+The report shows the same facts at length; :func:`summarize` is the JSON object that ``--json`` prints, and
+:func:`sanity_lines` the lines that the terminal summary prints, so that a reader of CI logs sees the
+sanity verdict too.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from . import sanity
+from .rundir import Run
+
+SECTION_TITLE = "Evaluation sanity checks"
+# What a warning of each check means, in a few words.
+MEANING = {
+    sanity.CHANCE: "the model is at chance: every other number is noise",
+    sanity.PROBABILITIES: "attacks on probabilities see vanishing gradients",
+    sanity.DETERMINISM: "a random forward pass defeats gradient attacks",
+}
+DEFAULT_MEANING = "gradients may be masked: the robust accuracies are upper bounds"
+
+
+def _num(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def checks_of(run: Run) -> list[sanity.Check]:
+    """The sanity checks of a run, decided from its accuracy.csv and checks.json."""
+    num_classes = (run.manifest.get("dataset") or {}).get("num_classes")
+    return sanity.evaluate(run.accuracy, run.checks, num_classes=num_classes)
+
+
+def short(check: sanity.Check) -> str:
+    """One terminal line for a warning: the check, the numbers that tripped it, what it means."""
+    numbers = check.detail.split(": a ")[0].split(". ")[0].split("; ")[0].rstrip(".")
+    if len(numbers) > 140:
+        numbers = numbers[:137] + "..."
+    return f"{check.name}: {numbers} -> {MEANING.get(check.name, DEFAULT_MEANING)}"
+
+
+def sanity_verdict(checks: list[sanity.Check]) -> dict:
+    counts = {s: sum(c.status == s for c in checks) for s in ("pass", "warn", "skip")}
+    return {**counts, "all_pass": counts["warn"] == 0,
+            "warnings": [{"check": c.name, "detail": c.detail, "threshold": c.threshold,
+                          "meaning": MEANING.get(c.name, DEFAULT_MEANING), "line": short(c)}
+                         for c in checks if c.status == "warn"]}
+
+
+def verdict_line(checks: list[sanity.Check]) -> str:
+    v = sanity_verdict(checks)
+    skipped = f", {v['skip']} skipped" if v["skip"] else ""
+    if v["all_pass"]:
+        return f"sanity checks: all pass ({v['pass']} pass{skipped})"
+    return f"sanity checks: {v['warn']} warn, {v['pass']} pass{skipped}"
+
+
+def sanity_lines(checks: list[sanity.Check], *, report: str | None = None, run_dir: str | None = None) -> list[str]:
+    """The verdict line, then one line per warning, then where the report explains them."""
+    lines = [verdict_line(checks)]
+    warns = [c for c in checks if c.status == "warn"]
+    lines += [f"  warn: {short(c)}" for c in warns]
+    if warns and report:
+        lines.append(f"  see {report}#sanity (section 5, {SECTION_TITLE})")
+    elif warns:
+        lines.append(f"  see section 5 ({SECTION_TITLE}) of the report: robaudit report --run {run_dir or 'RUN'}")
+    return lines
+
+
+def introduced_warnings(before: list[sanity.Check], after: list[sanity.Check]) -> list[str]:
+    """Checks that warn after hardening but did not before: the classic sign of a defence that masks gradients."""
+    warned = {c.name for c in before if c.status == "warn"}
+    return [c.name for c in after if c.status == "warn" and c.name not in warned]
+
+
+def summarize(run: Run, checks: list[sanity.Check] | None = None) -> dict:
+    """The JSON object of ``--json``: accuracies, worst case per eps, MVL, sanity verdict, run directory."""
+    checks = checks_of(run) if checks is None else checks
+    acc = run.accuracy
+    cols = [c for c in ("attack", "eps", "norm", "kind", "accuracy", "n_samples", "success_rate", "pert_median",
+                        "pert_p90") if c in acc.columns]
+    rows = [{k: _num(v) for k, v in r.items()} for r in acc[cols].astype(object).where(acc[cols].notna(), None)
+            .to_dict("records")]
+    worst = acc[(acc["attack"] == sanity.WORST_CASE) & acc["eps"].notna()]
+    clean = acc.loc[acc["attack"] == sanity.CLEAN, "accuracy"]
+    mvl = run.mvl or {}
+    return {
+        "run_dir": str(run.path),
+        "model": (run.manifest.get("model") or {}).get("path"),
+        "dataset": (run.manifest.get("dataset") or {}).get("name"),
+        "n_samples": run.manifest.get("n_samples"),
+        "clean_accuracy": float(clean.iloc[0]) if len(clean) else None,
+        "accuracy": rows,
+        "worst_case": [{"eps": float(r.eps), "norm": getattr(r, "norm", None), "accuracy": float(r.accuracy)}
+                       for r in worst.sort_values("eps").itertuples()],
+        "mvl": {"attack": mvl.get("attack"), "eps": mvl.get("eps"), "metric": mvl.get("metric"),
+                "layers": [{"layer": l.get("layer"), "layer_type": l.get("layer_type"), "score": l.get("score")}
+                           for l in mvl.get("layers") or []]},
+        "sanity": sanity_verdict(checks),
+    }
