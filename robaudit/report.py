@@ -783,7 +783,7 @@ def _checks_note(model_checks: dict | None) -> str:
     if not model_checks or model_checks.get("n_samples") is None:
         return ""
     n = int(model_checks["n_samples"])
-    text = f"The model checks (probes and their attacks) used {n} sample{'s' if n != 1 else ''}"
+    text = f"The model checks used {n} sample{'s' if n != 1 else ''}"
     plan = model_checks.get("plan") or {}
     if plan.get("share") is not None:
         text += (f", sized to cost at most {100 * plan['share']:.0f} % of the battery "
@@ -796,6 +796,8 @@ def _checks_note(model_checks: dict | None) -> str:
         text += f"; they took {model_checks['seconds']:.3g} s against the battery's {model_checks['battery_seconds']:.3g} s"
     if model_checks.get("skipped"):
         text += f" ({model_checks['skipped']})"
+    elif (model_checks.get("attacks") or {}).get("skipped"):
+        text += f"; no attack probes ran ({model_checks['attacks']['skipped']})"
     return text + "."
 
 
