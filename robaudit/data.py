@@ -621,6 +621,20 @@ class ImageFiles(torch.utils.data.Dataset):
         return torch.from_numpy(np.array(arr, order="C")), label  # a writable copy of the decoded pixels
 
 
+class ArrayRows(torch.utils.data.Dataset):
+    """Rows of a (memory-mapped) array, copied one at a time as float32: ``(sample, label)``."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, index: np.ndarray) -> None:
+        self.x, self.y, self.index = x, y, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int):
+        j = int(self.index[i])
+        return torch.from_numpy(np.array(self.x[j], dtype=np.float32, order="C")), int(self.y[j])
+
+
 @dataclass
 class StreamingDataset:
     """A split read batch by batch: ``items`` yields ``(uint8 sample, label)``; labels are known up front.
@@ -646,7 +660,8 @@ class StreamingDataset:
     def head(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``n`` samples as float32 in [0, 1] and their labels."""
         n = min(int(n), len(self))
-        x = torch.stack([self.items[i][0] for i in range(n)]).float() / self.scale
+        x = torch.stack([self.items[i][0] for i in range(n)]).float()
+        x = x / self.scale if self.scale != 1.0 else x
         return x, self.y[:n]
 
 
@@ -688,7 +703,8 @@ def load_dataset(name: str, *, split: str = "test", samples: int | None = None, 
     downloaded there, checksum-verified, when missing and ``download`` is true. ``imagefolder:DIR``
     reads DIR/<class>/<image> (PNG/JPEG; the folder is the split): ``image_size`` resizes each
     image's shorter side and center-crops it square, ``class_map`` (JSON) sets the labels. With
-    ``stream``, an image folder comes back as a :class:`StreamingDataset` that decodes batch by batch.
+    ``stream``, an image folder or a memory-mapped .npz/.npy comes back as a :class:`StreamingDataset`
+    read batch by batch.
     """
     if split not in SPLITS:
         raise RobauditError(f"unknown split {split!r}: use 'test' or 'train'")
@@ -735,6 +751,12 @@ def load_dataset(name: str, *, split: str = "test", samples: int | None = None, 
         scale, source, title = 1.0, str(path.resolve()), path.stem
         num_classes, mean, std, eps = int(y.max()) + 1, None, None, NPZ_DEFAULT_EPS
     keep = _select(len(y), None if samples is None else int(samples), shuffle, seed, f"{title} {split}")
+    if stream and key is None and isinstance(x, np.memmap):
+        index = np.arange(len(y))[keep]
+        return StreamingDataset(
+            name=title, split=split, items=ArrayRows(x, y, index), y=torch.from_numpy(np.array(y[index], np.int64)),
+            num_classes=num_classes, mean=mean, std=std, default_eps=tuple(float(e) for e in eps), source=source,
+            input_shape=tuple(x.shape[1:]), scale=1.0)
     xs = torch.from_numpy(np.array(x[keep], dtype=np.float32, order="C"))  # a copy: x may be a read-only memory map
     if scale != 1.0:
         xs = xs / scale

@@ -611,3 +611,23 @@ def test_streamed_image_folder_gives_the_same_analysis_as_in_memory(tmp_path):
     a, b = analyze(model, eager, **kw), analyze(model, lazy, **kw)
     pd.testing.assert_frame_equal(a.lsa, b.lsa)
     pd.testing.assert_frame_equal(a.accuracy.drop(columns="seconds"), b.accuracy.drop(columns="seconds"))
+
+
+def test_streamed_npz_gives_the_same_analysis_as_in_memory(tmp_path):
+    from robaudit.lsa import analyze
+
+    rng = np.random.default_rng(2)
+    x, y = rng.random((11, 6)).astype(np.float32), np.arange(11) % 3
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    eager = load_dataset(str(tmp_path / "d.npz"), samples=8, shuffle=True, seed=1)
+    lazy = load_dataset(str(tmp_path / "d.npz"), samples=8, shuffle=True, seed=1, stream=True)
+    assert isinstance(lazy, data.StreamingDataset) and isinstance(lazy.items.x, np.memmap)
+    assert torch.equal(lazy.head(8)[0], eager.x) and torch.equal(lazy.y, eager.y)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    kw = dict(attacks=["pgd:steps=2", "uniform"], eps=[0.1], batch_size=3, device="cpu", seed=2)
+    a, b = analyze(model, eager, **kw), analyze(model, lazy, **kw)
+    pd.testing.assert_frame_equal(a.lsa, b.lsa)
+    pd.testing.assert_frame_equal(a.accuracy.drop(columns="seconds"), b.accuracy.drop(columns="seconds"))
+    np.savez_compressed(tmp_path / "c.npz", x=x, y=y)  # not mappable: read into memory
+    assert isinstance(load_dataset(str(tmp_path / "c.npz"), stream=True), Dataset)
