@@ -22,6 +22,16 @@
    internal export; the one-off export is timed separately and left out of the ratio). Target 1.15x.
    ``--archs`` runs this part alone.
 
+4. Streaming memory: the same, on 1k and on 10k 8x8 PNG images read from an image folder on disk
+   (``--dataset imagefolder:DIR``, decoded batch by batch through a DataLoader). Target: at most 1.2x
+   (or a growth under the allocator noise above).
+5. DeepFool / PGD-10: robaudit's batched DeepFool (50 steps, overshoot 0.02, the battery's defaults)
+   against torchattacks' PGD-10 at eps 0.1 on the same samples and batches, alternating rounds, median.
+   Target: at most 10x. torchattacks' own per-sample DeepFool is timed on one batch for scale.
+6. Sanity checks: ``analyze_run`` (PGD-10 at eps 0.1, checks on) on the digits CNN; the seconds the
+   model checks took against the battery's, from ``checks.json``. Target: at most 10 %
+   (the checks are sized to 10 % of the battery's forward+backward passes).
+
 Exit status 0 when every target is met, 1 otherwise.
 """
 from __future__ import annotations
@@ -73,6 +83,9 @@ TIME_SAMPLES, QUICK_TIME_SAMPLES = 768, 256
 TIME_TARGET = 1.15
 MEMORY_TARGET = 1.25  # "flat"; small absolute numbers are ratio-noisy, so a growth under
 MEMORY_NOISE_MB = 10.0  # this many MB also counts as flat (the allocator's own variation between runs)
+DEEPFOOL_TARGET = 10.0
+FOLDER_TARGET = 1.2
+CHECKS_TARGET = 0.10
 
 
 def digits(split: str = "train", n: int | None = None):
@@ -185,9 +198,39 @@ def memory_child(n: int, batch_size: int, threads: int) -> dict:
             "added_mb": (sampler.peak - baseline) / 2**20, "seconds": t}
 
 
-def measure_memory(n: int, batch_size: int, threads: int) -> dict:
+def write_image_folder(root: Path, n: int) -> Path:
+    """``n`` digits images as 8x8 grayscale PNGs, one folder per class (the train split, repeated)."""
+    from PIL import Image
+
+    x, y, _ = digits("train", n)
+    pixels = (x[:, 0] * 255).round().to(torch.uint8).numpy()
+    for i, (img, label) in enumerate(zip(pixels, y.tolist())):
+        folder = root / f"class{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img, "L").save(folder / f"{i:06d}.png")
+    return root
+
+
+def folder_memory_child(folder: str, batch_size: int, threads: int) -> dict:
+    from robaudit.data import load_dataset
+
+    torch.set_num_threads(threads)
+    model = make_model()
+    warm = load_dataset(f"imagefolder:{folder}", samples=2 * batch_size, stream=True)
+    analyze(model, warm, attacks=MEMORY_BATTERY, eps=[0.1], batch_size=batch_size, device="cpu", seed=0)
+    baseline = rss_bytes()
+    with PeakSampler() as sampler:
+        t = time.perf_counter()
+        data = load_dataset(f"imagefolder:{folder}", stream=True)
+        analyze(model, data, attacks=MEMORY_BATTERY, eps=[0.1], batch_size=batch_size, device="cpu", seed=0)
+        t = time.perf_counter() - t
+    return {"n": len(data), "baseline_mb": baseline / 2**20, "peak_mb": sampler.peak / 2**20,
+            "added_mb": (sampler.peak - baseline) / 2**20, "seconds": t}
+
+
+def measure_memory(n: int, batch_size: int, threads: int, folder: Path | None = None) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", str(n), "--batch-size", str(batch_size),
-           "--threads", str(threads)]
+           "--threads", str(threads)] + (["--memory-folder", str(folder)] if folder else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -204,6 +247,83 @@ def profile_analyze(model, x, y, num_classes, batch_size, out) -> None:
     stats.print_stats(r"robaudit[/\\](lsa|probe|attacks|models)\.py|torchattacks[/\\]attack\.py.*__call__", 15)
     out.write("\ncProfile of one analyze run (robaudit functions and the attack calls, cumulative time):\n")
     out.write("\n".join(l for l in buf.getvalue().splitlines() if l.strip() and "function calls" not in l) + "\n")
+
+
+def folder_memory(sizes, batch_size: int, threads: int, out) -> bool:
+    """Peak memory added by analyze streaming 1k and 10k PNGs from disk, each in a fresh process."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bench-images-") as tmp:
+        mem = [measure_memory(n, batch_size, threads, write_image_folder(Path(tmp) / f"n{n}", n)) for n in sizes]
+    out.write(f"\n{'image folder':<14} {'baseline MB':>12} {'peak MB':>9} {'added MB':>9} {'s':>7}   "
+              f"(PNG files decoded batch by batch, {' + '.join(MEMORY_BATTERY)} at eps 0.1)\n")
+    for m in mem:
+        out.write(f"{m['n']:>6} images  {m['baseline_mb']:>12.1f} {m['peak_mb']:>9.1f} {m['added_mb']:>9.1f} "
+                  f"{m['seconds']:>7.2f}\n")
+    ratio = max(mem[1]["added_mb"], 0.1) / max(mem[0]["added_mb"], 0.1)
+    growth = mem[1]["added_mb"] - mem[0]["added_mb"]
+    ok = ratio <= FOLDER_TARGET or growth <= MEMORY_NOISE_MB
+    verdict = "ok" if ratio <= FOLDER_TARGET else (
+        f"ok, the growth is within {MEMORY_NOISE_MB:g} MB of allocator noise" if ok else "NOT FLAT")
+    out.write(f"streamed memory {sizes[1]} / {sizes[0]} images: {ratio:.2f}x, {growth:+.1f} MB  "
+              f"(target <= {FOLDER_TARGET}x: {verdict})\n")
+    return ok
+
+
+def checks_share(n: int, threads: int, out) -> bool:
+    """What the sanity checks add to a PGD-10 analysis, by their own clock and the battery's."""
+    import tempfile
+
+    import numpy as np
+
+    from robaudit.models import save_checkpoint
+    from robaudit.pipeline import analyze_run
+
+    x, y, _ = digits("train", n)
+    with tempfile.TemporaryDirectory(prefix="bench-checks-") as tmp:
+        ckpt = save_checkpoint(Path(tmp) / "cnn.pt", make_model(), arch="robaudit.examples.models:DigitsCNN")
+        np.savez(Path(tmp) / "digits.npz", x=x.numpy(), y=y.numpy())
+        run = analyze_run(ckpt, str(Path(tmp) / "digits.npz"), out=Path(tmp) / "run", attacks=["pgd"], eps=[0.1],
+                          report=False, device="cpu")
+        checks = run.checks
+    share = checks["seconds"] / checks["battery_seconds"]
+    ok = share <= CHECKS_TARGET + 1e-9
+    out.write(f"\nsanity checks on {checks['n_samples']} of {n} samples (reused: "
+              f"{', '.join(checks['plan']['reused']) or 'nothing'}): {checks['seconds']:.3f} s vs the battery's "
+              f"{checks['battery_seconds']:.3f} s = {100 * share:.1f} %  (target <= {100 * CHECKS_TARGET:.0f} %: "
+              f"{'ok' if ok else 'ABOVE TARGET'})\n")
+    return ok
+
+
+def deepfool_ratio(model, x, y, num_classes, batch_size, rounds, out, *, per_sample: bool) -> bool:
+    """Batched DeepFool against PGD-10 over the same batches; torchattacks' per-sample DeepFool on one batch."""
+    import torchattacks
+
+    attacks = {"PGD-10": atk.build(atk.parse("pgd:eps=0.1"), model, num_classes=num_classes),
+               "DeepFool": atk.build(atk.parse("deepfool"), model, num_classes=num_classes)}
+
+    def run(fn, xs=x, ys=y):
+        torch.manual_seed(0)
+        for start in range(0, len(xs), batch_size):
+            fn(xs[start:start + batch_size], ys[start:start + batch_size])
+        model.eval()
+
+    times = {name: [] for name in attacks}
+    for r in range(rounds):
+        for name in (list(attacks) if r % 2 == 0 else list(attacks)[::-1]):
+            times[name].append(time_it(lambda: run(attacks[name])))
+    pgd, df = (statistics.median(times[k]) for k in ("PGD-10", "DeepFool"))
+    ratio = df / pgd
+    out.write(f"\nDeepFool (batched, 50 steps) {df:.3f} s vs PGD-10 {pgd:.3f} s on {len(x)} samples: "
+              f"{ratio:.2f}x  (target <= {DEEPFOOL_TARGET:g}x: {'ok' if ratio <= DEEPFOOL_TARGET else 'ABOVE TARGET'})\n")
+    if per_sample:
+        one = slice(0, min(batch_size, len(x)))
+        loop = torchattacks.DeepFool(model, steps=50, overshoot=0.02)
+        t_loop = time_it(lambda: run(loop, x[one], y[one]))
+        t_pgd = time_it(lambda: run(attacks["PGD-10"], x[one], y[one]))
+        out.write(f"(torchattacks' per-sample DeepFool on one batch of {one.stop}: {t_loop:.3f} s, "
+                  f"{t_loop / t_pgd:.1f}x PGD-10 on the same batch)\n")
+    return ratio <= DEEPFOOL_TARGET
 
 
 ARCH_CASES = (("resnet18", {"width": 16}), ("vit", {"dim": 64, "mlp": 128, "heads": 4}))
@@ -270,7 +390,11 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true", help="also print a cProfile of one analyze run")
     p.add_argument("--archs", action="store_true", help="only the ResNet-18 / ViT overhead at 3x32x32")
     p.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--memory-folder", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.memory_child is not None and args.memory_folder:
+        print(json.dumps(folder_memory_child(args.memory_folder, args.batch_size, args.threads)))
+        return 0
     if args.memory_child is not None:
         print(json.dumps(memory_child(args.memory_child, args.batch_size, args.threads)))
         return 0
@@ -339,13 +463,16 @@ def main(argv=None) -> int:
               f"samples would take {kept:,.0f} MB)\n")
 
     ok_archs = arch_overhead(out, rounds, args.quick)
+    ok_folder = folder_memory(sizes, args.batch_size, args.threads, out)
+    ok_checks = checks_share(len(x), args.threads, out)
+    ok_df = deepfool_ratio(model, x, y, num_classes, args.batch_size, rounds, out, per_sample=not args.quick)
 
     if args.profile:
         profile_analyze(model, x, y, num_classes, args.batch_size, out)
     elif not ok_time:
         out.write("\n(run with --profile to see where analyze spends the extra time)\n")
     out.write(f"\n{time.perf_counter() - started:.0f} s in all\n")
-    return 0 if ok_time and ok_mem and ok_archs else 1
+    return 0 if ok_time and ok_mem and ok_archs and ok_folder and ok_df and ok_checks else 1
 
 
 if __name__ == "__main__":

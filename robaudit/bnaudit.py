@@ -105,11 +105,15 @@ def _running(module: nn.Module, name: str, root_state: dict) -> tuple[torch.Tens
     return mean.detach().to(torch.float64), var.detach().to(torch.float64), float(getattr(module, "eps", 1e-5))
 
 
-def audit_batchnorm(model: nn.Module, inner: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-                    attack: atk.AttackSpec, num_classes: int, type_map: Mapping[str, str] | None = None,
-                    batch_size: int = 128, device: torch.device | str = "cpu", seed: int = 0) -> pd.DataFrame:
+def audit_batchnorm(model: nn.Module, inner: nn.Module, data, *, attack: atk.AttackSpec, num_classes: int,
+                    type_map: Mapping[str, str] | None = None, batch_size: int = 128,
+                    device: torch.device | str = "cpu", seed: int = 0) -> pd.DataFrame:
     """Compare running, clean and adversarial BatchNorm statistics of ``inner`` (the user's model inside
-    ``model``, which may add input normalization) under one attack configuration."""
+    ``model``, which may add input normalization) under one attack configuration.
+
+    ``data`` is a data set (in memory or streaming) or an ``(x, y)`` pair; it is read batch by batch."""
+    from .lsa import _as_tensors, _batches
+
     found = batchnorm_layers(inner, type_map)
     if not found:
         return pd.DataFrame(columns=BN_COLUMNS)
@@ -119,9 +123,9 @@ def audit_batchnorm(model: nn.Module, inner: nn.Module, x: torch.Tensor, y: torc
     fn = atk.build(attack, model, num_classes=num_classes, seed=seed)
     torch.manual_seed(seed)
     state: dict = {}
+    x_all, y_all, _ = _as_tensors(data)
     with _recording(layers, state):
-        for start in range(0, len(x), batch_size):
-            xb, yb = x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
+        for _, xb, yb in _batches(data, x_all, y_all, batch_size, device, 0):
             state["domain"] = None
             adv = fn(xb, yb).detach()
             with torch.no_grad():

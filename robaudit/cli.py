@@ -108,7 +108,8 @@ def data_options(f):
     """Options that say which data to use (shared by analyze and harden)."""
     for opt in reversed([
         click.option("--dataset", "-d", required=False,
-                     help="moons, digits, mnist, fashion-mnist, cifar10, cifar100, or a path to an .npz file."),
+                     help="moons, digits, mnist, fashion-mnist, cifar10, cifar100, a path to an .npz or x.npy file, "
+                          "or imagefolder:DIR (one subfolder of PNG/JPEG images per class)."),
         click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
                      help="Where MNIST/CIFAR files are (downloaded there when the network allows)."),
         click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True),
@@ -190,6 +191,12 @@ def _verdict_and_gate(ctx, run_dir: Path, bars, as_json: bool, *, before: Path |
 @click.option("--attack", "-a", "attacks", multiple=True, metavar="SPEC",
               help="Attack spec, repeatable: e.g. 'pgd:eps=8/255,steps=10'. Default: "
                    "fgsm, pgd, cw, square and gaussian/uniform/salt-and-pepper noise.")
+@click.option("--image-size", type=int, metavar="N",
+              help="imagefolder: resize each image's shorter side to N pixels, then center-crop N x N.")
+@click.option("--class-map", type=click.Path(dir_okay=False, path_type=Path),
+              help='imagefolder: JSON {"folder": label, ...} or a list of folder names in label order.')
+@click.option("--workers", type=click.IntRange(0, 64), default=0, show_default=True,
+              help="imagefolder: DataLoader processes that decode images while the model runs (0: in this process).")
 @click.option("--eps", metavar="LIST", help="Eps sweep for every attack without its own eps, e.g. 2/255,4/255,8/255.")
 @click.option("--layers", "layer_globs", multiple=True, metavar="GLOB", help="Probe only layers matching these names.")
 @click.option("--layer-types", metavar="LIST", help="Probe only these module classes or ops, e.g. ReLU,Conv2d "
@@ -215,7 +222,7 @@ def _verdict_and_gate(ctx, run_dir: Path, bars, as_json: bool, *, before: Path |
 @gate_options
 @click.pass_context
 def analyze(ctx, model, arch, arch_kwargs, trust_model, dataset, data_dir, split, samples, shuffle, no_download,
-            attacks, eps, layer_globs, layer_types, probe, mean, std, no_normalize, mvl_top, mvl_z, mvl_attack,
+            attacks, image_size, class_map, workers, eps, layer_globs, layer_types, probe, mean, std, no_normalize, mvl_top, mvl_z, mvl_attack,
             mvl_metric, include_output, batch_size, device, seed, out, force, no_report, no_checks, progress,
             fail_under, max_re, strict, as_json):
     """Layer Sustainability Analysis of MODEL: per-layer RE under an attack battery -> MVL list."""
@@ -233,7 +240,7 @@ def analyze(ctx, model, arch, arch_kwargs, trust_model, dataset, data_dir, split
     run = analyze_run(
         model, dataset, out=out, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_model=trust_model,
         data_dir=data_dir, split=split, samples=samples, shuffle=shuffle, download=not no_download,
-        attacks=list(attacks) or None,
+        image_size=image_size, class_map=class_map, workers=workers, attacks=list(attacks) or None,
         eps=parse_eps_list(eps), layers=list(layer_globs) or None, layer_types=_split_list([layer_types] if layer_types else []),
         probe=probe, mean=_floats(mean, "--mean"), std=_floats(std, "--std"), normalize=not no_normalize,
         mvl_top=mvl_top, mvl_z=mvl_z, mvl_attack=mvl_attack, mvl_metric=mvl_metric, include_output=include_output,

@@ -11,6 +11,7 @@ import codecs
 import gzip
 import hashlib
 import http.client
+import json
 import logging
 import os
 import pickle
@@ -27,6 +28,7 @@ from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
+import torch.utils.data
 
 from .errors import RobauditError
 
@@ -412,22 +414,92 @@ def dataset_info(name) -> dict:
 
 def _unknown(name) -> RobauditError:
     return RobauditError(f"unknown data set {name!r}: use one of {', '.join(DATASETS)} "
-                         "or a path to an .npz file with arrays x and y")
+                         "a path to an .npz file with arrays x and y, or imagefolder:DIR")
 
 
-def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read and validate a user .npz file: x float in [0,1] (N×D or N×C×H×W), y integers ≥ 0 of shape N."""
-    fix = "save it with np.savez(path, x=float32 array in [0,1] of shape N×D or N×C×H×W, y=int array of shape N)"
+def _npz_memmap(path: Path, info) -> np.ndarray | None:
+    """A read-only memory map of one stored (uncompressed) .npy member of an .npz, or None if it cannot be."""
+    import struct as _struct
+    import zipfile
+
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+        return None
+    with open(path, "rb") as fh:
+        fh.seek(info.header_offset)
+        local = fh.read(30)
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            return None
+        name_len, extra_len = _struct.unpack("<HH", local[26:30])
+        start = info.header_offset + 30 + name_len + extra_len
+        fh.seek(start)
+        fmt = np.lib.format
+        version = fmt.read_magic(fh)
+        readers = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}
+        if version not in readers:
+            return None
+        shape, fortran, dtype = readers[version](fh)
+        offset = fh.tell()
+    if dtype.hasobject:
+        raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
+    if int(np.prod(shape)) == 0:
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape, order="F" if fortran else "C", offset=offset)
+
+
+def _read_npz(path: Path, fix: str) -> tuple[np.ndarray, np.ndarray]:
+    """x and y of an .npz: memory-mapped where stored uncompressed (np.savez), else read (np.savez_compressed)."""
+    import zipfile
+
     try:
         with np.load(path, allow_pickle=False) as npz:
             keys = list(npz.keys())
             if "x" not in keys or "y" not in keys:
                 raise RobauditError(f"{path} has arrays {keys}, not x and y: {fix}")
-            x, y = npz["x"], npz["y"]
+        with zipfile.ZipFile(path) as zf:
+            infos = {i.filename: i for i in zf.infolist()}
+        out = []
+        for key in ("x", "y"):
+            mapped = _npz_memmap(path, infos[f"{key}.npy"]) if f"{key}.npy" in infos else None
+            if mapped is None:
+                with np.load(path, allow_pickle=False) as npz:
+                    mapped = npz[key]
+            out.append(mapped)
+        return out[0], out[1]
     except RobauditError:
         raise
     except Exception as exc:  # bad zip, object arrays (pickles are refused), damaged members
         raise RobauditError(f"cannot read {path} as an .npz file without pickles ({exc}): {fix}") from None
+
+
+def _read_npy_pair(path: Path, fix: str) -> tuple[np.ndarray, np.ndarray]:
+    """``x.npy`` and the ``y.npy`` beside it, memory-mapped (``np.load(mmap_mode="r")``, no pickles)."""
+    labels = path.with_name("y.npy")
+    if not labels.is_file():
+        raise RobauditError(f"no labels file {labels} beside {path}: {fix}")
+    try:
+        return (np.load(path, mmap_mode="r", allow_pickle=False),
+                np.load(labels, mmap_mode="r", allow_pickle=False))
+    except Exception as exc:  # damaged headers, object arrays (pickles are refused)
+        raise RobauditError(f"cannot read {path} and {labels} as .npy files without pickles ({exc}): {fix}") from None
+
+
+def _rows(x: np.ndarray, chunk: int = 4096):
+    """x in blocks of rows, so that checks over a memory map never hold a full-size temporary."""
+    for start in range(0, x.shape[0], chunk):
+        yield x[start:start + chunk]
+
+
+def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read and validate a user .npz (or x.npy + y.npy) file: x float in [0,1] (N×D or N×C×H×W), y integers ≥ 0 of shape N.
+
+    Arrays stay memory-mapped where the format allows, so only the samples used are read into memory.
+    """
+    fix = "save it with np.savez(path, x=float32 array in [0,1] of shape N×D or N×C×H×W, y=int array of shape N)"
+    if path.suffix.lower() == ".npy":
+        fix = "save x.npy (float32 in [0,1], N×D or N×C×H×W) and y.npy (int, N) side by side with np.save"
+        x, y = _read_npy_pair(path, fix)
+    else:
+        x, y = _read_npz(path, fix)
     if not np.issubdtype(x.dtype, np.floating):
         raise RobauditError(f"{path}: x has dtype {x.dtype}, not float (uint8 images: divide by 255): {fix}")
     if x.ndim not in (2, 4) or x.shape[0] == 0:
@@ -435,13 +507,178 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not (np.issubdtype(y.dtype, np.integer) and y.ndim == 1 and y.shape[0] == x.shape[0]):
         raise RobauditError(f"{path}: y has dtype {y.dtype} and shape {y.shape}, expected integers of shape "
                             f"({x.shape[0]},) to match x: {fix}")
-    if not np.isfinite(x).all():
+    if not all(np.isfinite(block).all() for block in _rows(x)):
         raise RobauditError(f"{path}: x contains NaN or infinite values: {fix}")
-    if x.min() < 0 or x.max() > 1:
-        raise RobauditError(f"{path}: x has values in [{x.min():g}, {x.max():g}], outside [0, 1]: {fix}")
+    lo = min(float(block.min()) for block in _rows(x))
+    hi = max(float(block.max()) for block in _rows(x))
+    if lo < 0 or hi > 1:
+        raise RobauditError(f"{path}: x has values in [{lo:g}, {hi:g}], outside [0, 1]: {fix}")
+    y = np.asarray(y)
     if y.min() < 0:
         raise RobauditError(f"{path}: y has negative labels: {fix}")
     return x, y
+
+
+# ----------------------------------------------------------------------------------------------
+# image folders: one subfolder per class, PNG/JPEG decoded with Pillow
+
+IMAGEFOLDER_PREFIX = "imagefolder:"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_DEFAULT_EPS = (2 / 255, 4 / 255, 8 / 255)
+
+
+def _read_class_map(path: Path, folders: list[str]) -> dict[str, int]:
+    """A class map: a JSON object ``{"folder": label}`` or a JSON list of folder names in label order."""
+    fix = 'write {"folder name": label, ...} or ["folder of label 0", "folder of label 1", ...]'
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise RobauditError(f"cannot read class map {path} as JSON ({exc}): {fix}") from None
+    if isinstance(raw, list) and all(isinstance(n, str) for n in raw):
+        if len(set(raw)) != len(raw):
+            raise RobauditError(f"class map {path} names a folder twice: {fix}")
+        mapping = {n: i for i, n in enumerate(raw)}
+    elif isinstance(raw, dict) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                       for v in raw.values()):
+        mapping = dict(raw)
+    else:
+        raise RobauditError(f"class map {path} is neither a list of folder names nor an object of labels >= 0: {fix}")
+    missing = [f for f in folders if f not in mapping]
+    if missing:
+        raise RobauditError(f"class folder {missing[0]!r} is not in class map {path}: add it, or remove the folder")
+    return {f: mapping[f] for f in folders}
+
+
+def _decode(path: Path, mode: str, image_size: int | None):
+    """One image as an H×W(×C) uint8 array: resized (shorter side to ``image_size``) and center-cropped."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path, formats=["PNG", "JPEG"]) as img:
+            img = img.convert(mode)
+            if image_size is not None:
+                w, h = img.size
+                scale = image_size / min(w, h)
+                size = (max(image_size, round(w * scale)), max(image_size, round(h * scale)))
+                img = img.resize(size, Image.Resampling.BILINEAR)
+                left, top = (size[0] - image_size) // 2, (size[1] - image_size) // 2
+                img = img.crop((left, top, left + image_size, top + image_size))
+            return np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise RobauditError(f"cannot decode image {path} ({exc}): replace or remove it (PNG and JPEG only)") from None
+
+
+def _list_imagefolder(root: Path, *, image_size: int | None, class_map: Path | None):
+    """An image folder's files and labels: ``root/<class>/<image>.png|.jpg``, classes in sorted order unless
+    a class map says otherwise. Returns ``(files, mode, num_classes, source)``, files as (path, label);
+    every image is RGB unless all are grayscale."""
+    if image_size is not None and (isinstance(image_size, bool) or int(image_size) != image_size or image_size < 1):
+        raise RobauditError(f"--image-size must be a positive whole number of pixels, not {image_size!r}")
+    if not root.is_dir():
+        raise RobauditError(f"no such folder: {root}: give imagefolder:DIR with one subfolder of images per class")
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise RobauditError(f"{root} has no class subfolders: put each class's images in a folder of its own")
+    labels_of = _read_class_map(class_map, folders) if class_map is not None else {f: i for i, f in enumerate(folders)}
+    files = [(str(root / f / p.name), labels_of[f]) for f in folders  # str: smaller than a Path
+             for p in sorted((root / f).iterdir(), key=lambda q: q.name)
+             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
+    if not files:
+        raise RobauditError(f"no .png/.jpg/.jpeg images in the class folders of {root}")
+    from PIL import Image
+
+    gray = True
+    for path, _ in files:  # headers only: are all images grayscale?
+        try:
+            with Image.open(path, formats=["PNG", "JPEG"]) as img:
+                gray &= img.mode in ("1", "L", "I", "I;16")
+        except Exception as exc:  # Pillow raises many types for damaged files; none runs code
+            raise RobauditError(f"cannot decode image {path} ({exc}): replace or remove it (PNG and JPEG only)") from None
+    mode = "L" if gray else "RGB"
+    return files, mode, max(labels_of.values()) + 1, str(root.resolve())
+
+
+def _chw(arr: np.ndarray) -> np.ndarray:
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files decoded one at a time: ``(uint8 C×H×W tensor, label)``, for a ``DataLoader``."""
+
+    def __init__(self, files: list[tuple[Path, int]], *, mode: str, image_size: int | None,
+                 shape: tuple[int, ...]) -> None:
+        self.files, self.mode, self.image_size, self.shape = files, mode, image_size, tuple(shape)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        path, label = self.files[i]
+        arr = _chw(_decode(path, self.mode, self.image_size))
+        if arr.shape != self.shape:
+            raise RobauditError(f"{path} is {arr.shape[2]}x{arr.shape[1]} pixels but the first image is "
+                                f"{self.shape[2]}x{self.shape[1]}: pass --image-size N to resize and crop them all")
+        return torch.from_numpy(np.array(arr, order="C")), label  # a writable copy of the decoded pixels
+
+
+class ArrayRows(torch.utils.data.Dataset):
+    """Rows of a (memory-mapped) array, copied one at a time as float32: ``(sample, label)``."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, index: np.ndarray) -> None:
+        self.x, self.y, self.index = x, y, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int):
+        j = int(self.index[i])
+        return torch.from_numpy(np.array(self.x[j], dtype=np.float32, order="C")), int(self.y[j])
+
+
+@dataclass
+class StreamingDataset:
+    """A split read batch by batch: ``items`` yields ``(uint8 sample, label)``; labels are known up front.
+
+    Divide by ``scale`` on the device to get inputs in [0, 1]. :meth:`head` materializes the first samples.
+    """
+
+    name: str
+    split: str
+    items: torch.utils.data.Dataset
+    y: torch.Tensor
+    num_classes: int
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    default_eps: tuple[float, ...]
+    source: str
+    input_shape: tuple[int, ...]
+    scale: float = 255.0
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def head(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``n`` samples as float32 in [0, 1] and their labels."""
+        n = min(int(n), len(self))
+        x = torch.stack([self.items[i][0] for i in range(n)]).float()
+        x = x / self.scale if self.scale != 1.0 else x
+        return x, self.y[:n]
+
+
+def _load_imagefolder(root: Path, *, image_size: int | None, class_map: Path | None):
+    """An image folder decoded whole: ``(uint8 N×C×H×W, labels, classes, source)``."""
+    files, mode, num_classes, source = _list_imagefolder(root, image_size=image_size, class_map=class_map)
+    first = _decode(files[0][0], mode, image_size)
+    x = np.empty((len(files), *first.shape), dtype=np.uint8)
+    for i, (path, _) in enumerate(files):
+        arr = first if i == 0 else _decode(path, mode, image_size)
+        if arr.shape != first.shape:
+            raise RobauditError(f"{path} is {arr.shape[1]}x{arr.shape[0]} pixels but {files[0][0]} is "
+                                f"{first.shape[1]}x{first.shape[0]}: pass --image-size N to resize and crop them all")
+        x[i] = arr
+    x = x[:, None] if mode == "L" else x.transpose(0, 3, 1, 2)
+    y = np.array([label for _, label in files], dtype=np.int64)
+    return x, y, num_classes, source
 
 
 def _select(n: int, samples: int | None, shuffle: bool, seed: int, what: str) -> np.ndarray | slice:
@@ -456,19 +693,45 @@ def _select(n: int, samples: int | None, shuffle: bool, seed: int, what: str) ->
 
 
 def load_dataset(name: str, *, split: str = "test", samples: int | None = None, shuffle: bool = False,
-                 seed: int = 0, data_dir: str | os.PathLike | None = None, download: bool = True) -> Dataset:
-    """Load one split of a known data set or of an .npz file as float32 tensors in [0, 1].
+                 seed: int = 0, data_dir: str | os.PathLike | None = None, download: bool = True,
+                 image_size: int | None = None, class_map: str | os.PathLike | None = None,
+                 stream: bool = False) -> Dataset | StreamingDataset:
+    """Load one split of a known data set, an .npz file or an image folder as float32 tensors in [0, 1].
 
     ``samples`` keeps the first N (in file order, or in a permutation seeded by ``seed`` when
     ``shuffle``); MNIST/CIFAR files come from ``data_dir`` (default :func:`default_data_dir`) and are
-    downloaded there, checksum-verified, when missing and ``download`` is true.
+    downloaded there, checksum-verified, when missing and ``download`` is true. ``imagefolder:DIR``
+    reads DIR/<class>/<image> (PNG/JPEG; the folder is the split): ``image_size`` resizes each
+    image's shorter side and center-crops it square, ``class_map`` (JSON) sets the labels. With
+    ``stream``, an image folder or a memory-mapped .npz/.npy comes back as a :class:`StreamingDataset`
+    read batch by batch.
     """
     if split not in SPLITS:
         raise RobauditError(f"unknown split {split!r}: use 'test' or 'train'")
     if samples is not None and (isinstance(samples, bool) or int(samples) != samples or samples <= 0):
         raise RobauditError(f"samples must be a positive whole number, not {samples!r}: leave it out to use all")
     key = _canonical(name)
-    if key is not None:
+    if (image_size is not None or class_map is not None) and not str(name).startswith(IMAGEFOLDER_PREFIX):
+        raise RobauditError("--image-size and --class-map apply to --dataset imagefolder:DIR only")
+    if str(name).startswith(IMAGEFOLDER_PREFIX) and stream:
+        root = Path(str(name)[len(IMAGEFOLDER_PREFIX):]).expanduser()
+        files, mode, num_classes, source = _list_imagefolder(
+            root, image_size=image_size, class_map=Path(class_map).expanduser() if class_map is not None else None)
+        keep = _select(len(files), None if samples is None else int(samples), shuffle, seed,
+                       f"imagefolder {root.name}")
+        files = files[keep] if isinstance(keep, slice) else [files[i] for i in keep]
+        shape = _chw(_decode(files[0][0], mode, image_size)).shape
+        return StreamingDataset(
+            name=f"imagefolder-{root.resolve().name}", split=split,
+            items=ImageFiles(files, mode=mode, image_size=image_size, shape=shape),
+            y=torch.tensor([label for _, label in files], dtype=torch.int64), num_classes=num_classes, mean=None,
+            std=None, default_eps=IMAGE_DEFAULT_EPS, source=source, input_shape=tuple(shape))
+    if str(name).startswith(IMAGEFOLDER_PREFIX):
+        root = Path(str(name)[len(IMAGEFOLDER_PREFIX):]).expanduser()
+        x, y, num_classes, source = _load_imagefolder(
+            root, image_size=image_size, class_map=Path(class_map).expanduser() if class_map is not None else None)
+        scale, title, mean, std, eps = 255.0, f"imagefolder-{root.resolve().name}", None, None, IMAGE_DEFAULT_EPS
+    elif key is not None:
         spec = _SPECS[key]
         folder = None
         if spec.needs_files:
@@ -481,16 +744,22 @@ def load_dataset(name: str, *, split: str = "test", samples: int | None = None, 
     else:
         path = Path(os.fspath(name)).expanduser()
         if not path.is_file():
-            if path.suffix.lower() == ".npz":
-                raise RobauditError(f"no such file: {path}: check the path to the .npz file")
+            if path.suffix.lower() in (".npz", ".npy"):
+                raise RobauditError(f"no such file: {path}: check the path to the {path.suffix.lower()} file")
             raise _unknown(name)
         x, y = _load_npz(path)
         scale, source, title = 1.0, str(path.resolve()), path.stem
         num_classes, mean, std, eps = int(y.max()) + 1, None, None, NPZ_DEFAULT_EPS
     keep = _select(len(y), None if samples is None else int(samples), shuffle, seed, f"{title} {split}")
-    xs = torch.from_numpy(np.ascontiguousarray(x[keep], dtype=np.float32))
+    if stream and key is None and isinstance(x, np.memmap):
+        index = np.arange(len(y))[keep]
+        return StreamingDataset(
+            name=title, split=split, items=ArrayRows(x, y, index), y=torch.from_numpy(np.array(y[index], np.int64)),
+            num_classes=num_classes, mean=mean, std=std, default_eps=tuple(float(e) for e in eps), source=source,
+            input_shape=tuple(x.shape[1:]), scale=1.0)
+    xs = torch.from_numpy(np.array(x[keep], dtype=np.float32, order="C"))  # a copy: x may be a read-only memory map
     if scale != 1.0:
         xs = xs / scale
-    ys = torch.from_numpy(np.ascontiguousarray(y[keep], dtype=np.int64))
+    ys = torch.from_numpy(np.array(y[keep], dtype=np.int64, order="C"))
     return Dataset(name=title, split=split, x=xs, y=ys, num_classes=num_classes, mean=mean, std=std,
                    default_eps=tuple(float(e) for e in eps), source=source)

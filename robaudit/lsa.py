@@ -169,6 +169,8 @@ class LSAResult:
     attacks: list[atk.AttackSpec]
     n_samples: int
     seconds: float = 0.0
+    # configuration index -> per-sample "still classified correctly" of the first keep_outcomes samples
+    outcomes: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def to_frame(self) -> pd.DataFrame:
         return self.lsa.copy()
@@ -311,12 +313,33 @@ def seed_everything(seed: int) -> None:
 
 
 def _as_tensors(data) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(x, y, num_classes)`` from a Dataset or an ``(x, y)`` pair; refuses empty data in one line."""
-    x, y = (data.x, data.y) if hasattr(data, "x") and hasattr(data, "y") else data
+    """``(x, y, num_classes)`` from a Dataset or an ``(x, y)`` pair; refuses empty data in one line.
+    A streaming data set (with ``items``) gives its first two samples as ``x``: the rest stream by batch."""
+    if hasattr(data, "items") and hasattr(data, "head"):
+        x, y = data.head(2)[0], data.y
+    else:
+        x, y = (data.x, data.y) if hasattr(data, "x") and hasattr(data, "y") else data
     if len(x) == 0 or len(y) == 0:
         raise RobauditError("the data set is empty: check --samples and the data files")
     num_classes = getattr(data, "num_classes", None)
     return x, y, int(num_classes) if num_classes is not None else int(y.max()) + 1
+
+
+def _batches(data, x_all: torch.Tensor, y_all: torch.Tensor, batch_size: int, dev: torch.device, workers: int):
+    """``(start, x, y)`` on ``dev`` per batch: slices of in-memory tensors, or a DataLoader's uint8 batches of a
+    streaming data set, divided by its scale on the device (the same float32 values as dividing on the host)."""
+    if not (hasattr(data, "items") and hasattr(data, "head")):
+        for start in range(0, len(y_all), batch_size):
+            yield start, x_all[start:start + batch_size].to(dev), y_all[start:start + batch_size].to(dev)
+        return
+    loader = torch.utils.data.DataLoader(data.items, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                         pin_memory=dev.type == "cuda",
+                                         generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
+    start = 0
+    for xb, yb in loader:
+        x = xb.to(dev, non_blocking=True)
+        yield start, (x.float() / data.scale if not x.is_floating_point() else x), yb.to(dev, non_blocking=True)
+        start += len(xb)
 
 
 def analyze(
@@ -335,8 +358,15 @@ def analyze(
     type_map: Mapping[str, str] | None = None,
     probe: str = "all",
     progress: bool = False,
+    keep_outcomes: int = 0,
+    workers: int = 0,
 ) -> LSAResult:
     """Run the attack battery on ``data`` and measure every probed layer's relative error.
+
+    ``keep_outcomes`` keeps, per configuration, which of the first that many samples stay correctly
+    classified (``LSAResult.outcomes``), so that the sanity checks reuse them instead of attacking again.
+    A streaming data set is read through a ``DataLoader`` (``workers`` processes), its uint8 batches
+    turned into floats only once on the device.
 
     ``model`` is the user's classifier (inputs in [0, 1], or normalized by ``mean``/``std``);
     ``data`` a :class:`robaudit.data.Dataset` or an ``(x, y)`` pair. Per batch: one hooked clean
@@ -372,7 +402,8 @@ def analyze(
                         key=lambda t: (t[0], t[1]))
     worst_correct = {k: 0 for k in worst_keys}
     output_layers: set[str] = set()
-    n_total = len(x_all)
+    n_total = len(y_all)
+    kept: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(specs))} if keep_outcomes > 0 else {}
 
     bar = None
     if progress:
@@ -382,9 +413,7 @@ def analyze(
     # a fixed-batch archive runs in chunks, whose outputs the probe joins: read them after the pass
     streaming = model.__dict__.get("_robaudit_fixed_batch") is None
     with LayerProbe(model, modules, type_map=type_map, detach=True) as probe:
-        for start in range(0, n_total, batch_size):
-            x = x_all[start:start + batch_size].to(dev)
-            y = y_all[start:start + batch_size].to(dev)
+        for start, x, y in _batches(data, x_all, y_all, batch_size, dev, workers):
             with torch.no_grad():
                 logits, outs = probe.run(full, x)
             clean = dict(outs)
@@ -427,6 +456,8 @@ def analyze(
                         adv_logits, adv_outs = probe.run(full, x_adv)
                 ok = adv_logits.argmax(1) == y
                 correct[i] += int(ok.sum())
+                if kept and start < keep_outcomes:
+                    kept[i].append(ok[:keep_outcomes - start].cpu())
                 sizes[i].update(x, x_adv, ok_clean, ok)
                 if spec.kind == "adversarial" and spec.bounded:
                     robust[(spec.norm, spec.eps)] &= ok
@@ -472,4 +503,4 @@ def analyze(
     if len(lsa) and lsa_finite.isna().all().all():
         raise NonFiniteError("every layer's relative error is undefined: the model's activations are all zero")
     return LSAResult(lsa=lsa, accuracy=accuracy, layers=layer_list, attacks=specs, n_samples=n_total,
-                     seconds=time.perf_counter() - started)
+                     seconds=time.perf_counter() - started, outcomes={i: torch.cat(v) for i, v in kept.items() if v})

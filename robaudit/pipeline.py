@@ -60,6 +60,9 @@ def analyze_run(
     samples: int | None = None,
     shuffle: bool = False,
     download: bool = True,
+    image_size: int | None = None,
+    class_map: str | Path | None = None,
+    workers: int = 0,
     attacks: Sequence[str] | None = None,
     eps: Sequence[float] | None = None,
     layers: Sequence[str] | None = None,
@@ -97,7 +100,9 @@ def analyze_run(
     loaded = model if isinstance(model, LoadedModel) else load_model(
         model, arch=arch, arch_kwargs=arch_kwargs, trust_model=trust_model)
     data = load_dataset(dataset, split=split, samples=samples, shuffle=shuffle, seed=seed, data_dir=data_dir,
-                        download=download)
+                        download=download, image_size=image_size, class_map=class_map,
+                        stream=str(dataset).startswith("imagefolder:")
+                        or str(dataset).lower().endswith((".npz", ".npy")))
     out = Path(out) if out else default_out(loaded.path, data.name)
     check_output_dir(out, force=force)
     if normalize and mean is None and std is None:
@@ -107,9 +112,16 @@ def analyze_run(
     eps = list(eps) if eps else list(data.default_eps)
     specs = specs or atk.default_battery(eps)
     dev = resolve_device(device)
+    plan = None
+    if checks:
+        from .sanity import plan_checks
+
+        plan = plan_checks(atk.expand(specs, eps), n_battery=len(data.y), num_classes=data.num_classes,
+                           batch_size=batch_size)
 
     result = analyze(loaded, data, attacks=specs, eps=eps, layers=layers, layer_types=layer_types, probe=probe,
-                     mean=mean, std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress)
+                     mean=mean, std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress,
+                     keep_outcomes=plan.n_samples if plan else 0, workers=workers)
     if mvl_top is None and mvl_z is None:
         layers_ = result.lsa.drop_duplicates("layer")
         rankable = ~layers_["layer_type"].isin(PASSTHROUGH_TYPES)
@@ -120,7 +132,7 @@ def analyze_run(
 
     check_results = None
     if checks:
-        check_results = _model_checks(loaded, data, mean, std, dev, seed, eps)
+        check_results = _model_checks(loaded, data, mean, std, dev, seed, plan, result)
     bn = _batchnorm_audit(loaded, data, result, mvl, mean, std, dev, seed, batch_size)
 
     manifest = {
@@ -143,7 +155,9 @@ def analyze_run(
                           "std": list(std) if std is not None else None},
         "dataset": {"name": data.name, "split": split, "samples": samples, "shuffle": shuffle,
                     "data_dir": str(data_dir) if data_dir else None, "source": data.source,
-                    "num_classes": data.num_classes, "input_shape": list(data.input_shape)},
+                    "num_classes": data.num_classes, "input_shape": list(data.input_shape),
+                    **({"image_size": image_size} if image_size is not None else {}),
+                    **({"class_map": str(Path(class_map).resolve())} if class_map is not None else {})},
         "n_samples": result.n_samples,
         "seed": seed,
         "device": str(dev),
@@ -179,17 +193,26 @@ def _batchnorm_audit(loaded: LoadedModel, data, result, mvl, mean, std, dev, see
     spec = bnaudit.ranking_spec(result.attacks, mvl.attack, mvl.eps)
     if spec is None or not bnaudit.batchnorm_layers(loaded.module, loaded.type_map):
         return None
-    full = with_normalization(loaded.module, mean, std, ndim=data.x.dim())
-    return bnaudit.audit_batchnorm(full, loaded.module, data.x, data.y, attack=spec, num_classes=data.num_classes,
+    full = with_normalization(loaded.module, mean, std, ndim=len(data.input_shape) + 1)
+    return bnaudit.audit_batchnorm(full, loaded.module, data, attack=spec, num_classes=data.num_classes,
                                    type_map=loaded.type_map, batch_size=batch_size, device=dev, seed=seed)
 
 
-def _model_checks(loaded: LoadedModel, data, mean, std, dev, seed: int, eps: Sequence[float]) -> dict:
-    """The model checks AutoAttack runs before attacking, plus gradient-masking probes (sanity module)."""
+def _model_checks(loaded: LoadedModel, data, mean, std, dev, seed: int, plan, result: LSAResult) -> dict:
+    """The model checks AutoAttack runs before attacking, plus gradient-masking probes (sanity module),
+    on as many leading samples as ``plan`` affords, reusing the battery's outcomes there."""
     from .sanity import run_model_checks
 
-    full = with_normalization(loaded.module, mean, std, ndim=data.x.dim()).to(dev).eval()
-    return run_model_checks(full, data.x, data.y, device=dev, seed=seed, eps_max=max(eps))
+    info = {"plan": plan.to_dict(), "battery_seconds": round(result.seconds, 3)}
+    if plan.n_samples < 1:
+        return {"n_samples": 0, "seed": int(seed), "device": str(dev), **info,
+                "skipped": f"the battery is too cheap to pay for model checks within {100 * plan.share:.0f} % of its cost"}
+    full = with_normalization(loaded.module, mean, std, ndim=len(data.input_shape) + 1).to(dev).eval()
+    x, y = data.head(plan.n_samples) if hasattr(data, "head") else (data.x, data.y)
+    reuse = {key: result.outcomes[i] for key, i in plan.reuse.items()}
+    out = run_model_checks(full, x, y, device=dev, seed=seed, eps_max=plan.eps_max,
+                           max_samples=plan.n_samples, reuse=reuse, attacks=plan.attacks)
+    return {**out, **info}
 
 
 def _api_command(loaded: LoadedModel, dataset: str, attacks, eps, seed: int, out: Path) -> str:

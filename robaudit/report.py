@@ -778,7 +778,31 @@ def _hardening_section(run: Run, hardened: Run | None, history, settings, acc_cm
             "figures": figures, "tables": tables}
 
 
-def _sanity_group(title: str, checks: list[sanity.Check], *, introduced: list[str] = ()) -> dict:
+def _checks_note(model_checks: dict | None) -> str:
+    """How many samples the model checks used and what they cost next to the battery."""
+    if not model_checks or model_checks.get("n_samples") is None:
+        return ""
+    n = int(model_checks["n_samples"])
+    text = f"The model checks used {n} sample{'s' if n != 1 else ''}"
+    plan = model_checks.get("plan") or {}
+    if plan.get("share") is not None:
+        text += (f", sized to cost at most {100 * plan['share']:.0f} % of the battery "
+                 f"({plan.get('check_cost_per_sample', 0):.3g} vs {plan.get('battery_cost_per_sample', 0):.3g} "
+                 "forward+backward passes per sample)")
+    if plan.get("reused"):
+        text += "; reused the battery's own " + " and ".join(
+            {"fgsm": "FGSM", "pgd10": "PGD-10"}.get(k, k) for k in plan["reused"]) + " outcomes"
+    if model_checks.get("seconds") is not None and model_checks.get("battery_seconds"):
+        text += f"; they took {model_checks['seconds']:.3g} s against the battery's {model_checks['battery_seconds']:.3g} s"
+    if model_checks.get("skipped"):
+        text += f" ({model_checks['skipped']})"
+    elif (model_checks.get("attacks") or {}).get("skipped"):
+        text += f"; no attack probes ran ({model_checks['attacks']['skipped']})"
+    return text + "."
+
+
+def _sanity_group(title: str, checks: list[sanity.Check], model_checks: dict | None = None, *,
+                  introduced: list[str] = ()) -> dict:
     warns = [c for c in checks if c.status == "warn"]
     new = ("Hardening introduced " + ("a warning" if len(introduced) == 1 else f"{len(introduced)} warnings")
            + " that the audited model did not have (" + "; ".join(introduced) + "): the classic sign of a defence "
@@ -787,7 +811,7 @@ def _sanity_group(title: str, checks: list[sanity.Check], *, introduced: list[st
     rows = [Row([Cell(Markup('<span class="badge {0}">{0}</span>').format(c.status), c.status),
                  Cell(c.name), Cell(c.detail, cls="wrap"), Cell(getattr(c, "threshold", ""), cls="wrap")])
             for c in checks]
-    return {"title": title, "introduced": new,
+    return {"title": title, "introduced": new, "note": _checks_note(model_checks),
             "warn": f"{len(warns)} of {len(checks)} checks warn." if warns else "",
             "table": Table([Column("Status"), Column("Check"), Column("Numbers"), Column("Threshold")], rows)}
 
@@ -1152,9 +1176,9 @@ def render_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = No
         accuracy = _accuracy_section(run, hardened, palette)
         hardening = _hardening_section(run, hardened, history, settings, acc_cmp, re_cmp) if hardened_any else None
 
-    sanity_groups = [_sanity_group("Audited model" if checks_after is not None else "Checks", checks)]
+    sanity_groups = [_sanity_group("Audited model" if checks_after is not None else "Checks", checks, run.checks)]
     if checks_after is not None:
-        sanity_groups.append(_sanity_group("Hardened model", checks_after,
+        sanity_groups.append(_sanity_group("Hardened model", checks_after, hardened.checks,
                                            introduced=verdict.introduced_warnings(checks, checks_after)))
 
     man = run.manifest

@@ -2,11 +2,12 @@
 
 Two halves:
 
-- :func:`run_model_checks` probes a model on a small batch before it is attacked: outputs that are
-  already probabilities, zero or non-finite input gradients, a forward pass that is not
-  deterministic (the checks AutoAttack runs), and a few attacks the battery may not include (PGD at
-  a very large eps, PGD with 10 and 50 steps, FGSM). It returns raw numbers as a JSON-serializable
-  dict, written to the run directory as ``checks.json``.
+- :func:`run_model_checks` probes a model on a small batch: outputs that are already probabilities,
+  zero or non-finite input gradients, a forward pass that is not deterministic (the checks AutoAttack
+  runs), and FGSM, PGD-10 and PGD-50 at the battery's own largest Linf eps (never a larger one),
+  reusing the battery's own FGSM and PGD-10 outcomes where it ran them. :func:`plan_checks` sizes the
+  sample count so that the checks cost at most :data:`CHECK_SHARE` of the battery. It returns raw
+  numbers as a JSON-serializable dict, written to the run directory as ``checks.json``.
 - :func:`evaluate` reads an ``accuracy.csv`` frame and that dict and decides pass / warn / skip, each
   with the numbers behind it. All thresholds live here, so re-rendering an old run applies them
   again.
@@ -32,6 +33,9 @@ __all__ = [
     "CHANCE",
     "evaluate",
     "run_model_checks",
+    "plan_checks",
+    "CheckPlan",
+    "CHECK_SHARE",
     "ITERATIVE",
     "WHITE_BOX",
     "MONOTONE",
@@ -55,12 +59,20 @@ DETERMINISM = "Forward pass deterministic"
 
 MASKING = "the model may be masking gradients, so the robust accuracies above are upper bounds"
 
+# The model checks cost at most this share of the battery (in forward+backward passes per sample).
+CHECK_SHARE = 0.10
+# A forward pass alone counts as this share of a forward+backward pass (backward is about 2 forwards).
+FORWARD_COST = 1.0 / 3.0
+# The fixed cost of one pass over a batch, in samples: a pass over b samples costs b + CALL_OVERHEAD.
+# Small models on CPU pay about this much per call (the digits CNN: 0.8 ms fixed, 0.056 ms per sample).
+CALL_OVERHEAD = 16
+
 # A difference of half a point, or of one sample on small sets, is noise rather than evidence.
 MIN_TOLERANCE = 0.005
 # "Near zero": the accuracy an untargeted attack should reach at LARGE_EPS_VALUE.
 LARGE_EPS_MAX_ACCURACY = 0.05
 LARGE_EPS_VALUE = 0.5  # Linf, on inputs in [0, 1]
-LARGE_EPS_STEPS = 10
+LARGE_EPS_STEPS = 10  # checks.json of older runs: their probe at LARGE_EPS_VALUE
 # PGD-50 falling this far below PGD-10 means PGD-10 had not converged.
 CONVERGENCE_GAP = 0.05
 # "Well above chance": clean accuracy above 1/K plus this margin, or plus 3 binomial standard deviations of
@@ -253,6 +265,9 @@ def _large_eps_check(rows: pd.DataFrame, attacks: dict | None) -> Check:
         large = rows[(rows["norm"] == "Linf") & (rows["eps"] >= LARGE_EPS_VALUE)]
         if large.empty:
             reason = (attacks or {}).get("skipped") or "model checks not run"
+            if attacks and not attacks.get("skipped"):
+                reason = (f"the model checks attack at the battery's own largest eps only; add "
+                          f"--eps {_eps(LARGE_EPS_VALUE)} to run this check")
             return Check(LARGE_EPS, "skip", f"no attack ran at eps >= {_eps(LARGE_EPS_VALUE)} Linf ({reason}).",
                          threshold)
         best = large.loc[large["accuracy"].idxmin()]
@@ -268,20 +283,25 @@ def _large_eps_check(rows: pd.DataFrame, attacks: dict | None) -> Check:
 def _more_steps_check(attacks: dict | None, n: float | None) -> Check:
     """PGD-50 and PGD-10 run on the same samples from the same random start: a single sample more left
     robust by PGD-50 is a warning (no tolerance that one or two samples could hide behind)."""
-    threshold = (f"PGD-50 leaves no more samples robust than PGD-10 (0 samples tolerance), and at most "
+    threshold = (f"PGD-50 leaves no more samples robust than PGD-10 (0 samples tolerance from the same random "
+                 f"start, 1 sample against the battery's PGD-10), and at most "
                  f"{100 * CONVERGENCE_GAP:.3g} points below it (else PGD-10 had not converged)")
     if not attacks or attacks.get("pgd10") is None or attacks.get("pgd50") is None:
         reason = (attacks or {}).get("skipped") or "model checks not run"
         return Check(MORE_STEPS, "skip", f"PGD-10 vs PGD-50 not compared ({reason}).", threshold)
     a10, a50 = attacks["pgd10"], attacks["pgd50"]
     where = f"at eps {_eps(attacks['eps_max'])} Linf"
+    # The battery's PGD-10 started from its own random point: one sample may differ by the start alone.
+    own_start = attacks.get("pgd10_source", "checks") == "checks"
     numbers = f"PGD-10 {_pct(a10)}, PGD-50 {_pct(a50)} {where}"
+    if not own_start:
+        numbers += " (PGD-10 from the battery, on the same samples)"
     if n:
         c10, c50 = round(a10 * n), round(a50 * n)
         numbers += f" ({c10} vs {c50} of {int(n)} samples robust)"
-        more = c50 > c10
+        more = c50 > c10 + (0 if own_start else 1)
     else:
-        more = a50 > a10 + 1e-12
+        more = a50 > a10 + (1e-12 if own_start else MIN_TOLERANCE)
     if more:
         return Check(MORE_STEPS, "warn", f"{numbers}: more steps raised the accuracy; {MASKING}.", threshold)
     if a50 < a10 - CONVERGENCE_GAP:
@@ -405,6 +425,107 @@ def evaluate(accuracy: pd.DataFrame | None, model_checks: dict | None = None, *,
 # --------------------------------------------------------------------------------- model probes
 
 
+# Per-sample cost of one attack configuration in forward+backward passes: a lower bound (attacks that
+# stop early, or on fooled samples, cost at least this), so the checks never outgrow their share.
+def attack_cost(spec, *, num_classes: int) -> float:
+    """A lower bound on what ``spec`` costs per sample, in forward+backward passes."""
+    p = spec.param_dict
+    name = spec.name
+    if spec.kind == "noise":
+        return 0.0
+    if name == "fgsm":
+        return 1.0
+    if name in ("pgd", "pgdl2", "cw"):
+        return float(p["steps"])
+    if name == "deepfool":  # at least one Jacobian of every logit
+        return float(num_classes)
+    if name == "autoattack":  # at least APGD-CE's 100 iterations
+        return 100.0
+    if name == "square":  # at least one query
+        return FORWARD_COST
+    return 1.0
+
+
+def battery_cost(specs, *, num_classes: int) -> float:
+    """Per-sample cost of the battery: one hooked clean forward, and per configuration its attack
+    plus one hooked forward of the perturbed input."""
+    return FORWARD_COST + sum(attack_cost(s, num_classes=num_classes) + FORWARD_COST for s in specs)
+
+
+def _reusable(spec, eps_max: float | None) -> str | None:
+    """``"pgd10"`` or ``"fgsm"`` when the battery's configuration is that probe at ``eps_max``."""
+    if eps_max is None or spec.norm != "Linf" or spec.eps is None or not math.isclose(spec.eps, eps_max):
+        return None
+    p = spec.param_dict
+    if spec.name == "fgsm":
+        return "fgsm"
+    if (spec.name == "pgd" and p["steps"] == 10 and p["random_start"]
+            and (p["alpha"] is None or math.isclose(p["alpha"], 2.5 * eps_max / 10))):
+        return "pgd10"
+    return None
+
+
+def largest_linf_eps(specs) -> float | None:
+    """The battery's largest Linf eps over its adversarial, eps-bounded configurations."""
+    values = [float(s.eps) for s in specs
+              if s.kind == "adversarial" and s.bounded and s.norm == "Linf" and s.eps is not None]
+    return max(values) if values else None
+
+
+@dataclass(frozen=True)
+class CheckPlan:
+    """How many samples the model checks use, which probes run, and the costs that decided it
+    (per sample, in forward+backward passes)."""
+
+    n_samples: int
+    attacks: bool
+    eps_max: float | None
+    reuse: dict  # probe name -> index of the battery configuration it reuses
+    battery_cost: float
+    check_cost: float
+    budget: float  # in sample-passes: share x the battery's passes x (batch + CALL_OVERHEAD) summed over batches
+    share: float
+
+    def to_dict(self) -> dict:
+        return {"n_samples": self.n_samples, "attacks": self.attacks, "eps_max": self.eps_max,
+                "reused": sorted(self.reuse), "battery_cost_per_sample": round(self.battery_cost, 4),
+                "check_cost_per_sample": round(self.check_cost, 4), "budget": round(self.budget, 4),
+                "share": self.share}
+
+
+def plan_checks(specs, *, n_battery: int, num_classes: int, batch_size: int = 128, max_samples: int = 128,
+                share: float = CHECK_SHARE) -> CheckPlan:
+    """Size the model checks so that they cost at most ``share`` of the battery on ``n_battery`` samples.
+
+    Costs are counted in forward+backward passes per sample (a forward alone is :data:`FORWARD_COST`),
+    from the battery's configurations, each pass over a batch of b samples costing b + :data:`CALL_OVERHEAD`
+    (the checks run as one batch), so the plan is the same on every machine and for every seed.
+    Probes the battery already ran (FGSM, PGD-10 at its largest Linf eps) are reused, not rerun.
+    """
+    specs = list(specs)
+    eps_max = largest_linf_eps(specs)
+    reuse: dict[str, int] = {}
+    for i, s in enumerate(specs):
+        key = _reusable(s, eps_max)
+        if key and key not in reuse:
+            reuse[key] = i
+    batches = [min(batch_size, n_battery - start) for start in range(0, n_battery, max(1, batch_size))]
+    budget = share * battery_cost(specs, num_classes=num_classes) * sum(b + CALL_OVERHEAD for b in batches)
+    base = 2 * FORWARD_COST + 1.0  # determinism (two forwards, the first also gives clean accuracy), gradient
+    probes = 0.0
+    if eps_max is not None:
+        probes += (50 + FORWARD_COST) + sum(steps + FORWARD_COST for key, steps in (("fgsm", 1), ("pgd10", 10))
+                                            if key not in reuse)
+    cap = min(int(max_samples), int(n_battery))
+    for cost, attacks in ((base + probes, eps_max is not None), (base, False)):
+        n = min(cap, int(budget // cost) - CALL_OVERHEAD)
+        if n >= 1 or not attacks:
+            break
+    return CheckPlan(n_samples=max(0, n), attacks=attacks and n >= 1, eps_max=eps_max,
+                     reuse=reuse if attacks else {}, battery_cost=battery_cost(specs, num_classes=num_classes),
+                     check_cost=cost, budget=budget, share=share)
+
+
 def _torchattacks(model: "nn.Module", x: "Tensor", y: "Tensor", *, kind: str, eps: float, steps: int) -> "Tensor":
     import torchattacks
 
@@ -430,10 +551,15 @@ def run_model_checks(
     eps_max: float | None = None,
     attack_fn: AttackFn | None = None,
     max_samples: int = 128,
+    reuse: dict | None = None,
+    attacks: bool = True,
 ) -> dict:
     """Probe ``model`` on at most ``max_samples`` of ``(x, y)`` and return the raw numbers (JSON-serializable).
 
     ``eps_max`` is the largest Linf eps of the battery (PGD-10, PGD-50 and FGSM run there; None skips them).
+    ``reuse`` maps ``"fgsm"``/``"pgd10"`` to the battery's per-sample outcomes (True: still classified
+    correctly) on the same leading samples: those probes are read from it, not rerun. ``attacks=False``
+    leaves the attack probes out (a battery too cheap to pay for them).
     ``attack_fn(model, x, y, *, kind, eps, steps)`` returns adversarial inputs for ``kind`` ``"fgsm"`` or
     ``"pgd"`` (Linf); by default torchattacks runs, which needs inputs in [0, 1]. The model runs in eval
     mode and is returned to its previous mode.
@@ -481,14 +607,18 @@ def run_model_checks(
         gradients["zero_fraction"] = float((flat.abs().sum(dim=1) == 0).float().mean())
         result["gradients"] = gradients
 
-        result["attacks"] = _attack_probes(model, x, y, eps_max=eps_max, attack_fn=attack_fn)
+        if attacks:
+            result["attacks"] = _attack_probes(model, x, y, eps_max=eps_max, attack_fn=attack_fn, reuse=reuse or {})
+        else:
+            result["attacks"] = {"skipped": f"the battery is too cheap to pay for attack probes within "
+                                            f"{100 * CHECK_SHARE:.0f} % of its cost"}
     finally:
         model.train(was_training)
     result["seconds"] = round(time.perf_counter() - start, 3)
     return result
 
 
-def _attack_probes(model, x, y, *, eps_max, attack_fn) -> dict:
+def _attack_probes(model, x, y, *, eps_max, attack_fn, reuse) -> dict:
     import torch
 
     if attack_fn is None:
@@ -505,14 +635,23 @@ def _attack_probes(model, x, y, *, eps_max, attack_fn) -> dict:
         with torch.no_grad():
             return float((model(x_adv).argmax(dim=1) == y).float().mean())
 
+    def reused(key: str) -> float:
+        ok = torch.as_tensor(reuse[key])[:len(x)]
+        if len(ok) != len(x):
+            raise ValueError(f"the battery's {key} outcomes cover {len(ok)} samples, not the {len(x)} checked")
+        return float(ok.double().mean())
+
+    probes: dict = {"norm": "Linf", "eps_max": eps_max, "fgsm": None, "pgd10": None, "pgd50": None,
+                    "fgsm_source": None, "pgd10_source": None}
+    if not eps_max:
+        return probes
     try:
-        probes: dict = {"norm": "Linf", "large_eps": LARGE_EPS_VALUE, "pgd_large_steps": LARGE_EPS_STEPS,
-                        "pgd_large": accuracy("pgd", LARGE_EPS_VALUE, LARGE_EPS_STEPS),
-                        "eps_max": eps_max, "fgsm": None, "pgd10": None, "pgd50": None}
-        if eps_max:
-            probes["fgsm"] = accuracy("fgsm", eps_max, 1)
-            probes["pgd10"] = accuracy("pgd", eps_max, 10)
-            probes["pgd50"] = accuracy("pgd", eps_max, 50)
+        for key, kind, steps in (("fgsm", "fgsm", 1), ("pgd10", "pgd", 10)):
+            if key in reuse:
+                probes[key], probes[key + "_source"] = reused(key), "battery"
+            else:
+                probes[key], probes[key + "_source"] = accuracy(kind, eps_max, steps), "checks"
+        probes["pgd50"] = accuracy("pgd", eps_max, 50)
     except RuntimeError as exc:  # no gradient to follow at all: the gradient check reports why
         return {"skipped": "the attack probes failed: " + str(exc).splitlines()[0][:200]}
     return probes

@@ -343,3 +343,37 @@ def test_autoattack_on_vectors_fails_in_one_line():
     fn = build(parse("autoattack:eps=0.1"), model, num_classes=4, seed=0)
     with pytest.raises(RobauditError, match=r"needs image inputs .* use pgd, pgdl2 and square"):
         fn(torch.rand(5, 6), torch.zeros(5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("steps,overshoot", [(50, 0.02), (2, 0.5)])
+def test_batched_deepfool_matches_torchattacks_per_sample(steps, overshoot):
+    import torchattacks
+
+    from robaudit.attacks import batched_deepfool
+
+    torch.manual_seed(0)
+    model = Normalized(make_cnn(3), [0.5], [0.25], ndim=4).eval().double()
+    # inputs inside (0, 1): DeepFool's steps then cross the boundary instead of stalling on the clip,
+    # so every prediction is decided by more than float noise (in float64)
+    x = 0.3 + 0.4 * make_data(model.float(), 24, seed=5).x.double()
+    model.double()
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[:3] = (y[:3] + 1) % 4  # three samples misclassified from the start: left as they are
+    reference, ref_targets = torchattacks.DeepFool(model, steps=steps, overshoot=overshoot)\
+        .forward_return_target_labels(x, y)
+    ours, targets = batched_deepfool(model, steps=steps, overshoot=overshoot).forward_return_target_labels(x, y)
+    with torch.no_grad():
+        ref_pred, our_pred = model(reference).argmax(1), model(ours).argmax(1)
+    assert (ref_pred != y).sum() >= 12 and torch.equal(reference[:3], x[:3])  # the attack does something here
+    assert torch.equal(our_pred, ref_pred) and torch.equal(targets, ref_targets)
+    torch.testing.assert_close(ours - x, reference - x, rtol=0, atol=1e-12)
+
+
+def test_batched_deepfool_on_clipped_inputs_and_in_the_battery(victim):
+    import torchattacks
+
+    model, x, y = victim  # inputs at both ends of [0, 1]: the clip to [0, 1] matters
+    reference = torchattacks.DeepFool(model, steps=5, overshoot=0.02)(x, y)
+    ours = build(parse("deepfool:steps=5"), model, num_classes=4)(x, y)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)

@@ -49,7 +49,7 @@ def test_audit_against_a_hand_computation():
     x, y = torch.rand(20, 2, generator=g), torch.randint(0, 3, (20,), generator=g)
     model = _bn_model(x)
     spec = atk.parse("fgsm:eps=0.1")
-    bn = bnaudit.audit_batchnorm(model, model, x, y, attack=spec, num_classes=3, batch_size=6)
+    bn = bnaudit.audit_batchnorm(model, model, (x, y), attack=spec, num_classes=3, batch_size=6)
     assert list(bn.columns) == bnaudit.BN_COLUMNS and bn["layer"].tolist() == ["0"]
     row = bn.iloc[0]
     assert (row.n_clean, row.n_adv, row.channels) == (20, 20, 2)

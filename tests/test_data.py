@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import os
 import pickle
 import struct
@@ -11,8 +12,10 @@ import tarfile
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from torch import nn
 
 from robaudit import data
 from robaudit.data import DATASETS, Dataset, dataset_info, load_dataset
@@ -465,3 +468,166 @@ def test_no_warnings_on_normal_load():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_dataset("moons", samples=10)
+
+
+# ----------------------------------------------------------------------------- image folders
+
+
+def write_images(root, sizes=None, *, mode="RGB", fmt="PNG"):
+    """root/<class>/<i>.png: two classes, known pixel values; returns the arrays written, by (class, file)."""
+    from PIL import Image
+
+    sizes = sizes or {"cat": [(4, 3), (4, 3)], "dog": [(4, 3)]}
+    written = {}
+    rng = np.random.default_rng(0)
+    for cls, shapes in sizes.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i, (w, h) in enumerate(shapes):
+            arr = rng.integers(0, 256, size=(h, w, 3) if mode == "RGB" else (h, w), dtype=np.uint8)
+            name = f"{i}.{'png' if fmt == 'PNG' else 'jpg'}"
+            Image.fromarray(arr, mode).save(root / cls / name, format=fmt)
+            written[(cls, name)] = arr
+    return written
+
+
+def test_imagefolder_reads_classes_in_sorted_order_exactly(tmp_path):
+    written = write_images(tmp_path / "imgs")
+    (tmp_path / "imgs" / "cat" / "notes.txt").write_text("not an image")
+    d = load_dataset(f"imagefolder:{tmp_path / 'imgs'}")
+    assert d.x.shape == (3, 3, 3, 4) and d.x.dtype == torch.float32 and d.num_classes == 2
+    assert d.y.tolist() == [0, 0, 1]
+    expected = np.stack([written[k] for k in (("cat", "0.png"), ("cat", "1.png"), ("dog", "0.png"))])
+    assert torch.equal(d.x, torch.from_numpy(expected.transpose(0, 3, 1, 2).astype(np.float32)) / 255)
+    assert d.mean is None and d.default_eps == (2 / 255, 4 / 255, 8 / 255)
+
+
+def test_imagefolder_grayscale_jpeg_and_class_map(tmp_path):
+    write_images(tmp_path / "g", mode="L", fmt="JPEG")
+    (tmp_path / "map.json").write_text(json.dumps({"cat": 3, "dog": 1}))
+    d = load_dataset(f"imagefolder:{tmp_path / 'g'}", class_map=tmp_path / "map.json")
+    assert d.x.shape == (3, 1, 3, 4) and d.y.tolist() == [3, 3, 1] and d.num_classes == 4
+    (tmp_path / "list.json").write_text(json.dumps(["dog", "cat"]))
+    assert load_dataset(f"imagefolder:{tmp_path / 'g'}", class_map=tmp_path / "list.json").y.tolist() == [1, 1, 0]
+    (tmp_path / "short.json").write_text(json.dumps(["dog"]))
+    with pytest.raises(RobauditError, match="'cat' is not in class map"):
+        load_dataset(f"imagefolder:{tmp_path / 'g'}", class_map=tmp_path / "short.json")
+
+
+def test_imagefolder_resize_and_center_crop(tmp_path):
+    from PIL import Image
+
+    # an 8x4 image whose columns 2..5 are white: shorter side 4 -> 2 is a 4x2 image, center crop keeps 1..2
+    (tmp_path / "f" / "a").mkdir(parents=True)
+    arr = np.zeros((4, 8), dtype=np.uint8)
+    arr[:, 2:6] = 255
+    Image.fromarray(arr, "L").save(tmp_path / "f" / "a" / "x.png")
+    Image.fromarray(np.full((6, 6), 128, np.uint8), "L").save(tmp_path / "f" / "a" / "y.png")
+    with pytest.raises(RobauditError, match="--image-size"):
+        load_dataset(f"imagefolder:{tmp_path / 'f'}")  # two sizes: one line saying what to do
+    d = load_dataset(f"imagefolder:{tmp_path / 'f'}", image_size=2)
+    assert d.x.shape == (2, 1, 2, 2)
+    expected = np.asarray(Image.fromarray(arr, "L").resize((4, 2), Image.Resampling.BILINEAR))[:, 1:3]
+    assert torch.equal(d.x[0, 0], torch.from_numpy(expected.astype(np.float32)) / 255)
+    assert torch.allclose(d.x[1], torch.full((1, 2, 2), 128 / 255))
+
+
+def test_imagefolder_refuses_bad_input_in_one_line(tmp_path):
+    with pytest.raises(RobauditError, match="no such folder"):
+        load_dataset(f"imagefolder:{tmp_path / 'missing'}")
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(RobauditError, match="no .png/.jpg/.jpeg images"):
+        load_dataset(f"imagefolder:{tmp_path / 'empty'}")
+    (tmp_path / "empty" / "a" / "x.png").write_bytes(b"GIF89a not a png")
+    with pytest.raises(RobauditError, match="cannot decode image"):
+        load_dataset(f"imagefolder:{tmp_path / 'empty'}")
+    with pytest.raises(RobauditError, match="imagefolder:DIR only"):
+        load_dataset("digits", image_size=8)
+
+
+def test_cli_analyzes_an_image_folder(tmp_path):
+    from click.testing import CliRunner
+
+    from robaudit.cli import main
+
+    write_images(tmp_path / "imgs", {"a": [(6, 5)] * 3, "b": [(5, 6)] * 3}, mode="L")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
+    torch.save(model, tmp_path / "m.pt")  # a pickled module of this test's own: --trust-model
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, ["analyze", str(tmp_path / "m.pt"), "--trust-model", "--dataset",
+                                    f"imagefolder:{tmp_path / 'imgs'}", "--image-size", "4", "--attack", "pgd:steps=2",
+                                    "--eps", "0.1", "--no-report", "--no-checks", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["dataset"]["image_size"] == 4 and man["dataset"]["input_shape"] == [1, 4, 4]
+    assert man["n_samples"] == 6
+
+
+def test_npz_members_are_memory_mapped_when_stored(tmp_path, monkeypatch):
+    rng = np.random.default_rng(1)
+    x, y = rng.random((9, 1, 3, 3)).astype(np.float32), np.arange(9) % 3
+    np.savez(tmp_path / "plain.npz", x=x, y=y)
+    np.savez_compressed(tmp_path / "packed.npz", x=x, y=y)
+    mapped, _ = data._read_npz(tmp_path / "plain.npz", "fix")
+    assert isinstance(mapped, np.memmap) and np.array_equal(mapped, x)
+    packed, _ = data._read_npz(tmp_path / "packed.npz", "fix")
+    assert not isinstance(packed, np.memmap) and np.array_equal(packed, x)
+    for name in ("plain.npz", "packed.npz"):
+        d = load_dataset(str(tmp_path / name), samples=4, shuffle=True, seed=2)
+        keep = torch.randperm(9, generator=torch.Generator().manual_seed(2))[:4].numpy()
+        assert torch.equal(d.x, torch.from_numpy(x[keep])) and d.y.tolist() == y[keep].tolist()
+        d.x += 1  # a private copy, not the file
+    assert np.array_equal(np.load(tmp_path / "plain.npz")["x"], x)
+
+
+def test_npy_pair_is_memory_mapped(tmp_path):
+    x, y = np.linspace(0, 1, 12, dtype=np.float32).reshape(6, 2), np.array([0, 1, 0, 1, 2, 2])
+    np.save(tmp_path / "x.npy", x)
+    with pytest.raises(RobauditError, match="no labels file"):
+        load_dataset(str(tmp_path / "x.npy"))
+    np.save(tmp_path / "y.npy", y)
+    d = load_dataset(str(tmp_path / "x.npy"))
+    assert torch.equal(d.x, torch.from_numpy(x)) and d.y.tolist() == y.tolist() and d.num_classes == 3
+    np.save(tmp_path / "y.npy", np.array([object()] * 6, dtype=object), allow_pickle=True)
+    with pytest.raises(RobauditError, match="without pickles"):
+        load_dataset(str(tmp_path / "x.npy"))
+    with pytest.raises(RobauditError, match="no such file"):
+        load_dataset(str(tmp_path / "missing.npy"))
+
+
+def test_streamed_image_folder_gives_the_same_analysis_as_in_memory(tmp_path):
+    from robaudit.lsa import analyze
+
+    write_images(tmp_path / "imgs", {"a": [(5, 4)] * 5, "b": [(5, 4)] * 4})
+    root = f"imagefolder:{tmp_path / 'imgs'}"
+    eager = load_dataset(root, samples=7, shuffle=True, seed=3)
+    lazy = load_dataset(root, samples=7, shuffle=True, seed=3, stream=True)
+    assert len(lazy) == 7 and lazy.input_shape == eager.input_shape == (3, 4, 5)
+    assert torch.equal(lazy.y, eager.y) and torch.equal(lazy.head(7)[0], eager.x)
+    assert lazy.items[0][0].dtype == torch.uint8  # uint8 until the batch is on the device
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(60, 6), nn.ReLU(), nn.Linear(6, 2))
+    kw = dict(attacks=["pgd:steps=2", "gaussian"], eps=[0.1], batch_size=3, device="cpu", seed=4)
+    a, b = analyze(model, eager, **kw), analyze(model, lazy, **kw)
+    pd.testing.assert_frame_equal(a.lsa, b.lsa)
+    pd.testing.assert_frame_equal(a.accuracy.drop(columns="seconds"), b.accuracy.drop(columns="seconds"))
+
+
+def test_streamed_npz_gives_the_same_analysis_as_in_memory(tmp_path):
+    from robaudit.lsa import analyze
+
+    rng = np.random.default_rng(2)
+    x, y = rng.random((11, 6)).astype(np.float32), np.arange(11) % 3
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    eager = load_dataset(str(tmp_path / "d.npz"), samples=8, shuffle=True, seed=1)
+    lazy = load_dataset(str(tmp_path / "d.npz"), samples=8, shuffle=True, seed=1, stream=True)
+    assert isinstance(lazy, data.StreamingDataset) and isinstance(lazy.items.x, np.memmap)
+    assert torch.equal(lazy.head(8)[0], eager.x) and torch.equal(lazy.y, eager.y)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    kw = dict(attacks=["pgd:steps=2", "uniform"], eps=[0.1], batch_size=3, device="cpu", seed=2)
+    a, b = analyze(model, eager, **kw), analyze(model, lazy, **kw)
+    pd.testing.assert_frame_equal(a.lsa, b.lsa)
+    pd.testing.assert_frame_equal(a.accuracy.drop(columns="seconds"), b.accuracy.drop(columns="seconds"))
+    np.savez_compressed(tmp_path / "c.npz", x=x, y=y)  # not mappable: read into memory
+    assert isinstance(load_dataset(str(tmp_path / "c.npz"), stream=True), Dataset)

@@ -29,5 +29,6 @@ def test_example_with_the_default_battery(model, tmp_path):
     acc = pd.read_csv(out / "accuracy.csv")
     families = {a.split("(")[0] for a in acc["attack"]}
     assert {"fgsm", "pgd", "cw", "square", "gaussian", "uniform", "saltpepper"} <= families
-    assert json.loads((out / "checks.json").read_text())["n_samples"] == 16
+    checks = json.loads((out / "checks.json").read_text())
+    assert 1 <= checks["n_samples"] == checks["plan"]["n_samples"] <= 16  # sized to the battery's cost
     assert (out / "report.html").stat().st_size > 0

@@ -425,3 +425,14 @@ def test_every_table_scrolls_inside_its_own_box(hardened):
     assert body.count("<table") == body.count('<div class="table-wrap">\n<table')
     css = (REPO / "templates" / "report.css").read_text()
     assert re.search(r"\.table-wrap \{[^}]*overflow-x: auto", css)
+
+
+def test_sanity_section_shows_the_model_checks_sample_count(tmp_path):
+    run = make_run(tmp_path / "run", n_layers=3, minimal=())
+    plan = {"n_samples": 20, "attacks": True, "eps_max": 0.1, "reused": ["pgd10"], "battery_cost_per_sample": 10.67,
+            "check_cost_per_sample": 53.3, "budget": 1092.3, "share": 0.1}
+    (run / "checks.json").write_text(json.dumps(model_checks(n_samples=20, plan=plan, seconds=0.5,
+                                                             battery_seconds=6.0)))
+    text = visible(section(render_report(run).read_text(encoding="utf-8"), "sanity"))
+    assert "used 20 samples" in text and "at most 10 % of the battery" in text
+    assert "reused the battery's own PGD-10 outcomes" in text and "0.5 s against the battery's 6 s" in text

@@ -190,7 +190,7 @@ def test_plain_mlp_passes_model_checks(batch):
     result, status = statuses(model, batch)
     assert result["n_samples"] == 128  # at most 128 samples
     assert status[sanity.PROBABILITIES] == status[sanity.GRADIENTS] == status[sanity.DETERMINISM] == "pass"
-    assert status[sanity.LARGE_EPS] == "pass" and result["attacks"]["pgd_large"] <= 0.05
+    assert status[sanity.LARGE_EPS] == "skip" and "pgd_large" not in result["attacks"]  # never beyond eps_max
     assert status[sanity.ITERATIVE] == status[sanity.MORE_STEPS] == "pass"
     assert model.training  # the caller's mode is restored
 
@@ -249,9 +249,8 @@ def test_custom_attack_fn_is_used(batch):
 
     x, y = batch
     result = run_model_checks(mlp(), x, y, device="cpu", seed=0, eps_max=0.2, attack_fn=attack_fn)
-    assert sorted(calls) == sorted([("pgd", 0.5, sanity.LARGE_EPS_STEPS), ("fgsm", 0.2, 1), ("pgd", 0.2, 10),
-                                    ("pgd", 0.2, 50)])
-    assert result["attacks"]["pgd_large"] == result["clean_accuracy"]
+    assert sorted(calls) == sorted([("fgsm", 0.2, 1), ("pgd", 0.2, 10), ("pgd", 0.2, 50)])  # only at eps_max
+    assert result["attacks"]["pgd50"] == result["clean_accuracy"]
 
 
 def test_model_checks_are_seeded(batch):
@@ -265,3 +264,97 @@ def test_eps_keeps_the_users_fraction():
     assert [sanity.format_eps(v) for v in (0.1, 0.05, 8 / 255, 2 / 255, 1 / 3, 0.0313725)] == [
         "0.1", "0.05", "8/255", "2/255", "1/3", "0.03137"]
     assert sanity.format_eps(float(repr(8 / 255)[:-1])) == "8/255"  # one digit less after a CSV round trip
+
+
+# ----------------------------------------------------------------------------- proportionate checks
+
+
+def specs(*texts, eps=(0.05, 0.1)):
+    from robaudit import attacks as atk
+
+    return atk.expand([atk.parse(t) for t in texts], list(eps))
+
+
+def test_plan_uses_the_batterys_largest_linf_eps_and_reuses_its_pgd10_and_fgsm():
+    plan = sanity.plan_checks(specs("fgsm", "pgd", "pgdl2:eps=2.0", "pgd:eps=0.08,steps=20"), n_battery=1000,
+                              num_classes=10)
+    assert plan.eps_max == 0.1  # not the L2 eps 2.0, not a larger default
+    assert sorted(plan.reuse) == ["fgsm", "pgd10"]
+    f = sanity.FORWARD_COST
+    assert plan.check_cost == pytest.approx(2 * f + 1 + 50 + f)  # determinism, gradient, PGD-50 only
+
+
+def test_plan_keeps_the_checks_within_a_tenth_of_the_battery():
+    # PGD-10 alone at one eps: (10 + 2/3) passes per sample; the checks reuse PGD-10 and run FGSM and PGD-50.
+    # Each pass over a batch of b costs b + CALL_OVERHEAD: 8 batches of 128 for the battery, one of n for the checks.
+    f, k = sanity.FORWARD_COST, sanity.CALL_OVERHEAD
+    plan = sanity.plan_checks(specs("pgd", eps=(0.1,)), n_battery=1024, num_classes=10, batch_size=128)
+    battery = f + 10 + f
+    check = 2 * f + 1 + (1 + f) + (50 + f)
+    budget = 0.1 * battery * 8 * (128 + k)
+    assert plan.battery_cost == pytest.approx(battery) and plan.budget == pytest.approx(budget)
+    assert plan.attacks and plan.n_samples == int(budget // check) - k == 7
+    assert (plan.n_samples + k) * plan.check_cost <= budget < (plan.n_samples + 1 + k) * plan.check_cost
+    # a long battery buys the cap of 128
+    assert sanity.plan_checks(specs("pgd:steps=100", eps=(0.1,)), n_battery=10_000,
+                              num_classes=10).n_samples == 128
+    # too short a battery for the attack probes: the cheap probes alone, within the same budget
+    short = sanity.plan_checks(specs("pgd", eps=(0.1,)), n_battery=256, num_classes=10)
+    assert not short.attacks and short.reuse == {}
+    assert (short.n_samples + k) * short.check_cost <= short.budget and short.check_cost == pytest.approx(2 * f + 1)
+
+
+def test_plan_drops_the_attack_probes_before_breaking_the_budget():
+    plan = sanity.plan_checks(specs("gaussian", "fgsm", eps=(0.1,)), n_battery=1000, num_classes=10)
+    assert not plan.attacks and plan.n_samples >= 1 and plan.reuse == {}
+    assert (plan.n_samples + sanity.CALL_OVERHEAD) * plan.check_cost <= plan.budget
+    assert sanity.plan_checks(specs("gaussian", eps=(0.1,)), n_battery=2, num_classes=10).n_samples == 0
+
+
+def test_model_checks_read_reused_outcomes_instead_of_attacking(batch):
+    calls = []
+
+    def attack_fn(model, x, y, *, kind, eps, steps):
+        calls.append((kind, steps))
+        return x
+
+    x, y = batch
+    ok = torch.zeros(len(x), dtype=torch.bool)
+    ok[:3] = True
+    result = run_model_checks(mlp(), x, y, device="cpu", seed=0, eps_max=0.1, attack_fn=attack_fn, max_samples=10,
+                              reuse={"pgd10": ok[:10], "fgsm": ok[:10]})
+    assert calls == [("pgd", 50)]
+    a = result["attacks"]
+    assert result["n_samples"] == 10 and a["pgd10"] == 0.3 and a["fgsm"] == 0.3
+    assert a["pgd10_source"] == a["fgsm_source"] == "battery"
+
+
+def test_more_steps_against_the_batterys_pgd10_allows_one_sample():
+    base = model_checks(n_samples=20)["attacks"]
+    one = model_checks(n_samples=20, attacks={**base, "pgd10": 0.10, "pgd50": 0.15, "pgd10_source": "battery"})
+    two = model_checks(n_samples=20, attacks={**base, "pgd10": 0.10, "pgd50": 0.20, "pgd10_source": "battery"})
+    own = model_checks(n_samples=20, attacks={**base, "pgd10": 0.10, "pgd50": 0.15, "pgd10_source": "checks"})
+    assert by_name(evaluate(frame(HEALTHY), one))[sanity.MORE_STEPS].status == "pass"
+    assert by_name(evaluate(frame(HEALTHY), two))[sanity.MORE_STEPS].status == "warn"
+    assert by_name(evaluate(frame(HEALTHY), own))[sanity.MORE_STEPS].status == "warn"
+
+
+def test_analyze_run_sizes_its_checks_and_reuses_the_batterys_pgd(tmp_path):
+    from robaudit.examples.models import MoonsMLP
+    from robaudit.models import save_checkpoint
+    from robaudit.pipeline import analyze_run
+
+    torch.manual_seed(0)
+    path = save_checkpoint(tmp_path / "mlp.pt", MoonsMLP(hidden=8), arch="robaudit.examples.models:MoonsMLP",
+                           arch_kwargs={"hidden": 8})
+    run = analyze_run(path, "moons", out=tmp_path / "run", samples=500, attacks=["fgsm", "pgd"], eps=[0.05, 0.1],
+                      report=False, seed=1)
+    checks = json.loads((run.path / "checks.json").read_text())
+    plan = sanity.plan_checks(run.result.attacks, n_battery=500, num_classes=2, batch_size=128)
+    assert 1 <= checks["n_samples"] == plan.n_samples == checks["plan"]["n_samples"] < 128
+    assert checks["attacks"]["eps_max"] == 0.1 and checks["plan"]["reused"] == ["fgsm", "pgd10"]
+    pgd = [i for i, s in enumerate(run.result.attacks) if s.name == "pgd" and s.eps == 0.1][0]
+    ok = run.result.outcomes[pgd]
+    assert len(ok) == checks["n_samples"]
+    assert checks["attacks"]["pgd10"] == pytest.approx(float(ok.double().mean()))
+    assert checks["attacks"]["pgd10_source"] == "battery"
