@@ -6,9 +6,11 @@ All are sums over samples, so no activation outlives its batch.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
+import os
 import random
 import time
 import warnings
@@ -24,6 +26,7 @@ from . import attacks as atk
 from .errors import NonFiniteError, RobauditError
 from .models import LoadedModel, as_graph, check_compatible, with_normalization
 from .probe import PROBE_MODES, Layer, LayerProbe, select_modules
+from .samples import SampleLog, perturbation_norms
 
 log = logging.getLogger(__name__)
 
@@ -360,13 +363,15 @@ def analyze(
     progress: bool = False,
     keep_outcomes: int = 0,
     workers: int = 0,
+    samples_path: str | os.PathLike | None = None,
 ) -> LSAResult:
     """Run the attack battery on ``data`` and measure every probed layer's relative error.
 
     ``keep_outcomes`` keeps, per configuration, which of the first that many samples stay correctly
     classified (``LSAResult.outcomes``), so that the sanity checks reuse them instead of attacking again.
     A streaming data set is read through a ``DataLoader`` (``workers`` processes), its uint8 batches
-    turned into floats only once on the device.
+    turned into floats only once on the device. ``samples_path`` streams one row per sample there
+    (``samples.csv``: see :mod:`robaudit.samples`).
 
     ``model`` is the user's classifier (inputs in [0, 1], or normalized by ``mean``/``std``);
     ``data`` a :class:`robaudit.data.Dataset` or an ``(x, y)`` pair. Per batch: one hooked clean
@@ -412,7 +417,10 @@ def analyze(
         bar = tqdm(total=n_total * len(specs), desc="analyze", unit="ex", leave=False)
     # a fixed-batch archive runs in chunks, whose outputs the probe joins: read them after the pass
     streaming = model.__dict__.get("_robaudit_fixed_batch") is None
-    with LayerProbe(model, modules, type_map=type_map, detach=True) as probe:
+    with contextlib.ExitStack() as stack:
+        log = stack.enter_context(SampleLog(samples_path, [(s.label, s.eps) for s in specs], worst_keys)) \
+            if samples_path is not None else None
+        probe = stack.enter_context(LayerProbe(model, modules, type_map=type_map, detach=True))
         for start, x, y in _batches(data, x_all, y_all, batch_size, dev, workers):
             with torch.no_grad():
                 logits, outs = probe.run(full, x)
@@ -434,6 +442,7 @@ def analyze(
             ok_clean = logits.argmax(1) == y
             correct["clean"] += int(ok_clean.sum())
             robust = {k: ok_clean.clone() for k in worst_keys}
+            oks, perts = [], []
             for i, (spec, attack_fn) in enumerate(zip(specs, builders)):
                 tic = time.perf_counter()
                 with probe.paused():  # no hook overhead inside the attack's own forward passes
@@ -459,6 +468,9 @@ def analyze(
                 if kept and start < keep_outcomes:
                     kept[i].append(ok[:keep_outcomes - start].cpu())
                 sizes[i].update(x, x_adv, ok_clean, ok)
+                if log is not None:
+                    oks.append(ok)
+                    perts.append(perturbation_norms(x, x_adv, spec.norm))
                 if spec.kind == "adversarial" and spec.bounded:
                     robust[(spec.norm, spec.eps)] &= ok
                 for name, t in adv_outs.items():
@@ -470,6 +482,9 @@ def analyze(
                     bar.update(len(x))
             for k in worst_keys:
                 worst_correct[k] += int(robust[k].sum())
+            if log is not None:
+                log.write(torch.arange(start, start + len(y)), y, logits.argmax(1), oks, perts,
+                          [robust[k] for k in worst_keys])
             del clean, clean_sq, outs
     if bar is not None:
         bar.close()

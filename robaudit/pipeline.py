@@ -22,7 +22,7 @@ from .data import load_dataset
 from .errors import RobauditError
 from .lsa import MVL, PASSTHROUGH_TYPES, LSAResult, analyze, resolve_device
 from .models import LoadedModel, load_model, with_normalization
-from .rundir import check_output_dir, write_run
+from .rundir import check_output_dir, staging_file, write_run
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +119,10 @@ def analyze_run(
         plan = plan_checks(atk.expand(specs, eps), n_battery=len(data.y), num_classes=data.num_classes,
                            batch_size=batch_size)
 
+    samples_csv = staging_file(out, "samples")  # streamed row by row; analyze removes it if it fails
     result = analyze(loaded, data, attacks=specs, eps=eps, layers=layers, layer_types=layer_types, probe=probe,
                      mean=mean, std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress,
-                     keep_outcomes=plan.n_samples if plan else 0, workers=workers)
+                     keep_outcomes=plan.n_samples if plan else 0, workers=workers, samples_path=samples_csv)
     if mvl_top is None and mvl_z is None:
         layers_ = result.lsa.drop_duplicates("layer")
         rankable = ~layers_["layer_type"].isin(PASSTHROUGH_TYPES)
@@ -131,9 +132,13 @@ def analyze_run(
     mvl = result.mvl(mvl_top, z=mvl_z, attack=mvl_attack, metric=mvl_metric, include_output=include_output)
 
     check_results = None
-    if checks:
-        check_results = _model_checks(loaded, data, mean, std, dev, seed, plan, result)
-    bn = _batchnorm_audit(loaded, data, result, mvl, mean, std, dev, seed, batch_size)
+    try:
+        if checks:
+            check_results = _model_checks(loaded, data, mean, std, dev, seed, plan, result)
+        bn = _batchnorm_audit(loaded, data, result, mvl, mean, std, dev, seed, batch_size)
+    except BaseException:
+        samples_csv.unlink(missing_ok=True)
+        raise
 
     manifest = {
         "robaudit_version": __version__,
@@ -181,8 +186,11 @@ def analyze_run(
 
         def finish(staging: Path) -> None:
             render_report(staging, name=out)
-    write_run(out, result, mvl, manifest, check_results, force=force, finish=finish,
-              tables={"bn.csv": bn} if bn is not None else None)
+    try:
+        write_run(out, result, mvl, manifest, check_results, force=force, finish=finish,
+                  tables={"bn.csv": bn} if bn is not None else None, files={"samples.csv": samples_csv})
+    finally:
+        samples_csv.unlink(missing_ok=True)  # moved into the run, unless writing it failed
     return AnalysisRun(result, mvl, out, manifest, check_results)
 
 

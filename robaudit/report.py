@@ -1058,6 +1058,29 @@ def _batchnorm_section(run_dir: Path, shown: Path) -> dict | None:
             "plot": plot_batchnorm(bn, after), "table": Table(columns, rows)}
 
 
+FRAGILE_SHOWN = 10
+
+
+def _fragile_section(run_dir: Path) -> dict | None:
+    """The samples fooled by the most configurations, from samples.csv, which the report links."""
+    from .samples import most_fragile
+
+    path = run_dir / "samples.csv"
+    if not path.is_file():
+        return None
+    try:
+        samples = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise RobauditError(f"{path} is unreadable ({type(e).__name__}): rerun `robaudit analyze`") from e
+    fragile = most_fragile(samples, FRAGILE_SHOWN)
+    rows = [Row([num_cell(int(r["index"])), num_cell(int(r["label"])), num_cell(int(r["fooled_by"])),
+                 Cell(r["fooled_configs"], cls="wrap")]) for r in fragile.to_dict("records")]
+    n_conf = sum(c.endswith(":correct") for c in samples.columns)
+    return {"href": "samples.csv", "n": len(samples), "n_configs": n_conf,
+            "table": Table([Column("Index", True), Column("Label", True), Column("Fooled by", True),
+                            Column("Configurations that fooled it")], rows) if rows else None}
+
+
 def _after_shift(after: pd.DataFrame, layer: str) -> float | None:
     hit = after.loc[after["layer"] == layer, "adv_vs_clean"]
     return float(hit.iloc[0]) if len(hit) else None
@@ -1213,6 +1236,7 @@ def render_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = No
         "sanity": sanity_groups,
         "reproduce": _reproduce_section(run, settings, run_dir, out, shown),
         "batchnorm": _batchnorm_section(run_dir, shown),
+        "fragile": _fragile_section(run_dir),
     }
     text = _environment().get_template(TEMPLATE).render(**context)
     _write_atomic(out, text)

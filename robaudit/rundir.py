@@ -24,7 +24,7 @@ from .errors import RobauditError
 
 REQUIRED = ("lsa.csv", "accuracy.csv", "mvl.json", "manifest.json")
 # Everything robaudit writes into a run directory; a directory holding anything else is not replaced.
-RUN_ENTRIES = frozenset(REQUIRED + ("checks.json", "bn.csv", "report.html", "history.csv", "comparison.csv", "harden.json",
+RUN_ENTRIES = frozenset(REQUIRED + ("checks.json", "bn.csv", "samples.csv", "report.html", "history.csv", "comparison.csv", "harden.json",
                                     "harden-checkpoint.pt", "hardened"))
 HARDENED_ENTRIES = RUN_ENTRIES | {"model.pt", "model.pt2"}
 _SYSTEM_ROOTS = ("/proc", "/sys", "/dev")
@@ -142,15 +142,30 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _remove_stale_staging(dest: Path) -> None:
-    """Remove staging directories that a killed robaudit left next to ``dest`` (named ``.NAME.PID.*.tmp``).
+    """Remove staging directories and files that a killed robaudit left next to ``dest`` (``.NAME.PID.*.tmp``).
 
-    Only directories of that exact form, whose process is gone, are touched: they are robaudit's own.
+    Only entries of that exact form, whose process is gone, are touched: they are robaudit's own.
     """
     pattern = re.compile(rf"\.{re.escape(dest.name)}\.([0-9]+)\.[A-Za-z0-9_]+\.tmp")
+    if not dest.parent.is_dir():
+        return
     for entry in dest.parent.iterdir():
         m = pattern.fullmatch(entry.name)
-        if m and entry.is_dir() and not entry.is_symlink() and not _pid_alive(int(m.group(1))):
+        if not m or entry.is_symlink() or _pid_alive(int(m.group(1))):
+            continue
+        if entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
+        elif entry.is_file():
+            entry.unlink(missing_ok=True)
+
+
+def staging_file(dest: str | os.PathLike, what: str) -> Path:
+    """A hidden file next to ``dest`` (``.NAME.PID.WHAT.tmp``) for output streamed before the run is staged;
+    :func:`write_run` moves it in, and a killed run's leftover is removed by the next one."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(dest)
+    return dest.parent / f".{dest.name}.{os.getpid()}.{what}.tmp"
 
 
 @contextlib.contextmanager
@@ -179,7 +194,7 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
 
 def write_run(out_dir: str | os.PathLike, result, mvl, manifest: dict, checks: dict | None = None, *,
               force: bool = False, finish: Callable[[Path], None] | None = None,
-              tables: dict[str, pd.DataFrame] | None = None) -> Path:
+              tables: dict[str, pd.DataFrame] | None = None, files: dict[str, Path] | None = None) -> Path:
     """Write an analysis (an :class:`~robaudit.lsa.LSAResult` and its MVL) as a run directory.
 
     An earlier run there is replaced whole, and only with ``force``: a new analysis invalidates an old
@@ -189,6 +204,10 @@ def write_run(out_dir: str | os.PathLike, result, mvl, manifest: dict, checks: d
     out_dir = check_output_dir(out_dir, force=force)
     with atomic_dir(out_dir) as tmp:
         fill_run(tmp, result, mvl, manifest, checks, tables=tables)
+        for name, src in (files or {}).items():  # streamed earlier beside the destination (staging_file)
+            if name not in RUN_ENTRIES:
+                raise ValueError(f"{name} is not a run-directory file")
+            os.replace(src, tmp / name)
         if finish is not None:
             finish(tmp)
     return out_dir

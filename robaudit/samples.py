@@ -52,8 +52,10 @@ class SampleLog:
     def __enter__(self) -> "SampleLog":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         self.close()
+        if exc_type is not None:  # a failed analysis leaves no half-written table behind
+            self.path.unlink(missing_ok=True)
 
 
 def _cell(v) -> object:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 import torch
 
 from robaudit.samples import SampleLog, most_fragile, perturbation_norms
@@ -31,3 +32,24 @@ def test_perturbation_norms_by_hand():
     adv = torch.tensor([[[[0.3, -0.4], [0.0, 0.0]]], [[[0.0, 0.0], [0.0, 0.1]]]])
     assert torch.allclose(perturbation_norms(x, adv, "Linf"), torch.tensor([0.4, 0.1]))
     assert torch.allclose(perturbation_norms(x, adv, "L2"), torch.tensor([0.5, 0.1]))
+
+
+def test_samples_csv_agrees_with_accuracy_csv(tmp_path):
+    from tests.test_cli import DIGITS_PT2, invoke
+
+    out = tmp_path / "run"
+    result = invoke("analyze", DIGITS_PT2, "--dataset", "digits", "--samples", "50", "--batch-size", "16",
+                    "--attack", "fgsm", "--attack", "pgd:steps=3", "--attack", "gaussian", "--eps", "0.05,0.1",
+                    "--no-checks", "--out", out)
+    assert result.exit_code == 0, result.output
+    samples, acc = pd.read_csv(out / "samples.csv"), pd.read_csv(out / "accuracy.csv")
+    assert samples["index"].tolist() == list(range(50))  # every sample once, in order, across 4 batches
+    assert samples["clean_correct"].mean() == acc.loc[acc["attack"] == "clean", "accuracy"].item()
+    for r in acc[acc["eps"].notna()].itertuples():
+        key = f"{r.attack}@{r.eps:g}"
+        column = f"worst-case@{r.eps:g}:robust" if r.attack == "worst-case" else f"{key}:correct"
+        assert samples[column].mean() == pytest.approx(r.accuracy), column
+        if r.attack in ("fgsm", "pgd(steps=3)"):
+            assert (samples[f"{key}:pert"] <= r.eps + 1e-6).all()
+    assert (out / "report.html").read_text().count('href="samples.csv"') == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the streamed file moved in
