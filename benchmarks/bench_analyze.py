@@ -288,8 +288,9 @@ def checks_share(n: int, threads: int, out) -> bool:
         checks = run.checks
     share = checks["seconds"] / checks["battery_seconds"]
     ok = share <= CHECKS_TARGET + 1e-9
-    out.write(f"\nsanity checks on {checks['n_samples']} of {n} samples (reused: "
-              f"{', '.join(checks['plan']['reused']) or 'nothing'}): {checks['seconds']:.3f} s vs the battery's "
+    probes = ("attack probes, reused: " + (", ".join(checks["plan"]["reused"]) or "nothing")
+              if checks["plan"]["attacks"] else "no attack probes: the battery is too short to pay for them")
+    out.write(f"\nsanity checks on {checks['n_samples']} of {n} samples ({probes}): {checks['seconds']:.3f} s vs the battery's "
               f"{checks['battery_seconds']:.3f} s = {100 * share:.1f} %  (target <= {100 * CHECKS_TARGET:.0f} %: "
               f"{'ok' if ok else 'ABOVE TARGET'})\n")
     return ok

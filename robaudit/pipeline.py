@@ -145,7 +145,8 @@ def analyze_run(
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "platform": platform.platform(),
-        "command": command or _api_command(loaded, dataset, attacks, eps, seed, out),
+        "command": command or _api_command(loaded, dataset, attacks, eps, seed, out, image_size=image_size,
+                                           class_map=class_map),
         "argv": list(sys.argv),
         "model": {
             "path": str(loaded.path.resolve()) if loaded.path else None,
@@ -223,8 +224,13 @@ def _model_checks(loaded: LoadedModel, data, mean, std, dev, seed: int, plan, re
     return {**out, **info}
 
 
-def _api_command(loaded: LoadedModel, dataset: str, attacks, eps, seed: int, out: Path) -> str:
+def _api_command(loaded: LoadedModel, dataset: str, attacks, eps, seed: int, out: Path, *,
+                 image_size: int | None = None, class_map=None) -> str:
     parts = ["robaudit", "analyze", str(loaded.path) if loaded.path else "MODEL", "--dataset", dataset]
+    if image_size is not None:
+        parts += ["--image-size", str(image_size)]
+    if class_map is not None:
+        parts += ["--class-map", str(class_map)]
     for a in attacks or []:
         parts += ["--attack", a]
     if eps:

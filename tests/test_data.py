@@ -563,6 +563,18 @@ def test_cli_analyzes_an_image_folder(tmp_path):
     assert man["n_samples"] == 6
 
 
+def test_api_run_of_an_image_folder_records_a_command_that_reruns_it(tmp_path):
+    from robaudit.pipeline import analyze_run
+
+    write_images(tmp_path / "imgs", {"a": [(5, 5)] * 2, "b": [(6, 5)] * 2}, mode="L")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 4), nn.ReLU(), nn.Linear(4, 2))
+    torch.save(model, tmp_path / "m.pt")  # a pickled module of this test's own: trust_model
+    run = analyze_run(tmp_path / "m.pt", f"imagefolder:{tmp_path / 'imgs'}", out=tmp_path / "run", image_size=4,
+                      attacks=["fgsm"], eps=[0.1], checks=False, report=False, trust_model=True)
+    assert "--image-size 4" in run.manifest["command"]
+
+
 def test_npz_members_are_memory_mapped_when_stored(tmp_path, monkeypatch):
     rng = np.random.default_rng(1)
     x, y = rng.random((9, 1, 3, 3)).astype(np.float32), np.arange(9) % 3
