@@ -322,3 +322,13 @@ def test_a_run_directory_cannot_grant_trust_or_name_a_python_file(tmp_path, mark
     result = invoke("harden", "--run", out, "--epochs", "1", "--no-report")
     assert result.exit_code == 2 and "--trust-model" in result.stderr, result.output
     assert not marker.exists()
+
+
+def test_npy_pair_with_pickled_objects_is_refused(tmp_path, marker):
+    x = np.empty(2, dtype=object)
+    x[0], x[1] = Payload(marker), 0
+    np.save(tmp_path / "x.npy", x, allow_pickle=True)
+    np.save(tmp_path / "y.npy", np.array([0, 1]))
+    with pytest.raises(RobauditError, match="without pickles"):
+        load_dataset(str(tmp_path / "x.npy"))
+    assert not marker.exists()
