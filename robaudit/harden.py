@@ -65,18 +65,15 @@ from . import attacks as atk
 from .errors import NonFiniteError, RobauditError
 from .models import LoadedModel, check_compatible, with_normalization
 from .probe import Layer, LayerProbe
+from .training.config import (DEFAULT_LR, BaseAttack, HardenConfig, Method, Optimizer, ReMode,  # noqa: F401
+                              Schedule, check_eps)
 
 log = logging.getLogger(__name__)
 
-METHODS = ("atlr", "at", "layerwise", "standard")
-RE_MODES = ("pooled", "per-sample")
-BASE_ATTACKS = ("pgd", "fgsm")
-OPTIMIZERS = ("adam", "sgd")
-SCHEDULES = ("cosine", "none")
+METHODS = tuple(m.value for m in Method)
 CHECKPOINT_NAME = "harden-checkpoint.pt"
 CHECKPOINT_FORMAT = "robaudit-harden-checkpoint"
 HARDENED_DIR = "hardened"
-DEFAULT_LR = {"adam": 1e-3, "sgd": 1e-2}
 COLLAPSE_MARGIN = 0.02  # clean accuracy within this of the majority-class rate counts as chance
 
 
@@ -400,18 +397,6 @@ def parse_gamma(value: float | str | Sequence[float], n_layers: int) -> list[flo
     return values
 
 
-def _check_eps(eps, what: str = "--eps") -> float:
-    if eps is None:
-        raise RobauditError(f"{what} is required: the training perturbation budget, e.g. {what} 0.1")
-    try:
-        eps = float(eps)
-    except (TypeError, ValueError):
-        eps = atk.parse_number(str(eps))
-    if not math.isfinite(eps) or eps <= 0:
-        raise RobauditError(f"{what} must be positive and finite, got {eps:g}: e.g. {what} 0.1 or 8/255")
-    return eps
-
-
 def _module_digest(module: nn.Module) -> str:
     h = hashlib.sha256()
     for k, v in sorted(module.state_dict().items()):
@@ -456,92 +441,42 @@ def harden(
     model: nn.Module | LoadedModel,
     train,
     val=None,
+    config: HardenConfig | None = None,
     *,
-    eps: float,
-    method: str = "atlr",
     mvl_layers: Sequence[str] | None = None,
-    gamma: float | Sequence[float] = 1.0,
-    re_mode: str = "pooled",
-    base_attack: str = "pgd",
-    steps: int = 10,
-    alpha: float | None = None,
-    layer_eps: float | None = None,
-    epochs: int = 10,
-    batch_size: int = 128,
-    lr: float | None = None,
-    optimizer: str = "adam",
-    weight_decay: float = 0.0,
-    schedule: str = "cosine",
-    clean_weight: float = 0.0,
-    dual_bn: bool = False,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
-    val_fraction: float = 0.1,
-    seed: int = 0,
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
     type_map: Mapping[str, str] | None = None,
-    device: str | torch.device = "cpu",
-    progress: bool = False,
-    check_collapse: bool = True,
     fingerprint_extra: Mapping[str, Any] | None = None,
+    **settings: Any,
 ) -> HardenResult:
-    """Fine-tune ``model`` on ``train`` with ``method``; validate on ``val`` after every epoch.
+    """Fine-tune ``model`` on ``train`` as ``config`` says; validate on ``val`` after every epoch.
 
-    ``model`` (an ``nn.Module`` or a :class:`LoadedModel`) is trained **in place** and returned in eval
-    mode. ``train``/``val`` are :class:`robaudit.data.Dataset` objects (inputs in [0, 1]); without
-    ``val``, a seeded ``val_fraction`` of ``train`` is held out. ``mvl_layers`` are layer names as in
-    the analysis (``name`` or ``name#2``); ``gamma`` one value or one per layer. ``eps`` is the training
-    budget (Linf, input space); ``alpha`` the PGD step (default ``2.5 * eps / steps``); ``layer_eps``
-    the layerwise method's relative activation perturbation (default ``eps``). ``lr`` defaults to
-    1e-3 for Adam and 1e-2 for SGD (momentum 0.9); ``schedule="cosine"`` anneals it per epoch.
-    With ``checkpoint_dir`` a checkpoint is written after every epoch and ``resume=True`` continues
-    from it (the settings must match).
+    ``config`` is a :class:`HardenConfig`; its fields may also be given (or overridden) as keywords
+    (``eps=0.1, method="at"``). ``model`` (an ``nn.Module`` or a :class:`LoadedModel`) is trained **in
+    place** and returned in eval mode. ``train``/``val`` are :class:`robaudit.data.Dataset` objects
+    (inputs in [0, 1]); without ``val``, a seeded ``val_fraction`` of ``train`` is held out.
+    ``mvl_layers`` are layer names as in the analysis (``name`` or ``name#2``); ``gamma`` one value or
+    one per layer. ``eps`` is the training budget (Linf, input space); ``alpha`` the PGD step (default
+    ``2.5 * eps / steps``); ``layer_eps`` the layerwise method's relative activation perturbation
+    (default ``eps``). ``lr`` defaults to 1e-3 for Adam and 1e-2 for SGD (momentum 0.9);
+    ``schedule="cosine"`` anneals it per epoch. With ``checkpoint_dir`` a checkpoint is written after
+    every epoch and ``resume=True`` continues from it (the settings must match).
     """
     from .lsa import resolve_device
 
+    cfg = HardenConfig(**settings) if config is None else dataclasses.replace(config, **settings)
     started = time.perf_counter()
-    notes: list[str] = []
-    # -- validate the settings ------------------------------------------------------------
-    method = str(method).lower()
-    if method not in METHODS:
-        raise RobauditError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
-    re_mode = {"per_sample": "per-sample", "persample": "per-sample", "mean": "per-sample"}.get(re_mode, re_mode)
-    if re_mode not in RE_MODES:
-        raise RobauditError(f"unknown RE mode {re_mode!r}: use pooled or per-sample")
-    base_attack = str(base_attack).lower()
-    if base_attack not in BASE_ATTACKS:
-        raise RobauditError(f"--base-attack must be pgd or fgsm, not {base_attack!r}")
-    optimizer = str(optimizer).lower()
-    if optimizer not in OPTIMIZERS:
-        raise RobauditError(f"--optimizer must be adam or sgd, not {optimizer!r}")
-    schedule = str(schedule).lower()
-    if schedule not in SCHEDULES:
-        raise RobauditError(f"--schedule must be cosine or none, not {schedule!r}")
-    eps = _check_eps(eps)
-    if int(steps) != steps or steps < 1:
-        raise RobauditError(f"--steps must be a positive whole number, not {steps}")
-    steps = int(steps)
-    if alpha is not None:
-        alpha = _check_eps(alpha, "--alpha")
-    layer_eps = eps if layer_eps is None else _check_eps(layer_eps, "--layer-eps")
-    if int(epochs) != epochs or epochs < 1:
-        raise RobauditError(f"--epochs must be at least 1, not {epochs}")
-    epochs = int(epochs)
-    if int(batch_size) != batch_size or batch_size < 2:
-        raise RobauditError(f"--batch-size must be at least 2, not {batch_size}")
-    batch_size = int(batch_size)
-    lr = DEFAULT_LR[optimizer] if lr is None else float(lr)
-    if not math.isfinite(lr) or lr <= 0:
-        raise RobauditError(f"--lr must be positive, not {lr:g}")
-    if not math.isfinite(weight_decay) or weight_decay < 0:
-        raise RobauditError(f"--weight-decay must be non-negative, not {weight_decay:g}")
-    clean_weight = float(clean_weight)
-    if not 0 <= clean_weight <= 1:
-        raise RobauditError(f"--clean-weight must lie in [0, 1], not {clean_weight:g}")
-    if method == "standard" and clean_weight:
-        notes.append("--clean-weight has no effect with method standard (all training is clean)")
-        clean_weight = 0.0
+    notes: list[str] = list(cfg.notes)
+    method, re_mode, base_attack = cfg.method, cfg.re_mode, cfg.base_attack
+    optimizer, schedule = cfg.optimizer, cfg.schedule
+    eps, steps, alpha, layer_eps = cfg.require_eps(), cfg.steps, cfg.alpha, cfg.layer_eps
+    epochs, batch_size, lr, weight_decay = cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay
+    clean_weight, dual_bn, val_fraction = cfg.clean_weight, cfg.dual_bn, cfg.val_fraction
+    seed = 0 if cfg.seed is None else cfg.seed
+    device, progress, check_collapse = cfg.device, cfg.progress, cfg.check_collapse
 
     exported = False
     eager = None  # an eager model trained through its graph (its op layers are in the MVL list)
@@ -573,7 +508,7 @@ def harden(
     for name in _layer_modules(mvl_layers):
         if name not in known:
             raise RobauditError(f"the model has no layer named {name!r}: use layer names from the analysis")
-    gammas = dict(zip(mvl_layers, parse_gamma(gamma, len(mvl_layers)))) if mvl_layers else {}
+    gammas = dict(zip(mvl_layers, parse_gamma(cfg.gamma, len(mvl_layers)))) if mvl_layers else {}
     frozen = sorted({(type_map or {}).get(n, "?") for n in frozen_names})
     if frozen:
         msg = (f"the model is a torch.export archive, captured in eval mode: its {', '.join(frozen)} layers that "
@@ -625,11 +560,11 @@ def harden(
     x_tr, y_tr = train.x.to(dev), train.y.to(dev)
 
     settings = {
-        "method": method, "mvl_layers": mvl_layers, "gamma": [gammas[n] for n in mvl_layers], "re_mode": re_mode,
-        "base_attack": base_attack, "eps": eps, "steps": steps, "alpha": alpha,
+        "method": method.value, "mvl_layers": mvl_layers, "gamma": [gammas[n] for n in mvl_layers],
+        "re_mode": re_mode.value, "base_attack": base_attack.value, "eps": eps, "steps": steps, "alpha": alpha,
         "alpha_used": (alpha if alpha is not None else 2.5 * eps / steps) if base_attack == "pgd" else eps,
-        "layer_eps": layer_eps, "epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
-        "weight_decay": weight_decay, "schedule": schedule, "clean_weight": clean_weight, "dual_bn": bool(dual_bn),
+        "layer_eps": layer_eps, "epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer.value,
+        "weight_decay": weight_decay, "schedule": schedule.value, "clean_weight": clean_weight, "dual_bn": bool(dual_bn),
         "val_fraction": val_fraction, "seed": seed, "n_train": int(len(y_tr)), "n_val": int(len(val.y)),
         "validation": val_desc, "val_attack": f"pgd:eps={eps:g},steps={steps}", "bn_at_test": bn_at_test,
         "mean": list(mean) if mean is not None else None, "std": list(std) if std is not None else None,
@@ -964,36 +899,18 @@ def _select_layers(run, mvl_top: int | None, include_output: bool) -> tuple[list
 
 def harden_run(
     run_dir: str | os.PathLike,
+    config: HardenConfig | None = None,
     *,
     mvl_top: int | None = None,
-    method: str = "atlr",
-    gamma: float | str | Sequence[float] = 1.0,
-    re_mode: str = "pooled",
-    base_attack: str = "pgd",
-    eps: float | None = None,
-    steps: int = 10,
-    alpha: float | None = None,
-    layer_eps: float | None = None,
-    epochs: int = 10,
-    batch_size: int = 128,
-    lr: float | None = None,
-    optimizer: str = "adam",
-    weight_decay: float = 0.0,
-    schedule: str = "cosine",
-    clean_weight: float = 0.0,
-    dual_bn: bool = False,
     include_output: bool = False,
-    val_fraction: float = 0.1,
     train_data: str | os.PathLike | None = None,
     resume: bool = False,
     force: bool = False,
-    seed: int | None = None,
-    device: str = "auto",
-    progress: bool = False,
     command: str | None = None,
     download: bool = True,
     arch: str | None = None,
     trust_model: bool = False,
+    **settings: Any,
 ) -> HardenRun:
     """Harden the model of an analyzed run directory and write ``RUN/hardened/``.
 
@@ -1010,6 +927,7 @@ def harden_run(
                          sha256_file)
     from .rundir import atomic_dir, fill_run, foreign_entries, read_run, write_csv, write_json
 
+    cfg = HardenConfig(**settings) if config is None else dataclasses.replace(config, **settings)
     started = _now()
     run_dir = Path(run_dir)
     run = read_run(run_dir)
@@ -1030,15 +948,15 @@ def harden_run(
     if resume and not ck_path.exists():
         raise RobauditError(f"no checkpoint to resume in {run_dir} ({CHECKPOINT_NAME}): run without --resume")
     eps_list = man.get("eps") or []
-    if eps is None:
+    if cfg.eps is None:
         eps = default_train_eps(eps_list)
         if eps is None:
             raise RobauditError("the run has no eps sweep to take the training eps from: pass --eps")
-    eps = _check_eps(eps)
-    if method not in METHODS:
-        raise RobauditError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
+        cfg = dataclasses.replace(cfg, eps=eps)
     layers, ranking = _select_layers(run, mvl_top, include_output)
-    seed = int(man.get("seed", 0)) if seed is None else int(seed)
+    if cfg.seed is None:
+        cfg = dataclasses.replace(cfg, seed=int(man.get("seed", 0)))
+    eps, seed, method = cfg.eps, cfg.seed, cfg.method.value
 
     mm = man.get("model") or {}
     model_path = Path(mm.get("path") or "")
@@ -1066,8 +984,8 @@ def harden_run(
     else:
         raise RobauditError(f"the run's data set {ds_name!r} is a file with no train split: pass --train-data "
                             "FILE.npz with training samples")
-    dev = resolve_device(device)
-    if dual_bn and loaded.format != "export" and not batchnorm_modules(loaded.module):
+    dev = resolve_device(cfg.device)
+    if cfg.dual_bn and loaded.format != "export" and not batchnorm_modules(loaded.module):
         raise RobauditError("--dual-bn needs a model with BatchNorm layers; this one has none: drop --dual-bn")
     if loaded.format == "pickle":  # it must be exportable to be saved without pickles: fail before training
         try:
@@ -1079,13 +997,8 @@ def harden_run(
                                 "harden a checkpoint with an architecture instead") from e
 
     fp_extra = {"model_sha256": mm.get("sha256"), "train": train_desc}
-    result = harden(
-        loaded, train_set, None, eps=eps, method=method, mvl_layers=layers, gamma=gamma, re_mode=re_mode,
-        base_attack=base_attack, steps=steps, alpha=alpha, layer_eps=layer_eps, epochs=epochs,
-        batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
-        clean_weight=clean_weight, dual_bn=dual_bn, mean=mean, std=std, val_fraction=val_fraction, seed=seed,
-        checkpoint_dir=run_dir, resume=resume, type_map=loaded.type_map, device=dev, progress=progress,
-        fingerprint_extra=fp_extra)
+    result = harden(loaded, train_set, None, cfg, mvl_layers=layers, mean=mean, std=std, checkpoint_dir=run_dir,
+                    resume=resume, type_map=loaded.type_map, fingerprint_extra=fp_extra, device=dev)
     module = result.module.cpu().eval()
 
     # -- save, reload, re-analyze, all inside a temporary directory ----------------------------
@@ -1135,7 +1048,7 @@ def harden_run(
                                           attack=ranking["attack"], eps=ranking["eps"], metric=ranking["metric"])
             h_manifest = copy.deepcopy(man)
             h_manifest.update({
-                "command": command or _api_command(run_dir, method, mvl_top, eps, epochs, seed),
+                "command": command or _api_command(run_dir, method, mvl_top, eps, cfg.epochs, seed),
                 "argv": list(sys.argv),
                 "model": {"path": str(final_model), "sha256": sha256_file(tmp_model), "format": fmt,
                           "arch": loaded.arch if fmt == "checkpoint" else None,

@@ -238,3 +238,10 @@ def test_eps_fraction_stays_a_fraction_in_labels(tmp_path):
     assert "eps 8/255: fgsm" in result.stdout and "0.0313" not in result.stdout
     report = (out / "report.html").read_text()
     assert "FGSM ε=8/255" in report and "at eps 8/255" in report
+
+
+def test_harden_checks_its_settings_before_analyzing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = invoke("harden", DIGITS_PT2, "--dataset", "digits", "--epochs", "0", "--no-report")
+    assert res.exit_code == 2 and "--epochs must be at least 1" in res.stderr
+    assert not (tmp_path / "reports").exists()  # nothing was analyzed, nothing written
