@@ -16,6 +16,7 @@ from torch import nn
 
 from robaudit import harden as H
 from robaudit.errors import NonFiniteError, RobauditError
+from robaudit.training.loop import Trainer
 from robaudit.harden import (CHECKPOINT_NAME, DualBatchNorm, HardenInterrupted, atlr_objective, harden,
                              harden_run, layer_relative_error)
 from tests.helpers import TinyCNN, single_thread  # noqa: F401  (single_thread: autouse fixture)
@@ -179,18 +180,15 @@ def test_resume_after_an_interrupted_epoch_equals_an_uninterrupted_run(tmp_path,
     full = tiny_cnn()
     r_full = harden(full, blobs(), checkpoint_dir=tmp_path / "a", **kw)
 
-    real = H._train_epoch
 
-    def interrupted(**k):
-        if k["epoch"] == 2:
-            raise KeyboardInterrupt
-        return real(**k)
+    class CtrlC:  # a Trainer callback: Ctrl-C as epoch 2 starts
+        def on_epoch_start(self, trainer, epoch):
+            if epoch == 2:
+                raise KeyboardInterrupt
 
-    monkeypatch.setattr(H, "_train_epoch", interrupted)
     with pytest.raises(HardenInterrupted, match="--resume"):
-        harden(tiny_cnn(), blobs(), checkpoint_dir=tmp_path / "b", **kw)
+        harden(tiny_cnn(), blobs(), checkpoint_dir=tmp_path / "b", callbacks=[CtrlC()], **kw)
     assert H.load_checkpoint(tmp_path / "b" / CHECKPOINT_NAME)["epoch"] == 1
-    monkeypatch.setattr(H, "_train_epoch", real)
     resumed = tiny_cnn()
     r_res = harden(resumed, blobs(), checkpoint_dir=tmp_path / "b", resume=True, **kw)
     assert r_res.resumed_from_epoch == 1
@@ -276,11 +274,11 @@ def test_a_diverging_loss_stops_with_a_message_and_keeps_the_last_complete_epoch
 def test_collapse_to_chance_stops_training(monkeypatch):
     calls = {"n": 0}
 
-    def collapsing(*a, **k):  # a model that was accurate before hardening, then at chance (1 of 3 classes)
+    def collapsing(self):  # a model that was accurate before hardening, then at chance (1 of 3 classes)
         calls["n"] += 1
         return (1.0, 0.5) if calls["n"] == 1 else (0.2, 0.0)
 
-    monkeypatch.setattr(H, "_evaluate", collapsing)
+    monkeypatch.setattr(Trainer, "evaluate", collapsing)
     with pytest.raises(RobauditError, match="collapsed at epoch 1") as info:
         harden(tiny_cnn(), blobs(), method="atlr", mvl_layers=["classifier.1"], epochs=2, **FAST)
     assert "\n" not in str(info.value)

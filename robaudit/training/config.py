@@ -81,6 +81,34 @@ def _whole(value, least: int, message: str) -> int:
     return int(value)
 
 
+def gamma_values(value: float | str | Sequence[float]) -> list[float]:
+    """The gamma values of a scalar, a list, or a string such as ``1`` or ``1,0.5`` (finite, non-negative)."""
+    from ..attacks import parse_number
+
+    if isinstance(value, str):
+        values = [parse_number(p) for p in value.split(",") if p.strip()]
+    elif isinstance(value, (int, float)):
+        values = [float(value)]
+    else:
+        values = [float(v) for v in value]
+    if not values:
+        raise RobauditError("--gamma needs a value, e.g. --gamma 1 or one per layer: --gamma 1,0.5")
+    for v in values:
+        if not math.isfinite(v) or v < 0:
+            raise RobauditError(f"--gamma values must be finite and non-negative, got {v:g}")
+    return values
+
+
+def parse_gamma(value: float | str | Sequence[float], n_layers: int) -> list[float]:
+    """One gamma per MVL layer from a scalar, a list, or a string such as ``1`` or ``1,0.5``."""
+    values = gamma_values(value)
+    if len(values) == 1:
+        return values * n_layers
+    if len(values) != n_layers:
+        raise RobauditError(f"--gamma has {len(values)} values for {n_layers} MVL layers: give one value or {n_layers}")
+    return values
+
+
 @dataclass(frozen=True)
 class HardenConfig:
     """How to harden: method, attack, optimization and run settings, checked once in ``__post_init__``.
@@ -122,6 +150,7 @@ class HardenConfig:
         set_("schedule", Schedule.parse(self.schedule, "--schedule must be cosine or none, not {value!r}"))
         if self.eps is not None:
             set_("eps", check_eps(self.eps))
+        gamma_values(self.gamma)
         set_("steps", _whole(self.steps, 1, "--steps must be a positive whole number, not {value}"))
         if self.alpha is not None:
             set_("alpha", check_eps(self.alpha, "--alpha"))
