@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import datetime as _dt
 import hashlib
 import json
 import logging
@@ -422,10 +421,6 @@ def default_train_eps(eps_list: Sequence[float] | None) -> float | None:
     return vals[(len(vals) - 1) // 2] if vals else None
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
 def comparison_frame(before_acc: pd.DataFrame, after_acc: pd.DataFrame, before_lsa: pd.DataFrame,
                      after_lsa: pd.DataFrame, *, layers: Sequence[str], attack: str | None, eps: float | None,
                      metric: str = "re_mean") -> pd.DataFrame:
@@ -497,33 +492,21 @@ def harden_run(
     re-analyzes it with the same battery and writes, atomically, ``hardened/`` holding the model, its
     ``lsa.csv``/``accuracy.csv``/``mvl.json``/``manifest.json``, ``history.csv``, ``comparison.csv`` and
     ``harden.json``. A checkpoint ``RUN/harden-checkpoint.pt`` is kept after every epoch until the end.
+    ``config`` (or keywords) as for :func:`harden`; its ``seed`` defaults to the analysis seed.
     """
-    from .data import load_dataset
-    from .lsa import analyze, resolve_device, select_mvl
-    from .models import (check_stored_arch, export_model, load_model, save_checkpoint, save_exported_weights,
-                         sha256_file)
-    from .rundir import atomic_dir, fill_run, foreign_entries, read_run, write_csv, write_json
+    from .data import DATASETS, load_dataset
+    from .lsa import resolve_device
+    from .models import sha256_file
+    from .pipeline import now
+    from .rundir import atomic_dir, read_run
 
     cfg = HardenConfig(**settings) if config is None else dataclasses.replace(config, **settings)
-    started = _now()
+    started = now()
     run_dir = Path(run_dir)
     run = read_run(run_dir)
-    if run.lsa.empty:
-        raise RobauditError(f"{run_dir} holds no layer analysis (lsa.csv is empty): rerun `robaudit analyze`")
     man = run.manifest
-    dest = run_dir / HARDENED_DIR
-    ck_path = run_dir / CHECKPOINT_NAME
-    # -- check everything cheap before training -------------------------------------------------
-    if ck_path.exists() and not resume and not force:
-        raise RobauditError(f"an interrupted harden left {ck_path}: pass --resume to continue it, or --force to "
-                            "start over")
-    if dest.exists() and not force and not resume:
-        raise RobauditError(f"{dest} already exists from an earlier harden: pass --force to replace it")
-    foreign = [f for f in foreign_entries(run_dir) if f.startswith(f"{HARDENED_DIR}/")] if dest.is_dir() else []
-    if foreign:
-        raise RobauditError(f"{dest} holds files robaudit did not write ({', '.join(foreign[:3])}): move them out first")
-    if resume and not ck_path.exists():
-        raise RobauditError(f"no checkpoint to resume in {run_dir} ({CHECKPOINT_NAME}): run without --resume")
+    dest, ck_path = run_dir / HARDENED_DIR, run_dir / CHECKPOINT_NAME
+    _check_run_dir(run, dest, ck_path, resume=resume, force=force)
     eps_list = man.get("eps") or []
     if cfg.eps is None:
         eps = default_train_eps(eps_list)
@@ -533,9 +516,86 @@ def harden_run(
     layers, ranking = _select_layers(run, mvl_top, include_output)
     if cfg.seed is None:
         cfg = dataclasses.replace(cfg, seed=int(man.get("seed", 0)))
-    eps, seed, method = cfg.eps, cfg.seed, cfg.method.value
+    loaded, model_path = _load_run_model(run, arch=arch, trust_model=trust_model)
+    norm, ds = man.get("normalization") or {}, man.get("dataset") or {}
+    mean, std, ds_name = norm.get("mean"), norm.get("std"), ds.get("name")
+    train_set, train_desc = _train_set(ds, train_data, download)
+    dev = resolve_device(cfg.device)
+    _check_trainable(cfg, loaded, train_set)
 
-    mm = man.get("model") or {}
+    fp_extra = {"model_sha256": (man.get("model") or {}).get("sha256"), "train": train_desc}
+    result = harden(loaded, train_set, None, cfg, mvl_layers=layers, mean=mean, std=std, checkpoint_dir=run_dir,
+                    resume=resume, type_map=loaded.type_map, fingerprint_extra=fp_extra, device=dev)
+    module = result.module.cpu().eval()
+
+    # -- save, reload, re-analyze, all inside a temporary directory ----------------------------
+    fname, fmt = ("model.pt", "checkpoint") if loaded.format not in ("export", "pickle") else ("model.pt2", "export")
+    final_model = (dest / fname).resolve()
+    test = load_dataset(ds_name if ds_name in DATASETS else str(ds.get("source") or ds_name),
+                        split=ds.get("split") or "test", samples=ds.get("samples"), shuffle=bool(ds.get("shuffle")),
+                        seed=int(man.get("seed", 0)), data_dir=ds.get("data_dir"), download=download)
+    try:
+        with atomic_dir(dest) as tmp:
+            hardened = _save_model(tmp / fname, loaded, module, train_set)
+            analysis, h_mvl, checks = _reanalyze(run, hardened, test, ranking, dev)
+            comparison = comparison_frame(run.accuracy, analysis.accuracy, run.lsa, analysis.lsa, layers=layers,
+                                          attack=ranking["attack"], eps=ranking["eps"], metric=ranking["metric"])
+            cmd = command or _api_command(run_dir, cfg.method.value, mvl_top, cfg.eps, cfg.epochs, cfg.seed)
+            h_manifest = copy.deepcopy(man)
+            h_manifest.update({
+                "command": cmd, "argv": list(sys.argv),
+                "model": {"path": str(final_model), "sha256": sha256_file(tmp / fname), "format": fmt,
+                          "arch": loaded.arch if fmt == "checkpoint" else None,
+                          "arch_kwargs": loaded.arch_kwargs if fmt == "checkpoint" else {},
+                          "trust_model": False, "class": type(hardened.module).__name__},
+                "n_samples": analysis.n_samples, "clean_accuracy": analysis.clean_accuracy,
+                "seconds": round(analysis.seconds, 3), "started": started, "finished": now(),
+                "hardened_from": {"run": str(run_dir.resolve()), "model": str(model_path.resolve()),
+                                  "sha256": (man.get("model") or {}).get("sha256"), "method": cfg.method.value},
+            })
+            out_settings = dict(result.settings)
+            out_settings.update({
+                "command": cmd, "run": str(run_dir.resolve()), "mvl_top": mvl_top, "mvl_ranking": ranking,
+                "include_output": include_output, "train": train_desc, "device": str(dev),
+                "resumed_from_epoch": result.resumed_from_epoch, "notes": result.notes,
+                "input_model": {"path": str(model_path.resolve()), "format": loaded.format,
+                                "sha256": (man.get("model") or {}).get("sha256")},
+                "output_model": {"path": str(final_model), "format": fmt},
+                "seconds_training": round(result.seconds, 3), "started": started, "finished": now(),
+            })
+            _write_hardened(tmp, analysis, h_mvl, h_manifest, checks, result.history, comparison, out_settings)
+    except KeyboardInterrupt:
+        raise HardenInterrupted(f"interrupted after training, while analyzing the hardened model; the final "
+                                f"checkpoint is in {ck_path}: rerun with --resume to finish") from None
+    with contextlib.suppress(FileNotFoundError):
+        ck_path.unlink()
+    return HardenRun(run_dir=run_dir, hardened_dir=dest, model_path=final_model, result=result, analysis=analysis,
+                     comparison=comparison, settings=out_settings)
+
+
+def _check_run_dir(run, dest: Path, ck_path: Path, *, resume: bool, force: bool) -> None:
+    """Refuse, before any work, a run without analysis, an unfinished or earlier harden, or foreign files."""
+    from .rundir import foreign_entries
+
+    if run.lsa.empty:
+        raise RobauditError(f"{run.path} holds no layer analysis (lsa.csv is empty): rerun `robaudit analyze`")
+    if ck_path.exists() and not resume and not force:
+        raise RobauditError(f"an interrupted harden left {ck_path}: pass --resume to continue it, or --force to "
+                            "start over")
+    if dest.exists() and not force and not resume:
+        raise RobauditError(f"{dest} already exists from an earlier harden: pass --force to replace it")
+    foreign = [f for f in foreign_entries(run.path) if f.startswith(f"{HARDENED_DIR}/")] if dest.is_dir() else []
+    if foreign:
+        raise RobauditError(f"{dest} holds files robaudit did not write ({', '.join(foreign[:3])}): move them out first")
+    if resume and not ck_path.exists():
+        raise RobauditError(f"no checkpoint to resume in {run.path} ({CHECKPOINT_NAME}): run without --resume")
+
+
+def _load_run_model(run, *, arch: str | None, trust_model: bool) -> tuple[LoadedModel, Path]:
+    """The run's model file, unchanged since the analysis (sha256), loaded as the manifest says."""
+    from .models import check_stored_arch, load_model, sha256_file
+
+    mm = run.manifest.get("model") or {}
     model_path = Path(mm.get("path") or "")
     if not mm.get("path") or not model_path.is_file():
         raise RobauditError(f"the run's model file {mm.get('path')} is gone: restore it, or analyze again")
@@ -544,27 +604,30 @@ def harden_run(
     # the manifest is a file like any other: its architecture is checked as a checkpoint's would be, and
     # only this command's --trust-model (never the manifest's record of an earlier one) lets code run
     if arch is None and mm.get("arch"):
-        arch = check_stored_arch(mm["arch"], run_dir / "manifest.json", trust_model=trust_model)
+        arch = check_stored_arch(mm["arch"], run.path / "manifest.json", trust_model=trust_model)
     loaded = load_model(model_path, arch=arch, arch_kwargs=mm.get("arch_kwargs") or None, trust_model=trust_model)
-    norm = man.get("normalization") or {}
-    mean, std = norm.get("mean"), norm.get("std")
-    ds = man.get("dataset") or {}
-    ds_name = ds.get("name")
-    from .data import DATASETS
+    return loaded, model_path
+
+
+def _train_set(ds: Mapping, train_data, download: bool):
+    """The training data: ``train_data``, or the train split of the run's built-in data set."""
+    from .data import DATASETS, load_dataset
 
     if train_data is not None:
-        train_set = load_dataset(str(train_data), split="train", data_dir=ds.get("data_dir"), download=download)
-        train_desc = str(train_data)
-    elif ds_name in DATASETS:
-        train_set = load_dataset(ds_name, split="train", data_dir=ds.get("data_dir"), download=download)
-        train_desc = f"{ds_name} train split"
-    else:
-        raise RobauditError(f"the run's data set {ds_name!r} is a file with no train split: pass --train-data "
-                            "FILE.npz with training samples")
-    dev = resolve_device(cfg.device)
+        return load_dataset(str(train_data), split="train", data_dir=ds.get("data_dir"), download=download), \
+            str(train_data)
+    if ds.get("name") in DATASETS:
+        return load_dataset(ds["name"], split="train", data_dir=ds.get("data_dir"), download=download), \
+            f"{ds['name']} train split"
+    raise RobauditError(f"the run's data set {ds.get('name')!r} is a file with no train split: pass --train-data "
+                        "FILE.npz with training samples")
+
+
+def _check_trainable(cfg: HardenConfig, loaded: LoadedModel, train_set) -> None:
+    """Fail before training on what would fail after it: dual BN without BN, a pickle that cannot be saved."""
     if cfg.dual_bn and loaded.format != "export" and not batchnorm_modules(loaded.module):
         raise RobauditError("--dual-bn needs a model with BatchNorm layers; this one has none: drop --dual-bn")
-    if loaded.format == "pickle":  # it must be exportable to be saved without pickles: fail before training
+    if loaded.format == "pickle":  # it must be exportable to be saved without pickles
         try:
             ex = with_normalization(copy.deepcopy(loaded.module), None, None, ndim=train_set.x.dim())
             torch.export.export(ex.eval(), (train_set.x[:2],),
@@ -573,99 +636,55 @@ def harden_run(
             raise RobauditError(f"the pickled model cannot be saved as a torch.export archive ({type(e).__name__}); "
                                 "harden a checkpoint with an architecture instead") from e
 
-    fp_extra = {"model_sha256": mm.get("sha256"), "train": train_desc}
-    result = harden(loaded, train_set, None, cfg, mvl_layers=layers, mean=mean, std=std, checkpoint_dir=run_dir,
-                    resume=resume, type_map=loaded.type_map, fingerprint_extra=fp_extra, device=dev)
-    module = result.module.cpu().eval()
 
-    # -- save, reload, re-analyze, all inside a temporary directory ----------------------------
+def _save_model(path: Path, loaded: LoadedModel, module: nn.Module, train_set) -> LoadedModel:
+    """Save the hardened module in the input's format family and load it back as any user would."""
+    from .models import export_model, load_model, save_checkpoint, save_exported_weights
+
     if loaded.format == "export":
-        fname, fmt = "model.pt2", "export"
+        save_exported_weights(path, loaded, module)
     elif loaded.format == "pickle":
-        fname, fmt = "model.pt2", "export"
+        export_model(path, module, train_set.x[:2])
     else:
-        fname, fmt = "model.pt", "checkpoint"
-    final_model = (dest / fname).resolve()
-    test = load_dataset(ds_name if ds_name in DATASETS else str(ds.get("source") or ds_name),
-                        split=ds.get("split") or "test", samples=ds.get("samples"), shuffle=bool(ds.get("shuffle")),
-                        seed=int(man.get("seed", 0)), data_dir=ds.get("data_dir"), download=download)
-    try:
-        with atomic_dir(dest) as tmp:
-            tmp_model = tmp / fname
-            if loaded.format == "export":
-                save_exported_weights(tmp_model, loaded, module)
-            elif loaded.format == "pickle":
-                export_model(tmp_model, module, train_set.x[:2])
-            else:
-                save_checkpoint(tmp_model, module, arch=loaded.arch, arch_kwargs=loaded.arch_kwargs)
-            hardened = load_model(tmp_model)
-            layer_spec = man.get("layers") or {}
-            analysis = analyze(hardened, test, attacks=man.get("attacks") or None, eps=eps_list or None,
-                               layers=layer_spec.get("patterns"), layer_types=layer_spec.get("types"),
-                               probe=layer_spec.get("probe") or "all", mean=mean,
-                               std=std, batch_size=int(man.get("batch_size", 128)), device=dev,
-                               seed=int(man.get("seed", 0)))
-            mvl_cfg = man.get("mvl") or {}
-            k = (run.mvl or {}).get("k")
-            z = (run.mvl or {}).get("z")
-            try:
-                h_mvl = select_mvl(analysis.lsa, analysis.accuracy, k=None if z is not None else k, z=z,
-                                   attack=ranking["attack"], eps=ranking["eps"], metric=ranking["metric"],
-                                   include_output=bool(mvl_cfg.get("include_output")))
-            except RobauditError:
-                h_mvl = analysis.mvl(attack=ranking["attack"], eps=ranking["eps"], metric=ranking["metric"])
-            checks = None
-            if run.checks is not None:
-                from .sanity import run_model_checks
+        save_checkpoint(path, module, arch=loaded.arch, arch_kwargs=loaded.arch_kwargs)
+    return load_model(path)
 
-                full = with_normalization(hardened.module, mean, std, ndim=test.x.dim()).to(dev).eval()
-                checks = run_model_checks(full, test.x, test.y, device=dev, seed=int(man.get("seed", 0)),
-                                          eps_max=max(eps_list) if eps_list else None)
-            comparison = comparison_frame(run.accuracy, analysis.accuracy, run.lsa, analysis.lsa, layers=layers,
-                                          attack=ranking["attack"], eps=ranking["eps"], metric=ranking["metric"])
-            h_manifest = copy.deepcopy(man)
-            h_manifest.update({
-                "command": command or _api_command(run_dir, method, mvl_top, eps, cfg.epochs, seed),
-                "argv": list(sys.argv),
-                "model": {"path": str(final_model), "sha256": sha256_file(tmp_model), "format": fmt,
-                          "arch": loaded.arch if fmt == "checkpoint" else None,
-                          "arch_kwargs": loaded.arch_kwargs if fmt == "checkpoint" else {},
-                          "trust_model": False, "class": type(hardened.module).__name__},
-                "n_samples": analysis.n_samples,
-                "clean_accuracy": analysis.clean_accuracy,
-                "seconds": round(analysis.seconds, 3),
-                "started": started, "finished": _now(),
-                "hardened_from": {"run": str(run_dir.resolve()), "model": str(model_path.resolve()),
-                                  "sha256": mm.get("sha256"), "method": method},
-            })
-            settings = dict(result.settings)
-            settings.update({
-                "command": h_manifest["command"], "run": str(run_dir.resolve()), "mvl_top": mvl_top,
-                "mvl_ranking": ranking, "include_output": include_output, "train": train_desc,
-                "device": str(dev), "resumed_from_epoch": result.resumed_from_epoch, "notes": result.notes,
-                "input_model": {"path": str(model_path.resolve()), "format": loaded.format,
-                                "sha256": mm.get("sha256")},
-                "output_model": {"path": str(final_model), "format": fmt},
-                "seconds_training": round(result.seconds, 3), "started": started, "finished": _now(),
-            })
-            fill_run(tmp, analysis, h_mvl, h_manifest, checks)
-            write_csv(tmp / "history.csv", result.history)
-            write_csv(tmp / "comparison.csv", comparison)
-            write_json(tmp / "harden.json", settings)
-    except KeyboardInterrupt:
-        raise HardenInterrupted(f"interrupted after training, while analyzing the hardened model; the final "
-                                f"checkpoint is in {ck_path}: rerun with --resume to finish") from None
-    with contextlib.suppress(FileNotFoundError):
-        ck_path.unlink()
-    return HardenRun(run_dir=run_dir, hardened_dir=dest, model_path=final_model, result=result, analysis=analysis,
-                     comparison=comparison, settings=settings)
+
+def _reanalyze(run, hardened: LoadedModel, test, ranking: Mapping, dev):
+    """The hardened model analyzed (and checked) as the run was; its MVL ranked under the same criterion."""
+    from .lsa import select_mvl
+    from .pipeline import analyze_and_check
+
+    man = run.manifest
+    norm, layer_spec, eps_list = man.get("normalization") or {}, man.get("layers") or {}, man.get("eps") or []
+    analysis, checks = analyze_and_check(
+        hardened, test, attacks=man.get("attacks") or None, eps=eps_list or None, layers=layer_spec.get("patterns"),
+        layer_types=layer_spec.get("types"), probe=layer_spec.get("probe") or "all", mean=norm.get("mean"),
+        std=norm.get("std"), batch_size=int(man.get("batch_size", 128)), device=dev, seed=int(man.get("seed", 0)),
+        checks=run.checks is not None)
+    k, z = (run.mvl or {}).get("k"), (run.mvl or {}).get("z")
+    try:
+        h_mvl = select_mvl(analysis.lsa, analysis.accuracy, k=None if z is not None else k, z=z,
+                           attack=ranking["attack"], eps=ranking["eps"], metric=ranking["metric"],
+                           include_output=bool((man.get("mvl") or {}).get("include_output")))
+    except RobauditError:
+        h_mvl = analysis.mvl(attack=ranking["attack"], eps=ranking["eps"], metric=ranking["metric"])
+    return analysis, h_mvl, checks
+
+
+def _write_hardened(tmp: Path, analysis, h_mvl, manifest: dict, checks, history: pd.DataFrame,
+                    comparison: pd.DataFrame, settings: dict) -> None:
+    """The run files of the hardened model plus ``history.csv``, ``comparison.csv`` and ``harden.json``."""
+    from .rundir import fill_run, write_csv, write_json
+
+    fill_run(tmp, analysis, h_mvl, manifest, checks)
+    write_csv(tmp / "history.csv", history)
+    write_csv(tmp / "comparison.csv", comparison)
+    write_json(tmp / "harden.json", settings)
 
 
 def _api_command(run_dir: Path, method: str, mvl_top, eps: float, epochs: int, seed: int) -> str:
-    import shlex
+    from .pipeline import api_command
 
-    parts = ["robaudit", "harden", "--run", str(run_dir), "--method", method]
-    if mvl_top is not None:
-        parts += ["--mvl-top", str(mvl_top)]
-    parts += ["--eps", f"{eps:g}", "--epochs", str(epochs), "--seed", str(seed)]
-    return shlex.join(parts)
+    return api_command("harden", run=run_dir, method=method, mvl_top=mvl_top, eps=f"{eps:g}", epochs=epochs,
+                       seed=seed)

@@ -43,8 +43,32 @@ def default_out(model_path: Path | None, dataset: str, root: str | Path = "repor
     return Path(root) / f"{stem}-{Path(dataset).stem if dataset.endswith('.npz') else dataset}"
 
 
-def _now() -> str:
+def now() -> str:
+    """The current UTC time as the manifests record it (ISO 8601, seconds)."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def api_command(stage: str, *args, **options) -> str:
+    """The command line equivalent to an API call: ``robaudit STAGE ARGS --option value ...``.
+
+    Options are given in order; ``None`` is left out and a list repeats its option.
+    """
+    parts = ["robaudit", stage, *map(str, args)]
+    for name, value in options.items():
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None:
+                parts += [f"--{name.replace('_', '-')}", str(v)]
+    return shlex.join(parts)
+
+
+def analyze_and_check(loaded: LoadedModel, data, *, attacks, eps, layers=None, layer_types=None,
+                      probe: str = "all", mean=None, std=None, batch_size: int = 128, device="cpu", seed: int = 0,
+                      progress: bool = False, checks: bool = True) -> tuple[LSAResult, dict | None]:
+    """Run the layer analysis and (with ``checks``) the model checks: what every run directory holds."""
+    dev = resolve_device(device)
+    result = analyze(loaded, data, attacks=attacks, eps=eps, layers=layers, layer_types=layer_types, probe=probe,
+                     mean=mean, std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress)
+    return result, (_model_checks(loaded, data, mean, std, dev, seed, eps) if checks else None)
 
 
 def analyze_run(
@@ -86,7 +110,7 @@ def analyze_run(
 
     An existing ``out`` must be an earlier robaudit run, and is replaced only with ``force``.
     """
-    started = _now()
+    started = now()
     if out is not None:
         check_output_dir(out, force=force)  # before minutes of analysis, not after
     if mvl_top is not None and mvl_top < 1:
@@ -108,8 +132,9 @@ def analyze_run(
     specs = specs or atk.default_battery(eps)
     dev = resolve_device(device)
 
-    result = analyze(loaded, data, attacks=specs, eps=eps, layers=layers, layer_types=layer_types, probe=probe,
-                     mean=mean, std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress)
+    result, check_results = analyze_and_check(
+        loaded, data, attacks=specs, eps=eps, layers=layers, layer_types=layer_types, probe=probe, mean=mean,
+        std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress, checks=checks)
     if mvl_top is None and mvl_z is None:
         layers_ = result.lsa.drop_duplicates("layer")
         rankable = ~layers_["layer_type"].isin(PASSTHROUGH_TYPES)
@@ -117,10 +142,6 @@ def analyze_run(
             rankable &= ~layers_["is_output"].astype(bool)
         mvl_top = min(5, max(1, int(rankable.sum())))
     mvl = result.mvl(mvl_top, z=mvl_z, attack=mvl_attack, metric=mvl_metric, include_output=include_output)
-
-    check_results = None
-    if checks:
-        check_results = _model_checks(loaded, data, mean, std, dev, seed, eps)
 
     manifest = {
         "robaudit_version": __version__,
@@ -158,7 +179,7 @@ def analyze_run(
         "clean_accuracy": result.clean_accuracy,
         "seconds": round(result.seconds, 3),
         "started": started,
-        "finished": _now(),
+        "finished": now(),
     }
     finish = None
     if report:
@@ -175,14 +196,10 @@ def _model_checks(loaded: LoadedModel, data, mean, std, dev, seed: int, eps: Seq
     from .sanity import run_model_checks
 
     full = with_normalization(loaded.module, mean, std, ndim=data.x.dim()).to(dev).eval()
-    return run_model_checks(full, data.x, data.y, device=dev, seed=seed, eps_max=max(eps))
+    return run_model_checks(full, data.x, data.y, device=dev, seed=seed, eps_max=max(eps) if eps else None)
 
 
 def _api_command(loaded: LoadedModel, dataset: str, attacks, eps, seed: int, out: Path) -> str:
-    parts = ["robaudit", "analyze", str(loaded.path) if loaded.path else "MODEL", "--dataset", dataset]
-    for a in attacks or []:
-        parts += ["--attack", a]
-    if eps:
-        parts += ["--eps", ",".join(f"{e:g}" for e in eps)]
-    parts += ["--seed", str(seed), "--out", str(out)]
-    return shlex.join(parts)
+    return api_command("analyze", str(loaded.path) if loaded.path else "MODEL", dataset=dataset,
+                       attack=list(attacks or []), eps=",".join(f"{e:g}" for e in eps) if eps else None, seed=seed,
+                       out=out)
