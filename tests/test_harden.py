@@ -17,7 +17,7 @@ from torch import nn
 from robaudit import harden as H
 from robaudit.errors import NonFiniteError, RobauditError
 from robaudit.training.loop import Trainer
-from robaudit.harden import (CHECKPOINT_NAME, DualBatchNorm, HardenInterrupted, atlr_objective, harden,
+from robaudit.harden import (CHECKPOINT_NAME, DualBatchNorm, HardenInterrupted, atlr_loss, atlr_objective, harden,
                              harden_run, layer_relative_error)
 from tests.helpers import TinyCNN, single_thread  # noqa: F401  (single_thread: autouse fixture)
 
@@ -78,7 +78,14 @@ def test_relative_error_modes_match_the_formulas():
     zero = torch.zeros(2, 3, requires_grad=True)
     out = layer_relative_error(zero, torch.ones(2, 3), "pooled")
     out.backward()
-    assert out.item() == 0 and torch.isfinite(zero.grad).all()
+    assert math.isnan(out.item()) and torch.isfinite(zero.grad).all()  # undefined: NaN, as in the analysis
+    # in the AT-LR loss an undefined RE adds nothing (and the gradient stays finite)
+    zero = torch.zeros(2, 3, requires_grad=True)
+    logits, y = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1])
+    loss, terms = atlr_loss(logits, y, {"l": zero}, {"l": torch.ones(2, 3)}, gammas={"l": 1.0})
+    loss.backward()
+    assert loss.item() == pytest.approx(float(F.cross_entropy(logits, y))) and math.isnan(terms["re:l"].item())
+    assert torch.isfinite(zero.grad).all()
 
 
 @pytest.mark.parametrize("re_mode", ["pooled", "per-sample"])

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import RobauditError
+from ..metrics import relative_error
 from ..models import with_normalization
 from ..probe import LayerProbe
 from .config import parse_gamma
@@ -17,26 +18,14 @@ from .layers import Recorder, batch_independent, layer_modules
 
 
 def layer_relative_error(clean: torch.Tensor, perturbed: torch.Tensor, mode: str = "pooled") -> torch.Tensor:
-    """Differentiable ``RE_l(x, x')`` of one batch of one layer's outputs.
+    """Differentiable ``RE_l(x, x')`` of one batch of one layer's outputs (:func:`robaudit.metrics.relative_error`).
 
     ``pooled``: ``||Phi' - Phi||_F / ||Phi||_F`` over the whole batch (the authors' reference code).
     ``per-sample``: the mean over samples of ``||phi'_i - phi_i|| / ||phi_i||``; samples whose clean
-    activation is exactly zero have no RE and are left out (as in the analysis). A batch whose clean
-    activations are all zero gives 0.
+    activation is exactly zero have no RE and are left out (as in the analysis). NaN when undefined
+    (an all-zero batch); :func:`atlr_loss` then leaves that layer's term out of the loss.
     """
-    c = clean.flatten(1)
-    d = (perturbed - clean).flatten(1)
-    if mode == "pooled":
-        denom = torch.linalg.vector_norm(c)
-        ok = denom > 0
-        return torch.where(ok, torch.linalg.vector_norm(d) / torch.where(ok, denom, torch.ones_like(denom)),
-                           torch.zeros_like(denom))
-    if mode == "per-sample":
-        cn = torch.linalg.vector_norm(c, dim=1)
-        ok = cn > 0
-        ratio = torch.linalg.vector_norm(d, dim=1) / torch.where(ok, cn, torch.ones_like(cn))
-        return (ratio * ok).sum() / ok.sum().clamp_min(1)
-    raise RobauditError(f"unknown RE mode {mode!r}: use pooled or per-sample")
+    return relative_error(clean, perturbed, str(mode))
 
 
 def atlr_loss(
@@ -75,7 +64,8 @@ def atlr_loss(
                                     "check the MVL layer names against the model")
             re = layer_relative_error(clean_outputs[name], adv_outputs[name], re_mode)
             terms[f"re:{name}"] = re
-            reg = g * re if reg is None else reg + g * re
+            term = g * torch.nan_to_num(re, nan=0.0)  # an undefined RE (all-zero clean batch) adds nothing
+            reg = term if reg is None else reg + term
         terms["reg"] = reg
         loss = loss + reg
     return loss, terms
