@@ -368,3 +368,33 @@ def test_cli_harden(moons_run):
     assert res.exit_code == 2 and "--force" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     res = runner.invoke(main, ["harden", "--run", str(moons_run), "--eps", "-1", "--force"])
     assert res.exit_code == 2 and "positive" in res.stderr
+
+
+def test_the_layerwise_perturbation_stays_within_layer_eps():
+    from robaudit.metrics import relative_error
+    from robaudit.training.layers import LayerwisePerturber
+
+    layer = SimpleNamespace(name="l")
+    p = LayerwisePerturber(0.1)
+    p.active = True
+    out = torch.tensor([[3.0, 4.0]], requires_grad=True)
+    first = p(layer, out)  # the first batch runs unperturbed; its gradient's sign is kept
+    assert torch.equal(first, out)
+    (first * torch.tensor([[2.0, -1.0]])).sum().backward()
+    # by hand: rms = 5 / sqrt(2), sign (1, -1): delta = 0.1 * 5 / sqrt(2) * (1, -1), ||delta|| = 0.5 = 0.1 * ||out||
+    second = p(layer, torch.tensor([[3.0, 4.0]]))
+    step = 0.5 / math.sqrt(2)
+    assert torch.allclose(second, torch.tensor([[3.0 + step, 4.0 - step]]))
+    torch.manual_seed(0)
+    for eps in (0.05, 0.5):
+        p = LayerwisePerturber(eps)
+        p.active = True
+        x = torch.randn(4, 3, 5, requires_grad=True)
+        grad = torch.randn(4, 3, 5)
+        grad[0, 0] = 0  # a zero gradient entry: no push there, so strictly less than eps
+        (p(layer, x) * grad).sum().backward()
+        batch = torch.randn(6, 3, 5)  # another batch size reuses the signs cyclically
+        re = relative_error(batch, p(layer, batch))
+        assert (re <= eps * (1 + 1e-6)).all()
+        assert re[0] < eps and re[4] < eps  # rows 0 and 4 reuse the sign with zeros
+        assert torch.allclose(re[[1, 2, 3, 5]], torch.full((4,), eps))
