@@ -496,7 +496,6 @@ def harden_run(
     """
     from .data import DATASETS, load_dataset
     from .lsa import resolve_device
-    from .models import sha256_file
     from .pipeline import now
     from .rundir import atomic_dir, read_run
 
@@ -541,28 +540,10 @@ def harden_run(
             comparison = comparison_frame(run.accuracy, analysis.accuracy, run.lsa, analysis.lsa, layers=layers,
                                           attack=ranking["attack"], eps=ranking["eps"], metric=ranking["metric"])
             cmd = command or _api_command(run_dir, cfg.method.value, mvl_top, cfg.eps, cfg.epochs, cfg.seed)
-            h_manifest = copy.deepcopy(man)
-            h_manifest.update({
-                "command": cmd, "argv": list(sys.argv),
-                "model": {"path": str(final_model), "sha256": sha256_file(tmp / fname), "format": fmt,
-                          "arch": loaded.arch if fmt == "checkpoint" else None,
-                          "arch_kwargs": loaded.arch_kwargs if fmt == "checkpoint" else {},
-                          "trust_model": False, "class": type(hardened.module).__name__},
-                "n_samples": analysis.n_samples, "clean_accuracy": analysis.clean_accuracy,
-                "seconds": round(analysis.seconds, 3), "started": started, "finished": now(),
-                "hardened_from": {"run": str(run_dir.resolve()), "model": str(model_path.resolve()),
-                                  "sha256": (man.get("model") or {}).get("sha256"), "method": cfg.method.value},
-            })
-            out_settings = dict(result.settings)
-            out_settings.update({
-                "command": cmd, "run": str(run_dir.resolve()), "mvl_top": mvl_top, "mvl_ranking": ranking,
-                "include_output": include_output, "train": train_desc, "device": str(dev),
-                "resumed_from_epoch": result.resumed_from_epoch, "notes": result.notes,
-                "input_model": {"path": str(model_path.resolve()), "format": loaded.format,
-                                "sha256": (man.get("model") or {}).get("sha256")},
-                "output_model": {"path": str(final_model), "format": fmt},
-                "seconds_training": round(result.seconds, 3), "started": started, "finished": now(),
-            })
+            h_manifest, out_settings = _records(
+                run, cfg, result, loaded, hardened, analysis, command=cmd, started=started, dev=dev, fmt=fmt,
+                model_file=tmp / fname, final_model=final_model, model_path=model_path, train_desc=train_desc,
+                mvl_top=mvl_top, ranking=ranking, include_output=include_output)
             _write_hardened(tmp, analysis, h_mvl, h_manifest, checks, result.history, comparison, out_settings)
     except KeyboardInterrupt:
         raise HardenInterrupted(f"interrupted after training, while analyzing the hardened model; the final "
@@ -571,6 +552,39 @@ def harden_run(
         ck_path.unlink()
     return HardenRun(run_dir=run_dir, hardened_dir=dest, model_path=final_model, result=result, analysis=analysis,
                      comparison=comparison, settings=out_settings)
+
+
+def _records(run, cfg: HardenConfig, result: HardenResult, loaded: LoadedModel, hardened: LoadedModel, analysis, *,
+             command: str, started: str, dev, fmt: str, model_file: Path, final_model: Path, model_path: Path,
+             train_desc: str, mvl_top, ranking: Mapping, include_output: bool) -> tuple[dict, dict]:
+    """The hardened run's ``manifest.json`` (the original's, updated) and ``harden.json``."""
+    from .models import sha256_file
+    from .pipeline import now
+
+    man, run_dir = run.manifest, run.path
+    h_manifest = copy.deepcopy(man)
+    h_manifest.update({
+        "command": command, "argv": list(sys.argv),
+        "model": {"path": str(final_model), "sha256": sha256_file(model_file), "format": fmt,
+                  "arch": loaded.arch if fmt == "checkpoint" else None,
+                  "arch_kwargs": loaded.arch_kwargs if fmt == "checkpoint" else {},
+                  "trust_model": False, "class": type(hardened.module).__name__},
+        "n_samples": analysis.n_samples, "clean_accuracy": analysis.clean_accuracy,
+        "seconds": round(analysis.seconds, 3), "started": started, "finished": now(),
+        "hardened_from": {"run": str(run_dir.resolve()), "model": str(model_path.resolve()),
+                          "sha256": (man.get("model") or {}).get("sha256"), "method": cfg.method.value},
+    })
+    out_settings = dict(result.settings)
+    out_settings.update({
+        "command": command, "run": str(run_dir.resolve()), "mvl_top": mvl_top, "mvl_ranking": ranking,
+        "include_output": include_output, "train": train_desc, "device": str(dev),
+        "resumed_from_epoch": result.resumed_from_epoch, "notes": result.notes,
+        "input_model": {"path": str(model_path.resolve()), "format": loaded.format,
+                        "sha256": (man.get("model") or {}).get("sha256")},
+        "output_model": {"path": str(final_model), "format": fmt},
+        "seconds_training": round(result.seconds, 3), "started": started, "finished": now(),
+    })
+    return h_manifest, out_settings
 
 
 def _check_run_dir(run, dest: Path, ck_path: Path, *, resume: bool, force: bool) -> None:

@@ -136,19 +136,44 @@ def analyze_run(
         loaded, data, attacks=specs, eps=eps, layers=layers, layer_types=layer_types, probe=probe, mean=mean,
         std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress, checks=checks)
     if mvl_top is None and mvl_z is None:
-        layers_ = result.lsa.drop_duplicates("layer")
-        rankable = ~layers_["layer_type"].isin(PASSTHROUGH_TYPES)
-        if not include_output:
-            rankable &= ~layers_["is_output"].astype(bool)
-        mvl_top = min(5, max(1, int(rankable.sum())))
+        mvl_top = _default_top(result, include_output)
     mvl = result.mvl(mvl_top, z=mvl_z, attack=mvl_attack, metric=mvl_metric, include_output=include_output)
+    manifest = _manifest(
+        loaded, data, result, command=command or _api_command(loaded, dataset, attacks, eps, seed, out),
+        trust_model=trust_model, mean=mean, std=std, split=split, samples=samples, shuffle=shuffle,
+        data_dir=data_dir, seed=seed, dev=dev, batch_size=batch_size, specs=specs, eps=eps, layers=layers,
+        layer_types=layer_types, probe=probe, started=started,
+        mvl={"top": mvl_top, "z": mvl_z, "attack": mvl_attack, "metric": mvl_metric,
+             "include_output": include_output})
+    finish = None
+    if report:
+        from .report import render_report
 
-    manifest = {
+        def finish(staging: Path) -> None:
+            render_report(staging, name=out)
+    write_run(out, result, mvl, manifest, check_results, force=force, finish=finish)
+    return AnalysisRun(result, mvl, out, manifest, check_results)
+
+
+def _default_top(result: LSAResult, include_output: bool) -> int:
+    """The default MVL size: five, or fewer when fewer layers can be ranked."""
+    layers_ = result.lsa.drop_duplicates("layer")
+    rankable = ~layers_["layer_type"].isin(PASSTHROUGH_TYPES)
+    if not include_output:
+        rankable &= ~layers_["is_output"].astype(bool)
+    return min(5, max(1, int(rankable.sum())))
+
+
+def _manifest(loaded: LoadedModel, data, result: LSAResult, *, command: str, trust_model: bool, mean, std, split,
+              samples, shuffle, data_dir, seed: int, dev, batch_size: int, specs, eps, layers, layer_types, probe,
+              started: str, mvl: dict) -> dict:
+    """``manifest.json`` of an analysis: how to reproduce it and what it ran on."""
+    return {
         "robaudit_version": __version__,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "platform": platform.platform(),
-        "command": command or _api_command(loaded, dataset, attacks, eps, seed, out),
+        "command": command,
         "argv": list(sys.argv),
         "model": {
             "path": str(loaded.path.resolve()) if loaded.path else None,
@@ -174,21 +199,12 @@ def analyze_run(
         "layers": {"patterns": list(layers) if layers else None, "types": list(layer_types) if layer_types else None,
                    "probe": probe},
         "num_layers": len(result.layers),
-        "mvl": {"top": mvl_top, "z": mvl_z, "attack": mvl_attack, "metric": mvl_metric,
-                "include_output": include_output},
+        "mvl": mvl,
         "clean_accuracy": result.clean_accuracy,
         "seconds": round(result.seconds, 3),
         "started": started,
         "finished": now(),
     }
-    finish = None
-    if report:
-        from .report import render_report
-
-        def finish(staging: Path) -> None:
-            render_report(staging, name=out)
-    write_run(out, result, mvl, manifest, check_results, force=force, finish=finish)
-    return AnalysisRun(result, mvl, out, manifest, check_results)
 
 
 def _model_checks(loaded: LoadedModel, data, mean, std, dev, seed: int, eps: Sequence[float]) -> dict:
