@@ -388,24 +388,14 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
     from .harden import CHECKPOINT_NAME
 
     if model is not None:
-        from .models import parse_arch_kwargs
-        from .pipeline import analyze_run, default_out
-
         if not dataset:
             raise RobauditError("--dataset is required with MODEL: e.g. robaudit harden model.pt2 --dataset digits")
-        planned = Path(out) if out else default_out(model, dataset)
-        if resume and (planned / CHECKPOINT_NAME).is_file():
-            run_dir = planned  # the analysis is there already; analyzing again would replace the checkpoint
-            say(f"resuming the interrupted harden in {run_dir}")
-        else:
-            analysis = analyze_run(
-                model, dataset, out=out, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
-                trust_model=trust_model, data_dir=data_dir, split=split, samples=samples, shuffle=shuffle,
-                mvl_top=mvl_top, include_output=include_output, device=device, seed=seed or 0, report=False,
-                progress=show_progress, force=force,
-                **({"download": not data_extra["no_download"]} if "no_download" in data_extra else {}))
-            run_dir = analysis.path
-            say(f"analyzed {model} -> {run_dir}")
+        run_dir = _analyze_before_harden(
+            model, dataset, out=out, resume=resume, say=say, arch=arch, arch_kwargs=arch_kwargs,
+            trust_model=trust_model, data_dir=data_dir, split=split, samples=samples, shuffle=shuffle,
+            mvl_top=mvl_top, include_output=include_output, device=device, seed=seed or 0,
+            progress=show_progress, force=force,
+            **({"download": not data_extra["no_download"]} if "no_download" in data_extra else {}))
     elif run_dir is None:
         run_dir = latest_run("reports")
         say(f"hardening the latest run under reports/: {run_dir}")
@@ -445,6 +435,21 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
         say(f"report: {report_path}")
     _verdict_and_gate(ctx, Path(done.hardened_dir), bars, as_json, before=Path(done.run_dir),
                       extra={"original_run_dir": str(done.run_dir), "hardened_model": str(done.model_path)})
+
+
+def _analyze_before_harden(model, dataset, *, out, resume: bool, say, arch_kwargs, **analysis) -> Path:
+    """``harden MODEL``: analyze first (the run directory to harden), unless resuming an interrupted harden."""
+    from .harden import CHECKPOINT_NAME
+    from .models import parse_arch_kwargs
+    from .pipeline import analyze_run, default_out
+
+    planned = Path(out) if out else default_out(model, dataset)
+    if resume and (planned / CHECKPOINT_NAME).is_file():
+        say(f"resuming the interrupted harden in {planned}")
+        return planned  # the analysis is there already; analyzing again would replace the checkpoint
+    done = analyze_run(model, dataset, out=out, arch_kwargs=parse_arch_kwargs(arch_kwargs), report=False, **analysis)
+    say(f"analyzed {model} -> {done.path}")
+    return done.path
 
 
 @main.command()
