@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 from robaudit.data import load_dataset
-from robaudit import harden as H
 from robaudit.harden import harden
 
 try:
@@ -50,29 +49,24 @@ def main(argv=None) -> int:
     train = load_dataset(args.dataset, split="train")
     wall: dict[str, list[float]] = {m: [] for m in METHODS}
     cpu: dict[str, list[float]] = {m: [] for m in METHODS}
-    real_epoch = H._train_epoch
     cpu_last: list[float] = []
 
-    def timed_epoch(**kw):  # CPU time of the training loop alone (validation excluded)
-        c0 = time.process_time()
-        try:
-            return real_epoch(**kw)
-        finally:
-            cpu_last.append(time.process_time() - c0)
+    class CpuTime:  # a Trainer callback: CPU time of the training loop alone (validation excluded)
+        def on_epoch_start(self, trainer, epoch):
+            self.c0 = time.process_time()
 
-    H._train_epoch = timed_epoch
+        def on_train_end(self, trainer, epoch, row):
+            cpu_last.append(time.process_time() - self.c0)
+
     started = time.perf_counter()
-    try:
-        for r in range(args.rounds):
-            order = METHODS if r % 2 == 0 else METHODS[::-1]
-            for method in order:
-                res = harden(copy.deepcopy(model), train, eps=0.1, method=method, mvl_layers=layers, epochs=1,
-                             batch_size=args.batch_size, steps=args.steps, seed=r, device=args.device,
-                             check_collapse=False)
-                wall[method].append(float(res.history["seconds"].iloc[-1]))
-                cpu[method].append(cpu_last[-1])
-    finally:
-        H._train_epoch = real_epoch
+    for r in range(args.rounds):
+        order = METHODS if r % 2 == 0 else METHODS[::-1]
+        for method in order:
+            res = harden(copy.deepcopy(model), train, eps=0.1, method=method, mvl_layers=layers, epochs=1,
+                         batch_size=args.batch_size, steps=args.steps, seed=r, device=args.device,
+                         check_collapse=False, callbacks=[CpuTime()])
+            wall[method].append(float(res.history["seconds"].iloc[-1]))
+            cpu[method].append(cpu_last[-1])
     out = sys.stdout
     out.write(f"{args.dataset}: {type(model).__name__}, {len(train)} training samples (10% held out), batch "
               f"{args.batch_size}, PGD-{args.steps}, {args.rounds} rounds, {torch.get_num_threads()} thread(s), "

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from .errors import RobauditError
+from .training.config import BaseAttack, HardenConfig, Method, Optimizer, ReMode, Schedule
 
 EXIT_USER = 2
 EXIT_INTERNAL = 1
@@ -348,15 +349,15 @@ def list_attacks():
 @data_options
 @click.option("--out", "-o", type=click.Path(path_type=Path),
               help="With MODEL: run directory for the analysis that comes first (default reports/<model>-<dataset>/).")
-@click.option("--method", type=click.Choice(["atlr", "at", "layerwise", "standard"]), default="atlr",
+@click.option("--method", type=click.Choice([m.value for m in Method]), default="atlr",
               show_default=True, help="atlr: AT-LR; at: plain PGD adversarial training (the baseline); layerwise: "
                                       "perturb the MVL activations (about the cost of ordinary training); standard.")
 @click.option("--mvl-top", type=int, help="Harden the K most vulnerable layers (default: the run's MVL list).")
 @click.option("--gamma", default="1", show_default=True, metavar="G[,G...]",
               help="AT-LR weight of each layer's RE: one value, or one per MVL layer.")
-@click.option("--re-mode", type=click.Choice(["pooled", "per-sample"]), default="pooled", show_default=True,
+@click.option("--re-mode", type=click.Choice([m.value for m in ReMode]), default="pooled", show_default=True,
               help="RE pooled over the batch (the reference code) or averaged per sample.")
-@click.option("--base-attack", type=click.Choice(["pgd", "fgsm"]), default="pgd", show_default=True)
+@click.option("--base-attack", type=click.Choice([m.value for m in BaseAttack]), default="pgd", show_default=True)
 @click.option("--eps", "train_eps", metavar="EPS",
               help="Training eps (input space, Linf; default: the middle of the analysis eps sweep).")
 @click.option("--steps", type=int, default=10, show_default=True, help="PGD steps while training.")
@@ -365,9 +366,9 @@ def list_attacks():
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--lr", type=float, help="Learning rate (default 1e-3 for adam, 1e-2 for sgd).")
-@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True)
+@click.option("--optimizer", type=click.Choice([m.value for m in Optimizer]), default="adam", show_default=True)
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--schedule", type=click.Choice(["cosine", "none"]), default="cosine", show_default=True)
+@click.option("--schedule", type=click.Choice([m.value for m in Schedule]), default="cosine", show_default=True)
 @click.option("--clean-weight", type=float, default=0.0, show_default=True,
               help="Mix clean CE into the loss: (1-w)*CE(adv) + w*CE(clean).")
 @click.option("--dual-bn", is_flag=True,
@@ -407,32 +408,26 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
     say = _say(as_json)
     show_progress = sys.stderr.isatty() if progress is None else progress
     command = shlex.join(["robaudit", *sys.argv[1:]]) if Path(sys.argv[0]).name.startswith("robaudit") else None
-    eps_value = parse_number(train_eps) if train_eps is not None else None
-    if eps_value is not None and not eps_value > 0:
-        raise RobauditError(f"--eps must be positive, got {train_eps}: e.g. --eps 0.1 or --eps 8/255")
+    # every setting is checked here, before an analysis that may take minutes
+    cfg = HardenConfig(
+        method=method, eps=parse_number(train_eps) if train_eps is not None else None, gamma=gamma,
+        re_mode=re_mode, base_attack=base_attack, steps=steps, alpha=parse_number(alpha) if alpha else None,
+        layer_eps=parse_number(layer_eps) if layer_eps else None, epochs=epochs, batch_size=batch_size, lr=lr,
+        optimizer=optimizer, weight_decay=weight_decay, schedule=schedule, clean_weight=clean_weight,
+        dual_bn=dual_bn, val_fraction=val_fraction, seed=seed, device=device, progress=show_progress)
     if mvl_top is not None and mvl_top < 1:
         raise RobauditError("--mvl-top must be at least 1")
     from .harden import CHECKPOINT_NAME
 
     if model is not None:
-        from .models import parse_arch_kwargs
-        from .pipeline import analyze_run, default_out
-
         if not dataset:
             raise RobauditError("--dataset is required with MODEL: e.g. robaudit harden model.pt2 --dataset digits")
-        planned = Path(out) if out else default_out(model, dataset)
-        if resume and (planned / CHECKPOINT_NAME).is_file():
-            run_dir = planned  # the analysis is there already; analyzing again would replace the checkpoint
-            say(f"resuming the interrupted harden in {run_dir}")
-        else:
-            analysis = analyze_run(
-                model, dataset, out=out, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
-                trust_model=trust_model, data_dir=data_dir, split=split, samples=samples, shuffle=shuffle,
-                mvl_top=mvl_top, include_output=include_output, device=device, seed=seed or 0, report=False,
-                progress=show_progress, force=force,
-                **({"download": not data_extra["no_download"]} if "no_download" in data_extra else {}))
-            run_dir = analysis.path
-            say(f"analyzed {model} -> {run_dir}")
+        run_dir = _analyze_before_harden(
+            model, dataset, out=out, resume=resume, say=say, arch=arch, arch_kwargs=arch_kwargs,
+            trust_model=trust_model, data_dir=data_dir, split=split, samples=samples, shuffle=shuffle,
+            mvl_top=mvl_top, include_output=include_output, device=device, seed=seed or 0,
+            progress=show_progress, force=force,
+            **({"download": not data_extra["no_download"]} if "no_download" in data_extra else {}))
     elif run_dir is None:
         run_dir = latest_run("reports")
         say(f"hardening the latest run under reports/: {run_dir}")
@@ -453,13 +448,9 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
     try:
         warnings.showwarning = _record
         done = harden_run(
-            run_dir, mvl_top=mvl_top, method=method, gamma=gamma, re_mode=re_mode, base_attack=base_attack,
-            eps=eps_value, steps=steps, alpha=parse_number(alpha) if alpha else None,
-            layer_eps=parse_number(layer_eps) if layer_eps else None, epochs=epochs, batch_size=batch_size, lr=lr,
-            optimizer=optimizer, weight_decay=weight_decay, schedule=schedule, clean_weight=clean_weight,
-            dual_bn=dual_bn, include_output=include_output, val_fraction=val_fraction, train_data=train_data,
-            resume=resume, force=force, seed=seed, device=device, progress=show_progress, command=command,
-            download=not data_extra.get("no_download", False), arch=arch, trust_model=trust_model)
+            run_dir, cfg, mvl_top=mvl_top, include_output=include_output, train_data=train_data, resume=resume,
+            force=force, command=command, download=not data_extra.get("no_download", False), arch=arch,
+            trust_model=trust_model)
     except HardenInterrupted as e:
         if _debug(ctx):
             raise
@@ -476,6 +467,21 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
         say(f"report: {report_path}")
     _verdict_and_gate(ctx, Path(done.hardened_dir), bars, as_json, before=Path(done.run_dir),
                       extra={"original_run_dir": str(done.run_dir), "hardened_model": str(done.model_path)})
+
+
+def _analyze_before_harden(model, dataset, *, out, resume: bool, say, arch_kwargs, **analysis) -> Path:
+    """``harden MODEL``: analyze first (the run directory to harden), unless resuming an interrupted harden."""
+    from .harden import CHECKPOINT_NAME
+    from .models import parse_arch_kwargs
+    from .pipeline import analyze_run, default_out
+
+    planned = Path(out) if out else default_out(model, dataset)
+    if resume and (planned / CHECKPOINT_NAME).is_file():
+        say(f"resuming the interrupted harden in {planned}")
+        return planned  # the analysis is there already; analyzing again would replace the checkpoint
+    done = analyze_run(model, dataset, out=out, arch_kwargs=parse_arch_kwargs(arch_kwargs), report=False, **analysis)
+    say(f"analyzed {model} -> {done.path}")
+    return done.path
 
 
 @main.command()

@@ -24,6 +24,7 @@ from torch import nn
 
 from . import attacks as atk
 from .errors import NonFiniteError, RobauditError
+from .metrics import RelativeError, per_sample_sq_norms, relative_error  # noqa: F401 (defined there)
 from .models import LoadedModel, as_graph, check_compatible, with_normalization
 from .probe import PROBE_MODES, Layer, LayerProbe, select_modules
 from .samples import SampleLog, perturbation_norms
@@ -37,54 +38,6 @@ ACCURACY_COLUMNS = ["attack", "eps", "accuracy", "n_samples", "kind", "norm", "s
 
 
 # -- the streaming statistic ---------------------------------------------------------------
-def per_sample_sq_norms(t: torch.Tensor) -> torch.Tensor:
-    """Squared L2 norm of each sample's activation: the norm in the tensor's dtype (fast), summed in float64."""
-    return torch.linalg.vector_norm(t.detach().flatten(1), dim=1).double().pow(2)
-
-
-class RelativeError:
-    """Streaming per-layer relative error, in the style of a torchmetrics ``Metric``.
-
-    ``update(clean, perturbed)`` takes one batch of one layer's outputs; ``compute()`` returns
-    ``re_mean``, ``re_std`` (population std over samples), ``re_pooled`` and counts. Samples whose
-    clean activation is exactly zero have no relative error: they are left out of the per-sample
-    statistics (counted in ``n_undefined``) but still enter the pooled ratio.
-    """
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.sum_re = 0.0
-        self.sum_re2 = 0.0
-        self.n = 0
-        self.n_undefined = 0
-        self.sum_delta2 = 0.0
-        self.sum_clean2 = 0.0
-
-    def update(self, clean: torch.Tensor, perturbed: torch.Tensor, *, clean_sq: torch.Tensor | None = None) -> None:
-        if clean.shape != perturbed.shape:
-            raise RobauditError(f"layer output shapes differ between clean {tuple(clean.shape)} and "
-                                f"perturbed {tuple(perturbed.shape)} inputs")
-        c2 = per_sample_sq_norms(clean) if clean_sq is None else clean_sq
-        d2 = per_sample_sq_norms(perturbed.detach() - clean.detach())
-        defined = c2 > 0
-        re = torch.sqrt(d2[defined] / c2[defined])
-        self.sum_re += float(re.sum())
-        self.sum_re2 += float(re.pow(2).sum())
-        self.n += int(defined.sum())
-        self.n_undefined += int((~defined).sum())
-        self.sum_delta2 += float(d2.sum())
-        self.sum_clean2 += float(c2.sum())
-
-    def compute(self) -> dict[str, float]:
-        mean = self.sum_re / self.n if self.n else math.nan
-        var = max(self.sum_re2 / self.n - mean * mean, 0.0) if self.n else math.nan
-        pooled = math.sqrt(self.sum_delta2) / math.sqrt(self.sum_clean2) if self.sum_clean2 > 0 else math.nan
-        return {"re_mean": mean, "re_std": math.sqrt(var) if self.n else math.nan, "re_pooled": pooled,
-                "n_samples": self.n, "n_undefined": self.n_undefined}
-
-
 class PerturbationSizes:
     """Success rate and perturbation size of one attack configuration, streamed by batch.
 
@@ -116,16 +69,9 @@ class PerturbationSizes:
                 "pert_p90": float(np.percentile(sizes, 90))}
 
 
-def relative_error(clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``RE`` of one batch (differentiable); NaN where the clean activation is all zero."""
-    delta = (perturbed - clean).flatten(1).norm(dim=1)
-    norm = clean.flatten(1).norm(dim=1)
-    return torch.where(norm > 0, delta / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.nan)
-
-
 def pooled_relative_error(clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
     """``||Phi' - Phi||_F / ||Phi||_F`` over the whole batch tensor (the reference code's measure)."""
-    return torch.linalg.vector_norm(perturbed - clean) / torch.linalg.vector_norm(clean)
+    return relative_error(clean, perturbed, "pooled")
 
 
 # -- results ---------------------------------------------------------------------------------

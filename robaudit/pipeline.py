@@ -43,8 +43,59 @@ def default_out(model_path: Path | None, dataset: str, root: str | Path = "repor
     return Path(root) / f"{stem}-{Path(dataset).stem if dataset.endswith('.npz') else dataset}"
 
 
-def _now() -> str:
+def now() -> str:
+    """The current UTC time as the manifests record it (ISO 8601, seconds)."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def api_command(stage: str, *args, **options) -> str:
+    """The command line equivalent to an API call: ``robaudit STAGE ARGS --option value ...``.
+
+    Options are given in order; ``None`` is left out and a list repeats its option.
+    """
+    parts = ["robaudit", stage, *map(str, args)]
+    for name, value in options.items():
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None:
+                parts += [f"--{name.replace('_', '-')}", str(v)]
+    return shlex.join(parts)
+
+
+def analyze_and_check(loaded: LoadedModel, data, *, attacks, eps, layers=None, layer_types=None,
+                      probe: str = "all", mean=None, std=None, batch_size: int = 128, device="cpu", seed: int = 0,
+                      progress: bool = False, checks: bool = True, workers: int = 0,
+                      samples_path: Path | None = None) -> tuple[LSAResult, dict | None]:
+    """Run the layer analysis and (with ``checks``) the model checks, sized to the battery and reusing its
+    outcomes: what every run directory holds. ``samples_path`` streams ``samples.csv`` there."""
+    dev = resolve_device(device)
+    plan = None
+    if checks:
+        from .sanity import plan_checks
+
+        plan = plan_checks(atk.expand(list(attacks) if attacks else atk.default_battery(eps), eps), n_battery=len(data.y), num_classes=data.num_classes,
+                           batch_size=batch_size)
+    result = analyze(loaded, data, attacks=attacks, eps=eps, layers=layers, layer_types=layer_types, probe=probe,
+                     mean=mean, std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress,
+                     keep_outcomes=plan.n_samples if plan else 0, workers=workers, samples_path=samples_path)
+    try:
+        return result, (_model_checks(loaded, data, mean, std, dev, seed, plan, result) if checks else None)
+    except BaseException:
+        if samples_path is not None:
+            Path(samples_path).unlink(missing_ok=True)
+        raise
+
+
+def batchnorm_audit(loaded: LoadedModel, data, result: LSAResult, mvl: MVL, *, mean, std, device, seed: int,
+                    batch_size: int):
+    """bn.csv: clean vs adversarial BatchNorm statistics under the ranking attack; None without BatchNorm."""
+    from . import bnaudit
+
+    spec = bnaudit.ranking_spec(result.attacks, mvl.attack, mvl.eps)
+    if spec is None or not bnaudit.batchnorm_layers(loaded.module, loaded.type_map):
+        return None
+    full = with_normalization(loaded.module, mean, std, ndim=len(data.input_shape) + 1)
+    return bnaudit.audit_batchnorm(full, loaded.module, data, attack=spec, num_classes=data.num_classes,
+                                   type_map=loaded.type_map, batch_size=batch_size, device=device, seed=seed)
 
 
 def analyze_run(
@@ -89,7 +140,7 @@ def analyze_run(
 
     An existing ``out`` must be an earlier robaudit run, and is replaced only with ``force``.
     """
-    started = _now()
+    started = now()
     if out is not None:
         check_output_dir(out, force=force)  # before minutes of analysis, not after
     if mvl_top is not None and mvl_top < 1:
@@ -112,41 +163,64 @@ def analyze_run(
     eps = list(eps) if eps else list(data.default_eps)
     specs = specs or atk.default_battery(eps)
     dev = resolve_device(device)
-    plan = None
-    if checks:
-        from .sanity import plan_checks
 
-        plan = plan_checks(atk.expand(specs, eps), n_battery=len(data.y), num_classes=data.num_classes,
-                           batch_size=batch_size)
-
-    samples_csv = staging_file(out, "samples")  # streamed row by row; analyze removes it if it fails
-    result = analyze(loaded, data, attacks=specs, eps=eps, layers=layers, layer_types=layer_types, probe=probe,
-                     mean=mean, std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress,
-                     keep_outcomes=plan.n_samples if plan else 0, workers=workers, samples_path=samples_csv)
-    if mvl_top is None and mvl_z is None:
-        layers_ = result.lsa.drop_duplicates("layer")
-        rankable = ~layers_["layer_type"].isin(PASSTHROUGH_TYPES)
-        if not include_output:
-            rankable &= ~layers_["is_output"].astype(bool)
-        mvl_top = min(5, max(1, int(rankable.sum())))
-    mvl = result.mvl(mvl_top, z=mvl_z, attack=mvl_attack, metric=mvl_metric, include_output=include_output)
-
-    check_results = None
+    samples_csv = staging_file(out, "samples")  # streamed row by row; removed if anything below fails
+    result, check_results = analyze_and_check(
+        loaded, data, attacks=specs, eps=eps, layers=layers, layer_types=layer_types, probe=probe, mean=mean,
+        std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress, checks=checks, workers=workers,
+        samples_path=samples_csv)
     try:
-        if checks:
-            check_results = _model_checks(loaded, data, mean, std, dev, seed, plan, result)
-        bn = _batchnorm_audit(loaded, data, result, mvl, mean, std, dev, seed, batch_size)
-    except BaseException:
-        samples_csv.unlink(missing_ok=True)
-        raise
+        if mvl_top is None and mvl_z is None:
+            mvl_top = _default_top(result, include_output)
+        mvl = result.mvl(mvl_top, z=mvl_z, attack=mvl_attack, metric=mvl_metric, include_output=include_output)
+        bn = batchnorm_audit(loaded, data, result, mvl, mean=mean, std=std, device=dev, seed=seed,
+                             batch_size=batch_size)
+        return _write(out, result, mvl, check_results, bn, samples_csv, force=force, report=report, manifest=_manifest(
+            loaded, data, result, command=command or _api_command(loaded, dataset, attacks, eps, seed, out,
+                                                                  image_size=image_size, class_map=class_map),
+            trust_model=trust_model, mean=mean, std=std, split=split, samples=samples, shuffle=shuffle,
+            data_dir=data_dir, seed=seed, dev=dev, batch_size=batch_size, specs=specs, eps=eps, layers=layers,
+            layer_types=layer_types, probe=probe, started=started, image_size=image_size, class_map=class_map,
+            mvl={"top": mvl_top, "z": mvl_z, "attack": mvl_attack, "metric": mvl_metric,
+                 "include_output": include_output}))
+    finally:
+        samples_csv.unlink(missing_ok=True)  # moved into the run, unless something failed
 
-    manifest = {
+
+def _write(out: Path, result: LSAResult, mvl: MVL, check_results, bn, samples_csv: Path, *, force: bool,
+           report: bool, manifest: dict) -> AnalysisRun:
+    """Write the run directory, with its report rendered before the run is renamed into place."""
+    finish = None
+    if report:
+        from .report import render_report
+
+        def finish(staging: Path) -> None:
+            render_report(staging, name=out)
+    write_run(out, result, mvl, manifest, check_results, force=force, finish=finish,
+              tables={"bn.csv": bn} if bn is not None else None,
+              files={"samples.csv": samples_csv} if samples_csv.is_file() else None)
+    return AnalysisRun(result, mvl, out, manifest, check_results)
+
+
+def _default_top(result: LSAResult, include_output: bool) -> int:
+    """The default MVL size: five, or fewer when fewer layers can be ranked."""
+    layers_ = result.lsa.drop_duplicates("layer")
+    rankable = ~layers_["layer_type"].isin(PASSTHROUGH_TYPES)
+    if not include_output:
+        rankable &= ~layers_["is_output"].astype(bool)
+    return min(5, max(1, int(rankable.sum())))
+
+
+def _manifest(loaded: LoadedModel, data, result: LSAResult, *, command: str, trust_model: bool, mean, std, split,
+              samples, shuffle, data_dir, seed: int, dev, batch_size: int, specs, eps, layers, layer_types, probe,
+              started: str, mvl: dict, image_size: int | None = None, class_map=None) -> dict:
+    """``manifest.json`` of an analysis: how to reproduce it and what it ran on."""
+    return {
         "robaudit_version": __version__,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "platform": platform.platform(),
-        "command": command or _api_command(loaded, dataset, attacks, eps, seed, out, image_size=image_size,
-                                           class_map=class_map),
+        "command": command,
         "argv": list(sys.argv),
         "model": {
             "path": str(loaded.path.resolve()) if loaded.path else None,
@@ -174,37 +248,12 @@ def analyze_run(
         "layers": {"patterns": list(layers) if layers else None, "types": list(layer_types) if layer_types else None,
                    "probe": probe},
         "num_layers": len(result.layers),
-        "mvl": {"top": mvl_top, "z": mvl_z, "attack": mvl_attack, "metric": mvl_metric,
-                "include_output": include_output},
+        "mvl": mvl,
         "clean_accuracy": result.clean_accuracy,
         "seconds": round(result.seconds, 3),
         "started": started,
-        "finished": _now(),
+        "finished": now(),
     }
-    finish = None
-    if report:
-        from .report import render_report
-
-        def finish(staging: Path) -> None:
-            render_report(staging, name=out)
-    try:
-        write_run(out, result, mvl, manifest, check_results, force=force, finish=finish,
-                  tables={"bn.csv": bn} if bn is not None else None, files={"samples.csv": samples_csv})
-    finally:
-        samples_csv.unlink(missing_ok=True)  # moved into the run, unless writing it failed
-    return AnalysisRun(result, mvl, out, manifest, check_results)
-
-
-def _batchnorm_audit(loaded: LoadedModel, data, result, mvl, mean, std, dev, seed: int, batch_size: int):
-    """bn.csv: clean vs adversarial BatchNorm statistics under the ranking attack; None without BatchNorm."""
-    from . import bnaudit
-
-    spec = bnaudit.ranking_spec(result.attacks, mvl.attack, mvl.eps)
-    if spec is None or not bnaudit.batchnorm_layers(loaded.module, loaded.type_map):
-        return None
-    full = with_normalization(loaded.module, mean, std, ndim=len(data.input_shape) + 1)
-    return bnaudit.audit_batchnorm(full, loaded.module, data, attack=spec, num_classes=data.num_classes,
-                                   type_map=loaded.type_map, batch_size=batch_size, device=dev, seed=seed)
 
 
 def _model_checks(loaded: LoadedModel, data, mean, std, dev, seed: int, plan, result: LSAResult) -> dict:

@@ -215,15 +215,17 @@ def test_every_attack_builds_and_runs(name, victim):
     assert not model.training
 
 
-def test_autoattack_on_a_three_class_model():
+def test_autoattack_on_a_three_class_model_refuses_standard_and_runs_rand():
     model = make_cnn(1, num_classes=3)
     data = make_data(model, 2, num_classes=3)
-    try:
-        fn = build(parse("autoattack:eps=0.001"), model, num_classes=3)  # too small to fool anything
-    except RobauditError:
-        return  # refusing in one line is fine too
+    with pytest.raises(RobauditError, match="at least 4 classes") as info:
+        build(parse("autoattack:eps=0.001"), model, num_classes=3)
+    assert "autoattack:version=rand" in str(info.value) and "\n" not in str(info.value)
+    # the alternative the message suggests builds and runs, inside its budget
+    fn = build(parse("autoattack:eps=0.001,version=rand"), model, num_classes=3)
     x_adv = fn(data.x, data.y)
     assert x_adv.shape == data.x.shape
+    assert float((x_adv.detach() - data.x).abs().max()) <= 0.001 + 1e-6
 
 
 def test_autoattack_rand_on_a_two_class_model():

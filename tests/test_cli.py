@@ -197,7 +197,6 @@ def test_report_without_a_run_fails_cleanly(tmp_path):
 
 
 def test_harden_says_which_run_and_epoch_and_warns_once(tmp_path, monkeypatch):
-    import robaudit.harden as H
     import robaudit.models
 
     monkeypatch.chdir(tmp_path)
@@ -206,19 +205,21 @@ def test_harden_says_which_run_and_epoch_and_warns_once(tmp_path, monkeypatch):
     first = invoke("analyze", DIGITS_PT2, "--dataset", "digits", "--attack", "fgsm", "--eps", "0.1", "--samples", "24",
                    "--no-checks", "--no-report", "--out", "reports/digits")
     assert first.exit_code == 0, first.output
-    real = H._train_epoch
+    from robaudit.training.loop import Trainer
 
-    def interrupted(**k):
-        if k["epoch"] == 2:
+    real = Trainer.train_epoch
+
+    def interrupted(self, epoch):
+        if epoch == 2:
             raise KeyboardInterrupt
-        return real(**k)
+        return real(self, epoch)
 
-    monkeypatch.setattr(H, "_train_epoch", interrupted)
+    monkeypatch.setattr(Trainer, "train_epoch", interrupted)
     with pytest.warns(UserWarning, match="stay frozen"):
         stopped = invoke("harden", "--epochs", "2", "--steps", "2", "--batch-size", "256", "--no-report")
     assert stopped.exit_code == 130, stopped.output
     assert stopped.stdout.startswith("hardening the latest run under reports/: reports")  # said before training
-    monkeypatch.setattr(H, "_train_epoch", real)
+    monkeypatch.setattr(Trainer, "train_epoch", real)
     with pytest.warns(UserWarning, match="stay frozen while hardening") as shown:
         resumed = invoke("harden", "--run", "reports/digits", "--resume", "--epochs", "2", "--steps", "2",
                          "--batch-size", "256", "--no-report")
@@ -238,3 +239,10 @@ def test_eps_fraction_stays_a_fraction_in_labels(tmp_path):
     assert "eps 8/255: fgsm" in result.stdout and "0.0313" not in result.stdout
     report = (out / "report.html").read_text()
     assert "FGSM ε=8/255" in report and "at eps 8/255" in report
+
+
+def test_harden_checks_its_settings_before_analyzing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = invoke("harden", DIGITS_PT2, "--dataset", "digits", "--epochs", "0", "--no-report")
+    assert res.exit_code == 2 and "--epochs must be at least 1" in res.stderr
+    assert not (tmp_path / "reports").exists()  # nothing was analyzed, nothing written

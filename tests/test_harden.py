@@ -16,7 +16,8 @@ from torch import nn
 
 from robaudit import harden as H
 from robaudit.errors import NonFiniteError, RobauditError
-from robaudit.harden import (CHECKPOINT_NAME, DualBatchNorm, HardenInterrupted, atlr_objective, harden,
+from robaudit.training.loop import Trainer
+from robaudit.harden import (CHECKPOINT_NAME, DualBatchNorm, HardenInterrupted, atlr_loss, atlr_objective, harden,
                              harden_run, layer_relative_error)
 from tests.helpers import TinyCNN, single_thread  # noqa: F401  (single_thread: autouse fixture)
 
@@ -77,7 +78,14 @@ def test_relative_error_modes_match_the_formulas():
     zero = torch.zeros(2, 3, requires_grad=True)
     out = layer_relative_error(zero, torch.ones(2, 3), "pooled")
     out.backward()
-    assert out.item() == 0 and torch.isfinite(zero.grad).all()
+    assert math.isnan(out.item()) and torch.isfinite(zero.grad).all()  # undefined: NaN, as in the analysis
+    # in the AT-LR loss an undefined RE adds nothing (and the gradient stays finite)
+    zero = torch.zeros(2, 3, requires_grad=True)
+    logits, y = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1])
+    loss, terms = atlr_loss(logits, y, {"l": zero}, {"l": torch.ones(2, 3)}, gammas={"l": 1.0})
+    loss.backward()
+    assert loss.item() == pytest.approx(float(F.cross_entropy(logits, y))) and math.isnan(terms["re:l"].item())
+    assert torch.isfinite(zero.grad).all()
 
 
 @pytest.mark.parametrize("re_mode", ["pooled", "per-sample"])
@@ -179,18 +187,15 @@ def test_resume_after_an_interrupted_epoch_equals_an_uninterrupted_run(tmp_path,
     full = tiny_cnn()
     r_full = harden(full, blobs(), checkpoint_dir=tmp_path / "a", **kw)
 
-    real = H._train_epoch
 
-    def interrupted(**k):
-        if k["epoch"] == 2:
-            raise KeyboardInterrupt
-        return real(**k)
+    class CtrlC:  # a Trainer callback: Ctrl-C as epoch 2 starts
+        def on_epoch_start(self, trainer, epoch):
+            if epoch == 2:
+                raise KeyboardInterrupt
 
-    monkeypatch.setattr(H, "_train_epoch", interrupted)
     with pytest.raises(HardenInterrupted, match="--resume"):
-        harden(tiny_cnn(), blobs(), checkpoint_dir=tmp_path / "b", **kw)
+        harden(tiny_cnn(), blobs(), checkpoint_dir=tmp_path / "b", callbacks=[CtrlC()], **kw)
     assert H.load_checkpoint(tmp_path / "b" / CHECKPOINT_NAME)["epoch"] == 1
-    monkeypatch.setattr(H, "_train_epoch", real)
     resumed = tiny_cnn()
     r_res = harden(resumed, blobs(), checkpoint_dir=tmp_path / "b", resume=True, **kw)
     assert r_res.resumed_from_epoch == 1
@@ -276,11 +281,11 @@ def test_a_diverging_loss_stops_with_a_message_and_keeps_the_last_complete_epoch
 def test_collapse_to_chance_stops_training(monkeypatch):
     calls = {"n": 0}
 
-    def collapsing(*a, **k):  # a model that was accurate before hardening, then at chance (1 of 3 classes)
+    def collapsing(self):  # a model that was accurate before hardening, then at chance (1 of 3 classes)
         calls["n"] += 1
         return (1.0, 0.5) if calls["n"] == 1 else (0.2, 0.0)
 
-    monkeypatch.setattr(H, "_evaluate", collapsing)
+    monkeypatch.setattr(Trainer, "evaluate", collapsing)
     with pytest.raises(RobauditError, match="collapsed at epoch 1") as info:
         harden(tiny_cnn(), blobs(), method="atlr", mvl_layers=["classifier.1"], epochs=2, **FAST)
     assert "\n" not in str(info.value)
@@ -363,3 +368,33 @@ def test_cli_harden(moons_run):
     assert res.exit_code == 2 and "--force" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     res = runner.invoke(main, ["harden", "--run", str(moons_run), "--eps", "-1", "--force"])
     assert res.exit_code == 2 and "positive" in res.stderr
+
+
+def test_the_layerwise_perturbation_stays_within_layer_eps():
+    from robaudit.metrics import relative_error
+    from robaudit.training.layers import LayerwisePerturber
+
+    layer = SimpleNamespace(name="l")
+    p = LayerwisePerturber(0.1)
+    p.active = True
+    out = torch.tensor([[3.0, 4.0]], requires_grad=True)
+    first = p(layer, out)  # the first batch runs unperturbed; its gradient's sign is kept
+    assert torch.equal(first, out)
+    (first * torch.tensor([[2.0, -1.0]])).sum().backward()
+    # by hand: rms = 5 / sqrt(2), sign (1, -1): delta = 0.1 * 5 / sqrt(2) * (1, -1), ||delta|| = 0.5 = 0.1 * ||out||
+    second = p(layer, torch.tensor([[3.0, 4.0]]))
+    step = 0.5 / math.sqrt(2)
+    assert torch.allclose(second, torch.tensor([[3.0 + step, 4.0 - step]]))
+    torch.manual_seed(0)
+    for eps in (0.05, 0.5):
+        p = LayerwisePerturber(eps)
+        p.active = True
+        x = torch.randn(4, 3, 5, requires_grad=True)
+        grad = torch.randn(4, 3, 5)
+        grad[0, 0] = 0  # a zero gradient entry: no push there, so strictly less than eps
+        (p(layer, x) * grad).sum().backward()
+        batch = torch.randn(6, 3, 5)  # another batch size reuses the signs cyclically
+        re = relative_error(batch, p(layer, batch))
+        assert (re <= eps * (1 + 1e-6)).all()
+        assert re[0] < eps and re[4] < eps  # rows 0 and 4 reuse the sign with zeros
+        assert torch.allclose(re[[1, 2, 3, 5]], torch.full((4,), eps))

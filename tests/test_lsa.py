@@ -498,3 +498,22 @@ def test_accuracy_csv_success_rate_and_perturbation_by_hand():
     assert acc.loc["fgsm", "pert_p90"] == pytest.approx(0.2, abs=1e-6)
     assert acc.loc["worst-case", "success_rate"] == pytest.approx(2 / 4)
     assert math.isnan(acc.loc["clean", "success_rate"]) and math.isnan(acc.loc["worst-case", "pert_median"])
+
+
+def test_one_relative_error_one_zero_policy():
+    from robaudit.metrics import relative_error
+
+    clean = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    perturbed = torch.tensor([[3.0, 5.0], [1.0, 0.0]])
+    # per sample: 1/5 and undefined; the mean leaves the undefined sample out; pooled: ||(0,1,1,0)|| / ||(3,4,0,0)||
+    assert relative_error(clean, perturbed, "per-sample").item() == pytest.approx(1 / 5)
+    assert relative_error(clean, perturbed, "pooled").item() == pytest.approx(2 ** 0.5 / 5)
+    zero = torch.zeros(2, 2)
+    for reduction in ("none", "per-sample", "pooled"):
+        assert torch.isnan(relative_error(zero, perturbed, reduction)).all()  # NaN, never inf or 0
+    assert torch.isnan(pooled_relative_error(zero, perturbed))
+    st = RelativeError()
+    st.update(clean, perturbed)
+    out = st.compute()
+    assert out["re_mean"] == pytest.approx(1 / 5) and out["n_undefined"] == 1
+    assert out["re_pooled"] == pytest.approx(2 ** 0.5 / 5)

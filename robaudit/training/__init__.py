@@ -1,0 +1,1 @@
+"""The hardening algorithm: settings, objectives, layer hooks, the epoch loop and its checkpoints."""

@@ -1,0 +1,315 @@
+"""The epoch loop: a :class:`Trainer` that runs epochs and validation and calls its callbacks.
+
+Callbacks (checkpoint, collapse check, progress bar, or a test's own) get ``on_epoch_start``,
+``on_batch_end``, ``on_train_end`` (the epoch's training row), ``on_validated`` (with validation
+accuracy; may raise to stop) and ``on_epoch_end`` (after the row entered the history) -- any subset.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import NonFiniteError, RobauditError
+from ..probe import LayerProbe
+from .config import Method
+from .layers import DualBatchNorm, LayerwisePerturber, Recorder
+from .objectives import atlr_loss, clean_and_adversarial
+
+log = logging.getLogger(__name__)
+
+COLLAPSE_MARGIN = 0.02  # clean accuracy within this of the majority-class rate counts as chance
+
+
+class HardenInterrupted(RobauditError):
+    """Training was interrupted (Ctrl-C); the last complete epoch's checkpoint is kept."""
+
+
+@dataclass
+class Objective:
+    """What one batch optimizes: the method, its MVL layers and weights."""
+
+    method: Method
+    gammas: dict[str, float]
+    re_mode: str
+    clean_weight: float
+    probe_modules: list[str]
+    type_map: Mapping[str, str] | None
+    joint_passes: bool = False  # clean and adversarial batches share one forward pass
+
+    @property
+    def records(self) -> bool:
+        """Whether the MVL outputs are recorded (AT-LR with some non-zero gamma)."""
+        return self.method == Method.ATLR and any(g != 0 for g in self.gammas.values())
+
+
+@dataclass
+class TrainParts:
+    """The objects one training run updates: model, optimizer, schedule, attacks and layer hooks."""
+
+    module: nn.Module
+    full: nn.Module  # module with the input normalization in front
+    opt: torch.optim.Optimizer
+    sched: Any
+    train_attack: Any
+    val_attack: Any
+    recorder: Recorder
+    perturber: LayerwisePerturber
+    dual: DualBatchNorm | None = None
+
+    def clean_ctx(self):
+        return self.dual.clean() if self.dual is not None else contextlib.nullcontext()
+
+
+@dataclass
+class TrainData:
+    """Training and validation tensors (on the device) and the loop's sizes."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    num_classes: int
+    batch_size: int
+    epochs: int
+    seed: int
+    device: torch.device
+
+
+def evaluate_accuracy(full: nn.Module, x: torch.Tensor, y: torch.Tensor, attack_fn, batch_size: int,
+                      dev: torch.device) -> tuple[float, float]:
+    """Clean and attacked accuracy, model in eval mode."""
+    full.eval()
+    clean = robust = 0
+    for s in range(0, len(x), batch_size):
+        xb, yb = x[s:s + batch_size].to(dev), y[s:s + batch_size].to(dev)
+        with torch.no_grad():
+            clean += int((full(xb).argmax(1) == yb).sum())
+        xa = attack_fn(xb, yb).detach()
+        full.eval()
+        with torch.no_grad():
+            robust += int((full(xa).argmax(1) == yb).sum())
+    n = max(len(x), 1)
+    return clean / n, robust / n
+
+
+class CollapseCheck:
+    """Stop when clean validation accuracy falls to chance (the majority-class rate) after being above it."""
+
+    def __init__(self, val_y: torch.Tensor, num_classes: int) -> None:
+        self.chance = float(torch.bincount(val_y.long(), minlength=num_classes).max()) / len(val_y)
+
+    def on_validated(self, trainer: "Trainer", epoch: int, row: dict) -> None:
+        c, chance = row["val_clean_acc"], self.chance
+        best = max(h["val_clean_acc"] for h in trainer.history) if trainer.history else c
+        if c <= chance + COLLAPSE_MARGIN and best > chance + 2 * COLLAPSE_MARGIN:
+            kept = trainer.checkpoint_path is not None and epoch > 1
+            raise RobauditError(
+                f"training collapsed at epoch {epoch}: clean validation accuracy fell to chance "
+                f"({100 * c:.1f}%, majority class {100 * chance:.1f}%); lower --gamma or --lr, and keep the "
+                "output layer out of the MVL set" + (f" (the checkpoint of epoch {epoch - 1} is kept)" if kept else ""))
+
+
+class ProgressBar:
+    """A tqdm bar over each epoch's batches."""
+
+    def __init__(self, method: str) -> None:
+        self.method, self.bar = method, None
+
+    def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=trainer.n_batches, desc=f"{self.method} epoch {epoch}/{trainer.data.epochs}",
+                        unit="batch", leave=False)
+
+    def on_batch_end(self, trainer: "Trainer", epoch: int) -> None:
+        self.bar.update(1)
+
+    def on_train_end(self, trainer: "Trainer", epoch: int, row: dict) -> None:
+        self.bar.close()
+
+
+class Trainer:
+    """Runs the epochs of one hardening: train, validate, then the callbacks; keeps the history."""
+
+    def __init__(self, objective: Objective, parts: TrainParts, data: TrainData,
+                 callbacks: Sequence[Any] = ()) -> None:
+        self.objective, self.parts, self.data = objective, parts, data
+        self.callbacks = list(callbacks)
+        self.history: list[dict] = []
+        self.start_epoch = 1
+
+    @property
+    def n_batches(self) -> int:
+        n, b = len(self.data.y), self.data.batch_size
+        return len([s for s in range(0, n, b) if n - s >= 2])
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return next((c.path for c in self.callbacks if hasattr(c, "path")), None)
+
+    def _emit(self, event: str, *args) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, event, None)
+            if fn is not None:
+                fn(self, *args)
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything a resume needs to continue bit for bit (model, optimizer, schedule, RNG, history)."""
+        p, dev = self.parts, self.data.device
+        return {
+            "model": {k: v.detach().cpu().clone() for k, v in p.module.state_dict().items()},
+            "optimizer": p.opt.state_dict(), "scheduler": p.sched.state_dict() if p.sched is not None else None,
+            "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
+            "history": self.history, "dual_bn": p.dual.state_dict() if p.dual is not None else None,
+            "layerwise": p.perturber.state_dict() if self.objective.method == Method.LAYERWISE else None,
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Continue from a checkpoint's state (the RNG states are restored when :meth:`fit` starts)."""
+        p, dev = self.parts, self.data.device
+        p.module.load_state_dict({k: v.to(dev) for k, v in state["model"].items()})
+        p.opt.load_state_dict(state["optimizer"])
+        if p.sched is not None and state.get("scheduler") is not None:
+            p.sched.load_state_dict(state["scheduler"])
+        if p.dual is not None and state.get("dual_bn") is not None:
+            p.dual.load_state_dict(state["dual_bn"])
+        if state.get("layerwise") is not None:
+            p.perturber.load_state_dict(state["layerwise"], dev)
+        self.history = list(state["history"])
+        self.start_epoch = int(state["epoch"]) + 1
+        self._resume_rng = (state["rng"], state.get("cuda_rng"))
+
+    # -- the loop ------------------------------------------------------------------------------
+    def evaluate(self) -> tuple[float, float]:
+        """Clean and PGD validation accuracy."""
+        d = self.data
+        return evaluate_accuracy(self.parts.full, d.val_x, d.val_y, self.parts.val_attack, d.batch_size, d.device)
+
+    def fit(self) -> list[dict]:
+        """Run the remaining epochs inside a forked RNG; returns the history (epoch 0 is before training)."""
+        dev = self.data.device
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            rng = getattr(self, "_resume_rng", None)
+            if rng is not None:
+                torch.set_rng_state(rng[0])
+                if dev.type == "cuda" and rng[1] is not None:
+                    torch.cuda.set_rng_state(rng[1], dev)
+            else:
+                torch.manual_seed(self.data.seed)
+                t0 = time.perf_counter()
+                c0, r0 = self.evaluate()
+                self.history.append({"epoch": 0, "lr": float("nan"), "val_clean_acc": c0, "val_robust_acc": r0,
+                                     "seconds": 0.0, "val_seconds": time.perf_counter() - t0})
+                log.info("before hardening: validation accuracy clean %.3f, robust %.3f", c0, r0)
+            for epoch in range(self.start_epoch, self.data.epochs + 1):
+                self._guarded_epoch(epoch)
+        self.parts.module.eval()
+        return self.history
+
+    def _guarded_epoch(self, epoch: int) -> None:
+        """One epoch; Ctrl-C becomes :class:`HardenInterrupted`, and the model is left in eval mode on any error."""
+        try:
+            self._emit("on_epoch_start", epoch)
+            row = self.train_epoch(epoch)
+            self._emit("on_train_end", epoch, row)
+            t0 = time.perf_counter()
+            c, r = self.evaluate()
+            row.update({"val_clean_acc": c, "val_robust_acc": r, "val_seconds": time.perf_counter() - t0})
+            self._emit("on_validated", epoch, row)
+            if self.parts.sched is not None:
+                self.parts.sched.step()
+            self.history.append(row)
+            log.info("epoch %d/%d: loss %.4f, validation clean %.3f, robust %.3f (%.1f s)", epoch, self.data.epochs,
+                     row["loss"], c, r, row["seconds"])
+            self._emit("on_epoch_end", epoch, row)
+        except KeyboardInterrupt:
+            self.parts.module.eval()
+            ck = self.checkpoint_path
+            where = (f"the checkpoint of epoch {epoch - 1} is in {ck}: rerun with --resume to continue"
+                     if ck is not None and epoch > 1 else "no epoch was completed: rerun to start again")
+            raise HardenInterrupted(f"hardening interrupted during epoch {epoch}; {where}") from None
+        except BaseException:
+            self.parts.module.eval()
+            raise
+
+    def train_epoch(self, epoch: int) -> dict:
+        """One pass over the training data; returns the epoch's history row (mean loss terms, seconds)."""
+        d, p, o = self.data, self.parts, self.objective
+        t0 = time.perf_counter()
+        n = len(d.y)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(d.seed * 1_000_003 + epoch)).to(d.x.device)
+        starts = [s for s in range(0, n, d.batch_size) if n - s >= 2]  # a lone last sample would break BatchNorm
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        lr = p.opt.param_groups[0]["lr"]
+        transform = p.perturber if o.method == Method.LAYERWISE else p.recorder
+        # hooks are registered only around the training passes, never while the attack runs
+        probe = LayerProbe(p.module, o.probe_modules, type_map=o.type_map, detach=False, transform=transform)
+        # layerwise runs no attack: its hooks stay for the whole epoch
+        layerwise = o.method == Method.LAYERWISE
+        epoch_hooks = probe if o.probe_modules and layerwise else contextlib.nullcontext()
+        hooks = probe if o.probe_modules and not layerwise else contextlib.nullcontext()
+        self._joint = o.joint_passes
+        with epoch_hooks:
+            for bi, s in enumerate(starts):
+                idx = perm[s:s + d.batch_size]
+                xb, yb = d.x[idx], d.y[idx]
+                loss, terms = self._batch_loss(probe, hooks, xb, yb)
+                if not torch.isfinite(loss):
+                    raise NonFiniteError(f"the loss became {float(loss.detach())} at epoch {epoch}, batch {bi + 1}: "
+                                         "lower --lr (or --gamma); nothing was saved from this epoch")
+                p.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                p.opt.step()
+                k = len(yb)
+                count += k
+                for name, v in {"loss": loss, **terms}.items():
+                    v = v.detach() * k
+                    sums[name] = sums[name] + v if name in sums else v
+                self._emit("on_batch_end", epoch)
+        p.full.eval()
+        row = {"epoch": epoch, "lr": lr}
+        row.update({name: float(v) / max(count, 1) for name, v in sums.items()})
+        row["seconds"] = time.perf_counter() - t0
+        return row
+
+    def _batch_loss(self, probe: LayerProbe, hooks, xb: torch.Tensor, yb: torch.Tensor):
+        """The loss of one batch under the objective's method, and its terms."""
+        p, o = self.parts, self.objective
+        if o.method in (Method.AT, Method.ATLR):
+            x_adv = p.train_attack(xb, yb).detach()
+            p.full.train()
+            with hooks:
+                passes = clean_and_adversarial(p.full, probe, p.recorder, xb, x_adv, record=o.records,
+                                               need_clean=o.records or o.clean_weight > 0, joint=self._joint,
+                                               clean_ctx=p.clean_ctx)
+            self._joint = passes.joint
+            return atlr_loss(passes.logits_adv, yb, passes.clean_outputs, passes.adv_outputs,
+                             gammas=o.gammas if o.method == Method.ATLR else {}, re_mode=o.re_mode,
+                             logits_clean=passes.logits_clean, clean_weight=o.clean_weight)
+        p.full.train()
+        if o.method == Method.LAYERWISE:
+            with hooks:
+                p.perturber.active = True
+                probe.reset()
+                logits = p.full(xb)
+                p.perturber.active = False
+            ce = F.cross_entropy(logits, yb)
+            terms, loss = {"ce_perturbed": ce}, ce
+            if o.clean_weight > 0:
+                with p.clean_ctx():
+                    ce_c = F.cross_entropy(p.full(xb), yb)
+                terms["ce_clean"] = ce_c
+                loss = (1 - o.clean_weight) * ce + o.clean_weight * ce_c
+            return loss, terms
+        ce = F.cross_entropy(p.full(xb), yb)  # standard
+        return ce, {"ce_clean": ce}
