@@ -158,5 +158,10 @@ def test_analyze_harden_report(case):
     hardened = run / "hardened"
     assert (hardened / "model.pt2").is_file() and (hardened / "lsa.csv").is_file()
     assert (run / "report.html").is_file()
+    assert (hardened / "samples.csv").is_file()
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in case["model"].modules()):
+        # the BatchNorm audit ran before and after hardening, and the report shows the shift after it
+        assert (run / "bn.csv").is_file() and (hardened / "bn.csv").is_file()
+        assert "adversarial vs clean, after hardening" in (run / "report.html").read_text()
     reloaded = load_model(hardened / "model.pt2")  # the hardened archive loads as safely as the original
     assert reloaded.format == "export"
