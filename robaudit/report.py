@@ -1017,6 +1017,7 @@ def plot_batchnorm(bn: pd.DataFrame, after: pd.DataFrame | None) -> Plot:
                 label="adversarial vs clean, after hardening")
     ax.set_xscale("log")
     _plain_log_ticks(ax.xaxis)
+    ax.xaxis.set_major_locator(LogLocator(base=10))  # decades only: the axis spans several of them
     ax.set_yticks(y, labels, fontsize=7.5)
     ax.invert_yaxis()
     ax.set_xlabel("symmetric KL between per-channel Gaussians (mean over channels)")
