@@ -20,7 +20,7 @@ from . import __version__
 from . import attacks as atk
 from .data import load_dataset
 from .errors import RobauditError
-from .lsa import MVL, PASSTHROUGH_TYPES, LSAResult, analyze, resolve_device
+from .lsa import MVL, LSAResult, analyze, resolve_device
 from .models import LoadedModel, load_model, with_normalization
 from .rundir import check_output_dir, staging_file, write_run
 
@@ -170,9 +170,8 @@ def analyze_run(
         std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress, checks=checks, workers=workers,
         samples_path=samples_csv)
     try:
-        if mvl_top is None and mvl_z is None:
-            mvl_top = _default_top(result, include_output)
         mvl = result.mvl(mvl_top, z=mvl_z, attack=mvl_attack, metric=mvl_metric, include_output=include_output)
+        mvl_top = mvl.k if mvl_z is None else mvl_top  # select_mvl's default when none was given
         bn = batchnorm_audit(loaded, data, result, mvl, mean=mean, std=std, device=dev, seed=seed,
                              batch_size=batch_size)
         return _write(out, result, mvl, check_results, bn, samples_csv, force=force, report=report, manifest=_manifest(
@@ -200,15 +199,6 @@ def _write(out: Path, result: LSAResult, mvl: MVL, check_results, bn, samples_cs
               tables={"bn.csv": bn} if bn is not None else None,
               files={"samples.csv": samples_csv} if samples_csv.is_file() else None)
     return AnalysisRun(result, mvl, out, manifest, check_results)
-
-
-def _default_top(result: LSAResult, include_output: bool) -> int:
-    """The default MVL size: five, or fewer when fewer layers can be ranked."""
-    layers_ = result.lsa.drop_duplicates("layer")
-    rankable = ~layers_["layer_type"].isin(PASSTHROUGH_TYPES)
-    if not include_output:
-        rankable &= ~layers_["is_output"].astype(bool)
-    return min(5, max(1, int(rankable.sum())))
 
 
 def _manifest(loaded: LoadedModel, data, result: LSAResult, *, command: str, trust_model: bool, mean, std, split,
