@@ -337,14 +337,18 @@ def analyze(
     if probe not in PROBE_MODES:
         raise RobauditError(f"unknown probe mode {probe!r}: use {', '.join(PROBE_MODES)}")
     model = model.to(dev).eval()
+    eager = model
     if probe != "modules":
         model, type_map = graph_for_ops(model, x_all[:2].to(dev), type_map)
     full = with_normalization(model, mean, std, ndim=x_all.dim()).to(dev).eval()
+    # the attacks run on the user's own module (the graph copy is only for the hooked passes): its
+    # generated code costs more than eager execution, which the attacks would pay at every step
+    attacked = full if eager is model else with_normalization(eager, mean, std, ndim=x_all.dim()).to(dev).eval()
     check_compatible(full, x_all[:2].to(dev), num_classes)
     modules = select_modules(model, layer_types=layer_types, patterns=layers, type_map=type_map, probe=probe)
 
     seed_everything(seed)
-    builders = [atk.build(s, full, num_classes=num_classes, seed=seed) for s in specs]
+    builders = [atk.build(s, attacked, num_classes=num_classes, seed=seed) for s in specs]
     stats: dict[tuple[str, int], RelativeError] = {}
     correct = {"clean": 0, **{i: 0 for i in range(len(specs))}}
     seconds = [0.0] * len(specs)  # time spent generating each configuration's perturbed inputs
@@ -396,6 +400,7 @@ def analyze(
                         x_adv = attack_fn(x, y).detach()
                     finally:
                         model.eval()
+                        eager.eval()
                 seconds[i] += time.perf_counter() - tic
                 if not torch.isfinite(x_adv).all():
                     raise NonFiniteError(f"{spec.label} produced non-finite inputs: the model's gradients may be "
