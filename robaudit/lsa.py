@@ -49,16 +49,19 @@ class PerturbationSizes:
     """
 
     def __init__(self, norm: str) -> None:
-        self.ord = math.inf if norm == "Linf" else 2
+        self.norm = norm
         self.n_correct = 0
         self.sizes: list[np.ndarray] = []
 
-    def update(self, x: torch.Tensor, x_adv: torch.Tensor, ok_clean: torch.Tensor, ok_adv: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, x_adv: torch.Tensor, ok_clean: torch.Tensor,
+               ok_adv: torch.Tensor) -> torch.Tensor:
+        """Add one batch; return every sample's perturbation norm (what ``samples.csv`` records)."""
+        norms = perturbation_norms(x, x_adv, self.norm)
         fooled = ok_clean & ~ok_adv
         self.n_correct += int(ok_clean.sum())
         if fooled.any():
-            delta = (x_adv[fooled] - x[fooled]).detach().flatten(1).double()
-            self.sizes.append(torch.linalg.vector_norm(delta, ord=self.ord, dim=1).cpu().numpy())
+            self.sizes.append(norms[fooled].cpu().numpy())
+        return norms
 
     def compute(self) -> dict[str, float]:
         sizes = np.concatenate(self.sizes) if self.sizes else np.zeros(0)
@@ -418,10 +421,10 @@ def analyze(
                 correct[i] += int(ok.sum())
                 if kept and start < keep_outcomes:
                     kept[i].append(ok[:keep_outcomes - start].cpu())
-                sizes[i].update(x, x_adv, ok_clean, ok)
+                norms = sizes[i].update(x, x_adv, ok_clean, ok)
                 if log is not None:
                     oks.append(ok)
-                    perts.append(perturbation_norms(x, x_adv, spec.norm))
+                    perts.append(norms)
                 if spec.kind == "adversarial" and spec.bounded:
                     robust[(spec.norm, spec.eps)] &= ok
                 for name, t in adv_outs.items():

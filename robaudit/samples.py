@@ -67,9 +67,9 @@ def _cell(v) -> object:
 
 
 def perturbation_norms(x: torch.Tensor, adv: torch.Tensor, norm: str) -> torch.Tensor:
-    """Per-sample size of ``adv - x`` in ``norm`` (``Linf`` or ``L2``)."""
-    delta = (adv - x).flatten(1)
-    return delta.abs().amax(dim=1) if norm == "Linf" else delta.norm(dim=1)
+    """Per-sample size of ``adv - x`` in ``norm`` (``Linf`` or ``L2``), in float64."""
+    delta = (adv - x).detach().flatten(1).double()
+    return torch.linalg.vector_norm(delta, ord=math.inf if norm == "Linf" else 2, dim=1)
 
 
 def most_fragile(samples: pd.DataFrame, k: int = 10) -> pd.DataFrame:

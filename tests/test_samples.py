@@ -30,8 +30,8 @@ def test_rows_stream_batch_by_batch(tmp_path):
 def test_perturbation_norms_by_hand():
     x = torch.zeros(2, 1, 2, 2)
     adv = torch.tensor([[[[0.3, -0.4], [0.0, 0.0]]], [[[0.0, 0.0], [0.0, 0.1]]]])
-    assert torch.allclose(perturbation_norms(x, adv, "Linf"), torch.tensor([0.4, 0.1]))
-    assert torch.allclose(perturbation_norms(x, adv, "L2"), torch.tensor([0.5, 0.1]))
+    assert torch.allclose(perturbation_norms(x, adv, "Linf"), torch.tensor([0.4, 0.1], dtype=torch.float64))
+    assert torch.allclose(perturbation_norms(x, adv, "L2"), torch.tensor([0.5, 0.1], dtype=torch.float64))
 
 
 def test_samples_csv_agrees_with_accuracy_csv(tmp_path):
