@@ -277,7 +277,7 @@ def checks_share(n: int, threads: int, out) -> bool:
     import numpy as np
 
     from robaudit.models import save_checkpoint
-    from robaudit.pipeline import analyze_run
+    from robaudit.stages.analyze import analyze_run
 
     x, y, _ = digits("train", n)
     with tempfile.TemporaryDirectory(prefix="bench-checks-") as tmp:

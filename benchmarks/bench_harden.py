@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from robaudit.data import load_dataset
-from robaudit.harden import harden
+from robaudit.training.harden import harden
 
 try:
     from robaudit.examples.models import DigitsCNN, MoonsMLP

@@ -10,6 +10,8 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 from .errors import RobauditError  # noqa: E402
 from .lsa import MVL, LSAResult, analyze, relative_error, pooled_relative_error  # noqa: E402
 from .models import LoadedModel, load_model  # noqa: E402
+from .training.config import HardenConfig  # noqa: E402
+from .training.harden import HardenResult, harden  # noqa: E402
 
 
 def load_example(name: str) -> LoadedModel:
@@ -19,5 +21,5 @@ def load_example(name: str) -> LoadedModel:
     return load_model(examples.path(name))
 
 
-__all__ = ["analyze", "load_model", "load_example", "LoadedModel", "LSAResult", "MVL", "RobauditError",
+__all__ = ["analyze", "harden", "HardenConfig", "HardenResult", "load_model", "load_example", "LoadedModel", "LSAResult", "MVL", "RobauditError",
            "relative_error", "pooled_relative_error", "__version__"]

@@ -7,7 +7,7 @@ e.g. ``pgd:eps=8/255,steps=10,alpha=2/255``. Specs are parsed once into :class:`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any, Callable, Mapping, Sequence
 

@@ -112,7 +112,7 @@ def audit_batchnorm(model: nn.Module, inner: nn.Module, data, *, attack: atk.Att
     ``model``, which may add input normalization) under one attack configuration.
 
     ``data`` is a data set (in memory or streaming) or an ``(x, y)`` pair; it is read batch by batch."""
-    from .lsa import _as_tensors, _batches
+    from .data import as_dataset, batches
 
     found = batchnorm_layers(inner, type_map)
     if not found:
@@ -123,9 +123,9 @@ def audit_batchnorm(model: nn.Module, inner: nn.Module, data, *, attack: atk.Att
     fn = atk.build(attack, model, num_classes=num_classes, seed=seed)
     torch.manual_seed(seed)
     state: dict = {}
-    x_all, y_all, _ = _as_tensors(data)
+    data = as_dataset(data, "BatchNorm audit")
     with _recording(layers, state):
-        for _, xb, yb in _batches(data, x_all, y_all, batch_size, device, 0):
+        for _, xb, yb in batches(data, batch_size=batch_size, device=device):
             state["domain"] = None
             adv = fn(xb, yb).detach()
             with torch.no_grad():

@@ -229,7 +229,7 @@ def analyze(ctx, model, arch, arch_kwargs, trust_model, dataset, data_dir, split
     """Layer Sustainability Analysis of MODEL: per-layer RE under an attack battery -> MVL list."""
     from .attacks import parse_eps_list
     from .models import parse_arch_kwargs
-    from .pipeline import analyze_run
+    from .stages.analyze import analyze_run
 
     if not dataset:
         raise RobauditError("--dataset is required: e.g. --dataset digits (see robaudit analyze --help)")
@@ -292,7 +292,7 @@ def echo_summary(run) -> None:
 @click.option("--out", "-o", type=click.Path(path_type=Path), help="HTML file to write (default RUN/report.html).")
 def report(run_dir, out):
     """Render a run directory into one self-contained HTML file."""
-    from .report import render_report
+    from .stages.report import render_report
     from .rundir import latest_run
 
     path = render_report(run_dir or latest_run(), out)
@@ -399,7 +399,8 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
     import importlib.util
 
     from .attacks import parse_number
-    from .harden import HardenInterrupted, harden_run
+    from .stages.harden import harden_run
+    from .training.loop import HardenInterrupted
     from .rundir import latest_run
 
     if model is not None and run_dir is not None:
@@ -417,7 +418,7 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
         dual_bn=dual_bn, val_fraction=val_fraction, seed=seed, device=device, progress=show_progress)
     if mvl_top is not None and mvl_top < 1:
         raise RobauditError("--mvl-top must be at least 1")
-    from .harden import CHECKPOINT_NAME
+    from .training.checkpoint import CHECKPOINT_NAME
 
     if model is not None:
         if not dataset:
@@ -432,7 +433,7 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
         run_dir = latest_run("reports")
         say(f"hardening the latest run under reports/: {run_dir}")
     if resume:
-        from .harden import load_checkpoint
+        from .training.checkpoint import load_checkpoint
 
         ck = Path(run_dir) / CHECKPOINT_NAME
         if ck.is_file():
@@ -460,8 +461,8 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
         warnings.showwarning = show
     if not as_json:
         _echo_harden(done, warned=warned)
-    if not no_report and importlib.util.find_spec("robaudit.report") is not None:
-        from .report import render_report
+    if not no_report and importlib.util.find_spec("robaudit.stages.report") is not None:
+        from .stages.report import render_report
 
         report_path = render_report(done.run_dir)
         say(f"report: {report_path}")
@@ -471,9 +472,9 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
 
 def _analyze_before_harden(model, dataset, *, out, resume: bool, say, arch_kwargs, **analysis) -> Path:
     """``harden MODEL``: analyze first (the run directory to harden), unless resuming an interrupted harden."""
-    from .harden import CHECKPOINT_NAME
+    from .training.checkpoint import CHECKPOINT_NAME
     from .models import parse_arch_kwargs
-    from .pipeline import analyze_run, default_out
+    from .stages.analyze import analyze_run, default_out
 
     planned = Path(out) if out else default_out(model, dataset)
     if resume and (planned / CHECKPOINT_NAME).is_file():

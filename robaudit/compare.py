@@ -111,7 +111,7 @@ def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike) -> Comparis
 
 
 def _plot_re(cmp: Comparison, label_a: str, label_b: str) -> Markup | None:
-    from .report import MPL_RC, _svg
+    from .stages.report import MPL_RC, _svg
 
     if cmp.re.empty:
         return None
@@ -129,7 +129,7 @@ def _plot_re(cmp: Comparison, label_a: str, label_b: str) -> Markup | None:
 
 def render_compare(cmp: Comparison, out: str | os.PathLike) -> Path:
     """Write the comparison page (refusing to overwrite a file that is not robaudit's own)."""
-    from . import report as R
+    from .stages import report as R
 
     out = Path(out)
     if out.is_dir():

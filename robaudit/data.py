@@ -665,6 +665,45 @@ class StreamingDataset:
         return x, self.y[:n]
 
 
+def as_dataset(data, what: str = "input") -> Dataset | StreamingDataset:
+    """``data`` as a :class:`Dataset` (or the :class:`StreamingDataset` it is): the one entry point of the
+    analysis and training APIs, which also accept anything with ``x``/``y`` or an ``(x, y)`` pair of tensors."""
+    if not isinstance(data, (Dataset, StreamingDataset)):
+        if isinstance(data, (tuple, list)) and len(data) == 2:
+            x, y, extra = data[0], data[1], None
+        elif hasattr(data, "x") and hasattr(data, "y"):
+            x, y, extra = data.x, data.y, data
+        else:
+            raise RobauditError(f"the {what} data must be a robaudit Dataset or an (x, y) pair of tensors")
+        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+            raise RobauditError(f"the {what} data must hold tensors, not {type(x).__name__} and {type(y).__name__}")
+        n_classes = getattr(extra, "num_classes", None) or (int(y.max()) + 1 if len(y) else 0)
+        data = Dataset(name=str(getattr(extra, "name", "data")), split=str(getattr(extra, "split", what)), x=x, y=y,
+                       num_classes=int(n_classes), mean=getattr(extra, "mean", None), std=getattr(extra, "std", None),
+                       default_eps=tuple(getattr(extra, "default_eps", ()) or ()),
+                       source=str(getattr(extra, "source", "tensors")))
+    if len(data.y) == 0 or (isinstance(data, Dataset) and len(data.x) == 0):
+        raise RobauditError(f"the {what} data set is empty: check --samples and the data files")
+    return data
+
+
+def batches(data: Dataset | StreamingDataset, *, batch_size: int, device: torch.device, workers: int = 0):
+    """``(start, x, y)`` on ``device`` per batch, in order: slices of an in-memory set, or a DataLoader's uint8
+    batches of a streaming one, divided by its scale on the device (the same float32 values as on the host)."""
+    if not isinstance(data, StreamingDataset):
+        for start in range(0, len(data.y), batch_size):
+            yield start, data.x[start:start + batch_size].to(device), data.y[start:start + batch_size].to(device)
+        return
+    loader = torch.utils.data.DataLoader(data.items, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                         pin_memory=device.type == "cuda",
+                                         generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
+    start = 0
+    for xb, yb in loader:
+        x = xb.to(device, non_blocking=True)
+        yield start, (x.float() / data.scale if not x.is_floating_point() else x), yb.to(device, non_blocking=True)
+        start += len(xb)
+
+
 def _load_imagefolder(root: Path, *, image_size: int | None, class_map: Path | None):
     """An image folder decoded whole: ``(uint8 N×C×H×W, labels, classes, source)``."""
     files, mode, num_classes, source = _list_imagefolder(root, image_size=image_size, class_map=class_map)

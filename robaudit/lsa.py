@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from . import attacks as atk
+from .data import StreamingDataset, as_dataset, batches
 from .errors import NonFiniteError, RobauditError
 from .metrics import RelativeError, per_sample_sq_norms, relative_error  # noqa: F401 (defined there)
 from .models import LoadedModel, as_graph, check_compatible, with_normalization
@@ -264,36 +265,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _as_tensors(data) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(x, y, num_classes)`` from a Dataset or an ``(x, y)`` pair; refuses empty data in one line.
-    A streaming data set (with ``items``) gives its first two samples as ``x``: the rest stream by batch."""
-    if hasattr(data, "items") and hasattr(data, "head"):
-        x, y = data.head(2)[0], data.y
-    else:
-        x, y = (data.x, data.y) if hasattr(data, "x") and hasattr(data, "y") else data
-    if len(x) == 0 or len(y) == 0:
-        raise RobauditError("the data set is empty: check --samples and the data files")
-    num_classes = getattr(data, "num_classes", None)
-    return x, y, int(num_classes) if num_classes is not None else int(y.max()) + 1
-
-
-def _batches(data, x_all: torch.Tensor, y_all: torch.Tensor, batch_size: int, dev: torch.device, workers: int):
-    """``(start, x, y)`` on ``dev`` per batch: slices of in-memory tensors, or a DataLoader's uint8 batches of a
-    streaming data set, divided by its scale on the device (the same float32 values as dividing on the host)."""
-    if not (hasattr(data, "items") and hasattr(data, "head")):
-        for start in range(0, len(y_all), batch_size):
-            yield start, x_all[start:start + batch_size].to(dev), y_all[start:start + batch_size].to(dev)
-        return
-    loader = torch.utils.data.DataLoader(data.items, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                         pin_memory=dev.type == "cuda",
-                                         generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
-    start = 0
-    for xb, yb in loader:
-        x = xb.to(dev, non_blocking=True)
-        yield start, (x.float() / data.scale if not x.is_floating_point() else x), yb.to(dev, non_blocking=True)
-        start += len(xb)
-
-
 def analyze(
     model: nn.Module | LoadedModel,
     data,
@@ -332,7 +303,9 @@ def analyze(
     if isinstance(model, LoadedModel):
         type_map = type_map or model.type_map
         model = model.module
-    x_all, y_all, num_classes = _as_tensors(data)
+    data = as_dataset(data, "analysis")
+    x_all = data.head(2)[0] if isinstance(data, StreamingDataset) else data.x  # a stream's rest comes by batch
+    y_all, num_classes = data.y, data.num_classes
     if batch_size < 1:
         raise RobauditError("--batch-size must be at least 1")
     dev = resolve_device(device)
@@ -374,7 +347,7 @@ def analyze(
         log = stack.enter_context(SampleLog(samples_path, [(s.label, s.eps) for s in specs], worst_keys)) \
             if samples_path is not None else None
         probe = stack.enter_context(LayerProbe(model, modules, type_map=type_map, detach=True))
-        for start, x, y in _batches(data, x_all, y_all, batch_size, dev, workers):
+        for start, x, y in batches(data, batch_size=batch_size, device=dev, workers=workers):
             with torch.no_grad():
                 logits, outs = probe.run(full, x)
             clean = dict(outs)

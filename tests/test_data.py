@@ -564,7 +564,7 @@ def test_cli_analyzes_an_image_folder(tmp_path):
 
 
 def test_api_run_of_an_image_folder_records_a_command_that_reruns_it(tmp_path):
-    from robaudit.pipeline import analyze_run
+    from robaudit.stages.analyze import analyze_run
 
     write_images(tmp_path / "imgs", {"a": [(5, 5)] * 2, "b": [(6, 5)] * 2}, mode="L")
     torch.manual_seed(0)

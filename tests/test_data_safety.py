@@ -110,12 +110,12 @@ def test_run_directories_follow_the_umask(tmp_path):
 
 def test_the_report_is_in_place_before_the_run_is(tmp_path, monkeypatch):
     """An interrupt while the report renders leaves no run at all, never one without its report."""
-    import robaudit.report
+    import robaudit.stages.report
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(robaudit.report, "render_report", interrupted)
+    monkeypatch.setattr(robaudit.stages.report, "render_report", interrupted)
     result = invoke("analyze", MOONS_PT2, *[a for a in QUICK if a != "--no-report"], "--out", tmp_path / "run")
     assert result.exit_code == 130
     assert not (tmp_path / "run").exists() and staging_left(tmp_path) == []

@@ -14,11 +14,15 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from torch import nn
 
-from robaudit import harden as H
+from robaudit.training import checkpoint as H
 from robaudit.errors import NonFiniteError, RobauditError
 from robaudit.training.loop import Trainer
-from robaudit.harden import (CHECKPOINT_NAME, DualBatchNorm, HardenInterrupted, atlr_loss, atlr_objective, harden,
-                             harden_run, layer_relative_error)
+from robaudit.stages.harden import harden_run
+from robaudit.training.checkpoint import CHECKPOINT_NAME
+from robaudit.training.harden import harden
+from robaudit.training.layers import DualBatchNorm
+from robaudit.training.loop import HardenInterrupted
+from robaudit.training.objectives import atlr_loss, atlr_objective, layer_relative_error
 from tests.helpers import TinyCNN, single_thread  # noqa: F401  (single_thread: autouse fixture)
 
 FAST = dict(eps=0.1, steps=3, batch_size=16, seed=0)
@@ -299,7 +303,7 @@ def test_collapse_to_chance_stops_training(monkeypatch):
 def moons_run(tmp_path_factory):
     """A tiny MLP checkpoint, trained a little on moons, analyzed with PGD on 60 test samples."""
     from robaudit.models import save_checkpoint
-    from robaudit.pipeline import analyze_run
+    from robaudit.stages.analyze import analyze_run
 
     root = tmp_path_factory.mktemp("harden")
     torch.manual_seed(0)

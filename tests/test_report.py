@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from robaudit.errors import RobauditError
-from robaudit.report import fmt_eps, fmt_pct, fmt_re, render_report
+from robaudit.stages.report import fmt_eps, fmt_pct, fmt_re, render_report
 
 from markupsafe import escape
 
@@ -183,7 +183,7 @@ def test_history_with_harden_column_names():
     """harden writes val_clean_acc / val_robust_acc, ce_adv and an epoch-0 row without loss terms."""
     import matplotlib
 
-    from robaudit.report import MPL_RC, plot_history
+    from robaudit.stages.report import MPL_RC, plot_history
 
     history = pd.DataFrame({"epoch": [0, 1, 2], "lr": [np.nan, 0.01, 0.01], "loss": [np.nan, 1.0, 0.8],
                             "ce_adv": [np.nan, 0.9, 0.7], "reg": [np.nan, 0.1, 0.1], "re:<b>x</b>": [np.nan, 0.3, 0.2],
@@ -298,7 +298,7 @@ def test_wheel_install_renders_the_same_report(tmp_path):
 
     run = make_run(tmp_path / "run", n_layers=6, hardened=True)
     expected = render_report(run, tmp_path / "editable.html").read_bytes()
-    code = ("import sys, robaudit.report as r; from robaudit.report import render_report; "
+    code = ("import sys, robaudit.stages.report as r; from robaudit.stages.report import render_report; "
             "print(r.__file__); render_report(sys.argv[1], sys.argv[2])")
     env = {**os.environ, "PYTHONPATH": str(site)}
     proc = subprocess.run([sys.executable, "-c", code, str(run), str(tmp_path / "wheel.html")], env=env,
@@ -331,7 +331,7 @@ def test_minimal_perturbation_attacks_by_size_not_accuracy(tmp_path):
 def test_accuracy_plot_single_eps_markers_and_distinct_styles():
     import matplotlib
 
-    from robaudit.report import MPL_RC, Palette, accuracy_figure
+    from robaudit.stages.report import MPL_RC, Palette, accuracy_figure
 
     def frame(shift: float) -> pd.DataFrame:
         rows = [("clean", np.nan, 0.95, "clean", "")]
@@ -393,7 +393,7 @@ def test_history_plot_whole_epochs_and_legends_beside_the_data(monkeypatch):
     import matplotlib
     from matplotlib.figure import Figure
 
-    from robaudit import report as R
+    from robaudit.stages import report as R
 
     captured = []
     real = R._svg

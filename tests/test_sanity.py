@@ -342,7 +342,7 @@ def test_more_steps_against_the_batterys_pgd10_allows_one_sample():
 def test_analyze_run_sizes_its_checks_and_reuses_the_batterys_pgd(tmp_path):
     from robaudit.examples.models import MoonsMLP
     from robaudit.models import save_checkpoint
-    from robaudit.pipeline import analyze_run
+    from robaudit.stages.analyze import analyze_run
 
     torch.manual_seed(0)
     path = save_checkpoint(tmp_path / "mlp.pt", MoonsMLP(hidden=8), arch="robaudit.examples.models:MoonsMLP",

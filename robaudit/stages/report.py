@@ -30,11 +30,11 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure  # never pyplot: no global figure state, no GUI backend
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from . import sanity, verdict
-from .errors import RobauditError
-from .models import sha256_file
-from .rundir import read_json
-from .sanity import attack_name
+from .. import sanity, verdict
+from ..errors import RobauditError
+from ..models import sha256_file
+from ..rundir import read_json
+from ..sanity import attack_name
 
 __all__ = ["render_report"]
 
@@ -1028,7 +1028,7 @@ def plot_batchnorm(bn: pd.DataFrame, after: pd.DataFrame | None) -> Plot:
 
 
 def _batchnorm_section(run_dir: Path, shown: Path) -> dict | None:
-    from . import bnaudit
+    from .. import bnaudit
 
     bn = _read_csv(run_dir / "bn.csv", ["layer", "clean_vs_running", "adv_vs_clean", "adv_vs_running"]) \
         if (run_dir / "bn.csv").is_file() else None
@@ -1064,7 +1064,7 @@ FRAGILE_SHOWN = 10
 
 def _fragile_section(run_dir: Path) -> dict | None:
     """The samples fooled by the most configurations, from samples.csv, which the report links."""
-    from .samples import most_fragile
+    from ..samples import most_fragile
 
     path = run_dir / "samples.csv"
     if not path.is_file():

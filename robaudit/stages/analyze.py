@@ -16,13 +16,13 @@ from typing import Sequence
 
 import torch
 
-from . import __version__
-from . import attacks as atk
-from .data import load_dataset
-from .errors import RobauditError
-from .lsa import MVL, LSAResult, analyze, resolve_device
-from .models import LoadedModel, load_model, with_normalization
-from .rundir import check_output_dir, staging_file, write_run
+from .. import __version__
+from .. import attacks as atk
+from ..data import load_dataset
+from ..errors import RobauditError
+from ..lsa import MVL, LSAResult, analyze, resolve_device
+from ..models import LoadedModel, load_model, with_normalization
+from ..rundir import check_output_dir, staging_file, write_run
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def analyze_and_check(loaded: LoadedModel, data, *, attacks, eps, layers=None, l
     dev = resolve_device(device)
     plan = None
     if checks:
-        from .sanity import plan_checks
+        from ..sanity import plan_checks
 
         plan = plan_checks(atk.expand(list(attacks) if attacks else atk.default_battery(eps), eps), n_battery=len(data.y), num_classes=data.num_classes,
                            batch_size=batch_size)
@@ -88,7 +88,7 @@ def analyze_and_check(loaded: LoadedModel, data, *, attacks, eps, layers=None, l
 def batchnorm_audit(loaded: LoadedModel, data, result: LSAResult, mvl: MVL, *, mean, std, device, seed: int,
                     batch_size: int):
     """bn.csv: clean vs adversarial BatchNorm statistics under the ranking attack; None without BatchNorm."""
-    from . import bnaudit
+    from .. import bnaudit
 
     spec = bnaudit.ranking_spec(result.attacks, mvl.attack, mvl.eps)
     if spec is None or not bnaudit.batchnorm_layers(loaded.module, loaded.type_map):
@@ -249,7 +249,7 @@ def _manifest(loaded: LoadedModel, data, result: LSAResult, *, command: str, tru
 def _model_checks(loaded: LoadedModel, data, mean, std, dev, seed: int, plan, result: LSAResult) -> dict:
     """The model checks AutoAttack runs before attacking, plus gradient-masking probes (sanity module),
     on as many leading samples as ``plan`` affords, reusing the battery's outcomes there."""
-    from .sanity import run_model_checks
+    from ..sanity import run_model_checks
 
     info = {"plan": plan.to_dict(), "battery_seconds": round(result.seconds, 3)}
     if plan.n_samples < 1:

@@ -1,0 +1,321 @@
+"""The ``harden`` stage: harden an analyzed run's model and write ``RUN/hardened/``."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from ..data import DATASETS, load_dataset
+from ..errors import RobauditError
+from ..lsa import resolve_device, select_mvl
+from ..models import (LoadedModel, check_stored_arch, export_model, load_model, save_checkpoint,
+                      save_exported_weights, sha256_file, with_normalization)
+from ..rundir import atomic_dir, fill_run, foreign_entries, read_run, write_csv, write_json
+from ..training.checkpoint import CHECKPOINT_NAME
+from ..training.config import HardenConfig
+from ..training.harden import HardenResult, harden
+from ..training.layers import batchnorm_modules
+from ..training.loop import HardenInterrupted
+from .analyze import analyze_and_check, api_command, batchnorm_audit, now
+
+HARDENED_DIR = "hardened"
+
+@dataclass
+class HardenRun:
+    """The outcome of :func:`harden_run`: where everything went and the before/after comparison."""
+
+    run_dir: Path
+    hardened_dir: Path
+    model_path: Path
+    result: HardenResult
+    analysis: Any  # LSAResult of the hardened model
+    comparison: pd.DataFrame
+    settings: dict
+
+
+def default_train_eps(eps_list: Sequence[float] | None) -> float | None:
+    """The lower median of the analysis eps sweep: larger eps remain to test generalization."""
+    vals = sorted(float(e) for e in eps_list or [] if e is not None)
+    return vals[(len(vals) - 1) // 2] if vals else None
+
+
+def comparison_frame(before_acc: pd.DataFrame, after_acc: pd.DataFrame, before_lsa: pd.DataFrame,
+                     after_lsa: pd.DataFrame, *, layers: Sequence[str], attack: str | None, eps: float | None,
+                     metric: str = "re_mean") -> pd.DataFrame:
+    """``kind, attack, eps, layer, before, after, delta``: accuracy per attack/eps, RE per MVL layer."""
+
+    def key(e):
+        return None if e is None or (isinstance(e, float) and math.isnan(e)) else round(float(e), 10)
+
+    after = {(r.attack, key(r.eps)): float(r.accuracy) for r in after_acc.itertuples()}
+    rows = []
+    for r in before_acc.itertuples():
+        a = after.get((r.attack, key(r.eps)), math.nan)
+        rows.append({"kind": "accuracy", "attack": r.attack, "eps": key(r.eps), "layer": None,
+                     "before": float(r.accuracy), "after": a, "delta": a - float(r.accuracy)})
+
+    def re_of(frame: pd.DataFrame, layer: str) -> float:
+        sel = frame[(frame["layer"] == layer) & (frame["attack"] == attack)]
+        if eps is not None:
+            sel = sel[np.isclose(sel["eps"].astype(float), eps)]
+        return float(sel[metric].iloc[0]) if len(sel) else math.nan
+
+    for layer in layers:
+        b, a = re_of(before_lsa, layer), re_of(after_lsa, layer)
+        rows.append({"kind": "re", "attack": attack, "eps": key(eps), "layer": layer, "before": b, "after": a,
+                     "delta": a - b})
+    return pd.DataFrame(rows, columns=["kind", "attack", "eps", "layer", "before", "after", "delta"])
+
+
+def _select_layers(run, mvl_top: int | None, include_output: bool) -> tuple[list[str], dict]:
+    """The MVL layers to harden, re-ranked from the run's LSA under the run's MVL attack/eps/metric."""
+
+    mvl = run.mvl or {}
+    attack, eps, metric = mvl.get("attack"), mvl.get("eps"), mvl.get("metric") or "re_mean"
+    if mvl_top is None:
+        flags = run.lsa["is_output"].astype(str).str.lower().isin(("true", "1")) if "is_output" in run.lsa else None
+        outputs = set(run.lsa.loc[flags, "layer"]) if flags is not None else set()
+        names = [l["layer"] for l in mvl.get("layers", []) if include_output or l["layer"] not in outputs]
+        if not names:
+            raise RobauditError(f"the MVL list in {run.path} is empty: pass --mvl-top K")
+        return names, {"attack": attack, "eps": eps, "metric": metric, "criterion": "the run's MVL list"}
+    if int(mvl_top) != mvl_top or mvl_top < 1:
+        raise RobauditError(f"--mvl-top must be a positive whole number, not {mvl_top}")
+    sel = select_mvl(run.lsa, run.accuracy, k=int(mvl_top), attack=attack, eps=eps, metric=metric,
+                     include_output=include_output)
+    return sel.names, {"attack": sel.attack, "eps": sel.eps, "metric": sel.metric, "criterion": f"top-{mvl_top}"}
+
+
+def harden_run(
+    run_dir: str | os.PathLike,
+    config: HardenConfig | None = None,
+    *,
+    mvl_top: int | None = None,
+    include_output: bool = False,
+    train_data: str | os.PathLike | None = None,
+    resume: bool = False,
+    force: bool = False,
+    command: str | None = None,
+    download: bool = True,
+    arch: str | None = None,
+    trust_model: bool = False,
+    **settings: Any,
+) -> HardenRun:
+    """Harden the model of an analyzed run directory and write ``RUN/hardened/``.
+
+    Reads the run (model, data set, normalization, attacks, MVL ranking), trains on the data set's
+    *train* split with a held-out validation part, saves the hardened model (same format family:
+    ``.pt2`` for exported and pickled models, a robaudit checkpoint for checkpoints and state dicts),
+    re-analyzes it with the same battery and writes, atomically, ``hardened/`` holding the model, its
+    ``lsa.csv``/``accuracy.csv``/``mvl.json``/``manifest.json``, ``history.csv``, ``comparison.csv`` and
+    ``harden.json``. A checkpoint ``RUN/harden-checkpoint.pt`` is kept after every epoch until the end.
+    ``config`` (or keywords) as for :func:`harden`; its ``seed`` defaults to the analysis seed.
+    """
+
+    cfg = HardenConfig(**settings) if config is None else dataclasses.replace(config, **settings)
+    started = now()
+    run_dir = Path(run_dir)
+    run = read_run(run_dir)
+    man = run.manifest
+    dest, ck_path = run_dir / HARDENED_DIR, run_dir / CHECKPOINT_NAME
+    _check_run_dir(run, dest, ck_path, resume=resume, force=force)
+    eps_list = man.get("eps") or []
+    if cfg.eps is None:
+        eps = default_train_eps(eps_list)
+        if eps is None:
+            raise RobauditError("the run has no eps sweep to take the training eps from: pass --eps")
+        cfg = dataclasses.replace(cfg, eps=eps)
+    layers, ranking = _select_layers(run, mvl_top, include_output)
+    if cfg.seed is None:
+        cfg = dataclasses.replace(cfg, seed=int(man.get("seed", 0)))
+    loaded, model_path = _load_run_model(run, arch=arch, trust_model=trust_model)
+    norm, ds = man.get("normalization") or {}, man.get("dataset") or {}
+    mean, std, ds_name = norm.get("mean"), norm.get("std"), ds.get("name")
+    train_set, train_desc = _train_set(ds, train_data, download)
+    dev = resolve_device(cfg.device)
+    _check_trainable(cfg, loaded, train_set)
+
+    fp_extra = {"model_sha256": (man.get("model") or {}).get("sha256"), "train": train_desc}
+    result = harden(loaded, train_set, None, cfg, mvl_layers=layers, mean=mean, std=std, checkpoint_dir=run_dir,
+                    resume=resume, type_map=loaded.type_map, fingerprint_extra=fp_extra, device=dev)
+    module = result.module.cpu().eval()
+
+    # -- save, reload, re-analyze, all inside a temporary directory ----------------------------
+    fname, fmt = ("model.pt", "checkpoint") if loaded.format not in ("export", "pickle") else ("model.pt2", "export")
+    final_model = (dest / fname).resolve()
+    test = load_dataset(ds_name if ds_name in DATASETS else str(ds.get("source") or ds_name),
+                        split=ds.get("split") or "test", samples=ds.get("samples"), shuffle=bool(ds.get("shuffle")),
+                        seed=int(man.get("seed", 0)), data_dir=ds.get("data_dir"), download=download)
+    try:
+        with atomic_dir(dest) as tmp:
+            hardened = _save_model(tmp / fname, loaded, module, train_set)
+            analysis, h_mvl, checks, bn = _reanalyze(run, hardened, test, ranking, dev, samples_path=tmp / "samples.csv")
+            comparison = comparison_frame(run.accuracy, analysis.accuracy, run.lsa, analysis.lsa, layers=layers,
+                                          attack=ranking["attack"], eps=ranking["eps"], metric=ranking["metric"])
+            cmd = command or _api_command(run_dir, cfg.method.value, mvl_top, cfg.eps, cfg.epochs, cfg.seed)
+            h_manifest, out_settings = _records(
+                run, cfg, result, loaded, hardened, analysis, command=cmd, started=started, dev=dev, fmt=fmt,
+                model_file=tmp / fname, final_model=final_model, model_path=model_path, train_desc=train_desc,
+                mvl_top=mvl_top, ranking=ranking, include_output=include_output)
+            _write_hardened(tmp, analysis, h_mvl, h_manifest, checks, result.history, comparison, out_settings, bn)
+    except KeyboardInterrupt:
+        raise HardenInterrupted(f"interrupted after training, while analyzing the hardened model; the final "
+                                f"checkpoint is in {ck_path}: rerun with --resume to finish") from None
+    with contextlib.suppress(FileNotFoundError):
+        ck_path.unlink()
+    return HardenRun(run_dir=run_dir, hardened_dir=dest, model_path=final_model, result=result, analysis=analysis,
+                     comparison=comparison, settings=out_settings)
+
+
+def _records(run, cfg: HardenConfig, result: HardenResult, loaded: LoadedModel, hardened: LoadedModel, analysis, *,
+             command: str, started: str, dev, fmt: str, model_file: Path, final_model: Path, model_path: Path,
+             train_desc: str, mvl_top, ranking: Mapping, include_output: bool) -> tuple[dict, dict]:
+    """The hardened run's ``manifest.json`` (the original's, updated) and ``harden.json``."""
+
+    man, run_dir = run.manifest, run.path
+    h_manifest = copy.deepcopy(man)
+    h_manifest.update({
+        "command": command, "argv": list(sys.argv),
+        "model": {"path": str(final_model), "sha256": sha256_file(model_file), "format": fmt,
+                  "arch": loaded.arch if fmt == "checkpoint" else None,
+                  "arch_kwargs": loaded.arch_kwargs if fmt == "checkpoint" else {},
+                  "trust_model": False, "class": type(hardened.module).__name__},
+        "n_samples": analysis.n_samples, "clean_accuracy": analysis.clean_accuracy,
+        "seconds": round(analysis.seconds, 3), "started": started, "finished": now(),
+        "hardened_from": {"run": str(run_dir.resolve()), "model": str(model_path.resolve()),
+                          "sha256": (man.get("model") or {}).get("sha256"), "method": cfg.method.value},
+    })
+    out_settings = dict(result.settings)
+    out_settings.update({
+        "command": command, "run": str(run_dir.resolve()), "mvl_top": mvl_top, "mvl_ranking": ranking,
+        "include_output": include_output, "train": train_desc, "device": str(dev),
+        "resumed_from_epoch": result.resumed_from_epoch, "notes": result.notes,
+        "input_model": {"path": str(model_path.resolve()), "format": loaded.format,
+                        "sha256": (man.get("model") or {}).get("sha256")},
+        "output_model": {"path": str(final_model), "format": fmt},
+        "seconds_training": round(result.seconds, 3), "started": started, "finished": now(),
+    })
+    return h_manifest, out_settings
+
+
+def _check_run_dir(run, dest: Path, ck_path: Path, *, resume: bool, force: bool) -> None:
+    """Refuse, before any work, a run without analysis, an unfinished or earlier harden, or foreign files."""
+
+    if run.lsa.empty:
+        raise RobauditError(f"{run.path} holds no layer analysis (lsa.csv is empty): rerun `robaudit analyze`")
+    if ck_path.exists() and not resume and not force:
+        raise RobauditError(f"an interrupted harden left {ck_path}: pass --resume to continue it, or --force to "
+                            "start over")
+    if dest.exists() and not force and not resume:
+        raise RobauditError(f"{dest} already exists from an earlier harden: pass --force to replace it")
+    foreign = [f for f in foreign_entries(run.path) if f.startswith(f"{HARDENED_DIR}/")] if dest.is_dir() else []
+    if foreign:
+        raise RobauditError(f"{dest} holds files robaudit did not write ({', '.join(foreign[:3])}): move them out first")
+    if resume and not ck_path.exists():
+        raise RobauditError(f"no checkpoint to resume in {run.path} ({CHECKPOINT_NAME}): run without --resume")
+
+
+def _load_run_model(run, *, arch: str | None, trust_model: bool) -> tuple[LoadedModel, Path]:
+    """The run's model file, unchanged since the analysis (sha256), loaded as the manifest says."""
+
+    mm = run.manifest.get("model") or {}
+    model_path = Path(mm.get("path") or "")
+    if not mm.get("path") or not model_path.is_file():
+        raise RobauditError(f"the run's model file {mm.get('path')} is gone: restore it, or analyze again")
+    if mm.get("sha256") and sha256_file(model_path) != mm["sha256"]:
+        raise RobauditError(f"{model_path} changed since the analysis (sha256 differs): analyze it again first")
+    # the manifest is a file like any other: its architecture is checked as a checkpoint's would be, and
+    # only this command's --trust-model (never the manifest's record of an earlier one) lets code run
+    if arch is None and mm.get("arch"):
+        arch = check_stored_arch(mm["arch"], run.path / "manifest.json", trust_model=trust_model)
+    loaded = load_model(model_path, arch=arch, arch_kwargs=mm.get("arch_kwargs") or None, trust_model=trust_model)
+    return loaded, model_path
+
+
+def _train_set(ds: Mapping, train_data, download: bool):
+    """The training data: ``train_data``, or the train split of the run's built-in data set."""
+
+    if train_data is not None:
+        return load_dataset(str(train_data), split="train", data_dir=ds.get("data_dir"), download=download), \
+            str(train_data)
+    if ds.get("name") in DATASETS:
+        return load_dataset(ds["name"], split="train", data_dir=ds.get("data_dir"), download=download), \
+            f"{ds['name']} train split"
+    raise RobauditError(f"the run's data set {ds.get('name')!r} is a file with no train split: pass --train-data "
+                        "FILE.npz with training samples")
+
+
+def _check_trainable(cfg: HardenConfig, loaded: LoadedModel, train_set) -> None:
+    """Fail before training on what would fail after it: dual BN without BN, a pickle that cannot be saved."""
+    if cfg.dual_bn and loaded.format != "export" and not batchnorm_modules(loaded.module):
+        raise RobauditError("--dual-bn needs a model with BatchNorm layers; this one has none: drop --dual-bn")
+    if loaded.format == "pickle":  # it must be exportable to be saved without pickles
+        try:
+            ex = with_normalization(copy.deepcopy(loaded.module), None, None, ndim=train_set.x.dim())
+            torch.export.export(ex.eval(), (train_set.x[:2],),
+                                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},))
+        except Exception as e:
+            raise RobauditError(f"the pickled model cannot be saved as a torch.export archive ({type(e).__name__}); "
+                                "harden a checkpoint with an architecture instead") from e
+
+
+def _save_model(path: Path, loaded: LoadedModel, module: nn.Module, train_set) -> LoadedModel:
+    """Save the hardened module in the input's format family and load it back as any user would."""
+
+    if loaded.format == "export":
+        save_exported_weights(path, loaded, module)
+    elif loaded.format == "pickle":
+        export_model(path, module, train_set.x[:2])
+    else:
+        save_checkpoint(path, module, arch=loaded.arch, arch_kwargs=loaded.arch_kwargs)
+    return load_model(path)
+
+
+def _reanalyze(run, hardened: LoadedModel, test, ranking: Mapping, dev, *, samples_path: Path | None = None):
+    """The hardened model analyzed (and checked) as the run was, with its samples.csv and (with BatchNorm) its
+    BatchNorm audit; its MVL ranked under the same criterion."""
+
+    man = run.manifest
+    norm, layer_spec, eps_list = man.get("normalization") or {}, man.get("layers") or {}, man.get("eps") or []
+    analysis, checks = analyze_and_check(
+        hardened, test, attacks=man.get("attacks") or None, eps=eps_list or None, layers=layer_spec.get("patterns"),
+        layer_types=layer_spec.get("types"), probe=layer_spec.get("probe") or "all", mean=norm.get("mean"),
+        std=norm.get("std"), batch_size=int(man.get("batch_size", 128)), device=dev, seed=int(man.get("seed", 0)),
+        checks=run.checks is not None, samples_path=samples_path)
+    k, z = (run.mvl or {}).get("k"), (run.mvl or {}).get("z")
+    try:
+        h_mvl = select_mvl(analysis.lsa, analysis.accuracy, k=None if z is not None else k, z=z,
+                           attack=ranking["attack"], eps=ranking["eps"], metric=ranking["metric"],
+                           include_output=bool((man.get("mvl") or {}).get("include_output")))
+    except RobauditError:
+        h_mvl = analysis.mvl(attack=ranking["attack"], eps=ranking["eps"], metric=ranking["metric"])
+    bn = batchnorm_audit(hardened, test, analysis, h_mvl, mean=norm.get("mean"), std=norm.get("std"), device=dev,
+                         seed=int(man.get("seed", 0)), batch_size=int(man.get("batch_size", 128)))
+    return analysis, h_mvl, checks, bn
+
+
+def _write_hardened(tmp: Path, analysis, h_mvl, manifest: dict, checks, history: pd.DataFrame,
+                    comparison: pd.DataFrame, settings: dict, bn: pd.DataFrame | None = None) -> None:
+    """The run files of the hardened model plus ``history.csv``, ``comparison.csv`` and ``harden.json``."""
+
+    fill_run(tmp, analysis, h_mvl, manifest, checks, tables={"bn.csv": bn} if bn is not None else None)
+    write_csv(tmp / "history.csv", history)
+    write_csv(tmp / "comparison.csv", comparison)
+    write_json(tmp / "harden.json", settings)
+
+
+def _api_command(run_dir: Path, method: str, mvl_top, eps: float, epochs: int, seed: int) -> str:
+
+    return api_command("harden", run=run_dir, method=method, mvl_top=mvl_top, eps=f"{eps:g}", epochs=epochs,
+                       seed=seed)

@@ -1,0 +1,368 @@
+"""Hardening: fine-tune a classifier so that its Most Vulnerable Layers become sustainable.
+
+Methods (``method=``):
+
+- ``atlr`` -- adversarial training with layer-wise regularization (Khalooei et al., LSA paper):
+  ``loss = CE(f(x_adv), y) + sum_l gamma_l * RE_l(x, x_adv)`` over the MVL layers, with gradients
+  through both the clean and the adversarial pass. ``x_adv`` comes from the base attack (PGD, or
+  FGSM) run with the model in eval mode.
+- ``at`` -- plain adversarial training (Madry et al.) with the same attack and settings: the
+  baseline every AT-LR claim is measured against. ``atlr`` with every gamma 0 is exactly ``at``.
+- ``layerwise`` -- efficient layerwise adversarial training (Sankaranarayanan et al.): the MVL
+  layers' activations are pushed along the sign of the previous batch's loss gradient with respect
+  to them, by ``layer_eps`` times each sample's activation RMS (so the perturbation's RE is at most
+  ``layer_eps``); one forward and one backward pass per batch, about the cost of ordinary training.
+- ``standard`` -- ordinary cross-entropy training with the same loop (the reference for cost and accuracy).
+
+``clean_weight=w`` mixes clean cross-entropy in: ``(1 - w) * CE(adv) + w * CE(clean)`` (0 by default:
+adversarial-only training is the more robust, Xie & Yuille).
+
+BatchNorm. Clean and adversarial batches always run as separate forward passes, so their batch
+statistics are never pooled within a pass. Without ``dual_bn`` every training pass also updates the
+BN running statistics, so a clean pass (AT-LR's reference pass, or ``clean_weight > 0``) mixes clean
+statistics into the ones used at test. With ``dual_bn`` (MixBN, Xie & Yuille) clean passes read and
+update a separate set of running statistics; the affine parameters are shared. **At test time the
+adversarial statistics are used**: they are the model's own BN buffers, the ones saved; the clean set
+is dropped after training. A ``torch.export`` archive was captured in eval mode: its BatchNorm, Dropout,
+LayerNorm and GroupNorm leaves are rebuilt as ``torch.nn`` modules with the archive's parameters and buffers, so they train
+as in eager mode (and ``dual_bn`` works); the saved ``.pt2`` keeps its format. An eager model whose
+MVL list holds op layers (``block:relu``) trains through its internal export the same way.
+
+Every epoch ends with a validation pass (clean accuracy and PGD accuracy at the training eps) and,
+when ``checkpoint_dir`` is given, an atomic checkpoint (model, optimizer, scheduler, RNG states,
+history) from which ``resume=True`` continues bit for bit. Training stops with a one-line
+:class:`~robaudit.errors.RobauditError` when the loss becomes NaN or clean validation accuracy falls
+to chance (a collapse: e.g. a constant output, whose RE is trivially 0).
+
+:func:`robaudit.stages.harden.harden_run` is the run-directory stage behind ``robaudit harden``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+import torch
+from torch import nn
+
+from .. import attacks as atk
+from ..data import as_dataset
+from ..errors import RobauditError
+from ..models import LoadedModel, check_compatible, with_normalization
+from .checkpoint import CHECKPOINT_NAME, Checkpointer
+from .config import BaseAttack, HardenConfig, Method, Optimizer, Schedule, parse_gamma
+from .layers import DualBatchNorm, LayerwisePerturber, Recorder, batch_independent, batchnorm_modules, layer_modules
+from .loop import CollapseCheck, Objective, ProgressBar, TrainData, Trainer, TrainParts
+
+log = logging.getLogger(__name__)
+
+
+
+
+@dataclass
+class HardenResult:
+    """What :func:`harden` did: the trained module (the caller's, trained in place) and its history."""
+
+    module: nn.Module
+    history: pd.DataFrame
+    settings: dict
+    mvl_layers: list[str]
+    gammas: dict[str, float]
+    validation: str
+    bn_at_test: str
+    resumed_from_epoch: int | None = None
+    seconds: float = 0.0
+    checkpoint: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def final(self) -> dict:
+        """The last epoch's history row."""
+        return self.history.iloc[-1].to_dict()
+
+
+def split_validation(data, *, fraction: float = 0.1, seed: int = 0):
+    """Hold out ``fraction`` of ``data`` (a seeded permutation) for validation: ``(train, val, description)``."""
+    if not 0 < fraction < 1:
+        raise RobauditError(f"the validation fraction must lie in (0, 1), not {fraction}")
+    n = len(data.y)
+    n_val = max(1, int(round(fraction * n)))
+    if n - n_val < 2:
+        raise RobauditError(f"the training split has only {n} samples: too few to hold out a validation part")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val_idx, tr_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
+    train, val = _subset(data, tr_idx, "fit"), _subset(data, val_idx, "val")
+    desc = (f"a held-out {100 * fraction:g}% of the {data.name} {data.split} split "
+            f"({n_val} of {n} samples, a permutation seeded with {seed}); training uses the other {n - n_val}")
+    return train, val, desc
+
+
+def _subset(data, idx: torch.Tensor, tag: str):
+    return dataclasses.replace(data, x=data.x[idx], y=data.y[idx], split=f"{data.split}-{tag}")
+
+
+def _module_digest(module: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes() if v.dtype != torch.bfloat16
+                 else v.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+def harden(
+    model: nn.Module | LoadedModel,
+    train,
+    val=None,
+    config: HardenConfig | None = None,
+    *,
+    mvl_layers: Sequence[str] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    type_map: Mapping[str, str] | None = None,
+    fingerprint_extra: Mapping[str, Any] | None = None,
+    callbacks: Sequence[Any] = (),
+    **settings: Any,
+) -> HardenResult:
+    """Fine-tune ``model`` on ``train`` as ``config`` says; validate on ``val`` after every epoch.
+
+    ``config`` is a :class:`HardenConfig`; its fields may also be given (or overridden) as keywords
+    (``eps=0.1, method="at"``). ``model`` (an ``nn.Module`` or a :class:`LoadedModel`) is trained **in
+    place** and returned in eval mode. ``train``/``val`` are :class:`robaudit.data.Dataset` objects
+    (inputs in [0, 1]); without ``val``, a seeded ``val_fraction`` of ``train`` is held out.
+    ``mvl_layers`` are layer names as in the analysis (``name`` or ``name#2``); ``gamma`` one value or
+    one per layer. ``eps`` is the training budget (Linf, input space); ``alpha`` the PGD step (default
+    ``2.5 * eps / steps``); ``layer_eps`` the layerwise method's relative activation perturbation
+    (default ``eps``). ``lr`` defaults to 1e-3 for Adam and 1e-2 for SGD (momentum 0.9);
+    ``schedule="cosine"`` anneals it per epoch. With ``checkpoint_dir`` a checkpoint is written after
+    every epoch and ``resume=True`` continues from it (the settings must match). ``callbacks`` are
+    extra :class:`~robaudit.training.loop.Trainer` callbacks, called first.
+    """
+    from ..lsa import resolve_device
+
+    cfg = HardenConfig(**settings) if config is None else dataclasses.replace(config, **settings)
+    started = time.perf_counter()
+    notes: list[str] = list(cfg.notes)
+    cfg.require_eps()
+    seed = 0 if cfg.seed is None else cfg.seed
+    mvl_layers = list(mvl_layers or [])
+    if cfg.uses_mvl and not mvl_layers:
+        raise RobauditError(f"method {cfg.method} needs MVL layers: pass mvl_layers (or --mvl-top K)")
+    train = as_dataset(train, "training")
+    prep = _prepare_model(model, type_map, mvl_layers, train.x[:2])
+    batch_size = cfg.batch_size
+    if prep.fixed_batch is not None and batch_size != prep.fixed_batch:
+        notes.append(f"the archive was exported for batches of {prep.fixed_batch}: training uses batches of "
+                     f"{prep.fixed_batch}")
+        batch_size = prep.fixed_batch
+    gammas = dict(zip(mvl_layers, parse_gamma(cfg.gamma, len(mvl_layers)))) if mvl_layers else {}
+    if prep.frozen_note:
+        warnings.warn(prep.frozen_note, stacklevel=2)
+        notes.append(prep.frozen_note)
+    bn_at_test = _bn_policy(cfg, prep, gammas, notes)
+    train, val, val_desc, num_classes = _split_data(train, val, cfg.val_fraction, seed)
+    dev = resolve_device(cfg.device)
+    module = prep.module.to(dev)
+    full = with_normalization(module, mean, std, ndim=train.x.dim()).to(dev)
+    check_compatible(full.eval(), train.x[:2].to(dev), num_classes)
+    data = TrainData(x=train.x.to(dev), y=train.y.to(dev), val_x=val.x, val_y=val.y, num_classes=num_classes,
+                     batch_size=batch_size, epochs=cfg.epochs, seed=seed, device=dev)
+    settings_out = _settings(cfg, mvl_layers, gammas, data, val_desc, bn_at_test, mean, std)
+    fingerprint = {k: v for k, v in settings_out.items() if k not in ("validation", "bn_at_test")}
+    fingerprint["model_digest"] = _module_digest(module)
+    fingerprint.update(fingerprint_extra or {})
+    fingerprint = json.loads(json.dumps(fingerprint, default=str))
+
+    objective, parts = _build_parts(cfg, prep, full, gammas, mvl_layers, num_classes, seed, batch_size)
+    checkpointer = None
+    if checkpoint_dir is not None:
+        checkpointer = Checkpointer(Path(checkpoint_dir) / CHECKPOINT_NAME, fingerprint)
+    elif resume:
+        raise RobauditError("resume needs a checkpoint directory")
+    hooks: list[Any] = list(callbacks)
+    if cfg.check_collapse:
+        hooks.append(CollapseCheck(val.y, num_classes))
+    if cfg.progress:
+        hooks.append(ProgressBar(cfg.method.value))
+    if checkpointer is not None:
+        hooks.append(checkpointer)
+    trainer = Trainer(objective, parts, data, hooks)
+    resumed_from = None
+    state = checkpointer.prepare(resume=resume) if checkpointer is not None else None
+    if state is not None:
+        trainer.load_state_dict(state)
+        resumed_from = int(state["epoch"])
+        log.info("resuming from the checkpoint of epoch %d in %s", resumed_from, checkpointer.path)
+    history = trainer.fit()
+    module.eval()
+    if prep.eager is not None:  # same state dict keys: hand the trained weights back to the eager model
+        prep.eager.load_state_dict(module.state_dict())
+        module = prep.eager.eval()
+    for note in notes:
+        log.info(note)
+    return HardenResult(module=module, history=_history_frame(history), settings=settings_out,
+                        mvl_layers=mvl_layers, gammas=gammas, validation=val_desc, bn_at_test=bn_at_test,
+                        resumed_from_epoch=resumed_from, seconds=time.perf_counter() - started,
+                        checkpoint=checkpointer.path if checkpointer is not None else None, notes=notes)
+
+
+@dataclass
+class _Prepared:
+    """The module that trains (a graph for op layers, a rebuilt archive) and what that implies."""
+
+    module: nn.Module
+    eager: nn.Module | None  # the eager model whose graph trains, to hand the weights back to
+    frozen_bn: bool  # an archive's BatchNorm that could not be rebuilt (its statistics stay frozen)
+    type_map: Mapping[str, str] | None
+    fixed_batch: int | None
+    frozen_note: str | None
+
+
+def _prepare_model(model, type_map, mvl_layers: Sequence[str], example: torch.Tensor) -> _Prepared:
+    """Make ``model`` trainable: a graph when MVL names hold op layers, rebuilt norms for an archive."""
+    from torch.export.unflatten import UnflattenedModule
+
+    from ..models import as_graph, make_trainable
+    from ..probe import op_layers
+
+    exported, eager = False, None
+    if isinstance(model, LoadedModel):
+        type_map = type_map or model.type_map
+        exported = model.format == "export"
+        module = model.module
+    else:
+        module = model
+    if not isinstance(module, UnflattenedModule) and any(":" in n for n in mvl_layers):
+        eager = module
+        module, type_map = as_graph(eager, example)
+    frozen_names: list[str] = []
+    if isinstance(module, UnflattenedModule):  # BN, dropout and norms train as in eager mode
+        _, frozen_names = make_trainable(module, dict(type_map or {}))
+    known = {n for n, _ in module.named_modules() if n} | set(op_layers(module))
+    for name in layer_modules(mvl_layers):
+        if name not in known:
+            raise RobauditError(f"the model has no layer named {name!r}: use layer names from the analysis")
+    frozen = sorted({(type_map or {}).get(n, "?") for n in frozen_names})
+    note = (f"the model is a torch.export archive, captured in eval mode: its {', '.join(frozen)} layers that "
+            "could not be rebuilt stay frozen while hardening; harden a checkpoint with an architecture to "
+            "train them") if frozen else None
+    return _Prepared(module=module, eager=eager, type_map=type_map,
+                     frozen_bn=exported and any("batchnorm" in t.lower() for t in frozen),
+                     fixed_batch=module.__dict__.get("_robaudit_fixed_batch"), frozen_note=note)
+
+
+def _uses_clean_pass(cfg: HardenConfig, gammas: Mapping[str, float]) -> bool:
+    return (cfg.method == Method.ATLR and any(g != 0 for g in gammas.values())) or (
+        cfg.method in (Method.AT, Method.ATLR, Method.LAYERWISE) and cfg.clean_weight > 0)
+
+
+def _bn_policy(cfg: HardenConfig, prep: _Prepared, gammas: Mapping[str, float], notes: list[str]) -> str:
+    """Check ``dual_bn`` against the model; say which BatchNorm statistics the hardened model uses at test."""
+    module, type_map = prep.module, prep.type_map or {}
+    if cfg.dual_bn:
+        if prep.frozen_bn:
+            raise RobauditError("--dual-bn cannot work on this torch.export archive (its BatchNorm statistics are "
+                                "frozen): harden a checkpoint with an architecture, or drop --dual-bn")
+        if not batchnorm_modules(module):
+            raise RobauditError("--dual-bn needs a model with BatchNorm layers; this one has none: drop --dual-bn")
+    uses_clean = _uses_clean_pass(cfg, gammas)
+    if cfg.dual_bn and not uses_clean:
+        notes.append("--dual-bn has no effect here: this method and settings run no clean training pass")
+    if not (batchnorm_modules(module) or any("batchnorm" in t.lower() for t in type_map.values())):
+        return "none (the model has no BatchNorm)"
+    if prep.frozen_bn:
+        return "the original statistics (frozen in the torch.export archive)"
+    if cfg.dual_bn:
+        return "adversarial (running statistics of adversarial/perturbed passes only; the clean set is dropped)"
+    if uses_clean:
+        return "shared (running statistics updated by clean and adversarial passes alike)"
+    if cfg.method == Method.STANDARD:
+        return "clean (statistics of clean training batches)"
+    return "adversarial (only adversarial/perturbed passes update the statistics)"
+
+
+def _split_data(train, val, val_fraction: float, seed: int):
+    """``(train, val, description, num_classes)``: the given validation set, or a held-out part of ``train``."""
+    if val is not None:
+        val = as_dataset(val, "validation")
+    num_classes = int(getattr(train, "num_classes", int(train.y.max()) + 1))
+    if val is None:
+        train, val, val_desc = split_validation(train, fraction=val_fraction, seed=seed)
+    else:
+        val_desc = (f"the given validation set ({len(val.y)} samples, {getattr(val, 'name', '?')} "
+                    f"{getattr(val, 'split', '')})")
+    if len(train.y) < 2 or len(val.y) < 1:
+        raise RobauditError("too few samples to train and validate on")
+    return train, val, val_desc, num_classes
+
+
+def _settings(cfg: HardenConfig, mvl_layers, gammas, data: TrainData, val_desc: str, bn_at_test: str,
+              mean, std) -> dict:
+    """The settings as ``harden.json`` records them (and, less two descriptions, the resume fingerprint)."""
+    eps, steps, alpha = cfg.eps, cfg.steps, cfg.alpha
+    return {
+        "method": cfg.method.value, "mvl_layers": mvl_layers, "gamma": [gammas[n] for n in mvl_layers],
+        "re_mode": cfg.re_mode.value, "base_attack": cfg.base_attack.value, "eps": eps, "steps": steps,
+        "alpha": alpha,
+        "alpha_used": (alpha if alpha is not None else 2.5 * eps / steps) if cfg.base_attack == BaseAttack.PGD
+        else eps,
+        "layer_eps": cfg.layer_eps, "epochs": cfg.epochs, "batch_size": data.batch_size, "lr": cfg.lr,
+        "optimizer": cfg.optimizer.value, "weight_decay": cfg.weight_decay, "schedule": cfg.schedule.value,
+        "clean_weight": cfg.clean_weight, "dual_bn": bool(cfg.dual_bn), "val_fraction": cfg.val_fraction,
+        "seed": data.seed, "n_train": int(len(data.y)), "n_val": int(len(data.val_y)),
+        "validation": val_desc, "val_attack": f"pgd:eps={eps:g},steps={steps}", "bn_at_test": bn_at_test,
+        "mean": list(mean) if mean is not None else None, "std": list(std) if std is not None else None,
+    }
+
+
+def _build_parts(cfg: HardenConfig, prep: _Prepared, full: nn.Module, gammas, mvl_layers, num_classes: int,
+                 seed: int, batch_size: int) -> tuple[Objective, TrainParts]:
+    """Optimizer, schedule, training and validation attacks and layer hooks for ``cfg``."""
+    module, method = prep.module, cfg.method
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise RobauditError("the model has no trainable parameters")
+    if cfg.optimizer == Optimizer.ADAM:
+        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs) if cfg.schedule == Schedule.COSINE \
+        else None
+    pgd = atk.AttackSpec("pgd", (("steps", cfg.steps), ("alpha", cfg.alpha)), cfg.eps)
+    train_spec = pgd if cfg.base_attack == BaseAttack.PGD else atk.AttackSpec("fgsm", (), cfg.eps)
+    parts = TrainParts(module=module, full=full, opt=opt, sched=sched,
+                       train_attack=atk.build(train_spec, full, num_classes=num_classes, seed=seed),
+                       val_attack=atk.build(pgd, full, num_classes=num_classes, seed=seed),
+                       recorder=Recorder(), perturber=LayerwisePerturber(cfg.layer_eps),
+                       dual=DualBatchNorm(module) if cfg.dual_bn else None)
+    hooked = method == Method.LAYERWISE or (method == Method.ATLR and any(g != 0 for g in gammas.values()))
+    objective = Objective(
+        method=method, gammas=gammas, re_mode=cfg.re_mode.value, clean_weight=cfg.clean_weight,
+        probe_modules=layer_modules(mvl_layers) if hooked else [], type_map=prep.type_map,
+        # clean and adversarial batches share one forward pass when no layer keeps batch statistics
+        joint_passes=(method in (Method.AT, Method.ATLR) and parts.dual is None and prep.fixed_batch is None
+                      and batch_independent(module, prep.frozen_bn)))
+    return objective, parts
+
+
+def _history_frame(history: list[dict]) -> pd.DataFrame:
+    """The history rows as a frame: epoch and loss terms first, then RE terms, then validation."""
+    frame = pd.DataFrame(history)
+    lead = ["epoch", "lr", "loss", "ce_adv", "ce_clean", "ce_perturbed", "reg"]
+    cols = [c for c in lead if c in frame] + sorted(c for c in frame if c.startswith("re:")) + [
+        c for c in ("val_clean_acc", "val_robust_acc", "seconds", "val_seconds") if c in frame]
+    return frame[cols + [c for c in frame if c not in cols]]
