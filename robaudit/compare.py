@@ -19,7 +19,7 @@ from markupsafe import Markup
 from matplotlib.figure import Figure
 
 from .errors import RobauditError
-from .rundir import Run, read_run
+from .rundir import Run, read_run, rows_at
 
 # manifest fields whose difference explains a difference in the numbers
 MANIFEST_FIELDS = (
@@ -80,9 +80,7 @@ def _re(a: Run, b: Run) -> tuple[pd.DataFrame, dict]:
     attack, eps, metric = mvl.get("attack"), mvl.get("eps"), mvl.get("metric") or "re_mean"
 
     def pick(run: Run) -> pd.DataFrame:
-        lsa = run.lsa[run.lsa["attack"] == attack]
-        if eps is not None:
-            lsa = lsa[np.isclose(lsa["eps"].astype(float), float(eps))]
+        lsa = rows_at(run.lsa, attack, eps)
         keep = ["layer", metric] + (["order"] if "order" in lsa else [])
         return lsa[keep].drop_duplicates("layer")
 

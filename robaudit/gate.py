@@ -9,12 +9,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
-
 from . import sanity
 from .attacks import parse_number
 from .errors import RobauditError
-from .rundir import Run
+from .rundir import Run, rows_at
 
 EXIT_MISSED = 3
 SANITY = "sanity"
@@ -112,7 +110,7 @@ def _accuracy(bar: Bar, run: Run) -> Outcome:
         if bar.eps is None:
             rows = bounded[bounded["eps"] == bounded["eps"].max()] if not bounded.empty else rows
         else:
-            rows = bounded[np.isclose(bounded["eps"].astype(float), bar.eps, rtol=1e-6, atol=1e-9)]
+            rows = rows_at(bounded, bar.attack, bar.eps)
             if rows.empty:
                 known = ", ".join(sanity.format_eps(e) for e in sorted(set(bounded["eps"])))
                 raise RobauditError(f"--fail-under {bar.name}: {bar.attack} ran at eps {known or 'no eps'}, not "
@@ -133,9 +131,7 @@ def _sanity(bar: Bar, checks: list[sanity.Check]) -> Outcome:
 def _max_re(bar: Bar, run: Run) -> Outcome:
     mvl = run.mvl or {}
     metric = mvl.get("metric") or "re_mean"
-    lsa = run.lsa[run.lsa["attack"] == mvl.get("attack")]
-    if mvl.get("eps") is not None and "eps" in lsa:
-        lsa = lsa[np.isclose(lsa["eps"].astype(float), float(mvl["eps"]))]
+    lsa = rows_at(run.lsa, mvl.get("attack"), mvl.get("eps"))
     lsa = lsa[lsa[metric].notna()]
     if lsa.empty:
         raise RobauditError(f"--max-re: this run has no RE under its ranking attack {mvl.get('attack')!r}")

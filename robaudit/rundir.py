@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -230,12 +230,13 @@ def fill_run(directory: Path, result, mvl, manifest: dict, checks: dict | None =
 
 @dataclass
 class Run:
-    """A run directory read back: the frames and JSON documents it holds."""
+    """A run directory read back: the frames and JSON documents it holds (``None`` where a file is absent
+    and was not required)."""
 
     path: Path
-    lsa: pd.DataFrame
-    accuracy: pd.DataFrame
-    mvl: dict
+    lsa: pd.DataFrame | None
+    accuracy: pd.DataFrame | None
+    mvl: dict | None
     manifest: dict
     checks: dict | None = None
 
@@ -243,29 +244,87 @@ class Run:
         return self.path / name
 
 
+# The columns a reader relies on; older runs may lack the others, which get their defaults.
+LSA_REQUIRED = ("layer", "attack", "eps", "re_mean", "order", "kind")
+ACCURACY_REQUIRED = ("attack", "eps", "accuracy")
+
+
 def read_json(path: Path) -> Any:
     try:
         return json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
         raise RobauditError(f"{path} is not valid JSON ({e.msg}): rerun the step that wrote it") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise RobauditError(f"cannot read {path} ({type(e).__name__}): rerun the robaudit step that wrote it") from e
 
 
-def read_run(run_dir: str | os.PathLike) -> Run:
-    """Read a run directory written by ``analyze``; fail in one line if it is not one."""
+def read_json_object(path: Path) -> dict | None:
+    """A JSON object file of a run, or ``None`` if it is absent; anything else is refused in one line."""
+    if not Path(path).is_file():
+        return None
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise RobauditError(f"{path} does not hold a JSON object: rerun the robaudit step that wrote it")
+    return data
+
+
+def read_csv(path: Path, required: Iterable[str] = ()) -> pd.DataFrame | None:
+    """A CSV file of a run with at least the ``required`` columns, or ``None`` if it is absent."""
+    if not Path(path).is_file():
+        return None
+    try:
+        df = pd.read_csv(path)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise RobauditError(f"cannot read {path} ({type(exc).__name__}): rerun the robaudit step that wrote it") from exc
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise RobauditError(f"{path} lacks the columns {', '.join(missing)}: rerun the robaudit step that wrote it")
+    return df
+
+
+def _typed(df: pd.DataFrame | None) -> pd.DataFrame | None:
+    """Column types fixed once for every reader: numeric eps, string labels, the defaults of older runs."""
+    if df is None:
+        return None
+    df["eps"] = pd.to_numeric(df["eps"], errors="coerce")
+    df["attack"] = df["attack"].astype(str)
+    df["kind"] = df["kind"].fillna("adversarial").astype(str) if "kind" in df.columns else "adversarial"
+    df.loc[df["attack"] == "clean", "kind"] = "clean"
+    norm = df["norm"] if "norm" in df.columns else pd.Series(np.nan, index=df.index, dtype=object)
+    df["norm"] = norm.where(df["kind"] == "clean", norm.fillna("Linf")).fillna("").astype(str)  # clean has no norm
+    if "layer" in df.columns:
+        df["layer"] = df["layer"].astype(str)
+        df["layer_type"] = df["layer_type"].fillna("").astype(str) if "layer_type" in df.columns else ""
+    if "accuracy" in df.columns:
+        df["accuracy"] = pd.to_numeric(df["accuracy"], errors="coerce")
+    return df
+
+
+def rows_at(frame: pd.DataFrame, attack: str | None, eps: float | None = None, norm: str | None = None) -> pd.DataFrame:
+    """The rows of an ``lsa.csv``/``accuracy.csv`` frame for one attack, at ``eps`` (any eps when ``None``) and
+    ``norm`` (any when ``None``): the one lookup of a configuration that every reader of runs uses."""
+    rows = frame[frame["attack"] == attack]
+    if eps is not None:
+        values = pd.to_numeric(rows["eps"], errors="coerce").to_numpy(dtype=float)
+        rows = rows[np.isclose(values, float(eps), rtol=1e-6, atol=1e-9)]
+    if norm is not None:
+        rows = rows[rows["norm"] == norm]
+    return rows
+
+
+def read_run(run_dir: str | os.PathLike, *, required: Iterable[str] = REQUIRED) -> Run:
+    """Read a run directory written by ``analyze`` (or its ``hardened/``); fail in one line if a ``required``
+    file is missing or any file present is unreadable. The one reader of runs: every stage uses it."""
     path = Path(run_dir)
     if not path.is_dir():
         raise RobauditError(f"run directory {path} not found: run `robaudit analyze` first or pass --run DIR")
-    missing = [n for n in REQUIRED if not (path / n).is_file()]
+    missing = [n for n in required if not (path / n).is_file()]
     if missing:
         raise RobauditError(f"{path} is not a robaudit run directory (no {', '.join(missing)}): "
                             "run `robaudit analyze` first")
-    try:
-        lsa = pd.read_csv(path / "lsa.csv")
-        accuracy = pd.read_csv(path / "accuracy.csv")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise RobauditError(f"the CSV files in {path} are unreadable ({type(e).__name__}): rerun `robaudit analyze`") from e
-    checks = read_json(path / "checks.json") if (path / "checks.json").is_file() else None
-    return Run(path, lsa, accuracy, read_json(path / "mvl.json"), read_json(path / "manifest.json"), checks)
+    return Run(path, _typed(read_csv(path / "lsa.csv", LSA_REQUIRED)),
+               _typed(read_csv(path / "accuracy.csv", ACCURACY_REQUIRED)), read_json_object(path / "mvl.json"),
+               read_json_object(path / "manifest.json") or {}, read_json_object(path / "checks.json"))
 
 
 def latest_run(root: str | os.PathLike = "reports") -> Path:

@@ -526,15 +526,14 @@ def plan_checks(specs, *, n_battery: int, num_classes: int, batch_size: int = 12
                      check_cost=cost, budget=budget, share=share)
 
 
-def _torchattacks(model: "nn.Module", x: "Tensor", y: "Tensor", *, kind: str, eps: float, steps: int) -> "Tensor":
-    import torchattacks
+def _battery_attack(model: "nn.Module", x: "Tensor", y: "Tensor", *, kind: str, eps: float, steps: int) -> "Tensor":
+    """The probe's FGSM or PGD-``steps`` at Linf ``eps``, built as the battery builds its own (``attacks.build``)."""
+    from dataclasses import replace
 
-    if kind == "fgsm":
-        attack = torchattacks.FGSM(model, eps=eps)
-    else:
-        attack = torchattacks.PGD(model, eps=eps, alpha=2.5 * eps / steps, steps=steps, random_start=True)
-    attack.set_device(x.device)
-    return attack(x, y)
+    from . import attacks
+
+    spec = replace(attacks.parse("fgsm" if kind == "fgsm" else f"pgd:steps={int(steps)}"), eps=float(eps))
+    return attacks.build(spec, model, num_classes=int(y.max()) + 1)(x, y)
 
 
 def _finite_or_none(v: float) -> float | None:
@@ -625,7 +624,7 @@ def _attack_probes(model, x, y, *, eps_max, attack_fn, reuse) -> dict:
         lo, hi = float(x.min()), float(x.max())
         if lo < 0.0 or hi > 1.0:
             return {"skipped": f"inputs span [{lo:.3g}, {hi:.3g}], not [0, 1]; pass attack_fn to probe them"}
-        attack_fn = _torchattacks
+        attack_fn = _battery_attack
 
     seed = torch.initial_seed()
 

@@ -28,9 +28,10 @@ def _num(v: Any) -> Any:
     return v
 
 
-def checks_of(run: Run) -> list[sanity.Check]:
-    """The sanity checks of a run, decided from its accuracy.csv and checks.json."""
-    num_classes = (run.manifest.get("dataset") or {}).get("num_classes")
+def checks_of(run: Run, *, num_classes: int | None = None) -> list[sanity.Check]:
+    """The sanity checks of a run, decided from its accuracy.csv and checks.json (``num_classes`` from its
+    manifest unless given: a hardened run is judged against the audited run's data set)."""
+    num_classes = num_classes or (run.manifest.get("dataset") or {}).get("num_classes")
     return sanity.evaluate(run.accuracy, run.checks, num_classes=num_classes)
 
 

@@ -332,7 +332,7 @@ def test_harden_run_writes_a_hardened_model_that_reloads_and_reanalyzes(moons_ru
         assert (hdir / name).is_file(), name
     assert not (moons_run / CHECKPOINT_NAME).exists()
     comp = pd.read_csv(hdir / "comparison.csv")
-    assert list(comp.columns) == ["kind", "attack", "eps", "layer", "before", "after", "delta"]
+    assert list(comp.columns) == ["kind", "attack", "eps", "norm", "layer", "before", "after", "delta"]
     assert set(comp["kind"]) == {"accuracy", "re"}
     assert list(comp.loc[comp["kind"] == "re", "layer"]) == done.result.mvl_layers
     settings = json.loads((hdir / "harden.json").read_text())

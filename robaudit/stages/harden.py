@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -21,7 +20,7 @@ from ..errors import RobauditError
 from ..lsa import resolve_device, select_mvl
 from ..models import (LoadedModel, check_stored_arch, export_model, load_model, save_checkpoint,
                       save_exported_weights, sha256_file, with_normalization)
-from ..rundir import atomic_dir, fill_run, foreign_entries, read_run, write_csv, write_json
+from ..rundir import rows_at, atomic_dir, fill_run, foreign_entries, read_run, write_csv, write_json
 from ..training.checkpoint import CHECKPOINT_NAME
 from ..training.config import HardenConfig
 from ..training.harden import HardenResult, harden
@@ -53,29 +52,31 @@ def default_train_eps(eps_list: Sequence[float] | None) -> float | None:
 def comparison_frame(before_acc: pd.DataFrame, after_acc: pd.DataFrame, before_lsa: pd.DataFrame,
                      after_lsa: pd.DataFrame, *, layers: Sequence[str], attack: str | None, eps: float | None,
                      metric: str = "re_mean") -> pd.DataFrame:
-    """``kind, attack, eps, layer, before, after, delta``: accuracy per attack/eps, RE per MVL layer."""
+    """``kind, attack, eps, norm, layer, before, after, delta``: accuracy per attack/eps/norm, RE per MVL layer."""
 
     def key(e):
         return None if e is None or (isinstance(e, float) and math.isnan(e)) else round(float(e), 10)
 
-    after = {(r.attack, key(r.eps)): float(r.accuracy) for r in after_acc.itertuples()}
+    def norm_of(r) -> str | None:
+        n = getattr(r, "norm", None)  # "" (read back) or None/NaN (in memory) for the clean row
+        return None if n is None or n == "" or (isinstance(n, float) and math.isnan(n)) else str(n)
+
+    after = {(r.attack, key(r.eps), norm_of(r)): float(r.accuracy) for r in after_acc.itertuples()}
     rows = []
     for r in before_acc.itertuples():
-        a = after.get((r.attack, key(r.eps)), math.nan)
-        rows.append({"kind": "accuracy", "attack": r.attack, "eps": key(r.eps), "layer": None,
+        a = after.get((r.attack, key(r.eps), norm_of(r)), math.nan)
+        rows.append({"kind": "accuracy", "attack": r.attack, "eps": key(r.eps), "norm": norm_of(r), "layer": None,
                      "before": float(r.accuracy), "after": a, "delta": a - float(r.accuracy)})
 
     def re_of(frame: pd.DataFrame, layer: str) -> float:
-        sel = frame[(frame["layer"] == layer) & (frame["attack"] == attack)]
-        if eps is not None:
-            sel = sel[np.isclose(sel["eps"].astype(float), eps)]
+        sel = rows_at(frame[frame["layer"] == layer], attack, eps)
         return float(sel[metric].iloc[0]) if len(sel) else math.nan
 
     for layer in layers:
         b, a = re_of(before_lsa, layer), re_of(after_lsa, layer)
-        rows.append({"kind": "re", "attack": attack, "eps": key(eps), "layer": layer, "before": b, "after": a,
-                     "delta": a - b})
-    return pd.DataFrame(rows, columns=["kind", "attack", "eps", "layer", "before", "after", "delta"])
+        rows.append({"kind": "re", "attack": attack, "eps": key(eps), "norm": None, "layer": layer, "before": b,
+                     "after": a, "delta": a - b})
+    return pd.DataFrame(rows, columns=["kind", "attack", "eps", "norm", "layer", "before", "after", "delta"])
 
 
 def _select_layers(run, mvl_top: int | None, include_output: bool) -> tuple[list[str], dict]:

@@ -33,7 +33,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 from .. import sanity, verdict
 from ..errors import RobauditError
 from ..models import sha256_file
-from ..rundir import read_json
+from ..rundir import Run, read_csv, read_json_object, read_run, rows_at
 from ..sanity import attack_name
 
 __all__ = ["render_report"]
@@ -41,8 +41,6 @@ __all__ = ["render_report"]
 log = logging.getLogger(__name__)
 
 TEMPLATE = "report.html.j2"
-LSA_COLUMNS = ("layer", "attack", "eps", "re_mean", "order", "kind")
-ACCURACY_COLUMNS = ("attack", "eps", "accuracy")
 HASHED_SUFFIXES = (".csv", ".json", ".pt2", ".pt", ".pth", ".safetensors")
 
 METHOD_NAMES = {"atlr": "AT-LR", "at-lr": "AT-LR", "at": "adversarial training", "pgd-at": "adversarial training",
@@ -173,72 +171,6 @@ def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------- loading
-
-
-@dataclass
-class Run:
-    path: Path
-    lsa: pd.DataFrame | None
-    accuracy: pd.DataFrame | None
-    mvl: dict | None
-    manifest: dict
-    checks: dict | None
-
-
-def _not_a_run(path: Path, why: str = "") -> RobauditError:
-    extra = f" ({why})" if why else ""
-    return RobauditError(f"{path} is not a robaudit run directory{extra}: run `robaudit analyze` first")
-
-
-def _read_csv(path: Path, required: Iterable[str]) -> pd.DataFrame | None:
-    if not path.is_file():
-        return None
-    try:
-        df = pd.read_csv(path)
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise RobauditError(f"cannot read {path} ({type(exc).__name__}): rerun the robaudit step that wrote it") from exc
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise RobauditError(f"{path} lacks the columns {', '.join(missing)}: rerun the robaudit step that wrote it")
-    return df
-
-
-def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        data = read_json(path)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RobauditError(f"cannot read {path} ({type(exc).__name__}): rerun the robaudit step that wrote it") from exc
-    if not isinstance(data, dict):
-        raise RobauditError(f"{path} does not hold a JSON object: rerun the robaudit step that wrote it")
-    return data
-
-
-def _load_run(path: Path, *, required: bool) -> Run | None:
-    lsa = _read_csv(path / "lsa.csv", LSA_COLUMNS)
-    accuracy = _read_csv(path / "accuracy.csv", ACCURACY_COLUMNS)
-    if lsa is None and (required or accuracy is None):
-        if required:
-            raise _not_a_run(path, "no lsa.csv")
-        return None
-    for df in (lsa, accuracy):
-        if df is not None:
-            df["eps"] = pd.to_numeric(df["eps"], errors="coerce")
-            for col, default in (("kind", "adversarial"), ("norm", "Linf")):
-                if col not in df.columns:
-                    df[col] = default
-                df[col] = df[col].fillna(default).astype(str)
-            df["attack"] = df["attack"].astype(str)
-    if lsa is not None:
-        lsa["layer"] = lsa["layer"].astype(str)
-        if "layer_type" not in lsa.columns:
-            lsa["layer_type"] = ""
-        lsa["layer_type"] = lsa["layer_type"].fillna("").astype(str)
-    if accuracy is not None:
-        accuracy["accuracy"] = pd.to_numeric(accuracy["accuracy"], errors="coerce")
-    return Run(path, lsa, accuracy, _read_json(path / "mvl.json"), _read_json(path / "manifest.json") or {},
-               _read_json(path / "checks.json"))
 
 
 def _find(run: Path, name: str) -> Path:
@@ -551,11 +483,7 @@ def plot_re_before_after(re_rows: pd.DataFrame) -> Plot | None:
 
 
 def _at_eps(df: pd.DataFrame, attack: str, eps: float, norm: str | None = None) -> float | None:
-    sel = (df["attack"] == attack) & df["eps"].notna()
-    if norm is not None:
-        sel &= df["norm"] == norm
-    rows = df[sel]
-    rows = rows[np.isclose(rows["eps"].astype(float), eps)]
+    rows = rows_at(df, attack, eps, norm)
     return None if rows.empty else float(rows["accuracy"].iloc[0])
 
 
@@ -569,56 +497,41 @@ def _clean_acc(df: pd.DataFrame | None) -> tuple[float | None, Any]:
     return float(rows["accuracy"].iloc[0]), n
 
 
-def _accuracy_comparison(before: pd.DataFrame | None, after: pd.DataFrame | None, comparison: pd.DataFrame | None) -> pd.DataFrame:
-    """Rows attack, eps, norm, before, after, delta for the accuracy rows of a hardened run."""
+def _accuracy_comparison(comparison: pd.DataFrame | None, before: pd.DataFrame | None) -> pd.DataFrame:
+    """Rows attack, eps, norm, before, after, delta: the accuracy rows of ``comparison.csv`` as harden wrote them.
+    Runs hardened before the file had a ``norm`` column take each attack's norm from the audited run."""
     cols = ["attack", "eps", "norm", "before", "after", "delta"]
-    if comparison is not None and {"kind", "before", "after"} <= set(comparison.columns):
-        rows = comparison[comparison["kind"] == "accuracy"].copy()
-        if not rows.empty:
-            rows["eps"] = pd.to_numeric(rows["eps"], errors="coerce")
-            rows["attack"] = rows["attack"].astype(str)
-            if "norm" not in rows.columns:
-                rows["norm"] = "Linf"
-            rows["delta"] = pd.to_numeric(rows["after"], errors="coerce") - pd.to_numeric(rows["before"], errors="coerce")
-            return rows[cols].reset_index(drop=True)
-    if before is None or after is None:
+    if comparison is None:
         return pd.DataFrame(columns=cols)
-    key = ["attack", "eps", "norm"]
-    merged = before[key + ["accuracy"]].merge(after[key + ["accuracy"]], on=key, suffixes=("_b", "_a"))
-    merged = merged.rename(columns={"accuracy_b": "before", "accuracy_a": "after"})
-    merged["delta"] = merged["after"] - merged["before"]
-    return merged[cols]
+    rows = comparison[comparison["kind"] == "accuracy"].copy()
+    rows["eps"] = pd.to_numeric(rows["eps"], errors="coerce")
+    rows["attack"] = rows["attack"].astype(str)
+    if "norm" not in rows.columns:
+        norms = dict(zip(before["attack"], before["norm"])) if before is not None else {}
+        rows["norm"] = [norms.get(a, "Linf") for a in rows["attack"]]
+    rows["norm"] = rows["norm"].fillna("Linf").astype(str)
+    for c in ("before", "after"):
+        rows[c] = pd.to_numeric(rows[c], errors="coerce")
+    rows["delta"] = rows["after"] - rows["before"]
+    return rows[cols].reset_index(drop=True)
 
 
-def _re_comparison(run: Run, hardened: Run | None, comparison: pd.DataFrame | None, mvl_layers: list[str]) -> pd.DataFrame:
+def _re_comparison(comparison: pd.DataFrame | None) -> pd.DataFrame:
+    """Rows label, layer, attack, eps, before, after, delta: the MVL layers' RE rows of ``comparison.csv``."""
     cols = ["label", "layer", "attack", "eps", "before", "after", "delta"]
-    if comparison is not None and {"kind", "layer", "before", "after"} <= set(comparison.columns):
-        rows = comparison[comparison["kind"] == "re"].copy()
-        if not rows.empty:
-            rows["eps"] = pd.to_numeric(rows["eps"], errors="coerce")
-            rows["layer"] = rows["layer"].astype(str)
-            rows["attack"] = rows["attack"].astype(str)
-            for c in ("before", "after"):
-                rows[c] = pd.to_numeric(rows[c], errors="coerce")
-            rows["delta"] = rows["after"] - rows["before"]
-            multi = rows[["attack", "eps"]].drop_duplicates().shape[0] > 1
-            rows["label"] = [f"{l} · {attack_name(a)} ε={fmt_eps(e)}" if multi else l
-                             for l, a, e in rows[["layer", "attack", "eps"]].itertuples(index=False)]
-            return rows[cols].reset_index(drop=True)
-    if hardened is None or hardened.lsa is None or run.lsa is None or not run.mvl or not mvl_layers:
+    if comparison is None or "layer" not in comparison.columns:
         return pd.DataFrame(columns=cols)
-    attack, eps = run.mvl.get("attack"), run.mvl.get("eps")
-    metric = run.mvl.get("metric", "re_mean")
-    metric = metric if metric in run.lsa.columns else "re_mean"
-    out = []
-    for layer in mvl_layers:
-        vals = []
-        for lsa in (run.lsa, hardened.lsa):
-            sel = (lsa["layer"] == layer) & (lsa["attack"] == str(attack))
-            sel &= lsa["eps"].isna() if eps is None else np.isclose(lsa["eps"], float(eps))
-            vals.append(float(lsa.loc[sel, metric].iloc[0]) if sel.any() and metric in lsa.columns else float("nan"))
-        out.append((layer, layer, attack, eps, vals[0], vals[1], vals[1] - vals[0]))
-    return pd.DataFrame(out, columns=cols)
+    rows = comparison[comparison["kind"] == "re"].copy()
+    rows["eps"] = pd.to_numeric(rows["eps"], errors="coerce")
+    rows["layer"] = rows["layer"].astype(str)
+    rows["attack"] = rows["attack"].astype(str)
+    for c in ("before", "after"):
+        rows[c] = pd.to_numeric(rows[c], errors="coerce")
+    rows["delta"] = rows["after"] - rows["before"]
+    multi = rows[["attack", "eps"]].drop_duplicates().shape[0] > 1
+    rows["label"] = [f"{l} · {attack_name(a)} ε={fmt_eps(e)}" if multi else l
+                     for l, a, e in rows[["layer", "attack", "eps"]].itertuples(index=False)]
+    return rows[cols].reset_index(drop=True)
 
 
 def _mvl_section(run: Run) -> dict | None:
@@ -1030,11 +943,11 @@ def plot_batchnorm(bn: pd.DataFrame, after: pd.DataFrame | None) -> Plot:
 def _batchnorm_section(run_dir: Path, shown: Path) -> dict | None:
     from .. import bnaudit
 
-    bn = _read_csv(run_dir / "bn.csv", ["layer", "clean_vs_running", "adv_vs_clean", "adv_vs_running"]) \
+    bn = read_csv(run_dir / "bn.csv", ["layer", "clean_vs_running", "adv_vs_clean", "adv_vs_running"]) \
         if (run_dir / "bn.csv").is_file() else None
     if bn is None or bn.empty:
         return None
-    after = _read_csv(run_dir / "hardened" / "bn.csv", ["layer", "adv_vs_clean"]) \
+    after = read_csv(run_dir / "hardened" / "bn.csv", ["layer", "adv_vs_clean"]) \
         if (run_dir / "hardened" / "bn.csv").is_file() else None
     v = bnaudit.verdict(bn)
     if v["recommend_dual_bn"]:
@@ -1156,56 +1069,16 @@ def _write_atomic(out: Path, text: str) -> None:
         raise
 
 
-def render_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
-                  name: str | os.PathLike | None = None) -> Path:
-    """Render ``run_dir`` into one self-contained HTML file; return its path (default ``<run_dir>/report.html``).
+def _hardened_run(run_dir: Path) -> Run | None:
+    """``run_dir/hardened`` read back, or ``None`` when there is no hardened analysis to show."""
+    if not (run_dir / "hardened").is_dir():
+        return None
+    hardened = read_run(run_dir / "hardened", required=())
+    return hardened if hardened.lsa is not None or hardened.accuracy is not None else None
 
-    ``name`` is the directory the report speaks of, when ``run_dir`` is a staging copy not yet renamed into place.
-    """
-    run_dir = Path(run_dir)
-    shown = Path(name) if name is not None else run_dir
-    try:
-        is_dir = run_dir.is_dir()
-    except OSError:
-        is_dir = False
-    if not is_dir:
-        raise _not_a_run(run_dir)
-    out = Path(out) if out is not None else run_dir / "report.html"
-    if out.is_dir():
-        out = out / "report.html"
-    if out.is_file() and not _is_own_report(out):
-        raise RobauditError(f"{out} exists and is not a robaudit report: choose another --out (robaudit replaces "
-                            "only its own reports)")
 
-    run = _load_run(run_dir, required=True)
-    hardened = _load_run(run_dir / "hardened", required=False) if (run_dir / "hardened").is_dir() else None
-    history = _read_csv(_find(run_dir, "history.csv"), ["epoch"])
-    comparison = _read_csv(_find(run_dir, "comparison.csv"), ["kind", "before", "after"])
-    settings = _read_json(_find(run_dir, "harden.json"))
-    hardened_any = hardened is not None or history is not None or comparison is not None or settings is not None
-
-    mvl_layers = [str(item.get("layer")) for item in (run.mvl or {}).get("layers") or []]
-    mvl_names = set(mvl_layers)
-    acc_cmp = _accuracy_comparison(run.accuracy, hardened.accuracy if hardened else None, comparison)
-    re_cmp = _re_comparison(run, hardened, comparison, mvl_layers)
-    num_classes = (run.manifest.get("dataset") or {}).get("num_classes")
-    checks = sanity.evaluate(run.accuracy, run.checks, num_classes=num_classes)
-    checks_after = None
-    if hardened is not None and hardened.accuracy is not None:
-        checks_after = sanity.evaluate(hardened.accuracy, hardened.checks, num_classes=num_classes)
-
-    with matplotlib.rc_context(MPL_RC):
-        palette = Palette([run.lsa, run.accuracy, hardened.accuracy if hardened else None])
-        layers = _layers_section(run, palette, mvl_names)
-        accuracy = _accuracy_section(run, hardened, palette)
-        hardening = _hardening_section(run, hardened, history, settings, acc_cmp, re_cmp) if hardened_any else None
-
-    sanity_groups = [_sanity_group("Audited model" if checks_after is not None else "Checks", checks, run.checks)]
-    if checks_after is not None:
-        sanity_groups.append(_sanity_group("Hardened model", checks_after, hardened.checks,
-                                           introduced=verdict.introduced_warnings(checks, checks_after)))
-
-    man = run.manifest
+def _headline(man: dict, shown: Path) -> tuple[str, str]:
+    """The report's title and the line under it: model, data set, samples, seed, when, model hash."""
     model = man.get("model") or {}
     dataset = man.get("dataset") or {}
     model_name = Path(str(model.get("path"))).name if model.get("path") else shown.name
@@ -1219,11 +1092,61 @@ def render_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = No
         sub.append(f"finished {man['finished']}")
     if model.get("sha256"):
         sub.append(f"model sha256 {str(model['sha256'])[:12]}…")
+    return f"Robustness audit: {model_name} on {data_name}", "; ".join(sub)
 
+
+def render_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
+                  name: str | os.PathLike | None = None) -> Path:
+    """Render ``run_dir`` into one self-contained HTML file; return its path (default ``<run_dir>/report.html``).
+
+    ``name`` is the directory the report speaks of, when ``run_dir`` is a staging copy not yet renamed into place.
+    """
+    run_dir = Path(run_dir)
+    shown = Path(name) if name is not None else run_dir
+    try:
+        is_dir = run_dir.is_dir()
+    except OSError:
+        is_dir = False
+    if not is_dir:
+        raise RobauditError(f"{run_dir} is not a robaudit run directory: run `robaudit analyze` first")
+    out = Path(out) if out is not None else run_dir / "report.html"
+    if out.is_dir():
+        out = out / "report.html"
+    if out.is_file() and not _is_own_report(out):
+        raise RobauditError(f"{out} exists and is not a robaudit report: choose another --out (robaudit replaces "
+                            "only its own reports)")
+
+    run = read_run(run_dir, required=("lsa.csv",))
+    hardened = _hardened_run(run_dir)
+    history = read_csv(_find(run_dir, "history.csv"), ["epoch"])
+    comparison = read_csv(_find(run_dir, "comparison.csv"), ["kind", "before", "after"])
+    settings = read_json_object(_find(run_dir, "harden.json"))
+    hardened_any = hardened is not None or history is not None or comparison is not None or settings is not None
+
+    mvl_layers = [str(item.get("layer")) for item in (run.mvl or {}).get("layers") or []]
+    acc_cmp = _accuracy_comparison(comparison, run.accuracy)
+    re_cmp = _re_comparison(comparison)
+    num_classes = (run.manifest.get("dataset") or {}).get("num_classes")
+    checks = verdict.checks_of(run)
+    checks_after = None
+    if hardened is not None and hardened.accuracy is not None:
+        checks_after = verdict.checks_of(hardened, num_classes=num_classes)
+
+    with matplotlib.rc_context(MPL_RC):
+        palette = Palette([run.lsa, run.accuracy, hardened.accuracy if hardened else None])
+        layers = _layers_section(run, palette, set(mvl_layers))
+        accuracy = _accuracy_section(run, hardened, palette)
+        hardening = _hardening_section(run, hardened, history, settings, acc_cmp, re_cmp) if hardened_any else None
+
+    sanity_groups = [_sanity_group("Audited model" if checks_after is not None else "Checks", checks, run.checks)]
+    if checks_after is not None:
+        sanity_groups.append(_sanity_group("Hardened model", checks_after, hardened.checks,
+                                           introduced=verdict.introduced_warnings(checks, checks_after)))
+    title, subtitle = _headline(run.manifest, shown)
     css, script = _read_resource("report.css"), _read_resource("sort.js")
     context = {
-        "title": f"Robustness audit: {model_name} on {data_name}",
-        "subtitle": "; ".join(sub),
+        "title": title,
+        "subtitle": subtitle,
         "version": _version(),
         "run_name": str(shown),
         "css": Markup(css),
