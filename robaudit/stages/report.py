@@ -747,6 +747,7 @@ def _sanity_sentence(who: str, checks: list[sanity.Check]) -> Markup:
 
 def _verdict(run: Run, hardened: Run | None, acc_cmp: pd.DataFrame, settings: dict | None,
              checks: list[sanity.Check], checks_after: list[sanity.Check] | None) -> dict:
+    """The report's opening: plain sentences and number cards, each card warned by the checks it concerns."""
     man = run.manifest
     sentences: list[Markup] = []
     cards: list[dict] = []
@@ -757,9 +758,19 @@ def _verdict(run: Run, hardened: Run | None, acc_cmp: pd.DataFrame, settings: di
         sentences.append(Markup("Clean accuracy <strong>{}</strong> ({} samples).").format(fmt_pct(clean), fmt_num(n)))
         cards.append({"label": "Clean accuracy", "value": fmt_pct(clean), "sub": f"{fmt_num(n)} samples", "cls": "",
                       "concerns": [c for c in checks if c.name == sanity.CHANCE]})
-
-    worst = acc[(acc["attack"] == sanity.WORST_CASE) & acc["eps"].notna()].sort_values("eps") if acc is not None else None
     mvl = run.mvl or {}
+    _verdict_worst_case(acc, mvl, checks, sentences, cards)
+    _verdict_minimal(acc, sentences)
+    _verdict_mvl(mvl, sentences, cards)
+    if hardened is not None or not acc_cmp.empty:
+        _verdict_hardening(acc_cmp, mvl, settings, checks_after, sentences, cards)
+    _verdict_sanity(checks, checks_after, sentences, cards)
+    return {"sentences": sentences, "cards": cards, "table": _verdict_table(acc, hardened.accuracy if hardened else None)}
+
+
+def _verdict_worst_case(acc: pd.DataFrame | None, mvl: dict, checks, sentences: list, cards: list) -> None:
+    """Worst case over the battery at the ranking eps (else the largest), and at the other eps."""
+    worst = acc[(acc["attack"] == sanity.WORST_CASE) & acc["eps"].notna()].sort_values("eps") if acc is not None else None
     if acc is not None and worst is not None:
         head_eps = None
         if mvl.get("eps") is not None and _at_eps(acc, sanity.WORST_CASE, float(mvl["eps"])) is not None:
@@ -786,6 +797,10 @@ def _verdict(run: Run, hardened: Run | None, acc_cmp: pd.DataFrame, settings: di
                     ", ".join(f"{fmt_pct(v)} at eps {fmt_eps(e)}" + (f" {nm}" if nm != head_norm else "")
                               for e, nm, v in others)))
 
+
+
+def _verdict_minimal(acc: pd.DataFrame | None, sentences: list) -> None:
+    """Minimal-perturbation attacks (CW, DeepFool) speak by success rate and perturbation size, not accuracy."""
     for r in _minimal_rows(acc).itertuples(index=False):
         if _isnan(_col(r, "pert_median")):
             continue
@@ -794,6 +809,10 @@ def _verdict(run: Run, hardened: Run | None, acc_cmp: pd.DataFrame, settings: di
             attack_name(r.attack), fmt_pct(_col(r, "success_rate")), r.norm, fmt_re(r.pert_median),
             fmt_re(_col(r, "pert_p90"))))
 
+
+
+def _verdict_mvl(mvl: dict, sentences: list, cards: list) -> None:
+    """The MVL list in a sentence, and its first layer as a card."""
     layers = mvl.get("layers") or []
     if layers:
         listed = ", ".join(f"{item.get('layer')} (RE {fmt_re(item.get('score'))})" for item in layers)
@@ -802,33 +821,41 @@ def _verdict(run: Run, hardened: Run | None, acc_cmp: pd.DataFrame, settings: di
         cards.append({"label": "Most vulnerable layer", "value": str(layers[0].get("layer")),
                       "sub": f"RE {fmt_re(layers[0].get('score'))}; {len(layers)} MVL layers", "cls": ""})
 
-    if hardened is not None or not acc_cmp.empty:
-        method = (settings or {}).get("method")
-        method = METHOD_NAMES.get(str(method).lower(), method) if method else "hardening"
-        parts = []
-        for r in acc_cmp[acc_cmp["attack"] == sanity.WORST_CASE].dropna(subset=["delta"]).sort_values("eps").itertuples(index=False):
-            verb = "rose" if r.delta >= 0 else "fell"
-            parts.append(f"at eps {fmt_eps(r.eps)} it {verb} from {fmt_pct(r.before)} to {fmt_pct(r.after)} "
-                         f"({fmt_points(r.delta)})")
-        clean_rows = acc_cmp[acc_cmp["attack"] == sanity.CLEAN].dropna(subset=["delta"])
-        if parts:
-            sentences.append(Markup("After {}, worst-case accuracy changed: <strong>{}</strong>.").format(method, "; ".join(parts)))
-        if not clean_rows.empty:
-            r = clean_rows.iloc[0]
-            sentences.append(Markup("Clean accuracy after {}: {} (was {}, {}).").format(
-                method, fmt_pct(r["after"]), fmt_pct(r["before"]), fmt_points(r["delta"])))
-        head = acc_cmp[acc_cmp["attack"] == sanity.WORST_CASE].dropna(subset=["delta"])
-        if mvl.get("eps") is not None and not head.empty:
-            match = head[np.isclose(head["eps"].astype(float), float(mvl["eps"]))]
-            head = match if not match.empty else head
-        if not head.empty:
-            r = head.iloc[-1]
-            cards.append({"label": "After hardening", "value": fmt_pct(r["after"]),
-                          "sub": f"worst case, eps {fmt_eps(r['eps'])}: {fmt_points(r['delta'])}",
-                          "cls": "pass" if r["delta"] > 0 else "", "concerns": checks_after or []})
-        if not parts and clean_rows.empty:
-            sentences.append(Markup("The model was hardened ({}), but no before/after accuracy was recorded.").format(method))
 
+
+def _verdict_hardening(acc_cmp: pd.DataFrame, mvl: dict, settings: dict | None, checks_after, sentences: list,
+                       cards: list) -> None:
+    """Worst-case and clean accuracy before and after hardening, from comparison.csv."""
+    method = (settings or {}).get("method")
+    method = METHOD_NAMES.get(str(method).lower(), method) if method else "hardening"
+    parts = []
+    for r in acc_cmp[acc_cmp["attack"] == sanity.WORST_CASE].dropna(subset=["delta"]).sort_values("eps").itertuples(index=False):
+        verb = "rose" if r.delta >= 0 else "fell"
+        parts.append(f"at eps {fmt_eps(r.eps)} it {verb} from {fmt_pct(r.before)} to {fmt_pct(r.after)} "
+                     f"({fmt_points(r.delta)})")
+    clean_rows = acc_cmp[acc_cmp["attack"] == sanity.CLEAN].dropna(subset=["delta"])
+    if parts:
+        sentences.append(Markup("After {}, worst-case accuracy changed: <strong>{}</strong>.").format(method, "; ".join(parts)))
+    if not clean_rows.empty:
+        r = clean_rows.iloc[0]
+        sentences.append(Markup("Clean accuracy after {}: {} (was {}, {}).").format(
+            method, fmt_pct(r["after"]), fmt_pct(r["before"]), fmt_points(r["delta"])))
+    head = acc_cmp[acc_cmp["attack"] == sanity.WORST_CASE].dropna(subset=["delta"])
+    if mvl.get("eps") is not None and not head.empty:
+        match = head[np.isclose(head["eps"].astype(float), float(mvl["eps"]))]
+        head = match if not match.empty else head
+    if not head.empty:
+        r = head.iloc[-1]
+        cards.append({"label": "After hardening", "value": fmt_pct(r["after"]),
+                      "sub": f"worst case, eps {fmt_eps(r['eps'])}: {fmt_points(r['delta'])}",
+                      "cls": "pass" if r["delta"] > 0 else "", "concerns": checks_after or []})
+    if not parts and clean_rows.empty:
+        sentences.append(Markup("The model was hardened ({}), but no before/after accuracy was recorded.").format(method))
+
+
+
+def _verdict_sanity(checks, checks_after, sentences: list, cards: list) -> None:
+    """The sanity verdict of both models, what hardening introduced, and the warn marks on every card."""
     sentences.append(_sanity_sentence("Audited model", checks))
     if checks_after is not None:
         sentences.append(_sanity_sentence("Hardened model", checks_after))
@@ -848,7 +875,6 @@ def _verdict(run: Run, hardened: Run | None, acc_cmp: pd.DataFrame, settings: di
         if any(c.status == "warn" for c in concerns):
             card["cls"] = "warn"
             card["sub"] += f"; {sum(c.status == 'warn' for c in concerns)} check(s) warn"
-    return {"sentences": sentences, "cards": cards, "table": _verdict_table(acc, hardened.accuracy if hardened else None)}
 
 
 def _verdict_table(acc: pd.DataFrame | None, after: pd.DataFrame | None) -> Table | None:
