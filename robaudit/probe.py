@@ -176,8 +176,9 @@ def select_modules(
         unknown = sorted(wanted_types - known)
         if unknown:
             raise RobauditError(
-                f"no module of type {', '.join(unknown)} in the model; "
+                f"no layer (module or functional op) of type {', '.join(unknown)} in the model; "
                 f"its layer types are {', '.join(sorted(set(types[n] for n in leaves)))}"
+                + ("; --probe all also probes functional activations and additions" if probe == "modules" else "")
             )
     selected = []
     for name in leaves:

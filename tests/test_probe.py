@@ -151,7 +151,7 @@ def test_filter_by_glob(model_and_types):
 
 def test_unknown_type_is_refused(model_and_types):
     model, types = model_and_types
-    with pytest.raises(RobauditError, match="no module of type gelu.*ReLU"):
+    with pytest.raises(RobauditError, match=r"no layer \(module or functional op\) of type gelu.*ReLU"):
         select_modules(model, layer_types=["GELU"], type_map=types)
 
 
