@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
@@ -210,6 +211,12 @@ class LayerProbe:
     the autograd graph. ``transform(layer, output)``, when given, replaces a layer's output (used
     to perturb activations); the recorded value is the transformed one. Hooks are removed on exit,
     whatever happened inside the ``with`` block.
+
+    Outputs are recorded (and transformed) batch-first: a layer whose batch is not at dim 0 (a
+    sequence-first transformer's ``(L, N, E)``) is seen with its batch dimension moved to the front,
+    so per-sample statistics are per sample. The batch dimension is the one whose size is the input's
+    batch size, learned per layer from the first call that shows it unambiguously; an output with no
+    such dimension holds no per-sample activation and is not probed.
     """
 
     def __init__(
@@ -232,6 +239,9 @@ class LayerProbe:
         self._chunk: int | None = None
         self._outputs: "OrderedDict[str, torch.Tensor]" = OrderedDict()
         self._layers: dict[str, Layer] = {}
+        self._batch: int | None = None  # the batch size of the forward pass now running
+        self._batch_dims: dict[str, int] = {}  # per layer key, learned from an unambiguous call
+        self._no_batch: set[str] = set()
 
     # -- hook management -------------------------------------------------------------------
     def __enter__(self) -> "LayerProbe":
@@ -247,6 +257,7 @@ class LayerProbe:
         named = dict(self.model.named_modules())
         ops = op_layers(self.model)
         try:
+            self._handles.append(self.model.register_forward_pre_hook(self._note_batch))
             for name in self.module_names:
                 hook = self._make_hook(name)  # the taps of one op layer share its call count
                 for qual in ops.get(name, [name] if name in named else []):
@@ -273,6 +284,32 @@ class LayerProbe:
             h.remove()
         self._handles.clear()
 
+    def _note_batch(self, module, args) -> None:
+        x = args[0] if args else None
+        self._batch = int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() else None
+
+    def _batch_dim(self, key: str, t: torch.Tensor, n: int | None) -> int | None:
+        """Where the batch of ``n`` samples is in ``t``: dim 0 unless this layer showed it elsewhere; ``None``
+        when no dimension has ``n`` entries (the output does not hold one activation per sample)."""
+        if n is None or t.dim() == 0:
+            return 0 if t.dim() else None
+        known = self._batch_dims.get(key)
+        if known is not None:
+            if t.shape[known] != n:
+                raise RobauditError(f"layer {key}: its output {tuple(t.shape)} no longer holds the batch of {n} at "
+                                    f"dim {known}; the model's layout depends on its input: restrict --layers")
+            return known
+        dims = [i for i, size in enumerate(t.shape) if size == n]
+        if not dims:
+            return None
+        if len(dims) == 1 or dims[0] != 0:
+            if len(dims) > 1:
+                raise RobauditError(f"layer {key}: its output {tuple(t.shape)} has {n} entries at dims "
+                                    f"{', '.join(map(str, dims))}, so the batch dimension is unclear: choose "
+                                    "another --batch-size")
+            self._batch_dims[key] = dims[0]
+        return dims[0]
+
     def _make_hook(self, name: str):
         def hook(module, inputs, output):
             whole, index = output, None
@@ -284,35 +321,50 @@ class LayerProbe:
             if not isinstance(output, torch.Tensor):
                 return None
             chunk = self.model.__dict__.get("_robaudit_chunk")  # a fixed-batch model running one chunk
-            rest = None
+            n = self._batch
             if chunk is not None:
-                part, valid = chunk
-                if part != self._chunk:  # each chunk is the same forward pass again: count its calls afresh
-                    self._chunk = part
+                n = self.model.__dict__.get("_robaudit_fixed_batch", n)
+                if chunk[0] != self._chunk:  # each chunk is the same forward pass again: count its calls afresh
+                    self._chunk = chunk[0]
                     self._calls.clear()
-                if output.dim() and output.shape[0] > valid:
-                    output, rest = output[:valid], output[valid:]
             call = self._calls.get(name, 0) + 1
             self._calls[name] = call
             key = name if call == 1 else f"{name}#{call}"
+            dim = self._batch_dim(key, output, n)
+            if dim is None:
+                if key not in self._no_batch:
+                    self._no_batch.add(key)
+                    warnings.warn(f"layer {key}: its output {tuple(output.shape)} has no dimension of the batch size "
+                                  f"{n}, so it holds no per-sample activation; it is not probed", stacklevel=2)
+                return None
+            view = output.movedim(dim, 0) if dim else output
+            rest = None
+            if chunk is not None and view.shape[0] > chunk[1]:
+                view, rest = view[:chunk[1]], view[chunk[1]:]
             layer = self._layers.get(key)
             if layer is None:
                 layer = Layer(name, call, self.types.get(name, type(module).__name__), len(self._layers))
                 self._layers[key] = layer
             new = None
             if self.transform is not None:
-                new = self.transform(layer, output)
-                output = new
+                new = self.transform(layer, view)
+                if new is view:  # an observer: the output goes on untouched
+                    new = None
             # clone: a later in-place op (ReLU(inplace=True), ``out += identity``) would otherwise
             # rewrite the recorded activation through shared storage
-            record = (output.detach().clone() if self.detach else output) if self.record else None
+            cur = new if new is not None else view
+            record = (cur.detach().clone() if self.detach else cur) if self.record else None
             if self.record:
                 if chunk is not None and chunk[0] > 0 and key in self._outputs:
                     record = torch.cat([self._outputs[key], record])
                 self._outputs[key] = record
+            if new is None:
+                return None
             if rest is not None:  # the padded rows go on unchanged
-                new = torch.cat([new if new is not None else output, rest])
-            if new is not None and index is not None:
+                new = torch.cat([new, rest])
+            if dim:
+                new = new.movedim(0, dim)
+            if index is not None:
                 items = list(whole)
                 items[index] = new
                 return type(whole)(items)

@@ -294,10 +294,12 @@ class MobileNetV2(nn.Module):
 
 # -- a small ViT ------------------------------------------------------------------------------
 class EncoderBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp: int) -> None:
+    """Pre-norm encoder block; ``seq_first`` takes ``(L, N, E)`` tensors, nn.MultiheadAttention's default layout."""
+
+    def __init__(self, dim: int, heads: int, mlp: int, seq_first: bool = False) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(dim)
-        self.self_attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.self_attention = nn.MultiheadAttention(dim, heads, batch_first=not seq_first)
         self.ln_2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim))
 
@@ -312,19 +314,23 @@ class ViT(nn.Module):
     """A Vision Transformer (patch convolution, class token, position embedding, pre-norm encoder blocks)."""
 
     def __init__(self, image_size: int = 32, patch: int = 8, dim: int = 16, depth: int = 2, heads: int = 2,
-                 mlp: int = 32, num_classes: int = 10) -> None:
+                 mlp: int = 32, num_classes: int = 10, seq_first: bool = False) -> None:
         super().__init__()
+        self.seq_first = seq_first  # the encoder runs on (L, N, E): every block output has its batch at dim 1
         self.conv_proj = nn.Conv2d(3, dim, patch, stride=patch)
         n = (image_size // patch) ** 2
         self.class_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embedding = nn.Parameter(torch.randn(1, n + 1, dim) * 0.02)
-        self.layers = nn.Sequential(*[EncoderBlock(dim, heads, mlp) for _ in range(depth)])
+        self.layers = nn.Sequential(*[EncoderBlock(dim, heads, mlp, seq_first) for _ in range(depth)])
         self.ln = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
     def forward(self, x):
         x = self.conv_proj(x).flatten(2).transpose(1, 2)
         x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embedding
+        if self.seq_first:
+            x = self.ln(self.layers(x.transpose(0, 1)))
+            return self.head(x[0])
         x = self.ln(self.layers(x))
         return self.head(x[:, 0])
 
@@ -371,6 +377,7 @@ ARCHS = {
     "vgg11bn": (VGG11BN, {"width": 2}),
     "mobilenetv2": (MobileNetV2, {"width": 4}),
     "vit": (ViT, {}),
+    "vit-seqfirst": (ViT, {"seq_first": True}),
     "convnext": (ConvNeXt, {}),
 }
 

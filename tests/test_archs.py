@@ -108,6 +108,12 @@ def test_same_layers_and_relative_error(analyses):
     assert (a.lsa["re_mean"] > 0).any()
 
 
+def test_statistics_are_per_sample(analyses):
+    """Every layer's statistics count the N samples, whatever its layout (a sequence-first encoder's (L, N, E))."""
+    for res in analyses[2:]:
+        assert (res.lsa["n_samples"] == N).all(), res.lsa.loc[res.lsa["n_samples"] != N, ["layer", "n_samples"]]
+
+
 def test_module_hooks_on_the_eager_model_match_the_export(case, analyses):
     """Without ops, the eager model itself is hooked (no internal export): its layers and RE still match."""
     exported, eager, _, _ = analyses

@@ -363,3 +363,69 @@ def test_paused_probe_records_nothing_and_resumes(cnn):
             assert all(not m._forward_hooks for m in cnn.modules())
         _, outs = probe.run(cnn, torch.rand(2, 1, 8, 8))
         assert list(outs) == CNN_LAYERS
+
+
+class SeqFirst(nn.Module):
+    """A sequence-first block: ``mix`` sees ``(L, N, E)``, as nn.MultiheadAttention's default layout does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Linear(3, 3)
+        self.pool = nn.Identity()
+        with torch.no_grad():
+            self.mix.weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [1.0, 1.0, 1.0]]))
+            self.mix.bias.zero_()
+
+    def forward(self, x):  # x: N x L x 3
+        h = self.mix(x.transpose(0, 1))  # L x N x 3
+        return self.pool(h.sum(0))  # N x 3
+
+
+def test_a_sequence_first_layer_is_recorded_batch_first():
+    model = SeqFirst().eval()
+    x = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3) / 10  # N=2, L=5
+    with LayerProbe(model, ["mix", "pool"]) as probe:
+        _, outs = probe.run(model, x)
+    expected = torch.einsum("nld,ed->nle", x, model.mix.weight)  # the mixed sequence of each sample, batch first
+    torch.testing.assert_close(outs["mix"], expected)
+    assert outs["pool"].shape == (2, 3)
+
+
+def test_a_sequence_first_layer_gives_per_sample_relative_error():
+    from dataclasses import replace
+
+    from robaudit import attacks
+
+    model = SeqFirst().eval()
+    x = torch.rand(6, 5, 3, generator=torch.Generator().manual_seed(0))
+    y = model(x).argmax(1)
+    res = analyze(model, (x, y), attacks=["fgsm"], eps=[0.1], device="cpu", seed=0, probe="modules", batch_size=4)
+    row = res.lsa.set_index("layer").loc["mix"]
+    assert row["n_samples"] == 6  # samples, not sequence positions
+    # by hand: FGSM has no random start, so the same adversarial batches, and RE over each sample's L x E block
+    fgsm = attacks.build(replace(attacks.parse("fgsm"), eps=0.1), model, num_classes=3)
+    x_adv = torch.cat([fgsm(x[:4], y[:4]), fgsm(x[4:], y[4:])])
+    clean, adv = model.mix(x).detach().double(), model.mix(x_adv).detach().double()
+    per_sample = (adv - clean).flatten(1).norm(dim=1) / clean.flatten(1).norm(dim=1)
+    assert row["re_mean"] == pytest.approx(float(per_sample.mean()), rel=1e-5)
+    pooled = (adv - clean).norm() / clean.norm()
+    assert row["re_pooled"] == pytest.approx(float(pooled), rel=1e-5)
+
+
+def test_an_output_without_a_batch_dimension_is_not_probed():
+    class Stats(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Linear(3, 3)
+            self.summary = nn.Identity()
+
+        def forward(self, x):
+            h = self.scale(x)
+            self.summary(h.mean(0))  # one vector for the whole batch: no per-sample activation
+            return h
+
+    model = Stats().eval()
+    with pytest.warns(UserWarning, match="summary.*no dimension of the batch size 4"):
+        with LayerProbe(model, ["scale", "summary"]) as probe:
+            _, outs = probe.run(model, torch.rand(4, 3))
+    assert list(outs) == ["scale"]
