@@ -18,6 +18,7 @@ import torch
 
 from .. import __version__
 from .. import attacks as atk
+from .. import dist
 from ..data import load_dataset
 from ..errors import RobauditError
 from ..lsa import MVL, LSAResult, analyze, resolve_device
@@ -66,7 +67,10 @@ def analyze_and_check(loaded: LoadedModel, data, *, attacks, eps, layers=None, l
                       progress: bool = False, checks: bool = True, workers: int = 0,
                       samples_path: Path | None = None) -> tuple[LSAResult, dict | None]:
     """Run the layer analysis and (with ``checks``) the model checks, sized to the battery and reusing its
-    outcomes: what every run directory holds. ``samples_path`` streams ``samples.csv`` there."""
+    outcomes: what every run directory holds. ``samples_path`` streams ``samples.csv`` there.
+
+    Under ``torchrun`` every process runs its share of the analysis (and keeps the outcomes the checks
+    reuse); the checks then run on rank 0 alone, and the other processes get ``None`` for them."""
     dev = resolve_device(device)
     plan = None
     if checks:
@@ -77,6 +81,8 @@ def analyze_and_check(loaded: LoadedModel, data, *, attacks, eps, layers=None, l
     result = analyze(loaded, data, attacks=attacks, eps=eps, layers=layers, layer_types=layer_types, probe=probe,
                      mean=mean, std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress,
                      keep_outcomes=plan.n_samples if plan else 0, workers=workers, samples_path=samples_path)
+    if not dist.is_main():
+        return result, None
     try:
         return result, (_model_checks(loaded, data, mean, std, dev, seed, plan, result) if checks else None)
     except BaseException:
@@ -135,40 +141,30 @@ def analyze_run(
     progress: bool = False,
     command: str | None = None,
     force: bool = False,
-) -> AnalysisRun:
+) -> AnalysisRun | None:
     """Analyze a model file on a data set and write the run directory (and its report).
 
-    An existing ``out`` must be an earlier robaudit run, and is replaced only with ``force``.
+    An existing ``out`` must be an earlier robaudit run, and is replaced only with ``force``. Under
+    ``torchrun`` every process runs this with the same arguments and analyzes its share of the batches;
+    rank 0 alone runs the checks and the BatchNorm audit, writes the run and returns it, the others
+    write nothing and return ``None``. An error on any process stops all of them.
     """
     started = now()
-    if out is not None:
-        check_output_dir(out, force=force)  # before minutes of analysis, not after
-    if mvl_top is not None and mvl_top < 1:
-        raise RobauditError("--mvl-top must be at least 1")
-    if mvl_z is not None and not math.isfinite(mvl_z):
-        raise RobauditError(f"--mvl-z must be a finite number of standard deviations, got {mvl_z}")
-    specs = [atk.parse(a) for a in attacks] if attacks else None
-    loaded = model if isinstance(model, LoadedModel) else load_model(
-        model, arch=arch, arch_kwargs=arch_kwargs, trust_model=trust_model)
-    data = load_dataset(dataset, split=split, samples=samples, shuffle=shuffle, seed=seed, data_dir=data_dir,
-                        download=download, image_size=image_size, class_map=class_map,
-                        stream=str(dataset).startswith("imagefolder:")
-                        or str(dataset).lower().endswith((".npz", ".npy")))
-    out = Path(out) if out else default_out(loaded.path, data.name)
-    check_output_dir(out, force=force)
-    if normalize and mean is None and std is None:
-        mean, std = data.mean, data.std
-    elif not normalize:
-        mean = std = None
-    eps = list(eps) if eps else list(data.default_eps)
-    specs = specs or atk.default_battery(eps)
     dev = resolve_device(device)
-
-    samples_csv = staging_file(out, "samples")  # streamed row by row; removed if anything below fails
+    dist.init(dev)
+    with dist.together():  # a failure here on any process (a missing file, say) stops every process
+        loaded, data, out, mean, std, eps, specs = _setup(
+            model, dataset, out=out, arch=arch, arch_kwargs=arch_kwargs, trust_model=trust_model, data_dir=data_dir,
+            split=split, samples=samples, shuffle=shuffle, download=download, image_size=image_size,
+            class_map=class_map, attacks=attacks, eps=eps, mean=mean, std=std, normalize=normalize, mvl_top=mvl_top,
+            mvl_z=mvl_z, seed=seed, force=force)
+    samples_csv = staging_file(out, "samples") if dist.is_main() else None  # removed if anything below fails
     result, check_results = analyze_and_check(
         loaded, data, attacks=specs, eps=eps, layers=layers, layer_types=layer_types, probe=probe, mean=mean,
         std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress, checks=checks, workers=workers,
         samples_path=samples_csv)
+    if not dist.is_main():
+        return None
     try:
         mvl = result.mvl(mvl_top, z=mvl_z, attack=mvl_attack, metric=mvl_metric, include_output=include_output)
         mvl_top = mvl.k if mvl_z is None else mvl_top  # select_mvl's default when none was given
@@ -184,6 +180,34 @@ def analyze_run(
                  "include_output": include_output}))
     finally:
         samples_csv.unlink(missing_ok=True)  # moved into the run, unless something failed
+
+
+def _setup(model, dataset: str, *, out, arch, arch_kwargs, trust_model, data_dir, split, samples, shuffle, download,
+           image_size, class_map, attacks, eps, mean, std, normalize, mvl_top, mvl_z, seed, force):
+    """Check the options and the output, load the model and the data: everything before the analysis."""
+    if out is not None and dist.is_main():
+        check_output_dir(out, force=force)  # before minutes of analysis, not after
+    if mvl_top is not None and mvl_top < 1:
+        raise RobauditError("--mvl-top must be at least 1")
+    if mvl_z is not None and not math.isfinite(mvl_z):
+        raise RobauditError(f"--mvl-z must be a finite number of standard deviations, got {mvl_z}")
+    specs = [atk.parse(a) for a in attacks] if attacks else None
+    loaded = model if isinstance(model, LoadedModel) else load_model(
+        model, arch=arch, arch_kwargs=arch_kwargs, trust_model=trust_model)
+    data = load_dataset(dataset, split=split, samples=samples, shuffle=shuffle, seed=seed, data_dir=data_dir,
+                        download=download, image_size=image_size, class_map=class_map,
+                        stream=str(dataset).startswith("imagefolder:")
+                        or str(dataset).lower().endswith((".npz", ".npy")))
+    out = Path(out) if out else default_out(loaded.path, data.name)
+    if dist.is_main():  # the other processes never look at the output
+        check_output_dir(out, force=force)
+    if normalize and mean is None and std is None:
+        mean, std = data.mean, data.std
+    elif not normalize:
+        mean = std = None
+    eps = list(eps) if eps else list(data.default_eps)
+    specs = specs or atk.default_battery(eps)
+    return loaded, data, out, mean, std, eps, specs
 
 
 def _write(out: Path, result: LSAResult, mvl: MVL, check_results, bn, samples_csv: Path, *, force: bool,
