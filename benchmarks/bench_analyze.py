@@ -3,6 +3,7 @@
     python benchmarks/bench_analyze.py            # about 2 minutes on 2 CPU cores
     python benchmarks/bench_analyze.py --quick    # under a minute: 256 samples timed, memory at 1k vs 4k
     python benchmarks/bench_analyze.py --profile  # also: where analyze spends its time (cProfile)
+    python benchmarks/bench_analyze.py --dist     # only the torchrun speedup, 2 processes vs 1 (about 4 minutes)
 
 1. Time: ``analyze`` on the digits CNN with a battery (FGSM, PGD and Gaussian noise at 3 eps, plus CW)
    against a bare loop that only generates the same adversarial examples with the same attack objects
@@ -31,6 +32,11 @@
 6. Sanity checks: ``analyze_run`` (PGD-10 at eps 0.1, checks on) on the digits CNN; the seconds the
    model checks took against the battery's, from ``checks.json``. Target: at most 10 %
    (the checks are sized to 10 % of the battery's forward+backward passes).
+7. ``--dist`` (this part alone): ``torchrun --standalone --nproc-per-node=2 -m robaudit analyze`` against
+   ``python -m robaudit analyze``, the same command on the same data (the shipped digits CNN on the 1,437
+   digits train images; FGSM, PGD-10, PGD-50 and Gaussian noise at 3 eps), one thread per process
+   (``OMP_NUM_THREADS=1``), whole commands timed (process start-up included) in alternating rounds,
+   median. Target: at least 1.6x. The analysis' own clock (``manifest.json``) is printed beside it.
 
 Exit status 0 when every target is met, 1 otherwise.
 """
@@ -86,6 +92,7 @@ MEMORY_NOISE_MB = 10.0  # this many MB also counts as flat (the allocator's own 
 DEEPFOOL_TARGET = 10.0
 FOLDER_TARGET = 1.2
 CHECKS_TARGET = 0.10
+DIST_TARGET = 1.6
 
 
 def digits(split: str = "train", n: int | None = None):
@@ -382,6 +389,44 @@ def arch_overhead(out, rounds: int, quick: bool) -> bool:
     return ok
 
 
+def dist_speedup(out, rounds: int, quick: bool) -> bool:
+    """The same analyze command in 1 process and under torchrun with 2, one thread each, alternating rounds."""
+    import tempfile
+
+    from robaudit import examples
+
+    batch = ["--attack", "fgsm", "--attack", "pgd"] + ([] if quick else ["--attack", "pgd:steps=50"])
+    args = ["analyze", str(examples.path("digits_cnn.pt2")), "--dataset", "digits", "--split", "train",
+            "--batch-size", "32", *batch, "--attack", "gaussian", "--eps", ",".join(map(str, EPS)),
+            "--no-report", "--no-checks", "--force"]
+    launch = {"1 process": [sys.executable, "-m", "robaudit"],
+              "2 processes": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                              "-m", "robaudit"]}
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    wall: dict[str, list[float]] = {k: [] for k in launch}
+    inner: dict[str, list[float]] = {k: [] for k in launch}
+    with tempfile.TemporaryDirectory(prefix="bench-dist-") as tmp:
+        for r in range(rounds):
+            for name in (list(launch) if r % 2 == 0 else list(launch)[::-1]):
+                run_dir = Path(tmp) / name.replace(" ", "-")
+                tic = time.perf_counter()
+                subprocess.run([*launch[name], *args, "--out", str(run_dir)], env=env, check=True,
+                               stdout=subprocess.DEVNULL)
+                wall[name].append(time.perf_counter() - tic)
+                inner[name].append(json.loads((run_dir / "manifest.json").read_text())["seconds"])
+    out.write(f"\ntorchrun: analyze of 1,437 digits ({', '.join(a for a in batch[1::2])}, gaussian at "
+              f"{len(EPS)} eps), one thread per process, {rounds} rounds alternating, median\n")
+    out.write(f"{'':<14} {'command s':>10} {'analysis s':>11}\n")
+    for name in launch:
+        out.write(f"{name:<14} {statistics.median(wall[name]):>10.2f} {statistics.median(inner[name]):>11.2f}\n")
+    speedup = statistics.median(wall["1 process"]) / statistics.median(wall["2 processes"])
+    inner_speedup = statistics.median(inner["1 process"]) / statistics.median(inner["2 processes"])
+    ok = speedup >= DIST_TARGET
+    out.write(f"2 processes / 1: {speedup:.2f}x faster (target >= {DIST_TARGET}x: {'ok' if ok else 'BELOW TARGET'}); "
+              f"the analysis alone: {inner_speedup:.2f}x\n")
+    return ok
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer samples and rounds (about 1 minute)")
@@ -390,6 +435,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is steadiest on shared cores)")
     p.add_argument("--profile", action="store_true", help="also print a cProfile of one analyze run")
     p.add_argument("--archs", action="store_true", help="only the ResNet-18 / ViT overhead at 3x32x32")
+    p.add_argument("--dist", action="store_true", help="only the torchrun speedup: 2 processes vs 1, one thread each")
     p.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--memory-folder", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -403,6 +449,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     if args.archs:
         return 0 if arch_overhead(sys.stdout, args.rounds or 3, args.quick) else 1
+    if args.dist:
+        return 0 if dist_speedup(sys.stdout, args.rounds or 3, args.quick) else 1
     started = time.perf_counter()
     out = sys.stdout
     rounds = args.rounds or 3

@@ -202,16 +202,24 @@ class Battery:
         return t
 
     def _record(self, b: int, start: int, y, pred, oks, perts, robust) -> None:
-        """This batch's ``samples.csv`` rows: written now in one process, kept as host copies to gather else."""
+        """This batch's ``samples.csv`` rows as host copies queued without waiting: written one batch later in
+        one process (when the copies are surely complete), gathered to rank 0 otherwise."""
         if self.log is None and not self.keep_rows:
             return
-        row = (torch.arange(start, start + len(y)), y, pred, oks, perts, robust)
-        if self.log is not None:
-            self.log.write(*row)
-            return
         host = functools.partial(torch.Tensor.to, device="cpu", non_blocking=True)
-        self.rows[b] = (row[0], host(y), host(pred), [host(t) for t in oks], [host(t) for t in perts],
-                        [host(t) for t in robust])
+        self.rows[b] = (torch.arange(start, start + len(y)), host(y), host(pred), [host(t) for t in oks],
+                        [host(t) for t in perts], [host(t) for t in robust])
+        if self.log is not None:
+            self.flush(keep=b)
+
+    def flush(self, keep: int | None = None) -> None:
+        """Write the queued ``samples.csv`` rows (all but batch ``keep``, whose copies may still be running)."""
+        if self.log is None:
+            return
+        if keep is None:
+            dist.synchronize(self.s.device)
+        for b in [b for b in self.rows if b != keep]:
+            self.log.write(*self.rows.pop(b))
 
     # -- over all processes ----------------------------------------------------------------------
     def payload(self, layers: list[Layer]) -> dict:

@@ -7,7 +7,6 @@ All are sums over samples, so no activation outlives its batch.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import os
@@ -288,6 +287,7 @@ def analyze(
             for start, x, y in batches(data, batch_size=batch_size, device=dev, workers=workers,
                                        part=(dist.rank(), dist.world_size())):
                 battery.step(start // batch_size, start, x, y)
+            battery.flush()
             payload = {**battery.payload(probe_.layers), "wants_rows": samples_path is not None}
         except Exception as e:
             error = e

@@ -62,6 +62,14 @@ def api_command(stage: str, *args, **options) -> str:
     return shlex.join(parts)
 
 
+def check_plan(attacks, eps, data, *, batch_size: int):
+    """How many leading samples the model checks afford, and which battery outcomes they reuse."""
+    from ..sanity import plan_checks
+
+    return plan_checks(atk.expand(list(attacks) if attacks else atk.default_battery(eps), eps), n_battery=len(data.y),
+                       num_classes=data.num_classes, batch_size=batch_size)
+
+
 def analyze_and_check(loaded: LoadedModel, data, *, attacks, eps, layers=None, layer_types=None,
                       probe: str = "all", mean=None, std=None, batch_size: int = 128, device="cpu", seed: int = 0,
                       progress: bool = False, checks: bool = True, workers: int = 0,
@@ -72,12 +80,7 @@ def analyze_and_check(loaded: LoadedModel, data, *, attacks, eps, layers=None, l
     Under ``torchrun`` every process runs its share of the analysis (and keeps the outcomes the checks
     reuse); the checks then run on rank 0 alone, and the other processes get ``None`` for them."""
     dev = resolve_device(device)
-    plan = None
-    if checks:
-        from ..sanity import plan_checks
-
-        plan = plan_checks(atk.expand(list(attacks) if attacks else atk.default_battery(eps), eps), n_battery=len(data.y), num_classes=data.num_classes,
-                           batch_size=batch_size)
+    plan = check_plan(attacks, eps, data, batch_size=batch_size) if checks else None
     result = analyze(loaded, data, attacks=attacks, eps=eps, layers=layers, layer_types=layer_types, probe=probe,
                      mean=mean, std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress,
                      keep_outcomes=plan.n_samples if plan else 0, workers=workers, samples_path=samples_path)
@@ -92,8 +95,11 @@ def analyze_and_check(loaded: LoadedModel, data, *, attacks, eps, layers=None, l
 
 
 def batchnorm_audit(loaded: LoadedModel, data, result: LSAResult, mvl: MVL, *, mean, std, device, seed: int,
-                    batch_size: int):
-    """bn.csv: clean vs adversarial BatchNorm statistics under the ranking attack; None without BatchNorm."""
+                    batch_size: int, distributed: bool = False):
+    """bn.csv: clean vs adversarial BatchNorm statistics under the ranking attack; None without BatchNorm.
+
+    The attack draws what it drew in the analysis; ``distributed``: every process of torchrun calls this
+    and takes its share of the batches."""
     from .. import bnaudit
 
     spec = bnaudit.ranking_spec(result.attacks, mvl.attack, mvl.eps)
@@ -101,7 +107,9 @@ def batchnorm_audit(loaded: LoadedModel, data, result: LSAResult, mvl: MVL, *, m
         return None
     full = with_normalization(loaded.module, mean, std, ndim=len(data.input_shape) + 1)
     return bnaudit.audit_batchnorm(full, loaded.module, data, attack=spec, num_classes=data.num_classes,
-                                   type_map=loaded.type_map, batch_size=batch_size, device=device, seed=seed)
+                                   type_map=loaded.type_map, batch_size=batch_size,
+                                   device=dist.local_device(resolve_device(device)), seed=seed,
+                                   config=result.attacks.index(spec), distributed=distributed)
 
 
 def analyze_run(
@@ -146,8 +154,8 @@ def analyze_run(
 
     An existing ``out`` must be an earlier robaudit run, and is replaced only with ``force``. Under
     ``torchrun`` every process runs this with the same arguments and analyzes its share of the batches;
-    rank 0 alone runs the checks and the BatchNorm audit, writes the run and returns it, the others
-    write nothing and return ``None``. An error on any process stops all of them.
+    the BatchNorm audit is shared too; rank 0 alone then runs the model checks, writes the run and returns it,
+    the others write nothing and return ``None``. An error on any process stops all of them.
     """
     started = now()
     dev = resolve_device(device)
@@ -159,17 +167,19 @@ def analyze_run(
             class_map=class_map, attacks=attacks, eps=eps, mean=mean, std=std, normalize=normalize, mvl_top=mvl_top,
             mvl_z=mvl_z, seed=seed, force=force)
     samples_csv = staging_file(out, "samples") if dist.is_main() else None  # removed if anything below fails
-    result, check_results = analyze_and_check(
-        loaded, data, attacks=specs, eps=eps, layers=layers, layer_types=layer_types, probe=probe, mean=mean,
-        std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress, checks=checks, workers=workers,
-        samples_path=samples_csv)
-    if not dist.is_main():
-        return None
     try:
+        plan = check_plan(specs, eps, data, batch_size=batch_size) if checks else None
+        result = analyze(loaded, data, attacks=specs, eps=eps, layers=layers, layer_types=layer_types, probe=probe,
+                         mean=mean, std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress,
+                         keep_outcomes=plan.n_samples if plan else 0, workers=workers, samples_path=samples_csv)
+        # every process: the MVL list names the attack that the BatchNorm audit, shared by all, runs again
         mvl = result.mvl(mvl_top, z=mvl_z, attack=mvl_attack, metric=mvl_metric, include_output=include_output)
         mvl_top = mvl.k if mvl_z is None else mvl_top  # select_mvl's default when none was given
         bn = batchnorm_audit(loaded, data, result, mvl, mean=mean, std=std, device=dev, seed=seed,
-                             batch_size=batch_size)
+                             batch_size=batch_size, distributed=True)
+        if not dist.is_main():  # the rest is rank 0's alone: the others are done, and exit
+            return None
+        check_results = _model_checks(loaded, data, mean, std, dev, seed, plan, result) if checks else None
         return _write(out, result, mvl, check_results, bn, samples_csv, force=force, report=report, manifest=_manifest(
             loaded, data, result, command=command or _api_command(loaded, dataset, attacks, eps, seed, out,
                                                                   image_size=image_size, class_map=class_map),
@@ -179,7 +189,8 @@ def analyze_run(
             mvl={"top": mvl_top, "z": mvl_z, "attack": mvl_attack, "metric": mvl_metric,
                  "include_output": include_output}))
     finally:
-        samples_csv.unlink(missing_ok=True)  # moved into the run, unless something failed
+        if samples_csv is not None:
+            samples_csv.unlink(missing_ok=True)  # moved into the run, unless something failed
 
 
 def _setup(model, dataset: str, *, out, arch, arch_kwargs, trust_model, data_dir, split, samples, shuffle, download,
