@@ -391,6 +391,14 @@ def arch_overhead(out, rounds: int, quick: bool) -> bool:
     return ok
 
 
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of every finished child process, their own children included."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def dist_speedup(out, rounds: int, quick: bool) -> bool:
     """The same analyze command in 1 process and under torchrun with 2, one thread each, alternating rounds;
     beside them two independent 1-process runs at once, the most that two processes can gain on this machine."""
@@ -407,16 +415,18 @@ def dist_speedup(out, rounds: int, quick: bool) -> bool:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     wall: dict[str, list[float]] = {"1 process": [], "2 processes": [], "2 copies of 1": []}
     inner: dict[str, list[float]] = {"1 process": [], "2 processes": []}
+    cpu: dict[str, list[float]] = {k: [] for k in wall}  # CPU seconds of the command and all its processes
 
     def run(name: str, tmp: Path) -> None:
         copies = [one, one] if name == "2 copies of 1" else [two if name == "2 processes" else one]
         dirs = [tmp / f"{name.replace(' ', '-')}-{k}" for k in range(len(copies))]
-        tic = time.perf_counter()
+        tic, used = time.perf_counter(), _children_cpu()
         procs = [subprocess.Popen([*cmd, *args, "--out", str(d)], env=env, stdout=subprocess.DEVNULL)
                  for cmd, d in zip(copies, dirs)]
         if any(p.wait() for p in procs):
             raise RuntimeError(f"{name}: the analyze command failed")
         wall[name].append(time.perf_counter() - tic)
+        cpu[name].append(_children_cpu() - used)
         if name in inner:
             inner[name].append(json.loads((dirs[0] / "manifest.json").read_text())["seconds"])
 
@@ -427,10 +437,10 @@ def dist_speedup(out, rounds: int, quick: bool) -> bool:
     med = {k: statistics.median(v) for k, v in wall.items()}
     out.write(f"\ntorchrun: analyze of 1,437 digits ({', '.join(batch[1::2])}, gaussian at {len(EPS)} eps), "
               f"one thread per process, {rounds} rounds alternating, median\n")
-    out.write(f"{'':<15} {'command s':>10} {'analysis s':>11}\n")
+    out.write(f"{'':<15} {'command s':>10} {'analysis s':>11} {'CPU s':>8}\n")
     for name, t in med.items():
         analysis = f"{statistics.median(inner[name]):>11.2f}" if name in inner else f"{'':>11}"
-        out.write(f"{name:<15} {t:>10.2f} {analysis}\n")
+        out.write(f"{name:<15} {t:>10.2f} {analysis} {statistics.median(cpu[name]):>8.2f}\n")
     speedup = med["1 process"] / med["2 processes"]
     inner_speedup = statistics.median(inner["1 process"]) / statistics.median(inner["2 processes"])
     ceiling = 2 * med["1 process"] / med["2 copies of 1"]
