@@ -3,6 +3,7 @@
     python benchmarks/bench_analyze.py            # about 2 minutes on 2 CPU cores
     python benchmarks/bench_analyze.py --quick    # under a minute: 256 samples timed, memory at 1k vs 4k
     python benchmarks/bench_analyze.py --profile  # also: where analyze spends its time (cProfile)
+    python benchmarks/bench_analyze.py --dist     # only the torchrun speedup, 2 processes vs 1 (about 4 minutes)
 
 1. Time: ``analyze`` on the digits CNN with a battery (FGSM, PGD and Gaussian noise at 3 eps, plus CW)
    against a bare loop that only generates the same adversarial examples with the same attack objects
@@ -31,6 +32,13 @@
 6. Sanity checks: ``analyze_run`` (PGD-10 at eps 0.1, checks on) on the digits CNN; the seconds the
    model checks took against the battery's, from ``checks.json``. Target: at most 10 %
    (the checks are sized to 10 % of the battery's forward+backward passes).
+7. ``--dist`` (this part alone): ``torchrun --standalone --nproc-per-node=2 -m robaudit analyze`` against
+   ``python -m robaudit analyze``, the same command on the same data (the shipped digits CNN on the 1,437
+   digits train images; FGSM, PGD-10, PGD-50 and Gaussian noise at 3 eps), one thread per process
+   (``OMP_NUM_THREADS=1``), whole commands timed (process start-up included) in alternating rounds,
+   median. Target: at least 1.6x. The analysis' own clock (``manifest.json``) is printed beside it, and
+   so is the ceiling the machine allows: two independent 1-process runs at once against one alone (on
+   shared or hyper-threaded cores it is well under 2x).
 
 Exit status 0 when every target is met, 1 otherwise.
 """
@@ -86,6 +94,7 @@ MEMORY_NOISE_MB = 10.0  # this many MB also counts as flat (the allocator's own 
 DEEPFOOL_TARGET = 10.0
 FOLDER_TARGET = 1.2
 CHECKS_TARGET = 0.10
+DIST_TARGET = 1.6
 
 
 def digits(split: str = "train", n: int | None = None):
@@ -382,6 +391,66 @@ def arch_overhead(out, rounds: int, quick: bool) -> bool:
     return ok
 
 
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of every finished child process, their own children included."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def dist_speedup(out, rounds: int, quick: bool) -> bool:
+    """The same analyze command in 1 process and under torchrun with 2, one thread each, alternating rounds;
+    beside them two independent 1-process runs at once, the most that two processes can gain on this machine."""
+    import tempfile
+
+    from robaudit import examples
+
+    batch = ["--attack", "fgsm", "--attack", "pgd"] + ([] if quick else ["--attack", "pgd:steps=50"])
+    args = ["analyze", str(examples.path("digits_cnn.pt2")), "--dataset", "digits", "--split", "train",
+            "--batch-size", "32", *batch, "--attack", "gaussian", "--eps", ",".join(map(str, EPS)),
+            "--no-report", "--no-checks", "--force"]
+    one = [sys.executable, "-m", "robaudit"]
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "robaudit"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    wall: dict[str, list[float]] = {"1 process": [], "2 processes": [], "2 copies of 1": []}
+    inner: dict[str, list[float]] = {"1 process": [], "2 processes": []}
+    cpu: dict[str, list[float]] = {k: [] for k in wall}  # CPU seconds of the command and all its processes
+
+    def run(name: str, tmp: Path) -> None:
+        copies = [one, one] if name == "2 copies of 1" else [two if name == "2 processes" else one]
+        dirs = [tmp / f"{name.replace(' ', '-')}-{k}" for k in range(len(copies))]
+        tic, used = time.perf_counter(), _children_cpu()
+        procs = [subprocess.Popen([*cmd, *args, "--out", str(d)], env=env, stdout=subprocess.DEVNULL)
+                 for cmd, d in zip(copies, dirs)]
+        if any(p.wait() for p in procs):
+            raise RuntimeError(f"{name}: the analyze command failed")
+        wall[name].append(time.perf_counter() - tic)
+        cpu[name].append(_children_cpu() - used)
+        if name in inner:
+            inner[name].append(json.loads((dirs[0] / "manifest.json").read_text())["seconds"])
+
+    with tempfile.TemporaryDirectory(prefix="bench-dist-") as tmp:
+        for r in range(rounds):
+            for name in (list(wall) if r % 2 == 0 else list(wall)[::-1]):
+                run(name, Path(tmp))
+    med = {k: statistics.median(v) for k, v in wall.items()}
+    out.write(f"\ntorchrun: analyze of 1,437 digits ({', '.join(batch[1::2])}, gaussian at {len(EPS)} eps), "
+              f"one thread per process, {rounds} rounds alternating, median\n")
+    out.write(f"{'':<15} {'command s':>10} {'analysis s':>11} {'CPU s':>8}\n")
+    for name, t in med.items():
+        analysis = f"{statistics.median(inner[name]):>11.2f}" if name in inner else f"{'':>11}"
+        out.write(f"{name:<15} {t:>10.2f} {analysis} {statistics.median(cpu[name]):>8.2f}\n")
+    speedup = med["1 process"] / med["2 processes"]
+    inner_speedup = statistics.median(inner["1 process"]) / statistics.median(inner["2 processes"])
+    ceiling = 2 * med["1 process"] / med["2 copies of 1"]
+    ok = speedup >= DIST_TARGET
+    out.write(f"2 processes / 1: {speedup:.2f}x faster (target >= {DIST_TARGET}x: {'ok' if ok else 'BELOW TARGET'}); "
+              f"the analysis alone: {inner_speedup:.2f}x; this machine's ceiling (2 independent runs at once "
+              f"against one alone): {ceiling:.2f}x\n")
+    return ok
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer samples and rounds (about 1 minute)")
@@ -390,6 +459,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is steadiest on shared cores)")
     p.add_argument("--profile", action="store_true", help="also print a cProfile of one analyze run")
     p.add_argument("--archs", action="store_true", help="only the ResNet-18 / ViT overhead at 3x32x32")
+    p.add_argument("--dist", action="store_true", help="only the torchrun speedup: 2 processes vs 1, one thread each")
     p.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--memory-folder", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -403,6 +473,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     if args.archs:
         return 0 if arch_overhead(sys.stdout, args.rounds or 3, args.quick) else 1
+    if args.dist:
+        return 0 if dist_speedup(sys.stdout, args.rounds or 3, args.quick) else 1
     started = time.perf_counter()
     out = sys.stdout
     rounds = args.rounds or 3

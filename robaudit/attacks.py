@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -279,6 +280,30 @@ def build(spec: AttackSpec, model: nn.Module, *, num_classes: int, seed: int = 0
     else:  # pragma: no cover - KINDS and this table are kept in step
         raise RobauditError(f"attack {name} has no builder")
     return atk
+
+
+def batch_seed(seed: int, batch: int, config: int) -> int:
+    """The seed of configuration ``config`` on global batch ``batch``: what a batch draws does not depend on
+    which process runs it, nor on the batches before it."""
+    return int(np.random.SeedSequence([int(seed), int(batch), int(config)]).generate_state(1)[0])
+
+
+def reseed(attack: AttackFn, seed: int) -> None:
+    """Make the next call of a built attack draw from ``seed`` alone: torch's global generators (PGD's random
+    start, the noise baselines) and the attack's own seeds (Square, AutoAttack's members)."""
+    torch.manual_seed(seed)
+    for part in _seeded_parts(attack):
+        part.seed = seed
+
+
+def _seeded_parts(attack) -> list:
+    """The objects inside a built attack that reseed themselves from a ``seed`` attribute at every call."""
+    if isinstance(attack, _ImagesOnly):
+        return _seeded_parts(attack.atk)
+    if isinstance(attack, _Square):
+        return [attack.image_attack, attack.vector_attack]
+    members = getattr(getattr(attack, "_autoattack", None), "attacks", None)
+    return list(members) if members is not None else []
 
 
 def batched_deepfool(model: nn.Module, *, steps: int = 50, overshoot: float = 0.02):

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import attacks as atk
+from . import dist
 
 BN_TYPES = frozenset({"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm"})
 BN_COLUMNS = ["layer", "layer_type", "channels", "n_clean", "n_adv", "clean_vs_running", "adv_vs_clean",
@@ -52,6 +53,14 @@ class ChannelMoments:
         self.s = s if self.s is None else self.s + s
         self.ss = ss if self.ss is None else self.ss + ss
         self.n += x.shape[1]
+
+    def merge(self, n: int, s: torch.Tensor | None, ss: torch.Tensor | None) -> None:
+        """Add another stream's count and sums (another process's share of the batches)."""
+        if s is None:
+            return
+        self.s = s if self.s is None else self.s + s.to(self.s.device)
+        self.ss = ss if self.ss is None else self.ss + ss.to(self.ss.device)
+        self.n += n
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         mean = self.s / self.n
@@ -107,11 +116,16 @@ def _running(module: nn.Module, name: str, root_state: dict) -> tuple[torch.Tens
 
 def audit_batchnorm(model: nn.Module, inner: nn.Module, data, *, attack: atk.AttackSpec, num_classes: int,
                     type_map: Mapping[str, str] | None = None, batch_size: int = 128,
-                    device: torch.device | str = "cpu", seed: int = 0) -> pd.DataFrame:
+                    device: torch.device | str = "cpu", seed: int = 0, config: int = 0,
+                    distributed: bool = False) -> pd.DataFrame:
     """Compare running, clean and adversarial BatchNorm statistics of ``inner`` (the user's model inside
     ``model``, which may add input normalization) under one attack configuration.
 
-    ``data`` is a data set (in memory or streaming) or an ``(x, y)`` pair; it is read batch by batch."""
+    ``data`` is a data set (in memory or streaming) or an ``(x, y)`` pair; it is read batch by batch. The
+    attack's draws on global batch ``b`` are seeded from ``(seed, b, config)``: with ``config`` the attack's
+    index in an analysis, its adversarial batches are the analysis' own. With ``distributed`` (under
+    torchrun, called by every process) each process takes its share of the batches and the moments are
+    added over processes; every process gets the table."""
     from .data import as_dataset, batches
 
     found = batchnorm_layers(inner, type_map)
@@ -121,19 +135,28 @@ def audit_batchnorm(model: nn.Module, inner: nn.Module, data, *, attack: atk.Att
     device = torch.device(device)
     model = model.to(device).eval()
     fn = atk.build(attack, model, num_classes=num_classes, seed=seed)
-    torch.manual_seed(seed)
     state: dict = {}
     data = as_dataset(data, "BatchNorm audit")
+    part = (dist.rank(), dist.world_size()) if distributed else (0, 1)
+    error = None
     with _recording(layers, state):
-        for _, xb, yb in batches(data, batch_size=batch_size, device=device):
-            state["domain"] = None
-            adv = fn(xb, yb).detach()
-            with torch.no_grad():
-                state["domain"] = "clean"
-                model(xb)
-                state["domain"] = "adv"
-                model(adv)
-            state["domain"] = None
+        try:  # under torchrun a failure reaches every process at the exchange instead of leaving them waiting
+            for start, xb, yb in batches(data, batch_size=batch_size, device=device, part=part):
+                state["domain"] = None
+                atk.reseed(fn, atk.batch_seed(seed, start // batch_size, config))
+                adv = fn(xb, yb).detach()
+                with torch.no_grad():
+                    state["domain"] = "clean"
+                    model(xb)
+                    state["domain"] = "adv"
+                    model(adv)
+                state["domain"] = None
+        except Exception as e:
+            if not distributed:
+                raise
+            error = e
+    if distributed:
+        _add_over_processes(layers, error)
     root_state = inner.state_dict()
     rows = []
     for layer in layers:
@@ -141,14 +164,29 @@ def audit_batchnorm(model: nn.Module, inner: nn.Module, data, *, attack: atk.Att
         if running is None or layer.clean.n == 0 or layer.adv.n == 0:
             continue
         rm, rv, bn_eps = (t.to(device) if isinstance(t, torch.Tensor) else t for t in running)
-        cm, cv = layer.clean.compute()
-        am, av = layer.adv.compute()
+        cm, cv = (t.to(device) for t in layer.clean.compute())
+        am, av = (t.to(device) for t in layer.adv.compute())
         rows.append({"layer": layer.name, "layer_type": layer.cls, "channels": int(cm.numel()),
                      "n_clean": layer.clean.n, "n_adv": layer.adv.n,
                      "clean_vs_running": float(symmetric_kl(cm, cv, rm, rv, bn_eps).mean()),
                      "adv_vs_clean": float(symmetric_kl(am, av, cm, cv, bn_eps).mean()),
                      "adv_vs_running": float(symmetric_kl(am, av, rm, rv, bn_eps).mean())})
     return pd.DataFrame(rows, columns=BN_COLUMNS)
+
+
+def _add_over_processes(layers: list[_Layer], error: BaseException | None) -> None:
+    """Every process's moments added into each process's own (in rank order, so all get the same sums);
+    ``error`` (this process's failure, if any) stops every process instead."""
+    def mine(m: ChannelMoments):
+        return m.n, None if m.s is None else m.s.cpu(), None if m.ss is None else m.ss.cpu()
+
+    everyone = dist.exchange(None if error else [(mine(l.clean), mine(l.adv)) for l in layers], error)
+    for layer in layers:
+        layer.clean, layer.adv = ChannelMoments(), ChannelMoments()
+    for per_layer in everyone:
+        for layer, (clean, adv) in zip(layers, per_layer):
+            layer.clean.merge(*clean)
+            layer.adv.merge(*adv)
 
 
 def verdict(bn: pd.DataFrame | None) -> dict | None:

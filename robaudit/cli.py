@@ -6,6 +6,7 @@ traceback instead.
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import sys
 import warnings
@@ -22,10 +23,28 @@ EXIT_INTERRUPTED = 130
 SEED_MAX = 2**32 - 1  # numpy's and torch's generators both take it
 
 
+def _worker() -> bool:
+    """A process of ``torchrun`` other than rank 0: it prints nothing (rank 0 reports for the group)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0
+
+
 class _Group(click.Group):
-    """A click group that turns exceptions into one-line messages unless ``--debug`` is on."""
+    """A click group that turns exceptions into one-line messages unless ``--debug`` is on.
+
+    Under ``torchrun`` only rank 0 prints them: an error on another process reaches rank 0 (see
+    :func:`robaudit.dist.exchange`), and the other processes exit with the same status, silently.
+    """
 
     def invoke(self, ctx: click.Context):
+        try:
+            return self._invoke(ctx)
+        finally:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                from . import dist
+
+                dist.finalize()
+
+    def _invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
@@ -41,11 +60,14 @@ class _Group(click.Group):
         except RobauditError as e:
             if _debug(ctx):
                 raise
-            click.echo(f"error: {e}", err=True)
-            ctx.exit(EXIT_USER)
+            if not _worker():
+                click.echo(f"error: {e}", err=True)
+            ctx.exit(getattr(e, "exit_code", EXIT_USER))
         except Exception as e:  # a bug, not the user's fault: still one line, with the way to learn more
             if _debug(ctx):
                 raise
+            if _worker():
+                ctx.exit(EXIT_INTERNAL)
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             click.echo(f"error: unexpected {type(e).__name__}: {first[:300]} (rerun with --debug for the traceback)",
                        err=True)
@@ -90,6 +112,9 @@ def main(debug: bool, verbose: int) -> None:
     if not debug:
         warnings.simplefilter("ignore", FutureWarning)
         warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    if _worker():  # rank 0 alone speaks for a torchrun group
+        warnings.simplefilter("ignore")
+        logging.getLogger().setLevel(logging.ERROR)
 
 
 def model_options(f):
@@ -250,6 +275,8 @@ def analyze(ctx, model, arch, arch_kwargs, trust_model, dataset, data_dir, split
         command=shlex.join(["robaudit", *sys.argv[1:]]) if Path(sys.argv[0]).name.startswith("robaudit")
         else None, force=force,
     )
+    if run is None:  # a torchrun process other than rank 0: its share is in rank 0's run
+        return
     if not as_json:
         echo_summary(run)
     _verdict_and_gate(ctx, Path(run.path), bars, as_json)

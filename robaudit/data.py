@@ -687,21 +687,30 @@ def as_dataset(data, what: str = "input") -> Dataset | StreamingDataset:
     return data
 
 
-def batches(data: Dataset | StreamingDataset, *, batch_size: int, device: torch.device, workers: int = 0):
+def batches(data: Dataset | StreamingDataset, *, batch_size: int, device: torch.device, workers: int = 0,
+            part: tuple[int, int] = (0, 1)):
     """``(start, x, y)`` on ``device`` per batch, in order: slices of an in-memory set, or a DataLoader's uint8
-    batches of a streaming one, divided by its scale on the device (the same float32 values as on the host)."""
+    batches of a streaming one, divided by its scale on the device (the same float32 values as on the host).
+
+    ``part=(rank, world)`` yields only the global batches ``b`` with ``b % world == rank`` (one process's share
+    under torchrun); a streaming set then decodes only those.
+    """
+    rank, world = part
+    n = len(data.y)
+    starts = list(range(0, n, batch_size))[rank::world]
     if not isinstance(data, StreamingDataset):
-        for start in range(0, len(data.y), batch_size):
-            yield start, data.x[start:start + batch_size].to(device), data.y[start:start + batch_size].to(device)
+        for start in starts:
+            yield (start, data.x[start:start + batch_size].to(device, non_blocking=True),
+                   data.y[start:start + batch_size].to(device, non_blocking=True))
         return
-    loader = torch.utils.data.DataLoader(data.items, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                         pin_memory=device.type == "cuda",
+    if not starts:
+        return
+    loader = torch.utils.data.DataLoader(data.items, batch_sampler=[range(s, min(s + batch_size, n)) for s in starts],
+                                         num_workers=workers, pin_memory=device.type == "cuda",
                                          generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
-    start = 0
-    for xb, yb in loader:
+    for start, (xb, yb) in zip(starts, loader):
         x = xb.to(device, non_blocking=True)
         yield start, (x.float() / data.scale if not x.is_floating_point() else x), yb.to(device, non_blocking=True)
-        start += len(xb)
 
 
 def _load_imagefolder(root: Path, *, image_size: int | None, class_map: Path | None):

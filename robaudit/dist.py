@@ -6,12 +6,22 @@ the single-process identity, so the rest of the code calls these functions uncon
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as tdist
 
 from .errors import RobauditError
+
+
+class PeerError(RobauditError):
+    """Another process of the group failed: rank 0 says why in one line, the others stay quiet."""
+
+    def __init__(self, message: str, *, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def launched() -> bool:
@@ -31,11 +41,16 @@ def init(device: torch.device | None = None) -> None:
     if not tdist.is_available():
         raise RobauditError("this torch build has no torch.distributed: run in one process (without torchrun)")
     backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_device(device))
     tdist.init_process_group(backend=backend)
 
 
 def rank() -> int:
-    return tdist.get_rank() if active() else 0
+    """This process's rank: from the group once it is up, from ``torchrun``'s ``RANK`` before that."""
+    if active():
+        return tdist.get_rank()
+    return int(os.environ.get("RANK", "0")) if launched() else 0
 
 
 def world_size() -> int:
@@ -64,3 +79,73 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if active() and world_size() > 1:
         tdist.barrier()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, e.g. before reading host copies made with ``non_blocking``."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def was_shared(error: BaseException) -> bool:
+    """Whether ``error`` already went through :func:`exchange`, so that rank 0 reports it."""
+    return bool(getattr(error, "_robaudit_shared", False))
+
+
+def _summary(error: BaseException | None) -> tuple[bool, str, str] | None:
+    if error is None:
+        return None
+    text = str(error).strip()
+    return isinstance(error, RobauditError), type(error).__name__, text.splitlines()[0][:300] if text else ""
+
+
+def exchange(payload: Any, error: BaseException | None = None) -> list[Any]:
+    """Every process's ``payload`` (one ``all_gather_object``), after checking that none of them failed.
+
+    ``error`` is what this process raised before this point. If any process failed, every process raises:
+    the failing one its own error, rank 0 a :class:`PeerError` naming the first failing rank, the others a
+    quiet :class:`PeerError`. So an error on any rank stops the whole group instead of leaving it waiting.
+    """
+    if world_size() == 1:
+        if error is not None:
+            raise error
+        return [payload]
+    gathered: list = [None] * world_size()
+    tdist.all_gather_object(gathered, (_summary(error), payload))
+    failed = [(r, s) for r, (s, _) in enumerate(gathered) if s is not None]
+    if error is not None:
+        error._robaudit_shared = True  # type: ignore[attr-defined]
+        raise error
+    if failed:
+        r, (user, kind, text) = failed[0]
+        where = f"process {r} of {world_size()}"
+        message = f"{text} ({where})" if user else f"unexpected {kind} in {where}: {text} (rerun with --debug for the traceback)"
+        raise PeerError(message, exit_code=2 if user else 1)
+    return [p for _, p in gathered]
+
+
+@contextlib.contextmanager
+def together() -> Iterator[None]:
+    """A block that every process runs up to one shared check: if it raised anywhere, it raises everywhere
+    (see :func:`exchange`). Without torchrun, just the block."""
+    error = None
+    try:
+        yield
+    except Exception as e:  # re-raised by exchange, on this rank and (as PeerError) on the others
+        error = e
+    exchange(None, error)
+
+
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Every process's ``obj`` on rank 0 (in rank order), ``None`` on the others; ``[obj]`` in one process."""
+    if world_size() == 1:
+        return [obj]
+    out: list | None = [None] * world_size() if is_main() else None
+    tdist.gather_object(obj, out, dst=0)
+    return out
+
+
+def finalize() -> None:
+    """Leave the process group (at the end of a command under torchrun)."""
+    if active():
+        tdist.destroy_process_group()

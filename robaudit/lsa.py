@@ -7,7 +7,6 @@ All are sums over samples, so no activation outlives its batch.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import os
@@ -23,12 +22,14 @@ import torch
 from torch import nn
 
 from . import attacks as atk
+from . import dist
 from .data import StreamingDataset, as_dataset, batches
 from .errors import NonFiniteError, RobauditError
+from .battery import Battery, PerturbationSizes, Setup, Totals, write_rows  # noqa: F401 (PerturbationSizes: API)
 from .metrics import RelativeError, per_sample_sq_norms, relative_error  # noqa: F401 (defined there)
 from .models import LoadedModel, as_graph, check_compatible, with_normalization
 from .probe import PROBE_MODES, Layer, LayerProbe, select_modules
-from .samples import SampleLog, perturbation_norms
+from .samples import SampleLog
 
 log = logging.getLogger(__name__)
 
@@ -36,41 +37,6 @@ LSA_COLUMNS = ["layer", "layer_type", "attack", "eps", "re_mean", "re_std", "re_
                "order", "kind", "norm", "is_output"]
 ACCURACY_COLUMNS = ["attack", "eps", "accuracy", "n_samples", "kind", "norm", "seconds", "success_rate",
                     "pert_median", "pert_p90"]
-
-
-# -- the streaming statistic ---------------------------------------------------------------
-class PerturbationSizes:
-    """Success rate and perturbation size of one attack configuration, streamed by batch.
-
-    A sample is *fooled* when the model classifies it correctly and its perturbed input wrongly;
-    ``success_rate`` is fooled / correctly classified. ``pert_median`` and ``pert_p90`` are the median
-    and 90th percentile (linear interpolation) of ``||x' - x||`` in the attack's own norm over the
-    fooled samples: for minimal-perturbation attacks (CW, DeepFool) the size they needed. One float
-    per fooled sample is kept.
-    """
-
-    def __init__(self, norm: str) -> None:
-        self.norm = norm
-        self.n_correct = 0
-        self.sizes: list[np.ndarray] = []
-
-    def update(self, x: torch.Tensor, x_adv: torch.Tensor, ok_clean: torch.Tensor,
-               ok_adv: torch.Tensor) -> torch.Tensor:
-        """Add one batch; return every sample's perturbation norm (what ``samples.csv`` records)."""
-        norms = perturbation_norms(x, x_adv, self.norm)
-        fooled = ok_clean & ~ok_adv
-        self.n_correct += int(ok_clean.sum())
-        if fooled.any():
-            self.sizes.append(norms[fooled].cpu().numpy())
-        return norms
-
-    def compute(self) -> dict[str, float]:
-        sizes = np.concatenate(self.sizes) if self.sizes else np.zeros(0)
-        rate = len(sizes) / self.n_correct if self.n_correct else math.nan
-        if not len(sizes):
-            return {"success_rate": rate, "pert_median": math.nan, "pert_p90": math.nan}
-        return {"success_rate": rate, "pert_median": float(np.median(sizes)),
-                "pert_p90": float(np.percentile(sizes, 90))}
 
 
 def pooled_relative_error(clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
@@ -298,151 +264,120 @@ def analyze(
     forward, reused by every attack; per attack, the adversarial batch and one hooked forward.
     ``probe`` (``modules``, ``ops`` or ``all``) says which layers are candidates: to probe an eager
     model's functional ops it runs the model's own ``torch.export`` graph, so names match its ``.pt2``.
+
+    Under ``torchrun`` every process calls this with the same arguments and takes every N-th batch; all of
+    them get the same result, and only rank 0 writes ``samples_path``. Random draws are seeded per batch and
+    configuration, so the numbers do not depend on the number of processes.
     """
     started = time.perf_counter()
+    dev = resolve_device(device)
+    dist.init(dev)
+    dev = dist.local_device(dev)
+    error, payload = None, None
+    with contextlib.ExitStack() as stack:
+        try:  # a failure on any process reaches every process at the exchange below, instead of a hang
+            data = as_dataset(data, "analysis")
+            setup, probe_ = _prepare(model, data, attacks=attacks, eps=eps, layers=layers, layer_types=layer_types,
+                                     mean=mean, std=std, batch_size=batch_size, device=dev, seed=seed,
+                                     type_map=type_map, probe=probe, stack=stack)
+            one = dist.world_size() == 1
+            log = stack.enter_context(_sample_log(samples_path, setup)) if one and samples_path is not None else None
+            battery = Battery(setup, probe_, keep_outcomes=keep_outcomes, log=log, keep_rows=not one,
+                              bar=_progress_bar(stack, progress, len(data.y), batch_size, len(setup.specs)))
+            for start, x, y in batches(data, batch_size=batch_size, device=dev, workers=workers,
+                                       part=(dist.rank(), dist.world_size())):
+                battery.step(start // batch_size, start, x, y)
+            battery.flush()
+            payload = {**battery.payload(probe_.layers), "wants_rows": samples_path is not None}
+        except Exception as e:
+            error = e
+        payloads = dist.exchange(payload, error)
+        totals = battery.totals(payloads)
+        if not one and payloads[0]["wants_rows"]:  # the rows come to rank 0, which writes them in order
+            gathered = dist.gather_to_main(battery.rows)
+            if gathered is not None:
+                with _sample_log(samples_path, setup) as log:
+                    write_rows(log, gathered)
+    return _result(setup, totals, n_total=len(data.y), seconds=time.perf_counter() - started)
+
+
+def _prepare(model, data, *, attacks, eps, layers, layer_types, mean, std, batch_size, device, seed, type_map,
+             probe, stack: contextlib.ExitStack) -> tuple[Setup, LayerProbe]:
+    """The battery's model, attacks and probe (entered on ``stack``), checked before any batch runs."""
     if isinstance(model, LoadedModel):
         type_map = type_map or model.type_map
         model = model.module
-    data = as_dataset(data, "analysis")
     x_all = data.head(2)[0] if isinstance(data, StreamingDataset) else data.x  # a stream's rest comes by batch
-    y_all, num_classes = data.y, data.num_classes
+    num_classes = data.num_classes
     if batch_size < 1:
         raise RobauditError("--batch-size must be at least 1")
-    dev = resolve_device(device)
     specs = atk.expand(list(attacks) if attacks else atk.default_battery(eps), eps)
     if probe not in PROBE_MODES:
         raise RobauditError(f"unknown probe mode {probe!r}: use {', '.join(PROBE_MODES)}")
-    model = model.to(dev).eval()
+    model = model.to(device).eval()
     eager = model
     if probe != "modules":
-        model, type_map = graph_for_ops(model, x_all[:2].to(dev), type_map)
-    full = with_normalization(model, mean, std, ndim=x_all.dim()).to(dev).eval()
+        model, type_map = graph_for_ops(model, x_all[:2].to(device), type_map)
+    full = with_normalization(model, mean, std, ndim=x_all.dim()).to(device).eval()
     # the attacks run on the user's own module (the graph copy is only for the hooked passes): its
     # generated code costs more than eager execution, which the attacks would pay at every step
-    attacked = full if eager is model else with_normalization(eager, mean, std, ndim=x_all.dim()).to(dev).eval()
-    check_compatible(full, x_all[:2].to(dev), num_classes)
+    attacked = full if eager is model else with_normalization(eager, mean, std, ndim=x_all.dim()).to(device).eval()
+    check_compatible(full, x_all[:2].to(device), num_classes)
     modules = select_modules(model, layer_types=layer_types, patterns=layers, type_map=type_map, probe=probe)
-
     seed_everything(seed)
     builders = [atk.build(s, attacked, num_classes=num_classes, seed=seed) for s in specs]
-    stats: dict[tuple[str, int], RelativeError] = {}
-    correct = {"clean": 0, **{i: 0 for i in range(len(specs))}}
-    seconds = [0.0] * len(specs)  # time spent generating each configuration's perturbed inputs
-    sizes = [PerturbationSizes(s.norm) for s in specs]
-    worst_keys = sorted({(s.norm, s.eps) for s in specs if s.kind == "adversarial" and s.bounded},
-                        key=lambda t: (t[0], t[1]))
-    worst_correct = {k: 0 for k in worst_keys}
-    output_layers: set[str] = set()
-    n_total = len(y_all)
-    kept: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(specs))} if keep_outcomes > 0 else {}
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n_total * len(specs), desc="analyze", unit="ex", leave=False)
     # a fixed-batch archive runs in chunks, whose outputs the probe joins: read them after the pass
     streaming = model.__dict__.get("_robaudit_fixed_batch") is None
-    with contextlib.ExitStack() as stack:
-        log = stack.enter_context(SampleLog(samples_path, [(s.label, s.eps) for s in specs], worst_keys)) \
-            if samples_path is not None else None
-        probe = stack.enter_context(LayerProbe(model, modules, type_map=type_map, detach=True))
-        for start, x, y in batches(data, batch_size=batch_size, device=dev, workers=workers):
-            with torch.no_grad():
-                logits, outs = probe.run(full, x)
-            clean = dict(outs)
-            if not torch.isfinite(logits).all():
-                raise NonFiniteError(f"the model returns non-finite outputs on clean samples {start}..{start + len(x) - 1}")
-            for name, t in clean.items():
-                if t.shape == logits.shape and torch.equal(t, logits.detach()):
-                    output_layers.add(name)
-            clean_sq = {name: per_sample_sq_norms(t) for name, t in clean.items()}
+    setup = Setup(model=model, eager=eager, full=full, attacked=attacked, specs=specs, builders=builders,
+                  device=device, seed=seed, streaming=streaming)
+    return setup, stack.enter_context(LayerProbe(model, modules, type_map=type_map, detach=True))
 
-            def observe(i: int, layer: Layer, t: torch.Tensor, clean=clean, clean_sq=clean_sq) -> torch.Tensor:
-                if layer.name not in clean:
-                    raise RobauditError(f"layer {layer.name} ran on the perturbed input but not on the clean one: "
-                                        "the model's control flow depends on its input; restrict --layers")
-                stats.setdefault((layer.name, i), RelativeError()).update(clean[layer.name], t,
-                                                                          clean_sq=clean_sq[layer.name])
-                return t
-            ok_clean = logits.argmax(1) == y
-            correct["clean"] += int(ok_clean.sum())
-            robust = {k: ok_clean.clone() for k in worst_keys}
-            oks, perts = [], []
-            for i, (spec, attack_fn) in enumerate(zip(specs, builders)):
-                tic = time.perf_counter()
-                with probe.paused():  # no hook overhead inside the attack's own forward passes
-                    try:
-                        x_adv = attack_fn(x, y).detach()
-                    finally:
-                        model.eval()
-                        eager.eval()
-                seconds[i] += time.perf_counter() - tic
-                if not torch.isfinite(x_adv).all():
-                    raise NonFiniteError(f"{spec.label} produced non-finite inputs: the model's gradients may be "
-                                         "non-finite; check the weights")
-                with torch.no_grad():
-                    if streaming:  # each layer's statistics update as it runs: no copy of its output is kept
-                        probe.transform, probe.record = functools.partial(observe, i), False
-                        try:
-                            adv_logits, adv_outs = probe.run(full, x_adv)
-                        finally:
-                            probe.transform, probe.record = None, True
-                    else:
-                        adv_logits, adv_outs = probe.run(full, x_adv)
-                ok = adv_logits.argmax(1) == y
-                correct[i] += int(ok.sum())
-                if kept and start < keep_outcomes:
-                    kept[i].append(ok[:keep_outcomes - start].cpu())
-                norms = sizes[i].update(x, x_adv, ok_clean, ok)
-                if log is not None:
-                    oks.append(ok)
-                    perts.append(norms)
-                if spec.kind == "adversarial" and spec.bounded:
-                    robust[(spec.norm, spec.eps)] &= ok
-                for name, t in adv_outs.items():
-                    if name not in clean:
-                        raise RobauditError(f"layer {name} ran on the perturbed input but not on the clean one: "
-                                            "the model's control flow depends on its input; restrict --layers")
-                    stats.setdefault((name, i), RelativeError()).update(clean[name], t, clean_sq=clean_sq[name])
-                if bar is not None:
-                    bar.update(len(x))
-            for k in worst_keys:
-                worst_correct[k] += int(robust[k].sum())
-            if log is not None:
-                log.write(torch.arange(start, start + len(y)), y, logits.argmax(1), oks, perts,
-                          [robust[k] for k in worst_keys])
-            del clean, clean_sq, outs
-    if bar is not None:
-        bar.close()
 
-    layer_list = probe.layers
+def _sample_log(path, setup: Setup) -> SampleLog:
+    return SampleLog(path, [(s.label, s.eps) for s in setup.specs], setup.worst_keys)
+
+
+def _progress_bar(stack: contextlib.ExitStack, progress: bool, n_total: int, batch_size: int, n_configs: int):
+    """A tqdm bar over this process's share of the samples (rank 0 only), closed with ``stack``."""
+    if not progress or not dist.is_main():
+        return None
+    from tqdm.auto import tqdm
+
+    rank, world = dist.rank(), dist.world_size()
+    mine = sum(min(batch_size, n_total - s) for s in range(0, n_total, batch_size)[rank::world])
+    return stack.enter_context(tqdm(total=mine * n_configs, desc="analyze", unit="ex", leave=False))
+
+
+def _result(setup: Setup, totals: Totals, *, n_total: int, seconds: float) -> LSAResult:
+    """The ``lsa.csv`` and ``accuracy.csv`` tables of the battery's totals."""
+    specs = setup.specs
     rows = []
-    for layer in layer_list:
+    for layer in totals.layers:
         for i, spec in enumerate(specs):
-            st = stats.get((layer.name, i))
+            st = totals.re.get((layer.name, i))
             if st is None:
                 continue
             rows.append({
                 "layer": layer.name, "layer_type": layer.layer_type, "attack": spec.label, "eps": spec.eps,
-                **{k: v for k, v in st.compute().items() if k != "n_undefined"},
+                **{k: v for k, v in st.items() if k != "n_undefined"},
                 "order": layer.order, "kind": spec.kind, "norm": spec.norm,
-                "is_output": layer.name in output_layers,
+                "is_output": layer.name in totals.output_layers,
             })
     lsa = pd.DataFrame(rows, columns=LSA_COLUMNS)
-    acc_rows = [{"attack": "clean", "eps": None, "accuracy": correct["clean"] / n_total, "n_samples": n_total,
+    clean = totals.correct[0]
+    acc_rows = [{"attack": "clean", "eps": None, "accuracy": clean / n_total, "n_samples": n_total,
                  "kind": "clean", "norm": None, "seconds": None}]
     for i, spec in enumerate(specs):
-        acc_rows.append({"attack": spec.label, "eps": spec.eps, "accuracy": correct[i] / n_total,
-                         "n_samples": n_total, "kind": spec.kind, "norm": spec.norm, "seconds": seconds[i],
-                         **sizes[i].compute()})
-    for (norm, e), c in worst_correct.items():  # fooled by at least one attack; no single perturbation to size
-        rate = (correct["clean"] - c) / correct["clean"] if correct["clean"] else math.nan
+        acc_rows.append({"attack": spec.label, "eps": spec.eps, "accuracy": totals.correct[1 + i] / n_total,
+                         "n_samples": n_total, "kind": spec.kind, "norm": spec.norm, "seconds": totals.seconds[i],
+                         **totals.sizes[i]})
+    for (norm, e), c in zip(setup.worst_keys, totals.worst):  # fooled by at least one attack: no single size
+        rate = (clean - c) / clean if clean else math.nan
         acc_rows.append({"attack": "worst-case", "eps": e, "accuracy": c / n_total, "n_samples": n_total,
                          "kind": "adversarial", "norm": norm, "seconds": None, "success_rate": rate})
     accuracy = pd.DataFrame(acc_rows, columns=ACCURACY_COLUMNS)
     lsa_finite = lsa[["re_mean", "re_pooled"]].replace([np.inf, -np.inf], np.nan)
     if len(lsa) and lsa_finite.isna().all().all():
         raise NonFiniteError("every layer's relative error is undefined: the model's activations are all zero")
-    return LSAResult(lsa=lsa, accuracy=accuracy, layers=layer_list, attacks=specs, n_samples=n_total,
-                     seconds=time.perf_counter() - started, outcomes={i: torch.cat(v) for i, v in kept.items() if v})
+    return LSAResult(lsa=lsa, accuracy=accuracy, layers=totals.layers, attacks=specs, n_samples=n_total,
+                     seconds=seconds, outcomes=totals.outcomes)

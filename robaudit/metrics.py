@@ -50,19 +50,21 @@ class RelativeError:
     ``update(clean, perturbed)`` takes one batch of one layer's outputs; ``compute()`` returns
     ``re_mean``, ``re_std`` (population std over samples), ``re_pooled`` and counts. Samples whose
     clean activation is exactly zero have no relative error: they are left out of the per-sample
-    statistics (counted in ``n_undefined``) but still enter the pooled ratio. Sums are float64.
+    statistics (counted in ``n_undefined``) but still enter the pooled ratio.
+
+    The sums live in one float64 tensor (:attr:`state`, fields :attr:`FIELDS`) on the device of the
+    activations, updated without reading anything back to the host; ``compute()`` reads it once. Two
+    instances' states add (:meth:`merge`), which is what summing over processes does.
     """
 
-    def __init__(self) -> None:
+    FIELDS = ("sum_re", "sum_re2", "n", "n_undefined", "sum_delta2", "sum_clean2")
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self.device = device
         self.reset()
 
     def reset(self) -> None:
-        self.sum_re = 0.0
-        self.sum_re2 = 0.0
-        self.n = 0
-        self.n_undefined = 0
-        self.sum_delta2 = 0.0
-        self.sum_clean2 = 0.0
+        self.state = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=self.device)
 
     def update(self, clean: torch.Tensor, perturbed: torch.Tensor, *, clean_sq: torch.Tensor | None = None) -> None:
         if clean.shape != perturbed.shape:
@@ -72,17 +74,27 @@ class RelativeError:
         d2 = per_sample_sq_norms(perturbed.detach() - clean.detach())
         re2 = ratio(d2, c2)
         defined = ~torch.isnan(re2)
-        re = torch.sqrt(re2[defined])
-        self.sum_re += float(re.sum())
-        self.sum_re2 += float(re.pow(2).sum())
-        self.n += int(defined.sum())
-        self.n_undefined += int((~defined).sum())
-        self.sum_delta2 += float(d2.sum())
-        self.sum_clean2 += float(c2.sum())
+        re2 = torch.where(defined, re2, torch.zeros_like(re2))
+        n = defined.sum().to(torch.float64)
+        if self.state.device != c2.device:  # follows the activations (before the first update only)
+            self.state = self.state.to(c2.device)
+        self.state += torch.stack([re2.sqrt().sum(), re2.sum(), n, len(re2) - n, d2.sum(), c2.sum()])
+
+    def merge(self, other: "RelativeError") -> "RelativeError":
+        """Add ``other``'s sums to this one's: the statistics of both streams together."""
+        self.state += other.state.to(self.state.device)
+        return self
 
     def compute(self) -> dict[str, float]:
-        mean = self.sum_re / self.n if self.n else math.nan
-        var = max(self.sum_re2 / self.n - mean * mean, 0.0) if self.n else math.nan
-        pooled = math.sqrt(self.sum_delta2) / math.sqrt(self.sum_clean2) if self.sum_clean2 > 0 else math.nan
-        return {"re_mean": mean, "re_std": math.sqrt(var) if self.n else math.nan, "re_pooled": pooled,
-                "n_samples": self.n, "n_undefined": self.n_undefined}
+        return self.summarize(self.state.tolist())
+
+    @classmethod
+    def summarize(cls, values) -> dict[str, float]:
+        """The statistics of a state read back to the host (one row of :attr:`state` values)."""
+        s = dict(zip(cls.FIELDS, (float(v) for v in values)))
+        n = int(round(s["n"]))
+        mean = s["sum_re"] / n if n else math.nan
+        var = max(s["sum_re2"] / n - mean * mean, 0.0) if n else math.nan
+        pooled = math.sqrt(s["sum_delta2"]) / math.sqrt(s["sum_clean2"]) if s["sum_clean2"] > 0 else math.nan
+        return {"re_mean": mean, "re_std": math.sqrt(var) if n else math.nan, "re_pooled": pooled,
+                "n_samples": n, "n_undefined": int(round(s["n_undefined"]))}

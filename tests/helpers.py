@@ -166,3 +166,12 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+class NonFiniteOnFour(TinyCNN):
+    """``TinyCNN`` whose logits are NaN on a batch of exactly four inputs: a failure that only the process
+    holding such a batch meets."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return out * float("nan") if len(x) == 4 else out

@@ -379,3 +379,34 @@ def test_batched_deepfool_on_clipped_inputs_and_in_the_battery(victim):
     reference = torchattacks.DeepFool(model, steps=5, overshoot=0.02)(x, y)
     ours = build(parse("deepfool:steps=5"), model, num_classes=4)(x, y)
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
+
+
+def test_batch_seeds_differ_per_batch_and_configuration_and_repeat():
+    seeds = {(b, i): atk.batch_seed(7, b, i) for b in range(4) for i in range(3)}
+    assert len(set(seeds.values())) == len(seeds)
+    assert atk.batch_seed(7, 2, 1) == seeds[(2, 1)] and atk.batch_seed(8, 2, 1) != seeds[(2, 1)]
+
+
+@pytest.mark.parametrize("spec", ["gaussian:eps=0.1", "saltpepper:eps=0.3", "pgd:eps=0.1,steps=2",
+                                  "square:eps=0.1,n_queries=5"])
+def test_reseed_makes_a_batch_draw_the_same_whatever_ran_before(spec):
+    model = make_cnn()
+    data = make_data(model, n=6)
+    fn = build(parse(spec), model, num_classes=4, seed=0)
+    atk.reseed(fn, 123)
+    first = fn(data.x, data.y)
+    fn(data.x, data.y)  # draws that a batch run earlier would have taken
+    atk.reseed(fn, 123)
+    torch.testing.assert_close(fn(data.x, data.y), first, rtol=0, atol=0)
+    atk.reseed(fn, 124)
+    assert not torch.equal(fn(data.x, data.y), first)
+
+
+def test_reseed_reaches_square_and_autoattack_members():
+    model = make_cnn()
+    square = build(parse("square:eps=0.1"), model, num_classes=4, seed=0)
+    auto = build(parse("autoattack:eps=0.1"), model, num_classes=4, seed=0)
+    atk.reseed(square, 99)
+    atk.reseed(auto, 99)
+    assert square.image_attack.seed == square.vector_attack.seed == 99
+    assert [m.seed for m in auto.atk._autoattack.attacks] == [99] * 4

@@ -18,6 +18,7 @@ import torch
 
 from .. import __version__
 from .. import attacks as atk
+from .. import dist
 from ..data import load_dataset
 from ..errors import RobauditError
 from ..lsa import MVL, LSAResult, analyze, resolve_device
@@ -61,22 +62,30 @@ def api_command(stage: str, *args, **options) -> str:
     return shlex.join(parts)
 
 
+def check_plan(attacks, eps, data, *, batch_size: int):
+    """How many leading samples the model checks afford, and which battery outcomes they reuse."""
+    from ..sanity import plan_checks
+
+    return plan_checks(atk.expand(list(attacks) if attacks else atk.default_battery(eps), eps), n_battery=len(data.y),
+                       num_classes=data.num_classes, batch_size=batch_size)
+
+
 def analyze_and_check(loaded: LoadedModel, data, *, attacks, eps, layers=None, layer_types=None,
                       probe: str = "all", mean=None, std=None, batch_size: int = 128, device="cpu", seed: int = 0,
                       progress: bool = False, checks: bool = True, workers: int = 0,
                       samples_path: Path | None = None) -> tuple[LSAResult, dict | None]:
     """Run the layer analysis and (with ``checks``) the model checks, sized to the battery and reusing its
-    outcomes: what every run directory holds. ``samples_path`` streams ``samples.csv`` there."""
-    dev = resolve_device(device)
-    plan = None
-    if checks:
-        from ..sanity import plan_checks
+    outcomes: what every run directory holds. ``samples_path`` streams ``samples.csv`` there.
 
-        plan = plan_checks(atk.expand(list(attacks) if attacks else atk.default_battery(eps), eps), n_battery=len(data.y), num_classes=data.num_classes,
-                           batch_size=batch_size)
+    Under ``torchrun`` every process runs its share of the analysis (and keeps the outcomes the checks
+    reuse); the checks then run on rank 0 alone, and the other processes get ``None`` for them."""
+    dev = resolve_device(device)
+    plan = check_plan(attacks, eps, data, batch_size=batch_size) if checks else None
     result = analyze(loaded, data, attacks=attacks, eps=eps, layers=layers, layer_types=layer_types, probe=probe,
                      mean=mean, std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress,
                      keep_outcomes=plan.n_samples if plan else 0, workers=workers, samples_path=samples_path)
+    if not dist.is_main():
+        return result, None
     try:
         return result, (_model_checks(loaded, data, mean, std, dev, seed, plan, result) if checks else None)
     except BaseException:
@@ -86,8 +95,11 @@ def analyze_and_check(loaded: LoadedModel, data, *, attacks, eps, layers=None, l
 
 
 def batchnorm_audit(loaded: LoadedModel, data, result: LSAResult, mvl: MVL, *, mean, std, device, seed: int,
-                    batch_size: int):
-    """bn.csv: clean vs adversarial BatchNorm statistics under the ranking attack; None without BatchNorm."""
+                    batch_size: int, distributed: bool = False):
+    """bn.csv: clean vs adversarial BatchNorm statistics under the ranking attack; None without BatchNorm.
+
+    The attack draws what it drew in the analysis; ``distributed``: every process of torchrun calls this
+    and takes its share of the batches."""
     from .. import bnaudit
 
     spec = bnaudit.ranking_spec(result.attacks, mvl.attack, mvl.eps)
@@ -95,7 +107,9 @@ def batchnorm_audit(loaded: LoadedModel, data, result: LSAResult, mvl: MVL, *, m
         return None
     full = with_normalization(loaded.module, mean, std, ndim=len(data.input_shape) + 1)
     return bnaudit.audit_batchnorm(full, loaded.module, data, attack=spec, num_classes=data.num_classes,
-                                   type_map=loaded.type_map, batch_size=batch_size, device=device, seed=seed)
+                                   type_map=loaded.type_map, batch_size=batch_size,
+                                   device=dist.local_device(resolve_device(device)), seed=seed,
+                                   config=result.attacks.index(spec), distributed=distributed)
 
 
 def analyze_run(
@@ -135,13 +149,54 @@ def analyze_run(
     progress: bool = False,
     command: str | None = None,
     force: bool = False,
-) -> AnalysisRun:
+) -> AnalysisRun | None:
     """Analyze a model file on a data set and write the run directory (and its report).
 
-    An existing ``out`` must be an earlier robaudit run, and is replaced only with ``force``.
+    An existing ``out`` must be an earlier robaudit run, and is replaced only with ``force``. Under
+    ``torchrun`` every process runs this with the same arguments and analyzes its share of the batches;
+    the BatchNorm audit is shared too; rank 0 alone then runs the model checks, writes the run and returns it,
+    the others write nothing and return ``None``. An error on any process stops all of them.
     """
     started = now()
-    if out is not None:
+    dev = resolve_device(device)
+    dist.init(dev)
+    with dist.together():  # a failure here on any process (a missing file, say) stops every process
+        loaded, data, out, mean, std, eps, specs = _setup(
+            model, dataset, out=out, arch=arch, arch_kwargs=arch_kwargs, trust_model=trust_model, data_dir=data_dir,
+            split=split, samples=samples, shuffle=shuffle, download=download, image_size=image_size,
+            class_map=class_map, attacks=attacks, eps=eps, mean=mean, std=std, normalize=normalize, mvl_top=mvl_top,
+            mvl_z=mvl_z, seed=seed, force=force)
+    samples_csv = staging_file(out, "samples") if dist.is_main() else None  # removed if anything below fails
+    try:
+        plan = check_plan(specs, eps, data, batch_size=batch_size) if checks else None
+        result = analyze(loaded, data, attacks=specs, eps=eps, layers=layers, layer_types=layer_types, probe=probe,
+                         mean=mean, std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress,
+                         keep_outcomes=plan.n_samples if plan else 0, workers=workers, samples_path=samples_csv)
+        # every process: the MVL list names the attack that the BatchNorm audit, shared by all, runs again
+        mvl = result.mvl(mvl_top, z=mvl_z, attack=mvl_attack, metric=mvl_metric, include_output=include_output)
+        mvl_top = mvl.k if mvl_z is None else mvl_top  # select_mvl's default when none was given
+        bn = batchnorm_audit(loaded, data, result, mvl, mean=mean, std=std, device=dev, seed=seed,
+                             batch_size=batch_size, distributed=True)
+        if not dist.is_main():  # the rest is rank 0's alone: the others are done, and exit
+            return None
+        check_results = _model_checks(loaded, data, mean, std, dev, seed, plan, result) if checks else None
+        return _write(out, result, mvl, check_results, bn, samples_csv, force=force, report=report, manifest=_manifest(
+            loaded, data, result, command=command or _api_command(loaded, dataset, attacks, eps, seed, out,
+                                                                  image_size=image_size, class_map=class_map),
+            trust_model=trust_model, mean=mean, std=std, split=split, samples=samples, shuffle=shuffle,
+            data_dir=data_dir, seed=seed, dev=dev, batch_size=batch_size, specs=specs, eps=eps, layers=layers,
+            layer_types=layer_types, probe=probe, started=started, image_size=image_size, class_map=class_map,
+            mvl={"top": mvl_top, "z": mvl_z, "attack": mvl_attack, "metric": mvl_metric,
+                 "include_output": include_output}))
+    finally:
+        if samples_csv is not None:
+            samples_csv.unlink(missing_ok=True)  # moved into the run, unless something failed
+
+
+def _setup(model, dataset: str, *, out, arch, arch_kwargs, trust_model, data_dir, split, samples, shuffle, download,
+           image_size, class_map, attacks, eps, mean, std, normalize, mvl_top, mvl_z, seed, force):
+    """Check the options and the output, load the model and the data: everything before the analysis."""
+    if out is not None and dist.is_main():
         check_output_dir(out, force=force)  # before minutes of analysis, not after
     if mvl_top is not None and mvl_top < 1:
         raise RobauditError("--mvl-top must be at least 1")
@@ -155,35 +210,15 @@ def analyze_run(
                         stream=str(dataset).startswith("imagefolder:")
                         or str(dataset).lower().endswith((".npz", ".npy")))
     out = Path(out) if out else default_out(loaded.path, data.name)
-    check_output_dir(out, force=force)
+    if dist.is_main():  # the other processes never look at the output
+        check_output_dir(out, force=force)
     if normalize and mean is None and std is None:
         mean, std = data.mean, data.std
     elif not normalize:
         mean = std = None
     eps = list(eps) if eps else list(data.default_eps)
     specs = specs or atk.default_battery(eps)
-    dev = resolve_device(device)
-
-    samples_csv = staging_file(out, "samples")  # streamed row by row; removed if anything below fails
-    result, check_results = analyze_and_check(
-        loaded, data, attacks=specs, eps=eps, layers=layers, layer_types=layer_types, probe=probe, mean=mean,
-        std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress, checks=checks, workers=workers,
-        samples_path=samples_csv)
-    try:
-        mvl = result.mvl(mvl_top, z=mvl_z, attack=mvl_attack, metric=mvl_metric, include_output=include_output)
-        mvl_top = mvl.k if mvl_z is None else mvl_top  # select_mvl's default when none was given
-        bn = batchnorm_audit(loaded, data, result, mvl, mean=mean, std=std, device=dev, seed=seed,
-                             batch_size=batch_size)
-        return _write(out, result, mvl, check_results, bn, samples_csv, force=force, report=report, manifest=_manifest(
-            loaded, data, result, command=command or _api_command(loaded, dataset, attacks, eps, seed, out,
-                                                                  image_size=image_size, class_map=class_map),
-            trust_model=trust_model, mean=mean, std=std, split=split, samples=samples, shuffle=shuffle,
-            data_dir=data_dir, seed=seed, dev=dev, batch_size=batch_size, specs=specs, eps=eps, layers=layers,
-            layer_types=layer_types, probe=probe, started=started, image_size=image_size, class_map=class_map,
-            mvl={"top": mvl_top, "z": mvl_z, "attack": mvl_attack, "metric": mvl_metric,
-                 "include_output": include_output}))
-    finally:
-        samples_csv.unlink(missing_ok=True)  # moved into the run, unless something failed
+    return loaded, data, out, mean, std, eps, specs
 
 
 def _write(out: Path, result: LSAResult, mvl: MVL, check_results, bn, samples_csv: Path, *, force: bool,
