@@ -28,6 +28,7 @@ from .errors import NonFiniteError, RobauditError
 from .battery import Battery, PerturbationSizes, Setup, Totals, write_rows  # noqa: F401 (PerturbationSizes: API)
 from .metrics import RelativeError, per_sample_sq_norms, relative_error  # noqa: F401 (defined there)
 from .models import LoadedModel, as_graph, check_compatible, with_normalization
+from .rundir import rows_at
 from .probe import PROBE_MODES, Layer, LayerProbe, select_modules
 from .samples import SampleLog
 
@@ -163,7 +164,7 @@ def select_mvl(lsa: pd.DataFrame, accuracy: pd.DataFrame, *, k: int | None = Non
     if eps is None and rows["eps"].notna().any():
         eps = float(rows["eps"].max())
     if eps is not None:
-        rows = rows[np.isclose(rows["eps"].astype(float), eps)]
+        rows = rows_at(rows, attack, eps)
         if rows.empty:
             raise RobauditError(f"{attack} was not run at eps {eps:g}")
     drop = rows["layer_type"].isin(PASSTHROUGH_TYPES)
