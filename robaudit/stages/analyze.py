@@ -152,8 +152,7 @@ def analyze_run(
         model, arch=arch, arch_kwargs=arch_kwargs, trust_model=trust_model)
     data = load_dataset(dataset, split=split, samples=samples, shuffle=shuffle, seed=seed, data_dir=data_dir,
                         download=download, image_size=image_size, class_map=class_map,
-                        stream=str(dataset).startswith("imagefolder:")
-                        or str(dataset).lower().endswith((".npz", ".npy")))
+                        stream=True)  # every on-disk format streams; moons and digits are small, in memory
     out = Path(out) if out else default_out(loaded.path, data.name)
     check_output_dir(out, force=force)
     if normalize and mean is None and std is None:
