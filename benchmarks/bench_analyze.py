@@ -23,8 +23,10 @@
    ``--archs`` runs this part alone.
 
 4. Streaming memory: the same, on 1k and on 10k 8x8 PNG images read from an image folder on disk
-   (``--dataset imagefolder:DIR``, decoded batch by batch through a DataLoader). Target: at most 1.2x
-   (or a growth under the allocator noise above).
+   (``--dataset imagefolder:DIR``, decoded batch by batch through a DataLoader), and on 1k and 10k
+   3x32x32 images in a CIFAR-10 batch file (``--dataset cifar10``, a small CNN; the split is held as
+   its uint8 pixels, 3 kB an image, and streamed). Target: at most 1.2x (or a growth under the
+   allocator noise above). ``--streaming`` runs this part alone.
 5. DeepFool / PGD-10: robaudit's batched DeepFool (50 steps, overshoot 0.02, the battery's defaults)
    against torchattacks' PGD-10 at eps 0.1 on the same samples and batches, alternating rounds, median.
    Target: at most 10x. torchattacks' own per-sample DeepFool is timed on one batch for scale.
@@ -228,9 +230,69 @@ def folder_memory_child(folder: str, batch_size: int, threads: int) -> dict:
             "added_mb": (sampler.peak - baseline) / 2**20, "seconds": t}
 
 
-def measure_memory(n: int, batch_size: int, threads: int, folder: Path | None = None) -> dict:
+class CifarCNN(nn.Module):
+    """A small CNN for 3x32x32 inputs: the model of the CIFAR-format memory measurement."""
+
+    def __init__(self, width: int = 16, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * 64, 64), nn.ReLU(),
+                                        nn.Linear(64, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def write_cifar_batch(root: Path, n: int) -> Path:
+    """``n`` random 32x32 RGB images as a CIFAR-10 ``test_batch`` (a pickled dict of uint8 data and labels)."""
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    batch = {b"batch_label": b"testing batch 1 of 1", b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+             b"labels": [int(v) for v in rng.integers(0, 10, n)]}
+    with open(folder / "test_batch", "wb") as fh:
+        pickle.dump(batch, fh, protocol=4)
+    return root
+
+
+def cifar_memory_child(data_dir: str, batch_size: int, threads: int) -> dict:
+    from robaudit.data import load_dataset
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = CifarCNN().eval()
+    kw = dict(attacks=MEMORY_BATTERY, eps=[8 / 255], batch_size=batch_size, device="cpu", seed=0)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bench-cifar-warm-") as tmp:  # one size of warm-up for every n
+        warm = load_dataset("cifar10", data_dir=write_cifar_batch(Path(tmp), 2 * batch_size), download=False,
+                            stream=True)
+        analyze(model, warm, **kw)
+        del warm
+    baseline = rss_bytes()
+    with PeakSampler() as sampler:
+        t = time.perf_counter()
+        data = load_dataset("cifar10", data_dir=data_dir, download=False, stream=True)
+        analyze(model, data, **kw)
+        t = time.perf_counter() - t
+    return {"n": len(data), "baseline_mb": baseline / 2**20, "peak_mb": sampler.peak / 2**20,
+            "added_mb": (sampler.peak - baseline) / 2**20, "seconds": t,
+            "pixels_mb": data.items.x.nbytes / 2**20}
+
+
+def measure_memory(n: int, batch_size: int, threads: int, folder: Path | None = None,
+                   cifar: Path | None = None) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", str(n), "--batch-size", str(batch_size),
-           "--threads", str(threads)] + (["--memory-folder", str(folder)] if folder else [])
+           "--threads", str(threads)] + (["--memory-folder", str(folder)] if folder else []) + (
+           ["--memory-cifar", str(cifar)] if cifar else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -267,6 +329,28 @@ def folder_memory(sizes, batch_size: int, threads: int, out) -> bool:
         f"ok, the growth is within {MEMORY_NOISE_MB:g} MB of allocator noise" if ok else "NOT FLAT")
     out.write(f"streamed memory {sizes[1]} / {sizes[0]} images: {ratio:.2f}x, {growth:+.1f} MB  "
               f"(target <= {FOLDER_TARGET}x: {verdict})\n")
+    return ok
+
+
+def cifar_memory(sizes, batch_size: int, threads: int, out) -> bool:
+    """Peak memory added by analyze streaming 1k and 10k images from a CIFAR-10 batch file, each in a fresh process."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bench-cifar-") as tmp:
+        mem = [measure_memory(n, batch_size, threads, cifar=write_cifar_batch(Path(tmp) / f"n{n}", n)) for n in sizes]
+    out.write(f"\n{'CIFAR batch':<14} {'baseline MB':>12} {'peak MB':>9} {'added MB':>9} {'s':>7} {'pixels MB':>10}   "
+              f"(uint8 pixels held, streamed; {' + '.join(MEMORY_BATTERY)} at eps 8/255, {CifarCNN.__name__})\n")
+    for m in mem:
+        out.write(f"{m['n']:>6} images  {m['baseline_mb']:>12.1f} {m['peak_mb']:>9.1f} {m['added_mb']:>9.1f} "
+                  f"{m['seconds']:>7.2f} {m['pixels_mb']:>10.1f}\n")
+    ratio = max(mem[1]["added_mb"], 0.1) / max(mem[0]["added_mb"], 0.1)
+    growth = mem[1]["added_mb"] - mem[0]["added_mb"]
+    ok = ratio <= FOLDER_TARGET or growth <= MEMORY_NOISE_MB
+    verdict = "ok" if ratio <= FOLDER_TARGET else (
+        f"ok, the growth is within {MEMORY_NOISE_MB:g} MB of allocator noise" if ok else "NOT FLAT")
+    floats = (sizes[1] - sizes[0]) * 3072 * 4 / 2**20
+    out.write(f"streamed memory {sizes[1]} / {sizes[0]} CIFAR images: {ratio:.2f}x, {growth:+.1f} MB  "
+              f"(target <= {FOLDER_TARGET}x: {verdict}; the extra images as float32 would be {floats:.0f} MB)\n")
     return ok
 
 
@@ -391,8 +475,13 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true", help="also print a cProfile of one analyze run")
     p.add_argument("--archs", action="store_true", help="only the ResNet-18 / ViT overhead at 3x32x32")
     p.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--streaming", action="store_true", help="only the streaming memory of image folders and CIFAR")
     p.add_argument("--memory-folder", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--memory-cifar", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.memory_child is not None and args.memory_cifar:
+        print(json.dumps(cifar_memory_child(args.memory_cifar, args.batch_size, args.threads)))
+        return 0
     if args.memory_child is not None and args.memory_folder:
         print(json.dumps(folder_memory_child(args.memory_folder, args.batch_size, args.threads)))
         return 0
@@ -403,6 +492,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     if args.archs:
         return 0 if arch_overhead(sys.stdout, args.rounds or 3, args.quick) else 1
+    if args.streaming:
+        sizes = QUICK_MEMORY_SIZES if args.quick else MEMORY_SIZES
+        ok = folder_memory(sizes, args.batch_size, args.threads, sys.stdout)
+        ok &= cifar_memory(sizes, args.batch_size, args.threads, sys.stdout)
+        return 0 if ok else 1
     started = time.perf_counter()
     out = sys.stdout
     rounds = args.rounds or 3
@@ -465,6 +559,7 @@ def main(argv=None) -> int:
 
     ok_archs = arch_overhead(out, rounds, args.quick)
     ok_folder = folder_memory(sizes, args.batch_size, args.threads, out)
+    ok_folder &= cifar_memory(sizes, args.batch_size, args.threads, out)
     ok_checks = checks_share(len(x), args.threads, out)
     ok_df = deepfool_ratio(model, x, y, num_classes, args.batch_size, rounds, out, per_sample=not args.quick)
 

@@ -685,8 +685,18 @@ class ArrayRows(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         j = int(self.index[i])
-        dtype = np.uint8 if self.x.dtype == np.uint8 else np.float32
-        return torch.from_numpy(np.array(self.x[j], dtype=dtype, order="C")), int(self.y[j])
+        return torch.from_numpy(np.array(self.x[j], dtype=self.dtype, order="C")), int(self.y[j])
+
+    @property
+    def dtype(self):
+        return np.uint8 if self.x.dtype == np.uint8 else np.float32
+
+    def __getitems__(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole batch in one read, already collated (``batches`` passes it through): one allocation per
+        batch instead of one per sample, so that a long stream does not fragment the heap."""
+        rows = self.index[np.asarray(positions, dtype=np.int64)]
+        x = np.array(self.x[rows], dtype=self.dtype, order="C")  # a memory map reads just these rows
+        return torch.from_numpy(x), torch.from_numpy(np.array(self.y[rows], dtype=np.int64))
 
 
 @dataclass
@@ -749,15 +759,22 @@ def batches(data: Dataset | StreamingDataset, *, batch_size: int, device: torch.
         for start in range(0, len(data.y), batch_size):
             yield start, data.x[start:start + batch_size].to(device), data.y[start:start + batch_size].to(device)
         return
+    collated = hasattr(data.items, "__getitems__")  # reads whole batches itself
     loader = torch.utils.data.DataLoader(data.items, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          pin_memory=device.type == "cuda",
+                                         collate_fn=_collated if collated else None,
                                          generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
     start = 0
     for xb, yb in loader:
         x = xb.to(device, non_blocking=True)
         x = x if x.is_floating_point() else x.float()
-        yield start, (x / data.scale if data.scale != 1.0 else x), yb.to(device, non_blocking=True)
+        yield start, (x.div_(data.scale) if data.scale != 1.0 else x), yb.to(device, non_blocking=True)
         start += len(xb)
+
+
+def _collated(batch):
+    """The collate function of a data set that reads whole batches: the batch as it came."""
+    return batch
 
 
 def _load_imagefolder(root: Path, *, image_size: int | None, class_map: Path | None):
