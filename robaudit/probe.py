@@ -209,6 +209,12 @@ class LayerProbe:
     the autograd graph. ``transform(layer, output)``, when given, replaces a layer's output (used
     to perturb activations); the recorded value is the transformed one. Hooks are removed on exit,
     whatever happened inside the ``with`` block.
+
+    A detached output is stored as a copy, since a later in-place op (``ReLU(inplace=True)``,
+    ``out += identity``) could rewrite it. In an exported graph (an unflattened program) the copy is
+    avoidable: such a graph holds no state that outlives the pass, so an output that no op of the pass
+    rewrote after its hook ran (its version counter is unchanged at the end) is kept as it is from the
+    next pass on, and watched; if a later pass does rewrite it, that pass runs again with the copy.
     """
 
     def __init__(
@@ -231,6 +237,12 @@ class LayerProbe:
         self._chunk: int | None = None
         self._outputs: "OrderedDict[str, torch.Tensor]" = OrderedDict()
         self._layers: dict[str, Layer] = {}
+        self._targets: list[tuple[nn.Module, Callable]] | None = None  # (module, hook), found once
+        from torch.export.unflatten import UnflattenedModule
+
+        self._graph = detach and isinstance(model, UnflattenedModule)
+        self._uncopied: set[str] = set()  # layers kept without a copy: no op rewrote them after their hook
+        self._watch: dict[str, tuple[torch.Tensor, int]] = {}  # this pass: tensor and version at its hook
 
     # -- hook management -------------------------------------------------------------------
     def __enter__(self) -> "LayerProbe":
@@ -243,13 +255,17 @@ class LayerProbe:
         return self
 
     def _register(self) -> None:
-        named = dict(self.model.named_modules())
-        ops = op_layers(self.model)
-        try:
+        if self._targets is None:  # the modules and hooks, found once: paused() registers them again often
+            named = dict(self.model.named_modules())
+            ops = op_layers(self.model)
+            targets = []
             for name in self.module_names:
                 hook = self._make_hook(name)  # the taps of one op layer share its call count
-                for qual in ops.get(name, [name] if name in named else []):
-                    self._handles.append(named[qual].register_forward_hook(hook))
+                targets += [(named[qual], hook) for qual in ops.get(name, [name] if name in named else [])]
+            self._targets = targets
+        try:
+            for module, hook in self._targets:
+                self._handles.append(module.register_forward_hook(hook))
         except Exception:
             self.remove()
             raise
@@ -302,9 +318,17 @@ class LayerProbe:
             if self.transform is not None:
                 new = self.transform(layer, output)
                 output = new
-            # clone: a later in-place op (ReLU(inplace=True), ``out += identity``) would otherwise
-            # rewrite the recorded activation through shared storage
-            record = (output.detach().clone() if self.detach else output) if self.record else None
+            record = None
+            if self.record and not self.detach:
+                record = output
+            elif self.record:
+                # a copy, unless a graph's earlier passes showed that nothing rewrites this output later
+                # (a later in-place op, ReLU(inplace=True) or ``out += identity``, would rewrite it through
+                # shared storage); the version counter at this point tells, at the end of the pass
+                watch = self._graph and chunk is None and self.transform is None and not output.is_inference()
+                record = output.detach() if watch and key in self._uncopied else output.detach().clone()
+                if watch:
+                    self._watch[key] = (output, output._version)
             if self.record:
                 if chunk is not None and chunk[0] > 0 and key in self._outputs:
                     record = torch.cat([self._outputs[key], record])
@@ -325,6 +349,7 @@ class LayerProbe:
         self._calls.clear()
         self._chunk = None
         self._outputs = OrderedDict()
+        self._watch.clear()
 
     def outputs(self) -> "OrderedDict[str, torch.Tensor]":
         """Outputs recorded since the last ``reset``, keyed by layer name, in call order."""
@@ -334,7 +359,24 @@ class LayerProbe:
         """Reset, run ``forward(x)`` and return ``(logits, outputs)``."""
         self.reset()
         logits = forward(x)
+        if self._settle(x):  # an output kept without a copy was rewritten later in the pass: again, copying it
+            self.reset()
+            logits = forward(x)
+            self._settle(x)
         return logits, self.outputs()
+
+    def _settle(self, x: torch.Tensor) -> bool:
+        """Learn from this pass which outputs need no copy; True when one kept without a copy was rewritten."""
+        stale = False
+        inputs = x.untyped_storage().data_ptr() if isinstance(x, torch.Tensor) else None
+        for key, (t, version) in self._watch.items():
+            if t._version != version:  # rewritten after its hook ran: always copied from now on
+                stale |= key in self._uncopied
+                self._uncopied.discard(key)
+            elif t.untyped_storage().data_ptr() != inputs:  # a view of the caller's input stays a copy
+                self._uncopied.add(key)
+        self._watch.clear()
+        return stale
 
     @property
     def layers(self) -> list[Layer]:
