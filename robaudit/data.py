@@ -871,6 +871,8 @@ def load_dataset(name: str, *, split: str = "test", samples: int | None = None, 
     keep = _select(len(y), None if samples is None else int(samples), shuffle, seed, f"{title} {split}")
     if stream and (key is None or _SPECS[key].needs_files):  # on disk: a user file, IDX or CIFAR
         index = np.arange(len(y))[keep]
+        if not isinstance(x, np.memmap) and len(index) < len(y):  # held in memory: keep only the samples used
+            x, y, index = x[index], y[index], np.arange(len(index))
         return StreamingDataset(
             name=title, split=split, items=ArrayRows(x, y, index), y=torch.from_numpy(np.array(y[index], np.int64)),
             num_classes=num_classes, mean=mean, std=std, default_eps=tuple(float(e) for e in eps), source=source,

@@ -681,6 +681,8 @@ def test_every_on_disk_format_streams_with_the_same_analysis(tmp_path, fmt):
     else:  # pixels stay uint8 until the batch is on the device; a plain IDX file is memory-mapped
         assert stored.dtype == np.uint8 and lazy.items[0][0].dtype == torch.uint8
         assert isinstance(stored, np.memmap) == (fmt == "mnist")
+    if not isinstance(stored, np.memmap):  # held in memory: only the samples used are kept
+        assert len(stored) == 11
     torch.manual_seed(0)
     channels = eager.input_shape[0]
     model = nn.Sequential(nn.Conv2d(channels, 2, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
