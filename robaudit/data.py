@@ -674,8 +674,9 @@ class ImageFiles(torch.utils.data.Dataset):
 
 
 class ArrayRows(torch.utils.data.Dataset):
-    """Rows of an array (memory-mapped or held in memory), copied one at a time: ``(sample, label)``. uint8 rows
-    stay uint8 (the batch is divided by its set's ``scale`` once it is on the device); others become float32."""
+    """Rows of an array (memory-mapped or held in memory): ``(sample, label)`` one at a time, or a whole batch in
+    one read (``__getitems__``). uint8 rows stay uint8 (the batch is divided by its set's ``scale`` once it is
+    on the device); others become float32."""
 
     def __init__(self, x: np.ndarray, y: np.ndarray, index: np.ndarray) -> None:
         self.x, self.y, self.index = x, y, index
