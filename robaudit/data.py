@@ -3,7 +3,9 @@ CIFAR-10/100 python pickle batches, downloaded when allowed) and user ``.npz`` f
 
 Every loader gives pixels in [0, 1] (normalization belongs to the model), labels as int64, in a fixed
 order, so the same call always gives the same samples. CIFAR pickles are read with a restricted unpickler
-that can build numpy arrays and nothing else, so reading them never runs code from the file.
+that can build numpy arrays and nothing else, so reading them never runs code from the file. Every on-disk
+format can also be streamed (``load_dataset(..., stream=True)``): samples stay in their stored form (uint8
+pixels, memory-mapped where the format allows) until a batch is on the device.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import hashlib
 import http.client
 import json
 import logging
+import math
 import os
 import pickle
 import shutil
@@ -198,32 +201,61 @@ _IDX_SOURCES = {  # name -> (sub-folders torchvision and others use, mirrors, md
 }
 
 
+IDX_CHUNK = 1 << 20  # bytes read at a time from a .gz IDX file
+
+
 def read_idx(path: Path, ndim: int) -> np.ndarray:
     """Parse an IDX file (plain or .gz) of unsigned bytes with ``ndim`` dimensions, checking its header.
 
     Layout: two zero bytes, type code 0x08 (uint8), the number of dimensions, then each dimension
-    as a big-endian uint32, then the data. Anything else is reported as a damaged file.
+    as a big-endian uint32, then the data. Anything else is reported as a damaged file. The header is
+    checked against the file's size before any data is read. A plain file comes back as a read-only
+    uint8 memory map at the header offset, so only the samples used are read; a ``.gz`` file is
+    decompressed once, chunk by chunk, into a uint8 array (never more bytes than the header promises).
     """
     bad = f"{path} is not a valid IDX file"
     fix = "delete it and download it again"
+    gz = path.suffix == ".gz"
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as fh:
+            head = fh.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0:
+                raise RobauditError(f"{bad} (bad magic number {head[:4].hex() or 'empty file'}): {fix}")
+            if head[2] != 0x08 or head[3] != ndim:
+                raise RobauditError(f"{bad} (type code 0x{head[2]:02x} with {head[3]} dimensions, "
+                                    f"expected 0x08 with {ndim}): {fix}")
+            raw_dims = fh.read(4 * ndim)
+            if len(raw_dims) < 4 * ndim:
+                raise RobauditError(f"{bad} (header truncated): {fix}")
+            dims = tuple(int(d) for d in np.frombuffer(raw_dims, dtype=">u4"))
+            size = math.prod(dims)  # exact: a hostile header cannot overflow it
+            header = 4 + 4 * ndim
+            if gz:
+                data, held = _read_upto(fh, size)
+            else:
+                held = os.fstat(fh.fileno()).st_size - header
     except (OSError, EOFError, zlib.error) as exc:
         raise RobauditError(f"{bad} (cannot read or decompress it: {exc}): {fix}") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise RobauditError(f"{bad} (bad magic number {raw[:4].hex() or 'empty file'}): {fix}")
-    if raw[2] != 0x08 or raw[3] != ndim:
-        raise RobauditError(f"{bad} (type code 0x{raw[2]:02x} with {raw[3]} dimensions, "
-                            f"expected 0x08 with {ndim}): {fix}")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise RobauditError(f"{bad} (header truncated): {fix}")
-    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    size = int(np.prod(dims))
-    if len(raw) - header != size:
-        raise RobauditError(f"{bad} (dimensions {dims} need {size} data bytes, the file has {len(raw) - header}; "
-                            f"truncated or damaged): {fix}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+    if held != size:
+        raise RobauditError(f"{bad} (dimensions {dims} need {size} data bytes, the file has "
+                            f"{'more' if gz and held > size else held}; truncated or damaged): {fix}")
+    if gz:
+        return np.frombuffer(data, dtype=np.uint8).reshape(dims)
+    if size == 0:  # nothing to map
+        return np.zeros(dims, dtype=np.uint8)
+    return np.memmap(path, dtype=np.uint8, mode="r", offset=header, shape=dims)
+
+
+def _read_upto(fh, size: int) -> tuple[bytearray, int]:
+    """Read ``size`` bytes from ``fh`` in chunks (so a header that promises more than the file holds allocates
+    no more than the file holds); returns them and how many bytes there were, ``size + 1`` meaning "more"."""
+    data = bytearray()
+    while len(data) < size:
+        chunk = fh.read(min(IDX_CHUNK, size - len(data)))
+        if not chunk:
+            return data, len(data)
+        data += chunk
+    return data, size + (1 if fh.read(1) else 0)
 
 
 def _find_idx(folders: list[Path], base: str) -> Path | None:
@@ -370,8 +402,27 @@ def _load_cifar(name: str, split: str, data_dir: Path | None, download: bool):
         missing = [f for f in files if not (batch_dir / f).is_file()]
         if missing:
             raise RobauditError(f"{tgz} does not contain {folder}/{missing[0]}: use the original {archive}")
-    parts = [read_cifar_batch(batch_dir / f, label_key) for f in files]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), 255.0, str(batch_dir)
+    return (*_read_cifar_batches([batch_dir / f for f in files], label_key), 255.0, str(batch_dir))
+
+
+def _read_cifar_batches(paths: list[Path], label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """The batches of one split as one uint8 N×3×32×32 array and its labels, never as floats: a single batch as
+    it was read; several copied one by one into one array sized for batches as large as the first (so the
+    split is held once, plus the batch being read)."""
+    if len(paths) == 1:
+        return read_cifar_batch(paths[0], label_key)
+    x, labels, filled = None, [], 0
+    for path in paths:
+        data, y = read_cifar_batch(path, label_key)
+        if x is None:
+            x = np.empty((len(data) * len(paths), *data.shape[1:]), dtype=np.uint8)
+        if filled + len(data) > len(x):  # batches of unequal size: grow
+            x = np.concatenate([x[:filled], np.empty((len(data), *x.shape[1:]), np.uint8)])
+        x[filled:filled + len(data)] = data
+        filled += len(data)
+        labels.append(y)
+        del data
+    return x[:filled], np.concatenate(labels)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -447,7 +498,8 @@ def _npz_memmap(path: Path, info) -> np.ndarray | None:
 
 
 def _read_npz(path: Path, fix: str) -> tuple[np.ndarray, np.ndarray]:
-    """x and y of an .npz: memory-mapped where stored uncompressed (np.savez), else read (np.savez_compressed)."""
+    """x and y of an .npz: memory-mapped where stored uncompressed (np.savez); a compressed member
+    (np.savez_compressed) cannot be mapped and is decompressed whole into memory, in its stored dtype."""
     import zipfile
 
     try:
@@ -622,7 +674,9 @@ class ImageFiles(torch.utils.data.Dataset):
 
 
 class ArrayRows(torch.utils.data.Dataset):
-    """Rows of a (memory-mapped) array, copied one at a time as float32: ``(sample, label)``."""
+    """Rows of an array (memory-mapped or held in memory): ``(sample, label)`` one at a time, or a whole batch in
+    one read (``__getitems__``). uint8 rows stay uint8 (the batch is divided by its set's ``scale`` once it is
+    on the device); others become float32."""
 
     def __init__(self, x: np.ndarray, y: np.ndarray, index: np.ndarray) -> None:
         self.x, self.y, self.index = x, y, index
@@ -632,12 +686,24 @@ class ArrayRows(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         j = int(self.index[i])
-        return torch.from_numpy(np.array(self.x[j], dtype=np.float32, order="C")), int(self.y[j])
+        return torch.from_numpy(np.array(self.x[j], dtype=self.dtype, order="C")), int(self.y[j])
+
+    @property
+    def dtype(self):
+        return np.uint8 if self.x.dtype == np.uint8 else np.float32
+
+    def __getitems__(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole batch in one read, already collated (``batches`` passes it through): one allocation per
+        batch instead of one per sample, so that a long stream does not fragment the heap."""
+        rows = self.index[np.asarray(positions, dtype=np.int64)]
+        x = np.array(self.x[rows], dtype=self.dtype, order="C")  # a memory map reads just these rows
+        return torch.from_numpy(x), torch.from_numpy(np.array(self.y[rows], dtype=np.int64))
 
 
 @dataclass
 class StreamingDataset:
-    """A split read batch by batch: ``items`` yields ``(uint8 sample, label)``; labels are known up front.
+    """A split read batch by batch: ``items`` yields ``(sample, label)``, the sample uint8 (or float32 when the
+    file holds floats); labels are known up front.
 
     Divide by ``scale`` on the device to get inputs in [0, 1]. :meth:`head` materializes the first samples.
     """
@@ -705,12 +771,23 @@ def batches(data: Dataset | StreamingDataset, *, batch_size: int, device: torch.
         return
     if not starts:
         return
+    collated = hasattr(data.items, "__getitems__")  # reads whole batches itself
     loader = torch.utils.data.DataLoader(data.items, batch_sampler=[range(s, min(s + batch_size, n)) for s in starts],
                                          num_workers=workers, pin_memory=device.type == "cuda",
+                                         collate_fn=_collated if collated else None,
                                          generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
     for start, (xb, yb) in zip(starts, loader):
         x = xb.to(device, non_blocking=True)
-        yield start, (x.float() / data.scale if not x.is_floating_point() else x), yb.to(device, non_blocking=True)
+        if not x.is_floating_point():  # a fresh float copy: divided in place
+            x = x.float().div_(data.scale) if data.scale != 1.0 else x.float()
+        elif data.scale != 1.0:  # may be a view of the stored rows: never written to
+            x = x / data.scale
+        yield start, x, yb.to(device, non_blocking=True)
+
+
+def _collated(batch):
+    """The collate function of a data set that reads whole batches: the batch as it came."""
+    return batch
 
 
 def _load_imagefolder(root: Path, *, image_size: int | None, class_map: Path | None):
@@ -750,9 +827,15 @@ def load_dataset(name: str, *, split: str = "test", samples: int | None = None, 
     ``shuffle``); MNIST/CIFAR files come from ``data_dir`` (default :func:`default_data_dir`) and are
     downloaded there, checksum-verified, when missing and ``download`` is true. ``imagefolder:DIR``
     reads DIR/<class>/<image> (PNG/JPEG; the folder is the split): ``image_size`` resizes each
-    image's shorter side and center-crops it square, ``class_map`` (JSON) sets the labels. With
-    ``stream``, an image folder or a memory-mapped .npz/.npy comes back as a :class:`StreamingDataset`
-    read batch by batch.
+    image's shorter side and center-crops it square, ``class_map`` (JSON) sets the labels.
+
+    With ``stream``, every on-disk format comes back as a :class:`StreamingDataset` read batch by batch, with
+    the same samples, order and values: image folders are decoded per batch; uncompressed IDX files, ``.npy``
+    files and the members of an uncompressed ``.npz`` are memory-mapped; ``.gz`` IDX files and CIFAR batches
+    are held as the uint8 arrays they store (a quarter of float32), never converted whole to float. A compressed
+    ``.npz`` member cannot be memory-mapped: it is decompressed once into memory in its stored dtype (its
+    float ``x`` costs what the file's array costs uncompressed, e.g. 4 bytes a value for float32) and its rows
+    become float32 one batch at a time. The embedded moons and digits are small and stay in memory.
     """
     if split not in SPLITS:
         raise RobauditError(f"unknown split {split!r}: use 'test' or 'train'")
@@ -799,12 +882,14 @@ def load_dataset(name: str, *, split: str = "test", samples: int | None = None, 
         scale, source, title = 1.0, str(path.resolve()), path.stem
         num_classes, mean, std, eps = int(y.max()) + 1, None, None, NPZ_DEFAULT_EPS
     keep = _select(len(y), None if samples is None else int(samples), shuffle, seed, f"{title} {split}")
-    if stream and key is None and isinstance(x, np.memmap):
+    if stream and (key is None or _SPECS[key].needs_files):  # on disk: a user file, IDX or CIFAR
         index = np.arange(len(y))[keep]
+        if not isinstance(x, np.memmap) and len(index) < len(y):  # held in memory: keep only the samples used
+            x, y, index = x[index], y[index], np.arange(len(index))
         return StreamingDataset(
             name=title, split=split, items=ArrayRows(x, y, index), y=torch.from_numpy(np.array(y[index], np.int64)),
             num_classes=num_classes, mean=mean, std=std, default_eps=tuple(float(e) for e in eps), source=source,
-            input_shape=tuple(x.shape[1:]), scale=1.0)
+            input_shape=tuple(x.shape[1:]), scale=scale)
     xs = torch.from_numpy(np.array(x[keep], dtype=np.float32, order="C"))  # a copy: x may be a read-only memory map
     if scale != 1.0:
         xs = xs / scale

@@ -242,26 +242,29 @@ class LayerProbe:
         self._batch: int | None = None  # the batch size of the forward pass now running
         self._batch_dims: dict[str, int] = {}  # per layer key, learned from an unambiguous call
         self._no_batch: set[str] = set()
+        self._targets: list[tuple[nn.Module, Callable]] | None = None  # (module, hook), found once
 
     # -- hook management -------------------------------------------------------------------
     def __enter__(self) -> "LayerProbe":
-        named = dict(self.model.named_modules())
-        ops = op_layers(self.model)
-        missing = [n for n in self.module_names if n not in named and n not in ops]
-        if missing:
-            raise RobauditError(f"the model has no module named {missing[0]!r}")
+        if self._targets is None:  # the modules and hooks, found once: paused() registers them again often
+            named = dict(self.model.named_modules())
+            ops = op_layers(self.model)
+            missing = [n for n in self.module_names if n not in named and n not in ops]
+            if missing:
+                raise RobauditError(f"the model has no module named {missing[0]!r}")
+            targets = []
+            for name in self.module_names:
+                hook = self._make_hook(name)  # the taps of one op layer share its call count
+                targets += [(named[qual], hook) for qual in ops.get(name, [name] if name in named else [])]
+            self._targets = targets
         self._register()
         return self
 
     def _register(self) -> None:
-        named = dict(self.model.named_modules())
-        ops = op_layers(self.model)
         try:
             self._handles.append(self.model.register_forward_pre_hook(self._note_batch))
-            for name in self.module_names:
-                hook = self._make_hook(name)  # the taps of one op layer share its call count
-                for qual in ops.get(name, [name] if name in named else []):
-                    self._handles.append(named[qual].register_forward_hook(hook))
+            for module, hook in self._targets or ():
+                self._handles.append(module.register_forward_hook(hook))
         except Exception:
             self.remove()
             raise

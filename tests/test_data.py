@@ -641,5 +641,53 @@ def test_streamed_npz_gives_the_same_analysis_as_in_memory(tmp_path):
     a, b = analyze(model, eager, **kw), analyze(model, lazy, **kw)
     pd.testing.assert_frame_equal(a.lsa, b.lsa)
     pd.testing.assert_frame_equal(a.accuracy.drop(columns="seconds"), b.accuracy.drop(columns="seconds"))
-    np.savez_compressed(tmp_path / "c.npz", x=x, y=y)  # not mappable: read into memory
-    assert isinstance(load_dataset(str(tmp_path / "c.npz"), stream=True), Dataset)
+
+
+def _write_format(fmt: str, root):
+    """A small split in one real on-disk format; returns (load_dataset name, kwargs, split)."""
+    if fmt in ("mnist", "mnist.gz"):
+        write_idx(root, prefix="train", n=13, gz=fmt.endswith(".gz"))
+        return "mnist", {"data_dir": root, "download": False}, "train"
+    if fmt == "cifar10":  # five train batches: the split is assembled from several files
+        write_cifar10(root, n=3)
+        return "cifar10", {"data_dir": root, "download": False}, "train"
+    if fmt == "cifar100":
+        folder = root / "cifar-100-python"
+        folder.mkdir(parents=True)
+        x, y = cifar_arrays(13, seed=4, classes=100)
+        with open(folder / "test", "wb") as fh:
+            pickle.dump({b"data": x, b"fine_labels": y, b"coarse_labels": [0] * 13}, fh, protocol=4)
+        return "cifar100", {"data_dir": root, "download": False}, "test"
+    rng = np.random.default_rng(5)
+    np.savez_compressed(root / "c.npz", x=rng.random((13, 3, 4, 4)).astype(np.float32),
+                        y=(np.arange(13) % 3).astype(np.uint8))
+    return str(root / "c.npz"), {}, "test"
+
+
+@pytest.mark.parametrize("fmt", ["mnist", "mnist.gz", "cifar10", "cifar100", "npz-compressed"])
+def test_every_on_disk_format_streams_with_the_same_analysis(tmp_path, fmt):
+    from robaudit.lsa import analyze
+
+    tmp_path.mkdir(exist_ok=True)
+    name, kw, split = _write_format(fmt, tmp_path)
+    eager = load_dataset(name, split=split, samples=11, shuffle=True, seed=7, **kw)
+    lazy = load_dataset(name, split=split, samples=11, shuffle=True, seed=7, stream=True, **kw)
+    assert isinstance(eager, Dataset) and isinstance(lazy, data.StreamingDataset)
+    assert len(lazy) == 11 and lazy.input_shape == eager.input_shape and lazy.num_classes == eager.num_classes
+    assert torch.equal(lazy.y, eager.y) and torch.equal(lazy.head(11)[0], eager.x)
+    stored = lazy.items.x
+    if fmt == "npz-compressed":  # a compressed member cannot be mapped: held as stored, rows become float32
+        assert stored.dtype == np.float32 and lazy.items[0][0].dtype == torch.float32
+    else:  # pixels stay uint8 until the batch is on the device; a plain IDX file is memory-mapped
+        assert stored.dtype == np.uint8 and lazy.items[0][0].dtype == torch.uint8
+        assert isinstance(stored, np.memmap) == (fmt == "mnist")
+    if not isinstance(stored, np.memmap):  # held in memory: only the samples used are kept
+        assert len(stored) == 11
+    torch.manual_seed(0)
+    channels = eager.input_shape[0]
+    model = nn.Sequential(nn.Conv2d(channels, 2, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                          nn.Linear(8, eager.num_classes))
+    run = dict(attacks=["pgd:steps=2", "gaussian"], eps=[0.1], batch_size=4, device="cpu", seed=3)
+    a, b = analyze(model, eager, **run), analyze(model, lazy, **run)
+    pd.testing.assert_frame_equal(a.lsa, b.lsa)
+    pd.testing.assert_frame_equal(a.accuracy.drop(columns="seconds"), b.accuracy.drop(columns="seconds"))

@@ -277,11 +277,39 @@ def _cifar_folder(tmp_path: Path, batch: bytes) -> Path:
     return tmp_path
 
 
-def test_cifar_batch_with_a_payload_is_refused(tmp_path, marker):
+@pytest.mark.parametrize("stream", [False, True])
+def test_cifar_batch_with_a_payload_is_refused(tmp_path, marker, stream):
     batch = pickle.dumps({b"data": Payload(marker), b"labels": [0]}, protocol=2)
     with pytest.raises(RobauditError, match="refusing"):
-        load_dataset("cifar10", data_dir=_cifar_folder(tmp_path, batch), download=False)
+        load_dataset("cifar10", data_dir=_cifar_folder(tmp_path, batch), download=False, stream=stream)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("dims", [(60000, 28, 28), (2**32 - 1,) * 3, (2**16, 2**16, 2**32 - 2**16 + 1)])
+def test_idx_header_promising_more_than_the_file_holds_is_refused_without_allocating(tmp_path, gz, dims):
+    """A header may claim any size (the last case's product overflows 64 bits to a small number): the claim
+    is checked against what the file holds, and nothing near the claimed size is allocated."""
+    import gzip
+    import struct
+    import tracemalloc
+
+    raw = bytes([0, 0, 8, 3]) + struct.pack(">3I", *dims) + bytes(5 * 28 * 28)
+    labels = bytes([0, 0, 8, 1]) + struct.pack(">I", 5) + bytes(5)
+    for name, blob in (("t10k-images-idx3-ubyte", raw), ("t10k-labels-idx1-ubyte", labels)):
+        if gz:
+            (tmp_path / f"{name}.gz").write_bytes(gzip.compress(blob))
+        else:
+            (tmp_path / name).write_bytes(blob)
+    tracemalloc.start()
+    try:
+        with pytest.raises(RobauditError, match="need .* data bytes, the file has 3920") as err:
+            load_dataset("mnist", data_dir=tmp_path, download=False, stream=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "\n" not in str(err.value) and "not a valid IDX file" in str(err.value)
+    assert peak < 8 * 2**20  # a read buffer (1 MB) for the file's few kB, not the 47 MB or more claimed
 
 
 @pytest.mark.parametrize("protocol", [2, 4, 5])

@@ -315,6 +315,21 @@ def test_in_place_ops_do_not_rewrite_recorded_outputs(make, layer):
     torch.testing.assert_close(recorded[True], recorded[False])
 
 
+@pytest.mark.parametrize("make", [relu_mlp, residual], ids=["inplace-relu", "residual-add"])
+def test_an_export_records_the_right_outputs_in_every_pass(make, tmp_path):
+    """Every pass of an export with in-place ops records what the model without in-place ops computes."""
+    xs = [torch.randn(5, 4, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    reference = make(False)
+    graph = load_model(export_dynamic(make(True), tmp_path / "m.pt2", xs[0])).module
+    names = select_modules(graph, probe="modules")
+    with LayerProbe(graph, names) as probe, LayerProbe(reference, names) as ref, torch.no_grad():
+        for x in xs:
+            got, want = dict(probe.run(graph, x)[1]), dict(ref.run(reference, x)[1])
+            assert list(got) == list(want)
+            for name in names:
+                torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-7)
+
+
 def test_analyze_is_blind_to_in_place_ops():
     x = torch.rand(8, 4, generator=torch.Generator().manual_seed(2))
     frames = []

@@ -207,8 +207,7 @@ def _setup(model, dataset: str, *, out, arch, arch_kwargs, trust_model, data_dir
         model, arch=arch, arch_kwargs=arch_kwargs, trust_model=trust_model)
     data = load_dataset(dataset, split=split, samples=samples, shuffle=shuffle, seed=seed, data_dir=data_dir,
                         download=download, image_size=image_size, class_map=class_map,
-                        stream=str(dataset).startswith("imagefolder:")
-                        or str(dataset).lower().endswith((".npz", ".npy")))
+                        stream=True)  # every on-disk format streams; moons and digits are small, in memory
     out = Path(out) if out else default_out(loaded.path, data.name)
     if dist.is_main():  # the other processes never look at the output
         check_output_dir(out, force=force)
