@@ -30,8 +30,10 @@ def init(device: torch.device | None = None) -> None:
         return
     if not tdist.is_available():
         raise RobauditError("this torch build has no torch.distributed: run in one process (without torchrun)")
-    backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
-    tdist.init_process_group(backend=backend)
+    cuda = device is not None and device.type == "cuda"
+    if cuda:  # NCCL binds each process to its own GPU: set it before the group forms
+        torch.cuda.set_device(local_device(device))
+    tdist.init_process_group(backend="nccl" if cuda else "gloo")
 
 
 def rank() -> int:
@@ -64,3 +66,39 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if active() and world_size() > 1:
         tdist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group (at the end of a command), so that the processes exit cleanly."""
+    if active():
+        tdist.destroy_process_group()
+
+
+def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """``t`` replaced, in place, by the process ``src``'s tensor; ``t`` itself in one process."""
+    if active() and world_size() > 1:
+        tdist.broadcast(t, src=src)
+    return t
+
+
+def all_gather_objects(obj) -> list:
+    """Every process's ``obj`` (picklable, small), in rank order, on every process; ``[obj]`` in one process."""
+    if not (active() and world_size() > 1):
+        return [obj]
+    out: list = [None] * world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def global_sums(*local: torch.Tensor) -> list[torch.Tensor]:
+    """Each scalar in ``local`` summed over the processes (one all-reduce for all of them).
+
+    The value is the global sum, the same bits on every process; the gradient flows into this
+    process's own term only, so a loss built from these sums differentiates to this process's share
+    of the gradient (DDP adds the shares). The identity in one process.
+    """
+    if not (active() and world_size() > 1):
+        return list(local)
+    dtype = local[0].dtype
+    total = all_reduce_sum(torch.stack([t.detach().to(dtype) for t in local]))
+    return [total[i].to(t.dtype) + (t - t.detach()) for i, t in enumerate(local)]

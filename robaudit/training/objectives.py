@@ -10,22 +10,47 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import RobauditError
-from ..metrics import relative_error
+from ..metrics import ratio, relative_error
 from ..models import with_normalization
 from ..probe import LayerProbe
 from .config import parse_gamma
+from .distributed import Shard
 from .layers import Recorder, batch_independent, layer_modules
 
 
-def layer_relative_error(clean: torch.Tensor, perturbed: torch.Tensor, mode: str = "pooled") -> torch.Tensor:
+def layer_relative_error(clean: torch.Tensor, perturbed: torch.Tensor, mode: str = "pooled",
+                         shard: Shard | None = None) -> torch.Tensor:
     """Differentiable ``RE_l(x, x')`` of one batch of one layer's outputs (:func:`robaudit.metrics.relative_error`).
 
     ``pooled``: ``||Phi' - Phi||_F / ||Phi||_F`` over the whole batch (the authors' reference code).
     ``per-sample``: the mean over samples of ``||phi'_i - phi_i|| / ||phi_i||``; samples whose clean
     activation is exactly zero have no RE and are left out (as in the analysis). NaN when undefined
-    (an all-zero batch); :func:`atlr_loss` then leaves that layer's term out of the loss.
+    (an all-zero batch); :func:`atlr_loss` then leaves that layer's term out of the loss. With a
+    ``shard``, the RE of the global batch whose slice this process holds.
     """
-    return relative_error(clean, perturbed, str(mode))
+    if shard is None:
+        return relative_error(clean, perturbed, str(mode))
+    c, d = clean.flatten(1), (perturbed - clean).flatten(1)
+    if str(mode) == "pooled":
+        num, den = shard.sums(d.pow(2).sum(), c.pow(2).sum())
+        return ratio(_sqrt(num), _sqrt(den))
+    re = relative_error(clean, perturbed, "none")
+    ok = ~torch.isnan(re)
+    total, count = shard.sums(torch.where(ok, re, torch.zeros_like(re)).sum(), ok.sum().to(re.dtype))
+    return ratio(total, count)
+
+
+def _sqrt(t: torch.Tensor) -> torch.Tensor:
+    """``sqrt(t)`` with a zero (not infinite) gradient at 0, as a norm has."""
+    pos = t > 0
+    return torch.where(pos, torch.where(pos, t, torch.ones_like(t)).sqrt(), torch.zeros_like(t))
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor, shard: Shard | None = None) -> torch.Tensor:
+    """Mean cross-entropy of the batch (with a ``shard``: of the global batch this process holds a slice of)."""
+    if shard is None:
+        return F.cross_entropy(logits, y)
+    return shard.mean(F.cross_entropy(logits, y, reduction="sum"))
 
 
 def atlr_loss(
@@ -38,21 +63,23 @@ def atlr_loss(
     re_mode: str = "pooled",
     logits_clean: torch.Tensor | None = None,
     clean_weight: float = 0.0,
+    shard: Shard | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The AT-LR objective of one batch and its terms (AT when no gamma is non-zero).
 
     ``(1 - clean_weight) * CE(logits_adv, y) + clean_weight * CE(logits_clean, y)
     + sum_l gammas[l] * RE_l(clean_outputs[l], adv_outputs[l])``. Returns ``(loss, terms)`` where
-    ``terms`` holds ``ce_adv``, ``ce_clean`` (when used), ``reg`` and ``re:<layer>`` (unweighted).
+    ``terms`` holds ``ce_adv``, ``ce_clean`` (when used), ``reg`` and ``re:<layer>`` (unweighted). With a
+    ``shard`` (one process's slice of a batch under torchrun) every term is the global batch's.
     """
     terms: dict[str, torch.Tensor] = {}
-    ce_adv = F.cross_entropy(logits_adv, y)
+    ce_adv = cross_entropy(logits_adv, y, shard)
     terms["ce_adv"] = ce_adv
     loss = ce_adv if clean_weight == 0 else (1.0 - clean_weight) * ce_adv
     if clean_weight > 0:
         if logits_clean is None:
             raise ValueError("clean_weight > 0 needs logits_clean")
-        ce_clean = F.cross_entropy(logits_clean, y)
+        ce_clean = cross_entropy(logits_clean, y, shard)
         terms["ce_clean"] = ce_clean
         loss = loss + clean_weight * ce_clean
     active = {name: g for name, g in gammas.items() if g != 0}
@@ -62,7 +89,7 @@ def atlr_loss(
             if name not in clean_outputs or name not in adv_outputs:
                 raise RobauditError(f"layer {name} did not run in both the clean and the adversarial pass: "
                                     "check the MVL layer names against the model")
-            re = layer_relative_error(clean_outputs[name], adv_outputs[name], re_mode)
+            re = layer_relative_error(clean_outputs[name], adv_outputs[name], re_mode, shard)
             terms[f"re:{name}"] = re
             term = g * torch.nan_to_num(re, nan=0.0)  # an undefined RE (all-zero clean batch) adds nothing
             reg = term if reg is None else reg + term
