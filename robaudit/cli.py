@@ -5,7 +5,9 @@ traceback instead.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shlex
 import sys
 import warnings
@@ -41,14 +43,14 @@ class _Group(click.Group):
         except RobauditError as e:
             if _debug(ctx):
                 raise
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error{_process_tag()}: {e}", err=True)
             ctx.exit(EXIT_USER)
         except Exception as e:  # a bug, not the user's fault: still one line, with the way to learn more
             if _debug(ctx):
                 raise
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            click.echo(f"error: unexpected {type(e).__name__}: {first[:300]} (rerun with --debug for the traceback)",
-                       err=True)
+            click.echo(f"error{_process_tag()}: unexpected {type(e).__name__}: {first[:300]} (rerun with --debug "
+                       "for the traceback)", err=True)
             ctx.exit(EXIT_INTERNAL)
 
 
@@ -145,7 +147,11 @@ def _bars(fail_under, max_re, strict):
 
 
 def _say(as_json: bool):
-    """Informational lines go to stderr when stdout carries the JSON object."""
+    """Informational lines go to stderr when stdout carries the JSON object; under torchrun, from rank 0 only."""
+    from . import dist
+
+    if not dist.is_main():
+        return lambda text: None
     return (lambda text: click.echo(text, err=True)) if as_json else click.echo
 
 
@@ -343,8 +349,9 @@ def list_attacks():
 # --- harden ---
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path), required=False)
-@click.option("--run", "run_dir", type=click.Path(path_type=Path),
-              help="Analyzed run directory to harden (default: the latest under reports/).")
+@click.option("--run", "--run-dir", "run_dir", type=click.Path(path_type=Path),
+              help="Analyzed run directory to harden (default: the latest under reports/); under torchrun write "
+                   "--run-dir (torchrun takes --run for its own --run-path).")
 @model_options
 @data_options
 @click.option("--out", "-o", type=click.Path(path_type=Path),
@@ -396,17 +403,12 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
       robaudit harden --run reports/m-digits --method at
       robaudit harden model.pt2 --dataset digits      # analyze first, then harden
     """
-    import importlib.util
-
     from .attacks import parse_number
-    from .stages.harden import harden_run
-    from .training.loop import HardenInterrupted
     from .rundir import latest_run
 
     if model is not None and run_dir is not None:
         raise RobauditError("give either MODEL (analyzed first) or --run DIR, not both")
     bars = _bars(fail_under, max_re, strict)
-    say = _say(as_json)
     show_progress = sys.stderr.isatty() if progress is None else progress
     command = shlex.join(["robaudit", *sys.argv[1:]]) if Path(sys.argv[0]).name.startswith("robaudit") else None
     # every setting is checked here, before an analysis that may take minutes
@@ -418,27 +420,47 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
         dual_bn=dual_bn, val_fraction=val_fraction, seed=seed, device=device, progress=show_progress)
     if mvl_top is not None and mvl_top < 1:
         raise RobauditError("--mvl-top must be at least 1")
-    from .training.checkpoint import CHECKPOINT_NAME
+    with _processes(device):
+        say = _say(as_json)
+        if model is not None:
+            if not dataset:
+                raise RobauditError("--dataset is required with MODEL: e.g. robaudit harden model.pt2 --dataset digits")
+            run_dir = _analyze_before_harden(
+                model, dataset, out=out, resume=resume, say=say, arch=arch, arch_kwargs=arch_kwargs,
+                trust_model=trust_model, data_dir=data_dir, split=split, samples=samples, shuffle=shuffle,
+                mvl_top=mvl_top, include_output=include_output, device=device, seed=seed or 0,
+                progress=show_progress, force=force,
+                **({"download": not data_extra["no_download"]} if "no_download" in data_extra else {}))
+        elif run_dir is None:
+            run_dir = latest_run("reports")
+            say(f"hardening the latest run under reports/: {run_dir}")
+        if resume:
+            _say_resume(run_dir, say)
+        done, warned = _harden_run(ctx, run_dir, cfg, mvl_top=mvl_top, include_output=include_output,
+                                   train_data=train_data, resume=resume, force=force, command=command,
+                                   download=not data_extra.get("no_download", False), arch=arch,
+                                   trust_model=trust_model)
+        from . import dist
 
-    if model is not None:
-        if not dataset:
-            raise RobauditError("--dataset is required with MODEL: e.g. robaudit harden model.pt2 --dataset digits")
-        run_dir = _analyze_before_harden(
-            model, dataset, out=out, resume=resume, say=say, arch=arch, arch_kwargs=arch_kwargs,
-            trust_model=trust_model, data_dir=data_dir, split=split, samples=samples, shuffle=shuffle,
-            mvl_top=mvl_top, include_output=include_output, device=device, seed=seed or 0,
-            progress=show_progress, force=force,
-            **({"download": not data_extra["no_download"]} if "no_download" in data_extra else {}))
-    elif run_dir is None:
-        run_dir = latest_run("reports")
-        say(f"hardening the latest run under reports/: {run_dir}")
-    if resume:
-        from .training.checkpoint import load_checkpoint
+        if dist.is_main():  # the other processes of a torchrun job wrote and print nothing
+            _show_harden(ctx, done, warned, bars, as_json=as_json, report=not no_report)
 
-        ck = Path(run_dir) / CHECKPOINT_NAME
-        if ck.is_file():
-            epoch = int(load_checkpoint(ck)["epoch"])
-            say(f"resuming from the checkpoint of epoch {epoch} ({ck}): training continues at epoch {epoch + 1}")
+
+def _say_resume(run_dir: Path, say) -> None:
+    """Say from which epoch an interrupted harden continues."""
+    from .training.checkpoint import CHECKPOINT_NAME, load_checkpoint
+
+    ck = Path(run_dir) / CHECKPOINT_NAME
+    if ck.is_file():
+        epoch = int(load_checkpoint(ck)["epoch"])
+        say(f"resuming from the checkpoint of epoch {epoch} ({ck}): training continues at epoch {epoch + 1}")
+
+
+def _harden_run(ctx, run_dir: Path, cfg: HardenConfig, **options):
+    """:func:`harden_run`, its warnings recorded (not repeated among the notes), Ctrl-C a one-line exit."""
+    from .stages.harden import harden_run
+    from .training.loop import HardenInterrupted
+
     warned: list[str] = []
     show = warnings.showwarning
 
@@ -448,30 +470,60 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
 
     try:
         warnings.showwarning = _record
-        done = harden_run(
-            run_dir, cfg, mvl_top=mvl_top, include_output=include_output, train_data=train_data, resume=resume,
-            force=force, command=command, download=not data_extra.get("no_download", False), arch=arch,
-            trust_model=trust_model)
+        return harden_run(run_dir, cfg, **options), warned
     except HardenInterrupted as e:
         if _debug(ctx):
             raise
-        click.echo(f"interrupted: {e}", err=True)
+        click.echo(f"interrupted{_process_tag()}: {e}", err=True)
         ctx.exit(EXIT_INTERRUPTED)
     finally:
         warnings.showwarning = show
+
+
+def _show_harden(ctx, done, warned, bars, *, as_json: bool, report: bool) -> None:
+    """Print the outcome, render the report and hold the hardened run to the bars."""
+    import importlib.util
+
     if not as_json:
         _echo_harden(done, warned=warned)
-    if not no_report and importlib.util.find_spec("robaudit.stages.report") is not None:
+    if report and importlib.util.find_spec("robaudit.stages.report") is not None:
         from .stages.report import render_report
 
         report_path = render_report(done.run_dir)
-        say(f"report: {report_path}")
+        _say(as_json)(f"report: {report_path}")
     _verdict_and_gate(ctx, Path(done.hardened_dir), bars, as_json, before=Path(done.run_dir),
                       extra={"original_run_dir": str(done.run_dir), "hardened_model": str(done.model_path)})
 
 
+@contextlib.contextmanager
+def _processes(device: str):
+    """Under torchrun: join the process group, keep every process but rank 0 quiet, leave the group at the end."""
+    from . import dist
+
+    if not dist.launched():
+        yield
+        return
+    from .lsa import resolve_device
+
+    dist.init(resolve_device(device))
+    if not dist.is_main():
+        logging.getLogger().setLevel(logging.ERROR)
+        warnings.simplefilter("ignore")
+    try:
+        yield
+    finally:
+        dist.shutdown()
+
+
+def _process_tag() -> str:
+    """`` (process R)`` in a process of a torchrun job other than rank 0; empty otherwise."""
+    rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "0"
+    return f" (process {rank})" if rank != "0" else ""
+
+
 def _analyze_before_harden(model, dataset, *, out, resume: bool, say, arch_kwargs, **analysis) -> Path:
     """``harden MODEL``: analyze first (the run directory to harden), unless resuming an interrupted harden."""
+    from . import dist
     from .training.checkpoint import CHECKPOINT_NAME
     from .models import parse_arch_kwargs
     from .stages.analyze import analyze_run, default_out
@@ -481,6 +533,7 @@ def _analyze_before_harden(model, dataset, *, out, resume: bool, say, arch_kwarg
         say(f"resuming the interrupted harden in {planned}")
         return planned  # the analysis is there already; analyzing again would replace the checkpoint
     done = analyze_run(model, dataset, out=out, arch_kwargs=parse_arch_kwargs(arch_kwargs), report=False, **analysis)
+    dist.barrier()  # under torchrun rank 0 wrote the run: the others read it from here on
     say(f"analyzed {model} -> {done.path}")
     return done.path
 

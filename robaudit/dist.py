@@ -6,7 +6,9 @@ the single-process identity, so the rest of the code calls these functions uncon
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator
 
 import torch
 import torch.distributed as tdist
@@ -102,3 +104,13 @@ def global_sums(*local: torch.Tensor) -> list[torch.Tensor]:
     dtype = local[0].dtype
     total = all_reduce_sum(torch.stack([t.detach().to(dtype) for t in local]))
     return [total[i].to(t.dtype) + (t - t.detach()) for i, t in enumerate(local)]
+
+
+@contextlib.contextmanager
+def main_first() -> Iterator[None]:
+    """Run the block in rank 0 first, then in the other processes (a download or a cache fill happens once)."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()

@@ -18,6 +18,7 @@ import torch
 
 from .. import __version__
 from .. import attacks as atk
+from .. import dist
 from ..data import load_dataset
 from ..errors import RobauditError
 from ..lsa import MVL, LSAResult, analyze, resolve_device
@@ -156,15 +157,17 @@ def analyze_run(
                         or str(dataset).lower().endswith((".npz", ".npy")))
     out = Path(out) if out else default_out(loaded.path, data.name)
     check_output_dir(out, force=force)
+    dist.barrier()  # under torchrun: every process checked ``out`` before rank 0 writes it
     if normalize and mean is None and std is None:
         mean, std = data.mean, data.std
     elif not normalize:
         mean = std = None
     eps = list(eps) if eps else list(data.default_eps)
     specs = specs or atk.default_battery(eps)
-    dev = resolve_device(device)
+    dev = dist.local_device(resolve_device(device))
 
-    samples_csv = staging_file(out, "samples")  # streamed row by row; removed if anything below fails
+    # streamed row by row; removed if anything below fails. Under torchrun rank 0 alone writes the run
+    samples_csv = staging_file(out, "samples") if dist.is_main() else None
     result, check_results = analyze_and_check(
         loaded, data, attacks=specs, eps=eps, layers=layers, layer_types=layer_types, probe=probe, mean=mean,
         std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress, checks=checks, workers=workers,
@@ -174,6 +177,8 @@ def analyze_run(
         mvl_top = mvl.k if mvl_z is None else mvl_top  # select_mvl's default when none was given
         bn = batchnorm_audit(loaded, data, result, mvl, mean=mean, std=std, device=dev, seed=seed,
                              batch_size=batch_size)
+        if samples_csv is None:
+            return AnalysisRun(result, mvl, out, {}, check_results)
         return _write(out, result, mvl, check_results, bn, samples_csv, force=force, report=report, manifest=_manifest(
             loaded, data, result, command=command or _api_command(loaded, dataset, attacks, eps, seed, out,
                                                                   image_size=image_size, class_map=class_map),
@@ -183,7 +188,8 @@ def analyze_run(
             mvl={"top": mvl_top, "z": mvl_z, "attack": mvl_attack, "metric": mvl_metric,
                  "include_output": include_output}))
     finally:
-        samples_csv.unlink(missing_ok=True)  # moved into the run, unless something failed
+        if samples_csv is not None:
+            samples_csv.unlink(missing_ok=True)  # moved into the run, unless something failed
 
 
 def _write(out: Path, result: LSAResult, mvl: MVL, check_results, bn, samples_csv: Path, *, force: bool,
