@@ -144,10 +144,7 @@ def analyze_run(
     started = now()
     if out is not None:
         check_output_dir(out, force=force)  # before minutes of analysis, not after
-    if mvl_top is not None and mvl_top < 1:
-        raise RobauditError("--mvl-top must be at least 1")
-    if mvl_z is not None and not math.isfinite(mvl_z):
-        raise RobauditError(f"--mvl-z must be a finite number of standard deviations, got {mvl_z}")
+    _check_mvl_options(mvl_top, mvl_z)
     specs = [atk.parse(a) for a in attacks] if attacks else None
     loaded = model if isinstance(model, LoadedModel) else load_model(
         model, arch=arch, arch_kwargs=arch_kwargs, trust_model=trust_model)
@@ -158,10 +155,7 @@ def analyze_run(
     out = Path(out) if out else default_out(loaded.path, data.name)
     check_output_dir(out, force=force)
     dist.barrier()  # under torchrun: every process checked ``out`` before rank 0 writes it
-    if normalize and mean is None and std is None:
-        mean, std = data.mean, data.std
-    elif not normalize:
-        mean = std = None
+    mean, std = _normalization(data, normalize=normalize, mean=mean, std=std)
     eps = list(eps) if eps else list(data.default_eps)
     specs = specs or atk.default_battery(eps)
     dev = dist.local_device(resolve_device(device))
@@ -190,6 +184,21 @@ def analyze_run(
     finally:
         if samples_csv is not None:
             samples_csv.unlink(missing_ok=True)  # moved into the run, unless something failed
+
+
+def _check_mvl_options(mvl_top: int | None, mvl_z: float | None) -> None:
+    """Refuse an MVL criterion that cannot select, before the analysis."""
+    if mvl_top is not None and mvl_top < 1:
+        raise RobauditError("--mvl-top must be at least 1")
+    if mvl_z is not None and not math.isfinite(mvl_z):
+        raise RobauditError(f"--mvl-z must be a finite number of standard deviations, got {mvl_z}")
+
+
+def _normalization(data, *, normalize: bool, mean, std) -> tuple:
+    """The input normalization: the given one, the data set's (``normalize`` and none given), or none."""
+    if normalize and mean is None and std is None:
+        return data.mean, data.std
+    return (mean, std) if normalize else (None, None)
 
 
 def _write(out: Path, result: LSAResult, mvl: MVL, check_results, bn, samples_csv: Path, *, force: bool,
