@@ -75,6 +75,7 @@ def test_torchrun_harden_writes_one_run_directory_and_the_model_reloads(uninterr
     assert "error" not in err.lower()
     history = pd.read_csv(run / "hardened" / "history.csv")
     assert history["epoch"].tolist() == [0, 1, 2, 3, 4] and history["loss"].iloc[1:].notna().all()
+    assert '"processes": 2' in (run / "hardened" / "harden.json").read_text()
     checks = (run / "hardened" / "checks.json").read_text()
     assert '"plan"' in checks  # the re-analysis sizes its checks as the analysis does
     hardened = load_model(run / "hardened" / "model.pt2")

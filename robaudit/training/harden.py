@@ -34,6 +34,9 @@ history) from which ``resume=True`` continues bit for bit. Training stops with a
 :class:`~robaudit.errors.RobauditError` when the loss becomes NaN or clean validation accuracy falls
 to chance (a collapse: e.g. a constant output, whose RE is trivially 0).
 
+Under ``torchrun`` the model trains in DistributedDataParallel, each process on its slice of every global
+batch (:mod:`robaudit.training.distributed`); a step equals the one-process step on the whole batch.
+
 :func:`robaudit.stages.harden.harden_run` is the run-directory stage behind ``robaudit harden``.
 """
 from __future__ import annotations
@@ -224,7 +227,8 @@ def _batch_size(asked: int, fixed: int | None, notes: list[str]) -> int:
 
 def _fingerprint(settings_out: Mapping, module: nn.Module, extra: Mapping | None) -> dict:
     """What a checkpoint must match to be resumed: the settings, the starting weights and ``extra``."""
-    fingerprint = {k: v for k, v in settings_out.items() if k not in ("validation", "bn_at_test")}
+    # another number of processes may resume (the global batch is the same), so it is not part of it
+    fingerprint = {k: v for k, v in settings_out.items() if k not in ("validation", "bn_at_test", "processes")}
     fingerprint["model_digest"] = _module_digest(module)
     fingerprint.update(extra or {})
     return json.loads(json.dumps(fingerprint, default=str))
@@ -345,7 +349,7 @@ def _settings(cfg: HardenConfig, mvl_layers, gammas, data: TrainData, val_desc: 
         "layer_eps": cfg.layer_eps, "epochs": cfg.epochs, "batch_size": data.batch_size, "lr": cfg.lr,
         "optimizer": cfg.optimizer.value, "weight_decay": cfg.weight_decay, "schedule": cfg.schedule.value,
         "clean_weight": cfg.clean_weight, "dual_bn": bool(cfg.dual_bn), "val_fraction": cfg.val_fraction,
-        "seed": data.seed, "n_train": int(len(data.y)), "n_val": int(len(data.val_y)),
+        "seed": data.seed, "n_train": int(len(data.y)), "n_val": int(len(data.val_y)), "processes": dist.world_size(),
         "validation": val_desc, "val_attack": f"pgd:eps={eps:g},steps={steps}", "bn_at_test": bn_at_test,
         "mean": list(mean) if mean is not None else None, "std": list(std) if std is not None else None,
     }
