@@ -126,12 +126,10 @@ def _dist_worker(args) -> int:
 
     torch.set_num_threads(1)
     dist.init(torch.device(args.device))
-    try:
-        seconds = _one_epoch(args, args.method, 0)
-        if dist.is_main():
-            Path(args.dist_worker).write_text(json.dumps({"seconds": seconds, "world": dist.world_size()}))
-    finally:
-        dist.shutdown()
+    seconds = _one_epoch(args, args.method, 0)
+    if dist.is_main():
+        Path(args.dist_worker).write_text(json.dumps({"seconds": seconds, "world": dist.world_size()}))
+    dist.shutdown()
     return 0
 
 

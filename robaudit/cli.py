@@ -511,8 +511,10 @@ def _processes(device: str):
         warnings.simplefilter("ignore")
     try:
         yield
-    finally:
-        dist.shutdown()
+    except BaseException:
+        dist.shutdown(failed=True)
+        raise
+    dist.shutdown()
 
 
 def _process_tag() -> str:

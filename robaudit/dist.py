@@ -70,9 +70,17 @@ def barrier() -> None:
         tdist.barrier()
 
 
-def shutdown() -> None:
-    """Leave the process group (at the end of a command), so that the processes exit cleanly."""
+def shutdown(*, failed: bool = False) -> None:
+    """Leave the process group at the end of a command, so that the processes exit cleanly.
+
+    After success all processes meet first: one that tears its connections down while another still
+    uses them can abort the other (gloo). After a failure in this process there is no meeting (another
+    process may be inside a collective that will never complete): the connections close, and the others
+    fail at once instead of waiting for a timeout.
+    """
     if active():
+        if not failed:
+            barrier()
         tdist.destroy_process_group()
 
 

@@ -1,8 +1,9 @@
-"""One optimizer step of :func:`robaudit.training.harden.harden` per method, run in one process or under torchrun.
+"""Test jobs for torchrun: one optimizer step per method, and a harden that fails in one process only.
 
     python -m torch.distributed.run --standalone --nproc-per-node=2 tests/dist_worker.py OUT.pt
+    python -m torch.distributed.run --standalone --nproc-per-node=2 tests/dist_worker.py --fail-in-1 HARDEN-ARGS...
 
-Rank 0 saves ``{case: state_dict}`` to ``OUT.pt``; ``tests/test_dist_harden.py`` compares it with the same
+Step: rank 0 saves ``{case: state_dict}`` to ``OUT.pt``; ``tests/test_dist_harden.py`` compares it with the same
 step in one process. The model has no BatchNorm (per-process batch statistics would differ by design), the
 attack is FGSM (no random start) and the optimizer plain SGD, so that both runs must agree to rounding.
 """
@@ -60,13 +61,31 @@ def one_step(settings: dict) -> nn.Module:
 
 def main(out: str) -> None:
     dist.init()
-    try:
-        states = {name: {k: v.clone() for k, v in one_step(s).state_dict().items()} for name, s in CASES}
-        if dist.is_main():
-            torch.save(states, out)
-    finally:
-        dist.shutdown()
+    states = {name: {k: v.clone() for k, v in one_step(s).state_dict().items()} for name, s in CASES}
+    if dist.is_main():
+        torch.save(states, out)
+    dist.shutdown()
+
+
+def fail_in_rank_1(cli_args: list[str]) -> None:
+    """``robaudit harden CLI_ARGS`` whose process 1 alone fails in its second epoch (a disk error, say)."""
+    from robaudit.cli import main as cli
+    from robaudit.errors import RobauditError
+    from robaudit.training.loop import Trainer
+
+    real = Trainer.train_epoch
+
+    def train_epoch(self, epoch):
+        if epoch == 2 and dist.rank() == 1:
+            raise RobauditError("the disk of process 1 is full")
+        return real(self, epoch)
+
+    Trainer.train_epoch = train_epoch
+    cli(["harden", *cli_args], prog_name="robaudit")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1] == "--fail-in-1":
+        fail_in_rank_1(sys.argv[2:])
+    else:
+        main(sys.argv[1])

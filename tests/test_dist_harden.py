@@ -136,3 +136,17 @@ def test_an_error_ends_every_process_with_one_line_each(uninterrupted, tmp_path)
     assert "error (process 1): --batch-size 3 is too small" in err
     assert len(lines) == 2 and "Traceback" not in err.split("error:")[0]
     assert out == "" and not (run / "hardened").exists()
+
+
+def test_an_error_in_one_process_ends_the_job_without_hanging(uninterrupted, tmp_path):
+    """Process 1 fails alone while process 0 waits for it in a collective: both end, nothing is written."""
+    done, _, _ = uninterrupted
+    run = tmp_path / "run"
+    shutil.copytree(done, run, ignore=shutil.ignore_patterns("hardened"))
+    args = [ROOT / "tests" / "dist_worker.py", "--fail-in-1", "--run-dir", run, "--epochs", "3", "--steps", "1",
+            "--mvl-top", "2", "--batch-size", "64", "--no-report"]
+    rc, out, err = finish(torchrun(args, tmp_path, module=False), timeout=200)
+    assert rc != 0
+    assert "error (process 1): the disk of process 1 is full" in err, err[-3000:]
+    assert not (run / "hardened").exists()
+    assert int(load_checkpoint(run / CHECKPOINT_NAME)["epoch"]) == 1  # the last complete epoch is kept
