@@ -112,12 +112,23 @@ def _setup(dataset: str):
     return model, layers, load_dataset(dataset, split="train")
 
 
-def _one_epoch(args, method: str, seed: int) -> float:
-    """Seconds of one training epoch of ``method`` (in this process, or this process's part of a torchrun job)."""
+class _LoopCpu:
+    """A Trainer callback: CPU seconds of this process in the training loop (validation excluded)."""
+
+    def on_epoch_start(self, trainer, epoch):
+        self.c0 = time.process_time()
+
+    def on_train_end(self, trainer, epoch, row):
+        self.seconds = time.process_time() - self.c0
+
+
+def _one_epoch(args, method: str, seed: int) -> tuple[float, float]:
+    """Wall and CPU seconds of one training epoch of ``method`` (in this process, or its part of a torchrun job)."""
     model, layers, train = _setup(args.dataset)
+    cpu = _LoopCpu()
     res = harden(model, train, eps=0.1, method=method, mvl_layers=layers, epochs=1, batch_size=args.batch_size,
-                 steps=args.steps, seed=seed, device=args.device, check_collapse=False)
-    return float(res.history["seconds"].iloc[-1])
+                 steps=args.steps, seed=seed, device=args.device, check_collapse=False, callbacks=[cpu])
+    return float(res.history["seconds"].iloc[-1]), cpu.seconds
 
 
 def _dist_worker(args) -> int:
@@ -126,9 +137,10 @@ def _dist_worker(args) -> int:
 
     torch.set_num_threads(1)
     dist.init(torch.device(args.device))
-    seconds = _one_epoch(args, args.method, 0)
-    if dist.is_main():
-        Path(args.dist_worker).write_text(json.dumps({"seconds": seconds, "world": dist.world_size()}))
+    seconds, cpu = _one_epoch(args, args.method, 0)
+    cpus = dist.all_gather_objects(cpu)
+    if dist.is_main():  # the job takes as long as its busiest process
+        Path(args.dist_worker).write_text(json.dumps({"seconds": seconds, "cpu": max(cpus)}))
     dist.shutdown()
     return 0
 
@@ -137,13 +149,13 @@ def _dist_compare(args) -> int:
     """One epoch per adversarial method, in 1 process and in ``--dist`` processes, interleaved per round."""
     torch.set_num_threads(1)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    one: dict[str, list[float]] = {"at": [], "atlr": []}
-    many: dict[str, list[float]] = {"at": [], "atlr": []}
+    one: dict[str, list[tuple[float, float]]] = {"at": [], "atlr": []}
+    many: dict[str, list[tuple[float, float]]] = {"at": [], "atlr": []}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "epoch.json"
         for r in range(args.rounds):
             for method in one:
-                one[method].append(_one_epoch(args, method, 0))
+                one[method].append(_one_epoch(args, method, 0))  # (wall, CPU)
                 job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                       f"--nproc-per-node={args.dist}", __file__, "--dist-worker", str(out), "--method",
                                       method, "--dataset", args.dataset, "--batch-size", str(args.batch_size),
@@ -152,14 +164,20 @@ def _dist_compare(args) -> int:
                 if job.returncode != 0:
                     sys.stderr.write(job.stderr[-4000:])
                     return 1
-                many[method].append(json.loads(out.read_text())["seconds"])
+                done = json.loads(out.read_text())
+                many[method].append((done["seconds"], done["cpu"]))
     n_train = len(_setup(args.dataset)[2])
     sys.stdout.write(f"{args.dataset}: {n_train} training samples (10% held out), batch {args.batch_size} (global), "
                      f"PGD-{args.steps}, {args.rounds} rounds, one thread per process, device {args.device}\n\n")
-    sys.stdout.write(f"{'method':<8} {'1 process s/epoch':>18} {f'{args.dist} processes s/epoch':>20} {'speedup':>8}\n")
+    sys.stdout.write(f"{'':<8} {'wall s/epoch':>28} {'':>8}   {'CPU s/epoch (busiest process)':>30}\n")
+    sys.stdout.write(f"{'method':<8} {'1 process':>12} {f'{args.dist} processes':>15} {'speedup':>8}   "
+                     f"{'1 process':>12} {f'{args.dist} processes':>15} {'ratio':>6}\n")
     for m in one:
-        a, b = statistics.median(one[m]), statistics.median(many[m])
-        sys.stdout.write(f"{m:<8} {a:>18.3f} {b:>20.3f} {a / b:>7.2f}x\n")
+        (a, ca), (b, cb) = ([statistics.median(v) for v in zip(*runs)] for runs in (one[m], many[m]))
+        sys.stdout.write(f"{m:<8} {a:>12.3f} {b:>15.3f} {a / b:>7.2f}x   {ca:>12.3f} {cb:>15.3f} {ca / cb:>5.2f}x\n")
+    load = os.getloadavg()[0]
+    sys.stdout.write(f"\nload average {load:.1f} on {os.cpu_count()} CPUs: wall times need {args.dist} free cores; "
+                     "the CPU ratio is the speedup they would give (waiting for the other process is not CPU time)\n")
     return 0
 
 

@@ -7,6 +7,7 @@ the single-process identity, so the rest of the code calls these functions uncon
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from typing import Iterator
 
@@ -79,6 +80,9 @@ def shutdown(*, failed: bool = False) -> None:
     fail at once instead of waiting for a timeout.
     """
     if active():
+        # objects in reference cycles that still hold the group's tensors would otherwise be freed while the
+        # interpreter exits, which can abort the process (gloo; seen 3 times in 20 two-process runs, not since)
+        gc.collect()
         if not failed:
             barrier()
         tdist.destroy_process_group()
