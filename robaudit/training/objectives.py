@@ -30,14 +30,21 @@ def layer_relative_error(clean: torch.Tensor, perturbed: torch.Tensor, mode: str
     """
     if shard is None:
         return relative_error(clean, perturbed, str(mode))
-    c, d = clean.flatten(1), (perturbed - clean).flatten(1)
+    return _re_of_sums(*shard.sums(*_re_sums(clean, perturbed, mode)), mode)
+
+
+def _re_sums(clean: torch.Tensor, perturbed: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two sums over samples an RE is made of: ``||Δ||², ||Φ||²`` (pooled) or ``Σ RE_i, count`` (per sample)."""
     if str(mode) == "pooled":
-        num, den = shard.sums(d.pow(2).sum(), c.pow(2).sum())
-        return ratio(_sqrt(num), _sqrt(den))
+        c, d = clean.flatten(1), (perturbed - clean).flatten(1)
+        return d.pow(2).sum(), c.pow(2).sum()
     re = relative_error(clean, perturbed, "none")
     ok = ~torch.isnan(re)
-    total, count = shard.sums(torch.where(ok, re, torch.zeros_like(re)).sum(), ok.sum().to(re.dtype))
-    return ratio(total, count)
+    return torch.where(ok, re, torch.zeros_like(re)).sum(), ok.sum().to(re.dtype)
+
+
+def _re_of_sums(a: torch.Tensor, b: torch.Tensor, mode: str) -> torch.Tensor:
+    return ratio(_sqrt(a), _sqrt(b)) if str(mode) == "pooled" else ratio(a, b)
 
 
 def _sqrt(t: torch.Tensor) -> torch.Tensor:
@@ -51,6 +58,29 @@ def cross_entropy(logits: torch.Tensor, y: torch.Tensor, shard: Shard | None = N
     if shard is None:
         return F.cross_entropy(logits, y)
     return shard.mean(F.cross_entropy(logits, y, reduction="sum"))
+
+
+def _global_terms(shard: Shard, y, logits_adv, logits_clean, pairs: Mapping, re_mode: str):
+    """CE of the adversarial (and clean) logits and each layer's RE over the global batch: one all-reduce."""
+    local = [F.cross_entropy(logits_adv, y, reduction="sum")]
+    if logits_clean is not None:
+        local.append(F.cross_entropy(logits_clean, y, reduction="sum"))
+    for clean, adv in pairs.values():
+        local.extend(_re_sums(clean, adv, re_mode))
+    total = shard.sums(*local)
+    ce = [t / shard.total for t in total[:len(local) - 2 * len(pairs)]]
+    sums = total[len(ce):]
+    res = {name: _re_of_sums(sums[2 * i], sums[2 * i + 1], re_mode) for i, name in enumerate(pairs)}
+    return ce[0], ce[1] if logits_clean is not None else None, res
+
+
+def _batch_terms(y, logits_adv, logits_clean, pairs: Mapping, re_mode: str, shard: Shard | None):
+    """``(CE adversarial, CE clean or None, {layer: RE})`` of the batch (with a ``shard``: the global batch's)."""
+    if shard is not None:
+        return _global_terms(shard, y, logits_adv, logits_clean, pairs, re_mode)
+    ce_clean = F.cross_entropy(logits_clean, y) if logits_clean is not None else None
+    return F.cross_entropy(logits_adv, y), ce_clean, {
+        name: layer_relative_error(clean, adv, re_mode) for name, (clean, adv) in pairs.items()}
 
 
 def atlr_loss(
@@ -72,26 +102,26 @@ def atlr_loss(
     ``terms`` holds ``ce_adv``, ``ce_clean`` (when used), ``reg`` and ``re:<layer>`` (unweighted). With a
     ``shard`` (one process's slice of a batch under torchrun) every term is the global batch's.
     """
-    terms: dict[str, torch.Tensor] = {}
-    ce_adv = cross_entropy(logits_adv, y, shard)
-    terms["ce_adv"] = ce_adv
+    if clean_weight > 0 and logits_clean is None:
+        raise ValueError("clean_weight > 0 needs logits_clean")
+    active = {name: g for name, g in gammas.items() if g != 0}
+    for name in active:
+        if name not in clean_outputs or name not in adv_outputs:
+            raise RobauditError(f"layer {name} did not run in both the clean and the adversarial pass: "
+                                "check the MVL layer names against the model")
+    pairs = {name: (clean_outputs[name], adv_outputs[name]) for name in active}
+    ce_adv, ce_clean, res = _batch_terms(y, logits_adv, logits_clean if clean_weight > 0 else None, pairs,
+                                         re_mode, shard)
+    terms: dict[str, torch.Tensor] = {"ce_adv": ce_adv}
     loss = ce_adv if clean_weight == 0 else (1.0 - clean_weight) * ce_adv
     if clean_weight > 0:
-        if logits_clean is None:
-            raise ValueError("clean_weight > 0 needs logits_clean")
-        ce_clean = cross_entropy(logits_clean, y, shard)
         terms["ce_clean"] = ce_clean
         loss = loss + clean_weight * ce_clean
-    active = {name: g for name, g in gammas.items() if g != 0}
     if active:
         reg = None
         for name, g in active.items():
-            if name not in clean_outputs or name not in adv_outputs:
-                raise RobauditError(f"layer {name} did not run in both the clean and the adversarial pass: "
-                                    "check the MVL layer names against the model")
-            re = layer_relative_error(clean_outputs[name], adv_outputs[name], re_mode, shard)
-            terms[f"re:{name}"] = re
-            term = g * torch.nan_to_num(re, nan=0.0)  # an undefined RE (all-zero clean batch) adds nothing
+            terms[f"re:{name}"] = res[name]
+            term = g * torch.nan_to_num(res[name], nan=0.0)  # an undefined RE (all-zero clean batch) adds nothing
             reg = term if reg is None else reg + term
         terms["reg"] = reg
         loss = loss + reg
