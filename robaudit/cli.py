@@ -403,6 +403,7 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
       robaudit harden --run reports/m-digits --method at
       robaudit harden model.pt2 --dataset digits      # analyze first, then harden
     """
+    from . import dist
     from .attacks import parse_number
     from .rundir import latest_run
 
@@ -440,10 +441,9 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
                                    train_data=train_data, resume=resume, force=force, command=command,
                                    download=not data_extra.get("no_download", False), arch=arch,
                                    trust_model=trust_model)
-        from . import dist
-
-        if dist.is_main():  # the other processes of a torchrun job wrote and print nothing
-            _show_harden(ctx, done, warned, bars, as_json=as_json, report=not no_report)
+        main = dist.is_main()
+    if main:  # the other processes of a torchrun job wrote and print nothing; the gate's exit is rank 0's
+        _show_harden(ctx, done, warned, bars, as_json=as_json, report=not no_report)
 
 
 def _say_resume(run_dir: Path, say) -> None:
