@@ -31,18 +31,26 @@ def _worker() -> bool:
 class _Group(click.Group):
     """A click group that turns exceptions into one-line messages unless ``--debug`` is on.
 
-    Under ``torchrun`` only rank 0 prints them: an error on another process reaches rank 0 (see
-    :func:`robaudit.dist.exchange`), and the other processes exit with the same status, silently.
+    Under ``torchrun`` each process that fails says so in one line, tagged with its rank. An error that
+    reached rank 0 through :func:`robaudit.dist.exchange` is said once, by rank 0, naming the process it
+    came from; the other processes exit with the same status, silently. The process group is left at the
+    end: after a meeting on success, at once after a failure (so that the others fail instead of waiting).
     """
 
     def invoke(self, ctx: click.Context):
+        failed = True
         try:
-            return self._invoke(ctx)
+            result = self._invoke(ctx)
+            failed = False
+            return result
+        except click.exceptions.Exit as e:
+            from .gate import EXIT_MISSED
+
+            failed = e.exit_code not in (0, EXIT_MISSED)  # a missed bar is a finished command
+            raise
         finally:
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                from . import dist
-
-                dist.finalize()
+                _leave_group(ctx, failed=failed)
 
     def _invoke(self, ctx: click.Context):
         try:
@@ -60,18 +68,39 @@ class _Group(click.Group):
         except RobauditError as e:
             if _debug(ctx):
                 raise
-            if not _worker():
-                click.echo(f"error: {e}", err=True)
+            if not _said_by_rank0(e):
+                click.echo(f"error{_process_tag()}: {e}", err=True)
             ctx.exit(getattr(e, "exit_code", EXIT_USER))
         except Exception as e:  # a bug, not the user's fault: still one line, with the way to learn more
             if _debug(ctx):
                 raise
-            if _worker():
-                ctx.exit(EXIT_INTERNAL)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            click.echo(f"error: unexpected {type(e).__name__}: {first[:300]} (rerun with --debug for the traceback)",
-                       err=True)
+            if not _said_by_rank0(e):
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                click.echo(f"error{_process_tag()}: unexpected {type(e).__name__}: {first[:300]} (rerun with --debug "
+                           "for the traceback)", err=True)
             ctx.exit(EXIT_INTERNAL)
+
+
+def _leave_group(ctx: click.Context, *, failed: bool) -> None:
+    """Leave torchrun's process group; a meeting that fails because another process failed first is said in
+    one line (that process says why) and ends this one with a non-zero status."""
+    from . import dist
+
+    try:
+        dist.shutdown(failed=failed)
+    except Exception as e:  # the group broke while meeting at the end: another process failed
+        if _debug(ctx) or failed:
+            raise
+        click.echo(f"error{_process_tag()}: another process of the job failed before the end "
+                   f"({type(e).__name__}); its own message says why", err=True)
+        ctx.exit(EXIT_INTERNAL)
+
+
+def _said_by_rank0(error: BaseException) -> bool:
+    """Whether rank 0 reports ``error`` for this process (it went through :func:`robaudit.dist.exchange`)."""
+    from . import dist
+
+    return _worker() and (isinstance(error, dist.PeerError) or dist.was_shared(error))
 
 
 def _debug(ctx: click.Context) -> bool:
@@ -170,7 +199,11 @@ def _bars(fail_under, max_re, strict):
 
 
 def _say(as_json: bool):
-    """Informational lines go to stderr when stdout carries the JSON object."""
+    """Informational lines go to stderr when stdout carries the JSON object; under torchrun, from rank 0 only."""
+    from . import dist
+
+    if not dist.is_main():
+        return lambda text: None
     return (lambda text: click.echo(text, err=True)) if as_json else click.echo
 
 
@@ -370,8 +403,9 @@ def list_attacks():
 # --- harden ---
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path), required=False)
-@click.option("--run", "run_dir", type=click.Path(path_type=Path),
-              help="Analyzed run directory to harden (default: the latest under reports/).")
+@click.option("--run", "--run-dir", "run_dir", type=click.Path(path_type=Path),
+              help="Analyzed run directory to harden (default: the latest under reports/); under torchrun write "
+                   "--run-dir (torchrun takes --run for its own --run-path).")
 @model_options
 @data_options
 @click.option("--out", "-o", type=click.Path(path_type=Path),
@@ -423,17 +457,14 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
       robaudit harden --run reports/m-digits --method at
       robaudit harden model.pt2 --dataset digits      # analyze first, then harden
     """
-    import importlib.util
-
+    from . import dist
     from .attacks import parse_number
-    from .stages.harden import harden_run
-    from .training.loop import HardenInterrupted
+    from .lsa import resolve_device
     from .rundir import latest_run
 
     if model is not None and run_dir is not None:
         raise RobauditError("give either MODEL (analyzed first) or --run DIR, not both")
     bars = _bars(fail_under, max_re, strict)
-    say = _say(as_json)
     show_progress = sys.stderr.isatty() if progress is None else progress
     command = shlex.join(["robaudit", *sys.argv[1:]]) if Path(sys.argv[0]).name.startswith("robaudit") else None
     # every setting is checked here, before an analysis that may take minutes
@@ -445,8 +476,8 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
         dual_bn=dual_bn, val_fraction=val_fraction, seed=seed, device=device, progress=show_progress)
     if mvl_top is not None and mvl_top < 1:
         raise RobauditError("--mvl-top must be at least 1")
-    from .training.checkpoint import CHECKPOINT_NAME
-
+    dist.init(resolve_device(device))  # under torchrun: join the process group (the group leaves it)
+    say = _say(as_json)
     if model is not None:
         if not dataset:
             raise RobauditError("--dataset is required with MODEL: e.g. robaudit harden model.pt2 --dataset digits")
@@ -460,12 +491,30 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
         run_dir = latest_run("reports")
         say(f"hardening the latest run under reports/: {run_dir}")
     if resume:
-        from .training.checkpoint import load_checkpoint
+        _say_resume(run_dir, say)
+    done, warned = _harden_run(ctx, run_dir, cfg, mvl_top=mvl_top, include_output=include_output,
+                               train_data=train_data, resume=resume, force=force, command=command,
+                               download=not data_extra.get("no_download", False), arch=arch,
+                               trust_model=trust_model)
+    if dist.is_main():  # the other processes of a torchrun job wrote and print nothing; the gate's exit is rank 0's
+        _show_harden(ctx, done, warned, bars, as_json=as_json, report=not no_report)
 
-        ck = Path(run_dir) / CHECKPOINT_NAME
-        if ck.is_file():
-            epoch = int(load_checkpoint(ck)["epoch"])
-            say(f"resuming from the checkpoint of epoch {epoch} ({ck}): training continues at epoch {epoch + 1}")
+
+def _say_resume(run_dir: Path, say) -> None:
+    """Say from which epoch an interrupted harden continues."""
+    from .training.checkpoint import CHECKPOINT_NAME, load_checkpoint
+
+    ck = Path(run_dir) / CHECKPOINT_NAME
+    if ck.is_file():
+        epoch = int(load_checkpoint(ck)["epoch"])
+        say(f"resuming from the checkpoint of epoch {epoch} ({ck}): training continues at epoch {epoch + 1}")
+
+
+def _harden_run(ctx, run_dir: Path, cfg: HardenConfig, **options):
+    """:func:`harden_run`, its warnings recorded (not repeated among the notes), Ctrl-C a one-line exit."""
+    from .stages.harden import harden_run
+    from .training.loop import HardenInterrupted
+
     warned: list[str] = []
     show = warnings.showwarning
 
@@ -475,30 +524,40 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
 
     try:
         warnings.showwarning = _record
-        done = harden_run(
-            run_dir, cfg, mvl_top=mvl_top, include_output=include_output, train_data=train_data, resume=resume,
-            force=force, command=command, download=not data_extra.get("no_download", False), arch=arch,
-            trust_model=trust_model)
+        return harden_run(run_dir, cfg, **options), warned
     except HardenInterrupted as e:
         if _debug(ctx):
             raise
-        click.echo(f"interrupted: {e}", err=True)
+        click.echo(f"interrupted{_process_tag()}: {e}", err=True)
         ctx.exit(EXIT_INTERRUPTED)
     finally:
         warnings.showwarning = show
+
+
+def _show_harden(ctx, done, warned, bars, *, as_json: bool, report: bool) -> None:
+    """Print the outcome, render the report and hold the hardened run to the bars."""
+    import importlib.util
+
     if not as_json:
         _echo_harden(done, warned=warned)
-    if not no_report and importlib.util.find_spec("robaudit.stages.report") is not None:
+    if report and importlib.util.find_spec("robaudit.stages.report") is not None:
         from .stages.report import render_report
 
         report_path = render_report(done.run_dir)
-        say(f"report: {report_path}")
+        _say(as_json)(f"report: {report_path}")
     _verdict_and_gate(ctx, Path(done.hardened_dir), bars, as_json, before=Path(done.run_dir),
                       extra={"original_run_dir": str(done.run_dir), "hardened_model": str(done.model_path)})
 
 
+def _process_tag() -> str:
+    """`` (process R)`` in a process of a torchrun job other than rank 0; empty otherwise."""
+    rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "0"
+    return f" (process {rank})" if rank != "0" else ""
+
+
 def _analyze_before_harden(model, dataset, *, out, resume: bool, say, arch_kwargs, **analysis) -> Path:
     """``harden MODEL``: analyze first (the run directory to harden), unless resuming an interrupted harden."""
+    from . import dist
     from .training.checkpoint import CHECKPOINT_NAME
     from .models import parse_arch_kwargs
     from .stages.analyze import analyze_run, default_out
@@ -508,8 +567,10 @@ def _analyze_before_harden(model, dataset, *, out, resume: bool, say, arch_kwarg
         say(f"resuming the interrupted harden in {planned}")
         return planned  # the analysis is there already; analyzing again would replace the checkpoint
     done = analyze_run(model, dataset, out=out, arch_kwargs=parse_arch_kwargs(arch_kwargs), report=False, **analysis)
-    say(f"analyzed {model} -> {done.path}")
-    return done.path
+    # under torchrun rank 0 alone wrote the run (the others got None): every process reads it from rank 0's path
+    path = dist.all_gather_objects(done.path if done is not None else None)[0]
+    say(f"analyzed {model} -> {path}")
+    return Path(path)
 
 
 @main.command()

@@ -154,8 +154,8 @@ def analyze_run(
 
     An existing ``out`` must be an earlier robaudit run, and is replaced only with ``force``. Under
     ``torchrun`` every process runs this with the same arguments and analyzes its share of the batches;
-    the BatchNorm audit is shared too; rank 0 alone then runs the model checks, writes the run and returns it,
-    the others write nothing and return ``None``. An error on any process stops all of them.
+    the BatchNorm audit is shared too; rank 0 alone runs the model checks (see :func:`analyze_and_check`) and
+    writes the run and returns it, the others write nothing and return ``None``. An error on any process stops all of them.
     """
     started = now()
     dev = resolve_device(device)
@@ -168,10 +168,10 @@ def analyze_run(
             mvl_z=mvl_z, seed=seed, force=force)
     samples_csv = staging_file(out, "samples") if dist.is_main() else None  # removed if anything below fails
     try:
-        plan = check_plan(specs, eps, data, batch_size=batch_size) if checks else None
-        result = analyze(loaded, data, attacks=specs, eps=eps, layers=layers, layer_types=layer_types, probe=probe,
-                         mean=mean, std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress,
-                         keep_outcomes=plan.n_samples if plan else 0, workers=workers, samples_path=samples_csv)
+        result, check_results = analyze_and_check(
+            loaded, data, attacks=specs, eps=eps, layers=layers, layer_types=layer_types, probe=probe, mean=mean,
+            std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress, checks=checks, workers=workers,
+            samples_path=samples_csv)
         # every process: the MVL list names the attack that the BatchNorm audit, shared by all, runs again
         mvl = result.mvl(mvl_top, z=mvl_z, attack=mvl_attack, metric=mvl_metric, include_output=include_output)
         mvl_top = mvl.k if mvl_z is None else mvl_top  # select_mvl's default when none was given
@@ -179,7 +179,6 @@ def analyze_run(
                              batch_size=batch_size, distributed=True)
         if not dist.is_main():  # the rest is rank 0's alone: the others are done, and exit
             return None
-        check_results = _model_checks(loaded, data, mean, std, dev, seed, plan, result) if checks else None
         return _write(out, result, mvl, check_results, bn, samples_csv, force=force, report=report, manifest=_manifest(
             loaded, data, result, command=command or _api_command(loaded, dataset, attacks, eps, seed, out,
                                                                   image_size=image_size, class_map=class_map),
@@ -198,10 +197,7 @@ def _setup(model, dataset: str, *, out, arch, arch_kwargs, trust_model, data_dir
     """Check the options and the output, load the model and the data: everything before the analysis."""
     if out is not None and dist.is_main():
         check_output_dir(out, force=force)  # before minutes of analysis, not after
-    if mvl_top is not None and mvl_top < 1:
-        raise RobauditError("--mvl-top must be at least 1")
-    if mvl_z is not None and not math.isfinite(mvl_z):
-        raise RobauditError(f"--mvl-z must be a finite number of standard deviations, got {mvl_z}")
+    _check_mvl_options(mvl_top, mvl_z)
     specs = [atk.parse(a) for a in attacks] if attacks else None
     loaded = model if isinstance(model, LoadedModel) else load_model(
         model, arch=arch, arch_kwargs=arch_kwargs, trust_model=trust_model)
@@ -211,13 +207,25 @@ def _setup(model, dataset: str, *, out, arch, arch_kwargs, trust_model, data_dir
     out = Path(out) if out else default_out(loaded.path, data.name)
     if dist.is_main():  # the other processes never look at the output
         check_output_dir(out, force=force)
-    if normalize and mean is None and std is None:
-        mean, std = data.mean, data.std
-    elif not normalize:
-        mean = std = None
+    mean, std = _normalization(data, normalize=normalize, mean=mean, std=std)
     eps = list(eps) if eps else list(data.default_eps)
     specs = specs or atk.default_battery(eps)
     return loaded, data, out, mean, std, eps, specs
+
+
+def _check_mvl_options(mvl_top: int | None, mvl_z: float | None) -> None:
+    """Refuse an MVL criterion that cannot select, before the analysis."""
+    if mvl_top is not None and mvl_top < 1:
+        raise RobauditError("--mvl-top must be at least 1")
+    if mvl_z is not None and not math.isfinite(mvl_z):
+        raise RobauditError(f"--mvl-z must be a finite number of standard deviations, got {mvl_z}")
+
+
+def _normalization(data, *, normalize: bool, mean, std) -> tuple:
+    """The input normalization: the given one, the data set's (``normalize`` and none given), or none."""
+    if normalize and mean is None and std is None:
+        return data.mean, data.std
+    return (mean, std) if normalize else (None, None)
 
 
 def _write(out: Path, result: LSAResult, mvl: MVL, check_results, bn, samples_csv: Path, *, force: bool,

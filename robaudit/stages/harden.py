@@ -7,6 +7,7 @@ import dataclasses
 import math
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -15,6 +16,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .. import dist
 from ..data import DATASETS, load_dataset
 from ..errors import RobauditError
 from ..lsa import resolve_device, select_mvl
@@ -143,38 +145,60 @@ def harden_run(
     loaded, model_path = _load_run_model(run, arch=arch, trust_model=trust_model)
     norm, ds = man.get("normalization") or {}, man.get("dataset") or {}
     mean, std, ds_name = norm.get("mean"), norm.get("std"), ds.get("name")
-    train_set, train_desc = _train_set(ds, train_data, download)
-    dev = resolve_device(cfg.device)
+    with dist.main_first():  # a download happens once, in rank 0, while the others wait
+        train_set, train_desc = _train_set(ds, train_data, download)
+        test = load_dataset(ds_name if ds_name in DATASETS else str(ds.get("source") or ds_name),
+                            split=ds.get("split") or "test", samples=ds.get("samples"),
+                            shuffle=bool(ds.get("shuffle")), seed=int(man.get("seed", 0)), data_dir=ds.get("data_dir"),
+                            download=download)
+    dev = dist.local_device(resolve_device(cfg.device))
     _check_trainable(cfg, loaded, train_set)
 
     fp_extra = {"model_sha256": (man.get("model") or {}).get("sha256"), "train": train_desc}
     result = harden(loaded, train_set, None, cfg, mvl_layers=layers, mean=mean, std=std, checkpoint_dir=run_dir,
                     resume=resume, type_map=loaded.type_map, fingerprint_extra=fp_extra, device=dev)
-    module = result.module.cpu().eval()
+    try:
+        done = _finish(run, cfg, result, loaded, train_set, test, dev, started=started, command=command,
+                       model_path=model_path, train_desc=train_desc, mvl_top=mvl_top, ranking=ranking,
+                       include_output=include_output)
+    except KeyboardInterrupt:
+        raise HardenInterrupted(f"interrupted after training, while analyzing the hardened model; the final "
+                                f"checkpoint is in {ck_path}: rerun with --resume to finish") from None
+    if dist.is_main():
+        with contextlib.suppress(FileNotFoundError):
+            ck_path.unlink()
+    return done
 
-    # -- save, reload, re-analyze, all inside a temporary directory ----------------------------
+
+def _finish(run, cfg: HardenConfig, result: HardenResult, loaded: LoadedModel, train_set, test, dev, *,
+            started: str, command: str | None, model_path: Path, train_desc: str, mvl_top, ranking: Mapping,
+            include_output: bool) -> HardenRun:
+    """Save the hardened model, reload and re-analyze it, and (rank 0) write ``hardened/`` atomically.
+
+    Under torchrun every process saves, reloads and re-analyzes the model (the analysis may be a collective),
+    the others in a private temporary directory that is removed afterwards; only rank 0 writes the run.
+    """
+    run_dir, dest = run.path, run.path / HARDENED_DIR
+    module = result.module.cpu().eval()
     fname, fmt = ("model.pt", "checkpoint") if loaded.format not in ("export", "pickle") else ("model.pt2", "export")
     final_model = (dest / fname).resolve()
-    test = load_dataset(ds_name if ds_name in DATASETS else str(ds.get("source") or ds_name),
-                        split=ds.get("split") or "test", samples=ds.get("samples"), shuffle=bool(ds.get("shuffle")),
-                        seed=int(man.get("seed", 0)), data_dir=ds.get("data_dir"), download=download)
-    try:
-        with atomic_dir(dest) as tmp:
-            hardened = _save_model(tmp / fname, loaded, module, train_set)
-            analysis, h_mvl, checks, bn = _reanalyze(run, hardened, test, ranking, dev, samples_path=tmp / "samples.csv")
-            comparison = comparison_frame(run.accuracy, analysis.accuracy, run.lsa, analysis.lsa, layers=layers,
-                                          attack=ranking["attack"], eps=ranking["eps"], metric=ranking["metric"])
+    main = dist.is_main()
+    with (atomic_dir(dest) if main else tempfile.TemporaryDirectory(prefix="robaudit-harden-")) as tmp:
+        tmp = Path(tmp)
+        hardened = _save_model(tmp / fname, loaded, module, train_set)
+        analysis, h_mvl, checks, bn = _reanalyze(run, hardened, test, ranking, dev,
+                                                 samples_path=tmp / "samples.csv" if main else None)
+        comparison = comparison_frame(run.accuracy, analysis.accuracy, run.lsa, analysis.lsa,
+                                      layers=result.mvl_layers, attack=ranking["attack"], eps=ranking["eps"],
+                                      metric=ranking["metric"])
+        out_settings = result.settings
+        if main:
             cmd = command or _api_command(run_dir, cfg.method.value, mvl_top, cfg.eps, cfg.epochs, cfg.seed)
             h_manifest, out_settings = _records(
                 run, cfg, result, loaded, hardened, analysis, command=cmd, started=started, dev=dev, fmt=fmt,
                 model_file=tmp / fname, final_model=final_model, model_path=model_path, train_desc=train_desc,
                 mvl_top=mvl_top, ranking=ranking, include_output=include_output)
             _write_hardened(tmp, analysis, h_mvl, h_manifest, checks, result.history, comparison, out_settings, bn)
-    except KeyboardInterrupt:
-        raise HardenInterrupted(f"interrupted after training, while analyzing the hardened model; the final "
-                                f"checkpoint is in {ck_path}: rerun with --resume to finish") from None
-    with contextlib.suppress(FileNotFoundError):
-        ck_path.unlink()
     return HardenRun(run_dir=run_dir, hardened_dir=dest, model_path=final_model, result=result, analysis=analysis,
                      comparison=comparison, settings=out_settings)
 
@@ -302,7 +326,7 @@ def _reanalyze(run, hardened: LoadedModel, test, ranking: Mapping, dev, *, sampl
     except RobauditError:
         h_mvl = analysis.mvl(attack=ranking["attack"], eps=ranking["eps"], metric=ranking["metric"])
     bn = batchnorm_audit(hardened, test, analysis, h_mvl, mean=norm.get("mean"), std=norm.get("std"), device=dev,
-                         seed=int(man.get("seed", 0)), batch_size=int(man.get("batch_size", 128)))
+                         seed=int(man.get("seed", 0)), batch_size=int(man.get("batch_size", 128)), distributed=True)
     return analysis, h_mvl, checks, bn
 
 

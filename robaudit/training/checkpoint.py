@@ -7,6 +7,7 @@ from typing import Any, Mapping
 
 import torch
 
+from .. import dist
 from ..errors import RobauditError
 
 CHECKPOINT_NAME = "harden-checkpoint.pt"
@@ -45,7 +46,11 @@ def check_fingerprint(saved: Mapping, now: Mapping, path: Path) -> None:
 
 
 class Checkpointer:
-    """Trainer callback: write the trainer's state to ``path`` after every complete epoch."""
+    """Trainer callback: write the trainer's state to ``path`` after every complete epoch.
+
+    Under torchrun every process gathers its state into it and rank 0 alone writes it; on resume every
+    process reads the same file (the run directory is on a file system they all see).
+    """
 
     def __init__(self, path: Path, fingerprint: Mapping) -> None:
         self.path = path
@@ -54,6 +59,8 @@ class Checkpointer:
     def prepare(self, *, resume: bool) -> dict | None:
         """Create the directory (a fresh run) or read and check the checkpoint to resume from."""
         if not resume:
+            if not dist.is_main():
+                return None
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
@@ -65,5 +72,7 @@ class Checkpointer:
         return state
 
     def on_epoch_end(self, trainer, epoch: int, row: dict) -> None:
-        atomic_torch_save({"format": CHECKPOINT_FORMAT, "version": 1, "fingerprint": self.fingerprint,
-                           "epoch": epoch, **trainer.state_dict()}, self.path)
+        state = trainer.state_dict()  # a collective under torchrun: every process takes part
+        if dist.is_main():
+            atomic_torch_save({"format": CHECKPOINT_FORMAT, "version": 1, "fingerprint": self.fingerprint,
+                               "epoch": epoch, **state}, self.path)

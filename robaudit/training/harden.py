@@ -34,6 +34,9 @@ history) from which ``resume=True`` continues bit for bit. Training stops with a
 :class:`~robaudit.errors.RobauditError` when the loss becomes NaN or clean validation accuracy falls
 to chance (a collapse: e.g. a constant output, whose RE is trivially 0).
 
+Under ``torchrun`` the model trains in DistributedDataParallel, each process on its slice of every global
+batch (:mod:`robaudit.training.distributed`); a step equals the one-process step on the whole batch.
+
 :func:`robaudit.stages.harden.harden_run` is the run-directory stage behind ``robaudit harden``.
 """
 from __future__ import annotations
@@ -54,10 +57,12 @@ import torch
 from torch import nn
 
 from .. import attacks as atk
+from .. import dist
 from ..data import as_dataset
 from ..errors import RobauditError
 from ..models import LoadedModel, check_compatible, with_normalization
 from .checkpoint import CHECKPOINT_NAME, Checkpointer
+from .distributed import wrap
 from .config import BaseAttack, HardenConfig, Method, Optimizer, Schedule, parse_gamma
 from .layers import DualBatchNorm, LayerwisePerturber, Recorder, batch_independent, batchnorm_modules, layer_modules
 from .loop import CollapseCheck, Objective, ProgressBar, TrainData, Trainer, TrainParts
@@ -162,51 +167,34 @@ def harden(
     mvl_layers = list(mvl_layers or [])
     if cfg.uses_mvl and not mvl_layers:
         raise RobauditError(f"method {cfg.method} needs MVL layers: pass mvl_layers (or --mvl-top K)")
+    if checkpoint_dir is None and resume:
+        raise RobauditError("resume needs a checkpoint directory")
     train = as_dataset(train, "training")
     prep = _prepare_model(model, type_map, mvl_layers, train.x[:2])
-    batch_size = cfg.batch_size
-    if prep.fixed_batch is not None and batch_size != prep.fixed_batch:
-        notes.append(f"the archive was exported for batches of {prep.fixed_batch}: training uses batches of "
-                     f"{prep.fixed_batch}")
-        batch_size = prep.fixed_batch
+    batch_size = _batch_size(cfg.batch_size, prep.fixed_batch, notes)
     gammas = dict(zip(mvl_layers, parse_gamma(cfg.gamma, len(mvl_layers)))) if mvl_layers else {}
     if prep.frozen_note:
         warnings.warn(prep.frozen_note, stacklevel=2)
         notes.append(prep.frozen_note)
     bn_at_test = _bn_policy(cfg, prep, gammas, notes)
     train, val, val_desc, num_classes = _split_data(train, val, cfg.val_fraction, seed)
-    dev = resolve_device(cfg.device)
+    dev = dist.local_device(resolve_device(cfg.device))
     module = prep.module.to(dev)
     full = with_normalization(module, mean, std, ndim=train.x.dim()).to(dev)
     check_compatible(full.eval(), train.x[:2].to(dev), num_classes)
     data = TrainData(x=train.x.to(dev), y=train.y.to(dev), val_x=val.x, val_y=val.y, num_classes=num_classes,
                      batch_size=batch_size, epochs=cfg.epochs, seed=seed, device=dev)
     settings_out = _settings(cfg, mvl_layers, gammas, data, val_desc, bn_at_test, mean, std)
-    fingerprint = {k: v for k, v in settings_out.items() if k not in ("validation", "bn_at_test")}
-    fingerprint["model_digest"] = _module_digest(module)
-    fingerprint.update(fingerprint_extra or {})
-    fingerprint = json.loads(json.dumps(fingerprint, default=str))
+    fingerprint = _fingerprint(settings_out, module, fingerprint_extra)
 
-    objective, parts = _build_parts(cfg, prep, full, gammas, mvl_layers, num_classes, seed, batch_size)
-    checkpointer = None
-    if checkpoint_dir is not None:
-        checkpointer = Checkpointer(Path(checkpoint_dir) / CHECKPOINT_NAME, fingerprint)
-    elif resume:
-        raise RobauditError("resume needs a checkpoint directory")
-    hooks: list[Any] = list(callbacks)
-    if cfg.check_collapse:
-        hooks.append(CollapseCheck(val.y, num_classes))
-    if cfg.progress:
-        hooks.append(ProgressBar(cfg.method.value))
-    if checkpointer is not None:
-        hooks.append(checkpointer)
-    trainer = Trainer(objective, parts, data, hooks)
-    resumed_from = None
+    objective, parts = _build_parts(cfg, prep, full, gammas, mvl_layers, num_classes, seed, dev)
+    checkpointer = Checkpointer(Path(checkpoint_dir) / CHECKPOINT_NAME, fingerprint) \
+        if checkpoint_dir is not None else None
+    trainer = Trainer(objective, parts, data, _callbacks(cfg, val.y, num_classes, checkpointer, callbacks))
     state = checkpointer.prepare(resume=resume) if checkpointer is not None else None
     if state is not None:
         trainer.load_state_dict(state)
-        resumed_from = int(state["epoch"])
-        log.info("resuming from the checkpoint of epoch %d in %s", resumed_from, checkpointer.path)
+        log.info("resuming from the checkpoint of epoch %d in %s", int(state["epoch"]), checkpointer.path)
     history = trainer.fit()
     module.eval()
     if prep.eager is not None:  # same state dict keys: hand the trained weights back to the eager model
@@ -216,8 +204,46 @@ def harden(
         log.info(note)
     return HardenResult(module=module, history=_history_frame(history), settings=settings_out,
                         mvl_layers=mvl_layers, gammas=gammas, validation=val_desc, bn_at_test=bn_at_test,
-                        resumed_from_epoch=resumed_from, seconds=time.perf_counter() - started,
+                        resumed_from_epoch=int(state["epoch"]) if state is not None else None,
+                        seconds=time.perf_counter() - started,
                         checkpoint=checkpointer.path if checkpointer is not None else None, notes=notes)
+
+
+def _batch_size(asked: int, fixed: int | None, notes: list[str]) -> int:
+    """The global batch size: ``asked``, or the one an archive was exported for; at least 2 per process."""
+    world = dist.world_size()
+    if fixed is not None and world > 1:
+        raise RobauditError(f"the archive was exported for batches of {fixed} only: under torchrun each process "
+                            "takes a slice of every batch; harden it in one process, or export it with a dynamic "
+                            "batch dimension")
+    if fixed is not None and asked != fixed:
+        notes.append(f"the archive was exported for batches of {fixed}: training uses batches of {fixed}")
+        return fixed
+    if asked < 2 * world:
+        raise RobauditError(f"--batch-size {asked} is too small for {world} processes: each needs at least 2 "
+                            f"samples of every batch (--batch-size {2 * world} or more)")
+    return asked
+
+
+def _fingerprint(settings_out: Mapping, module: nn.Module, extra: Mapping | None) -> dict:
+    """What a checkpoint must match to be resumed: the settings, the starting weights and ``extra``."""
+    # another number of processes may resume (the global batch is the same), so it is not part of it
+    fingerprint = {k: v for k, v in settings_out.items() if k not in ("validation", "bn_at_test", "processes")}
+    fingerprint["model_digest"] = _module_digest(module)
+    fingerprint.update(extra or {})
+    return json.loads(json.dumps(fingerprint, default=str))
+
+
+def _callbacks(cfg: HardenConfig, val_y, num_classes: int, checkpointer, extra: Sequence[Any]) -> list[Any]:
+    """The trainer's callbacks: the caller's first, then collapse check, progress bar (rank 0) and checkpoint."""
+    hooks: list[Any] = list(extra)
+    if cfg.check_collapse:
+        hooks.append(CollapseCheck(val_y, num_classes))
+    if cfg.progress and dist.is_main():
+        hooks.append(ProgressBar(cfg.method.value))
+    if checkpointer is not None:
+        hooks.append(checkpointer)
+    return hooks
 
 
 @dataclass
@@ -323,15 +349,15 @@ def _settings(cfg: HardenConfig, mvl_layers, gammas, data: TrainData, val_desc: 
         "layer_eps": cfg.layer_eps, "epochs": cfg.epochs, "batch_size": data.batch_size, "lr": cfg.lr,
         "optimizer": cfg.optimizer.value, "weight_decay": cfg.weight_decay, "schedule": cfg.schedule.value,
         "clean_weight": cfg.clean_weight, "dual_bn": bool(cfg.dual_bn), "val_fraction": cfg.val_fraction,
-        "seed": data.seed, "n_train": int(len(data.y)), "n_val": int(len(data.val_y)),
+        "seed": data.seed, "n_train": int(len(data.y)), "n_val": int(len(data.val_y)), "processes": dist.world_size(),
         "validation": val_desc, "val_attack": f"pgd:eps={eps:g},steps={steps}", "bn_at_test": bn_at_test,
         "mean": list(mean) if mean is not None else None, "std": list(std) if std is not None else None,
     }
 
 
 def _build_parts(cfg: HardenConfig, prep: _Prepared, full: nn.Module, gammas, mvl_layers, num_classes: int,
-                 seed: int, batch_size: int) -> tuple[Objective, TrainParts]:
-    """Optimizer, schedule, training and validation attacks and layer hooks for ``cfg``."""
+                 seed: int, dev: torch.device) -> tuple[Objective, TrainParts]:
+    """Optimizer, schedule, training and validation attacks, layer hooks and (under torchrun) the DDP wrapper."""
     module, method = prep.module, cfg.method
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
@@ -348,7 +374,7 @@ def _build_parts(cfg: HardenConfig, prep: _Prepared, full: nn.Module, gammas, mv
                        train_attack=atk.build(train_spec, full, num_classes=num_classes, seed=seed),
                        val_attack=atk.build(pgd, full, num_classes=num_classes, seed=seed),
                        recorder=Recorder(), perturber=LayerwisePerturber(cfg.layer_eps),
-                       dual=DualBatchNorm(module) if cfg.dual_bn else None)
+                       dual=DualBatchNorm(module) if cfg.dual_bn else None, ddp=wrap(full, dev))
     hooked = method == Method.LAYERWISE or (method == Method.ATLR and any(g != 0 for g in gammas.values()))
     objective = Objective(
         method=method, gammas=gammas, re_mode=cfg.re_mode.value, clean_weight=cfg.clean_weight,

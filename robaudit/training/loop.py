@@ -17,14 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import dist
 from ..errors import NonFiniteError, RobauditError
 from ..probe import LayerProbe
 from .config import Method
+from .distributed import Shard, average_statistics, split
 from .layers import DualBatchNorm, LayerwisePerturber, Recorder
-from .objectives import atlr_loss, clean_and_adversarial
+from .objectives import atlr_loss, clean_and_adversarial, cross_entropy
 
 log = logging.getLogger(__name__)
 
+RANK_SEED_STRIDE = 1_000_003  # process r of a torchrun job draws from seed + r * stride
 COLLAPSE_MARGIN = 0.02  # clean accuracy within this of the majority-class rate counts as chance
 
 
@@ -63,6 +66,12 @@ class TrainParts:
     recorder: Recorder
     perturber: LayerwisePerturber
     dual: DualBatchNorm | None = None
+    ddp: nn.Module | None = None  # ``full`` in DistributedDataParallel under torchrun
+
+    @property
+    def trained(self) -> nn.Module:
+        """What the training passes call: the DDP wrapper under torchrun, else ``full``."""
+        return self.ddp if self.ddp is not None else self.full
 
     def clean_ctx(self):
         return self.dual.clean() if self.dual is not None else contextlib.nullcontext()
@@ -83,9 +92,9 @@ class TrainData:
     device: torch.device
 
 
-def evaluate_accuracy(full: nn.Module, x: torch.Tensor, y: torch.Tensor, attack_fn, batch_size: int,
-                      dev: torch.device) -> tuple[float, float]:
-    """Clean and attacked accuracy, model in eval mode."""
+def evaluate_counts(full: nn.Module, x: torch.Tensor, y: torch.Tensor, attack_fn, batch_size: int,
+                    dev: torch.device) -> tuple[int, int]:
+    """How many samples are classified right, clean and attacked; model in eval mode."""
     full.eval()
     clean = robust = 0
     for s in range(0, len(x), batch_size):
@@ -96,8 +105,7 @@ def evaluate_accuracy(full: nn.Module, x: torch.Tensor, y: torch.Tensor, attack_
         full.eval()
         with torch.no_grad():
             robust += int((full(xa).argmax(1) == yb).sum())
-    n = max(len(x), 1)
-    return clean / n, robust / n
+    return clean, robust
 
 
 class CollapseCheck:
@@ -146,10 +154,15 @@ class Trainer:
         self.history: list[dict] = []
         self.start_epoch = 1
 
+    def batch_starts(self) -> list[int]:
+        """Where the global batches start; a last batch too small to give every process 2 samples (BatchNorm
+        needs them) is left out."""
+        n, b, least = len(self.data.y), self.data.batch_size, 2 * dist.world_size()
+        return [s for s in range(0, n, b) if n - s >= least]
+
     @property
     def n_batches(self) -> int:
-        n, b = len(self.data.y), self.data.batch_size
-        return len([s for s in range(0, n, b) if n - s >= 2])
+        return len(self.batch_starts())
 
     @property
     def checkpoint_path(self) -> Path | None:
@@ -163,15 +176,29 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Everything a resume needs to continue bit for bit (model, optimizer, schedule, RNG, history)."""
-        p, dev = self.parts, self.data.device
-        return {
+        """Everything a resume needs to continue bit for bit (model, optimizer, schedule, RNG, history).
+
+        Under torchrun every process must call it (it gathers each process's RNG and layerwise state into
+        ``ranks``); the rest is the same on every process after an epoch.
+        """
+        p = self.parts
+        own = self._rank_state()
+        state = {
             "model": {k: v.detach().cpu().clone() for k, v in p.module.state_dict().items()},
             "optimizer": p.opt.state_dict(), "scheduler": p.sched.state_dict() if p.sched is not None else None,
-            "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
-            "history": self.history, "dual_bn": p.dual.state_dict() if p.dual is not None else None,
-            "layerwise": p.perturber.state_dict() if self.objective.method == Method.LAYERWISE else None,
+            "history": self.history, "dual_bn": p.dual.state_dict() if p.dual is not None else None, **own,
         }
+        if dist.world_size() > 1:
+            state["ranks"] = dist.all_gather_objects(own)
+            state.update(state["ranks"][0])
+        return state
+
+    def _rank_state(self) -> dict:
+        """The state that differs between processes: RNG streams and the layerwise gradient signs."""
+        dev = self.data.device
+        return {"rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
+                "layerwise": self.parts.perturber.state_dict() if self.objective.method == Method.LAYERWISE else None}
 
     def load_state_dict(self, state: Mapping) -> None:
         """Continue from a checkpoint's state (the RNG states are restored when :meth:`fit` starts)."""
@@ -182,17 +209,28 @@ class Trainer:
             p.sched.load_state_dict(state["scheduler"])
         if p.dual is not None and state.get("dual_bn") is not None:
             p.dual.load_state_dict(state["dual_bn"])
-        if state.get("layerwise") is not None:
-            p.perturber.load_state_dict(state["layerwise"], dev)
+        ranks = state.get("ranks") or [state]
+        own = ranks[dist.rank()] if len(ranks) == dist.world_size() else None
+        if own is None:
+            log.warning("the checkpoint was written by %d processes and is resumed by %d: training continues, but "
+                        "its random draws differ from an uninterrupted run", len(ranks), dist.world_size())
+        own = own or ranks[0]
+        if own.get("layerwise") is not None:
+            p.perturber.load_state_dict(own["layerwise"], dev)
         self.history = list(state["history"])
         self.start_epoch = int(state["epoch"]) + 1
-        self._resume_rng = (state["rng"], state.get("cuda_rng"))
+        self._resume_rng = (own["rng"], own.get("cuda_rng"), own is ranks[0] and dist.rank() > 0)
 
     # -- the loop ------------------------------------------------------------------------------
     def evaluate(self) -> tuple[float, float]:
-        """Clean and PGD validation accuracy."""
-        d = self.data
-        return evaluate_accuracy(self.parts.full, d.val_x, d.val_y, self.parts.val_attack, d.batch_size, d.device)
+        """Clean and PGD validation accuracy (under torchrun each process takes a slice; the counts are summed)."""
+        d, rank, world = self.data, dist.rank(), dist.world_size()
+        counts = evaluate_counts(self.parts.full, split(d.val_x, rank, world), split(d.val_y, rank, world),
+                                 self.parts.val_attack, d.batch_size, d.device)
+        if world > 1:
+            counts = dist.all_reduce_sum(torch.tensor(counts, dtype=torch.int64, device=d.device)).tolist()
+        n = max(len(d.val_y), 1)
+        return counts[0] / n, counts[1] / n
 
     def fit(self) -> list[dict]:
         """Run the remaining epochs inside a forked RNG; returns the history (epoch 0 is before training)."""
@@ -200,11 +238,9 @@ class Trainer:
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             rng = getattr(self, "_resume_rng", None)
             if rng is not None:
-                torch.set_rng_state(rng[0])
-                if dev.type == "cuda" and rng[1] is not None:
-                    torch.cuda.set_rng_state(rng[1], dev)
+                self._restore_rng(*rng)
             else:
-                torch.manual_seed(self.data.seed)
+                torch.manual_seed(self.data.seed + RANK_SEED_STRIDE * dist.rank())
                 t0 = time.perf_counter()
                 c0, r0 = self.evaluate()
                 self.history.append({"epoch": 0, "lr": float("nan"), "val_clean_acc": c0, "val_robust_acc": r0,
@@ -214,6 +250,15 @@ class Trainer:
                 self._guarded_epoch(epoch)
         self.parts.module.eval()
         return self.history
+
+    def _restore_rng(self, cpu, cuda, borrowed: bool) -> None:
+        """Set the checkpoint's RNG state; a process that borrowed another's (other world size) moves off it."""
+        dev = self.data.device
+        torch.set_rng_state(cpu)
+        if dev.type == "cuda" and cuda is not None:
+            torch.cuda.set_rng_state(cuda, dev)
+        if borrowed:
+            torch.manual_seed(int(torch.randint(2**62, ())) + RANK_SEED_STRIDE * dist.rank())
 
     def _guarded_epoch(self, epoch: int) -> None:
         """One epoch; Ctrl-C becomes :class:`HardenInterrupted`, and the model is left in eval mode on any error."""
@@ -242,12 +287,16 @@ class Trainer:
             raise
 
     def train_epoch(self, epoch: int) -> dict:
-        """One pass over the training data; returns the epoch's history row (mean loss terms, seconds)."""
+        """One pass over the training data; returns the epoch's history row (mean loss terms, seconds).
+
+        Under torchrun each process trains on its slice of every global batch; the row's terms are the global
+        batches' (the same on every process), and the BatchNorm statistics are averaged at the end.
+        """
         d, p, o = self.data, self.parts, self.objective
         t0 = time.perf_counter()
-        n = len(d.y)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(d.seed * 1_000_003 + epoch)).to(d.x.device)
-        starts = [s for s in range(0, n, d.batch_size) if n - s >= 2]  # a lone last sample would break BatchNorm
+        rank, world = dist.rank(), dist.world_size()
+        perm = torch.randperm(len(d.y), generator=torch.Generator().manual_seed(d.seed * 1_000_003 + epoch))
+        perm = perm.to(d.x.device)
         sums: dict[str, torch.Tensor] = {}
         count = 0
         lr = p.opt.param_groups[0]["lr"]
@@ -260,56 +309,57 @@ class Trainer:
         hooks = probe if o.probe_modules and not layerwise else contextlib.nullcontext()
         self._joint = o.joint_passes
         with epoch_hooks:
-            for bi, s in enumerate(starts):
+            for bi, s in enumerate(self.batch_starts()):
                 idx = perm[s:s + d.batch_size]
-                xb, yb = d.x[idx], d.y[idx]
-                loss, terms = self._batch_loss(probe, hooks, xb, yb)
-                if not torch.isfinite(loss):
+                shard = Shard(rank, world, len(idx)) if world > 1 else None
+                mine = split(idx, rank, world)
+                loss, terms = self._batch_loss(probe, hooks, d.x[mine], d.y[mine], shard)
+                if not torch.isfinite(loss):  # a global value under torchrun: every process stops here
                     raise NonFiniteError(f"the loss became {float(loss.detach())} at epoch {epoch}, batch {bi + 1}: "
                                          "lower --lr (or --gamma); nothing was saved from this epoch")
                 p.opt.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * world if shard is not None else loss).backward()  # DDP averages the processes' shares
                 p.opt.step()
-                k = len(yb)
-                count += k
+                count += len(idx)
                 for name, v in {"loss": loss, **terms}.items():
-                    v = v.detach() * k
+                    v = v.detach() * len(idx)
                     sums[name] = sums[name] + v if name in sums else v
                 self._emit("on_batch_end", epoch)
         p.full.eval()
+        average_statistics(p.module, p.dual.aux.values() if p.dual is not None else ())
         row = {"epoch": epoch, "lr": lr}
         row.update({name: float(v) / max(count, 1) for name, v in sums.items()})
         row["seconds"] = time.perf_counter() - t0
         return row
 
-    def _batch_loss(self, probe: LayerProbe, hooks, xb: torch.Tensor, yb: torch.Tensor):
-        """The loss of one batch under the objective's method, and its terms."""
+    def _batch_loss(self, probe: LayerProbe, hooks, xb: torch.Tensor, yb: torch.Tensor, shard: Shard | None = None):
+        """The loss of one batch (with a ``shard``: of the global batch) under the objective's method, and its terms."""
         p, o = self.parts, self.objective
         if o.method in (Method.AT, Method.ATLR):
-            x_adv = p.train_attack(xb, yb).detach()
-            p.full.train()
+            x_adv = p.train_attack(xb, yb).detach()  # on the inner module: no gradient sync while PGD runs
+            p.trained.train()
             with hooks:
-                passes = clean_and_adversarial(p.full, probe, p.recorder, xb, x_adv, record=o.records,
+                passes = clean_and_adversarial(p.trained, probe, p.recorder, xb, x_adv, record=o.records,
                                                need_clean=o.records or o.clean_weight > 0, joint=self._joint,
                                                clean_ctx=p.clean_ctx)
             self._joint = passes.joint
             return atlr_loss(passes.logits_adv, yb, passes.clean_outputs, passes.adv_outputs,
                              gammas=o.gammas if o.method == Method.ATLR else {}, re_mode=o.re_mode,
-                             logits_clean=passes.logits_clean, clean_weight=o.clean_weight)
-        p.full.train()
+                             logits_clean=passes.logits_clean, clean_weight=o.clean_weight, shard=shard)
+        p.trained.train()
         if o.method == Method.LAYERWISE:
             with hooks:
                 p.perturber.active = True
                 probe.reset()
-                logits = p.full(xb)
+                logits = p.trained(xb)
                 p.perturber.active = False
-            ce = F.cross_entropy(logits, yb)
+            ce = cross_entropy(logits, yb, shard)
             terms, loss = {"ce_perturbed": ce}, ce
             if o.clean_weight > 0:
                 with p.clean_ctx():
-                    ce_c = F.cross_entropy(p.full(xb), yb)
+                    ce_c = cross_entropy(p.trained(xb), yb, shard)
                 terms["ce_clean"] = ce_c
                 loss = (1 - o.clean_weight) * ce + o.clean_weight * ce_c
             return loss, terms
-        ce = F.cross_entropy(p.full(xb), yb)  # standard
+        ce = cross_entropy(p.trained(xb), yb, shard)  # standard
         return ce, {"ce_clean": ce}
