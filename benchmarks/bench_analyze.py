@@ -323,6 +323,16 @@ def profile_analyze(model, x, y, num_classes, batch_size, out) -> None:
     out.write("\n".join(l for l in buf.getvalue().splitlines() if l.strip() and "function calls" not in l) + "\n")
 
 
+def _flatness(mem) -> tuple[float, float, bool, str]:
+    """The 10k / 1k ratio of added memory, its growth in MB, and whether that counts as flat (and why)."""
+    ratio = max(mem[1]["added_mb"], 0.1) / max(mem[0]["added_mb"], 0.1)
+    growth = mem[1]["added_mb"] - mem[0]["added_mb"]
+    ok = ratio <= FOLDER_TARGET or growth <= MEMORY_NOISE_MB
+    verdict = "ok" if ratio <= FOLDER_TARGET else (
+        f"ok, the growth is within {MEMORY_NOISE_MB:g} MB of allocator noise" if ok else "NOT FLAT")
+    return ratio, growth, ok, verdict
+
+
 def folder_memory(sizes, batch_size: int, threads: int, out) -> bool:
     """Peak memory added by analyze streaming 1k and 10k PNGs from disk, each in a fresh process."""
     import tempfile
@@ -334,11 +344,7 @@ def folder_memory(sizes, batch_size: int, threads: int, out) -> bool:
     for m in mem:
         out.write(f"{m['n']:>6} images  {m['baseline_mb']:>12.1f} {m['peak_mb']:>9.1f} {m['added_mb']:>9.1f} "
                   f"{m['seconds']:>7.2f}\n")
-    ratio = max(mem[1]["added_mb"], 0.1) / max(mem[0]["added_mb"], 0.1)
-    growth = mem[1]["added_mb"] - mem[0]["added_mb"]
-    ok = ratio <= FOLDER_TARGET or growth <= MEMORY_NOISE_MB
-    verdict = "ok" if ratio <= FOLDER_TARGET else (
-        f"ok, the growth is within {MEMORY_NOISE_MB:g} MB of allocator noise" if ok else "NOT FLAT")
+    ratio, growth, ok, verdict = _flatness(mem)
     out.write(f"streamed memory {sizes[1]} / {sizes[0]} images: {ratio:.2f}x, {growth:+.1f} MB  "
               f"(target <= {FOLDER_TARGET}x: {verdict})\n")
     return ok
@@ -355,11 +361,7 @@ def cifar_memory(sizes, batch_size: int, threads: int, out) -> bool:
     for m in mem:
         out.write(f"{m['n']:>6} images  {m['baseline_mb']:>12.1f} {m['peak_mb']:>9.1f} {m['added_mb']:>9.1f} "
                   f"{m['seconds']:>7.2f} {m['pixels_mb']:>10.1f}\n")
-    ratio = max(mem[1]["added_mb"], 0.1) / max(mem[0]["added_mb"], 0.1)
-    growth = mem[1]["added_mb"] - mem[0]["added_mb"]
-    ok = ratio <= FOLDER_TARGET or growth <= MEMORY_NOISE_MB
-    verdict = "ok" if ratio <= FOLDER_TARGET else (
-        f"ok, the growth is within {MEMORY_NOISE_MB:g} MB of allocator noise" if ok else "NOT FLAT")
+    ratio, growth, ok, verdict = _flatness(mem)
     floats = (sizes[1] - sizes[0]) * 3072 * 4 / 2**20
     out.write(f"streamed memory {sizes[1]} / {sizes[0]} CIFAR images: {ratio:.2f}x, {growth:+.1f} MB  "
               f"(target <= {FOLDER_TARGET}x: {verdict}; the extra images as float32 would be {floats:.0f} MB)\n")
