@@ -178,27 +178,37 @@ class Battery:
 
     def _perturbed_pass(self, i: int, x_adv: torch.Tensor, clean, clean_sq) -> torch.Tensor:
         """The hooked forward of the perturbed batch; every layer's RE updates as the layer runs."""
-        observe = functools.partial(self._observe, i, clean, clean_sq)
+        seen: dict[str, torch.Tensor] = {}  # each layer's squared perturbation norms, as it runs
+        observe = functools.partial(self._observe, clean, seen)
         with torch.no_grad():
             if not self.s.streaming:  # a fixed-batch archive's chunks are joined by the probe: read them after
                 logits, outs = self.probe.run(self.s.full, x_adv)
                 for name, t in outs.items():
                     observe(name, t)
-                return logits
-            self.probe.transform, self.probe.record = (lambda layer, t: observe(layer.name, t)), False
-            try:
-                return self.probe.run(self.s.full, x_adv)[0]
-            finally:
-                self.probe.transform, self.probe.record = None, True
+            else:
+                self.probe.transform, self.probe.record = (lambda layer, t: observe(layer.name, t)), False
+                try:
+                    logits = self.probe.run(self.s.full, x_adv)[0]
+                finally:
+                    self.probe.transform, self.probe.record = None, True
+            if seen:  # every layer's sums in one set of operations: the same as one update per layer
+                rows = RelativeError.increments(torch.stack([clean_sq[n] for n in seen]), torch.stack(list(seen.values())))
+                for name, row in zip(seen, rows):
+                    st = self.stats.get((name, i))
+                    if st is None:
+                        st = self.stats[(name, i)] = RelativeError(device=row.device)
+                    st.add(row)
+        return logits
 
-    def _observe(self, i: int, clean, clean_sq, name: str, t: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _observe(clean, seen: dict, name: str, t: torch.Tensor) -> torch.Tensor:
         if name not in clean:
             raise RobauditError(f"layer {name} ran on the perturbed input but not on the clean one: "
                                 "the model's control flow depends on its input; restrict --layers")
-        st = self.stats.get((name, i))
-        if st is None:
-            st = self.stats[(name, i)] = RelativeError(device=t.device)
-        st.update(clean[name], t, clean_sq=clean_sq[name])
+        if clean[name].shape != t.shape:
+            raise RobauditError(f"layer output shapes differ between clean {tuple(clean[name].shape)} and "
+                                f"perturbed {tuple(t.shape)} inputs")
+        seen[name] = per_sample_sq_norms(t - clean[name])
         return t
 
     def _record(self, b: int, start: int, y, pred, oks, perts, robust) -> None:

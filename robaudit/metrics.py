@@ -72,13 +72,24 @@ class RelativeError:
                                 f"perturbed {tuple(perturbed.shape)} inputs")
         c2 = per_sample_sq_norms(clean) if clean_sq is None else clean_sq
         d2 = per_sample_sq_norms(perturbed.detach() - clean.detach())
-        re2 = ratio(d2, c2)
+        self.add(self.increments(c2[None], d2[None])[0])
+
+    def add(self, increment: torch.Tensor) -> None:
+        """Add one batch's sums (a row of :meth:`increments`) to the state."""
+        if self.state.device != increment.device:  # follows the activations (before the first update only)
+            self.state = self.state.to(increment.device)
+        self.state += increment
+
+    @classmethod
+    def increments(cls, clean_sq: torch.Tensor, delta_sq: torch.Tensor) -> torch.Tensor:
+        """One batch's sums for many layers at once: ``clean_sq`` and ``delta_sq`` are ``layers x samples``
+        squared norms (float64); row ``l`` of the result is what :meth:`update` adds for layer ``l``."""
+        re2 = ratio(delta_sq, clean_sq)
         defined = ~torch.isnan(re2)
         re2 = torch.where(defined, re2, torch.zeros_like(re2))
-        n = defined.sum().to(torch.float64)
-        if self.state.device != c2.device:  # follows the activations (before the first update only)
-            self.state = self.state.to(c2.device)
-        self.state += torch.stack([re2.sqrt().sum(), re2.sum(), n, len(re2) - n, d2.sum(), c2.sum()])
+        n = defined.sum(dim=1, dtype=torch.float64)
+        return torch.stack([re2.sqrt().sum(dim=1), re2.sum(dim=1), n, delta_sq.shape[1] - n, delta_sq.sum(dim=1),
+                            clean_sq.sum(dim=1)], dim=1)
 
     def merge(self, other: "RelativeError") -> "RelativeError":
         """Add ``other``'s sums to this one's: the statistics of both streams together."""

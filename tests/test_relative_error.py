@@ -74,3 +74,23 @@ def test_zero_policy_all_zero_layer_is_nan_not_zero():
     out = st.compute()
     assert out["n_samples"] == 0 and out["n_undefined"] == 3
     assert all(math.isnan(out[k]) for k in STATS)
+
+
+def test_increments_of_many_layers_equal_one_update_per_layer():
+    """The analysis adds every layer's sums of a batch in one set of operations: the same as layer by layer."""
+    from robaudit.metrics import per_sample_sq_norms
+
+    layers = [_data(seed=s) for s in (1, 2, 3)]
+    one_by_one = []
+    for clean, pert in layers:
+        st = RelativeError()
+        st.update(clean, pert)
+        one_by_one.append(st)
+    rows = RelativeError.increments(torch.stack([per_sample_sq_norms(c) for c, _ in layers]),
+                                    torch.stack([per_sample_sq_norms(p - c) for c, p in layers]))
+    for (row, st) in zip(rows, one_by_one):
+        together = RelativeError()
+        together.add(row)
+        torch.testing.assert_close(together.state, st.state, rtol=0, atol=0)
+        _assert_same(together.compute(), st.compute())
+        assert together.compute()["n_undefined"] == 2
