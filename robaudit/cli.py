@@ -566,11 +566,11 @@ def _analyze_before_harden(model, dataset, *, out, resume: bool, say, arch_kwarg
     if resume and (planned / CHECKPOINT_NAME).is_file():
         say(f"resuming the interrupted harden in {planned}")
         return planned  # the analysis is there already; analyzing again would replace the checkpoint
-    done = analyze_run(model, dataset, out=out, arch_kwargs=parse_arch_kwargs(arch_kwargs), report=False, **analysis)
-    # under torchrun rank 0 alone wrote the run (the others got None): every process reads it from rank 0's path
-    path = dist.all_gather_objects(done.path if done is not None else None)[0]
-    say(f"analyzed {model} -> {path}")
-    return Path(path)
+    done = analyze_run(model, dataset, out=out, arch_kwargs=parse_arch_kwargs(arch_kwargs), report=False,
+                       leave_group=False, **analysis)  # training goes on in the same process group
+    dist.barrier()  # under torchrun rank 0 wrote the run: the others read it from here on
+    say(f"analyzed {model} -> {done.path}")
+    return done.path
 
 
 @main.command()

@@ -12,7 +12,7 @@ import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -24,6 +24,9 @@ from ..errors import RobauditError
 from ..lsa import MVL, LSAResult, analyze, resolve_device
 from ..models import LoadedModel, load_model, with_normalization
 from ..rundir import check_output_dir, staging_file, write_run
+
+if TYPE_CHECKING:
+    from ..sanity import CheckPlan
 
 log = logging.getLogger(__name__)
 
@@ -70,28 +73,22 @@ def check_plan(attacks, eps, data, *, batch_size: int):
                        num_classes=data.num_classes, batch_size=batch_size)
 
 
-def analyze_and_check(loaded: LoadedModel, data, *, attacks, eps, layers=None, layer_types=None,
-                      probe: str = "all", mean=None, std=None, batch_size: int = 128, device="cpu", seed: int = 0,
-                      progress: bool = False, checks: bool = True, workers: int = 0,
-                      samples_path: Path | None = None) -> tuple[LSAResult, dict | None]:
-    """Run the layer analysis and (with ``checks``) the model checks, sized to the battery and reusing its
-    outcomes: what every run directory holds. ``samples_path`` streams ``samples.csv`` there.
+def analyze_for_run(loaded: LoadedModel, data, *, attacks, eps, layers=None, layer_types=None,
+                    probe: str = "all", mean=None, std=None, batch_size: int = 128, device="cpu", seed: int = 0,
+                    progress: bool = False, checks: bool = True, workers: int = 0,
+                    samples_path: Path | None = None) -> tuple[LSAResult, CheckPlan | None]:
+    """The layer analysis of a run directory, keeping the outcomes that the model checks (``checks``) reuse,
+    and the plan that sizes those checks; ``samples_path`` streams ``samples.csv`` there.
 
-    Under ``torchrun`` every process runs its share of the analysis (and keeps the outcomes the checks
-    reuse); the checks then run on rank 0 alone, and the other processes get ``None`` for them."""
-    dev = resolve_device(device)
+    Under ``torchrun`` every process runs its share. The checks themselves (:func:`model_checks`) run on
+    rank 0 alone, after the stage's last collective (the BatchNorm audit), once the others have left: no
+    process then waits on rank 0's solo work inside a collective, which has a timeout."""
     plan = check_plan(attacks, eps, data, batch_size=batch_size) if checks else None
     result = analyze(loaded, data, attacks=attacks, eps=eps, layers=layers, layer_types=layer_types, probe=probe,
-                     mean=mean, std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress,
-                     keep_outcomes=plan.n_samples if plan else 0, workers=workers, samples_path=samples_path)
-    if not dist.is_main():
-        return result, None
-    try:
-        return result, (_model_checks(loaded, data, mean, std, dev, seed, plan, result) if checks else None)
-    except BaseException:
-        if samples_path is not None:
-            Path(samples_path).unlink(missing_ok=True)
-        raise
+                     mean=mean, std=std, batch_size=batch_size, device=resolve_device(device), seed=seed,
+                     progress=progress, keep_outcomes=plan.n_samples if plan else 0, workers=workers,
+                     samples_path=samples_path)
+    return result, plan
 
 
 def batchnorm_audit(loaded: LoadedModel, data, result: LSAResult, mvl: MVL, *, mean, std, device, seed: int,
@@ -149,13 +146,16 @@ def analyze_run(
     progress: bool = False,
     command: str | None = None,
     force: bool = False,
+    leave_group: bool = True,
 ) -> AnalysisRun | None:
     """Analyze a model file on a data set and write the run directory (and its report).
 
     An existing ``out`` must be an earlier robaudit run, and is replaced only with ``force``. Under
     ``torchrun`` every process runs this with the same arguments and analyzes its share of the batches;
-    the BatchNorm audit is shared too; rank 0 alone runs the model checks (see :func:`analyze_and_check`) and
-    writes the run and returns it, the others write nothing and return ``None``. An error on any process stops all of them.
+    the BatchNorm audit is shared too; then the processes leave the group, and rank 0 alone runs the model
+    checks, writes the run and returns it; the others write nothing and return ``None``. ``leave_group=False``
+    (a command that goes on with the group, as ``harden MODEL`` does) keeps the group, and the others return
+    the analysis without checks, with the run's path, which rank 0 is writing. An error on any process stops all of them.
     """
     started = now()
     dev = resolve_device(device)
@@ -168,7 +168,7 @@ def analyze_run(
             mvl_z=mvl_z, seed=seed, force=force)
     samples_csv = staging_file(out, "samples") if dist.is_main() else None  # removed if anything below fails
     try:
-        result, check_results = analyze_and_check(
+        result, plan = analyze_for_run(
             loaded, data, attacks=specs, eps=eps, layers=layers, layer_types=layer_types, probe=probe, mean=mean,
             std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress, checks=checks, workers=workers,
             samples_path=samples_csv)
@@ -177,8 +177,11 @@ def analyze_run(
         mvl_top = mvl.k if mvl_z is None else mvl_top  # select_mvl's default when none was given
         bn = batchnorm_audit(loaded, data, result, mvl, mean=mean, std=std, device=dev, seed=seed,
                              batch_size=batch_size, distributed=True)
-        if not dist.is_main():  # the rest is rank 0's alone: the others are done, and exit
-            return None
+        if leave_group:  # the last collective is done: the processes meet and leave the group
+            dist.shutdown()
+        if not dist.is_main():  # the rest is rank 0's alone: the others are done
+            return None if leave_group else AnalysisRun(result, mvl, out, {}, None)
+        check_results = model_checks(loaded, data, result, plan, mean=mean, std=std, device=dev, seed=seed)
         return _write(out, result, mvl, check_results, bn, samples_csv, force=force, report=report, manifest=_manifest(
             loaded, data, result, command=command or _api_command(loaded, dataset, attacks, eps, seed, out,
                                                                   image_size=image_size, class_map=class_map),
@@ -288,11 +291,15 @@ def _manifest(loaded: LoadedModel, data, result: LSAResult, *, command: str, tru
     }
 
 
-def _model_checks(loaded: LoadedModel, data, mean, std, dev, seed: int, plan, result: LSAResult) -> dict:
+def model_checks(loaded: LoadedModel, data, result: LSAResult, plan: CheckPlan | None, *, mean, std, device,
+                 seed: int) -> dict | None:
     """The model checks AutoAttack runs before attacking, plus gradient-masking probes (sanity module),
-    on as many leading samples as ``plan`` affords, reusing the battery's outcomes there."""
+    on as many leading samples as ``plan`` affords, reusing the battery's outcomes there; None without a plan."""
     from ..sanity import run_model_checks
 
+    if plan is None:
+        return None
+    dev = resolve_device(device)
     info = {"plan": plan.to_dict(), "battery_seconds": round(result.seconds, 3)}
     if plan.n_samples < 1:
         return {"n_samples": 0, "seed": int(seed), "device": str(dev), **info,

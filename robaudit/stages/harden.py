@@ -28,7 +28,7 @@ from ..training.config import HardenConfig
 from ..training.harden import HardenResult, harden
 from ..training.layers import batchnorm_modules
 from ..training.loop import HardenInterrupted
-from .analyze import analyze_and_check, api_command, batchnorm_audit, now
+from .analyze import analyze_for_run, api_command, batchnorm_audit, model_checks, now
 
 HARDENED_DIR = "hardened"
 
@@ -313,7 +313,7 @@ def _reanalyze(run, hardened: LoadedModel, test, ranking: Mapping, dev, *, sampl
 
     man = run.manifest
     norm, layer_spec, eps_list = man.get("normalization") or {}, man.get("layers") or {}, man.get("eps") or []
-    analysis, checks = analyze_and_check(
+    analysis, plan = analyze_for_run(
         hardened, test, attacks=man.get("attacks") or None, eps=eps_list or None, layers=layer_spec.get("patterns"),
         layer_types=layer_spec.get("types"), probe=layer_spec.get("probe") or "all", mean=norm.get("mean"),
         std=norm.get("std"), batch_size=int(man.get("batch_size", 128)), device=dev, seed=int(man.get("seed", 0)),
@@ -327,6 +327,9 @@ def _reanalyze(run, hardened: LoadedModel, test, ranking: Mapping, dev, *, sampl
         h_mvl = analysis.mvl(attack=ranking["attack"], eps=ranking["eps"], metric=ranking["metric"])
     bn = batchnorm_audit(hardened, test, analysis, h_mvl, mean=norm.get("mean"), std=norm.get("std"), device=dev,
                          seed=int(man.get("seed", 0)), batch_size=int(man.get("batch_size", 128)), distributed=True)
+    dist.shutdown()  # under torchrun the last collective is done: the processes meet and leave the group
+    checks = model_checks(hardened, test, analysis, plan, mean=norm.get("mean"), std=norm.get("std"), device=dev,
+                          seed=int(man.get("seed", 0))) if dist.is_main() else None
     return analysis, h_mvl, checks, bn
 
 
