@@ -10,6 +10,7 @@ pixels, memory-mapped where the format allows) until a batch is on the device.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import gzip
 import hashlib
 import http.client
@@ -75,6 +76,10 @@ class Dataset:
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one sample (C×H×W or D)."""
         return tuple(self.x.shape[1:])
+
+    def head(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``n`` samples and their labels (as :meth:`StreamingDataset.head` gives them)."""
+        return self.x[:n], self.y[:n]
 
 
 @dataclass(frozen=True)
@@ -729,6 +734,29 @@ class StreamingDataset:
         x = torch.stack([self.items[i][0] for i in range(n)]).float()
         x = x / self.scale if self.scale != 1.0 else x
         return x, self.y[:n]
+
+
+def rows(data: Dataset | StreamingDataset, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Samples ``index`` (positions, a 1-D int64 tensor) as a float32 batch in [0, 1] on ``device``: a gather
+    of an in-memory set, or one read of a streaming one divided by its scale on the device, with the same
+    values as the in-memory floats (a tensor divisor: a true division, as on the host, not a reciprocal)."""
+    if not isinstance(data, StreamingDataset):
+        return data.x[index.to(data.x.device)].to(device, non_blocking=True)
+    positions = index.tolist()
+    items = data.items
+    got = items.__getitems__(positions) if hasattr(items, "__getitems__") else [items[i] for i in positions]
+    # ArrayRows (or a Subset of it) reads the batch at once, as an (x, y) pair; other sets give a pair a sample
+    xb = got[0] if isinstance(got, tuple) else torch.stack([x for x, _ in got])
+    x = xb.to(device, non_blocking=True).float()
+    return x / torch.tensor(data.scale, dtype=torch.float32, device=device) if data.scale != 1.0 else x
+
+
+def subset(data: Dataset | StreamingDataset, index: torch.Tensor, split: str) -> Dataset | StreamingDataset:
+    """The samples ``index`` of ``data`` as a set of their own named ``split`` (a streaming set stays one)."""
+    if isinstance(data, StreamingDataset):
+        return dataclasses.replace(data, items=torch.utils.data.Subset(data.items, index.tolist()),
+                                   y=data.y[index], split=split)
+    return dataclasses.replace(data, x=data.x[index], y=data.y[index], split=split)
 
 
 def as_dataset(data, what: str = "input") -> Dataset | StreamingDataset:

@@ -7,6 +7,7 @@ import json
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -402,3 +403,51 @@ def test_the_layerwise_perturbation_stays_within_layer_eps():
         assert (re <= eps * (1 + 1e-6)).all()
         assert re[0] < eps and re[4] < eps  # rows 0 and 4 reuse the sign with zeros
         assert torch.allclose(re[[1, 2, 3, 5]], torch.full((4,), eps))
+
+
+# ---------------------------------------------------------------------------------------------
+# training streams its data
+
+
+class ImageNet(nn.Module):
+    """Conv-BN-ReLU, Conv-ReLU, pool, Linear: a tiny CNN for MNIST- or CIFAR-shaped inputs."""
+
+    def __init__(self, channels: int, classes: int = 10) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(channels, 4, 3, stride=2), nn.BatchNorm2d(4), nn.ReLU(),
+                                      nn.Conv2d(4, 4, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(2))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(16, classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+@pytest.mark.parametrize("fmt,method", [("idx", "atlr"), ("idx.gz", "layerwise"), ("cifar10", "at"),
+                                        ("imagefolder", "atlr")])
+def test_a_streamed_training_split_trains_exactly_as_the_same_split_in_memory(tmp_path, fmt, method):
+    """Files in the real formats, loaded as float tensors and streamed: the same permutation, the same batches,
+    so the same history and weights, bit for bit (validation held out of the streamed set too)."""
+    from robaudit.data import Dataset, StreamingDataset, load_dataset
+    from tests.test_data import write_cifar10, write_idx, write_images
+
+    name, channels, classes = ("cifar10", 3, 10) if fmt == "cifar10" else ("mnist", 1, 10)
+    if fmt == "cifar10":
+        write_cifar10(tmp_path, n=14)  # 5 training batches: 70 images
+    elif fmt == "imagefolder":  # decoded a sample at a time: no batch read
+        write_images(tmp_path / "imgs", {"cat": [(8, 8)] * 35, "dog": [(8, 8)] * 35})
+        name, channels, classes = f"imagefolder:{tmp_path / 'imgs'}", 3, 2
+    else:
+        write_idx(tmp_path, prefix="train", n=70, gz=fmt == "idx.gz")
+    sets = [load_dataset(name, split="train", data_dir=tmp_path, download=False, stream=s) for s in (False, True)]
+    assert isinstance(sets[0], Dataset) and isinstance(sets[1], StreamingDataset)
+    if fmt != "imagefolder":
+        assert sets[1].items.x.dtype == np.uint8  # the stored pixels, never a float copy
+    kw = dict(method=method, mvl_layers=["features.2", "features.4"], epochs=2, eps=8 / 255, steps=2,
+              batch_size=16, seed=3, check_collapse=False)
+    models = [ImageNet(channels, classes), ImageNet(channels, classes)]
+    results = [harden(m, d, **kw) for m, d in zip(models, sets)]
+    cols = [c for c in results[0].history.columns if "seconds" not in c]
+    pd.testing.assert_frame_equal(results[0].history[cols], results[1].history[cols])
+    assert same_weights(weights(models[0]), weights(models[1]))
+    assert results[0].validation == results[1].validation and "7 of 70" in results[0].validation

@@ -269,14 +269,15 @@ def _load_run_model(run, *, arch: str | None, trust_model: bool) -> tuple[Loaded
 
 
 def _train_set(ds: Mapping, train_data, download: bool):
-    """The training data: ``train_data``, or the train split of the run's built-in data set."""
+    """The training data: ``train_data``, or the train split of the run's built-in data set; streamed when it is
+    on disk (training reads it batch by batch), in memory for moons and digits."""
 
     if train_data is not None:
-        return load_dataset(str(train_data), split="train", data_dir=ds.get("data_dir"), download=download), \
-            str(train_data)
+        return load_dataset(str(train_data), split="train", data_dir=ds.get("data_dir"), download=download,
+                            stream=True), str(train_data)
     if ds.get("name") in DATASETS:
-        return load_dataset(ds["name"], split="train", data_dir=ds.get("data_dir"), download=download), \
-            f"{ds['name']} train split"
+        return load_dataset(ds["name"], split="train", data_dir=ds.get("data_dir"), download=download,
+                            stream=True), f"{ds['name']} train split"
     raise RobauditError(f"the run's data set {ds.get('name')!r} is a file with no train split: pass --train-data "
                         "FILE.npz with training samples")
 
@@ -287,8 +288,9 @@ def _check_trainable(cfg: HardenConfig, loaded: LoadedModel, train_set) -> None:
         raise RobauditError("--dual-bn needs a model with BatchNorm layers; this one has none: drop --dual-bn")
     if loaded.format == "pickle":  # it must be exportable to be saved without pickles
         try:
-            ex = with_normalization(copy.deepcopy(loaded.module), None, None, ndim=train_set.x.dim())
-            torch.export.export(ex.eval(), (train_set.x[:2],),
+            first = train_set.head(2)[0]
+            ex = with_normalization(copy.deepcopy(loaded.module), None, None, ndim=first.dim())
+            torch.export.export(ex.eval(), (first,),
                                 dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},))
         except Exception as e:
             raise RobauditError(f"the pickled model cannot be saved as a torch.export archive ({type(e).__name__}); "
@@ -301,7 +303,7 @@ def _save_model(path: Path, loaded: LoadedModel, module: nn.Module, train_set) -
     if loaded.format == "export":
         save_exported_weights(path, loaded, module)
     elif loaded.format == "pickle":
-        export_model(path, module, train_set.x[:2])
+        export_model(path, module, train_set.head(2)[0])
     else:
         save_checkpoint(path, module, arch=loaded.arch, arch_kwargs=loaded.arch_kwargs)
     return load_model(path)

@@ -58,7 +58,7 @@ from torch import nn
 
 from .. import attacks as atk
 from .. import dist
-from ..data import as_dataset
+from ..data import StreamingDataset, as_dataset, subset
 from ..errors import RobauditError
 from ..models import LoadedModel, check_compatible, with_normalization
 from .checkpoint import CHECKPOINT_NAME, Checkpointer
@@ -104,14 +104,10 @@ def split_validation(data, *, fraction: float = 0.1, seed: int = 0):
         raise RobauditError(f"the training split has only {n} samples: too few to hold out a validation part")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     val_idx, tr_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
-    train, val = _subset(data, tr_idx, "fit"), _subset(data, val_idx, "val")
+    train, val = subset(data, tr_idx, f"{data.split}-fit"), subset(data, val_idx, f"{data.split}-val")
     desc = (f"a held-out {100 * fraction:g}% of the {data.name} {data.split} split "
             f"({n_val} of {n} samples, a permutation seeded with {seed}); training uses the other {n - n_val}")
     return train, val, desc
-
-
-def _subset(data, idx: torch.Tensor, tag: str):
-    return dataclasses.replace(data, x=data.x[idx], y=data.y[idx], split=f"{data.split}-{tag}")
 
 
 def _module_digest(module: nn.Module) -> str:
@@ -170,7 +166,8 @@ def harden(
     if checkpoint_dir is None and resume:
         raise RobauditError("resume needs a checkpoint directory")
     train = as_dataset(train, "training")
-    prep = _prepare_model(model, type_map, mvl_layers, train.x[:2])
+    first = train.head(2)[0]  # an example batch (a streaming set reads just these)
+    prep = _prepare_model(model, type_map, mvl_layers, first)
     batch_size = _batch_size(cfg.batch_size, prep.fixed_batch, notes)
     gammas = dict(zip(mvl_layers, parse_gamma(cfg.gamma, len(mvl_layers)))) if mvl_layers else {}
     if prep.frozen_note:
@@ -180,10 +177,10 @@ def harden(
     train, val, val_desc, num_classes = _split_data(train, val, cfg.val_fraction, seed)
     dev = dist.local_device(resolve_device(cfg.device))
     module = prep.module.to(dev)
-    full = with_normalization(module, mean, std, ndim=train.x.dim()).to(dev)
-    check_compatible(full.eval(), train.x[:2].to(dev), num_classes)
-    data = TrainData(x=train.x.to(dev), y=train.y.to(dev), val_x=val.x, val_y=val.y, num_classes=num_classes,
-                     batch_size=batch_size, epochs=cfg.epochs, seed=seed, device=dev)
+    full = with_normalization(module, mean, std, ndim=first.dim()).to(dev)
+    check_compatible(full.eval(), first.to(dev), num_classes)
+    data = TrainData(train=_on_device(train, dev), y=train.y.to(dev), val=val, val_y=val.y,
+                     num_classes=num_classes, batch_size=batch_size, epochs=cfg.epochs, seed=seed, device=dev)
     settings_out = _settings(cfg, mvl_layers, gammas, data, val_desc, bn_at_test, mean, std)
     fingerprint = _fingerprint(settings_out, module, fingerprint_extra)
 
@@ -207,6 +204,12 @@ def harden(
                         resumed_from_epoch=int(state["epoch"]) if state is not None else None,
                         seconds=time.perf_counter() - started,
                         checkpoint=checkpointer.path if checkpointer is not None else None, notes=notes)
+
+
+def _on_device(train, dev: torch.device):
+    """The training set the loop reads its batches from: an in-memory set moved to ``dev`` whole, a streaming set
+    as it is (its batches are read and moved one at a time)."""
+    return train if isinstance(train, StreamingDataset) else dataclasses.replace(train, x=train.x.to(dev))
 
 
 def _batch_size(asked: int, fixed: int | None, notes: list[str]) -> int:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import dist
+from ..data import Dataset, StreamingDataset, rows
 from ..errors import NonFiniteError, RobauditError
 from ..probe import LayerProbe
 from .config import Method
@@ -79,11 +80,13 @@ class TrainParts:
 
 @dataclass
 class TrainData:
-    """Training and validation tensors (on the device) and the loop's sizes."""
+    """The training and validation sets (batches read with :func:`robaudit.data.rows`), labels, the loop's sizes.
 
-    x: torch.Tensor
+    ``train`` is an in-memory set already on the device or a streaming one; ``y`` its labels on the device."""
+
+    train: Dataset | StreamingDataset
     y: torch.Tensor
-    val_x: torch.Tensor
+    val: Dataset | StreamingDataset
     val_y: torch.Tensor
     num_classes: int
     batch_size: int
@@ -92,13 +95,14 @@ class TrainData:
     device: torch.device
 
 
-def evaluate_counts(full: nn.Module, x: torch.Tensor, y: torch.Tensor, attack_fn, batch_size: int,
-                    dev: torch.device) -> tuple[int, int]:
-    """How many samples are classified right, clean and attacked; model in eval mode."""
+def evaluate_counts(full: nn.Module, data: Dataset | StreamingDataset, positions: torch.Tensor, attack_fn,
+                    batch_size: int, dev: torch.device) -> tuple[int, int]:
+    """How many of the samples at ``positions`` of ``data`` are classified right, clean and attacked (eval mode)."""
     full.eval()
     clean = robust = 0
-    for s in range(0, len(x), batch_size):
-        xb, yb = x[s:s + batch_size].to(dev), y[s:s + batch_size].to(dev)
+    for s in range(0, len(positions), batch_size):
+        idx = positions[s:s + batch_size]
+        xb, yb = rows(data, idx, dev), data.y[idx].to(dev)
         with torch.no_grad():
             clean += int((full(xb).argmax(1) == yb).sum())
         xa = attack_fn(xb, yb).detach()
@@ -225,8 +229,8 @@ class Trainer:
     def evaluate(self) -> tuple[float, float]:
         """Clean and PGD validation accuracy (under torchrun each process takes a slice; the counts are summed)."""
         d, rank, world = self.data, dist.rank(), dist.world_size()
-        counts = evaluate_counts(self.parts.full, split(d.val_x, rank, world), split(d.val_y, rank, world),
-                                 self.parts.val_attack, d.batch_size, d.device)
+        mine = split(torch.arange(len(d.val_y)), rank, world)
+        counts = evaluate_counts(self.parts.full, d.val, mine, self.parts.val_attack, d.batch_size, d.device)
         if world > 1:
             counts = dist.all_reduce_sum(torch.tensor(counts, dtype=torch.int64, device=d.device)).tolist()
         n = max(len(d.val_y), 1)
@@ -296,7 +300,6 @@ class Trainer:
         t0 = time.perf_counter()
         rank, world = dist.rank(), dist.world_size()
         perm = torch.randperm(len(d.y), generator=torch.Generator().manual_seed(d.seed * 1_000_003 + epoch))
-        perm = perm.to(d.x.device)
         sums: dict[str, torch.Tensor] = {}
         count = 0
         lr = p.opt.param_groups[0]["lr"]
@@ -313,7 +316,8 @@ class Trainer:
                 idx = perm[s:s + d.batch_size]
                 shard = Shard(rank, world, len(idx)) if world > 1 else None
                 mine = split(idx, rank, world)
-                loss, terms = self._batch_loss(probe, hooks, d.x[mine], d.y[mine], shard)
+                xb, yb = rows(d.train, mine, d.device), d.y[mine.to(d.y.device)]
+                loss, terms = self._batch_loss(probe, hooks, xb, yb, shard)
                 if not torch.isfinite(loss):  # a global value under torchrun: every process stops here
                     raise NonFiniteError(f"the loss became {float(loss.detach())} at epoch {epoch}, batch {bi + 1}: "
                                          "lower --lr (or --gamma); nothing was saved from this epoch")
