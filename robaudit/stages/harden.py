@@ -25,7 +25,7 @@ from ..models import (LoadedModel, check_stored_arch, export_model, load_model, 
 from ..rundir import rows_at, atomic_dir, fill_run, foreign_entries, read_run, write_csv, write_json
 from ..training.checkpoint import CHECKPOINT_NAME
 from ..training.config import HardenConfig
-from ..training.harden import HardenResult, harden
+from ..training.harden import HardenResult, global_batch_size, harden
 from ..training.layers import batchnorm_modules
 from ..training.loop import HardenInterrupted
 from .analyze import analyze_for_run, api_command, batchnorm_audit, model_checks, now
@@ -143,6 +143,8 @@ def harden_run(
     if cfg.seed is None:
         cfg = dataclasses.replace(cfg, seed=int(man.get("seed", 0)))
     loaded, model_path = _load_run_model(run, arch=arch, trust_model=trust_model)
+    # every process refuses a batch too small for them here, at once, not after rank 0 alone read the data first
+    global_batch_size(cfg.batch_size, loaded.module.__dict__.get("_robaudit_fixed_batch"), [])
     norm, ds = man.get("normalization") or {}, man.get("dataset") or {}
     mean, std, ds_name = norm.get("mean"), norm.get("std"), ds.get("name")
     with dist.main_first():  # a download happens once, in rank 0, while the others wait

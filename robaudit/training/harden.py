@@ -168,7 +168,7 @@ def harden(
     train = as_dataset(train, "training")
     first = train.head(2)[0]  # an example batch (a streaming set reads just these)
     prep = _prepare_model(model, type_map, mvl_layers, first)
-    batch_size = _batch_size(cfg.batch_size, prep.fixed_batch, notes)
+    batch_size = global_batch_size(cfg.batch_size, prep.fixed_batch, notes)
     gammas = dict(zip(mvl_layers, parse_gamma(cfg.gamma, len(mvl_layers)))) if mvl_layers else {}
     if prep.frozen_note:
         warnings.warn(prep.frozen_note, stacklevel=2)
@@ -212,7 +212,7 @@ def _on_device(train, dev: torch.device):
     return train if isinstance(train, StreamingDataset) else dataclasses.replace(train, x=train.x.to(dev))
 
 
-def _batch_size(asked: int, fixed: int | None, notes: list[str]) -> int:
+def global_batch_size(asked: int, fixed: int | None, notes: list[str]) -> int:
     """The global batch size: ``asked``, or the one an archive was exported for; at least 2 per process."""
     world = dist.world_size()
     if fixed is not None and world > 1:
