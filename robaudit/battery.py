@@ -159,7 +159,7 @@ class Battery:
 
     def _configuration(self, b: int, i: int, start: int, x, y, clean, clean_sq, ok_clean, bad):
         """Configuration ``i`` on batch ``b``: the perturbed inputs, their hooked pass, outcomes and sizes."""
-        spec, attack_fn = self.s.specs[i], self.s.builders[i]
+        attack_fn = self.s.builders[i]
         atk.reseed(attack_fn, atk.batch_seed(self.s.seed, b, i))
         tic = time.perf_counter()
         with self.probe.paused():  # no hook overhead inside the attack's own forward passes

@@ -739,7 +739,7 @@ class StreamingDataset:
 def rows(data: Dataset | StreamingDataset, index: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Samples ``index`` (positions, a 1-D int64 tensor) as a float32 batch in [0, 1] on ``device``: a gather
     of an in-memory set, or one read of a streaming one divided by its scale on the device, with the same
-    values as the in-memory floats (a tensor divisor: a true division, as on the host, not a reciprocal)."""
+    values as the in-memory floats."""
     if not isinstance(data, StreamingDataset):
         return data.x[index.to(data.x.device)].to(device, non_blocking=True)
     positions = index.tolist()
@@ -747,8 +747,16 @@ def rows(data: Dataset | StreamingDataset, index: torch.Tensor, device: torch.de
     got = items.__getitems__(positions) if hasattr(items, "__getitems__") else [items[i] for i in positions]
     # ArrayRows (or a Subset of it) reads the batch at once, as an (x, y) pair; other sets give a pair a sample
     xb = got[0] if isinstance(got, tuple) else torch.stack([x for x, _ in got])
-    x = xb.to(device, non_blocking=True).float()
-    return x / torch.tensor(data.scale, dtype=torch.float32, device=device) if data.scale != 1.0 else x
+    return _in_unit_range(xb, data.scale, device)
+
+
+def _in_unit_range(xb: torch.Tensor, scale: float, device: torch.device) -> torch.Tensor:
+    """A batch as stored (uint8, or float) as float32 in [0, 1] on ``device``: divided by ``scale`` there, with
+    the values of the in-memory floats; a float batch may be a view of the stored rows, so it is never written."""
+    x = xb.to(device, non_blocking=True)
+    if not x.is_floating_point():  # a fresh float copy: divided in place
+        return x.float().div_(scale) if scale != 1.0 else x.float()
+    return x / scale if scale != 1.0 else x
 
 
 def subset(data: Dataset | StreamingDataset, index: torch.Tensor, split: str) -> Dataset | StreamingDataset:
@@ -805,12 +813,7 @@ def batches(data: Dataset | StreamingDataset, *, batch_size: int, device: torch.
                                          collate_fn=_collated if collated else None,
                                          generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
     for start, (xb, yb) in zip(starts, loader):
-        x = xb.to(device, non_blocking=True)
-        if not x.is_floating_point():  # a fresh float copy: divided in place
-            x = x.float().div_(data.scale) if data.scale != 1.0 else x.float()
-        elif data.scale != 1.0:  # may be a view of the stored rows: never written to
-            x = x / data.scale
-        yield start, x, yb.to(device, non_blocking=True)
+        yield start, _in_unit_range(xb, data.scale, device), yb.to(device, non_blocking=True)
 
 
 def _collated(batch):

@@ -111,8 +111,7 @@ def exchange(payload: Any, error: BaseException | None = None) -> list[Any]:
         if error is not None:
             raise error
         return [payload]
-    gathered: list = [None] * world_size()
-    tdist.all_gather_object(gathered, (_summary(error), payload))
+    gathered = all_gather_objects((_summary(error), payload))
     failed = [(r, s) for r, (s, _) in enumerate(gathered) if s is not None]
     if error is not None:
         error._robaudit_shared = True  # type: ignore[attr-defined]
