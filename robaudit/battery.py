@@ -80,6 +80,12 @@ class Setup:
     seed: int
     streaming: bool  # False for a fixed-batch archive: its chunked outputs are read after the pass
 
+    def restore_eval(self) -> None:
+        """Eval mode again after an attack (one may switch the mode it queries), once per distinct module."""
+        self.model.eval()
+        if self.eager is not self.model:
+            self.eager.eval()
+
     @property
     def worst_keys(self) -> list[tuple[str, float]]:
         """The (norm, eps) of every worst-case row: bounded adversarial attacks only."""
@@ -166,8 +172,7 @@ class Battery:
             try:
                 x_adv = attack_fn(x, y).detach()
             finally:
-                self.s.model.eval()
-                self.s.eager.eval()
+                self.s.restore_eval()
         self.seconds[i] += time.perf_counter() - tic
         bad[i] = ~torch.isfinite(x_adv).all()
         ok = self._perturbed_pass(i, x_adv, clean, clean_sq).argmax(1) == y

@@ -319,10 +319,12 @@ def _prepare(model, data, *, attacks, eps, layers, layer_types, mean, std, batch
     eager = model
     if probe != "modules":
         model, type_map = graph_for_ops(model, x_all[:2].to(device), type_map)
-    full = with_normalization(model, mean, std, ndim=x_all.dim()).to(device).eval()
+        if model is not eager:  # the internal export: a new module
+            model = model.to(device).eval()
+    full = _normalized(model, mean, std, ndim=x_all.dim(), device=device)
     # the attacks run on the user's own module (the graph copy is only for the hooked passes): its
     # generated code costs more than eager execution, which the attacks would pay at every step
-    attacked = full if eager is model else with_normalization(eager, mean, std, ndim=x_all.dim()).to(device).eval()
+    attacked = full if eager is model else _normalized(eager, mean, std, ndim=x_all.dim(), device=device)
     check_compatible(full, x_all[:2].to(device), num_classes)
     modules = select_modules(model, layer_types=layer_types, patterns=layers, type_map=type_map, probe=probe)
     seed_everything(seed)
@@ -332,6 +334,13 @@ def _prepare(model, data, *, attacks, eps, layers, layer_types, mean, std, batch
     setup = Setup(model=model, eager=eager, full=full, attacked=attacked, specs=specs, builders=builders,
                   device=device, seed=seed, streaming=streaming)
     return setup, stack.enter_context(LayerProbe(model, modules, type_map=type_map, detach=True))
+
+
+def _normalized(module: nn.Module, mean, std, *, ndim: int, device: torch.device) -> nn.Module:
+    """``module`` behind the normalization, if any: a new wrapper is moved to ``device`` and put in eval mode
+    (``module`` already is; moving and switching every submodule again costs a pass over all of them)."""
+    wrapped = with_normalization(module, mean, std, ndim=ndim)
+    return wrapped if wrapped is module else wrapped.to(device).eval()
 
 
 def _sample_log(path, setup: Setup) -> SampleLog:
