@@ -28,7 +28,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Sequence
 
 import numpy as np
 import torch
@@ -745,9 +745,7 @@ def rows(data: Dataset | StreamingDataset, index: torch.Tensor, device: torch.de
     positions = index.tolist()
     items = data.items
     got = items.__getitems__(positions) if hasattr(items, "__getitems__") else [items[i] for i in positions]
-    # ArrayRows (or a Subset of it) reads the batch at once, as an (x, y) pair; other sets give a pair a sample
-    xb = got[0] if isinstance(got, tuple) else torch.stack([x for x, _ in got])
-    return _in_unit_range(xb, data.scale, device)
+    return _in_unit_range(_stacked(got)[0], data.scale, device)
 
 
 def _in_unit_range(xb: torch.Tensor, scale: float, device: torch.device) -> torch.Tensor:
@@ -805,20 +803,33 @@ def batches(data: Dataset | StreamingDataset, *, batch_size: int, device: torch.
             yield (start, data.x[start:start + batch_size].to(device, non_blocking=True),
                    data.y[start:start + batch_size].to(device, non_blocking=True))
         return
-    if not starts:
+    index = [range(s, min(s + batch_size, n)) for s in starts]
+    for start, xb in zip(starts, read_batches(data, index, device=device, workers=workers)):
+        yield start, xb, data.y[start:start + batch_size].to(device, non_blocking=True)
+
+
+def read_batches(data: Dataset | StreamingDataset, index: Sequence[Sequence[int]], *, device: torch.device,
+                 workers: int = 0):
+    """The samples at each list of positions in ``index``, in order, as float32 batches in [0, 1] on ``device``:
+    gathers of an in-memory set, or a streaming set's batches read by a DataLoader (``workers`` processes decode
+    ahead, pinned for a GPU; uint8 until the device) with the values :func:`rows` gives."""
+    if not isinstance(data, StreamingDataset):
+        for positions in index:
+            yield rows(data, torch.as_tensor(positions, dtype=torch.int64), device)
         return
-    collated = hasattr(data.items, "__getitems__")  # reads whole batches itself
-    loader = torch.utils.data.DataLoader(data.items, batch_sampler=[range(s, min(s + batch_size, n)) for s in starts],
-                                         num_workers=workers, pin_memory=device.type == "cuda",
-                                         collate_fn=_collated if collated else None,
+    if not index:
+        return
+    loader = torch.utils.data.DataLoader(data.items, batch_sampler=[list(p) for p in index], num_workers=workers,
+                                         pin_memory=device.type == "cuda", collate_fn=_stacked,
                                          generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
-    for start, (xb, yb) in zip(starts, loader):
-        yield start, _in_unit_range(xb, data.scale, device), yb.to(device, non_blocking=True)
+    for xb, _ in loader:
+        yield _in_unit_range(xb, data.scale, device)
 
 
-def _collated(batch):
-    """The collate function of a data set that reads whole batches: the batch as it came."""
-    return batch
+def _stacked(got) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch as ``(x, y)``: as a set that reads whole batches gave it (``ArrayRows.__getitems__``), or its
+    samples stacked."""
+    return got if isinstance(got, tuple) else torch.utils.data.default_collate(got)
 
 
 def _load_imagefolder(root: Path, *, image_size: int | None, class_map: Path | None):

@@ -20,6 +20,7 @@ from robaudit.errors import NonFiniteError, RobauditError
 from robaudit.training.loop import Trainer
 from robaudit.stages.harden import harden_run
 from robaudit.training.checkpoint import CHECKPOINT_NAME
+from robaudit.training.config import HardenConfig
 from robaudit.training.harden import harden
 from robaudit.training.layers import DualBatchNorm
 from robaudit.training.loop import HardenInterrupted
@@ -451,3 +452,26 @@ def test_a_streamed_training_split_trains_exactly_as_the_same_split_in_memory(tm
     pd.testing.assert_frame_equal(results[0].history[cols], results[1].history[cols])
     assert same_weights(weights(models[0]), weights(models[1]))
     assert results[0].validation == results[1].validation and "7 of 70" in results[0].validation
+
+
+def test_data_workers_read_the_same_training_batches(tmp_path):
+    """Worker processes decoding an image folder ahead (training and validation batches) change nothing:
+    the same history and weights as reading in the main process."""
+    from robaudit.data import load_dataset
+    from tests.test_data import write_images
+
+    write_images(tmp_path / "imgs", {"cat": [(8, 8)] * 20, "dog": [(8, 8)] * 20})
+    data = load_dataset(f"imagefolder:{tmp_path / 'imgs'}", split="train", stream=True)
+    kw = dict(method="atlr", mvl_layers=["features.2"], epochs=2, eps=8 / 255, steps=2, batch_size=16, seed=3,
+              check_collapse=False)
+    models = [ImageNet(3, 2), ImageNet(3, 2)]
+    results = [harden(m, data, workers=w, **kw) for m, w in zip(models, (0, 2))]
+    cols = [c for c in results[0].history.columns if "seconds" not in c]
+    pd.testing.assert_frame_equal(results[0].history[cols], results[1].history[cols])
+    assert same_weights(weights(models[0]), weights(models[1]))
+    assert results[1].settings["workers"] == 2
+
+
+def test_workers_must_be_a_whole_number():
+    with pytest.raises(RobauditError, match="--workers must be a whole number >= 0"):
+        HardenConfig(workers=-1)

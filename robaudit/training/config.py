@@ -136,6 +136,7 @@ class HardenConfig:
     val_fraction: float = 0.1
     seed: int | None = None
     device: str = "auto"
+    workers: int = 0
     progress: bool = False
     check_collapse: bool = True
     notes: tuple[str, ...] = field(default=(), compare=False)
@@ -176,6 +177,7 @@ class HardenConfig:
             raise RobauditError(f"the validation fraction must lie in (0, 1), not {self.val_fraction}")
         if self.seed is not None:
             set_("seed", int(self.seed))
+        set_("workers", _whole(self.workers, 0, "--workers must be a whole number >= 0, not {value}"))
 
     @property
     def uses_mvl(self) -> bool:

@@ -180,7 +180,8 @@ def harden(
     full = with_normalization(module, mean, std, ndim=first.dim()).to(dev)
     check_compatible(full.eval(), first.to(dev), num_classes)
     data = TrainData(train=_on_device(train, dev), y=train.y.to(dev), val=val, val_y=val.y,
-                     num_classes=num_classes, batch_size=batch_size, epochs=cfg.epochs, seed=seed, device=dev)
+                     num_classes=num_classes, batch_size=batch_size, epochs=cfg.epochs, seed=seed, device=dev,
+                     workers=cfg.workers)
     settings_out = _settings(cfg, mvl_layers, gammas, data, val_desc, bn_at_test, mean, std)
     fingerprint = _fingerprint(settings_out, module, fingerprint_extra)
 
@@ -230,8 +231,9 @@ def global_batch_size(asked: int, fixed: int | None, notes: list[str]) -> int:
 
 def _fingerprint(settings_out: Mapping, module: nn.Module, extra: Mapping | None) -> dict:
     """What a checkpoint must match to be resumed: the settings, the starting weights and ``extra``."""
-    # another number of processes may resume (the global batch is the same), so it is not part of it
-    fingerprint = {k: v for k, v in settings_out.items() if k not in ("validation", "bn_at_test", "processes")}
+    # another number of processes or data workers may resume (the batches are the same), so they are not part of it
+    fingerprint = {k: v for k, v in settings_out.items()
+                   if k not in ("validation", "bn_at_test", "processes", "workers")}
     fingerprint["model_digest"] = _module_digest(module)
     fingerprint.update(extra or {})
     return json.loads(json.dumps(fingerprint, default=str))
@@ -353,6 +355,7 @@ def _settings(cfg: HardenConfig, mvl_layers, gammas, data: TrainData, val_desc: 
         "optimizer": cfg.optimizer.value, "weight_decay": cfg.weight_decay, "schedule": cfg.schedule.value,
         "clean_weight": cfg.clean_weight, "dual_bn": bool(cfg.dual_bn), "val_fraction": cfg.val_fraction,
         "seed": data.seed, "n_train": int(len(data.y)), "n_val": int(len(data.val_y)), "processes": dist.world_size(),
+        "workers": data.workers,
         "validation": val_desc, "val_attack": f"pgd:eps={eps:g},steps={steps}", "bn_at_test": bn_at_test,
         "mean": list(mean) if mean is not None else None, "std": list(std) if std is not None else None,
     }

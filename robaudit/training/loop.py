@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import dist
-from ..data import Dataset, StreamingDataset, rows
+from ..data import Dataset, StreamingDataset, read_batches
 from ..errors import NonFiniteError, RobauditError
 from ..probe import LayerProbe
 from .config import Method
@@ -80,9 +80,11 @@ class TrainParts:
 
 @dataclass
 class TrainData:
-    """The training and validation sets (batches read with :func:`robaudit.data.rows`), labels, the loop's sizes.
+    """The training and validation sets (batches read with :func:`robaudit.data.read_batches`), labels, the
+    loop's sizes.
 
-    ``train`` is an in-memory set already on the device or a streaming one; ``y`` its labels on the device."""
+    ``train`` is an in-memory set already on the device or a streaming one; ``y`` its labels on the device.
+    ``workers`` processes read a streaming set's batches ahead (what is read, and so the result, is the same)."""
 
     train: Dataset | StreamingDataset
     y: torch.Tensor
@@ -93,16 +95,17 @@ class TrainData:
     epochs: int
     seed: int
     device: torch.device
+    workers: int = 0
 
 
 def evaluate_counts(full: nn.Module, data: Dataset | StreamingDataset, positions: torch.Tensor, attack_fn,
-                    batch_size: int, dev: torch.device) -> tuple[int, int]:
+                    batch_size: int, dev: torch.device, *, workers: int = 0) -> tuple[int, int]:
     """How many of the samples at ``positions`` of ``data`` are classified right, clean and attacked (eval mode)."""
     full.eval()
     clean = robust = 0
-    for s in range(0, len(positions), batch_size):
-        idx = positions[s:s + batch_size]
-        xb, yb = rows(data, idx, dev), data.y[idx].to(dev)
+    plan = [positions[s:s + batch_size] for s in range(0, len(positions), batch_size)]
+    for idx, xb in zip(plan, read_batches(data, [p.tolist() for p in plan], device=dev, workers=workers)):
+        yb = data.y[idx].to(dev)
         with torch.no_grad():
             clean += int((full(xb).argmax(1) == yb).sum())
         xa = attack_fn(xb, yb).detach()
@@ -230,7 +233,8 @@ class Trainer:
         """Clean and PGD validation accuracy (under torchrun each process takes a slice; the counts are summed)."""
         d, rank, world = self.data, dist.rank(), dist.world_size()
         mine = split(torch.arange(len(d.val_y)), rank, world)
-        counts = evaluate_counts(self.parts.full, d.val, mine, self.parts.val_attack, d.batch_size, d.device)
+        counts = evaluate_counts(self.parts.full, d.val, mine, self.parts.val_attack, d.batch_size, d.device,
+                                 workers=d.workers)
         if world > 1:
             counts = dist.all_reduce_sum(torch.tensor(counts, dtype=torch.int64, device=d.device)).tolist()
         n = max(len(d.val_y), 1)
@@ -311,12 +315,13 @@ class Trainer:
         epoch_hooks = probe if o.probe_modules and layerwise else contextlib.nullcontext()
         hooks = probe if o.probe_modules and not layerwise else contextlib.nullcontext()
         self._joint = o.joint_passes
+        plan = [perm[s:s + d.batch_size] for s in self.batch_starts()]  # global batches; this process's slices:
+        mine_all = [split(idx, rank, world) for idx in plan]
+        reads = read_batches(d.train, [m.tolist() for m in mine_all], device=d.device, workers=d.workers)
         with epoch_hooks:
-            for bi, s in enumerate(self.batch_starts()):
-                idx = perm[s:s + d.batch_size]
+            for bi, (idx, mine, xb) in enumerate(zip(plan, mine_all, reads)):
                 shard = Shard(rank, world, len(idx)) if world > 1 else None
-                mine = split(idx, rank, world)
-                xb, yb = rows(d.train, mine, d.device), d.y[mine.to(d.y.device)]
+                yb = d.y[mine.to(d.y.device)]
                 loss, terms = self._batch_loss(probe, hooks, xb, yb, shard)
                 if not torch.isfinite(loss):  # a global value under torchrun: every process stops here
                     raise NonFiniteError(f"the loss became {float(loss.detach())} at epoch {epoch}, batch {bi + 1}: "
