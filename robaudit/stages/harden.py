@@ -28,7 +28,7 @@ from ..training.config import HardenConfig
 from ..training.harden import HardenResult, global_batch_size, harden
 from ..training.layers import batchnorm_modules
 from ..training.loop import HardenInterrupted
-from .analyze import analyze_for_run, api_command, batchnorm_audit, model_checks, now
+from .analyze import analyze_for_run, api_command, batchnorm_audit, load_run_data, model_checks, now
 
 HARDENED_DIR = "hardened"
 
@@ -123,6 +123,8 @@ def harden_run(
     re-analyzes it with the same battery and writes, atomically, ``hardened/`` holding the model, its
     ``lsa.csv``/``accuracy.csv``/``mvl.json``/``manifest.json``, ``history.csv``, ``comparison.csv`` and
     ``harden.json``. A checkpoint ``RUN/harden-checkpoint.pt`` is kept after every epoch until the end.
+    The re-analysis reloads the run's samples as its manifest records them, streamed batch by batch as the
+    analysis read them.
     ``config`` (or keywords) as for :func:`harden`; its ``seed`` defaults to the analysis seed.
     """
 
@@ -146,13 +148,10 @@ def harden_run(
     # every process refuses a batch too small for them here, at once, not after rank 0 alone read the data first
     global_batch_size(cfg.batch_size, loaded.module.__dict__.get("_robaudit_fixed_batch"), [])
     norm, ds = man.get("normalization") or {}, man.get("dataset") or {}
-    mean, std, ds_name = norm.get("mean"), norm.get("std"), ds.get("name")
+    mean, std = norm.get("mean"), norm.get("std")
     with dist.main_first():  # a download happens once, in rank 0, while the others wait
         train_set, train_desc = _train_set(ds, train_data, download)
-        test = load_dataset(ds_name if ds_name in DATASETS else str(ds.get("source") or ds_name),
-                            split=ds.get("split") or "test", samples=ds.get("samples"),
-                            shuffle=bool(ds.get("shuffle")), seed=int(man.get("seed", 0)), data_dir=ds.get("data_dir"),
-                            download=download)
+        test = load_run_data(man, download=download)  # streamed, as the analysis read it
     dev = dist.local_device(resolve_device(cfg.device))
     _check_trainable(cfg, loaded, train_set)
 
