@@ -437,7 +437,9 @@ def list_attacks():
 @click.option("--include-output", is_flag=True, help="Let the output (logits) layer be regularized.")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True,
               help="Share of the train split held out for validation after every epoch.")
-@click.option("--train-data", type=click.Path(path_type=Path), help="Training .npz when the run's data set is a file.")
+@click.option("--train-data", metavar="FILE.npz|imagefolder:DIR",
+              help="Training samples when the run's data set has no train split (a file or an image folder); a "
+                   "folder is decoded with the run's --image-size and --class-map and needs the run's class folders.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted harden from its last complete epoch.")
 @click.option("--force", is_flag=True, help="Replace an earlier hardened/ result or checkpoint.")
 @click.option("--seed", type=click.IntRange(0, SEED_MAX), help="Seed (default: the analysis seed).")

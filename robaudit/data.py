@@ -625,17 +625,23 @@ def _decode(path: Path, mode: str, image_size: int | None):
         raise RobauditError(f"cannot decode image {path} ({exc}): replace or remove it (PNG and JPEG only)") from None
 
 
+def class_folders(root: Path) -> list[str]:
+    """The class folders of an image folder, in sorted order (the labels unless a class map gives them)."""
+    if not root.is_dir():
+        raise RobauditError(f"no such folder: {root}: give imagefolder:DIR with one subfolder of images per class")
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise RobauditError(f"{root} has no class subfolders: put each class's images in a folder of its own")
+    return folders
+
+
 def _list_imagefolder(root: Path, *, image_size: int | None, class_map: Path | None):
     """An image folder's files and labels: ``root/<class>/<image>.png|.jpg``, classes in sorted order unless
     a class map says otherwise. Returns ``(files, mode, num_classes, source)``, files as (path, label);
     every image is RGB unless all are grayscale."""
     if image_size is not None and (isinstance(image_size, bool) or int(image_size) != image_size or image_size < 1):
         raise RobauditError(f"--image-size must be a positive whole number of pixels, not {image_size!r}")
-    if not root.is_dir():
-        raise RobauditError(f"no such folder: {root}: give imagefolder:DIR with one subfolder of images per class")
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not folders:
-        raise RobauditError(f"{root} has no class subfolders: put each class's images in a folder of its own")
+    folders = class_folders(root)
     labels_of = _read_class_map(class_map, folders) if class_map is not None else {f: i for i, f in enumerate(folders)}
     files = [(str(root / f / p.name), labels_of[f]) for f in folders  # str: smaller than a Path
              for p in sorted((root / f).iterdir(), key=lambda q: q.name)

@@ -246,3 +246,59 @@ def test_harden_checks_its_settings_before_analyzing(tmp_path, monkeypatch):
     res = invoke("harden", DIGITS_PT2, "--dataset", "digits", "--epochs", "0", "--no-report")
     assert res.exit_code == 2 and "--epochs must be at least 1" in res.stderr
     assert not (tmp_path / "reports").exists()  # nothing was analyzed, nothing written
+
+
+def analyzed_image_folders(tmp_path: Path, test: dict, train: dict, class_map: str | None, *options) -> Path:
+    """Test and train image folders of ``{class: sizes}`` written to ``tmp_path``, and a tiny exported CNN on
+    3x8x8 images analyzed on the test folder (``class_map``: the JSON of ``--class-map``); returns the run."""
+    from robaudit.models import export_model
+    from tests.test_data import write_images
+
+    write_images(tmp_path / "test", test)
+    write_images(tmp_path / "train", train)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 2))
+    export_model(tmp_path / "m.pt2", model.eval(), torch.rand(2, 3, 8, 8))
+    if class_map is not None:
+        (tmp_path / "map.json").write_text(class_map)
+        options = (*options, "--class-map", tmp_path / "map.json")
+    run = tmp_path / "run"
+    analyzed = invoke("analyze", tmp_path / "m.pt2", "--dataset", f"imagefolder:{tmp_path / 'test'}", *options,
+                      "--eps", "0.05", "--no-checks", "--no-report", "--out", run)
+    assert analyzed.exit_code == 0, analyzed.output
+    return run
+
+
+@pytest.mark.parametrize("class_map", [None, '{"dog": 0, "cat": 1}'])
+def test_harden_trains_an_image_folder_run_on_a_train_folder(tmp_path, class_map):
+    run = analyzed_image_folders(tmp_path, {"cat": [(10, 12)] * 5, "dog": [(12, 10)] * 5},
+                                 {"cat": [(9, 11)] * 8, "dog": [(11, 9)] * 8}, class_map,
+                                 "--image-size", "8", "--attack", "pgd:steps=2")
+    hardened = invoke("harden", "--run-dir", run, "--train-data", f"imagefolder:{tmp_path / 'train'}", "--epochs", "1",
+                      "--steps", "2", "--mvl-top", "2", "--no-report", "--device", "cpu")
+    assert hardened.exit_code == 0, hardened.output
+    for name in ("model.pt2", "lsa.csv", "accuracy.csv", "mvl.json", "manifest.json", "samples.csv", "history.csv",
+                 "comparison.csv", "harden.json"):
+        assert (run / "hardened" / name).is_file(), name
+    assert set(pd.read_csv(run / "hardened" / "comparison.csv")["kind"]) == {"accuracy", "re"}
+    settings = json.loads((run / "hardened" / "harden.json").read_text())
+    assert settings["train"] == f"imagefolder:{tmp_path / 'train'}"
+    reported = invoke("report", "--run", run)
+    assert reported.exit_code == 0, reported.output
+    assert (run / "report.html").is_file()
+
+
+@pytest.mark.parametrize("class_map", [None, '["dog", "cat"]'])
+def test_harden_refuses_a_train_folder_of_other_classes(tmp_path, class_map):
+    run = analyzed_image_folders(tmp_path, {"cat": [(8, 8)] * 4, "dog": [(8, 8)] * 4},
+                                 {"bird": [(8, 8)] * 4, "cat": [(8, 8)] * 4}, class_map, "--attack", "fgsm")
+    res = invoke("harden", "--run-dir", run, "--train-data", f"imagefolder:{tmp_path / 'train'}", "--epochs", "1",
+                 "--mvl-top", "1", "--no-report", "--device", "cpu")
+    if class_map:  # the run's class map labels the train folder too: a folder it does not name is refused
+        assert_one_line_failure(res, "class folder 'bird' is not in class map")
+    else:
+        assert_one_line_failure(res, "class folders", "only in the train folder: bird", "only in the run's: dog")
+    assert not (run / "hardened").exists()
+    res = invoke("harden", "--run-dir", run, "--epochs", "1", "--mvl-top", "1", "--no-report", "--device", "cpu")
+    assert_one_line_failure(res, "image folder with no train split", "--train-data imagefolder:DIR")

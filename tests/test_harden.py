@@ -475,3 +475,87 @@ def test_data_workers_read_the_same_training_batches(tmp_path):
 def test_workers_must_be_a_whole_number():
     with pytest.raises(RobauditError, match="--workers must be a whole number >= 0"):
         HardenConfig(workers=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the re-analysis reloads the run's data as the analysis loaded it, streamed
+
+
+def analyzed_run(tmp_path, fmt: str) -> tuple:
+    """An exported tiny CNN analyzed on 12 shuffled test samples of an IDX, .npz or image folder data set written
+    here; returns the run directory, the data set name and the keywords of its ``load_dataset`` call."""
+    from robaudit.stages.analyze import analyze_run
+    from tests.test_data import write_idx, write_images
+
+    channels, kw = 1, dict(samples=12, shuffle=True, seed=5)
+    if fmt == "idx":
+        write_idx(tmp_path, prefix="t10k", n=20, gz=False)
+        write_idx(tmp_path, prefix="train", n=32, gz=False)
+        name, kw = "mnist", dict(kw, data_dir=tmp_path, download=False)
+    elif fmt == "npz":
+        rng = np.random.default_rng(2)
+        for split, n in (("test", 20), ("train", 32)):
+            np.savez(tmp_path / f"{split}.npz", x=rng.random((n, 1, 28, 28)).astype(np.float32), y=np.arange(n) % 10)
+        name = str(tmp_path / "test.npz")
+    else:
+        write_images(tmp_path / "imgs", {"cat": [(30, 28)] * 10, "dog": [(28, 31)] * 10})
+        (tmp_path / "map.json").write_text('["dog", "cat"]')
+        channels, name = 3, f"imagefolder:{tmp_path / 'imgs'}"
+        kw = dict(kw, image_size=28, class_map=tmp_path / "map.json")
+    model_path = tmp_path / "m.pt2"
+    from robaudit.models import export_model
+
+    export_model(model_path, ImageNet(channels, 10 if fmt != "imagefolder" else 2), torch.rand(2, channels, 28, 28))
+    run = analyze_run(model_path, name, out=tmp_path / "run", attacks=["pgd:steps=40"], eps=[0.1], report=False,
+                      mvl_top=2, batch_size=5, **kw)
+    return run.path, name, kw
+
+
+@pytest.mark.parametrize("fmt", ["idx", "npz", "imagefolder"])
+def test_the_run_data_reloads_the_samples_the_analysis_saw(tmp_path, fmt):
+    from robaudit.data import Dataset, StreamingDataset, load_dataset
+    from robaudit.rundir import read_run
+    from robaudit.stages.analyze import load_run_data
+
+    run_dir, name, kw = analyzed_run(tmp_path, fmt)
+    seen = load_dataset(name, **kw)
+    man = read_run(run_dir).manifest
+    again, streamed = load_run_data(man, stream=False), load_run_data(man)
+    assert isinstance(again, Dataset) and isinstance(streamed, StreamingDataset)
+    assert torch.equal(again.x, seen.x) and torch.equal(again.y, seen.y) and torch.equal(streamed.y, seen.y)
+    assert torch.equal(streamed.head(len(seen))[0], seen.x)
+    samples = pd.read_csv(run_dir / "samples.csv")
+    assert samples["label"].tolist() == seen.y.tolist()
+
+
+@pytest.mark.parametrize("fmt", ["idx", "npz"])
+def test_a_streamed_reanalysis_writes_what_the_in_memory_one_writes(tmp_path, monkeypatch, fmt):
+    """The hardened model's re-analysis (battery, samples.csv, BatchNorm audit, model checks) reads the run's
+    test split batch by batch and writes the numbers it writes when the split is loaded as float tensors."""
+    import robaudit.stages.harden as stage
+    from robaudit.data import Dataset, StreamingDataset
+
+    run_dir, _, _ = analyzed_run(tmp_path, fmt)
+    loads, real = [], stage.load_run_data
+
+    def spied(manifest, *, stream=True, download=True):
+        loads.append(real(manifest, stream=stream, download=download))
+        return loads[-1]
+
+    kw = dict(mvl_top=2, epochs=1, steps=2, batch_size=8, device="cpu", check_collapse=False,
+              train_data=tmp_path / "train.npz" if fmt == "npz" else None)
+    outputs = []
+    for stream in (True, False):
+        monkeypatch.setattr(stage, "load_run_data", spied if stream else
+                            lambda manifest, **k: spied(manifest, **{**k, "stream": False}))
+        harden_run(run_dir, force=True, **kw)
+        hdir = run_dir / "hardened"
+        outputs.append({f: pd.read_csv(hdir / f).filter(regex="^(?!seconds)") for f in
+                        ("lsa.csv", "accuracy.csv", "samples.csv", "bn.csv")})
+        outputs[-1]["checks"] = {k: v for k, v in json.loads((hdir / "checks.json").read_text()).items()
+                                 if "seconds" not in k}
+    assert isinstance(loads[0], StreamingDataset) and isinstance(loads[1], Dataset)
+    for f in ("lsa.csv", "accuracy.csv", "samples.csv", "bn.csv"):
+        pd.testing.assert_frame_equal(outputs[0][f], outputs[1][f])
+    assert outputs[0]["checks"] == outputs[1]["checks"] and outputs[0]["checks"]["n_samples"] > 0
+    assert len(outputs[0]["bn.csv"]) == 1  # the BatchNorm audit read the stream too

@@ -12,14 +12,14 @@ import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 
 from .. import __version__
 from .. import attacks as atk
 from .. import dist
-from ..data import load_dataset
+from ..data import DATASETS, IMAGEFOLDER_PREFIX, load_dataset
 from ..errors import RobauditError
 from ..lsa import MVL, LSAResult, analyze, resolve_device
 from ..models import LoadedModel, load_model, with_normalization
@@ -289,6 +289,35 @@ def _manifest(loaded: LoadedModel, data, result: LSAResult, *, command: str, tru
         "started": started,
         "finished": now(),
     }
+
+
+def is_image_folder(record: Mapping) -> bool:
+    """Whether a manifest's ``dataset`` record is an image folder's: only those take an image size or a class map,
+    and only they are named ``imagefolder-<folder>`` after their source (a file is named by its stem)."""
+    source = Path(str(record.get("source") or ""))
+    return ("image_size" in record or "class_map" in record
+            or record.get("name") == f"imagefolder-{source.name}")
+
+
+def run_data_name(record: Mapping) -> str:
+    """The data set name :func:`load_dataset` takes for a manifest's ``dataset`` record: the built-in data
+    set's name, ``imagefolder:FOLDER`` or the file, with the absolute paths the analysis resolved."""
+    name = record.get("name")
+    if name in DATASETS:
+        return str(name)
+    source = str(record.get("source") or name)
+    return f"{IMAGEFOLDER_PREFIX}{source}" if is_image_folder(record) else source
+
+
+def load_run_data(manifest: Mapping, *, stream: bool = True, download: bool = True):
+    """The samples a run analyzed, loaded again by the call its manifest records (same split, samples and order;
+    an image folder with its image size and class map); ``stream`` reads every on-disk format batch by batch,
+    as the analysis did, with the same values."""
+    record = manifest.get("dataset") or {}
+    return load_dataset(run_data_name(record), split=record.get("split") or "test", samples=record.get("samples"),
+                        shuffle=bool(record.get("shuffle")), seed=int(manifest.get("seed", 0)),
+                        data_dir=record.get("data_dir"), download=download, image_size=record.get("image_size"),
+                        class_map=record.get("class_map"), stream=stream)
 
 
 def model_checks(loaded: LoadedModel, data, result: LSAResult, plan: CheckPlan | None, *, mean, std, device,

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .. import dist
-from ..data import DATASETS, load_dataset
+from ..data import DATASETS, IMAGEFOLDER_PREFIX, class_folders, load_dataset
 from ..errors import RobauditError
 from ..lsa import resolve_device, select_mvl
 from ..models import (LoadedModel, check_stored_arch, export_model, load_model, save_checkpoint,
@@ -28,7 +28,8 @@ from ..training.config import HardenConfig
 from ..training.harden import HardenResult, global_batch_size, harden
 from ..training.layers import batchnorm_modules
 from ..training.loop import HardenInterrupted
-from .analyze import analyze_for_run, api_command, batchnorm_audit, model_checks, now
+from .analyze import (analyze_for_run, api_command, batchnorm_audit, is_image_folder, load_run_data,
+                      model_checks, now)
 
 HARDENED_DIR = "hardened"
 
@@ -123,6 +124,9 @@ def harden_run(
     re-analyzes it with the same battery and writes, atomically, ``hardened/`` holding the model, its
     ``lsa.csv``/``accuracy.csv``/``mvl.json``/``manifest.json``, ``history.csv``, ``comparison.csv`` and
     ``harden.json``. A checkpoint ``RUN/harden-checkpoint.pt`` is kept after every epoch until the end.
+    ``train_data`` (an .npz file or ``imagefolder:DIR``, decoded with the run's image size and class map) gives
+    the training samples of a run whose data set has no train split. The re-analysis reloads the run's samples
+    as its manifest records them, streamed batch by batch as the analysis read them.
     ``config`` (or keywords) as for :func:`harden`; its ``seed`` defaults to the analysis seed.
     """
 
@@ -145,14 +149,11 @@ def harden_run(
     loaded, model_path = _load_run_model(run, arch=arch, trust_model=trust_model)
     # every process refuses a batch too small for them here, at once, not after rank 0 alone read the data first
     global_batch_size(cfg.batch_size, loaded.module.__dict__.get("_robaudit_fixed_batch"), [])
-    norm, ds = man.get("normalization") or {}, man.get("dataset") or {}
-    mean, std, ds_name = norm.get("mean"), norm.get("std"), ds.get("name")
+    norm = man.get("normalization") or {}
+    mean, std = norm.get("mean"), norm.get("std")
     with dist.main_first():  # a download happens once, in rank 0, while the others wait
-        train_set, train_desc = _train_set(ds, train_data, download)
-        test = load_dataset(ds_name if ds_name in DATASETS else str(ds.get("source") or ds_name),
-                            split=ds.get("split") or "test", samples=ds.get("samples"),
-                            shuffle=bool(ds.get("shuffle")), seed=int(man.get("seed", 0)), data_dir=ds.get("data_dir"),
-                            download=download)
+        train_set, train_desc = _train_set(man.get("dataset") or {}, train_data, download=download)
+        test = load_run_data(man, download=download)  # streamed, as the analysis read it
     dev = dist.local_device(resolve_device(cfg.device))
     _check_trainable(cfg, loaded, train_set)
 
@@ -270,18 +271,46 @@ def _load_run_model(run, *, arch: str | None, trust_model: bool) -> tuple[Loaded
     return loaded, model_path
 
 
-def _train_set(ds: Mapping, train_data, download: bool):
-    """The training data: ``train_data``, or the train split of the run's built-in data set; streamed when it is
-    on disk (training reads it batch by batch), in memory for moons and digits."""
-
+def _train_set(record: Mapping, train_data, *, download: bool):
+    """The training data and its description: ``train_data`` (an .npz file or ``imagefolder:DIR``), or the train
+    split of the run's built-in data set (``record``: the manifest's); streamed when it is on disk (training reads
+    it batch by batch), in memory for moons and digits."""
+    if train_data is not None and str(train_data).startswith(IMAGEFOLDER_PREFIX):
+        return _train_folder(record, str(train_data), download=download), str(train_data)
     if train_data is not None:
-        return load_dataset(str(train_data), split="train", data_dir=ds.get("data_dir"), download=download,
+        return load_dataset(str(train_data), split="train", data_dir=record.get("data_dir"), download=download,
                             stream=True), str(train_data)
-    if ds.get("name") in DATASETS:
-        return load_dataset(ds["name"], split="train", data_dir=ds.get("data_dir"), download=download,
-                            stream=True), f"{ds['name']} train split"
-    raise RobauditError(f"the run's data set {ds.get('name')!r} is a file with no train split: pass --train-data "
-                        "FILE.npz with training samples")
+    if record.get("name") in DATASETS:
+        return load_dataset(record["name"], split="train", data_dir=record.get("data_dir"), download=download,
+                            stream=True), f"{record['name']} train split"
+    what = "an image folder" if is_image_folder(record) else "a file"
+    raise RobauditError(f"the run's data set {record.get('name')!r} is {what} with no train split: pass --train-data "
+                        "FILE.npz or --train-data imagefolder:DIR with training samples")
+
+
+def _train_folder(record: Mapping, train_data: str, *, download: bool):
+    """A train image folder decoded as the run's images were (its image size and class map), so that train and
+    test images have one size and one label per class; without a class map its class folders must be the run's."""
+    train = load_dataset(train_data, split="train", image_size=record.get("image_size"),
+                         class_map=record.get("class_map"), download=download, stream=True)
+    if is_image_folder(record) and record.get("class_map") is None:
+        root = Path(train_data[len(IMAGEFOLDER_PREFIX):]).expanduser()
+        ours, theirs = set(class_folders(root)), set(class_folders(Path(str(record.get("source")))))
+        if ours != theirs:
+            differ = "; ".join(filter(None, [_names("only in the train folder", ours - theirs),
+                                             _names("only in the run's", theirs - ours)]))
+            raise RobauditError(f"the class folders of {root} are not those of the run's folder {record.get('source')} "
+                                f"({differ}): give the train folder the same class folders, which set the labels")
+    return train
+
+
+def _names(what: str, names: set[str], *, shown: int = 3) -> str:
+    """``what: a, b, c and 4 more``, the first ``shown`` names in sorted order; empty without names."""
+    if not names:
+        return ""
+    first = sorted(names)[:shown]
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{what}: {', '.join(first)}{more}"
 
 
 def _check_trainable(cfg: HardenConfig, loaded: LoadedModel, train_set) -> None:
