@@ -171,6 +171,13 @@ def data_options(f):
         click.option("--samples", "-n", type=int, help="Use the first N samples (in file order unless --shuffle)."),
         click.option("--shuffle", is_flag=True, help="Take a seeded random subset instead of the first N."),
         click.option("--no-download", is_flag=True, help="Never download: fail if the data files are missing."),
+        click.option("--image-size", type=int, metavar="N",
+                     help="imagefolder: resize each image's shorter side to N pixels, then center-crop N x N."),
+        click.option("--class-map", type=click.Path(dir_okay=False, path_type=Path),
+                     help='imagefolder: JSON {"folder": label, ...} or a list of folder names in label order.'),
+        click.option("--workers", type=click.IntRange(0, 64), default=0, show_default=True,
+                     help="DataLoader processes that read on-disk data ahead while the model runs (image folders "
+                          "are decoded there); 0: in this process."),
     ]):
         f = opt(f)
     return f
@@ -250,12 +257,6 @@ def _verdict_and_gate(ctx, run_dir: Path, bars, as_json: bool, *, before: Path |
 @click.option("--attack", "-a", "attacks", multiple=True, metavar="SPEC",
               help="Attack spec, repeatable: e.g. 'pgd:eps=8/255,steps=10'. Default: "
                    "fgsm, pgd, cw, square and gaussian/uniform/salt-and-pepper noise.")
-@click.option("--image-size", type=int, metavar="N",
-              help="imagefolder: resize each image's shorter side to N pixels, then center-crop N x N.")
-@click.option("--class-map", type=click.Path(dir_okay=False, path_type=Path),
-              help='imagefolder: JSON {"folder": label, ...} or a list of folder names in label order.')
-@click.option("--workers", type=click.IntRange(0, 64), default=0, show_default=True,
-              help="imagefolder: DataLoader processes that decode images while the model runs (0: in this process).")
 @click.option("--eps", metavar="LIST", help="Eps sweep for every attack without its own eps, e.g. 2/255,4/255,8/255.")
 @click.option("--layers", "layer_globs", multiple=True, metavar="GLOB", help="Probe only layers matching these names.")
 @click.option("--layer-types", metavar="LIST", help="Probe only these module classes or ops, e.g. ReLU,Conv2d "
@@ -451,7 +452,8 @@ def list_attacks():
 def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_dir, split, samples, shuffle, out,
            method, mvl_top, gamma, re_mode, base_attack, train_eps, steps, alpha, layer_eps, epochs, batch_size, lr,
            optimizer, weight_decay, schedule, clean_weight, dual_bn, include_output, val_fraction, train_data,
-           resume, force, seed, device, no_report, progress, fail_under, max_re, strict, as_json, **data_extra):
+           resume, force, seed, device, no_report, progress, fail_under, max_re, strict, as_json, image_size,
+           class_map, workers, **data_extra):
     """Fine-tune the model so its Most Vulnerable Layers become sustainable; re-analyze; compare.
 
     \b
@@ -475,9 +477,13 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
         re_mode=re_mode, base_attack=base_attack, steps=steps, alpha=parse_number(alpha) if alpha else None,
         layer_eps=parse_number(layer_eps) if layer_eps else None, epochs=epochs, batch_size=batch_size, lr=lr,
         optimizer=optimizer, weight_decay=weight_decay, schedule=schedule, clean_weight=clean_weight,
-        dual_bn=dual_bn, val_fraction=val_fraction, seed=seed, device=device, progress=show_progress)
+        dual_bn=dual_bn, val_fraction=val_fraction, seed=seed, device=device, workers=workers,
+        progress=show_progress)
     if mvl_top is not None and mvl_top < 1:
         raise RobauditError("--mvl-top must be at least 1")
+    if model is None and (image_size is not None or class_map is not None):
+        raise RobauditError("--image-size and --class-map apply to harden MODEL --dataset imagefolder:DIR; a run "
+                            "decodes its images as its analysis did")
     dist.init(resolve_device(device))  # under torchrun: join the process group (the group leaves it)
     say = _say(as_json)
     if model is not None:
@@ -487,7 +493,7 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
             model, dataset, out=out, resume=resume, say=say, arch=arch, arch_kwargs=arch_kwargs,
             trust_model=trust_model, data_dir=data_dir, split=split, samples=samples, shuffle=shuffle,
             mvl_top=mvl_top, include_output=include_output, device=device, seed=seed or 0,
-            progress=show_progress, force=force,
+            progress=show_progress, force=force, image_size=image_size, class_map=class_map, workers=workers,
             **({"download": not data_extra["no_download"]} if "no_download" in data_extra else {}))
     elif run_dir is None:
         run_dir = latest_run("reports")

@@ -302,3 +302,27 @@ def test_harden_refuses_a_train_folder_of_other_classes(tmp_path, class_map):
     assert not (run / "hardened").exists()
     res = invoke("harden", "--run-dir", run, "--epochs", "1", "--mvl-top", "1", "--no-report", "--device", "cpu")
     assert_one_line_failure(res, "image folder with no train split", "--train-data imagefolder:DIR")
+
+
+def test_harden_model_analyzes_an_image_folder_with_its_options_and_workers(tmp_path):
+    """harden MODEL takes --image-size and --workers (decoding processes for the analysis, training and
+    re-analysis); a run already decodes as its analysis did, so --image-size with --run-dir is refused."""
+    from robaudit.models import export_model
+    from tests.test_data import write_images
+
+    write_images(tmp_path / "test", {"cat": [(10, 12)] * 5, "dog": [(12, 10)] * 5})
+    write_images(tmp_path / "train", {"cat": [(9, 11)] * 8, "dog": [(11, 9)] * 8})
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 2))
+    export_model(tmp_path / "m.pt2", model.eval(), torch.rand(2, 3, 8, 8))
+    run = tmp_path / "run"
+    res = invoke("harden", tmp_path / "m.pt2", "--dataset", f"imagefolder:{tmp_path / 'test'}", "--image-size", "8",
+                 "--workers", "2", "--train-data", f"imagefolder:{tmp_path / 'train'}", "--eps", "0.05",
+                 "--epochs", "1", "--steps", "2", "--mvl-top", "1", "--no-report", "--device", "cpu",
+                 "--out", run)
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "manifest.json").read_text())["dataset"]["image_size"] == 8
+    assert json.loads((run / "hardened" / "harden.json").read_text())["workers"] == 2
+    res = invoke("harden", "--run-dir", run, "--image-size", "8", "--epochs", "1", "--no-report", "--force")
+    assert_one_line_failure(res, "--image-size and --class-map apply to harden MODEL")

@@ -189,7 +189,7 @@ def _finish(run, cfg: HardenConfig, result: HardenResult, loaded: LoadedModel, t
     with (atomic_dir(dest) if main else tempfile.TemporaryDirectory(prefix="robaudit-harden-")) as tmp:
         tmp = Path(tmp)
         hardened = _save_model(tmp / fname, loaded, module, train_set)
-        analysis, h_mvl, checks, bn = _reanalyze(run, hardened, test, ranking, dev,
+        analysis, h_mvl, checks, bn = _reanalyze(run, hardened, test, ranking, dev, workers=cfg.workers,
                                                  samples_path=tmp / "samples.csv" if main else None)
         comparison = comparison_frame(run.accuracy, analysis.accuracy, run.lsa, analysis.lsa,
                                       layers=result.mvl_layers, attack=ranking["attack"], eps=ranking["eps"],
@@ -340,7 +340,8 @@ def _save_model(path: Path, loaded: LoadedModel, module: nn.Module, train_set) -
     return load_model(path)
 
 
-def _reanalyze(run, hardened: LoadedModel, test, ranking: Mapping, dev, *, samples_path: Path | None = None):
+def _reanalyze(run, hardened: LoadedModel, test, ranking: Mapping, dev, *, samples_path: Path | None = None,
+               workers: int = 0):
     """The hardened model analyzed (and checked) as the run was, with its samples.csv and (with BatchNorm) its
     BatchNorm audit; its MVL ranked under the same criterion."""
 
@@ -350,7 +351,7 @@ def _reanalyze(run, hardened: LoadedModel, test, ranking: Mapping, dev, *, sampl
         hardened, test, attacks=man.get("attacks") or None, eps=eps_list or None, layers=layer_spec.get("patterns"),
         layer_types=layer_spec.get("types"), probe=layer_spec.get("probe") or "all", mean=norm.get("mean"),
         std=norm.get("std"), batch_size=int(man.get("batch_size", 128)), device=dev, seed=int(man.get("seed", 0)),
-        checks=run.checks is not None, samples_path=samples_path)
+        checks=run.checks is not None, samples_path=samples_path, workers=workers)
     k, z = (run.mvl or {}).get("k"), (run.mvl or {}).get("z")
     try:
         h_mvl = select_mvl(analysis.lsa, analysis.accuracy, k=None if z is not None else k, z=z,
