@@ -559,3 +559,12 @@ def test_a_streamed_reanalysis_writes_what_the_in_memory_one_writes(tmp_path, mo
         pd.testing.assert_frame_equal(outputs[0][f], outputs[1][f])
     assert outputs[0]["checks"] == outputs[1]["checks"] and outputs[0]["checks"]["n_samples"] > 0
     assert len(outputs[0]["bn.csv"]) == 1  # the BatchNorm audit read the stream too
+
+
+def test_the_resume_fingerprint_leaves_out_processes_and_workers():
+    """A checkpoint written with some number of processes or data workers resumes with any other."""
+    from robaudit.training.harden import _fingerprint
+
+    module = nn.Linear(2, 2)
+    prints = [_fingerprint({"method": "atlr", "processes": p, "workers": w}, module, None) for p, w in ((1, 0), (2, 4))]
+    assert prints[0] == prints[1] and "workers" not in prints[0]
