@@ -9,6 +9,7 @@ with one ``all_reduce`` (:meth:`Battery.totals`); what is not a sum (perturbatio
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -20,6 +21,7 @@ from torch import nn
 
 from . import attacks as atk
 from . import dist
+from .bnaudit import BatchNormMoments, BatchNormStreams
 from .errors import NonFiniteError, RobauditError
 from .metrics import RelativeError, per_sample_sq_norms
 from .probe import Layer, LayerProbe
@@ -79,6 +81,7 @@ class Setup:
     device: torch.device
     seed: int
     streaming: bool  # False for a fixed-batch archive: its chunked outputs are read after the pass
+    bn: BatchNormStreams | None = None  # BatchNorm input moments, taken in the hooked passes
 
     def restore_eval(self) -> None:
         """Eval mode again after an attack (one may switch the mode it queries), once per distinct module."""
@@ -104,6 +107,7 @@ class Totals:
     seconds: list[float]
     sizes: list[dict[str, float]]
     outcomes: dict[int, torch.Tensor] = field(default_factory=dict)
+    bn: BatchNormMoments | None = None
 
 
 class Battery:
@@ -152,7 +156,7 @@ class Battery:
 
     def _clean_pass(self, start: int, x: torch.Tensor):
         """The hooked clean forward, reused by every configuration: logits, outputs and their squared norms."""
-        with torch.no_grad():
+        with torch.no_grad(), self._bn(0):
             logits, outs = self.probe.run(self.s.full, x)
         if not torch.isfinite(logits).all():
             raise NonFiniteError(f"the model returns non-finite outputs on clean samples {start}..{start + len(x) - 1}")
@@ -185,7 +189,7 @@ class Battery:
         """The hooked forward of the perturbed batch; every layer's RE updates as the layer runs."""
         seen: dict[str, torch.Tensor] = {}  # each layer's squared perturbation norms, as it runs
         observe = functools.partial(self._observe, clean, seen)
-        with torch.no_grad():
+        with torch.no_grad(), self._bn(1 + i if self.s.specs[i].kind == "adversarial" else None):
             if not self.s.streaming:  # a fixed-batch archive's chunks are joined by the probe: read them after
                 logits, outs = self.probe.run(self.s.full, x_adv)
                 for name, t in outs.items():
@@ -204,6 +208,13 @@ class Battery:
                         st = self.stats[(name, i)] = RelativeError(device=row.device)
                     st.add(row)
         return logits
+
+    def _bn(self, domain: int | None):
+        """Record the BatchNorm inputs of this pass into ``domain`` (adversarial configurations and the clean
+        pass: what the audit ranks by), or nothing."""
+        if self.s.bn is None or not self.s.bn.layers or domain is None:
+            return contextlib.nullcontext()
+        return self.s.bn.recording(domain)
 
     @staticmethod
     def _observe(clean, seen: dict, name: str, t: torch.Tensor) -> torch.Tensor:
@@ -252,10 +263,12 @@ class Battery:
         width = len(RelativeError.FIELDS)
         zeros = torch.zeros(width, dtype=torch.float64, device=self.s.device)
         one = torch.zeros((), dtype=torch.float64, device=self.s.device)
+        bn = self.s.bn.sums.flatten() if self.s.bn is not None else zeros[:0]
         flat = torch.cat([*(self.stats[k].state if k in self.stats else zeros for k in re_keys),
                           torch.stack([self.output_hits.get(k, one) for k in out_keys]) if out_keys else zeros[:0],
-                          self.counts, torch.tensor(self.seconds, dtype=torch.float64, device=self.s.device)])
-        values = dist.all_reduce_sum(flat).tolist()  # the one read back of the device statistics
+                          self.counts, torch.tensor(self.seconds, dtype=torch.float64, device=self.s.device), bn])
+        flat = dist.all_reduce_sum(flat).cpu()  # the one read back of the device statistics
+        bn_sums, values = flat[len(flat) - len(bn):], flat[:len(flat) - len(bn)].tolist()
         re = {k: RelativeError.summarize(values[j * width:(j + 1) * width]) for j, k in enumerate(re_keys)}
         pos = len(re_keys) * width
         hits, pos = values[pos:pos + len(out_keys)], pos + len(out_keys)
@@ -265,7 +278,8 @@ class Battery:
         return Totals(layers=layers, re=re, output_layers={k for k, h in zip(out_keys, hits) if h > 0},
                       correct=correct[:1 + n], worst=correct[1 + n:], seconds=seconds,
                       sizes=[self._sizes(i, payloads).compute() for i in range(n)],
-                      outcomes={i: t for i in range(n) if (t := _in_order([p["kept"][i] for p in payloads])) is not None})
+                      outcomes={i: t for i in range(n) if (t := _in_order([p["kept"][i] for p in payloads])) is not None},
+                      bn=self.s.bn.moments(bn_sums.view_as(self.s.bn.sums)) if self.s.bn is not None else None)
 
     def _sizes(self, i: int, payloads: list[dict]) -> PerturbationSizes:
         """Configuration ``i``'s perturbation sizes with every process's batches, in data-set order."""

@@ -39,6 +39,14 @@ def batchnorm_layers(module: nn.Module, type_map: Mapping[str, str] | None = Non
     return found
 
 
+def channel_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-channel sum and sum of squares (channels on dim 1), accumulated in float64 without a float64 copy of
+    ``x``, and the count of values per channel."""
+    x = x.detach()
+    dims = [0, *range(2, x.dim())]
+    return x.sum(dim=dims, dtype=torch.float64), (x * x).sum(dim=dims, dtype=torch.float64), x.numel() // x.shape[1]
+
+
 class ChannelMoments:
     """Per-channel count, sum and sum of squares of a layer's input (channels on dim 1), in float64."""
 
@@ -48,11 +56,10 @@ class ChannelMoments:
         self.ss: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().to(torch.float64).transpose(0, 1).reshape(x.shape[1], -1)
-        s, ss = x.sum(dim=1), (x * x).sum(dim=1)
+        s, ss, n = channel_sums(x)
         self.s = s if self.s is None else self.s + s
         self.ss = ss if self.ss is None else self.ss + ss
-        self.n += x.shape[1]
+        self.n += n
 
     def merge(self, n: int, s: torch.Tensor | None, ss: torch.Tensor | None) -> None:
         """Add another stream's count and sums (another process's share of the batches)."""
@@ -79,7 +86,7 @@ def symmetric_kl(m1: torch.Tensor, v1: torch.Tensor, m2: torch.Tensor, v2: torch
 class _Layer:
     name: str
     cls: str
-    module: nn.Module
+    module: nn.Module | None  # None: read the running statistics from the root's state by name
     clean: ChannelMoments
     adv: ChannelMoments
 
@@ -157,21 +164,99 @@ def audit_batchnorm(model: nn.Module, inner: nn.Module, data, *, attack: atk.Att
             error = e
     if distributed:
         _add_over_processes(layers, error)
-    root_state = inner.state_dict()
+    return _table(layers, inner)
+
+
+def _table(layers: Sequence[_Layer], inner: nn.Module) -> pd.DataFrame:
+    """``bn.csv``: per layer, the three distances between running, clean and adversarial statistics (the
+    running ones read from ``inner``, the user's model); layers without running statistics or inputs left out."""
+    root_state, modules = inner.state_dict(), dict(inner.named_modules())
     rows = []
     for layer in layers:
-        running = _running(layer.module, layer.name, root_state)
+        running = _running(modules.get(layer.name, layer.module), layer.name, root_state)
         if running is None or layer.clean.n == 0 or layer.adv.n == 0:
             continue
-        rm, rv, bn_eps = (t.to(device) if isinstance(t, torch.Tensor) else t for t in running)
-        cm, cv = (t.to(device) for t in layer.clean.compute())
-        am, av = (t.to(device) for t in layer.adv.compute())
+        cm, cv = layer.clean.compute()
+        am, av = layer.adv.compute()
+        rm, rv, bn_eps = running[0].to(cm.device), running[1].to(cm.device), running[2]
         rows.append({"layer": layer.name, "layer_type": layer.cls, "channels": int(cm.numel()),
                      "n_clean": layer.clean.n, "n_adv": layer.adv.n,
                      "clean_vs_running": float(symmetric_kl(cm, cv, rm, rv, bn_eps).mean()),
                      "adv_vs_clean": float(symmetric_kl(am, av, cm, cv, bn_eps).mean()),
                      "adv_vs_running": float(symmetric_kl(am, av, rm, rv, bn_eps).mean())})
     return pd.DataFrame(rows, columns=BN_COLUMNS)
+
+
+class BatchNormStreams:
+    """Every BatchNorm layer's per-channel input moments, taken in the analysis' own hooked passes instead of
+    attacking the data again: domain 0 is the clean pass, domain ``1 + i`` configuration ``i``'s perturbed
+    pass. One float64 tensor on the device (``sums``, per domain: each layer's sums, sums of squares and
+    count), added over processes with the battery's other sums. A fixed-batch archive's padded rows are left
+    out."""
+
+    def __init__(self, module: nn.Module, type_map: Mapping[str, str] | None, n_configs: int,
+                 device: torch.device) -> None:
+        self.root = module
+        state = module.state_dict()
+        self.layers: list[tuple[str, str, nn.Module, int]] = []
+        for name, cls, sub in batchnorm_layers(module, type_map):
+            running = _running(sub, name, state)
+            if running is not None:  # no running statistics: nothing to compare (the audit skips it too)
+                self.layers.append((name, cls, sub, int(running[0].numel())))
+        self.offsets = [0]
+        for *_, c in self.layers:
+            self.offsets.append(self.offsets[-1] + 2 * c + 1)
+        self.sums = torch.zeros(1 + n_configs, self.offsets[-1], dtype=torch.float64, device=device)
+
+    @contextlib.contextmanager
+    def recording(self, domain: int) -> Iterator[None]:
+        """Add the inputs every BatchNorm layer sees in this block to ``domain``; hooks always removed."""
+        handles = []
+        try:
+            for (_, _, sub, c), off in zip(self.layers, self.offsets):
+                handles.append(sub.register_forward_pre_hook(self._hook(self.sums[domain, off:off + 2 * c + 1], c)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _hook(self, row: torch.Tensor, c: int):
+        def fn(mod, args):
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] != c:
+                return
+            chunk = self.root.__dict__.get("_robaudit_chunk")  # a fixed-batch archive: its real rows only
+            s, ss, n = channel_sums(x[:chunk[1]] if chunk is not None else x)
+            row[:c] += s
+            row[c:2 * c] += ss
+            row[2 * c] += n
+        return fn
+
+    def moments(self, sums: torch.Tensor) -> "BatchNormMoments":
+        """The host result of ``sums`` (this object's, added over processes): no module references."""
+        return BatchNormMoments(layers=[(name, cls, c) for name, cls, _, c in self.layers],
+                                offsets=list(self.offsets), sums=sums.detach().cpu())
+
+
+@dataclass
+class BatchNormMoments:
+    """What :class:`BatchNormStreams` measured in an analysis: ``table(i, inner)`` is ``bn.csv`` under
+    configuration ``i``, the same as :func:`audit_batchnorm` attacking the data again with its draws."""
+
+    layers: list[tuple[str, str, int]]
+    offsets: list[int]
+    sums: torch.Tensor
+
+    def table(self, config: int, inner: nn.Module) -> pd.DataFrame:
+        entries = []
+        for (name, cls, c), off in zip(self.layers, self.offsets):
+            domains = []
+            for d in (0, 1 + config):
+                row, m = self.sums[d, off:off + 2 * c + 1], ChannelMoments()
+                m.merge(int(row[2 * c]), row[:c], row[c:2 * c])
+                domains.append(m)
+            entries.append(_Layer(name, cls, None, *domains))
+        return _table(entries, inner)
 
 
 def _add_over_processes(layers: list[_Layer], error: BaseException | None) -> None:

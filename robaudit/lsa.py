@@ -26,6 +26,7 @@ from . import dist
 from .data import StreamingDataset, as_dataset, batches
 from .errors import NonFiniteError, RobauditError
 from .battery import Battery, PerturbationSizes, Setup, Totals, write_rows  # noqa: F401 (PerturbationSizes: API)
+from .bnaudit import BatchNormMoments, BatchNormStreams
 from .metrics import RelativeError, per_sample_sq_norms, relative_error  # noqa: F401 (defined there)
 from .models import LoadedModel, as_graph, check_compatible, with_normalization
 from .rundir import rows_at
@@ -91,6 +92,8 @@ class LSAResult:
     seconds: float = 0.0
     # configuration index -> per-sample "still classified correctly" of the first keep_outcomes samples
     outcomes: dict[int, torch.Tensor] = field(default_factory=dict)
+    # BatchNorm input moments of the clean and each adversarial configuration's pass (bnaudit)
+    bn_moments: BatchNormMoments | None = None
 
     def to_frame(self) -> pd.DataFrame:
         return self.lsa.copy()
@@ -332,7 +335,8 @@ def _prepare(model, data, *, attacks, eps, layers, layer_types, mean, std, batch
     # a fixed-batch archive runs in chunks, whose outputs the probe joins: read them after the pass
     streaming = model.__dict__.get("_robaudit_fixed_batch") is None
     setup = Setup(model=model, eager=eager, full=full, attacked=attacked, specs=specs, builders=builders,
-                  device=device, seed=seed, streaming=streaming)
+                  device=device, seed=seed, streaming=streaming,
+                  bn=BatchNormStreams(model, type_map, len(specs), device))
     return setup, stack.enter_context(LayerProbe(model, modules, type_map=type_map, detach=True))
 
 
@@ -390,4 +394,4 @@ def _result(setup: Setup, totals: Totals, *, n_total: int, seconds: float) -> LS
     if len(lsa) and lsa_finite.isna().all().all():
         raise NonFiniteError("every layer's relative error is undefined: the model's activations are all zero")
     return LSAResult(lsa=lsa, accuracy=accuracy, layers=totals.layers, attacks=specs, n_samples=n_total,
-                     seconds=seconds, outcomes=totals.outcomes)
+                     seconds=seconds, outcomes=totals.outcomes, bn_moments=totals.bn)

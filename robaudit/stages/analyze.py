@@ -95,18 +95,22 @@ def batchnorm_audit(loaded: LoadedModel, data, result: LSAResult, mvl: MVL, *, m
                     batch_size: int, distributed: bool = False):
     """bn.csv: clean vs adversarial BatchNorm statistics under the ranking attack; None without BatchNorm.
 
-    The attack draws what it drew in the analysis; ``distributed``: every process of torchrun calls this
-    and takes its share of the batches."""
+    An adversarial ranking configuration's statistics were taken in the analysis' own passes (no attack runs
+    again); otherwise the configuration runs again with the analysis' draws (``distributed``: every process of
+    torchrun calls this and takes its share of the batches)."""
     from .. import bnaudit
 
     spec = bnaudit.ranking_spec(result.attacks, mvl.attack, mvl.eps)
     if spec is None or not bnaudit.batchnorm_layers(loaded.module, loaded.type_map):
         return None
+    config = result.attacks.index(spec)
+    if result.bn_moments is not None and spec.kind == "adversarial":  # measured in the analysis' own passes
+        return result.bn_moments.table(config, loaded.module)
     full = with_normalization(loaded.module, mean, std, ndim=len(data.input_shape) + 1)
     return bnaudit.audit_batchnorm(full, loaded.module, data, attack=spec, num_classes=data.num_classes,
                                    type_map=loaded.type_map, batch_size=batch_size,
                                    device=dist.local_device(resolve_device(device)), seed=seed,
-                                   config=result.attacks.index(spec), distributed=distributed)
+                                   config=config, distributed=distributed)
 
 
 def analyze_run(
