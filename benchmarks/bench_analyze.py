@@ -532,6 +532,73 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+WHOLE_SAMPLES, QUICK_WHOLE_SAMPLES, WHOLE_WIDTH = 1024, 256, 32
+BARE_PGD = """import sys, numpy as np, torch, torchattacks
+torch.manual_seed(0)
+model = torch.export.unflatten(torch.export.load(sys.argv[1])).eval()
+d = np.load(sys.argv[2])
+x, y = torch.from_numpy(d["x"]), torch.from_numpy(d["y"]).long()
+attack = torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True)
+correct = 0
+for s in range(0, len(x), 128):
+    adv = attack(x[s:s + 128], y[s:s + 128])
+    with torch.no_grad():
+        correct += int((model(adv).argmax(1) == y[s:s + 128]).sum())
+print(correct / len(x))
+"""
+
+
+def whole_process(out, rounds: int, quick: bool) -> bool:
+    """``robaudit analyze`` as a user runs it (one process: imports, loading, PGD-10, the sanity checks, the
+    BatchNorm audit, the report) against a bare torchattacks PGD-10 script with its robust accuracy, both on
+    the same ``.pt2`` and ``.npz`` of CIFAR-shaped images, one thread each, in alternating rounds."""
+    import tempfile
+
+    import numpy as np
+
+    from robaudit.models import export_model
+
+    n = QUICK_WHOLE_SAMPLES if quick else WHOLE_SAMPLES
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    times: dict[str, list[float]] = {"robaudit analyze": [], "bare PGD-10": []}
+    parts: dict[str, list[float]] = {"analysis": [], "checks": []}
+    with tempfile.TemporaryDirectory(prefix="bench-whole-") as tmp:
+        torch.manual_seed(0)
+        model = CifarCNN(width=WHOLE_WIDTH).eval()
+        x = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            y = model(x).argmax(1)
+        model_path, data_path = export_model(Path(tmp) / "cnn.pt2", model, x[:2]), Path(tmp) / "data.npz"
+        np.savez(data_path, x=x.numpy(), y=y.numpy())
+        commands = {
+            "robaudit analyze": [sys.executable, "-m", "robaudit", "analyze", str(model_path), "--dataset",
+                                 str(data_path), "--attack", "pgd", "--eps", "8/255", "--device", "cpu",
+                                 "--out", str(Path(tmp) / "run"), "--force"],
+            "bare PGD-10": [sys.executable, "-c", BARE_PGD, str(model_path), str(data_path)]}
+        for r in range(rounds):
+            for name in (list(commands) if r % 2 == 0 else list(commands)[::-1]):
+                tic = time.perf_counter()
+                subprocess.run(commands[name], env=env, check=True, capture_output=True)
+                times[name].append(time.perf_counter() - tic)
+                if name == "robaudit analyze":
+                    checks = json.loads((Path(tmp) / "run" / "checks.json").read_text())
+                    parts["analysis"].append(json.loads((Path(tmp) / "run" / "manifest.json").read_text())["seconds"])
+                    parts["checks"].append(checks["seconds"])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = med["robaudit analyze"] / med["bare PGD-10"]
+    ok = ratio <= TIME_TARGET
+    out.write(f"\nwhole process: {n} CIFAR-shaped images, {CifarCNN.__name__}(width={WHOLE_WIDTH}) as .pt2, PGD-10 at "
+              f"8/255, batch 128, one thread, {rounds} rounds alternating, median wall seconds\n")
+    for name, t in med.items():
+        out.write(f"{name:<18} {t:>8.2f}  (min {min(times[name]):.2f}, max {max(times[name]):.2f})\n")
+    out.write(f"(robaudit's own clock: analysis {statistics.median(parts['analysis']):.2f} s, sanity checks "
+              f"{statistics.median(parts['checks']):.2f} s; the rest is start-up, loading, the BatchNorm table, "
+              "writing and the report)\n")
+    out.write(f"robaudit analyze / bare PGD-10 script: {ratio:.3f}x  (target <= {TIME_TARGET}x: "
+              f"{'ok' if ok else 'ABOVE TARGET'})\n")
+    return ok
+
+
 def dist_speedup(out, rounds: int, quick: bool) -> bool:
     """The same analyze command in 1 process and under torchrun with 2, one thread each, alternating rounds;
     beside them two independent 1-process runs at once, the most that two processes can gain on this machine."""
@@ -593,6 +660,7 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true", help="also print a cProfile of one analyze run")
     p.add_argument("--archs", action="store_true", help="only the ResNet-18 / ViT overhead at 3x32x32")
     p.add_argument("--dist", action="store_true", help="only the torchrun speedup: 2 processes vs 1, one thread each")
+    p.add_argument("--whole", action="store_true", help="only whole-process analyze vs a bare PGD-10 script")
     p.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--streaming", action="store_true", help="only the streaming memory of image folders and CIFAR")
     p.add_argument("--memory-folder", default=None, help=argparse.SUPPRESS)
@@ -613,6 +681,8 @@ def main(argv=None) -> int:
         return 0 if arch_overhead(sys.stdout, args.rounds or ARCH_ROUNDS, args.quick) else 1
     if args.dist:
         return 0 if dist_speedup(sys.stdout, args.rounds or 3, args.quick) else 1
+    if args.whole:
+        return 0 if whole_process(sys.stdout, args.rounds or 3, args.quick) else 1
     if args.streaming:
         sizes = QUICK_MEMORY_SIZES if args.quick else MEMORY_SIZES
         ok = folder_memory(sizes, args.batch_size, args.threads, sys.stdout)
@@ -682,6 +752,7 @@ def main(argv=None) -> int:
     ok_folder = folder_memory(sizes, args.batch_size, args.threads, out)
     ok_folder &= cifar_memory(sizes, args.batch_size, args.threads, out)
     ok_checks = checks_share(len(x), args.threads, out)
+    ok_checks &= whole_process(out, rounds, args.quick)
     ok_df = deepfool_ratio(model, x, y, num_classes, args.batch_size, rounds, out, per_sample=not args.quick)
 
     if args.profile:
