@@ -5,7 +5,8 @@ Every loader gives pixels in [0, 1] (normalization belongs to the model), labels
 order, so the same call always gives the same samples. CIFAR pickles are read with a restricted unpickler
 that can build numpy arrays and nothing else, so reading them never runs code from the file. Every on-disk
 format can also be streamed (``load_dataset(..., stream=True)``): samples stay in their stored form (uint8
-pixels, memory-mapped where the format allows) until a batch is on the device.
+pixels, memory-mapped or read from the file batch by batch where the format allows) until a batch is on the
+device.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import math
 import os
 import pickle
 import shutil
+import struct
 import tarfile
 import tempfile
 import urllib.error
@@ -95,6 +97,8 @@ class _Spec:
     # (spec name, split, data_dir or None, download) -> (x array, y array, divisor so x/divisor is in [0,1], source)
     load: Callable[[str, str, Path | None, bool], tuple[np.ndarray, np.ndarray, float, str]]
     needs_files: bool
+    # the same for a streamed split, where x may be an array-like that reads rows on demand (FileRows)
+    stream: Callable[[str, str, Path | None, bool], tuple[object, np.ndarray, float, str]] | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,6 +313,9 @@ _CIFAR_SOURCES = {  # name -> (folder, train files, test files, label key, archi
 }
 
 
+_CIFAR_FIX = "delete it and download it again"
+
+
 def _latin1_encode(obj, encoding="utf-8", errors="strict"):
     """``_codecs.encode`` as protocol-2 pickles use it for bytes, limited to latin-1 text."""
     if not isinstance(obj, str) or encoding.lower().replace("_", "-") not in ("latin1", "latin-1"):
@@ -329,6 +336,13 @@ _SAFE_GLOBALS = {
 }
 
 
+def _refusal(path: Path, module: str, name: str) -> RobauditError:
+    """The one-line refusal of a global that a CIFAR batch never names."""
+    return RobauditError(
+        f"refusing to read {path}: its pickle asks for {module}.{name}, which a CIFAR batch never "
+        "needs (no code from the file was run): delete it and use the original CIFAR files")
+
+
 class _ArrayUnpickler(pickle.Unpickler):
     """An unpickler that builds numpy arrays and plain containers only; any other global is refused."""
 
@@ -340,34 +354,177 @@ class _ArrayUnpickler(pickle.Unpickler):
         try:
             return _SAFE_GLOBALS[(module, name)]
         except KeyError:
-            raise RobauditError(
-                f"refusing to read {self.path}: its pickle asks for {module}.{name}, which a CIFAR batch never "
-                "needs (no code from the file was run): delete it and use the original CIFAR files") from None
+            raise _refusal(self.path, module, name) from None
 
 
-def read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read one CIFAR batch safely: a dict with ``data`` (N×3072 uint8) and ``label_key`` (N ints)."""
-    fix = "delete it and download it again"
+def _unpickle_batch(path: Path, reader: Callable[[BinaryIO], object]) -> object:
+    """``reader(file).load()`` of a CIFAR batch, every failure one line: a refusal as it is, damage as 'cannot
+    read' (a damaged pickle can fail in many ways; none of them runs code)."""
     try:
         with open(path, "rb") as fh:
-            batch = _ArrayUnpickler(fh, path).load()
+            return reader(fh).load()
     except RobauditError:
         raise
-    except Exception as exc:  # a damaged pickle can fail in many ways; none of them runs code
-        raise RobauditError(f"cannot read CIFAR batch {path} ({type(exc).__name__}: {exc}): {fix}") from None
+    except Exception as exc:
+        raise RobauditError(f"cannot read CIFAR batch {path} ({type(exc).__name__}: {exc}): {_CIFAR_FIX}") from None
+
+
+def _batch_fields(batch, path: Path, label_key: str) -> tuple[object, object]:
+    """The ``data`` and ``label_key`` entries of an unpickled batch (its keys bytes or str), which must be a dict."""
     if not isinstance(batch, dict):
-        raise RobauditError(f"{path} is not a CIFAR batch (a {type(batch).__name__}, not a dict): {fix}")
+        raise RobauditError(f"{path} is not a CIFAR batch (a {type(batch).__name__}, not a dict): {_CIFAR_FIX}")
     batch = {k.decode("latin-1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
-    data, labels = batch.get("data"), batch.get(label_key)
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise RobauditError(f"{path} has no uint8 'data' array of shape N×3072: {fix}")
+    return batch.get("data"), batch.get(label_key)
+
+
+def _check_data(dtype, shape: tuple, path: Path) -> None:
+    """Refuse a data array that is not N×3072 uint8, the layout of every CIFAR batch."""
+    if dtype != np.uint8 or len(shape) != 2 or shape[1] != 3072:
+        raise RobauditError(f"{path} has no uint8 'data' array of shape N×3072: {_CIFAR_FIX}")
+
+
+def _batch_labels(labels, rows: int, path: Path, label_key: str) -> np.ndarray:
+    """A batch's labels as int64, one per image, or a one-line refusal."""
     try:
         labels = np.asarray(labels, dtype=np.int64)
     except (TypeError, ValueError):
         labels = np.zeros(0)
-    if labels.shape != (data.shape[0],):
-        raise RobauditError(f"{path} has no {label_key!r} list of {data.shape[0]} labels: {fix}")
-    return data.reshape(-1, 3, 32, 32), labels
+    if labels.shape != (rows,):
+        raise RobauditError(f"{path} has no {label_key!r} list of {rows} labels: {_CIFAR_FIX}")
+    return labels
+
+
+def read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read one CIFAR batch safely: a dict with ``data`` (N×3072 uint8) and ``label_key`` (N ints)."""
+    data, labels = _batch_fields(_unpickle_batch(path, lambda fh: _ArrayUnpickler(fh, path)), path, label_key)
+    dtype, shape = (data.dtype, data.shape) if isinstance(data, np.ndarray) else (None, ())
+    _check_data(dtype, shape, path)
+    return data.reshape(-1, 3, 32, 32), _batch_labels(labels, data.shape[0], path, label_key)
+
+
+# Locating the pixels of a batch in its file. A scan walks the pickle with the pure-Python unpickler, the same
+# globals allowed, but pushes a _Span (offset, length) for every long string instead of reading it, and builds
+# _ArrayRef records instead of arrays: labels and shapes are read, pixels are not.
+_TEXT_SKIP = 1 << 16  # text at least this long is skipped unread; bytes of the long-string opcodes always are
+# (a batch's other bytes, keys, labels and file names, are short strings with opcodes of their own)
+
+
+class _Span:
+    """Where a string the scan skipped lies in the file; ``text`` when it is UTF-8 text, not raw bytes."""
+
+    __slots__ = ("offset", "length", "text")
+
+    def __init__(self, offset: int, length: int, text: bool) -> None:
+        self.offset, self.length, self.text = offset, length, text
+
+
+class _ArrayRef:
+    """A numpy array as its pickle describes it (shape, dtype, C order, raw data or its _Span), never built."""
+
+    __slots__ = ("shape", "dtype", "c_order", "raw")
+
+    def __init__(self, shape=None, dtype=None, c_order=True, raw=None) -> None:
+        self.shape, self.dtype, self.c_order, self.raw = shape, dtype, c_order, raw
+
+    def __setstate__(self, state) -> None:
+        """What ``ndarray.__setstate__`` takes, ``([version,] shape, dtype, is_fortran, raw)``, recorded."""
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise pickle.UnpicklingError(f"an array's state is a {type(state).__name__}, not numpy's tuple")
+        self.shape, self.dtype, fortran, self.raw = state[-4:]
+        self.c_order = not fortran
+
+
+def _scan_reconstruct(subtype, shape, dtype) -> _ArrayRef:
+    """numpy's ``_reconstruct`` for the scan: the empty array that BUILD then fills, as a record."""
+    if subtype is not np.ndarray:
+        raise TypeError(f"_reconstruct of {subtype!r}, not numpy.ndarray")
+    return _ArrayRef()
+
+
+def _scan_frombuffer(buf, dtype, shape, order) -> _ArrayRef:
+    """numpy's protocol-5 ``_frombuffer(buf, dtype, shape, order)`` for the scan, as a record."""
+    return _ArrayRef(shape, dtype, order == "C", buf)
+
+
+_NOT_RAW = object()  # bytes the pickle stores as text: they cannot be read from the file by offset
+
+
+def _scan_encode(obj, encoding="utf-8", errors="strict"):
+    """``_latin1_encode`` for the scan: skipped text (a protocol-2 pickle's bytes) is marked, not decoded."""
+    if isinstance(obj, _Span) and obj.text:
+        _latin1_encode("", encoding, errors)  # refuses other encodings as the in-memory read does
+        return _NOT_RAW
+    return _latin1_encode(obj, encoding, errors)
+
+
+_SCAN_STANDINS = {_RECONSTRUCT: _scan_reconstruct, _FROMBUFFER: _scan_frombuffer, _latin1_encode: _scan_encode}
+_SCAN_GLOBALS = {key: _SCAN_STANDINS.get(value, value) for key, value in _SAFE_GLOBALS.items()}
+
+
+def _span_opcode(fmt: str, text: bool = False):
+    """The scan's handler of a string opcode whose length is packed as ``fmt``."""
+    size = struct.calcsize(fmt)
+    return lambda self: self.push_span(struct.unpack(fmt, self.read(size))[0], text)
+
+
+class _ArrayScanner(pickle._Unpickler):
+    """The pure-Python unpickler with :data:`_SAFE_GLOBALS` as recording stand-ins: long strings are skipped
+    (their place in the file recorded, checked against its size) and frames are read through, so the file's
+    position is always the pickle's."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch.update({pickle.BINSTRING[0]: _span_opcode("<i"), pickle.BINBYTES[0]: _span_opcode("<I"),
+                     pickle.BINBYTES8[0]: _span_opcode("<Q"), pickle.BYTEARRAY8[0]: _span_opcode("<Q"),
+                     pickle.BINUNICODE[0]: _span_opcode("<I", True), pickle.BINUNICODE8[0]: _span_opcode("<Q", True),
+                     pickle.FRAME[0]: lambda self: self.read(8)})  # a frame's opcodes follow it in the file
+
+    def __init__(self, file, path: Path):
+        super().__init__(file, encoding="bytes")
+        self.file, self.path, self.size = file, path, os.fstat(file.fileno()).st_size
+
+    def find_class(self, module, name):
+        try:
+            return _SCAN_GLOBALS[(module, name)]
+        except KeyError:
+            raise _refusal(self.path, module, name) from None
+
+    def push_span(self, length: int, text: bool) -> None:
+        """Push the _Span of the ``length`` bytes that follow and seek past them (short text is read)."""
+        offset = self.file.tell()
+        if length < 0 or offset + length > self.size:
+            raise RobauditError(f"cannot read CIFAR batch {self.path}: a string of {length} bytes at "
+                                f"offset {offset} does not fit in the file's {self.size} (truncated or damaged): "
+                                f"{_CIFAR_FIX}")
+        if text and length < _TEXT_SKIP:
+            self.append(str(self.read(length), "utf-8", "surrogatepass"))
+            return
+        self.file.seek(length, os.SEEK_CUR)
+        self.append(_Span(offset, length, text))
+
+
+def _data_layout(ref, path: Path) -> tuple[int, int] | None:
+    """``(offset, images)`` of a scanned batch's pixels, checked to be N×3072 uint8 filling their stored bytes;
+    None when they are not stored as raw bytes in C order (such a batch is read in memory instead)."""
+    if not (isinstance(ref, _ArrayRef) and isinstance(ref.raw, _Span) and not ref.raw.text and ref.c_order
+            and isinstance(ref.dtype, np.dtype) and isinstance(ref.shape, tuple)
+            and all(type(d) is int and d >= 0 for d in ref.shape)):
+        return None
+    need = math.prod(ref.shape) * ref.dtype.itemsize
+    if need != ref.raw.length:
+        raise RobauditError(f"cannot read CIFAR batch {path}: its data array of shape {ref.shape} needs {need} "
+                            f"bytes but the file stores {ref.raw.length}: {_CIFAR_FIX}")
+    _check_data(ref.dtype, ref.shape, path)
+    return ref.raw.offset, ref.shape[0]
+
+
+def _scan_cifar_batch(path: Path, label_key: str) -> tuple[int, int, np.ndarray] | None:
+    """``(offset of the pixels, images, labels)`` of a CIFAR batch file, found without reading its pixels or running
+    code from it; None when its pixels are not stored as raw bytes (a protocol-2 pickle written by Python 3)."""
+    data, labels = _batch_fields(_unpickle_batch(path, lambda fh: _ArrayScanner(fh, path)), path, label_key)
+    layout = _data_layout(data, path)
+    if layout is None or isinstance(labels, _ArrayRef):  # labels as an array: rare, and read in memory
+        return None
+    return (*layout, _batch_labels(labels, layout[1], path, label_key))
 
 
 def safe_extract(archive: Path, dest: Path) -> None:
@@ -385,8 +542,9 @@ def safe_extract(archive: Path, dest: Path) -> None:
         raise RobauditError(f"cannot extract {archive} ({exc}): delete it and download it again") from None
 
 
-def _load_cifar(name: str, split: str, data_dir: Path | None, download: bool):
-    """CIFAR batches from data_dir/<folder>/ (or data_dir/<name>/<folder>/), extracting or downloading the archive."""
+def _cifar_files(name: str, split: str, data_dir: Path | None, download: bool) -> tuple[list[Path], str]:
+    """The batch files of a CIFAR split in data_dir/<folder>/ (or data_dir/<name>/<folder>/), extracting or
+    downloading the archive, and the key of their labels."""
     folder, train, test, label_key, archive, url, md5 = _CIFAR_SOURCES[name]
     title = _SPECS[name].title
     files = train if split == "train" else test
@@ -407,7 +565,26 @@ def _load_cifar(name: str, split: str, data_dir: Path | None, download: bool):
         missing = [f for f in files if not (batch_dir / f).is_file()]
         if missing:
             raise RobauditError(f"{tgz} does not contain {folder}/{missing[0]}: use the original {archive}")
-    return (*_read_cifar_batches([batch_dir / f for f in files], label_key), 255.0, str(batch_dir))
+    return [batch_dir / f for f in files], label_key
+
+
+def _load_cifar(name: str, split: str, data_dir: Path | None, download: bool):
+    """A CIFAR split read into memory as its uint8 pixels."""
+    paths, label_key = _cifar_files(name, split, data_dir, download)
+    return (*_read_cifar_batches(paths, label_key), 255.0, str(paths[0].parent))
+
+
+def _stream_cifar(name: str, split: str, data_dir: Path | None, download: bool):
+    """A CIFAR split left in its batch files: labels read, the pixels a :class:`FileRows` over the files' data
+    bytes, read batch by batch. Batches whose pixels are not stored as raw bytes are read into memory instead."""
+    paths, label_key = _cifar_files(name, split, data_dir, download)
+    found = [_scan_cifar_batch(path, label_key) for path in paths]
+    if any(f is None for f in found):
+        log.info("%s stores its pixels as text (a protocol-2 pickle written by Python 3), not as raw bytes that can "
+                 "be read in place: reading the %s split into memory", paths[found.index(None)], split)
+        return (*_read_cifar_batches(paths, label_key), 255.0, str(paths[0].parent))
+    pixels = FileRows([(path, offset, images) for path, (offset, images, _) in zip(paths, found)], (3, 32, 32))
+    return pixels, np.concatenate([labels for *_, labels in found]), 255.0, str(paths[0].parent)
 
 
 def _read_cifar_batches(paths: list[Path], label_key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -439,9 +616,9 @@ _SPECS: dict[str, _Spec] = {
     "mnist": _Spec("MNIST", 10, (1, 28, 28), (0.1307,), (0.3081,), (0.1, 0.2, 0.3), _load_idx, True),
     "fashion-mnist": _Spec("Fashion-MNIST", 10, (1, 28, 28), (0.2860,), (0.3530,), (0.1, 0.2, 0.3), _load_idx, True),
     "cifar10": _Spec("CIFAR-10", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
-                     (2 / 255, 4 / 255, 8 / 255), _load_cifar, True),
+                     (2 / 255, 4 / 255, 8 / 255), _load_cifar, True, _stream_cifar),
     "cifar100": _Spec("CIFAR-100", 100, (3, 32, 32), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
-                      (2 / 255, 4 / 255, 8 / 255), _load_cifar, True),
+                      (2 / 255, 4 / 255, 8 / 255), _load_cifar, True, _stream_cifar),
 }
 NPZ_DEFAULT_EPS = (0.05, 0.1, 0.2)
 
@@ -711,6 +888,98 @@ class ArrayRows(torch.utils.data.Dataset):
         return torch.from_numpy(x), torch.from_numpy(np.array(self.y[rows], dtype=np.int64))
 
 
+class FileRows:
+    """uint8 rows stored raw in files, as one read-only array of shape ``(rows, *row_shape)`` for
+    :class:`ArrayRows`: ``parts`` lists ``(path, offset of its first row, rows)``. Indexing reads only the rows
+    asked for with positioned reads (``os.preadv``; a run of consecutive rows in one read), so no pixels are held
+    between batches, as a memory map's touched pages would be. Each process opens the files on its first read;
+    open descriptors are never pickled to DataLoader workers."""
+
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, parts: list[tuple[str | Path, int, int]], row_shape: tuple[int, ...]) -> None:
+        self.parts = [(str(path), int(offset), int(rows)) for path, offset, rows in parts]
+        self.row_shape, self.row_bytes = tuple(row_shape), math.prod(row_shape)
+        self.starts = np.cumsum([0] + [rows for *_, rows in self.parts])
+        self._fds: dict[int, int] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.row_shape)
+
+    def __getitem__(self, rows):
+        """Row ``rows`` (an int), or the rows of a 1-D integer array in its order, read from the files."""
+        if np.ndim(rows) == 0:
+            return self[np.array([int(rows)])][0]
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"rows outside 0..{len(self) - 1} of {len(self)}")
+        out = np.empty((len(rows), self.row_bytes), dtype=np.uint8)
+        for start, stop, part, first in self._runs(rows):
+            self._read_into(part, self.parts[part][1] + first * self.row_bytes, memoryview(out[start:stop]).cast("B"))
+        return out.reshape(len(rows), *self.row_shape)
+
+    def _runs(self, rows: np.ndarray):
+        """``(start, stop, part, first)`` per run of consecutive rows of one file, in the order asked: positions
+        ``start:stop`` are rows ``first, first + 1, ...`` of file ``part``."""
+        if not len(rows):
+            return
+        part = np.searchsorted(self.starts, rows, side="right") - 1  # the last file starting at or before the row
+        cuts = np.flatnonzero((np.diff(rows) != 1) | (np.diff(part) != 0)) + 1
+        bounds = [0, *cuts.tolist(), len(rows)]
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            yield start, stop, int(part[start]), int(rows[start] - self.starts[part[start]])
+
+    def _read_into(self, part: int, offset: int, view: memoryview) -> None:
+        """Fill ``view`` with the bytes at ``offset`` of file ``part``: one positioned read straight into the batch
+        (``os.preadv``; ``os.pread`` and a copy where the system lacks it), more only if the system gives less. No
+        batch-sized temporary: in a long stream, such short-lived blocks fragment the heap."""
+        path, fd, done = self.parts[part][0], self._fd(part), 0
+        while done < len(view):
+            try:
+                if hasattr(os, "preadv"):
+                    got = os.preadv(fd, [view[done:]], offset + done)
+                else:
+                    chunk = os.pread(fd, len(view) - done, offset + done)
+                    got = len(chunk)
+                    view[done:done + got] = chunk
+            except OSError as exc:
+                raise RobauditError(f"cannot read {path} ({exc}): check the file and load the data set again") from None
+            if not got:
+                raise RobauditError(f"{path} ends before byte {offset + len(view)}: it was truncated or replaced after "
+                                    "the data set was loaded; load it again")
+            done += got
+
+    def _fd(self, part: int) -> int:
+        """This process's descriptor of file ``part``, opened on first use; a forked worker closes its copies of
+        the parent's and opens its own."""
+        if self._pid != os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds, self._pid = {}, os.getpid()
+        if part not in self._fds:
+            path = self.parts[part][0]
+            try:
+                self._fds[part] = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            except OSError as exc:
+                raise RobauditError(f"cannot open {path} ({exc}): it was moved or deleted after the data set was "
+                                    "loaded; put it back or load the data set again") from None
+        return self._fds[part]
+
+    def __getstate__(self) -> dict:
+        """The files and their layout, without this process's descriptors (a worker opens its own)."""
+        return {**self.__dict__, "_fds": {}, "_pid": None}
+
+    def __del__(self) -> None:
+        if getattr(self, "_pid", None) == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+
+
 @dataclass
 class StreamingDataset:
     """A split read batch by batch: ``items`` yields ``(sample, label)``, the sample uint8 (or float32 when the
@@ -865,6 +1134,20 @@ def _select(n: int, samples: int | None, shuffle: bool, seed: int, what: str) ->
     return perm[:samples] if samples is not None else perm
 
 
+def _read_known(key: str, split: str, *, data_dir: str | os.PathLike | None, download: bool, stream: bool):
+    """One split of a registered data set as ``(x, y, scale, source)``, its labels checked; streamed, a CIFAR
+    split's ``x`` is a :class:`FileRows` left in the batch files."""
+    spec = _SPECS[key]
+    folder = None
+    if spec.needs_files:
+        folder = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    x, y, scale, source = (spec.stream if stream and spec.stream else spec.load)(key, split, folder, download)
+    if y.size and (y.min() < 0 or y.max() >= spec.num_classes):
+        raise RobauditError(f"{spec.title} labels in {source} lie outside 0..{spec.num_classes - 1}: "
+                            "the files are damaged or of another data set; replace them")
+    return x, y, scale, source
+
+
 def load_dataset(name: str, *, split: str = "test", samples: int | None = None, shuffle: bool = False,
                  seed: int = 0, data_dir: str | os.PathLike | None = None, download: bool = True,
                  image_size: int | None = None, class_map: str | os.PathLike | None = None,
@@ -879,11 +1162,14 @@ def load_dataset(name: str, *, split: str = "test", samples: int | None = None, 
 
     With ``stream``, every on-disk format comes back as a :class:`StreamingDataset` read batch by batch, with
     the same samples, order and values: image folders are decoded per batch; uncompressed IDX files, ``.npy``
-    files and the members of an uncompressed ``.npz`` are memory-mapped; ``.gz`` IDX files and CIFAR batches
-    are held as the uint8 arrays they store (a quarter of float32), never converted whole to float. A compressed
-    ``.npz`` member cannot be memory-mapped: it is decompressed once into memory in its stored dtype (its
-    float ``x`` costs what the file's array costs uncompressed, e.g. 4 bytes a value for float32) and its rows
-    become float32 one batch at a time. The embedded moons and digits are small and stay in memory.
+    files and the members of an uncompressed ``.npz`` are memory-mapped; CIFAR batches stay in their files (the
+    labels are read, then each batch's pixels with positioned reads of the pickle's data bytes, nothing held in
+    between; a batch whose pickle stores the pixels as text, as protocol 2 written by Python 3 does, is read
+    into memory instead); ``.gz`` IDX files are held as the uint8 arrays they store (a quarter of float32),
+    never converted whole to float. A compressed ``.npz`` member cannot be memory-mapped: it is decompressed
+    once into memory in its stored dtype (its float ``x`` costs what the file's array costs uncompressed, e.g.
+    4 bytes a value for float32) and its rows become float32 one batch at a time. The embedded moons and digits
+    are small and stay in memory.
     """
     if split not in SPLITS:
         raise RobauditError(f"unknown split {split!r}: use 'test' or 'train'")
@@ -912,13 +1198,7 @@ def load_dataset(name: str, *, split: str = "test", samples: int | None = None, 
         scale, title, mean, std, eps = 255.0, f"imagefolder-{root.resolve().name}", None, None, IMAGE_DEFAULT_EPS
     elif key is not None:
         spec = _SPECS[key]
-        folder = None
-        if spec.needs_files:
-            folder = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
-        x, y, scale, source = spec.load(key, split, folder, download)
-        if y.size and (y.min() < 0 or y.max() >= spec.num_classes):
-            raise RobauditError(f"{spec.title} labels in {source} lie outside 0..{spec.num_classes - 1}: "
-                                "the files are damaged or of another data set; replace them")
+        x, y, scale, source = _read_known(key, split, data_dir=data_dir, download=download, stream=stream)
         num_classes, mean, std, eps, title = spec.num_classes, spec.mean, spec.std, spec.default_eps, key
     else:
         path = Path(os.fspath(name)).expanduser()
@@ -932,7 +1212,7 @@ def load_dataset(name: str, *, split: str = "test", samples: int | None = None, 
     keep = _select(len(y), None if samples is None else int(samples), shuffle, seed, f"{title} {split}")
     if stream and (key is None or _SPECS[key].needs_files):  # on disk: a user file, IDX or CIFAR
         index = np.arange(len(y))[keep]
-        if not isinstance(x, np.memmap) and len(index) < len(y):  # held in memory: keep only the samples used
+        if type(x) is np.ndarray and len(index) < len(y):  # held in memory (no map, no FileRows): keep the samples used
             x, y, index = x[index], y[index], np.arange(len(index))
         return StreamingDataset(
             name=title, split=split, items=ArrayRows(x, y, index), y=torch.from_numpy(np.array(y[index], np.int64)),

@@ -55,16 +55,37 @@ def cifar_arrays(n, seed, classes=10):
     return rng.integers(0, 256, size=(n, 3072), dtype=np.uint8), [int(v) for v in rng.integers(0, classes, n)]
 
 
-def write_cifar10(root, n=4):
+def write_cifar10(root, n=4, protocol=2):
+    """The six CIFAR-10 batch files of ``n`` images each (or of the six sizes in ``n``), pickled by this python
+    (protocol 2 stores the pixels as latin-1 text) or, with ``protocol="py2"``, as the published files are."""
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     batches = {}
-    for i, fname in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
-        x, y = cifar_arrays(n, seed=i)
+    sizes = n if isinstance(n, (list, tuple)) else [n] * 6
+    for i, (fname, size) in enumerate(zip([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"], sizes)):
+        x, y = cifar_arrays(size, seed=i)
         batches[fname] = (x, y)
-        with open(folder / fname, "wb") as fh:
-            pickle.dump({b"batch_label": b"x", b"data": x, b"labels": y}, fh, protocol=2)
+        (folder / fname).write_bytes(cifar_pickle(x, y, b"labels", protocol))
     return batches
+
+
+def write_cifar100(root, sizes=(6, 6), protocol=2):
+    """CIFAR-100's ``train`` and ``test`` files of ``sizes`` images, labelled by ``fine_labels``."""
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for seed, (fname, size) in enumerate(zip(("train", "test"), sizes)):
+        x, y = cifar_arrays(size, seed=seed, classes=100)
+        (folder / fname).write_bytes(cifar_pickle(x, y, b"fine_labels", protocol))
+
+
+def cifar_pickle(x: np.ndarray, labels: list[int], label_key: bytes, protocol) -> bytes:
+    """A CIFAR batch: as the published files (``"py2"``) or pickled by this python with ``protocol``."""
+    if protocol == "py2":
+        return py2_cifar_pickle(x, labels, label_key)
+    batch = {b"batch_label": b"x", b"data": x, label_key: labels}
+    if label_key == b"fine_labels":
+        batch[b"coarse_labels"] = [v // 5 for v in labels]
+    return pickle.dumps(batch, protocol=protocol)
 
 
 def targz_of(folder, archive):
@@ -77,7 +98,7 @@ def _py2_str(s: bytes) -> bytes:
     return b"U" + bytes([len(s)]) + s if len(s) < 256 else b"T" + struct.pack("<i", len(s)) + s
 
 
-def py2_cifar_pickle(x: np.ndarray, labels: list[int]) -> bytes:
+def py2_cifar_pickle(x: np.ndarray, labels: list[int], label_key: bytes = b"labels") -> bytes:
     """A CIFAR batch pickled the way python 2 + old numpy wrote the published files (hand-assembled opcodes)."""
     n = x.shape[0]
     array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + _py2_str(b"b") + b"\x87R"
@@ -86,7 +107,7 @@ def py2_cifar_pickle(x: np.ndarray, labels: list[int]) -> bytes:
              + b"(K\x03" + _py2_str(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
              + b"\x89" + _py2_str(x.tobytes()) + b"tb")
     label_list = b"](" + b"".join(b"K" + bytes([v]) for v in labels) + b"e"
-    return b"\x80\x02}(" + _py2_str(b"data") + array + _py2_str(b"labels") + label_list + b"u."
+    return b"\x80\x02}(" + _py2_str(b"data") + array + _py2_str(label_key) + label_list + b"u."
 
 
 class Evil:
@@ -412,6 +433,119 @@ def test_tar_path_traversal_refused(tmp_path):
     assert not (tmp_path / "escaped").exists()
 
 
+# streamed CIFAR: the pixels are read from the batch files, a batch at a time
+
+
+def _cifar(root, name: str, protocol):
+    """A CIFAR-10 (five train files of unequal sizes) or CIFAR-100 folder; returns load_dataset's keywords."""
+    if name == "cifar10":
+        write_cifar10(root, n=[3, 5, 1, 4, 2, 6], protocol=protocol)
+    else:
+        write_cifar100(root, sizes=(9, 7), protocol=protocol)
+    return {"data_dir": root, "download": False}
+
+
+@pytest.mark.parametrize("protocol", ["py2", 4, 5])
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_streamed_cifar_reads_the_pixels_from_the_files(tmp_path, name, protocol):
+    """The published layout (python 2's BINSTRING) and numpy's protocols 4 and 5 (BINBYTES, BYTEARRAY8):
+    the same samples, order and values as in memory, every split, every selection."""
+    kw = _cifar(tmp_path, name, protocol)
+    for split in ("test", "train"):
+        for select in ({}, {"samples": 5}, {"samples": 4, "shuffle": True, "seed": 3}, {"shuffle": True}):
+            eager = load_dataset(name, split=split, **select, **kw)
+            lazy = load_dataset(name, split=split, stream=True, **select, **kw)
+            assert isinstance(lazy.items.x, data.FileRows), "read in place, not held"
+            assert lazy.input_shape == (3, 32, 32) and torch.equal(lazy.y, eager.y)
+            xb, yb = lazy.items.__getitems__(list(range(len(lazy))))
+            assert xb.dtype == torch.uint8 and yb.dtype == torch.int64 and torch.equal(yb, eager.y)
+            assert torch.equal(xb.float() / 255, eager.x) and torch.equal(lazy.head(len(lazy))[0], eager.x)
+            x0, y0 = lazy.items[len(lazy) - 1]
+            assert x0.dtype == torch.uint8 and x0.shape == (3, 32, 32) and y0 == int(eager.y[-1])
+            index = torch.tensor([len(lazy) - 1, 0, 1, 2] if len(lazy) > 3 else [0])
+            assert torch.equal(data.rows(lazy, index, torch.device("cpu")), eager.x[index])
+
+
+def test_streamed_cifar_batches_cross_files_in_worker_processes(tmp_path):
+    """DataLoader workers open the files themselves (no descriptor is pickled) and read contiguous runs
+    across the five train files; a set's descriptors close with it."""
+    import gc
+
+    kw = _cifar(tmp_path, "cifar10", "py2")
+    eager = load_dataset("cifar10", split="train", **kw)
+    lazy = load_dataset("cifar10", split="train", stream=True, **kw)
+    rows = lazy.items.x
+    assert torch.equal(lazy.head(4)[0], eager.x[:4]) and rows._fds  # the parent has opened files
+    copy = pickle.loads(pickle.dumps(rows))
+    assert copy._fds == {} and np.array_equal(copy[np.arange(15)], rows[np.arange(15)])
+    got = list(data.batches(lazy, batch_size=4, device=torch.device("cpu"), workers=2))
+    assert [s for s, _, _ in got] == [0, 4, 8, 12]
+    assert torch.equal(torch.cat([x for _, x, _ in got]), eager.x)
+    assert torch.equal(torch.cat([y for *_, y in got]), eager.y)
+    fds = list(rows._fds.values()) + list(copy._fds.values())
+    del lazy, rows, copy
+    gc.collect()
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+def test_streamed_cifar_pickled_by_python3_in_protocol_2_is_read_in_memory(tmp_path, caplog):
+    """Protocol 2 from python 3 stores bytes as latin-1 text (UTF-8 in the file): they cannot be read in place,
+    so the split is read as before, with the same values."""
+    import logging
+
+    kw = _cifar(tmp_path, "cifar10", 2)
+    with caplog.at_level(logging.INFO, logger="robaudit.data"):
+        lazy = load_dataset("cifar10", split="train", samples=7, shuffle=True, stream=True, **kw)
+    eager = load_dataset("cifar10", split="train", samples=7, shuffle=True, **kw)
+    assert type(lazy.items.x) is np.ndarray and len(lazy.items.x) == 7 and "as text" in caplog.text
+    assert torch.equal(lazy.head(7)[0], eager.x) and torch.equal(lazy.y, eager.y)
+
+
+def _lie(tmp_path, blob: bytes):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir(exist_ok=True)
+    (folder / "test_batch").write_bytes(blob)
+    return {"data_dir": tmp_path, "download": False, "stream": True}
+
+
+@pytest.mark.parametrize("case,match", [
+    ("truncated", "a string of 9216 bytes at offset .* does not fit in the file's 500"),
+    ("binstring past the end", "a string of 2147483647 bytes"),
+    ("binbytes8 past the end", "a string of 4611686018427387904 bytes"),
+    ("negative binstring", "a string of -2 bytes"),
+    ("shape larger than the bytes", "shape \\(4, 3072\\) needs 12288 bytes but the file stores 9216"),
+    ("not uint8", "no uint8 'data' array of shape N×3072"),
+    ("labels of another length", "no 'labels' list of 3 labels"),
+])
+def test_streamed_cifar_damaged_or_lying_batch_is_one_line(tmp_path, case, match):
+    """Headers are checked against the file before anything is read or allocated."""
+    import tracemalloc
+
+    x, y = cifar_arrays(3, seed=0)
+    blob = py2_cifar_pickle(x, y)
+    raw = b"T" + struct.pack("<i", 9216)
+    edits = {"truncated": lambda b: b[:500],
+             "binstring past the end": lambda b: b.replace(raw, b"T" + struct.pack("<i", 2**31 - 1)),
+             "binbytes8 past the end": lambda b: pickle.dumps({b"data": x, b"labels": y}, protocol=3).replace(
+                 b"B" + struct.pack("<I", 9216), b"\x8e" + struct.pack("<Q", 2**62)),
+             "negative binstring": lambda b: b.replace(raw, b"T" + struct.pack("<i", -2)),
+             "shape larger than the bytes": lambda b: b.replace(b"(K\x01K\x03M", b"(K\x01K\x04M"),
+             "not uint8": lambda b: pickle.dumps({b"data": x.view(np.int8), b"labels": y}, protocol=4),
+             "labels of another length": lambda b: py2_cifar_pickle(x, y[:2])}
+    kw = _lie(tmp_path, edits[case](blob))
+    tracemalloc.start()
+    try:
+        with pytest.raises(RobauditError, match=match) as err:
+            load_dataset("cifar10", **kw)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "\n" not in str(err.value) and str(err.value).endswith("delete it and download it again")
+    assert peak < 2**20  # nothing near what a header claims
+
+
 # ------------------------------------------------------------------------------------------------
 # npz
 
@@ -648,8 +782,8 @@ def _write_format(fmt: str, root):
     if fmt in ("mnist", "mnist.gz"):
         write_idx(root, prefix="train", n=13, gz=fmt.endswith(".gz"))
         return "mnist", {"data_dir": root, "download": False}, "train"
-    if fmt == "cifar10":  # five train batches: the split is assembled from several files
-        write_cifar10(root, n=3)
+    if fmt in ("cifar10", "cifar10-py2"):  # five train batches: the split is assembled from several files
+        write_cifar10(root, n=3, protocol="py2" if fmt == "cifar10-py2" else 2)
         return "cifar10", {"data_dir": root, "download": False}, "train"
     if fmt == "cifar100":
         folder = root / "cifar-100-python"
@@ -664,7 +798,7 @@ def _write_format(fmt: str, root):
     return str(root / "c.npz"), {}, "test"
 
 
-@pytest.mark.parametrize("fmt", ["mnist", "mnist.gz", "cifar10", "cifar100", "npz-compressed"])
+@pytest.mark.parametrize("fmt", ["mnist", "mnist.gz", "cifar10", "cifar10-py2", "cifar100", "npz-compressed"])
 def test_every_on_disk_format_streams_with_the_same_analysis(tmp_path, fmt):
     from robaudit.lsa import analyze
 
@@ -681,7 +815,9 @@ def test_every_on_disk_format_streams_with_the_same_analysis(tmp_path, fmt):
     else:  # pixels stay uint8 until the batch is on the device; a plain IDX file is memory-mapped
         assert stored.dtype == np.uint8 and lazy.items[0][0].dtype == torch.uint8
         assert isinstance(stored, np.memmap) == (fmt == "mnist")
-    if not isinstance(stored, np.memmap):  # held in memory: only the samples used are kept
+        # read in place from batches storing raw bytes; protocol 2 from python 3 stores text: held in memory
+        assert isinstance(stored, data.FileRows) == (fmt in ("cifar10-py2", "cifar100"))
+    if type(stored) is np.ndarray:  # held in memory: only the samples used are kept
         assert len(stored) == 11
     torch.manual_seed(0)
     channels = eager.input_shape[0]

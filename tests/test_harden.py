@@ -434,7 +434,7 @@ def test_a_streamed_training_split_trains_exactly_as_the_same_split_in_memory(tm
 
     name, channels, classes = ("cifar10", 3, 10) if fmt == "cifar10" else ("mnist", 1, 10)
     if fmt == "cifar10":
-        write_cifar10(tmp_path, n=14)  # 5 training batches: 70 images
+        write_cifar10(tmp_path, n=14, protocol="py2")  # 5 training batches as published: 70 images read in place
     elif fmt == "imagefolder":  # decoded a sample at a time: no batch read
         write_images(tmp_path / "imgs", {"cat": [(8, 8)] * 35, "dog": [(8, 8)] * 35})
         name, channels, classes = f"imagefolder:{tmp_path / 'imgs'}", 3, 2

@@ -278,11 +278,17 @@ def _cifar_folder(tmp_path: Path, batch: bytes) -> Path:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_cifar_batch_with_a_payload_is_refused(tmp_path, marker, stream):
-    batch = pickle.dumps({b"data": Payload(marker), b"labels": [0]}, protocol=2)
-    with pytest.raises(RobauditError, match="refusing"):
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+@pytest.mark.parametrize("where", ["data", "after the pixels"])
+def test_cifar_batch_with_a_payload_is_refused(tmp_path, marker, stream, protocol, where):
+    """Also where the payload follows pixels that a streamed read skips unread: the whole pickle is walked."""
+    pixels = np.zeros((3, 3072), dtype=np.uint8)
+    content = {b"data": Payload(marker), b"labels": [0]} if where == "data" else {
+        b"data": pixels, b"labels": [0, 1, 2], b"filenames": Payload(marker)}
+    batch = pickle.dumps(content, protocol=protocol)
+    with pytest.raises(RobauditError, match="refusing to read .*test_batch: its pickle asks for") as err:
         load_dataset("cifar10", data_dir=_cifar_folder(tmp_path, batch), download=False, stream=stream)
-    assert not marker.exists()
+    assert "\n" not in str(err.value) and not marker.exists()
 
 
 @pytest.mark.parametrize("gz", [False, True])
@@ -312,13 +318,16 @@ def test_idx_header_promising_more_than_the_file_holds_is_refused_without_alloca
     assert peak < 8 * 2**20  # a read buffer (1 MB) for the file's few kB, not the 47 MB or more claimed
 
 
-@pytest.mark.parametrize("protocol", [2, 4, 5])
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
 def test_cifar_batch_in_any_numpy_protocol_loads(tmp_path, protocol):
     data = np.arange(3 * 3072, dtype=np.uint8).reshape(3, 3072)
     batch = pickle.dumps({b"data": data, b"labels": [0, 1, 2], b"batch_label": b"testing"}, protocol=protocol)
-    ds = load_dataset("cifar10", data_dir=_cifar_folder(tmp_path, batch), download=False)
+    folder = _cifar_folder(tmp_path, batch)
+    ds = load_dataset("cifar10", data_dir=folder, download=False)
     assert ds.x.shape == (3, 3, 32, 32) and ds.y.tolist() == [0, 1, 2]
     assert torch.equal((ds.x[0] * 255).round().to(torch.uint8).flatten(), torch.from_numpy(data[0]))
+    streamed = load_dataset("cifar10", data_dir=folder, download=False, stream=True)
+    assert torch.equal(streamed.head(3)[0], ds.x) and streamed.y.tolist() == [0, 1, 2]
 
 
 def test_npz_with_pickled_objects_is_refused(tmp_path, marker):
