@@ -44,6 +44,11 @@
    median. Target: at least 1.6x. The analysis' own clock (``manifest.json``) is printed beside it, and
    so is the ceiling the machine allows: two independent 1-process runs at once against one alone (on
    shared or hyper-threaded cores it is well under 2x).
+8. Whole process (``--whole`` runs this part alone): ``python -m robaudit analyze`` as a user runs it (start-up,
+   loading, PGD-10, sanity checks on, the BatchNorm audit, the report) against a bare torchattacks PGD-10
+   script with its robust accuracy, on the same ``.pt2`` CNN and 1,024 CIFAR-shaped images, one thread,
+   alternating rounds, median wall seconds. Target 1.15x against the faster of two bare scripts (the archive
+   loaded with ``torch.export.unflatten``, or with robaudit's loader).
 
 Exit status 0 when every target is met, 1 otherwise.
 """
@@ -536,7 +541,11 @@ def _children_cpu() -> float:
 WHOLE_SAMPLES, QUICK_WHOLE_SAMPLES, WHOLE_WIDTH = 1024, 256, 32
 BARE_PGD = """import sys, numpy as np, torch, torchattacks
 torch.manual_seed(0)
-model = torch.export.unflatten(torch.export.load(sys.argv[1])).eval()
+if sys.argv[3] == "unflatten":  # what a torchattacks user writes for a .pt2
+    model = torch.export.unflatten(torch.export.load(sys.argv[1])).eval()
+else:  # the module robaudit's attacks run on (its archive loader), without anything else of robaudit
+    from robaudit.models import load_model
+    model = load_model(sys.argv[1]).module.eval()
 d = np.load(sys.argv[2])
 x, y = torch.from_numpy(d["x"]), torch.from_numpy(d["y"]).long()
 attack = torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True)
@@ -552,7 +561,9 @@ print(correct / len(x))
 def whole_process(out, rounds: int, quick: bool) -> bool:
     """``robaudit analyze`` as a user runs it (one process: imports, loading, PGD-10, the sanity checks, the
     BatchNorm audit, the report) against a bare torchattacks PGD-10 script with its robust accuracy, both on
-    the same ``.pt2`` and ``.npz`` of CIFAR-shaped images, one thread each, in alternating rounds."""
+    the same ``.pt2`` and ``.npz`` of CIFAR-shaped images, one thread each, in alternating rounds. The bare
+    script loads the archive with ``torch.export.unflatten`` and, in a second variant, with robaudit's loader
+    (whose module the attacks run faster); the ratio is taken against the faster of the two."""
     import tempfile
 
     import numpy as np
@@ -561,7 +572,7 @@ def whole_process(out, rounds: int, quick: bool) -> bool:
 
     n = QUICK_WHOLE_SAMPLES if quick else WHOLE_SAMPLES
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    times: dict[str, list[float]] = {"robaudit analyze": [], "bare PGD-10": []}
+    times: dict[str, list[float]] = {"robaudit analyze": [], "bare, unflatten": [], "bare, robaudit loader": []}
     parts: dict[str, list[float]] = {"analysis": [], "checks": []}
     with tempfile.TemporaryDirectory(prefix="bench-whole-") as tmp:
         torch.manual_seed(0)
@@ -575,7 +586,8 @@ def whole_process(out, rounds: int, quick: bool) -> bool:
             "robaudit analyze": [sys.executable, "-m", "robaudit", "analyze", str(model_path), "--dataset",
                                  str(data_path), "--attack", "pgd", "--eps", "8/255", "--device", "cpu",
                                  "--out", str(Path(tmp) / "run"), "--force"],
-            "bare PGD-10": [sys.executable, "-c", BARE_PGD, str(model_path), str(data_path)]}
+            "bare, unflatten": [sys.executable, "-c", BARE_PGD, str(model_path), str(data_path), "unflatten"],
+            "bare, robaudit loader": [sys.executable, "-c", BARE_PGD, str(model_path), str(data_path), "robaudit"]}
         for r in range(rounds):
             for name in (list(commands) if r % 2 == 0 else list(commands)[::-1]):
                 tic = time.perf_counter()
@@ -586,16 +598,17 @@ def whole_process(out, rounds: int, quick: bool) -> bool:
                     parts["analysis"].append(json.loads((Path(tmp) / "run" / "manifest.json").read_text())["seconds"])
                     parts["checks"].append(checks["seconds"])
     med = {k: statistics.median(v) for k, v in times.items()}
-    ratio = med["robaudit analyze"] / med["bare PGD-10"]
+    bare = min(med["bare, unflatten"], med["bare, robaudit loader"])  # the faster baseline: the stricter ratio
+    ratio = med["robaudit analyze"] / bare
     ok = ratio <= TIME_TARGET
     out.write(f"\nwhole process: {n} CIFAR-shaped images, {CifarCNN.__name__}(width={WHOLE_WIDTH}) as .pt2, PGD-10 at "
               f"8/255, batch 128, one thread, {rounds} rounds alternating, median wall seconds\n")
     for name, t in med.items():
-        out.write(f"{name:<18} {t:>8.2f}  (min {min(times[name]):.2f}, max {max(times[name]):.2f})\n")
+        out.write(f"{name:<22} {t:>8.2f}  (min {min(times[name]):.2f}, max {max(times[name]):.2f})\n")
     out.write(f"(robaudit's own clock: analysis {statistics.median(parts['analysis']):.2f} s, sanity checks "
               f"{statistics.median(parts['checks']):.2f} s; the rest is start-up, loading, the BatchNorm table, "
               "writing and the report)\n")
-    out.write(f"robaudit analyze / bare PGD-10 script: {ratio:.3f}x  (target <= {TIME_TARGET}x: "
+    out.write(f"robaudit analyze / the faster bare PGD-10 script: {ratio:.3f}x  (target <= {TIME_TARGET}x: "
               f"{'ok' if ok else 'ABOVE TARGET'})\n")
     return ok
 
