@@ -827,3 +827,27 @@ def test_every_on_disk_format_streams_with_the_same_analysis(tmp_path, fmt):
     a, b = analyze(model, eager, **run), analyze(model, lazy, **run)
     pd.testing.assert_frame_equal(a.lsa, b.lsa)
     pd.testing.assert_frame_equal(a.accuracy.drop(columns="seconds"), b.accuracy.drop(columns="seconds"))
+
+
+def test_image_folder_file_names_are_held_in_arrays(tmp_path):
+    """Streamed image folders keep their file names as one bytes array (non-ASCII names included) and decode
+    the same samples, in the same order, as the folder loaded whole, with and without a shuffled subset."""
+    from PIL import Image
+
+    from pathlib import Path
+
+    from robaudit.data import FileList
+
+    written = write_images(tmp_path / "imgs", {"chat": [(4, 3)] * 3, "épagneul": [(4, 3)] * 2})
+    Image.fromarray(written[("chat", "0.png")]).save(tmp_path / "imgs" / "chat" / "ü-1.png")
+    for kw in ({}, {"samples": 4, "shuffle": True, "seed": 3}):
+        whole = load_dataset(f"imagefolder:{tmp_path / 'imgs'}", **kw)
+        streamed = load_dataset(f"imagefolder:{tmp_path / 'imgs'}", stream=True, **kw)
+        files = streamed.items.files
+        assert isinstance(files, FileList) and files.names.dtype.kind == "S"
+        torch.testing.assert_close(streamed.head(len(streamed))[0], whole.x)
+        assert torch.equal(streamed.y, whole.y)
+    assert len(files) == 4 and all(Path(files[i][0]).is_file() for i in range(len(files)))
+    full = load_dataset(f"imagefolder:{tmp_path / 'imgs'}", stream=True).items.files
+    assert [Path(full[i][0]).relative_to(tmp_path / "imgs").as_posix() for i in range(len(full))] == [
+        "chat/0.png", "chat/1.png", "chat/2.png", "chat/ü-1.png", "épagneul/0.png", "épagneul/1.png"]
