@@ -23,7 +23,7 @@ from . import attacks as atk
 from . import dist
 from .bnaudit import BatchNormMoments, BatchNormStreams
 from .errors import NonFiniteError, RobauditError
-from .metrics import RelativeError, per_sample_sq_norms
+from .metrics import RelativeError, per_sample_norms, squared
 from .probe import Layer, LayerProbe
 from .samples import SampleLog, perturbation_norms
 
@@ -165,7 +165,9 @@ class Battery:
             if t.shape == logits.shape:  # counted on the device: the output layer, found without a host sync
                 hits = self.output_hits.setdefault(name, torch.zeros((), dtype=torch.float64, device=x.device))
                 hits += (t == logits.detach()).all()
-        return logits, clean, {name: per_sample_sq_norms(t) for name, t in clean.items()}
+        # every layer's squared norms squared in one operation (bit for bit per_sample_sq_norms of each)
+        sq = squared(torch.stack([per_sample_norms(t) for t in clean.values()])) if clean else None
+        return logits, clean, {name: sq[j] for j, name in enumerate(clean)}
 
     def _configuration(self, b: int, i: int, start: int, x, y, clean, clean_sq, ok_clean, bad):
         """Configuration ``i`` on batch ``b``: the perturbed inputs, their hooked pass, outcomes and sizes."""
@@ -187,7 +189,7 @@ class Battery:
 
     def _perturbed_pass(self, i: int, x_adv: torch.Tensor, clean, clean_sq) -> torch.Tensor:
         """The hooked forward of the perturbed batch; every layer's RE updates as the layer runs."""
-        seen: dict[str, torch.Tensor] = {}  # each layer's squared perturbation norms, as it runs
+        seen: dict[str, torch.Tensor] = {}  # each layer's perturbation norms, as it runs
         observe = functools.partial(self._observe, clean, seen)
         with torch.no_grad(), self._bn(1 + i if self.s.specs[i].kind == "adversarial" else None):
             if not self.s.streaming:  # a fixed-batch archive's chunks are joined by the probe: read them after
@@ -201,7 +203,8 @@ class Battery:
                 finally:
                     self.probe.transform, self.probe.record = None, True
             if seen:  # every layer's sums in one set of operations: the same as one update per layer
-                rows = RelativeError.increments(torch.stack([clean_sq[n] for n in seen]), torch.stack(list(seen.values())))
+                rows = RelativeError.increments(torch.stack([clean_sq[n] for n in seen]),
+                                                squared(torch.stack(list(seen.values()))))
                 for name, row in zip(seen, rows):
                     st = self.stats.get((name, i))
                     if st is None:
@@ -224,7 +227,7 @@ class Battery:
         if clean[name].shape != t.shape:
             raise RobauditError(f"layer output shapes differ between clean {tuple(clean[name].shape)} and "
                                 f"perturbed {tuple(t.shape)} inputs")
-        seen[name] = per_sample_sq_norms(t - clean[name])
+        seen[name] = per_sample_norms(t - clean[name])  # squared with the other layers' after the pass
         return t
 
     def _record(self, b: int, start: int, y, pred, oks, perts, robust) -> None:
