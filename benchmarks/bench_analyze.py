@@ -9,7 +9,7 @@
 1. Time: ``analyze`` on the digits CNN with a battery (FGSM, PGD and Gaussian noise at 3 eps, plus CW)
    against a bare loop that only generates the same adversarial examples with the same attack objects
    over the same batches. Target: analyze at most 1.15x the bare loop (the extra cost is one hooked
-   clean forward per batch, one hooked forward per attack and the streaming statistics). The two run
+   forward per batch of the clean and perturbed batches stacked, and the streaming statistics). The two run
    alternately, so that load from other processes affects both alike; the median of the rounds is used.
    analyze's own account of the time spent inside the attacks is printed beside it.
 2. Memory: peak resident memory added by ``analyze`` (FGSM + PGD) on 1k and on 10k samples, each size in

@@ -1,8 +1,9 @@
 """The attack battery over one process's batches, its statistics kept on the device.
 
-:class:`Battery` steps through batches: one hooked clean pass, then per configuration the perturbed batch
-(its random draws seeded from the seed, the global batch index and the configuration, so they do not depend
-on which process runs the batch) and one hooked pass that updates every layer's :class:`RelativeError`.
+:class:`Battery` steps through batches: per configuration the perturbed batch (its random draws seeded from
+the seed, the global batch index and the configuration, so they do not depend on which process runs the
+batch), then one hooked pass of the clean batch stacked with the perturbed ones (up to :data:`JOINT_CONFIGS`
+a pass) that updates every layer's :class:`RelativeError` as the layer runs.
 Sums (RE states, accuracy and worst-case counts, seconds) stay on the device and are added over processes
 with one ``all_reduce`` (:meth:`Battery.totals`); what is not a sum (perturbation sizes, kept outcomes,
 ``samples.csv`` rows) travels as host copies and is put back in data-set order.
@@ -22,7 +23,7 @@ from torch import nn
 from . import attacks as atk
 from . import dist
 from .bnaudit import BatchNormMoments, BatchNormStreams
-from .errors import NonFiniteError, RobauditError
+from .errors import NonFiniteError
 from .metrics import RelativeError, per_sample_norms, squared
 from .probe import Layer, LayerProbe
 from .samples import SampleLog, perturbation_norms
@@ -110,6 +111,9 @@ class Totals:
     bn: BatchNormMoments | None = None
 
 
+JOINT_CONFIGS = 8  # perturbed batches that share a hooked pass with the clean one (memory: 1 + 8 batches' layer)
+
+
 class Battery:
     """Runs every configuration on one batch at a time (:meth:`step`) and adds up what it measured."""
 
@@ -129,48 +133,44 @@ class Battery:
 
     # -- one batch ----------------------------------------------------------------------------
     def step(self, b: int, start: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Global batch ``b`` (samples ``start``...): the clean pass, then every configuration."""
-        logits, clean, clean_sq = self._clean_pass(start, x)
-        ok_clean = logits.argmax(1) == y
-        self.counts[0] += ok_clean.sum()
-        robust = {k: ok_clean.clone() for k in self.s.worst_keys}
-        bad = torch.zeros(len(self.s.specs), dtype=torch.bool, device=x.device)
-        oks, perts = [], []
-        for i, spec in enumerate(self.s.specs):
-            ok, norms = self._configuration(b, i, start, x, y, clean, clean_sq, ok_clean, bad)
-            oks.append(ok)
-            perts.append(norms)
-            if spec.kind == "adversarial" and spec.bounded:
-                robust[(spec.norm, spec.eps)] &= ok
-            if self.bar is not None:
-                self.bar.update(len(x))
-        if bad.any():  # one host sync per batch for every configuration's finiteness check
+        """Global batch ``b`` (samples ``start``...): every configuration's perturbed batch, then hooked passes
+        of the clean batch stacked with up to :data:`JOINT_CONFIGS` perturbed ones, then the outcomes."""
+        n, rows = len(self.s.specs), len(x)
+        advs = [self._perturbed(b, i, x, y) for i in range(n)]
+        logits = []
+        for g, group in enumerate([list(range(n))[k:k + JOINT_CONFIGS] for k in range(0, n, JOINT_CONFIGS)] or [[]]):
+            out = self._joint_pass(group, x, [advs[i] for i in group], first=g == 0)
+            logits.extend(out[k * rows:(k + 1) * rows] for k in range(1 if g == 0 else 0, 1 + len(group)))
+            if g == 0:
+                logits.insert(0, out[:rows])
+        if not torch.isfinite(logits[0]).all():
+            raise NonFiniteError(f"the model returns non-finite outputs on clean samples {start}..{start + rows - 1}")
+        bad = torch.stack([~torch.isfinite(a).all() for a in advs]) if advs else None
+        if bad is not None and bad.any():  # one host sync per batch for every configuration's finiteness check
             spec = self.s.specs[int(bad.nonzero()[0])]
             raise NonFiniteError(f"{spec.label} produced non-finite inputs: the model's gradients may be "
                                  "non-finite; check the weights")
-        base = 1 + len(self.s.specs)
+        ok_clean = logits[0].argmax(1) == y
+        self.counts[0] += ok_clean.sum()
+        robust = {k: ok_clean.clone() for k in self.s.worst_keys}
+        oks, perts = [], []
+        for i, spec in enumerate(self.s.specs):
+            ok = logits[1 + i].argmax(1) == y
+            self.counts[1 + i] += ok.sum()
+            if start < self.keep_outcomes:
+                self.kept[i][b] = ok[:self.keep_outcomes - start].to("cpu", non_blocking=True)
+            oks.append(ok)
+            perts.append(self.sizes[i].update(x, advs[i], ok_clean, ok))
+            if spec.kind == "adversarial" and spec.bounded:
+                robust[(spec.norm, spec.eps)] &= ok
+        base = 1 + n
         for j, k in enumerate(self.s.worst_keys):
             self.counts[base + j] += robust[k].sum()
-        self._record(b, start, y, logits.argmax(1), oks, perts, [robust[k] for k in self.s.worst_keys])
+        self._record(b, start, y, logits[0].argmax(1), oks, perts, [robust[k] for k in self.s.worst_keys])
         self.batches.append(b)
 
-    def _clean_pass(self, start: int, x: torch.Tensor):
-        """The hooked clean forward, reused by every configuration: logits, outputs and their squared norms."""
-        with torch.no_grad(), self._bn(0):
-            logits, outs = self.probe.run(self.s.full, x)
-        if not torch.isfinite(logits).all():
-            raise NonFiniteError(f"the model returns non-finite outputs on clean samples {start}..{start + len(x) - 1}")
-        clean = dict(outs)
-        for name, t in clean.items():
-            if t.shape == logits.shape:  # counted on the device: the output layer, found without a host sync
-                hits = self.output_hits.setdefault(name, torch.zeros((), dtype=torch.float64, device=x.device))
-                hits += (t == logits.detach()).all()
-        # every layer's squared norms squared in one operation (bit for bit per_sample_sq_norms of each)
-        sq = squared(torch.stack([per_sample_norms(t) for t in clean.values()])) if clean else None
-        return logits, clean, {name: sq[j] for j, name in enumerate(clean)}
-
-    def _configuration(self, b: int, i: int, start: int, x, y, clean, clean_sq, ok_clean, bad):
-        """Configuration ``i`` on batch ``b``: the perturbed inputs, their hooked pass, outcomes and sizes."""
+    def _perturbed(self, b: int, i: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Configuration ``i``'s perturbed batch ``b``, its draws seeded from (seed, b, i), its time counted."""
         attack_fn = self.s.builders[i]
         atk.reseed(attack_fn, atk.batch_seed(self.s.seed, b, i))
         tic = time.perf_counter()
@@ -180,55 +180,58 @@ class Battery:
             finally:
                 self.s.restore_eval()
         self.seconds[i] += time.perf_counter() - tic
-        bad[i] = ~torch.isfinite(x_adv).all()
-        ok = self._perturbed_pass(i, x_adv, clean, clean_sq).argmax(1) == y
-        self.counts[1 + i] += ok.sum()
-        if start < self.keep_outcomes:
-            self.kept[i][b] = ok[:self.keep_outcomes - start].to("cpu", non_blocking=True)
-        return ok, self.sizes[i].update(x, x_adv, ok_clean, ok)
+        if self.bar is not None:
+            self.bar.update(len(x))
+        return x_adv
 
-    def _perturbed_pass(self, i: int, x_adv: torch.Tensor, clean, clean_sq) -> torch.Tensor:
-        """The hooked forward of the perturbed batch; every layer's RE updates as the layer runs."""
-        seen: dict[str, torch.Tensor] = {}  # each layer's perturbation norms, as it runs
-        observe = functools.partial(self._observe, clean, seen)
-        with torch.no_grad(), self._bn(1 + i if self.s.specs[i].kind == "adversarial" else None):
+    def _joint_pass(self, group: list[int], x: torch.Tensor, advs: list[torch.Tensor], *, first: bool) -> torch.Tensor:
+        """One hooked forward of the clean batch stacked with the perturbed batches of the configurations in
+        ``group``; returns its logits. As each layer runs, its per-sample norms of the clean activation and of
+        every perturbed one's difference from it are taken, so no activation outlives its layer (the clean
+        counts, output layers and BatchNorm moments only on the ``first`` group of a batch)."""
+        rows, g = len(x), len(group)
+        norms: dict[str, torch.Tensor] = {}  # layer -> (1 + g) x rows: the clean norms, then the differences'
+        heads: dict[str, torch.Tensor] = {}  # layers shaped like the logits: compared with them after the pass
+
+        def observe(name: str, t: torch.Tensor) -> torch.Tensor:
+            v = t.detach().reshape(1 + g, rows, -1)
+            norms[name] = torch.cat([per_sample_norms(v[0])[None], torch.linalg.vector_norm(v[1:] - v[:1], dim=2)])
+            if first and t.dim() == 2:  # logits are (batch, classes): only 2-D outputs can be the output layer
+                heads[name] = t[:rows].detach()
+            return t
+
+        domains = [0 if first else None] + [1 + i for i in group]
+        with torch.no_grad(), self._bn(domains, rows):
             if not self.s.streaming:  # a fixed-batch archive's chunks are joined by the probe: read them after
-                logits, outs = self.probe.run(self.s.full, x_adv)
+                logits, outs = self.probe.run(self.s.full, torch.cat([x, *advs]))
                 for name, t in outs.items():
                     observe(name, t)
             else:
                 self.probe.transform, self.probe.record = (lambda layer, t: observe(layer.name, t)), False
                 try:
-                    logits = self.probe.run(self.s.full, x_adv)[0]
+                    logits = self.probe.run(self.s.full, torch.cat([x, *advs]))[0]
                 finally:
                     self.probe.transform, self.probe.record = None, True
-            if seen:  # every layer's sums in one set of operations: the same as one update per layer
-                rows = RelativeError.increments(torch.stack([clean_sq[n] for n in seen]),
-                                                squared(torch.stack(list(seen.values()))))
-                for name, row in zip(seen, rows):
+        clean_logits = logits[:rows].detach()
+        for name, t in heads.items():
+            if t.shape == clean_logits.shape:
+                hits = self.output_hits.setdefault(name, torch.zeros((), dtype=torch.float64, device=x.device))
+                hits += (t == clean_logits).all()  # the output layer, found without a host sync
+        if norms and g:  # every layer and configuration's sums in one set of operations
+            sq = squared(torch.stack(list(norms.values())))  # layers x (1 + g) x rows, float64
+            for j, i in enumerate(group):
+                for name, row in zip(norms, RelativeError.increments(sq[:, 0], sq[:, 1 + j])):
                     st = self.stats.get((name, i))
                     if st is None:
                         st = self.stats[(name, i)] = RelativeError(device=row.device)
                     st.add(row)
         return logits
 
-    def _bn(self, domain: int | None):
-        """Record the BatchNorm inputs of this pass into ``domain`` (adversarial configurations and the clean
-        pass: what the audit ranks by), or nothing."""
-        if self.s.bn is None or not self.s.bn.layers or domain is None:
+    def _bn(self, domains: list[int | None], rows: int):
+        """Record the BatchNorm inputs of this pass's stacked batches into ``domains``, when there is BatchNorm."""
+        if self.s.bn is None or not self.s.bn.layers:
             return contextlib.nullcontext()
-        return self.s.bn.recording(domain)
-
-    @staticmethod
-    def _observe(clean, seen: dict, name: str, t: torch.Tensor) -> torch.Tensor:
-        if name not in clean:
-            raise RobauditError(f"layer {name} ran on the perturbed input but not on the clean one: "
-                                "the model's control flow depends on its input; restrict --layers")
-        if clean[name].shape != t.shape:
-            raise RobauditError(f"layer output shapes differ between clean {tuple(clean[name].shape)} and "
-                                f"perturbed {tuple(t.shape)} inputs")
-        seen[name] = per_sample_norms(t - clean[name])  # squared with the other layers' after the pass
-        return t
+        return self.s.bn.recording(domains, rows)
 
     def _record(self, b: int, start: int, y, pred, oks, perts, robust) -> None:
         """This batch's ``samples.csv`` rows as host copies queued without waiting: written one batch later in

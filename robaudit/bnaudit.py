@@ -189,8 +189,8 @@ def _table(layers: Sequence[_Layer], inner: nn.Module) -> pd.DataFrame:
 
 class BatchNormStreams:
     """Every BatchNorm layer's per-channel input moments, taken in the analysis' own hooked passes instead of
-    attacking the data again: domain 0 is the clean pass, domain ``1 + i`` configuration ``i``'s perturbed
-    pass. One float64 tensor on the device (``sums``, per domain: each layer's sums, sums of squares and
+    attacking the data again: domain 0 is the clean batch, domain ``1 + i`` configuration ``i``'s perturbed
+    batch. One float64 tensor on the device (``sums``, per domain: each layer's sums, sums of squares and
     count), added over processes with the battery's other sums. A fixed-batch archive's padded rows are left
     out."""
 
@@ -209,27 +209,36 @@ class BatchNormStreams:
         self.sums = torch.zeros(1 + n_configs, self.offsets[-1], dtype=torch.float64, device=device)
 
     @contextlib.contextmanager
-    def recording(self, domain: int) -> Iterator[None]:
-        """Add the inputs every BatchNorm layer sees in this block to ``domain``; hooks always removed."""
+    def recording(self, domains: Sequence[int | None], rows: int) -> Iterator[None]:
+        """In this block, the inputs every BatchNorm layer sees hold ``len(domains)`` stacked batches of ``rows``
+        rows each: add the k-th batch's to domain ``domains[k]`` (``None``: to none). Hooks always removed."""
         handles = []
         try:
             for (_, _, sub, c), off in zip(self.layers, self.offsets):
-                handles.append(sub.register_forward_pre_hook(self._hook(self.sums[domain, off:off + 2 * c + 1], c)))
+                handles.append(sub.register_forward_pre_hook(self._hook(off, c, list(domains), rows)))
             yield
         finally:
             for h in handles:
                 h.remove()
 
-    def _hook(self, row: torch.Tensor, c: int):
+    def _hook(self, off: int, c: int, domains: list[int | None], rows: int):
         def fn(mod, args):
             x = args[0] if args else None
             if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] != c:
                 return
-            chunk = self.root.__dict__.get("_robaudit_chunk")  # a fixed-batch archive: its real rows only
-            s, ss, n = channel_sums(x[:chunk[1]] if chunk is not None else x)
-            row[:c] += s
-            row[c:2 * c] += ss
-            row[2 * c] += n
+            first = 0
+            chunk = self.root.__dict__.get("_robaudit_chunk")  # a fixed-batch archive: one chunk, real rows only
+            if chunk is not None:
+                first, x = chunk[0] * self.root.__dict__["_robaudit_fixed_batch"], x[:chunk[1]]
+            for k, domain in enumerate(domains):  # the rows of batch k that this call holds
+                lo, hi = max(k * rows - first, 0), min((k + 1) * rows - first, len(x))
+                if domain is None or lo >= hi:
+                    continue
+                s, ss, n = channel_sums(x[lo:hi])
+                row = self.sums[domain, off:off + 2 * c + 1]
+                row[:c] += s
+                row[c:2 * c] += ss
+                row[2 * c] += n
         return fn
 
     def moments(self, sums: torch.Tensor) -> "BatchNormMoments":

@@ -264,8 +264,8 @@ def analyze(
     (``samples.csv``: see :mod:`robaudit.samples`).
 
     ``model`` is the user's classifier (inputs in [0, 1], or normalized by ``mean``/``std``);
-    ``data`` a :class:`robaudit.data.Dataset` or an ``(x, y)`` pair. Per batch: one hooked clean
-    forward, reused by every attack; per attack, the adversarial batch and one hooked forward.
+    ``data`` a :class:`robaudit.data.Dataset` or an ``(x, y)`` pair. Per batch: every configuration's
+    perturbed batch, then one hooked forward of the clean batch stacked with (up to 8 of) them.
     ``probe`` (``modules``, ``ops`` or ``all``) says which layers are candidates: to probe an eager
     model's functional ops it runs the model's own ``torch.export`` graph, so names match its ``.pt2``.
 

@@ -447,8 +447,8 @@ def attack_cost(spec, *, num_classes: int) -> float:
 
 
 def battery_cost(specs, *, num_classes: int) -> float:
-    """Per-sample cost of the battery: one hooked clean forward, and per configuration its attack
-    plus one hooked forward of the perturbed input."""
+    """Per-sample cost of the battery: the clean rows of the hooked pass, and per configuration its attack
+    plus its perturbed rows of that pass."""
     return FORWARD_COST + sum(attack_cost(s, num_classes=num_classes) + FORWARD_COST for s in specs)
 
 

@@ -250,9 +250,10 @@ class Bomb(nn.Module):
 
 
 @pytest.mark.parametrize("where, n, grad", [
-    ("adversarial pass", 3, False),  # no-grad calls: compatibility check, clean pass, then the adversarial pass
+    # no-grad calls: the compatibility check, then one hooked pass per batch (clean and perturbed stacked)
+    ("hooked pass of the first batch", 2, False),
     ("inside the attack", 1, True),
-    ("clean pass of the second batch", 4, False),
+    ("hooked pass of the second batch", 3, False),
 ])
 def test_hooks_removed_when_analyze_fails(where, n, grad):
     model = Bomb(make_cnn(), n=n, grad=grad).eval()
@@ -263,7 +264,7 @@ def test_hooks_removed_when_analyze_fails(where, n, grad):
 
 
 def test_hooks_removed_when_analyze_fails_with_normalization():
-    model = Bomb(make_cnn(), n=3, grad=False).eval()
+    model = Bomb(make_cnn(), n=2, grad=False).eval()  # the hooked pass after the compatibility check
     data = make_data(model.inner, 4)
     with pytest.raises(RuntimeError, match="model exploded"):
         analyze(model, data, attacks=["fgsm"], eps=[0.03], mean=[0.5], std=[0.25], device="cpu", probe="modules")
