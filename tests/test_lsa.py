@@ -517,3 +517,28 @@ def test_one_relative_error_one_zero_policy():
     out = st.compute()
     assert out["re_mean"] == pytest.approx(1 / 5) and out["n_undefined"] == 1
     assert out["re_pooled"] == pytest.approx(2 ** 0.5 / 5)
+
+
+def test_perturbation_sizes_joined_every_few_batches_keep_their_batches():
+    """The queued host copies are joined every JOIN_EVERY batches; the per-batch parts and the statistics are
+    those of one pass over all the batches, and setting parts (a merge of processes) round-trips."""
+    from robaudit.battery import PerturbationSizes
+
+    g = torch.Generator().manual_seed(0)
+    sizes, batches = PerturbationSizes("L2"), []
+    for b in range(2 * PerturbationSizes.JOIN_EVERY + 3):
+        n = 3 + b % 4
+        x, adv = torch.rand(n, 5, generator=g), torch.rand(n, 5, generator=g)
+        ok_clean, ok_adv = torch.rand(n, generator=g) > 0.2, torch.rand(n, generator=g) > 0.5
+        sizes.update(x, adv, ok_clean, ok_adv)
+        batches.append(((adv - x).double().norm(dim=1), ok_clean & ~ok_adv, ok_clean))
+    parts = sizes.parts
+    assert len(parts) == len(batches) and all(torch.equal(a, b) for p, q in zip(parts, batches) for a, b in zip(p, q))
+    norms, fooled, ok = (torch.cat(t) for t in zip(*batches))
+    want = norms[fooled].numpy()
+    got = sizes.compute()
+    assert got["success_rate"] == len(want) / int(ok.sum())
+    assert got["pert_median"] == pytest.approx(float(np.median(want)), rel=1e-12)
+    again = PerturbationSizes("L2")
+    again.parts = parts
+    assert again.compute() == got
