@@ -646,7 +646,7 @@ def dataset_info(name) -> dict:
 
 
 def _unknown(name) -> RobauditError:
-    return RobauditError(f"unknown data set {name!r}: use one of {', '.join(DATASETS)} "
+    return RobauditError(f"unknown data set {name!r}: use one of {', '.join(DATASETS)}, "
                          "a path to an .npz file with arrays x and y, or imagefolder:DIR")
 
 
