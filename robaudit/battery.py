@@ -163,12 +163,10 @@ class Battery:
         of the clean batch stacked with up to :data:`JOINT_CONFIGS` perturbed ones, then the outcomes."""
         n, rows = len(self.s.specs), len(x)
         advs = [self._perturbed(b, i, x, y) for i in range(n)]
-        logits = []
+        logits = []  # the clean batch's, then each configuration's
         for g, group in enumerate([list(range(n))[k:k + JOINT_CONFIGS] for k in range(0, n, JOINT_CONFIGS)] or [[]]):
             out = self._joint_pass(group, x, [advs[i] for i in group], first=g == 0)
-            logits.extend(out[k * rows:(k + 1) * rows] for k in range(1 if g == 0 else 0, 1 + len(group)))
-            if g == 0:
-                logits.insert(0, out[:rows])
+            logits.extend(out[k * rows:(k + 1) * rows] for k in range(0 if g == 0 else 1, 1 + len(group)))
         if not torch.isfinite(logits[0]).all():
             raise NonFiniteError(f"the model returns non-finite outputs on clean samples {start}..{start + rows - 1}")
         bad = torch.stack([~torch.isfinite(a).all() for a in advs]) if advs else None
@@ -227,15 +225,16 @@ class Battery:
             return t
 
         domains = [0 if first else None] + [1 + i for i in group]
+        stacked = torch.cat([x, *advs])
         with torch.no_grad(), self._bn(domains, rows):
             if not self.s.streaming:  # a fixed-batch archive's chunks are joined by the probe: read them after
-                logits, outs = self.probe.run(self.s.full, torch.cat([x, *advs]))
+                logits, outs = self.probe.run(self.s.full, stacked)
                 for name, t in outs.items():
                     observe(name, t)
             else:
                 self.probe.transform, self.probe.record = (lambda layer, t: observe(layer.name, t)), False
                 try:
-                    logits = self.probe.run(self.s.full, torch.cat([x, *advs]))[0]
+                    logits = self.probe.run(self.s.full, stacked)[0]
                 finally:
                     self.probe.transform, self.probe.record = None, True
         clean_logits = logits[:rows].detach()

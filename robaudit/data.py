@@ -570,7 +570,11 @@ def _cifar_files(name: str, split: str, data_dir: Path | None, download: bool) -
 
 def _load_cifar(name: str, split: str, data_dir: Path | None, download: bool):
     """A CIFAR split read into memory as its uint8 pixels."""
-    paths, label_key = _cifar_files(name, split, data_dir, download)
+    return _held_cifar(*_cifar_files(name, split, data_dir, download))
+
+
+def _held_cifar(paths: list[Path], label_key: str):
+    """The batches' uint8 pixels read into memory, their labels, the scale and the folder."""
     return (*_read_cifar_batches(paths, label_key), 255.0, str(paths[0].parent))
 
 
@@ -582,7 +586,7 @@ def _stream_cifar(name: str, split: str, data_dir: Path | None, download: bool):
     if any(f is None for f in found):
         log.info("%s stores its pixels as text (a protocol-2 pickle written by Python 3), not as raw bytes that can "
                  "be read in place: reading the %s split into memory", paths[found.index(None)], split)
-        return (*_read_cifar_batches(paths, label_key), 255.0, str(paths[0].parent))
+        return _held_cifar(paths, label_key)
     pixels = FileRows([(path, offset, images) for path, (offset, images, _) in zip(paths, found)], (3, 32, 32))
     return pixels, np.concatenate([labels for *_, labels in found]), 255.0, str(paths[0].parent)
 
@@ -814,7 +818,7 @@ def class_folders(root: Path) -> list[str]:
 
 def _list_imagefolder(root: Path, *, image_size: int | None, class_map: Path | None):
     """An image folder's files and labels: ``root/<class>/<image>.png|.jpg``, classes in sorted order unless
-    a class map says otherwise. Returns ``(files, mode, num_classes, source)``, files as (path, label);
+    a class map says otherwise. Returns ``(files, mode, num_classes, source)``, files a :class:`FileList`;
     every image is RGB unless all are grayscale."""
     if image_size is not None and (isinstance(image_size, bool) or int(image_size) != image_size or image_size < 1):
         raise RobauditError(f"--image-size must be a positive whole number of pixels, not {image_size!r}")
@@ -828,8 +832,7 @@ def _list_imagefolder(root: Path, *, image_size: int | None, class_map: Path | N
     from PIL import Image
 
     gray = True
-    for i in range(len(files)):  # headers only: are all images grayscale?
-        path = files[i][0]
+    for path, _ in files:  # headers only: are all images grayscale?
         try:
             with Image.open(path, formats=["PNG", "JPEG"]) as img:
                 gray &= img.mode in ("1", "L", "I", "I;16")
@@ -859,6 +862,9 @@ class FileList:
 
     def __getitem__(self, i: int) -> tuple[str, int]:
         return os.path.join(self.root, os.fsdecode(self.names[i])), int(self.labels[i])
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
     def select(self, keep: slice | np.ndarray) -> "FileList":
         """The files at ``keep`` (a slice or positions), in that order."""
@@ -1139,8 +1145,7 @@ def _load_imagefolder(root: Path, *, image_size: int | None, class_map: Path | N
     files, mode, num_classes, source = _list_imagefolder(root, image_size=image_size, class_map=class_map)
     first = _decode(files[0][0], mode, image_size)
     x = np.empty((len(files), *first.shape), dtype=np.uint8)
-    for i in range(len(files)):
-        path = files[i][0]
+    for i, (path, _) in enumerate(files):
         arr = first if i == 0 else _decode(path, mode, image_size)
         if arr.shape != first.shape:
             raise RobauditError(f"{path} is {arr.shape[1]}x{arr.shape[0]} pixels but {files[0][0]} is "

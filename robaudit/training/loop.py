@@ -315,8 +315,8 @@ class Trainer:
         epoch_hooks = probe if o.probe_modules and layerwise else contextlib.nullcontext()
         hooks = probe if o.probe_modules and not layerwise else contextlib.nullcontext()
         self._joint = o.joint_passes
-        plan = [perm[s:s + d.batch_size] for s in self.batch_starts()]  # global batches; this process's slices:
-        mine_all = [split(idx, rank, world) for idx in plan]
+        plan = [perm[s:s + d.batch_size] for s in self.batch_starts()]  # the global batches
+        mine_all = [split(idx, rank, world) for idx in plan]  # this process's slice of each
         reads = read_batches(d.train, [m.tolist() for m in mine_all], device=d.device, workers=d.workers)
         with epoch_hooks:
             for bi, (idx, mine, xb) in enumerate(zip(plan, mine_all, reads)):
