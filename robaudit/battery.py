@@ -24,7 +24,7 @@ from . import attacks as atk
 from . import dist
 from .bnaudit import BatchNormMoments, BatchNormStreams
 from .errors import NonFiniteError
-from .metrics import RelativeError, per_sample_norms, squared
+from .metrics import RelativeError, squared
 from .probe import Layer, LayerProbe
 from .samples import SampleLog, perturbation_norms
 
@@ -148,7 +148,8 @@ class Battery:
         self.s, self.probe, self.log, self.bar = setup, probe, log, bar
         self.keep_outcomes, self.keep_rows = keep_outcomes, keep_rows
         n, dev = len(setup.specs), setup.device
-        self.stats: dict[tuple[str, int], RelativeError] = {}
+        # (the pass's layers, its configurations) -> their RelativeError sums, layers x configurations x fields
+        self.sums: dict[tuple[tuple[str, ...], tuple[int, ...]], torch.Tensor] = {}
         self.output_hits: dict[str, torch.Tensor] = {}  # layer -> batches where its clean output is the logits
         self.counts = torch.zeros(1 + n + len(setup.worst_keys), dtype=torch.float64, device=dev)
         self.seconds = [0.0] * n  # time spent generating each configuration's perturbed inputs
@@ -214,12 +215,14 @@ class Battery:
         every perturbed one's difference from it are taken, so no activation outlives its layer (the clean
         counts, output layers and BatchNorm moments only on the ``first`` group of a batch)."""
         rows, g = len(x), len(group)
-        norms: dict[str, torch.Tensor] = {}  # layer -> (1 + g) x rows: the clean norms, then the differences'
+        clean: dict[str, torch.Tensor] = {}  # layer -> its per-sample norms on the clean batch (rows)
+        delta: dict[str, torch.Tensor] = {}  # layer -> the norms of each perturbed batch's difference (g x rows)
         heads: dict[str, torch.Tensor] = {}  # layers shaped like the logits: compared with them after the pass
 
         def observe(name: str, t: torch.Tensor) -> torch.Tensor:
             v = t.detach().reshape(1 + g, rows, -1)
-            norms[name] = torch.cat([per_sample_norms(v[0])[None], torch.linalg.vector_norm(v[1:] - v[:1], dim=2)])
+            clean[name] = torch.linalg.vector_norm(v[0], dim=1)
+            delta[name] = torch.linalg.vector_norm(v[1:] - v[:1], dim=2)
             if first and t.dim() == 2:  # logits are (batch, classes): only 2-D outputs can be the output layer
                 heads[name] = t[:rows].detach()
             return t
@@ -242,14 +245,16 @@ class Battery:
             if t.shape == clean_logits.shape:
                 hits = self.output_hits.setdefault(name, torch.zeros((), dtype=torch.float64, device=x.device))
                 hits += (t == clean_logits).all()  # the output layer, found without a host sync
-        if norms and g:  # every layer and configuration's sums in one set of operations
-            sq = squared(torch.stack(list(norms.values())))  # layers x (1 + g) x rows, float64
-            for j, i in enumerate(group):
-                for name, row in zip(norms, RelativeError.increments(sq[:, 0], sq[:, 1 + j])):
-                    st = self.stats.get((name, i))
-                    if st is None:
-                        st = self.stats[(name, i)] = RelativeError(device=row.device)
-                    st.add(row)
+        if clean and g:  # every layer and configuration's sums in one set of operations
+            n_layers = len(clean)
+            clean_sq = squared(torch.stack(list(clean.values()))).unsqueeze(1).expand(n_layers, g, rows)
+            delta_sq = squared(torch.stack(list(delta.values())))  # layers x g x rows, float64
+            inc = RelativeError.increments(clean_sq.reshape(n_layers * g, rows), delta_sq.reshape(n_layers * g, rows))
+            key = (tuple(clean), tuple(group))
+            if key in self.sums:
+                self.sums[key] += inc.view(n_layers, g, -1)
+            else:
+                self.sums[key] = inc.view(n_layers, g, -1)
         return logits
 
     def _bn(self, domains: list[int | None], rows: int):
@@ -282,7 +287,7 @@ class Battery:
     def payload(self, layers: list[Layer]) -> dict:
         """What rank 0 and the others need from this process, beyond the sums: host objects only."""
         dist.synchronize(self.s.device)  # the non_blocking host copies are complete
-        return {"layers": layers, "re_keys": list(self.stats), "out_keys": list(self.output_hits),
+        return {"layers": layers, "re_keys": list(self.states()), "out_keys": list(self.output_hits),
                 "batches": list(self.batches), "sizes": [sz.parts for sz in self.sizes], "kept": self.kept}
 
     def totals(self, payloads: list[dict]) -> Totals:
@@ -295,7 +300,8 @@ class Battery:
         zeros = torch.zeros(width, dtype=torch.float64, device=self.s.device)
         one = torch.zeros((), dtype=torch.float64, device=self.s.device)
         bn = self.s.bn.sums.flatten() if self.s.bn is not None else zeros[:0]
-        flat = torch.cat([*(self.stats[k].state if k in self.stats else zeros for k in re_keys),
+        states = self.states()
+        flat = torch.cat([*(states.get(k, zeros) for k in re_keys),
                           torch.stack([self.output_hits.get(k, one) for k in out_keys]) if out_keys else zeros[:0],
                           self.counts, torch.tensor(self.seconds, dtype=torch.float64, device=self.s.device), bn])
         flat = dist.all_reduce_sum(flat).cpu()  # the one read back of the device statistics
@@ -311,6 +317,15 @@ class Battery:
                       sizes=[self._sizes(i, payloads).compute() for i in range(n)],
                       outcomes={i: t for i in range(n) if (t := _in_order([p["kept"][i] for p in payloads])) is not None},
                       bn=self.s.bn.moments(bn_sums.view_as(self.s.bn.sums)) if self.s.bn is not None else None)
+
+    def states(self) -> dict[tuple[str, int], torch.Tensor]:
+        """(layer, configuration) -> its :class:`RelativeError` state: the sums of every pass it was in."""
+        out: dict[tuple[str, int], torch.Tensor] = {}
+        for (names, group), sums in self.sums.items():
+            for name, per_config in zip(names, sums.unbind(0)):
+                for i, state in zip(group, per_config.unbind(0)):
+                    out[(name, i)] = state if (name, i) not in out else out[(name, i)] + state
+        return out
 
     def _sizes(self, i: int, payloads: list[dict]) -> PerturbationSizes:
         """Configuration ``i``'s perturbation sizes with every process's batches, in data-set order."""

@@ -18,6 +18,7 @@ from torch import nn
 
 from . import attacks as atk
 from . import dist
+from .errors import RobauditError
 
 BN_TYPES = frozenset({"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm"})
 BN_COLUMNS = ["layer", "layer_type", "channels", "n_clean", "n_adv", "clean_vs_running", "adv_vs_clean",
@@ -39,12 +40,22 @@ def batchnorm_layers(module: nn.Module, type_map: Mapping[str, str] | None = Non
     return found
 
 
+def row_channel_sums(x: torch.Tensor) -> torch.Tensor:
+    """Per sample (dim 0), each channel's (dim 1) sum, sum of squares and count of values, as a float64
+    ``rows x (2 * channels + 1)`` tensor. Each sample's values are reduced in float32 (short reductions over
+    contiguous memory, within 1e-7 of float64) and only the small result is widened: several times faster
+    than one float64 reduction over dims 0, 2, 3, and no float64 copy of ``x``."""
+    f = x.detach().reshape(x.shape[0], x.shape[1], -1)
+    norms = torch.linalg.vector_norm(f, dim=2)
+    return torch.cat([f.sum(2), norms * norms, norms.new_full((len(f), 1), f.shape[2])], 1).double()
+
+
 def channel_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Per-channel sum and sum of squares (channels on dim 1), accumulated in float64 without a float64 copy of
-    ``x``, and the count of values per channel."""
-    x = x.detach()
-    dims = [0, *range(2, x.dim())]
-    return x.sum(dim=dims, dtype=torch.float64), (x * x).sum(dim=dims, dtype=torch.float64), x.numel() // x.shape[1]
+    """Per-channel sum and sum of squares (channels on dim 1) in float64, and the count of values per channel:
+    :func:`row_channel_sums` added over the samples."""
+    c = x.shape[1]
+    total = row_channel_sums(x).sum(0)
+    return total[:c], total[c:2 * c], x.numel() // c
 
 
 class ChannelMoments:
@@ -197,54 +208,60 @@ class BatchNormStreams:
     def __init__(self, module: nn.Module, type_map: Mapping[str, str] | None, n_configs: int,
                  device: torch.device) -> None:
         self.root = module
-        state = module.state_dict()
+        state: dict | None = None  # the root's state, built only for a layer that does not hold its own
         self.layers: list[tuple[str, str, nn.Module, int]] = []
         for name, cls, sub in batchnorm_layers(module, type_map):
-            running = _running(sub, name, state)
+            if getattr(sub, "running_mean", None) is None or getattr(sub, "running_var", None) is None:
+                state = module.state_dict() if state is None else state
+            running = _running(sub, name, state or {})
             if running is not None:  # no running statistics: nothing to compare (the audit skips it too)
                 self.layers.append((name, cls, sub, int(running[0].numel())))
         self.offsets = [0]
         for *_, c in self.layers:
             self.offsets.append(self.offsets[-1] + 2 * c + 1)
-        self.sums = torch.zeros(1 + n_configs, self.offsets[-1], dtype=torch.float64, device=device)
+        # one row per domain, and a last one that takes the rows of batches recorded into no domain
+        self.sums = torch.zeros(2 + n_configs, self.offsets[-1], dtype=torch.float64, device=device)
+        self.device = device
 
     @contextlib.contextmanager
     def recording(self, domains: Sequence[int | None], rows: int) -> Iterator[None]:
         """In this block, the inputs every BatchNorm layer sees hold ``len(domains)`` stacked batches of ``rows``
         rows each: add the k-th batch's to domain ``domains[k]`` (``None``: to none). Hooks always removed."""
+        discard = len(self.sums) - 1
+        index = torch.tensor([discard if d is None else d for d in domains], device=self.device)
+        index = index.repeat_interleave(rows)  # each stacked row's domain
         handles = []
         try:
-            for (_, _, sub, c), off in zip(self.layers, self.offsets):
-                handles.append(sub.register_forward_pre_hook(self._hook(off, c, list(domains), rows)))
+            for (name, _, sub, c), off in zip(self.layers, self.offsets):
+                handles.append(sub.register_forward_pre_hook(self._hook(name, off, c, index)))
             yield
         finally:
             for h in handles:
                 h.remove()
 
-    def _hook(self, off: int, c: int, domains: list[int | None], rows: int):
+    def _hook(self, name: str, off: int, c: int, index: torch.Tensor):
         def fn(mod, args):
             x = args[0] if args else None
             if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] != c:
                 return
-            first = 0
+            rows = index
             chunk = self.root.__dict__.get("_robaudit_chunk")  # a fixed-batch archive: one chunk, real rows only
             if chunk is not None:
-                first, x = chunk[0] * self.root.__dict__["_robaudit_fixed_batch"], x[:chunk[1]]
-            for k, domain in enumerate(domains):  # the rows of batch k that this call holds
-                lo, hi = max(k * rows - first, 0), min((k + 1) * rows - first, len(x))
-                if domain is None or lo >= hi:
-                    continue
-                s, ss, n = channel_sums(x[lo:hi])
-                row = self.sums[domain, off:off + 2 * c + 1]
-                row[:c] += s
-                row[c:2 * c] += ss
-                row[2 * c] += n
+                first = chunk[0] * self.root.__dict__["_robaudit_fixed_batch"]
+                x, rows = x[:chunk[1]], index[first:first + chunk[1]]
+            if len(x) != len(rows):  # samples folded into the batch dimension inside the model (batch-major)
+                if len(rows) == 0 or len(x) % len(rows):
+                    raise RobauditError(f"BatchNorm layer {name} sees {len(x)} rows for {len(rows)} samples, so "
+                                        "its rows cannot be matched to samples: robaudit needs a model that "
+                                        "keeps each sample's values on the batch dimension")
+                rows = rows.repeat_interleave(len(x) // len(rows))
+            self.sums[:, off:off + 2 * c + 1].index_add_(0, rows, row_channel_sums(x))
         return fn
 
     def moments(self, sums: torch.Tensor) -> "BatchNormMoments":
         """The host result of ``sums`` (this object's, added over processes): no module references."""
         return BatchNormMoments(layers=[(name, cls, c) for name, cls, _, c in self.layers],
-                                offsets=list(self.offsets), sums=sums.detach().cpu())
+                                offsets=list(self.offsets), sums=sums[:-1].detach().cpu())
 
 
 @dataclass

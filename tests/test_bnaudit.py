@@ -138,3 +138,66 @@ def test_the_analysis_measures_the_audit_in_its_own_passes(tmp_path, form):
                                     config=config)
     pd.testing.assert_frame_equal(measured, again, rtol=1e-6)
     assert measured["adv_vs_clean"].iloc[0] > 0
+
+
+class _TokenBN(nn.Module):
+    """BatchNorm1d over every token's features: the samples' tokens folded into the batch dimension."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(4, 6)
+        self.bn = nn.BatchNorm1d(6)
+        self.head = nn.Linear(4 * 6, 3)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.2, 0.2)
+            self.bn.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        tokens = self.embed(x.reshape(len(x), 4, 4))  # (batch, 4 tokens, 6 features)
+        return self.head(self.bn(tokens.reshape(-1, 6)).reshape(len(x), -1))
+
+
+@pytest.mark.filterwarnings("ignore:layer bn:UserWarning")  # its token rows are not probed as a layer
+def test_the_analysis_measures_tokens_folded_into_the_batch_and_every_group_of_configurations():
+    """The moments of a BatchNorm whose rows are the samples' tokens (batch-major) are split by sample, and a
+    configuration that shares a pass without the clean batch (beyond the first JOINT_CONFIGS) is still measured:
+    both equal the audit that attacks again."""
+    from robaudit.battery import JOINT_CONFIGS
+    from robaudit.lsa import analyze
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(10, 16, generator=g), torch.randint(0, 3, (10,), generator=g)
+    model = _TokenBN().eval()
+    eps = [0.02 * k for k in range(1, 6)]
+    result = analyze(model, (x, y), attacks=["fgsm", "pgd:steps=2"], eps=eps, batch_size=4, device="cpu", seed=1,
+                     probe="modules")
+    labels = [(s.label, s.eps) for s in result.attacks]
+    config = labels.index(("pgd(steps=2)", eps[-1]))
+    assert config >= JOINT_CONFIGS  # in the second pass of each batch, which holds no clean rows
+    for i in (0, config):
+        measured = result.bn_moments.table(i, model)
+        assert measured["n_clean"].tolist() == [10 * 4] and measured["n_adv"].tolist() == [10 * 4]
+        again = bnaudit.audit_batchnorm(model, model, (x, y), attack=result.attacks[i], num_classes=3, batch_size=4,
+                                        seed=1, config=i)
+        pd.testing.assert_frame_equal(measured, again, rtol=1e-6)
+
+
+def test_a_batchnorm_whose_rows_are_not_the_samples_is_refused_in_one_line():
+    """A model that mixes its batch into rows that are no multiple of it: the moments cannot be split by sample."""
+    from robaudit.errors import RobauditError
+    from robaudit.lsa import analyze
+
+    class Mixing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(3)
+            self.head = nn.Linear(3, 3)
+
+        def forward(self, x):
+            pooled = self.bn(x[:1].reshape(-1, 3))  # one row for the whole batch
+            return self.head(x.reshape(len(x), -1)[:, :3] + pooled.mean(0))
+
+    x, y = torch.rand(8, 6), torch.randint(0, 3, (8,))
+    with pytest.raises(RobauditError, match="BatchNorm layer bn sees"):
+        analyze(Mixing().eval(), (x, y), attacks=["fgsm"], eps=[0.1], batch_size=4, device="cpu", probe="modules")
