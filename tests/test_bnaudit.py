@@ -59,7 +59,7 @@ def test_audit_against_a_hand_computation():
     cm, cv = x.double().mean(0), x.double().var(0, unbiased=False)
     e = 1e-5
     want = ((av + e + (am - cm) ** 2) / (2 * (cv + e)) + (cv + e + (am - cm) ** 2) / (2 * (av + e)) - 1).mean()
-    # the squares are float32 products summed in float64: the KL agrees to float32 precision
+    # each sample's channel sums are float32 (then added in float64): the KL agrees to float32 precision
     assert row.adv_vs_clean == pytest.approx(want.item(), rel=1e-6) and row.adv_vs_clean > 0
     assert row.adv_vs_running == pytest.approx(row.adv_vs_clean, rel=1e-6)
     assert not any(h for h in model[0]._forward_pre_hooks.values())
