@@ -215,14 +215,14 @@ class Battery:
         every perturbed one's difference from it are taken, so no activation outlives its layer (the clean
         counts, output layers and BatchNorm moments only on the ``first`` group of a batch)."""
         rows, g = len(x), len(group)
-        clean: dict[str, torch.Tensor] = {}  # layer -> its per-sample norms on the clean batch (rows)
+        clean: dict[str, torch.Tensor] = {}  # layer -> its per-sample norms on the clean batch (1 x rows)
         delta: dict[str, torch.Tensor] = {}  # layer -> the norms of each perturbed batch's difference (g x rows)
         heads: dict[str, torch.Tensor] = {}  # layers shaped like the logits: compared with them after the pass
 
-        def observe(name: str, t: torch.Tensor) -> torch.Tensor:
-            v = t.detach().reshape(1 + g, rows, -1)
-            clean[name] = torch.linalg.vector_norm(v[0], dim=1)
-            delta[name] = torch.linalg.vector_norm(v[1:] - v[:1], dim=2)
+        def observe(name: str, t: torch.Tensor) -> torch.Tensor:  # under no_grad: nothing to detach
+            base, perturbed = t.reshape(1 + g, rows, -1).split((1, g))
+            clean[name] = torch.linalg.vector_norm(base, dim=2)
+            delta[name] = torch.linalg.vector_norm(perturbed - base, dim=2)
             if first and t.dim() == 2:  # logits are (batch, classes): only 2-D outputs can be the output layer
                 heads[name] = t[:rows].detach()
             return t
@@ -247,7 +247,7 @@ class Battery:
                 hits += (t == clean_logits).all()  # the output layer, found without a host sync
         if clean and g:  # every layer and configuration's sums in one set of operations
             n_layers = len(clean)
-            clean_sq = squared(torch.stack(list(clean.values()))).unsqueeze(1).expand(n_layers, g, rows)
+            clean_sq = squared(torch.stack(list(clean.values()))).expand(n_layers, g, rows)  # layers x 1 x rows
             delta_sq = squared(torch.stack(list(delta.values())))  # layers x g x rows, float64
             inc = RelativeError.increments(clean_sq.reshape(n_layers * g, rows), delta_sq.reshape(n_layers * g, rows))
             key = (tuple(clean), tuple(group))
