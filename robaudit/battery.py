@@ -23,8 +23,9 @@ from torch import nn
 from . import attacks as atk
 from . import dist
 from .bnaudit import BatchNormMoments, BatchNormStreams
-from .errors import NonFiniteError
+from .errors import NonFiniteError, RobauditError
 from .metrics import RelativeError, squared
+from .models import check_compatible, check_logits
 from .probe import Layer, LayerProbe
 from .samples import SampleLog, perturbation_norms
 
@@ -108,6 +109,7 @@ class Setup:
     device: torch.device
     seed: int
     streaming: bool  # False for a fixed-batch archive: its chunked outputs are read after the pass
+    num_classes: int
     bn: BatchNormStreams | None = None  # BatchNorm input moments, taken in the hooked passes
 
     def restore_eval(self) -> None:
@@ -157,17 +159,37 @@ class Battery:
         self.kept: dict[int, dict[int, torch.Tensor]] = {i: {} for i in range(n)}  # config -> batch -> outcomes
         self.rows: dict[int, tuple] = {}  # batch -> samples.csv columns (host copies), with keep_rows
         self.batches: list[int] = []
+        self.checked = False  # whether model and data were seen to fit (on this process's first batch)
 
     # -- one batch ----------------------------------------------------------------------------
     def step(self, b: int, start: int, x: torch.Tensor, y: torch.Tensor) -> None:
         """Global batch ``b`` (samples ``start``...): every configuration's perturbed batch, then hooked passes
-        of the clean batch stacked with up to :data:`JOINT_CONFIGS` perturbed ones, then the outcomes."""
+        of the clean batch stacked with up to :data:`JOINT_CONFIGS` perturbed ones, then the outcomes.
+
+        The first batch also checks that model and data fit, instead of a forward pass of its own before it: its
+        clean logits must be logits for the data set's classes, and if it fails, a small forward pass says in one
+        line whether the model does not take these inputs or fails to run (the original error otherwise)."""
+        if self.checked:
+            return self._step(b, start, x, y)
+        try:
+            self._step(b, start, x, y)
+        except RobauditError:
+            raise
+        except Exception:
+            with self.probe.paused():
+                check_compatible(self.s.full, x[:2], self.s.num_classes)
+            raise
+        self.checked = True
+
+    def _step(self, b: int, start: int, x: torch.Tensor, y: torch.Tensor) -> None:
         n, rows = len(self.s.specs), len(x)
         advs = [self._perturbed(b, i, x, y) for i in range(n)]
         logits = []  # the clean batch's, then each configuration's
         for g, group in enumerate([list(range(n))[k:k + JOINT_CONFIGS] for k in range(0, n, JOINT_CONFIGS)] or [[]]):
             out = self._joint_pass(group, x, [advs[i] for i in group], first=g == 0)
             logits.extend(out[k * rows:(k + 1) * rows] for k in range(0 if g == 0 else 1, 1 + len(group)))
+        if not self.checked:
+            check_logits(logits[0], self.s.num_classes)
         if not torch.isfinite(logits[0]).all():
             raise NonFiniteError(f"the model returns non-finite outputs on clean samples {start}..{start + rows - 1}")
         bad = torch.stack([~torch.isfinite(a).all() for a in advs]) if advs else None

@@ -28,7 +28,7 @@ from .errors import NonFiniteError, RobauditError
 from .battery import Battery, PerturbationSizes, Setup, Totals, write_rows  # noqa: F401 (PerturbationSizes: API)
 from .bnaudit import BatchNormMoments, BatchNormStreams
 from .metrics import RelativeError, per_sample_sq_norms, relative_error  # noqa: F401 (defined there)
-from .models import LoadedModel, as_graph, check_compatible, with_normalization
+from .models import LoadedModel, as_graph, with_normalization
 from .rundir import rows_at
 from .probe import PROBE_MODES, Layer, LayerProbe, select_modules
 from .samples import SampleLog
@@ -307,7 +307,8 @@ def analyze(
 
 def _prepare(model, data, *, attacks, eps, layers, layer_types, mean, std, batch_size, device, seed, type_map,
              probe, stack: contextlib.ExitStack) -> tuple[Setup, LayerProbe]:
-    """The battery's model, attacks and probe (entered on ``stack``), checked before any batch runs."""
+    """The battery's model, attacks and probe (entered on ``stack``); the first batch checks that model and data
+    fit (:meth:`Battery.step`)."""
     if isinstance(model, LoadedModel):
         type_map = type_map or model.type_map
         model = model.module
@@ -328,14 +329,13 @@ def _prepare(model, data, *, attacks, eps, layers, layer_types, mean, std, batch
     # the attacks run on the user's own module (the graph copy is only for the hooked passes): its
     # generated code costs more than eager execution, which the attacks would pay at every step
     attacked = full if eager is model else _normalized(eager, mean, std, ndim=x_all.dim(), device=device)
-    check_compatible(full, x_all[:2].to(device), num_classes)
     modules = select_modules(model, layer_types=layer_types, patterns=layers, type_map=type_map, probe=probe)
     seed_everything(seed)
     builders = [atk.build(s, attacked, num_classes=num_classes, seed=seed) for s in specs]
     # a fixed-batch archive runs in chunks, whose outputs the probe joins: read them after the pass
     streaming = model.__dict__.get("_robaudit_fixed_batch") is None
     setup = Setup(model=model, eager=eager, full=full, attacked=attacked, specs=specs, builders=builders,
-                  device=device, seed=seed, streaming=streaming,
+                  device=device, seed=seed, streaming=streaming, num_classes=num_classes,
                   bn=BatchNormStreams(model, type_map, len(specs), device))
     return setup, stack.enter_context(LayerProbe(model, modules, type_map=type_map, detach=True))
 

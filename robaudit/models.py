@@ -479,6 +479,14 @@ def check_compatible(model: nn.Module, x: torch.Tensor, num_classes: int, *, nam
                 f"{name} does not accept inputs of shape {tuple(x.shape[1:])} from this data set ({msg[:200]}); "
                 "pick the data set it was trained on"
             ) from e
+    check_logits(out, num_classes, name=name)
+    if not torch.isfinite(out).all():
+        raise NonFiniteError(f"{name} returns non-finite outputs (NaN or inf) on clean data: check the weights")
+
+
+def check_logits(out, num_classes: int, *, name: str = "the model") -> None:
+    """Fail in one line unless ``out`` (a model's output) is shaped as logits for ``num_classes`` classes;
+    warn when it has more outputs than classes."""
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise RobauditError(f"{name} must return logits of shape (batch, classes); it returned {shape}")
@@ -487,9 +495,7 @@ def check_compatible(model: nn.Module, x: torch.Tensor, num_classes: int, *, nam
             f"{name} has {out.shape[1]} outputs but the data set has {num_classes} classes: pick the matching data set"
         )
     if out.shape[1] > num_classes:
-        warnings.warn(f"{name} has {out.shape[1]} outputs for {num_classes} classes", stacklevel=2)
-    if not torch.isfinite(out).all():
-        raise NonFiniteError(f"{name} returns non-finite outputs (NaN or inf) on clean data: check the weights")
+        warnings.warn(f"{name} has {out.shape[1]} outputs for {num_classes} classes", stacklevel=3)
 
 
 # -- saving --------------------------------------------------------------------------------

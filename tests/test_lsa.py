@@ -542,3 +542,82 @@ def test_perturbation_sizes_joined_every_few_batches_keep_their_batches():
     again = PerturbationSizes("L2")
     again.parts = parts
     assert again.compute() == got
+
+
+# -- model and data fit, checked on the first batch --------------------------------------------
+class _Counting(nn.Module):
+    """Counts its forward passes."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.inner(x)
+
+
+def test_the_first_batch_checks_the_fit_without_a_forward_pass_of_its_own():
+    """One batch, FGSM, module probing: the attack's forward and the hooked pass, nothing before them."""
+    model = _Counting(make_cnn()).eval()
+    d = make_data(model.inner, n=6)
+    model.calls = 0
+    analyze(model, (d.x, d.y), attacks=["fgsm"], eps=[0.1], batch_size=8, device="cpu", probe="modules")
+    assert model.calls == 2
+
+
+@pytest.mark.parametrize("case, match", [
+    ("inputs", r"does not accept inputs of shape \(1, 6, 6\)"),
+    ("classes", "4 outputs but the data set has 10 classes"),
+    ("logits", r"must return logits of shape \(batch, classes\); it returned \(\d+, 4, 1\)"),
+    ("broken", r"failed to run .*AttributeError.*not the cause"),
+])
+def test_a_model_that_does_not_fit_the_data_is_refused_in_one_line(case, match):
+    x, y = torch.rand(5, 1, 8, 8), torch.randint(0, 4, (5,))
+    model = make_cnn()
+    if case == "inputs":
+        x = torch.rand(5, 1, 6, 6)
+    elif case == "classes":
+        y = torch.arange(5) % 10
+        y[:2] = 9  # labels the model has no output for
+    elif case == "logits":
+        model = nn.Sequential(make_cnn(), nn.Unflatten(1, (4, 1)))
+    else:
+        class Broken(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.fc = nn.Linear(64, 4)
+
+            def forward(self, x):
+                return self.fc(self.missing(x))
+        model = Broken()
+    data = SimpleNamespace(x=x, y=y, num_classes=10 if case == "classes" else 4)
+    with pytest.raises(RobauditError, match=match):
+        analyze(model.eval(), data, attacks=["pgd:steps=2"], eps=[0.1], batch_size=4, device="cpu")
+
+
+def test_more_outputs_than_classes_warn_once_and_the_analysis_runs():
+    model = make_cnn()
+    d = make_data(model, n=10)
+    with pytest.warns(UserWarning, match="4 outputs for 3 classes") as caught:
+        res = analyze(model, (d.x, d.y % 3), attacks=["fgsm"], eps=[0.1], batch_size=4, device="cpu")
+    assert sum("outputs for 3 classes" in str(w.message) for w in caught) == 1
+    assert res.n_samples == 10
+
+
+def test_an_error_that_is_no_misfit_is_raised_as_it_is():
+    """A model that runs on two samples but fails on a full batch: the check finds no misfit, the error stands."""
+    class FailsOnFour(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = make_cnn()
+
+        def forward(self, x):
+            if len(x) == 4:
+                raise RuntimeError("fails on four")
+            return self.inner(x)
+
+    x, y = torch.rand(4, 1, 8, 8), torch.arange(4)
+    with pytest.raises(RuntimeError, match="fails on four"):
+        analyze(FailsOnFour().eval(), (x, y), attacks=["fgsm"], eps=[0.1], batch_size=4, device="cpu",
+                probe="modules")
