@@ -28,7 +28,8 @@
    left out of the ratio). Per round one analyze and one bare loop, alternating which goes first; the
    median per-round ratio (and its min-max) on the process CPU clock, which other processes on shared
    cores do not inflate, and on the wall clock. Target 1.15x (CPU time). ``--archs`` runs this part
-   alone (7 rounds unless ``--rounds``).
+   alone. 11 rounds unless ``--rounds`` (in the full run too: a round's ratio on a shared machine can be off by
+   a fifth either way, and the median of a few rounds with it).
 
 4. Streaming memory: the same, on 1k and on 10k 8x8 PNG images read from an image folder on disk
    (``--dataset imagefolder:DIR``, decoded batch by batch through a DataLoader), and on 1k and 10k
@@ -451,7 +452,7 @@ ARCH_CASES = (("resnet18", {"width": 16}), ("vit", {"dim": 64, "mlp": 128, "head
 ARCH_SAMPLES, ARCH_BATCH = 128, 64
 ARCH_BATTERY = ["pgd"]
 ARCH_EPS = [8 / 255]
-ARCH_ROUNDS = 7
+ARCH_ROUNDS = 11
 
 
 def clocks(fn) -> tuple[float, float]:
@@ -792,7 +793,7 @@ def main(argv=None) -> int:
     out.write(f"(for scale: keeping the clean and perturbed activations of the extra {sizes[1] - sizes[0]} "
               f"samples would take {kept:,.0f} MB)\n")
 
-    ok_archs = arch_overhead(out, rounds, args.quick)
+    ok_archs = arch_overhead(out, args.rounds or ARCH_ROUNDS, args.quick)
     ok_folder = folder_memory(sizes, args.batch_size, args.threads, out)
     ok_folder &= cifar_memory(sizes, args.batch_size, args.threads, out)
     ok_checks = checks_share(len(x), args.threads, out)
