@@ -251,17 +251,18 @@ class Battery:
 
         domains = [0 if first else None] + [1 + i for i in group]
         stacked = torch.cat([x, *advs])
-        with torch.no_grad(), self._bn(domains, rows):
-            if not self.s.streaming:  # a fixed-batch archive's chunks are joined by the probe: read them after
-                logits, outs = self.probe.run(self.s.full, stacked)
-                for name, t in outs.items():
-                    observe(name, t)
-            else:
-                self.probe.transform, self.probe.record = (lambda layer, t: observe(layer.name, t)), False
-                try:
+        self.probe.stacked = 1 + g
+        try:
+            with torch.no_grad(), self._bn(domains, rows):
+                if not self.s.streaming:  # a fixed-batch archive's chunks are joined by the probe: read them after
+                    logits, outs = self.probe.run(self.s.full, stacked)
+                    for name, t in outs.items():
+                        observe(name, t)
+                else:
+                    self.probe.transform, self.probe.record = (lambda layer, t: observe(layer.name, t)), False
                     logits = self.probe.run(self.s.full, stacked)[0]
-                finally:
-                    self.probe.transform, self.probe.record = None, True
+        finally:
+            self.probe.transform, self.probe.record, self.probe.stacked = None, True, 1
         clean_logits = logits[:rows].detach()
         for name, t in heads.items():
             if t.shape == clean_logits.shape:

@@ -234,6 +234,7 @@ class LayerProbe:
         self.detach = detach
         self.transform = transform
         self.record = True  # False: only call ``transform`` (an observer may read each output as it runs)
+        self.stacked = 1  # batches stacked in the pass now running (what messages about the batch size say)
         self._handles: list = []
         self._calls: dict[str, int] = {}
         self._chunk: int | None = None
@@ -299,7 +300,7 @@ class LayerProbe:
         known = self._batch_dims.get(key)
         if known is not None:
             if t.shape[known] != n:
-                raise RobauditError(f"layer {key}: its output {tuple(t.shape)} no longer holds the batch of {n} at "
+                raise RobauditError(f"layer {key}: its output {tuple(t.shape)} no longer holds {self._rows(n)} at "
                                     f"dim {known}; the model's layout depends on its input: restrict --layers")
             return known
         dims = [i for i, size in enumerate(t.shape) if size == n]
@@ -308,10 +309,16 @@ class LayerProbe:
         if len(dims) == 1 or dims[0] != 0:
             if len(dims) > 1:
                 raise RobauditError(f"layer {key}: its output {tuple(t.shape)} has {n} entries at dims "
-                                    f"{', '.join(map(str, dims))}, so the batch dimension is unclear: choose "
-                                    "another --batch-size")
+                                    f"{', '.join(map(str, dims))} ({self._rows(n)}), so the batch dimension is "
+                                    "unclear: choose another --batch-size")
             self._batch_dims[key] = dims[0]
         return dims[0]
+
+    def _rows(self, n: int | None) -> str:
+        """The batch of ``n`` rows, in a message: the samples of each stacked batch when there are several."""
+        if self.stacked > 1 and n is not None:
+            return f"{n} rows ({self.stacked} stacked batches of {n // self.stacked} samples)"
+        return f"the batch of {n}"
 
     def _make_hook(self, name: str):
         def hook(module, inputs, output):
@@ -337,8 +344,9 @@ class LayerProbe:
             if dim is None:
                 if key not in self._no_batch:
                     self._no_batch.add(key)
-                    warnings.warn(f"layer {key}: its output {tuple(output.shape)} has no dimension of the batch size "
-                                  f"{n}, so it holds no per-sample activation; it is not probed", stacklevel=2)
+                    warnings.warn(f"layer {key}: its output {tuple(output.shape)} has no dimension of "
+                                  f"{self._rows(n)}, so it holds no per-sample activation; it is not probed",
+                                  stacklevel=2)
                 return None
             view = output.movedim(dim, 0) if dim else output
             rest = None

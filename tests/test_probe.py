@@ -442,7 +442,12 @@ def test_an_output_without_a_batch_dimension_is_not_probed():
             return h
 
     model = Stats().eval()
-    with pytest.warns(UserWarning, match="summary.*no dimension of the batch size 4"):
+    with pytest.warns(UserWarning, match="summary.*no dimension of the batch of 4,"):
         with LayerProbe(model, ["scale", "summary"]) as probe:
             _, outs = probe.run(model, torch.rand(4, 3))
     assert list(outs) == ["scale"]
+    # in the analysis' pass, the clean batch and the perturbed one are stacked: the warning says so
+    x, y = torch.rand(4, 3), torch.arange(4) % 3
+    with pytest.warns(UserWarning, match=r"summary.*no dimension of 8 rows \(2 stacked batches of 4 samples\)"):
+        res = analyze(model, (x, y), attacks=["fgsm"], eps=[0.1], batch_size=4, device="cpu", probe="modules")
+    assert res.lsa["layer"].unique().tolist() == ["scale"]
