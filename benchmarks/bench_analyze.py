@@ -1,6 +1,6 @@
 """What LSA costs on top of the attacks it runs, and whether its memory stays flat, side by side in one run.
 
-    python benchmarks/bench_analyze.py            # about 8 minutes on 2 CPU cores
+    python benchmarks/bench_analyze.py            # about 10 minutes on 2 CPU cores
     python benchmarks/bench_analyze.py --whole    # only the whole-process comparison (about 2.5 minutes)
     python benchmarks/bench_analyze.py --quick    # under a minute: 256 samples timed, memory at 1k vs 4k
     python benchmarks/bench_analyze.py --profile  # also: where analyze spends its time (cProfile)
@@ -21,8 +21,9 @@
    a growth under 10 MB counts as flat whatever the ratio; what keeping activations would cost is printed
    for scale.
 
-3. Architectures: the same time ratio for a ResNet-18 and a ViT on 3x32x32 inputs (``tests/archs.py``,
-   at reduced width), PGD-10 at 8/255, every module and op probed (``--probe all``): as a ``.pt2``
+3. Architectures: the same time ratio for a ResNet-18 (torchvision's, base width 64) and a small ViT on 3x32x32
+   inputs (``tests/archs.py``; a quarter-width ResNet-18 is printed beside them for scale, not judged),
+   PGD-10 at 8/255, every module and op probed (``--probe all``): as a ``.pt2``
    (the attacks and analyze both run the loaded archive) and as an eager model (the attacks run the
    eager module, the hooked passes its internal export; the one-off export is timed separately and
    left out of the ratio). Per round one analyze and one bare loop, alternating which goes first; the
@@ -448,7 +449,11 @@ def deepfool_ratio(model, x, y, num_classes, batch_size, rounds, out, *, per_sam
     return ratio <= DEEPFOOL_TARGET
 
 
-ARCH_CASES = (("resnet18", {"width": 16}), ("vit", {"dim": 64, "mlp": 128, "heads": 4}))
+# (label, tests/archs.py key, its arguments, judged against the target): torchvision's ResNet-18 (base width 64),
+# a quarter-width one for scale (printed, not judged: its convolutions are cheaper, so the per-layer norms and
+# BatchNorm moments, which scale with the activations, weigh more), and a small ViT
+ARCH_CASES = (("resnet18", "resnet18", {"width": 64}, True), ("resnet18 w16", "resnet18", {"width": 16}, False),
+              ("vit", "vit", {"dim": 64, "mlp": 128, "heads": 4}, True))
 ARCH_SAMPLES, ARCH_BATCH = 128, 64
 ARCH_BATTERY = ["pgd"]
 ARCH_EPS = [8 / 255]
@@ -551,9 +556,9 @@ def arch_overhead(out, rounds: int, quick: bool) -> bool:
     out.write(f"\narchitectures at 3x32x32: {n} samples, batch {ARCH_BATCH}, PGD-10 at eps 8/255, --probe all, "
               f"{torch.get_num_threads()} thread(s); analyze / bare attack loop, median of {rounds} alternating "
               "rounds (min-max)\n")
-    out.write(f"{'model':<16} {'layers':>6} {'analyze cpu s':>13} {'attack cpu s':>12} {'cpu ratio':>24} "
+    out.write(f"{'model':<18} {'layers':>6} {'analyze cpu s':>13} {'attack cpu s':>12} {'cpu ratio':>24} "
               f"{'wall ratio':>24}\n")
-    for key, kwargs in ARCH_CASES:
+    for name, key, kwargs, judged in ARCH_CASES:
         cls, _ = archs.ARCHS[key]
         torch.manual_seed(0)
         eager = cls(num_classes=10, **kwargs).eval()
@@ -569,7 +574,7 @@ def arch_overhead(out, rounds: int, quick: bool) -> bool:
             def built_once(model, example, type_map=None, graph=graph):
                 return graph if model is eager else (model, type_map)
 
-            for label, model, bare_model in ((f"{key} .pt2", loaded, loaded.module), (f"{key} eager", eager, eager)):
+            for label, model, bare_model in ((f"{name} .pt2", loaded, loaded.module), (f"{name} eager", eager, eager)):
                 n_layers = len(run_analyze(model, x[:2], y[:2], ARCH_BATTERY, ARCH_EPS, ARCH_BATCH, 0).layers) \
                     if label.endswith(".pt2") else None
                 with mock.patch.object(lsa, "graph_for_ops", built_once):
@@ -579,12 +584,13 @@ def arch_overhead(out, rounds: int, quick: bool) -> bool:
                                       lambda: bare_loop(bare_model, x, y, 10, ARCH_BATTERY, ARCH_EPS, ARCH_BATCH, 0),
                                       rounds)
                 cpu = statistics.median(r["cpu"])
-                ok &= cpu <= TIME_TARGET
-                out.write(f"{label:<16} {n_layers:>6} {statistics.median(r['first_cpu']):>13.3f} "
+                verdict = ("" if cpu <= TIME_TARGET else "  ABOVE TARGET") if judged else "  (for scale, not judged)"
+                ok &= cpu <= TIME_TARGET or not judged
+                out.write(f"{label:<18} {n_layers:>6} {statistics.median(r['first_cpu']):>13.3f} "
                           f"{statistics.median(r['second_cpu']):>12.3f} {_spread(r['cpu']):>24} "
-                          f"{_spread(r['wall']):>24}{'' if cpu <= TIME_TARGET else '  ABOVE TARGET'}\n")
-        out.write(f"({key}: the internal export of the eager model takes {export_s:.2f} s once per analyze, "
-                  "not counted above)\n")
+                          f"{_spread(r['wall']):>24}{verdict}\n")
+        out.write(f"({name}: {sum(p.numel() for p in eager.parameters()) / 1e6:.2f} M parameters; the internal "
+                  f"export of the eager model takes {export_s:.2f} s once per analyze, not counted above)\n")
     out.write(f"target: analyze <= {TIME_TARGET}x the bare attack loop (median CPU-time ratio): "
               f"{'ok' if ok else 'ABOVE TARGET'}\n")
     return ok
