@@ -799,7 +799,7 @@ def main(argv=None) -> int:
     out.write(f"(for scale: keeping the clean and perturbed activations of the extra {sizes[1] - sizes[0]} "
               f"samples would take {kept:,.0f} MB)\n")
 
-    ok_archs = arch_overhead(out, args.rounds or ARCH_ROUNDS, args.quick)
+    ok_archs = arch_overhead(out, args.rounds or (3 if args.quick else ARCH_ROUNDS), args.quick)
     ok_folder = folder_memory(sizes, args.batch_size, args.threads, out)
     ok_folder &= cifar_memory(sizes, args.batch_size, args.threads, out)
     ok_checks = checks_share(len(x), args.threads, out)
