@@ -2,7 +2,7 @@
 
     python benchmarks/bench_analyze.py            # about 10 minutes on 2 CPU cores
     python benchmarks/bench_analyze.py --whole    # only the whole-process comparison (about 2.5 minutes)
-    python benchmarks/bench_analyze.py --quick    # under a minute: 256 samples timed, memory at 1k vs 4k
+    python benchmarks/bench_analyze.py --quick    # about 3.5 minutes: fewer samples and rounds, memory at 1k vs 4k
     python benchmarks/bench_analyze.py --profile  # also: where analyze spends its time (cProfile)
     python benchmarks/bench_analyze.py --dist     # only the torchrun speedup, 2 processes vs 1 (about 4 minutes)
 
