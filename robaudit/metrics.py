@@ -41,16 +41,11 @@ def relative_error(clean: torch.Tensor, perturbed: torch.Tensor, reduction: str 
 
 def per_sample_sq_norms(t: torch.Tensor) -> torch.Tensor:
     """Squared L2 norm of each sample's activation: the norm in the tensor's dtype (fast), squared in float64."""
-    return squared(per_sample_norms(t))
-
-
-def per_sample_norms(t: torch.Tensor) -> torch.Tensor:
-    """L2 norm of each sample's activation in the tensor's dtype; :func:`squared` of several layers' norms
-    stacked gives, in one operation, what :func:`per_sample_sq_norms` gives layer by layer."""
-    return torch.linalg.vector_norm(t.detach().flatten(1), dim=1)
+    return squared(torch.linalg.vector_norm(t.detach().flatten(1), dim=1))
 
 
 def squared(norms: torch.Tensor) -> torch.Tensor:
+    """Norms squared in float64, the precision every sum of :class:`RelativeError` is kept in."""
     return norms.double().pow(2)
 
 
