@@ -221,14 +221,13 @@ class BatchNormStreams:
             self.offsets.append(self.offsets[-1] + 2 * c + 1)
         # one row per domain, and a last one that takes the rows of batches recorded into no domain
         self.sums = torch.zeros(2 + n_configs, self.offsets[-1], dtype=torch.float64, device=device)
-        self.device = device
 
     @contextlib.contextmanager
     def recording(self, domains: Sequence[int | None], rows: int) -> Iterator[None]:
         """In this block, the inputs every BatchNorm layer sees hold ``len(domains)`` stacked batches of ``rows``
         rows each: add the k-th batch's to domain ``domains[k]`` (``None``: to none). Hooks always removed."""
         discard = len(self.sums) - 1
-        index = torch.tensor([discard if d is None else d for d in domains], device=self.device)
+        index = torch.tensor([discard if d is None else d for d in domains], device=self.sums.device)
         index = index.repeat_interleave(rows)  # each stacked row's domain
         handles = []
         try:
