@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import limits
 from .errors import RobauditError
 
 
@@ -126,51 +127,29 @@ def parse_number(text: str) -> float:
 
 
 def parse_eps_list(text: str | Sequence[str] | None) -> list[float] | None:
-    """Parse ``2/255,4/255,8/255`` into floats; every eps must be positive and finite."""
+    """Parse ``2/255,4/255,8/255`` into floats; every eps must lie in (0, 1] (:func:`robaudit.limits.eps`)."""
     if text is None:
         return None
     parts = text.split(",") if isinstance(text, str) else [p for t in text for p in t.split(",")]
     values = [parse_number(p) for p in parts if p.strip()]
     if not values:
         return None
-    for v in values:
-        if not math.isfinite(v) or v <= 0:
-            raise RobauditError(f"eps must be positive and finite, got {v}: use e.g. --eps 2/255,4/255,8/255")
-        if v > 1:
-            raise RobauditError(f"eps {v:g} is larger than the whole [0, 1] input range (an Linf ball that "
-                                "contains every input): use e.g. --eps 8/255; L2 attacks take their own eps")
-    return values
+    return [limits.eps(v, "--eps") for v in values]
 
 
-def _parse_value(key: str, text: str, default: Any) -> Any:
-    """Parse one parameter value with the type of its default (bool, whole number, word or float)."""
+def _parse_value(key: str, text: str, default: Any, *, what: str, norm: str) -> Any:
+    """Parse one parameter value with the type of its default (bool, whole number, word or float), numbers
+    within the range :func:`robaudit.limits.attack_param` gives them."""
     t = text.strip()
     if isinstance(default, bool):
         if t.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise RobauditError(f"{key}={text} must be true or false")
+            raise RobauditError(f"{what} must be true or false")
         return t.lower() in ("true", "1", "yes")
     if isinstance(default, str):
         return t
     if t.lower() in ("true", "false", "yes", "no"):
-        raise RobauditError(f"{key}={text} must be a number")
-    value = parse_number(t)
-    if isinstance(default, int):
-        if value != int(value) or value < 1:
-            raise RobauditError(f"{key}={text} must be a positive whole number")
-        return int(value)
-    if not math.isfinite(value):
-        raise RobauditError(f"{key}={text} must be finite")
-    low, low_ok, high = _FLOAT_RANGES.get(key, (-math.inf, True, math.inf))
-    if value < low or (value == low and not low_ok) or value > high:
-        bound = f"{'at least' if low_ok else 'greater than'} {low:g}" + (f" and at most {high:g}" if high < math.inf else "")
-        raise RobauditError(f"{key}={text} must be {bound}")
-    return value
-
-
-# (lower bound, lower bound allowed, upper bound) of the float parameters: a step size of 0 or less
-# leaves the input where it is and would read as perfect robustness
-_FLOAT_RANGES = {"alpha": (0.0, False, math.inf), "lr": (0.0, False, math.inf), "c": (0.0, False, math.inf),
-                 "kappa": (0.0, True, math.inf), "overshoot": (0.0, True, math.inf), "p_init": (0.0, False, 1.0)}
+        raise RobauditError(f"{what} must be a number")
+    return limits.attack_param(key, parse_number(t), what, norm=norm)
 
 
 CHOICES = {("autoattack", "version"): ("standard", "plus", "rand")}
@@ -186,33 +165,37 @@ def parse(text: str) -> AttackSpec:
     if name not in KINDS:
         raise RobauditError(f"unknown attack {name!r}: choose from {', '.join(KINDS)}")
     kind = KINDS[name]
-    eps, norm, params = None, kind.norm, []
+    items = []
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, sep, value = item.partition("=")
         key = key.strip().lower()
         if not sep:
             raise RobauditError(f"attack parameter {item!r} needs a value, e.g. {name}:{key}=...")
-        if key == "eps":
-            if not kind.bounded:
+        if key not in ("eps", "norm", *kind.defaults) or (key == "eps" and not kind.bounded):
+            if key == "eps":
                 raise RobauditError(f"{name} finds a minimal perturbation and takes no eps")
-            eps = parse_number(value) if value.strip() else None
-            if eps is None or not math.isfinite(eps) or eps <= 0:
-                raise RobauditError(f"{name}:eps={value} must be a positive number, e.g. {name}:eps=8/255")
-        elif key == "norm":
+            known = ", ".join(["eps", "norm", *kind.defaults]) if kind.bounded else ", ".join(kind.defaults)
+            raise RobauditError(f"unknown parameter {key!r} for {name}: it takes {known}")
+        items.append((key, value))
+    norm = kind.norm
+    for key, value in items:  # the norm first: the range of eps and alpha depends on it
+        if key == "norm":
             norm = NORMS.get(value.strip().lower())
             if norm not in (kind.norms or (kind.norm,)):
                 raise RobauditError(f"{name} does not support norm={value}")
-        elif key in kind.defaults:
-            parsed = _parse_value(key, value, kind.defaults[key] if kind.defaults[key] is not None else 0.0)
+    eps, params = None, []
+    for key, value in items:
+        if key == "eps":
+            if not value.strip():
+                raise RobauditError(f"{name}:eps= needs a positive number, e.g. {name}:eps=8/255")
+            eps = limits.eps(parse_number(value), f"{name}:eps", norm=norm)
+        elif key != "norm":
+            default = kind.defaults[key] if kind.defaults[key] is not None else 0.0
+            parsed = _parse_value(key, value, default, what=f"{name}:{key}", norm=norm)
             choices = CHOICES.get((name, key))
             if choices and parsed not in choices:
                 raise RobauditError(f"{name}:{key}={value} is not one of {', '.join(choices)}")
             params.append((key, parsed))
-        else:
-            known = ", ".join(["eps", "norm", *kind.defaults]) if kind.bounded else ", ".join(kind.defaults)
-            raise RobauditError(f"unknown parameter {key!r} for {name}: it takes {known}")
-    if eps is not None and norm == "Linf" and eps > 1:
-        raise RobauditError(f"{name}:eps={eps:g} is larger than the whole [0, 1] input range: use e.g. eps=8/255")
     return AttackSpec(name, tuple(params), eps, norm, explicit_eps=eps is not None)
 
 
