@@ -23,6 +23,7 @@ QUERIES_MAX = 1_000_000  # queries of a black-box attack
 EPOCHS_MAX = 100_000
 BATCH_MAX = 1 << 20
 WORKERS_MAX = 64
+SEED_MAX = 2**32 - 1  # numpy's and torch's generators both take it
 IMAGE_SIZE_MAX = 4096  # pixels of --image-size: 4096 x 4096 x 3 bytes is 48 MB a decoded image
 CLASSES_MAX = 100_000  # labels are below this (ImageNet-21k has 21,841 classes)
 NORM_RANGE = (1e-6, 1e6)  # |--mean| at most the upper bound; --std within both bounds
@@ -83,12 +84,12 @@ def real(value, what: str, *, low: float = -math.inf, high: float = math.inf, lo
     return number
 
 
-def eps(value, what: str = "--eps", *, norm: str = "Linf") -> float:
-    """A perturbation budget: (0, 1] in Linf (the whole [0, 1] input range), (0, L2_MAX] in L2."""
+def eps(value, what: str = "--eps", *, norm: str = "Linf", hint: str | None = None) -> float:
+    """A perturbation budget (or step): (0, 1] in Linf (the whole [0, 1] input range), (0, L2_MAX] in L2."""
     if norm == "L2":
-        return real(value, what, low=0.0, low_open=True, high=L2_MAX, hint="an L2 budget, e.g. 0.5")
+        return real(value, what, low=0.0, low_open=True, high=L2_MAX, hint=hint or "an L2 budget, e.g. 0.5")
     return real(value, what, low=0.0, low_open=True, high=EPS_LINF[1],
-                hint="an Linf budget in the [0, 1] input range, e.g. 8/255 (L2 attacks take their own eps)")
+                hint=hint or "an Linf budget in the [0, 1] input range, e.g. 8/255 (L2 attacks take their own eps)")
 
 
 def steps(value, what: str = "steps") -> int:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Sequence
 
+from .. import limits
 from ..errors import RobauditError
 
 
@@ -61,24 +62,15 @@ DEFAULT_LR = {Optimizer.ADAM: 1e-3, Optimizer.SGD: 1e-2}
 
 
 def check_eps(eps, what: str = "--eps") -> float:
-    """A positive finite budget from a number or a string such as ``8/255``; a one-line error otherwise."""
-    from ..attacks import parse_number
-
+    """An Linf budget or step in (0, 1] from a number or a string such as ``8/255`` (the range ``analyze``'s
+    --eps has); a one-line error otherwise."""
     if eps is None:
         raise RobauditError(f"{what} is required: the training perturbation budget, e.g. {what} 0.1")
-    try:
-        eps = float(eps)
-    except (TypeError, ValueError):
-        eps = parse_number(str(eps))
-    if not math.isfinite(eps) or eps <= 0:
-        raise RobauditError(f"{what} must be positive and finite, got {eps:g}: e.g. {what} 0.1 or 8/255")
-    return eps
+    return limits.eps(eps, what, hint="an Linf step in the [0, 1] input range, e.g. 2/255" if what == "--alpha" else None)
 
 
-def _whole(value, least: int, message: str) -> int:
-    if int(value) != value or value < least:
-        raise RobauditError(message.format(value=value))
-    return int(value)
+def _whole(value, least: int, most: int, what: str) -> int:
+    return limits.whole(value, what, low=least, high=most)
 
 
 def gamma_values(value: float | str | Sequence[float]) -> list[float]:
@@ -152,32 +144,28 @@ class HardenConfig:
         if self.eps is not None:
             set_("eps", check_eps(self.eps))
         gamma_values(self.gamma)
-        set_("steps", _whole(self.steps, 1, "--steps must be a positive whole number, not {value}"))
+        set_("steps", _whole(self.steps, 1, limits.STEPS_MAX, "--steps"))
         if self.alpha is not None:
             set_("alpha", check_eps(self.alpha, "--alpha"))
         if self.layer_eps is not None:
-            set_("layer_eps", check_eps(self.layer_eps, "--layer-eps"))
+            set_("layer_eps", limits.real(self.layer_eps, "--layer-eps", low=0.0, low_open=True,
+                                          high=limits.LAYER_EPS_MAX, hint="relative to the activations' RMS"))
         elif self.eps is not None:
             set_("layer_eps", self.eps)
-        set_("epochs", _whole(self.epochs, 1, "--epochs must be at least 1, not {value}"))
-        set_("batch_size", _whole(self.batch_size, 2, "--batch-size must be at least 2, not {value}"))
-        lr = DEFAULT_LR[self.optimizer] if self.lr is None else float(self.lr)
-        if not math.isfinite(lr) or lr <= 0:
-            raise RobauditError(f"--lr must be positive, not {lr:g}")
-        set_("lr", lr)
-        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
-            raise RobauditError(f"--weight-decay must be non-negative, not {self.weight_decay:g}")
-        set_("clean_weight", float(self.clean_weight))
-        if not 0 <= self.clean_weight <= 1:
-            raise RobauditError(f"--clean-weight must lie in [0, 1], not {self.clean_weight:g}")
+        set_("epochs", _whole(self.epochs, 1, limits.EPOCHS_MAX, "--epochs"))
+        set_("batch_size", _whole(self.batch_size, 2, limits.BATCH_MAX, "--batch-size"))
+        lr = DEFAULT_LR[self.optimizer] if self.lr is None else self.lr
+        set_("lr", limits.real(lr, "--lr", low=0.0, low_open=True, high=limits.PARAM_MAX))
+        set_("weight_decay", limits.real(self.weight_decay, "--weight-decay", low=0.0, high=limits.PARAM_MAX))
+        set_("clean_weight", limits.real(self.clean_weight, "--clean-weight", low=0.0, high=1.0))
         if self.method == Method.STANDARD and self.clean_weight:
             set_("notes", (*self.notes, "--clean-weight has no effect with method standard (all training is clean)"))
             set_("clean_weight", 0.0)
-        if not 0 < self.val_fraction < 1:
+        if not 0 < limits.real(self.val_fraction, "--val-fraction") < 1:
             raise RobauditError(f"the validation fraction must lie in (0, 1), not {self.val_fraction}")
         if self.seed is not None:
-            set_("seed", int(self.seed))
-        set_("workers", _whole(self.workers, 0, "--workers must be a whole number >= 0, not {value}"))
+            set_("seed", limits.whole(self.seed, "--seed", low=0, high=limits.SEED_MAX))
+        set_("workers", _whole(self.workers, 0, limits.WORKERS_MAX, "--workers"))
 
     @property
     def uses_mvl(self) -> bool:
