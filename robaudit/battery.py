@@ -24,7 +24,7 @@ from . import attacks as atk
 from . import dist
 from .bnaudit import BatchNormMoments, BatchNormStreams
 from .errors import NonFiniteError, RobauditError
-from .metrics import RelativeError, squared
+from .metrics import INPUT_LAYER, RelativeError, squared
 from .models import check_compatible, check_logits
 from .probe import Layer, LayerProbe
 from .samples import SampleLog, perturbation_norms
@@ -245,12 +245,16 @@ class Battery:
             base, perturbed = t.reshape(1 + g, rows, -1).split((1, g))
             clean[name] = torch.linalg.vector_norm(base, dim=2)
             delta[name] = torch.linalg.vector_norm(perturbed - base, dim=2)
-            if first and t.dim() == 2:  # logits are (batch, classes): only 2-D outputs can be the output layer
+            # logits are (batch, classes): only a layer's 2-D output can be the output layer
+            if first and t.dim() == 2 and name != INPUT_LAYER:
                 heads[name] = t[:rows].detach()
             return t
 
         domains = [0 if first else None] + [1 + i for i in group]
         stacked = torch.cat([x, *advs])
+        if g:  # the model's input, in [0, 1] before any normalization: what the first layer's re_gain is read against
+            with torch.no_grad():
+                observe(INPUT_LAYER, stacked)
         self.probe.stacked = 1 + g
         try:
             with torch.no_grad(), self._bn(domains, rows):

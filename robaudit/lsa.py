@@ -27,7 +27,7 @@ from .data import StreamingDataset, as_dataset, batches
 from .errors import NonFiniteError, RobauditError
 from .battery import Battery, PerturbationSizes, Setup, Totals, write_rows  # noqa: F401 (PerturbationSizes: API)
 from .bnaudit import BatchNormMoments, BatchNormStreams
-from .metrics import RelativeError, per_sample_sq_norms, relative_error  # noqa: F401 (defined there)
+from .metrics import INPUT_LAYER, RelativeError, layer_gains, per_sample_sq_norms, relative_error  # noqa: F401
 from .models import LoadedModel, as_graph, with_normalization
 from .rundir import rows_at
 from .probe import PROBE_MODES, Layer, LayerProbe, select_modules
@@ -36,7 +36,9 @@ from .samples import SampleLog
 log = logging.getLogger(__name__)
 
 LSA_COLUMNS = ["layer", "layer_type", "attack", "eps", "re_mean", "re_std", "re_pooled", "n_samples",
-               "order", "kind", "norm", "is_output"]
+               "order", "kind", "norm", "is_output", "re_gain"]
+# What the MVL list may rank by: the cumulative RE (per-sample mean or pooled), or each layer's own gain.
+MVL_METRICS = ("re_mean", "re_pooled", "re_gain")
 ACCURACY_COLUMNS = ["attack", "eps", "accuracy", "n_samples", "kind", "norm", "seconds", "success_rate",
                     "pert_median", "pert_p90"]
 
@@ -143,20 +145,25 @@ def strongest_attack(accuracy: pd.DataFrame) -> tuple[str, float | None]:
     return best[1], best[2]
 
 
-def select_mvl(lsa: pd.DataFrame, accuracy: pd.DataFrame, *, k: int | None = None, z: float | None = None,
-               attack: str | None = None, eps: float | None = None, metric: str = "re_mean",
-               include_output: bool = False) -> MVL:
-    """Rank layers by ``metric`` under one attack configuration; keep the top ``k`` or the z-outliers.
+def re_column(metric: str) -> str:
+    """The RE column behind a ranking metric: the metric itself, or ``re_mean`` for ``re_gain`` (a ratio of REs,
+    not an RE: a bar on RE or a before/after RE comparison reads the RE)."""
+    return "re_mean" if metric == "re_gain" else metric
 
-    Pass-through modules (Flatten, Identity, Dropout in eval) and, unless ``include_output``, the
-    output layer are left out and listed in ``excluded``.
+
+def ranking_rows(lsa: pd.DataFrame, accuracy: pd.DataFrame, *, attack: str | None = None, eps: float | None = None,
+                 metric: str = "re_mean", include_output: bool = False) -> tuple[pd.DataFrame, list[str], str, float | None]:
+    """The layers the MVL list chooses from: ``(rows, excluded, attack, eps)``, one row per layer under the ranking
+    configuration (by default the strongest attack at its largest eps) whose ``metric`` is defined.
+
+    Pass-through modules (Flatten, Identity, Dropout in eval) and, unless ``include_output``, the output layer are
+    left out and listed in ``excluded``. The controls of ``harden --layers-from`` draw from the same rows.
     """
-    if metric not in ("re_mean", "re_pooled"):
-        raise RobauditError(f"unknown MVL metric {metric!r}: use re_mean or re_pooled")
-    if k is not None and z is not None:
-        raise RobauditError("choose one MVL criterion: --mvl-top K or --mvl-z Z")
-    if k is not None and k < 1:
-        raise RobauditError("--mvl-top must be at least 1")
+    if metric not in MVL_METRICS:
+        raise RobauditError(f"unknown MVL metric {metric!r}: use {', '.join(MVL_METRICS)}")
+    if metric not in lsa.columns:
+        raise RobauditError(f"this analysis has no {metric} column (lsa.csv from an older robaudit): analyze again, "
+                            "or rank by re_mean")
     if attack is None:
         attack, default_eps = strongest_attack(accuracy)
         eps = default_eps if eps is None else eps
@@ -175,8 +182,24 @@ def select_mvl(lsa: pd.DataFrame, accuracy: pd.DataFrame, *, k: int | None = Non
         drop |= rows["is_output"].astype(bool)
     excluded = list(rows.loc[drop, "layer"])
     rows = rows[~drop]
+    return rows[rows[metric].notna()], excluded, attack, eps
+
+
+def select_mvl(lsa: pd.DataFrame, accuracy: pd.DataFrame, *, k: int | None = None, z: float | None = None,
+               attack: str | None = None, eps: float | None = None, metric: str = "re_mean",
+               include_output: bool = False) -> MVL:
+    """Rank layers by ``metric`` under one attack configuration; keep the top ``k`` or the z-outliers.
+
+    ``metric``: ``re_mean`` or ``re_pooled`` (the cumulative RE) or ``re_gain`` (each layer's own share). The
+    candidates are :func:`ranking_rows`'; the layers it leaves out are listed in ``excluded``.
+    """
+    if k is not None and z is not None:
+        raise RobauditError("choose one MVL criterion: --mvl-top K or --mvl-z Z")
+    if k is not None and k < 1:
+        raise RobauditError("--mvl-top must be at least 1")
+    rows, excluded, attack, eps = ranking_rows(lsa, accuracy, attack=attack, eps=eps, metric=metric,
+                                               include_output=include_output)
     ranked = rows.sort_values([metric, "order"], ascending=[False, True])
-    ranked = ranked[ranked[metric].notna()]
     if z is not None:
         mu, sd = ranked[metric].mean(), ranked[metric].std(ddof=0)
         ranked = ranked[ranked[metric] > mu + z * sd]
@@ -365,6 +388,12 @@ def _progress_bar(stack: contextlib.ExitStack, progress: bool, n_total: int, bat
 def _result(setup: Setup, totals: Totals, *, n_total: int, seconds: float) -> LSAResult:
     """The ``lsa.csv`` and ``accuracy.csv`` tables of the battery's totals."""
     specs = setup.specs
+    gains: dict[tuple[str, int], float] = {}  # per configuration: each layer over the one before it in forward order
+    for i in range(len(specs)):
+        chain = [layer.name for layer in totals.layers if (layer.name, i) in totals.re]
+        input_re = totals.re.get((INPUT_LAYER, i), {}).get("re_mean", math.nan)
+        gains.update(zip(((name, i) for name in chain),
+                         layer_gains([totals.re[(name, i)]["re_mean"] for name in chain], input_re)))
     rows = []
     for layer in totals.layers:
         for i, spec in enumerate(specs):
@@ -375,7 +404,7 @@ def _result(setup: Setup, totals: Totals, *, n_total: int, seconds: float) -> LS
                 "layer": layer.name, "layer_type": layer.layer_type, "attack": spec.label, "eps": spec.eps,
                 **{k: v for k, v in st.items() if k != "n_undefined"},
                 "order": layer.order, "kind": spec.kind, "norm": spec.norm,
-                "is_output": layer.name in totals.output_layers,
+                "is_output": layer.name in totals.output_layers, "re_gain": gains[(layer.name, i)],
             })
     lsa = pd.DataFrame(rows, columns=LSA_COLUMNS)
     clean = totals.correct[0]

@@ -12,6 +12,9 @@ import torch
 from .errors import RobauditError
 
 REDUCTIONS = ("none", "per-sample", "pooled")
+# The name under which the analysis keeps the RE of the model's input itself, ||x' - x|| / ||x|| (no module
+# or op layer can be named so): the first probed layer's re_gain is read against it.
+INPUT_LAYER = "(input)"
 
 
 def ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -37,6 +40,18 @@ def relative_error(clean: torch.Tensor, perturbed: torch.Tensor, reduction: str 
         ok = ~torch.isnan(re)
         return ratio(torch.where(ok, re, torch.zeros_like(re)).sum(), ok.sum().to(re.dtype))
     raise RobauditError(f"unknown RE mode {reduction!r}: use pooled or per-sample")
+
+
+def layer_gains(re_means, input_re: float) -> list[float]:
+    """``re_gain`` of a chain of layers in forward order: each layer's ``re_mean`` over the one before it (the
+    first over ``input_re``), a ratio of means; NaN where either is undefined or the one before is zero."""
+    gains, prev = [], float(input_re)
+    for value in re_means:
+        value = float(value)
+        ok = math.isfinite(value) and math.isfinite(prev) and prev > 0
+        gains.append(value / prev if ok else math.nan)
+        prev = value
+    return gains
 
 
 def per_sample_sq_norms(t: torch.Tensor) -> torch.Tensor:

@@ -621,3 +621,59 @@ def test_an_error_that_is_no_misfit_is_raised_as_it_is():
     with pytest.raises(RuntimeError, match="fails on four"):
         analyze(FailsOnFour().eval(), (x, y), attacks=["fgsm"], eps=[0.1], batch_size=4, device="cpu",
                 probe="modules")
+
+
+# ---------------------------------------------------------------------------------------------
+# re_gain: a layer's own share of the RE, by hand
+
+
+def hand_chain() -> nn.Module:
+    """Three bias-free linear layers: diag(2, 1), then diag(1, 3), then diag(2, 1) (the logits)."""
+    chain = nn.Sequential(*(nn.Linear(2, 2, bias=False) for _ in range(3)))
+    with torch.no_grad():
+        for layer, diag in zip(chain, ([2.0, 1.0], [1.0, 3.0], [2.0, 1.0])):
+            layer.weight.copy_(torch.diag(torch.tensor(diag)))
+    return chain.eval()
+
+
+# One sample x = (0.5, 0.25), label 0, FGSM at eps 0.1. Every layer is diagonal with positive weights, so the input
+# gradient of CE has the signs of dCE/dlogits = (p0 - 1, p1) = (-, +): x' = (0.4, 0.35).
+#   input  x (0.5, 0.25)   x' (0.4, 0.35)   |d|^2 0.02   |x|^2 0.3125   RE^2 0.064
+#   layer 0 (1.0, 0.25) -> (0.8, 0.35)      |d|^2 0.05   |phi|^2 1.0625 RE^2 0.05 / 1.0625
+#   layer 1 (1.0, 0.75) -> (0.8, 1.05)      |d|^2 0.13   |phi|^2 1.5625 RE^2 0.13 / 1.5625 = 0.0832
+#   layer 2 (2.0, 0.75) -> (1.6, 1.05)      |d|^2 0.25   |phi|^2 4.5625 RE^2 0.25 / 4.5625
+# re_gain = RE_l / RE_(l-1):
+#   layer 0: sqrt((0.05 / 1.0625) / 0.064) = sqrt(25 / 34) = 0.8574929257
+#   layer 1: sqrt(0.0832 / (0.05 / 1.0625)) = sqrt(1.768) = 1.3296616111
+#   layer 2: sqrt((0.25 / 4.5625) / 0.0832) = sqrt(0.390625 / 0.593125) = 0.8115343415
+HAND_GAINS = [0.8574929257, 1.3296616111, 0.8115343415]
+HAND_RE = [math.sqrt(0.05 / 1.0625), math.sqrt(0.0832), math.sqrt(0.25 / 4.5625)]
+
+
+def test_re_gain_of_a_three_layer_chain_by_hand():
+    x, y = torch.tensor([[0.5, 0.25]]), torch.tensor([0])
+    res = run(hand_chain(), SimpleNamespace(x=x, y=y, num_classes=2), attacks=["fgsm"], eps=[0.1], probe="modules")
+    lsa = res.lsa.set_index("layer").loc[["0", "1", "2"]]
+    assert list(res.lsa.columns) == LSA_COLUMNS and LSA_COLUMNS[-1] == "re_gain"
+    assert list(lsa["re_mean"]) == pytest.approx(HAND_RE, rel=1e-5)
+    assert list(lsa["re_gain"]) == pytest.approx(HAND_GAINS, rel=1e-5)
+    # the cumulative RE ranks layer 2 (0.234) above layer 0 (0.217); its own gain ranks layer 0 (0.857) above it
+    by_re = select_mvl(res.lsa, res.accuracy, k=2, include_output=True)
+    by_gain = select_mvl(res.lsa, res.accuracy, k=2, metric="re_gain", include_output=True)
+    assert by_re.names == ["1", "2"] and by_gain.names == ["1", "0"]
+    assert list(by_gain.layers["score"]) == pytest.approx(HAND_GAINS[1::-1], rel=1e-5)
+    assert by_gain.to_dict()["metric"] == "re_gain"
+
+
+def test_layer_gains_leave_undefined_ratios_nan():
+    from robaudit.metrics import layer_gains
+
+    assert layer_gains([0.2, 0.4, 0.1], 0.1) == pytest.approx([2.0, 2.0, 0.25])
+    gains = layer_gains([0.0, 0.3, math.nan, 0.2], 0.1)  # a zero RE or an undefined one: no ratio after it
+    assert gains[0] == 0.0 and math.isnan(gains[1]) and math.isnan(gains[2]) and math.isnan(gains[3])
+
+
+def test_ranking_by_gain_on_an_older_lsa_csv_says_what_to_do():
+    old = HAND_LSA.drop(columns=["re_gain"])
+    with pytest.raises(RobauditError, match="no re_gain column.*analyze again"):
+        select_mvl(old, HAND_ACC, k=1, metric="re_gain")
