@@ -14,13 +14,16 @@ from pathlib import Path
 
 import click
 
+from . import limits
 from .errors import RobauditError
 from .training.config import BaseAttack, HardenConfig, Method, Optimizer, ReMode, Schedule
+from .lsa import MVL_METRICS
+from .training.layers import LayerRule
 
 EXIT_USER = 2
 EXIT_INTERNAL = 1
 EXIT_INTERRUPTED = 130
-SEED_MAX = 2**32 - 1  # numpy's and torch's generators both take it
+SEED_MAX = limits.SEED_MAX  # numpy's and torch's generators both take it
 
 
 def _worker() -> bool:
@@ -119,6 +122,18 @@ def _floats(text: str | None, option: str) -> list[float] | None:
         raise RobauditError(f"{option}: {e}") from e
 
 
+def _mean_std(mean: str | None, std: str | None) -> tuple[list[float] | None, list[float] | None]:
+    """--mean and --std as numbers within :func:`robaudit.limits.mean_std`'s range (finite; std positive)."""
+    values = _floats(mean, "--mean"), _floats(std, "--std")
+    limits.mean_std(*values)
+    return values
+
+
+def _image_size(ctx, param, value) -> int | None:
+    """--image-size as a whole number of pixels within limits (checked while the options are read)."""
+    return limits.image_size(value)
+
+
 def _split_list(values) -> list[str] | None:
     out = [p.strip() for v in values or () for p in v.split(",") if p.strip()]
     return out or None
@@ -171,11 +186,11 @@ def data_options(f):
         click.option("--samples", "-n", type=int, help="Use the first N samples (in file order unless --shuffle)."),
         click.option("--shuffle", is_flag=True, help="Take a seeded random subset instead of the first N."),
         click.option("--no-download", is_flag=True, help="Never download: fail if the data files are missing."),
-        click.option("--image-size", type=int, metavar="N",
+        click.option("--image-size", metavar="N", callback=_image_size,
                      help="imagefolder: resize each image's shorter side to N pixels, then center-crop N x N."),
         click.option("--class-map", type=click.Path(dir_okay=False, path_type=Path),
                      help='imagefolder: JSON {"folder": label, ...} or a list of folder names in label order.'),
-        click.option("--workers", type=click.IntRange(0, 64), default=0, show_default=True,
+        click.option("--workers", type=click.IntRange(0, limits.WORKERS_MAX), default=0, show_default=True,
                      help="DataLoader processes that read on-disk data ahead while the model runs (image folders "
                           "are decoded there); 0: in this process."),
     ]):
@@ -269,7 +284,8 @@ def _verdict_and_gate(ctx, run_dir: Path, bars, as_json: bool, *, before: Path |
 @click.option("--mvl-top", type=int, help="MVL: the K most vulnerable layers (default 5).")
 @click.option("--mvl-z", type=float, help="MVL: layers whose RE exceeds mean + Z*std across layers.")
 @click.option("--mvl-attack", help="Rank layers under this attack label (default: the strongest in the battery).")
-@click.option("--mvl-metric", type=click.Choice(["re_mean", "re_pooled"]), default="re_mean", show_default=True)
+@click.option("--mvl-metric", type=click.Choice(list(MVL_METRICS)), default="re_mean", show_default=True,
+              help="Rank by the cumulative RE (re_mean, re_pooled) or by each layer's own gain (re_gain).")
 @click.option("--include-output", is_flag=True, help="Let the output (logits) layer enter the MVL list.")
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
@@ -297,12 +313,13 @@ def analyze(ctx, model, arch, arch_kwargs, trust_model, dataset, data_dir, split
     if mvl_top is not None and mvl_z is not None:
         raise RobauditError("choose one MVL criterion: --mvl-top K or --mvl-z Z")
     bars = _bars(fail_under, max_re, strict)
+    mean, std = _mean_std(mean, std)
     run = analyze_run(
         model, dataset, out=out, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_model=trust_model,
         data_dir=data_dir, split=split, samples=samples, shuffle=shuffle, download=not no_download,
         image_size=image_size, class_map=class_map, workers=workers, attacks=list(attacks) or None,
         eps=parse_eps_list(eps), layers=list(layer_globs) or None, layer_types=_split_list([layer_types] if layer_types else []),
-        probe=probe, mean=_floats(mean, "--mean"), std=_floats(std, "--std"), normalize=not no_normalize,
+        probe=probe, mean=mean, std=std, normalize=not no_normalize,
         mvl_top=mvl_top, mvl_z=mvl_z, mvl_attack=mvl_attack, mvl_metric=mvl_metric, include_output=include_output,
         batch_size=batch_size, device=device, seed=seed, checks=not no_checks, report=not no_report,
         progress=sys.stderr.isatty() if progress is None else progress,
@@ -415,6 +432,9 @@ def list_attacks():
               show_default=True, help="atlr: AT-LR; at: plain PGD adversarial training (the baseline); layerwise: "
                                       "perturb the MVL activations (about the cost of ordinary training); standard.")
 @click.option("--mvl-top", type=int, help="Harden the K most vulnerable layers (default: the run's MVL list).")
+@click.option("--layers-from", type=click.Choice([r.value for r in LayerRule]), default="mvl", show_default=True,
+              help="Which layers to regularize: the MVL list, or a control of as many layers that ignores the "
+                   "ranking: the deepest, or drawn at random with --seed.")
 @click.option("--gamma", default="1", show_default=True, metavar="G[,G...]",
               help="AT-LR weight of each layer's RE: one value, or one per MVL layer.")
 @click.option("--re-mode", type=click.Choice([m.value for m in ReMode]), default="pooled", show_default=True,
@@ -450,7 +470,7 @@ def list_attacks():
 @gate_options
 @click.pass_context
 def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_dir, split, samples, shuffle, out,
-           method, mvl_top, gamma, re_mode, base_attack, train_eps, steps, alpha, layer_eps, epochs, batch_size, lr,
+           method, mvl_top, layers_from, gamma, re_mode, base_attack, train_eps, steps, alpha, layer_eps, epochs, batch_size, lr,
            optimizer, weight_decay, schedule, clean_weight, dual_bn, include_output, val_fraction, train_data,
            resume, force, seed, device, no_report, progress, fail_under, max_re, strict, as_json, image_size,
            class_map, workers, **data_extra):
@@ -501,6 +521,7 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
     if resume:
         _say_resume(run_dir, say)
     done, warned = _harden_run(ctx, run_dir, cfg, mvl_top=mvl_top, include_output=include_output,
+                               layers_from=LayerRule.of(layers_from),
                                train_data=train_data, resume=resume, force=force, command=command,
                                download=not data_extra.get("no_download", False), arch=arch,
                                trust_model=trust_model)
@@ -626,6 +647,8 @@ def _echo_harden(done, *, warned=()) -> None:
     click.echo(f"{s['method']} on {', '.join(s['mvl_layers']) or 'no layer'} (eps {format_eps(s['eps'])}, {s['epochs']} epochs, "
                f"{s['seconds_training']:.1f} s); validation: {res.validation}")
     click.echo(f"BatchNorm at test: {res.bn_at_test}")
+    if s.get("layers_rule"):
+        click.echo(f"layers regularized: {s['layers_rule']}")
     for note in res.notes:
         if note not in warned:
             click.echo(f"note: {note}")
@@ -653,7 +676,9 @@ def _echo_harden(done, *, warned=()) -> None:
         r0 = re_rows.iloc[0]
         eps_txt = f" eps {format_eps(r0['eps'])}" if r0["eps"] == r0["eps"] and r0["eps"] is not None else ""
         lw = max([len(str(x)) for x in re_rows["layer"]] + [5])
-        click.echo(f"\nRE ({done.settings['mvl_ranking']['metric']}) of the MVL layers under {r0['attack']}{eps_txt}:")
+        metric = done.settings['mvl_ranking']['metric']
+        click.echo(f"\nRE ({'re_mean' if metric == 're_gain' else metric}) of the regularized layers under "
+                   f"{r0['attack']}{eps_txt}:")
         click.echo(f"  {'layer':<{lw}}  {'before':>8}  {'after':>8}")
         for r in re_rows.itertuples():
             click.echo(f"  {r.layer:<{lw}}  {r.before:8.4f}  {r.after:8.4f}")
