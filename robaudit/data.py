@@ -11,11 +11,12 @@ device.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import dataclasses
 import gzip
 import hashlib
 import http.client
-import json
+import io
 import logging
 import math
 import os
@@ -27,6 +28,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import warnings
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -36,6 +38,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
+from . import limits
 from .errors import RobauditError
 
 log = logging.getLogger(__name__)
@@ -654,59 +657,309 @@ def _unknown(name) -> RobauditError:
                          "a path to an .npz file with arrays x and y, or imagefolder:DIR")
 
 
-def _npz_memmap(path: Path, info) -> np.ndarray | None:
-    """A read-only memory map of one stored (uncompressed) .npy member of an .npz, or None if it cannot be."""
-    import struct as _struct
-    import zipfile
+# .npz files are zip archives of .npy members. Nothing in one is trusted: the zip's central directory, each
+# member's local header and its .npy header must agree before a byte is inflated, every inflation is capped at
+# the size they agree on, and only the rows used are kept (a deflated member is inflated as a stream).
+NPZ_MEMBER_MAX = 16 << 30  # bytes a member may declare uncompressed
+NPZ_RATIO_MAX = 1000  # a deflated member inflating more than this ...
+NPZ_RATIO_FLOOR = 64 << 20  # ... to more than this many bytes is refused as a decompression bomb
+_NPY_HEADER_MAX = 10_000  # numpy's own limit on an .npy header's text
+_INFLATE_CHUNK = 1 << 20  # compressed bytes read at a time
+_ROWS_CHUNK = 4 << 20  # bytes of rows inflated at a time
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, struct.error,
+               NotImplementedError, OverflowError)  # what zipfile raises on a damaged archive
 
-    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
-        return None
-    with open(path, "rb") as fh:
+
+@dataclass(frozen=True)
+class _Member:
+    """One .npy member of an .npz as its zip entries and its .npy header declare it, checked to agree."""
+
+    name: str
+    method: int  # zipfile.ZIP_STORED or ZIP_DEFLATED
+    offset: int  # where its (compressed) bytes start in the file
+    packed: int  # compressed size
+    size: int  # uncompressed size: the .npy header and the array's bytes
+    crc: int
+    header: int = 0  # bytes of the .npy header
+    shape: tuple[int, ...] = ()
+    fortran: bool = False
+    dtype: np.dtype = np.dtype(np.uint8)
+
+    @property
+    def row_bytes(self) -> int:
+        return math.prod(self.shape[1:]) * self.dtype.itemsize
+
+
+class _MemberStream:
+    """The uncompressed bytes of one member, read in order and never more than it declares (stored bytes are
+    read as they are, deflated ones inflated chunk by chunk); :meth:`close` checks the end and the CRC when
+    the whole member was read."""
+
+    def __init__(self, fh: BinaryIO, member: _Member, where: str) -> None:
+        self.fh, self.member, self.where = fh, member, where
+        self.left_packed, self.done, self.crc = member.packed, 0, 0
+        self.inflate = zlib.decompressobj(-zlib.MAX_WBITS) if member.method == zipfile.ZIP_DEFLATED else None
+        fh.seek(member.offset)
+
+    def _input(self, want: int) -> bytes:
+        """The next input: what the inflater left unconsumed, or the next compressed (at most ``want`` stored)
+        bytes of the file."""
+        if self.inflate is not None and self.inflate.unconsumed_tail:
+            return self.inflate.unconsumed_tail
+        limit = _INFLATE_CHUNK if self.inflate is not None else want
+        data = self.fh.read(min(limit, self.left_packed)) if self.left_packed else b""
+        self.left_packed -= len(data)
+        return data
+
+    def read(self, n: int) -> bytes:
+        """The next ``n`` bytes (fewer only past the declared size; a one-line error when the member ends early)."""
+        n = min(n, self.member.size - self.done)  # the hard cap: never more than declared
+        parts, got = [], 0
+        while got < n:
+            data = self._input(n - got)
+            if self.inflate is None:
+                out = data
+            else:
+                try:
+                    out = self.inflate.decompress(data, n - got)
+                except zlib.error as exc:
+                    raise RobauditError(f"{self.where} cannot be inflated ({exc}): the file is damaged; "
+                                        "save it again with np.savez") from None
+            if out:
+                parts.append(out)
+                got += len(out)
+            elif not data or (self.inflate is not None and self.inflate.eof):
+                raise RobauditError(f"{self.where} ends after {self.done + got} of the {self.member.size} bytes "
+                                    "it declares: the file is truncated or damaged; save it again with np.savez")
+        blob = b"".join(parts) if len(parts) != 1 else parts[0]
+        self.crc = zlib.crc32(blob, self.crc)
+        self.done += len(blob)
+        return blob
+
+    def readinto(self, view: memoryview) -> None:
+        """Fill ``view`` (bytes) with the next ``len(view)`` bytes, a chunk at a time."""
+        for start in range(0, len(view), _ROWS_CHUNK):
+            chunk = self.read(min(_ROWS_CHUNK, len(view) - start))
+            if len(chunk) < min(_ROWS_CHUNK, len(view) - start):
+                raise RobauditError(f"{self.where} is shorter than its .npy header says: the file is damaged; "
+                                    "save it again with np.savez")
+            view[start:start + len(chunk)] = chunk
+
+    def close(self) -> None:
+        """After the whole member: nothing more to inflate, and its CRC-32 is the declared one."""
+        if self.inflate is not None:
+            try:
+                extra = self.inflate.decompress(self._input(_INFLATE_CHUNK), 1)
+            except zlib.error:
+                extra = b""
+            if extra:
+                raise RobauditError(f"{self.where} holds more than the {self.member.size} bytes it declares: "
+                                    "the file is damaged or built to exhaust memory; save it again with np.savez")
+        if self.done == self.member.size and self.crc != self.member.crc:
+            raise RobauditError(f"{self.where} fails its CRC check: the file is damaged; save it again with np.savez")
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.3g} GB"
+
+
+def _raw_name(info: zipfile.ZipInfo) -> bytes:
+    """A member's name as the archive stores it (zipfile decodes UTF-8 names when flag 0x800 says so, cp437
+    otherwise, and keeps what follows a NUL in ``orig_filename``)."""
+    return info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437", "surrogateescape")
+
+
+def _npz_entries(fh: BinaryIO, path: Path, fix: str) -> dict[str, _Member]:
+    """The archive's members by numpy's key (``x`` for ``x.npy``), each checked against its local header, inside
+    the file and apart from the others; names numpy and zipfile would read differently are refused."""
+    try:
+        with zipfile.ZipFile(fh) as zf:
+            infos, start_dir = zf.infolist(), zf.start_dir
+    except _ZIP_ERRORS as exc:
+        raise RobauditError(f"cannot read {path} as an .npz file ({type(exc).__name__}: {exc}): {fix}") from None
+    members, spans = {}, []
+    size = os.fstat(fh.fileno()).st_size
+    for info in infos:
+        name = info.orig_filename
+        if info.header_offset < 0:
+            raise RobauditError(f"cannot read {path} as an .npz file (member {name!r} lies before the file): {fix}")
+        bad = next((c for c in name if ord(c) < 32 or ord(c) == 127), None)
+        if bad is not None:
+            raise RobauditError(f"{path} has a member whose name {name!r} holds the control character {bad!r}: "
+                                f"zipfile and numpy read such names differently; {fix}")
+        key = name[:-4] if name.endswith(".npy") else name
+        if key in members:
+            raise RobauditError(f"{path} holds {key!r} twice ({members[key].name!r} and {name!r}): which one numpy "
+                                f"reads depends on the reader; {fix}")
+        where = f"member {name!r} of {path}"
+        if info.flag_bits & 0x1:
+            raise RobauditError(f"{where} is encrypted: {fix}")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise RobauditError(f"{where} uses zip compression method {info.compress_type}, not stored or deflated "
+                                f"as numpy writes: {fix}")
         fh.seek(info.header_offset)
         local = fh.read(30)
         if len(local) < 30 or local[:4] != b"PK\x03\x04":
-            return None
-        name_len, extra_len = _struct.unpack("<HH", local[26:30])
-        start = info.header_offset + 30 + name_len + extra_len
-        fh.seek(start)
-        fmt = np.lib.format
-        version = fmt.read_magic(fh)
-        readers = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}
-        if version not in readers:
-            return None
-        shape, fortran, dtype = readers[version](fh)
-        offset = fh.tell()
-    if dtype.hasobject:
-        raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
-    if int(np.prod(shape)) == 0:
-        return None
-    return np.memmap(path, dtype=dtype, mode="r", shape=shape, order="F" if fortran else "C", offset=offset)
+            raise RobauditError(f"{where} has no local header where the zip directory says: the file is damaged; {fix}")
+        flags, method, crc, packed, unpacked, name_len, extra_len = struct.unpack("<6xHH4xLLLHH", local)
+        if method != info.compress_type or fh.read(name_len) != _raw_name(info):
+            raise RobauditError(f"{where}: its local header names another member or method than the zip directory: "
+                                f"the file is damaged or crafted; {fix}")
+        if not flags & 0x8 and (crc, packed, unpacked) != (info.CRC, info.compress_size, info.file_size) and \
+                0xFFFFFFFF not in (packed, unpacked):
+            raise RobauditError(f"{where}: its local header declares other sizes than the zip directory: the file "
+                                f"is damaged or crafted; {fix}")
+        offset = info.header_offset + 30 + name_len + extra_len
+        end = offset + info.compress_size
+        if end > min(start_dir, size) or (info.compress_type == zipfile.ZIP_STORED
+                                          and info.compress_size != info.file_size):
+            raise RobauditError(f"{where} declares {info.compress_size} bytes that do not fit in the file: it is "
+                                f"truncated or damaged; {fix}")
+        spans.append((info.header_offset, end, name))
+        members[key] = _Member(name, info.compress_type, offset, info.compress_size, info.file_size, info.CRC)
+    spans.sort()
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise RobauditError(f"{path}: members {first!r} and {second!r} share bytes (a zip built to inflate more "
+                                f"than it holds): {fix}")
+    return members
 
 
-def _read_npz(path: Path, fix: str) -> tuple[np.ndarray, np.ndarray]:
-    """x and y of an .npz: memory-mapped where stored uncompressed (np.savez); a compressed member
-    (np.savez_compressed) cannot be mapped and is decompressed whole into memory, in its stored dtype."""
-    import zipfile
-
+def _npy_member(fh: BinaryIO, member: _Member, path: Path, fix: str) -> _Member:
+    """``member`` with its .npy header read (a few kB inflated) and checked: no pickles, and its shape and dtype
+    need exactly the bytes the zip declares, at most NPZ_MEMBER_MAX; a deflated member inflating more than
+    NPZ_RATIO_MAX times is refused before anything else is inflated."""
+    where = f"member {member.name!r} of {path}"
+    if member.size > NPZ_MEMBER_MAX:
+        raise RobauditError(f"{where} declares {_gib(member.size)} uncompressed, more than the {_gib(NPZ_MEMBER_MAX)} "
+                            "robaudit reads from one array: split the data set into several files")
+    if member.method == zipfile.ZIP_DEFLATED and member.size > NPZ_RATIO_FLOOR and \
+            member.size > NPZ_RATIO_MAX * max(member.packed, 1):
+        raise RobauditError(f"{where} inflates {member.size // max(member.packed, 1)} times ({member.packed} bytes to "
+                            f"{_gib(member.size)}), a decompression bomb rather than data: save the real data with "
+                            "np.savez (uncompressed, memory-mapped)")
+    stream = _MemberStream(fh, member, where)
+    fmt = np.lib.format
+    readers = {(1, 0): (fmt.read_array_header_1_0, 2), (2, 0): (fmt.read_array_header_2_0, 4)}
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            keys = list(npz.keys())
-            if "x" not in keys or "y" not in keys:
-                raise RobauditError(f"{path} has arrays {keys}, not x and y: {fix}")
-        with zipfile.ZipFile(path) as zf:
-            infos = {i.filename: i for i in zf.infolist()}
-        out = []
-        for key in ("x", "y"):
-            mapped = _npz_memmap(path, infos[f"{key}.npy"]) if f"{key}.npy" in infos else None
-            if mapped is None:
-                with np.load(path, allow_pickle=False) as npz:
-                    mapped = npz[key]
-            out.append(mapped)
-        return out[0], out[1]
-    except RobauditError:
-        raise
-    except Exception as exc:  # bad zip, object arrays (pickles are refused), damaged members
-        raise RobauditError(f"cannot read {path} as an .npz file without pickles ({exc}): {fix}") from None
+        version = fmt.read_magic(io.BytesIO(stream.read(fmt.MAGIC_LEN)))
+        reader, length_bytes = readers.get(version, (None, 0))
+        if reader is None:
+            raise ValueError(f"unsupported .npy format version {version}")
+        length = stream.read(length_bytes)
+        header_len = int.from_bytes(length, "little")
+        if header_len > _NPY_HEADER_MAX:
+            raise ValueError(f"a header of {header_len} bytes")
+        shape, fortran, dtype = reader(io.BytesIO(length + stream.read(header_len)), max_header_size=_NPY_HEADER_MAX)
+    except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError) as exc:
+        raise RobauditError(f"cannot read {where} as an .npy array ({str(exc).splitlines()[0][:120]}): {fix}") from None
+    if dtype.hasobject:
+        raise RobauditError(f"cannot read {where}: it holds Python objects, which only a pickle can load (refused, "
+                            f"nothing was run); {fix}")
+    if any(d < 0 for d in shape):
+        raise RobauditError(f"{where} has the impossible shape {shape}: {fix}")
+    header = stream.done
+    need = header + math.prod(shape) * dtype.itemsize
+    if need != member.size:
+        raise RobauditError(f"{where}: its .npy header (shape {shape}, {dtype}) needs {need} bytes but the zip "
+                            f"declares {member.size}: the file is damaged or crafted; {fix}")
+    return dataclasses.replace(member, header=header, shape=tuple(shape), fortran=bool(fortran), dtype=dtype)
+
+
+def _memory_available() -> int | None:
+    """Bytes this process may still allocate, as far as Linux says (MemAvailable, and RLIMIT_AS); None elsewhere."""
+    known = []
+    try:
+        with open("/proc/meminfo", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"MemAvailable:"):
+                    known.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            known.append(soft)
+    except (ImportError, OSError, ValueError):
+        pass
+    return min(known) if known else None
+
+
+def _inflate_rows(fh: BinaryIO, member: _Member, index: np.ndarray | None, path: Path) -> np.ndarray:
+    """The rows ``index`` of a member (all when None), in that order: inflated as a stream, only up to the last
+    row needed, and only those rows kept (a Fortran-ordered array, whose rows are not contiguous, whole)."""
+    where = f"member {member.name!r} of {path}"
+    n = member.shape[0] if member.shape else 1
+    whole = index is None or member.fortran or len(member.shape) < 1
+    keep = member.size - member.header if whole else len(index) * member.row_bytes
+    room = _memory_available()
+    if room is not None and keep > room:
+        raise RobauditError(f"{where} needs {_gib(keep)} of memory once inflated but {_gib(room)} are available: "
+                            "use --samples N, or save it with np.savez (uncompressed) so it is memory-mapped")
+    stream = _MemberStream(fh, member, where)
+    stream.read(member.header)
+    order = "F" if member.fortran else "C"
+    if whole:
+        flat = np.empty(member.size - member.header, dtype=np.uint8)
+        stream.readinto(memoryview(flat))
+        stream.close()
+        arr = flat.view(member.dtype).reshape(member.shape, order=order)
+        return arr if index is None else arr[index]
+    out = np.empty((len(index), member.row_bytes), dtype=np.uint8)
+    if len(index) and member.row_bytes:
+        order_of = np.argsort(index, kind="stable")
+        wanted = index[order_of]
+        last = int(wanted[-1]) + 1
+        per = max(1, _ROWS_CHUNK // member.row_bytes)
+        for first in range(0, last, per):
+            rows = min(per, last - first)
+            block = np.frombuffer(stream.read(rows * member.row_bytes), dtype=np.uint8).reshape(rows, -1)
+            lo, hi = np.searchsorted(wanted, [first, first + rows])
+            out[order_of[lo:hi]] = block[wanted[lo:hi] - first]
+        if last == n:
+            stream.close()
+    return out.view(member.dtype).reshape(len(index), *member.shape[1:])
+
+
+def _npz_arrays(path: Path, fix: str) -> tuple[dict[str, _Member], Callable]:
+    """The x and y members of an .npz, their headers checked, and ``read(member, index)``: a read-only memory
+    map of a stored member (``index`` ignored), or the rows ``index`` of a deflated one (all when None)."""
+    with _open_data(path) as fh:
+        entries = _npz_entries(fh, path, fix)
+        if "x" not in entries or "y" not in entries:
+            raise RobauditError(f"{path} has arrays {sorted(entries)}, not x and y: {fix}")
+        members = {key: _npy_member(fh, entries[key], path, fix) for key in ("x", "y")}
+
+    def read(member: _Member, index: np.ndarray | None = None) -> np.ndarray:
+        if member.method == zipfile.ZIP_STORED:
+            if math.prod(member.shape) == 0:
+                return np.empty(member.shape, member.dtype)
+            return np.memmap(path, dtype=member.dtype, mode="r", shape=member.shape,
+                             order="F" if member.fortran else "C", offset=member.offset + member.header)
+        with _open_data(path) as fh:
+            return _inflate_rows(fh, member, index, path)
+
+    return members, read
+
+
+def _open_data(path: Path) -> BinaryIO:
+    """``path`` opened for reading, refused in one line unless it is a regular file (a FIFO never blocks)."""
+    from .safeio import open_regular
+
+    fd = open_regular(path, what="data file") if not path.is_symlink() else None
+    if fd is None:  # a link the user named: followed, but still a regular file only
+        fd = open_regular(Path(os.path.realpath(path)), what="data file")
+    return os.fdopen(fd, "rb")
+
+
+def _read_npz(path: Path, fix: str, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """x and y of an .npz: memory-mapped where stored uncompressed (np.savez); a compressed member
+    (np.savez_compressed) cannot be mapped: its rows ``rows`` (all when None) are inflated into memory, in their
+    stored dtype."""
+    members, read = _npz_arrays(path, fix)
+    return read(members["x"], rows), read(members["y"])
 
 
 def _read_npy_pair(path: Path, fix: str) -> tuple[np.ndarray, np.ndarray]:
@@ -715,46 +968,70 @@ def _read_npy_pair(path: Path, fix: str) -> tuple[np.ndarray, np.ndarray]:
     if not labels.is_file():
         raise RobauditError(f"no labels file {labels} beside {path}: {fix}")
     try:
-        return (np.load(path, mmap_mode="r", allow_pickle=False),
-                np.load(labels, mmap_mode="r", allow_pickle=False))
-    except Exception as exc:  # damaged headers, object arrays (pickles are refused)
-        raise RobauditError(f"cannot read {path} and {labels} as .npy files without pickles ({exc}): {fix}") from None
+        return (np.load(path, mmap_mode="r", allow_pickle=False, max_header_size=_NPY_HEADER_MAX),
+                np.load(labels, mmap_mode="r", allow_pickle=False, max_header_size=_NPY_HEADER_MAX))
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:  # damaged headers, object arrays
+        raise RobauditError(f"cannot read {path} and {labels} as .npy files without pickles "
+                            f"({str(exc).splitlines()[0][:160]}): {fix}") from None
 
 
-def _rows(x: np.ndarray, chunk: int = 4096):
-    """x in blocks of rows, so that checks over a memory map never hold a full-size temporary."""
-    for start in range(0, x.shape[0], chunk):
-        yield x[start:start + chunk]
+def _blocks(x: np.ndarray, keep: slice | np.ndarray, chunk: int = 4096):
+    """The rows ``keep`` of x in blocks (in any order), so that checks over a memory map never hold a full-size
+    temporary."""
+    if isinstance(keep, slice) and keep.indices(x.shape[0])[2] == 1:
+        start, stop, _ = keep.indices(x.shape[0])
+        for first in range(start, stop, chunk):
+            yield x[first:min(first + chunk, stop)]
+        return
+    index = np.arange(x.shape[0])[keep]
+    for first in range(0, len(index), chunk):
+        yield x[np.sort(index[first:first + chunk])]
 
 
-def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read and validate a user .npz (or x.npy + y.npy) file: x float in [0,1] (N×D or N×C×H×W), y integers ≥ 0 of shape N.
+def _load_npz(path: Path, select: Callable[[int], slice | np.ndarray]):
+    """Read and validate a user .npz (or x.npy + y.npy) file: x float in [0,1] (N×D or N×C×H×W), y integers ≥ 0 of
+    shape N. Returns ``(x, y, keep, classes)``: the samples used are ``x[keep]``, ``y[keep]``, ``keep`` chosen by
+    ``select(N)``.
 
-    Arrays stay memory-mapped where the format allows, so only the samples used are read into memory.
+    Arrays stay memory-mapped where the format allows; a deflated x is inflated as a stream and only the rows
+    kept are held (then ``keep`` selects all). Only the rows used are checked for values outside [0, 1].
     """
     fix = "save it with np.savez(path, x=float32 array in [0,1] of shape N×D or N×C×H×W, y=int array of shape N)"
+    packed = None
     if path.suffix.lower() == ".npy":
         fix = "save x.npy (float32 in [0,1], N×D or N×C×H×W) and y.npy (int, N) side by side with np.save"
         x, y = _read_npy_pair(path, fix)
+        x_dtype, x_shape = x.dtype, x.shape
     else:
-        x, y = _read_npz(path, fix)
-    if not np.issubdtype(x.dtype, np.floating):
-        raise RobauditError(f"{path}: x has dtype {x.dtype}, not float (uint8 images: divide by 255): {fix}")
-    if x.ndim not in (2, 4) or x.shape[0] == 0:
-        raise RobauditError(f"{path}: x has shape {x.shape}, expected N×D or N×C×H×W with N > 0: {fix}")
-    if not (np.issubdtype(y.dtype, np.integer) and y.ndim == 1 and y.shape[0] == x.shape[0]):
+        members, read = _npz_arrays(path, fix)
+        x_dtype, x_shape = members["x"].dtype, members["x"].shape
+        y = read(members["y"])
+        if members["x"].method == zipfile.ZIP_STORED:
+            x = read(members["x"])
+        else:
+            packed = (members["x"], read)
+    if not np.issubdtype(x_dtype, np.floating):
+        raise RobauditError(f"{path}: x has dtype {x_dtype}, not float (uint8 images: divide by 255): {fix}")
+    if len(x_shape) not in (2, 4) or x_shape[0] == 0:
+        raise RobauditError(f"{path}: x has shape {x_shape}, expected N×D or N×C×H×W with N > 0: {fix}")
+    if not (np.issubdtype(y.dtype, np.integer) and y.ndim == 1 and y.shape[0] == x_shape[0]):
         raise RobauditError(f"{path}: y has dtype {y.dtype} and shape {y.shape}, expected integers of shape "
-                            f"({x.shape[0]},) to match x: {fix}")
-    if not all(np.isfinite(block).all() for block in _rows(x)):
-        raise RobauditError(f"{path}: x contains NaN or infinite values: {fix}")
-    lo = min(float(block.min()) for block in _rows(x))
-    hi = max(float(block.max()) for block in _rows(x))
-    if lo < 0 or hi > 1:
-        raise RobauditError(f"{path}: x has values in [{lo:g}, {hi:g}], outside [0, 1]: {fix}")
+                            f"({x_shape[0]},) to match x: {fix}")
     y = np.asarray(y)
     if y.min() < 0:
         raise RobauditError(f"{path}: y has negative labels: {fix}")
-    return x, y
+    classes = limits.label_count(int(y.max()) + 1, str(path))
+    keep = select(len(y))
+    if packed is not None:  # inflate the rows used, nothing else
+        index = np.arange(len(y))[keep]
+        x, y, keep = packed[1](packed[0], index), y[index], slice(None)
+    if not all(np.isfinite(block).all() for block in _blocks(x, keep)):
+        raise RobauditError(f"{path}: x contains NaN or infinite values: {fix}")
+    lo = min((float(block.min()) for block in _blocks(x, keep) if block.size), default=0.0)
+    hi = max((float(block.max()) for block in _blocks(x, keep) if block.size), default=0.0)
+    if lo < 0 or hi > 1:
+        raise RobauditError(f"{path}: x has values in [{lo:g}, {hi:g}], outside [0, 1]: {fix}")
+    return x, y, keep, classes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -763,15 +1040,59 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
 IMAGEFOLDER_PREFIX = "imagefolder:"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 IMAGE_DEFAULT_EPS = (2 / 255, 4 / 255, 8 / 255)
+MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own warning threshold; larger images are refused, not decoded
+PIXELS_ENV = "ROBAUDIT_MAX_IMAGE_PIXELS"  # raises (or lowers) it
+
+
+def max_image_pixels() -> int:
+    """The most pixels an image may have: :data:`MAX_IMAGE_PIXELS`, or ``$ROBAUDIT_MAX_IMAGE_PIXELS``."""
+    raw = os.environ.get(PIXELS_ENV, "").strip()
+    return limits.whole(raw, f"${PIXELS_ENV}", high=1 << 40) if raw else MAX_IMAGE_PIXELS
+
+
+def _image_errors() -> tuple[type[BaseException], ...]:
+    """What Pillow raises on a damaged or hostile PNG/JPEG (UnidentifiedImageError is an OSError)."""
+    from PIL import Image
+
+    return (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, Image.DecompressionBombError)
+
+
+@contextlib.contextmanager
+def _image(path: str | Path):
+    """An image file opened with Pillow (PNG and JPEG only): a regular file, never through a symlink, and no
+    larger than :func:`max_image_pixels` (checked from its header, before a pixel is decoded). Pillow's errors,
+    here or in the block, are one line naming the file."""
+    from PIL import Image
+
+    from .safeio import open_regular
+
+    fh = os.fdopen(open_regular(path, what="image"), "rb")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, in one line
+            img = Image.open(fh, formats=["PNG", "JPEG"])
+        with img:
+            w, h = img.size
+            limit = max_image_pixels()
+            if w * h > limit:
+                raise RobauditError(f"image {path} has {w}x{h} = {w * h} pixels, more than the {limit} robaudit "
+                                    f"decodes (a decompression bomb?): shrink it, or raise the limit with "
+                                    f"{PIXELS_ENV}={w * h}")
+            yield img
+    except _image_errors() as exc:
+        raise RobauditError(f"cannot decode image {path} ({type(exc).__name__}: {str(exc)[:160]}): replace or "
+                            "remove it (PNG and JPEG only)") from None
+    finally:
+        fh.close()
 
 
 def _read_class_map(path: Path, folders: list[str]) -> dict[str, int]:
-    """A class map: a JSON object ``{"folder": label}`` or a JSON list of folder names in label order."""
+    """A class map: a JSON object ``{"folder": label}`` or a JSON list of folder names in label order (a regular
+    file of at most 16 MB, nesting checked before parsing)."""
+    from .safeio import read_json
+
     fix = 'write {"folder name": label, ...} or ["folder of label 0", "folder of label 1", ...]'
-    try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise RobauditError(f"cannot read class map {path} as JSON ({exc}): {fix}") from None
+    raw = read_json(path, what="class map", fix=fix)
     if isinstance(raw, list) and all(isinstance(n, str) for n in raw):
         if len(set(raw)) != len(raw):
             raise RobauditError(f"class map {path} names a folder twice: {fix}")
@@ -784,60 +1105,93 @@ def _read_class_map(path: Path, folders: list[str]) -> dict[str, int]:
     missing = [f for f in folders if f not in mapping]
     if missing:
         raise RobauditError(f"class folder {missing[0]!r} is not in class map {path}: add it, or remove the folder")
-    return {f: mapping[f] for f in folders}
+    labels = {f: mapping[f] for f in folders}
+    limits.label_count(max(labels.values(), default=0) + 1, f"class map {path}")
+    return labels
 
 
-def _decode(path: Path, mode: str, image_size: int | None):
+def _decode(path: str | Path, mode: str, image_size: int | None):
     """One image as an H×W(×C) uint8 array: resized (shorter side to ``image_size``) and center-cropped."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
+    with _image(path) as img:
+        img = img.convert(mode)
+        if image_size is not None:
+            w, h = img.size
+            scale = image_size / min(w, h)
+            size = (max(image_size, round(w * scale)), max(image_size, round(h * scale)))
+            img = img.resize(size, Image.Resampling.BILINEAR)
+            left, top = (size[0] - image_size) // 2, (size[1] - image_size) // 2
+            img = img.crop((left, top, left + image_size, top + image_size))
+        return np.asarray(img, dtype=np.uint8)
+
+
+def _scan(folder: Path) -> list[os.DirEntry]:
+    """The entries of ``folder`` in sorted order of name (one line when it cannot be listed)."""
     try:
-        with Image.open(path, formats=["PNG", "JPEG"]) as img:
-            img = img.convert(mode)
-            if image_size is not None:
-                w, h = img.size
-                scale = image_size / min(w, h)
-                size = (max(image_size, round(w * scale)), max(image_size, round(h * scale)))
-                img = img.resize(size, Image.Resampling.BILINEAR)
-                left, top = (size[0] - image_size) // 2, (size[1] - image_size) // 2
-                img = img.crop((left, top, left + image_size, top + image_size))
-            return np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise RobauditError(f"cannot decode image {path} ({exc}): replace or remove it (PNG and JPEG only)") from None
+        with os.scandir(folder) as entries:
+            return sorted(entries, key=lambda e: e.name)
+    except OSError as exc:
+        raise RobauditError(f"cannot list {folder} ({exc.strerror or exc}): check the folder and its "
+                            "permissions") from None
+
+
+def _no_link(entry: os.DirEntry, what: str) -> None:
+    """Refuse a symbolic link in an image folder: robaudit reads nothing through one."""
+    if entry.is_symlink():
+        raise RobauditError(f"{what} {entry.path} is a symbolic link: robaudit follows no link in an image folder; "
+                            "put the real folder or file there (e.g. cp -rL) or remove the link")
 
 
 def class_folders(root: Path) -> list[str]:
-    """The class folders of an image folder, in sorted order (the labels unless a class map gives them)."""
+    """The class folders of an image folder, in sorted order (the labels unless a class map gives them); a link
+    to a folder is refused, never followed."""
     if not root.is_dir():
         raise RobauditError(f"no such folder: {root}: give imagefolder:DIR with one subfolder of images per class")
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = []
+    for entry in _scan(root):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_symlink() and entry.is_dir():
+            _no_link(entry, "class folder")
+        if entry.is_dir(follow_symlinks=False):
+            folders.append(entry.name)
     if not folders:
         raise RobauditError(f"{root} has no class subfolders: put each class's images in a folder of its own")
     return folders
+
+
+def _class_images(folder: Path) -> list[str]:
+    """The names of the images in one class folder, sorted: regular files only (a link or a special file with an
+    image's name is refused; other files and subfolders are skipped)."""
+    names = []
+    for entry in _scan(folder):
+        if entry.name.startswith(".") or os.path.splitext(entry.name)[1].lower() not in IMAGE_SUFFIXES:
+            continue
+        _no_link(entry, "image")
+        if entry.is_dir(follow_symlinks=False):
+            continue
+        if not entry.is_file(follow_symlinks=False):
+            raise RobauditError(f"{entry.path} is not a regular file (a FIFO, socket or device): remove it from the "
+                                "image folder")
+        names.append(entry.name)
+    return names
 
 
 def _list_imagefolder(root: Path, *, image_size: int | None, class_map: Path | None):
     """An image folder's files and labels: ``root/<class>/<image>.png|.jpg``, classes in sorted order unless
     a class map says otherwise. Returns ``(files, mode, num_classes, source)``, files a :class:`FileList`;
     every image is RGB unless all are grayscale."""
-    if image_size is not None and (isinstance(image_size, bool) or int(image_size) != image_size or image_size < 1):
-        raise RobauditError(f"--image-size must be a positive whole number of pixels, not {image_size!r}")
+    image_size = limits.image_size(image_size)
     folders = class_folders(root)
     labels_of = _read_class_map(class_map, folders) if class_map is not None else {f: i for i, f in enumerate(folders)}
-    files = FileList.of(root, [(f"{f}/{p.name}", labels_of[f]) for f in folders
-                               for p in sorted((root / f).iterdir(), key=lambda q: q.name)
-                               if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")])
+    files = FileList.of(root, [(f"{f}/{name}", labels_of[f]) for f in folders for name in _class_images(root / f)])
     if not len(files):
         raise RobauditError(f"no .png/.jpg/.jpeg images in the class folders of {root}")
-    from PIL import Image
-
     gray = True
-    for path, _ in files:  # headers only: are all images grayscale?
-        try:
-            with Image.open(path, formats=["PNG", "JPEG"]) as img:
-                gray &= img.mode in ("1", "L", "I", "I;16")
-        except Exception as exc:  # Pillow raises many types for damaged files; none runs code
-            raise RobauditError(f"cannot decode image {path} ({exc}): replace or remove it (PNG and JPEG only)") from None
+    for path, _ in files:  # headers only: are all images grayscale? (and none too large)
+        with _image(path) as img:
+            gray &= img.mode in ("1", "L", "I", "I;16")
     mode = "L" if gray else "RGB"
     return files, mode, max(labels_of.values()) + 1, str(root.resolve())
 
@@ -1210,6 +1564,7 @@ def load_dataset(name: str, *, split: str = "test", samples: int | None = None, 
     key = _canonical(name)
     if (image_size is not None or class_map is not None) and not str(name).startswith(IMAGEFOLDER_PREFIX):
         raise RobauditError("--image-size and --class-map apply to --dataset imagefolder:DIR only")
+    keep = None  # which samples: chosen below, or by the .npz reader (which inflates only those)
     if str(name).startswith(IMAGEFOLDER_PREFIX) and stream:
         root = Path(str(name)[len(IMAGEFOLDER_PREFIX):]).expanduser()
         files, mode, num_classes, source = _list_imagefolder(
@@ -1238,10 +1593,12 @@ def load_dataset(name: str, *, split: str = "test", samples: int | None = None, 
             if path.suffix.lower() in (".npz", ".npy"):
                 raise RobauditError(f"no such file: {path}: check the path to the {path.suffix.lower()} file")
             raise _unknown(name)
-        x, y = _load_npz(path)
-        scale, source, title = 1.0, str(path.resolve()), path.stem
-        num_classes, mean, std, eps = int(y.max()) + 1, None, None, NPZ_DEFAULT_EPS
-    keep = _select(len(y), None if samples is None else int(samples), shuffle, seed, f"{title} {split}")
+        title = path.stem
+        x, y, keep, num_classes = _load_npz(
+            path, lambda n: _select(n, None if samples is None else int(samples), shuffle, seed, f"{title} {split}"))
+        scale, source, mean, std, eps = 1.0, str(path.resolve()), None, None, NPZ_DEFAULT_EPS
+    if keep is None:
+        keep = _select(len(y), None if samples is None else int(samples), shuffle, seed, f"{title} {split}")
     if stream and (key is None or _SPECS[key].needs_files):  # on disk: a user file, IDX or CIFAR
         index = np.arange(len(y))[keep]
         if type(x) is np.ndarray and len(index) < len(y):  # held in memory (no map, no FileRows): keep the samples used
