@@ -25,6 +25,7 @@ import shutil
 import struct
 import tarfile
 import tempfile
+import tokenize
 import urllib.error
 import urllib.request
 import warnings
@@ -666,6 +667,9 @@ NPZ_RATIO_FLOOR = 64 << 20  # ... to more than this many bytes is refused as a d
 _NPY_HEADER_MAX = 10_000  # numpy's own limit on an .npy header's text
 _INFLATE_CHUNK = 1 << 20  # compressed bytes read at a time
 _ROWS_CHUNK = 4 << 20  # bytes of rows inflated at a time
+# what numpy raises on a damaged .npy header (it parses the text with ast.literal_eval, and tokenize for
+# headers written by Python 2)
+_NPY_HEADER_ERRORS = (ValueError, SyntaxError, TypeError, RecursionError, MemoryError, tokenize.TokenError)
 _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, struct.error,
                NotImplementedError, OverflowError)  # what zipfile raises on a damaged archive
 
@@ -782,7 +786,8 @@ def _npz_entries(fh: BinaryIO, path: Path, fix: str) -> dict[str, _Member]:
     for info in infos:
         name = info.orig_filename
         if info.header_offset < 0:
-            raise RobauditError(f"cannot read {path} as an .npz file (member {name!r} lies before the file): {fix}")
+            raise RobauditError(f"cannot read {path} as an .npz file (member {name!r} starts before the archive: "
+                                f"truncated or damaged): {fix}")
         bad = next((c for c in name if ord(c) < 32 or ord(c) == 127), None)
         if bad is not None:
             raise RobauditError(f"{path} has a member whose name {name!r} holds the control character {bad!r}: "
@@ -851,7 +856,7 @@ def _npy_member(fh: BinaryIO, member: _Member, path: Path, fix: str) -> _Member:
         if header_len > _NPY_HEADER_MAX:
             raise ValueError(f"a header of {header_len} bytes")
         shape, fortran, dtype = reader(io.BytesIO(length + stream.read(header_len)), max_header_size=_NPY_HEADER_MAX)
-    except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError) as exc:
+    except _NPY_HEADER_ERRORS as exc:
         raise RobauditError(f"cannot read {where} as an .npy array ({str(exc).splitlines()[0][:120]}): {fix}") from None
     if dtype.hasobject:
         raise RobauditError(f"cannot read {where}: it holds Python objects, which only a pickle can load (refused, "
@@ -970,7 +975,7 @@ def _read_npy_pair(path: Path, fix: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         return (np.load(path, mmap_mode="r", allow_pickle=False, max_header_size=_NPY_HEADER_MAX),
                 np.load(labels, mmap_mode="r", allow_pickle=False, max_header_size=_NPY_HEADER_MAX))
-    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:  # damaged headers, object arrays
+    except (OSError, EOFError, *_NPY_HEADER_ERRORS) as exc:  # damaged headers, object arrays
         raise RobauditError(f"cannot read {path} and {labels} as .npy files without pickles "
                             f"({str(exc).splitlines()[0][:160]}): {fix}") from None
 
@@ -997,34 +1002,32 @@ def _load_npz(path: Path, select: Callable[[int], slice | np.ndarray]):
     kept are held (then ``keep`` selects all). Only the rows used are checked for values outside [0, 1].
     """
     fix = "save it with np.savez(path, x=float32 array in [0,1] of shape N×D or N×C×H×W, y=int array of shape N)"
-    packed = None
     if path.suffix.lower() == ".npy":
         fix = "save x.npy (float32 in [0,1], N×D or N×C×H×W) and y.npy (int, N) side by side with np.save"
         x, y = _read_npy_pair(path, fix)
-        x_dtype, x_shape = x.dtype, x.shape
-    else:
+        shapes = x.dtype, x.shape, y.dtype, y.shape
+        members = read = None
+    else:  # the headers are checked before anything is mapped or inflated
         members, read = _npz_arrays(path, fix)
-        x_dtype, x_shape = members["x"].dtype, members["x"].shape
-        y = read(members["y"])
-        if members["x"].method == zipfile.ZIP_STORED:
-            x = read(members["x"])
-        else:
-            packed = (members["x"], read)
+        shapes = members["x"].dtype, members["x"].shape, members["y"].dtype, members["y"].shape
+    x_dtype, x_shape, y_dtype, y_shape = shapes
     if not np.issubdtype(x_dtype, np.floating):
         raise RobauditError(f"{path}: x has dtype {x_dtype}, not float (uint8 images: divide by 255): {fix}")
     if len(x_shape) not in (2, 4) or x_shape[0] == 0:
         raise RobauditError(f"{path}: x has shape {x_shape}, expected N×D or N×C×H×W with N > 0: {fix}")
-    if not (np.issubdtype(y.dtype, np.integer) and y.ndim == 1 and y.shape[0] == x_shape[0]):
-        raise RobauditError(f"{path}: y has dtype {y.dtype} and shape {y.shape}, expected integers of shape "
+    if not (np.issubdtype(y_dtype, np.integer) and len(y_shape) == 1 and y_shape[0] == x_shape[0]):
+        raise RobauditError(f"{path}: y has dtype {y_dtype} and shape {y_shape}, expected integers of shape "
                             f"({x_shape[0]},) to match x: {fix}")
-    y = np.asarray(y)
+    y = np.asarray(y if members is None else read(members["y"]))
     if y.min() < 0:
         raise RobauditError(f"{path}: y has negative labels: {fix}")
     classes = limits.label_count(int(y.max()) + 1, str(path))
     keep = select(len(y))
-    if packed is not None:  # inflate the rows used, nothing else
+    if members is not None and members["x"].method == zipfile.ZIP_STORED:
+        x = read(members["x"])
+    elif members is not None:  # deflated: inflate the rows used, nothing else
         index = np.arange(len(y))[keep]
-        x, y, keep = packed[1](packed[0], index), y[index], slice(None)
+        x, y, keep = read(members["x"], index), y[index], slice(None)
     if not all(np.isfinite(block).all() for block in _blocks(x, keep)):
         raise RobauditError(f"{path}: x contains NaN or infinite values: {fix}")
     lo = min((float(block.min()) for block in _blocks(x, keep) if block.size), default=0.0)
@@ -1062,7 +1065,7 @@ def _image(path: str | Path):
     """An image file opened with Pillow (PNG and JPEG only): a regular file, never through a symlink, and no
     larger than :func:`max_image_pixels` (checked from its header, before a pixel is decoded). Pillow's errors,
     here or in the block, are one line naming the file."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     from .safeio import open_regular
 
@@ -1079,9 +1082,14 @@ def _image(path: str | Path):
                                     f"decodes (a decompression bomb?): shrink it, or raise the limit with "
                                     f"{PIXELS_ENV}={w * h}")
             yield img
+    except Image.DecompressionBombError:  # above twice Pillow's own limit: refused by Pillow as it opened it
+        raise RobauditError(f"image {path} has more than {2 * Image.MAX_IMAGE_PIXELS} pixels, more than Pillow "
+                            "decodes (a decompression bomb?): shrink it") from None
     except _image_errors() as exc:
-        raise RobauditError(f"cannot decode image {path} ({type(exc).__name__}: {str(exc)[:160]}): replace or "
-                            "remove it (PNG and JPEG only)") from None
+        reason = "not a PNG or JPEG file" if isinstance(exc, UnidentifiedImageError) else \
+            f"{type(exc).__name__}: {str(exc)[:160]}"
+        raise RobauditError(f"cannot decode image {path} ({reason}): replace or remove it (PNG and JPEG "
+                            "only)") from None
     finally:
         fh.close()
 
