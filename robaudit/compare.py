@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 
 from .errors import RobauditError
 from .rundir import Run, read_run, rows_at
+from .writelock import write_lock
 
 # manifest fields whose difference explains a difference in the numbers
 MANIFEST_FIELDS = (
@@ -130,10 +131,17 @@ def render_compare(cmp: Comparison, out: str | os.PathLike) -> Path:
     from .stages import report as R
 
     out = Path(out)
-    if out.is_dir():
+    if out.is_dir() and not out.is_symlink():
         raise RobauditError(f"--out {out} is a directory: give the HTML file to write")
-    if out.exists() and not R._is_own_report(out):
-        raise RobauditError(f"{out} exists and is not a robaudit page: choose another --out")
+    with write_lock(out):
+        R.check_page_out(out, "page")
+        return _render_compare(cmp, out)
+
+
+def _render_compare(cmp: Comparison, out: Path) -> Path:
+    """:func:`render_compare` once the page may be written."""
+    from .stages import report as R
+
     la, lb = f"A: {cmp.a.path.name}", f"B: {cmp.b.path.name}"
     acc_rows = [R.Row([R.Cell(R.attack_name(r.attack)), R.num_cell(r.eps, R.fmt_eps), R.Cell(r.norm or ""),
                        R.num_cell(r.a, R.fmt_pct), R.num_cell(r.b, R.fmt_pct), R.num_cell(r.delta, R.fmt_points)],

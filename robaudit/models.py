@@ -511,9 +511,10 @@ def save_checkpoint(path: str | os.PathLike, module: nn.Module, *, arch: str, ar
     }
     if extra:
         payload["extra"] = extra
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    from . import safeio
+
+    with safeio.atomic_file(path) as fh:  # an exclusive, random temporary name: never through a symlink
+        torch.save(payload, fh)
     return path
 
 
@@ -528,9 +529,10 @@ def export_model(path: str | os.PathLike, module: nn.Module, example: torch.Tens
         ep = torch.export.export(module, (x.cpu(),), dynamic_shapes=({0: batch},))
     finally:
         module.train(was_training)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # torch.export wants the .pt2 ending
-    torch.export.save(ep, str(tmp))
-    os.replace(tmp, path)
+    from . import safeio
+
+    with safeio.atomic_file(path) as fh:  # an exclusive, random temporary name: never through a symlink
+        torch.export.save(ep, fh)
     return path
 
 
@@ -545,7 +547,8 @@ def save_exported_weights(path: str | os.PathLike, loaded: LoadedModel, module: 
             # the program's verifier wants parameters to stay nn.Parameter objects
             ep.state_dict[key] = nn.Parameter(value, requires_grad=old.requires_grad) \
                 if isinstance(old, nn.Parameter) else value
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # torch.export wants the .pt2 ending
-    torch.export.save(ep, str(tmp))
-    os.replace(tmp, path)
+    from . import safeio
+
+    with safeio.atomic_file(path) as fh:  # an exclusive, random temporary name: never through a symlink
+        torch.export.save(ep, fh)
     return path

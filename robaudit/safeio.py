@@ -167,6 +167,45 @@ def atomic_path(dest: str | os.PathLike, *, suffix: str = "") -> Iterator[Path]:
         raise
 
 
+_STAGED: dict[Path, Path] = {}  # staging directory -> the destination it becomes, for messages
+
+
+@contextlib.contextmanager
+def staged_as(staging: Path, dest: Path) -> Iterator[None]:
+    """While the block runs, messages about files written into ``staging`` name them under ``dest``."""
+    _STAGED[Path(staging)] = Path(dest)
+    try:
+        yield
+    finally:
+        _STAGED.pop(Path(staging), None)
+
+
+@contextlib.contextmanager
+def atomic_file(dest: str | os.PathLike, *, binary: bool = True, shown: str | os.PathLike | None = None
+                ) -> Iterator[Any]:
+    """Yield an open file, written through the descriptor of a fresh exclusive temporary file beside ``dest``
+    (never reopened by name, so nothing can swap a symlink in), and rename it onto ``dest`` if the block
+    succeeds; remove it otherwise. A full disk is one line that names ``shown`` (default ``dest``, under the
+    destination of a staging directory, see :func:`staged_as`)."""
+    dest = Path(dest)
+    target = Path(shown) if shown is not None else _STAGED.get(dest.parent, dest.parent) / dest.name
+    tmp = temp_name(dest, "tmp")
+    try:
+        fd = create_exclusive(tmp)
+    except OSError as exc:
+        raise disk_error(exc, target) from None
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) as fh:
+            yield fh
+        os.replace(tmp, dest)
+    except OSError as exc:
+        _unlink_own(tmp)
+        raise disk_error(exc, target) from None
+    except BaseException:
+        _unlink_own(tmp)
+        raise
+
+
 def write_atomic(dest: str | os.PathLike, write: Callable[[Any], None], *, binary: bool = False) -> None:
     """Write ``dest`` through ``write(fh)`` into an exclusive temporary file, then rename it into place."""
     with atomic_path(dest) as tmp:

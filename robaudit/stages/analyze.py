@@ -4,6 +4,7 @@ This is what ``robaudit analyze`` calls; researchers can call :func:`analyze_run
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 import math
@@ -24,6 +25,7 @@ from ..errors import RobauditError
 from ..lsa import MVL, LSAResult, analyze, resolve_device
 from ..models import LoadedModel, load_model, with_normalization
 from ..rundir import check_output_dir, staging_file, write_run
+from ..writelock import write_lock
 
 if TYPE_CHECKING:
     from ..sanity import CheckPlan
@@ -164,46 +166,51 @@ def analyze_run(
     started = now()
     dev = resolve_device(device)
     dist.init(dev)
-    with dist.together():  # a failure here on any process (a missing file, say) stops every process
-        loaded, data, out, mean, std, eps, specs = _setup(
-            model, dataset, out=out, arch=arch, arch_kwargs=arch_kwargs, trust_model=trust_model, data_dir=data_dir,
-            split=split, samples=samples, shuffle=shuffle, download=download, image_size=image_size,
-            class_map=class_map, attacks=attacks, eps=eps, mean=mean, std=std, normalize=normalize, mvl_top=mvl_top,
-            mvl_z=mvl_z, seed=seed, force=force)
-    samples_csv = staging_file(out, "samples") if dist.is_main() else None  # removed if anything below fails
-    try:
-        result, plan = analyze_for_run(
-            loaded, data, attacks=specs, eps=eps, layers=layers, layer_types=layer_types, probe=probe, mean=mean,
-            std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress, checks=checks, workers=workers,
-            samples_path=samples_csv)
-        # every process: the MVL list names the attack that the BatchNorm audit, shared by all, runs again
-        mvl = result.mvl(mvl_top, z=mvl_z, attack=mvl_attack, metric=mvl_metric, include_output=include_output)
-        mvl_top = mvl.k if mvl_z is None else mvl_top  # select_mvl's default when none was given
-        bn = batchnorm_audit(loaded, data, result, mvl, mean=mean, std=std, device=dev, seed=seed,
-                             batch_size=batch_size, distributed=True)
-        if leave_group:  # the last collective is done: the processes meet and leave the group
-            dist.shutdown()
-        if not dist.is_main():  # the rest is rank 0's alone: the others are done
-            return None if leave_group else AnalysisRun(result, mvl, out, {}, None)
-        check_results = model_checks(loaded, data, result, plan, mean=mean, std=std, device=dev, seed=seed)
-        return _write(out, result, mvl, check_results, bn, samples_csv, force=force, report=report, manifest=_manifest(
-            loaded, data, result, command=command or _api_command(loaded, dataset, attacks, eps, seed, out,
-                                                                  image_size=image_size, class_map=class_map),
-            trust_model=trust_model, mean=mean, std=std, split=split, samples=samples, shuffle=shuffle,
-            data_dir=data_dir, seed=seed, dev=dev, batch_size=batch_size, specs=specs, eps=eps, layers=layers,
-            layer_types=layer_types, probe=probe, started=started, image_size=image_size, class_map=class_map,
-            mvl={"top": mvl_top, "z": mvl_z, "attack": mvl_attack, "metric": mvl_metric,
-                 "include_output": include_output}))
-    finally:
-        if samples_csv is not None:
-            samples_csv.unlink(missing_ok=True)  # moved into the run, unless something failed
+    with contextlib.ExitStack() as held:  # rank 0 holds the output's lock from its check to the final rename
+        with dist.together():  # a failure here on any process (a missing file, say) stops every process
+            loaded, data, out, mean, std, eps, specs = _setup(
+                model, dataset, out=out, arch=arch, arch_kwargs=arch_kwargs, trust_model=trust_model,
+                data_dir=data_dir, split=split, samples=samples, shuffle=shuffle, download=download,
+                image_size=image_size, class_map=class_map, attacks=attacks, eps=eps, mean=mean, std=std,
+                normalize=normalize, mvl_top=mvl_top, mvl_z=mvl_z, seed=seed, force=force, held=held)
+        samples_csv = staging_file(out) if dist.is_main() else None  # removed if anything below fails
+        try:
+            result, plan = analyze_for_run(
+                loaded, data, attacks=specs, eps=eps, layers=layers, layer_types=layer_types, probe=probe,
+                mean=mean, std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress, checks=checks,
+                workers=workers, samples_path=samples_csv)
+            # every process: the MVL list names the attack that the BatchNorm audit, shared by all, runs again
+            mvl = result.mvl(mvl_top, z=mvl_z, attack=mvl_attack, metric=mvl_metric, include_output=include_output)
+            mvl_top = mvl.k if mvl_z is None else mvl_top  # select_mvl's default when none was given
+            bn = batchnorm_audit(loaded, data, result, mvl, mean=mean, std=std, device=dev, seed=seed,
+                                 batch_size=batch_size, distributed=True)
+            if leave_group:  # the last collective is done: the processes meet and leave the group
+                dist.shutdown()
+            if not dist.is_main():  # the rest is rank 0's alone: the others are done
+                return None if leave_group else AnalysisRun(result, mvl, out, {}, None)
+            check_results = model_checks(loaded, data, result, plan, mean=mean, std=std, device=dev, seed=seed)
+            manifest = _manifest(
+                loaded, data, result, command=command or _api_command(loaded, dataset, attacks, eps, seed, out,
+                                                                      image_size=image_size, class_map=class_map),
+                trust_model=trust_model, mean=mean, std=std, split=split, samples=samples, shuffle=shuffle,
+                data_dir=data_dir, seed=seed, dev=dev, batch_size=batch_size, specs=specs, eps=eps, layers=layers,
+                layer_types=layer_types, probe=probe, started=started, image_size=image_size, class_map=class_map,
+                mvl={"top": mvl_top, "z": mvl_z, "attack": mvl_attack, "metric": mvl_metric,
+                     "include_output": include_output})
+            return _write(out, result, mvl, check_results, bn, samples_csv, force=force, report=report,
+                          manifest=manifest)
+        finally:
+            if samples_csv is not None:
+                samples_csv.unlink(missing_ok=True)  # moved into the run, unless something failed
 
 
 def _setup(model, dataset: str, *, out, arch, arch_kwargs, trust_model, data_dir, split, samples, shuffle, download,
-           image_size, class_map, attacks, eps, mean, std, normalize, mvl_top, mvl_z, seed, force):
-    """Check the options and the output, load the model and the data: everything before the analysis."""
+           image_size, class_map, attacks, eps, mean, std, normalize, mvl_top, mvl_z, seed, force,
+           held: contextlib.ExitStack):
+    """Check the options and the output (and take its lock into ``held``), load the model and the data:
+    everything before the analysis."""
     if out is not None and dist.is_main():
-        check_output_dir(out, force=force)  # before minutes of analysis, not after
+        _claim_output(out, force=force, held=held)  # before minutes of analysis, not after
     _check_mvl_options(mvl_top, mvl_z)
     specs = [atk.parse(a) for a in attacks] if attacks else None
     loaded = model if isinstance(model, LoadedModel) else load_model(
@@ -213,11 +220,18 @@ def _setup(model, dataset: str, *, out, arch, arch_kwargs, trust_model, data_dir
                         stream=True)  # every on-disk format streams; moons and digits are small, in memory
     out = Path(out) if out else default_out(loaded.path, data.name)
     if dist.is_main():  # the other processes never look at the output
-        check_output_dir(out, force=force)
+        _claim_output(out, force=force, held=held)
     mean, std = _normalization(data, normalize=normalize, mean=mean, std=std)
     eps = list(eps) if eps else list(data.default_eps)
     specs = specs or atk.default_battery(eps)
     return loaded, data, out, mean, std, eps, specs
+
+
+def _claim_output(out, *, force: bool, held: contextlib.ExitStack) -> None:
+    """Check the output, lock it against a second robaudit writing there, and check it again under the lock."""
+    check_output_dir(out, force=force)
+    held.enter_context(write_lock(out))
+    check_output_dir(out, force=force)
 
 
 def _check_mvl_options(mvl_top: int | None, mvl_z: float | None) -> None:
@@ -246,8 +260,17 @@ def _write(out: Path, result: LSAResult, mvl: MVL, check_results, bn, samples_cs
             render_report(staging, name=out)
     write_run(out, result, mvl, manifest, check_results, force=force, finish=finish,
               tables={"bn.csv": bn} if bn is not None else None,
-              files={"samples.csv": samples_csv} if samples_csv.is_file() else None)
+              files={"samples.csv": samples_csv} if _written(samples_csv) else None)
     return AnalysisRun(result, mvl, out, manifest, check_results)
+
+
+def _written(path: Path) -> bool:
+    """Whether the analysis wrote into its staging file (a regular file, not empty)."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return False
+    return info.st_size > 0 and not path.is_symlink() and path.is_file()
 
 
 def _manifest(loaded: LoadedModel, data, result: LSAResult, *, command: str, trust_model: bool, mean, std, split,

@@ -4,8 +4,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
 import os
+import stat
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .. import attacks as atk
 from .. import dist
 from ..data import DATASETS, IMAGEFOLDER_PREFIX, class_folders, load_dataset
 from ..errors import RobauditError
@@ -23,6 +26,7 @@ from ..lsa import resolve_device, select_mvl
 from ..models import (LoadedModel, check_stored_arch, export_model, load_model, save_checkpoint,
                       save_exported_weights, sha256_file, with_normalization)
 from ..rundir import rows_at, atomic_dir, fill_run, foreign_entries, read_run, write_csv, write_json
+from ..writelock import write_lock
 from ..training.checkpoint import CHECKPOINT_NAME
 from ..training.config import HardenConfig
 from ..training.harden import HardenResult, global_batch_size, harden
@@ -101,6 +105,17 @@ def _select_layers(run, mvl_top: int | None, include_output: bool) -> tuple[list
     return sel.names, {"attack": sel.attack, "eps": sel.eps, "metric": sel.metric, "criterion": f"top-{mvl_top}"}
 
 
+def _holding_the_run(fn):
+    """Run ``fn(run_dir, ...)`` holding the run's lock (rank 0, which writes into it): no second robaudit may
+    write there, or replace the run, until it is done."""
+    @functools.wraps(fn)
+    def locked(run_dir, *args, **kwargs):
+        with write_lock(run_dir, option="--run") if dist.is_main() else contextlib.nullcontext():
+            return fn(run_dir, *args, **kwargs)
+    return locked
+
+
+@_holding_the_run
 def harden_run(
     run_dir: str | os.PathLike,
     config: HardenConfig | None = None,
@@ -137,6 +152,7 @@ def harden_run(
     man = run.manifest
     dest, ck_path = run_dir / HARDENED_DIR, run_dir / CHECKPOINT_NAME
     _check_run_dir(run, dest, ck_path, resume=resume, force=force)
+    _check_attacks(run)
     eps_list = man.get("eps") or []
     if cfg.eps is None:
         eps = default_train_eps(eps_list)
@@ -167,10 +183,18 @@ def harden_run(
     except KeyboardInterrupt:
         raise HardenInterrupted(f"interrupted after training, while analyzing the hardened model; the final "
                                 f"checkpoint is in {ck_path}: rerun with --resume to finish") from None
-    if dist.is_main():
+    if dist.is_main() and _is_regular(ck_path):
         with contextlib.suppress(FileNotFoundError):
             ck_path.unlink()
     return done
+
+
+def _is_regular(path: Path) -> bool:
+    """A regular file, never a symlink (``lstat``)."""
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except FileNotFoundError:
+        return False
 
 
 def _finish(run, cfg: HardenConfig, result: HardenResult, loaded: LoadedModel, train_set, test, dev, *,
@@ -242,16 +266,31 @@ def _check_run_dir(run, dest: Path, ck_path: Path, *, resume: bool, force: bool)
 
     if run.lsa.empty:
         raise RobauditError(f"{run.path} holds no layer analysis (lsa.csv is empty): rerun `robaudit analyze`")
+    if os.path.lexists(ck_path) and not _is_regular(ck_path):
+        raise RobauditError(f"{ck_path} is not a file robaudit wrote (a symbolic link or not a regular file): move "
+                            "it out first")
     if ck_path.exists() and not resume and not force:
         raise RobauditError(f"an interrupted harden left {ck_path}: pass --resume to continue it, or --force to "
                             "start over")
-    if dest.exists() and not force and not resume:
+    if os.path.lexists(dest) and not force and not resume:
         raise RobauditError(f"{dest} already exists from an earlier harden: pass --force to replace it")
-    foreign = [f for f in foreign_entries(run.path) if f.startswith(f"{HARDENED_DIR}/")] if dest.is_dir() else []
+    foreign = [f for f in foreign_entries(run.path) if f == HARDENED_DIR or f.startswith(f"{HARDENED_DIR}/")]
     if foreign:
         raise RobauditError(f"{dest} holds files robaudit did not write ({', '.join(foreign[:3])}): move them out first")
     if resume and not ck_path.exists():
         raise RobauditError(f"no checkpoint to resume in {run.path} ({CHECKPOINT_NAME}): run without --resume")
+
+
+def _check_attacks(run) -> None:
+    """The run's attack specs, which the re-analysis runs again, parsed now: a bad one is the manifest's fault,
+    said before training, not blamed on an option the user never passed."""
+    where = run.path / "manifest.json"
+    for i, spec in enumerate(run.manifest.get("attacks") or []):
+        try:
+            atk.parse(spec)
+        except RobauditError as e:
+            raise RobauditError(f"{where}: attacks[{i}] {spec[:60]!r} is not an attack robaudit runs ({e}): rerun "
+                                "robaudit analyze") from None
 
 
 def _load_run_model(run, *, arch: str | None, trust_model: bool) -> tuple[LoadedModel, Path]:
@@ -371,10 +410,10 @@ def _write_hardened(tmp: Path, analysis, h_mvl, manifest: dict, checks, history:
                     comparison: pd.DataFrame, settings: dict, bn: pd.DataFrame | None = None) -> None:
     """The run files of the hardened model plus ``history.csv``, ``comparison.csv`` and ``harden.json``."""
 
-    fill_run(tmp, analysis, h_mvl, manifest, checks, tables={"bn.csv": bn} if bn is not None else None)
     write_csv(tmp / "history.csv", history)
     write_csv(tmp / "comparison.csv", comparison)
     write_json(tmp / "harden.json", settings)
+    fill_run(tmp, analysis, h_mvl, manifest, checks, tables={"bn.csv": bn} if bn is not None else None)  # sealed last
 
 
 def _api_command(run_dir: Path, method: str, mvl_top, eps: float, epochs: int, seed: int) -> str:

@@ -13,9 +13,9 @@ import html
 import io
 import json
 import logging
+import contextlib
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata, resources
 from pathlib import Path
@@ -30,10 +30,10 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure  # never pyplot: no global figure state, no GUI backend
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from .. import sanity, verdict
+from .. import safeio, sanity, verdict
 from ..errors import RobauditError
-from ..models import sha256_file
-from ..rundir import Run, read_csv, read_json_object, read_run, rows_at
+from ..rundir import Run, check_inside, is_own_report, read_document, read_run, read_table, rows_at
+from ..writelock import write_lock
 from ..sanity import attack_name
 
 __all__ = ["render_report"]
@@ -174,9 +174,11 @@ def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def _find(run: Path, name: str) -> Path:
-    """A hardening output: inside ``hardened/`` or beside it."""
-    inner = run / "hardened" / name
-    return inner if inner.is_file() else run / name
+    """The directory of a hardening output: ``hardened/`` when it holds one (never through a link out of the
+    run), else the run itself."""
+    inner = run / "hardened"
+    check_inside(inner, run)
+    return inner if os.path.lexists(inner / name) else run
 
 
 # -------------------------------------------------------------------------------------- plotting
@@ -904,16 +906,40 @@ def _verdict_table(acc: pd.DataFrame | None, after: pd.DataFrame | None) -> Tabl
     return Table(columns, rows, caption=caption + ".", sortable=False)
 
 
+def _run_files(run_dir: Path, depth: int = 3) -> Iterable[Path]:
+    """The regular files of a run, ``depth`` levels deep, never through a symlink (a link is not the run's)."""
+    try:
+        entries = sorted(os.scandir(run_dir), key=lambda e: e.name)
+    except OSError:
+        return
+    for entry in entries:
+        if entry.is_symlink() or entry.name.startswith("."):
+            continue
+        if entry.is_dir(follow_symlinks=False) and depth > 1:
+            yield from _run_files(Path(entry.path), depth - 1)
+        elif entry.is_file(follow_symlinks=False):
+            yield Path(entry.path)
+
+
+def _digest(path: Path) -> tuple[str, int]:
+    """sha256 and size of a regular file, opened without following a symlink."""
+    fd = safeio.open_regular(path, what="run file")
+    h, size = hashlib.sha256(), 0
+    with os.fdopen(fd, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+            size += len(block)
+    return h.hexdigest(), size
+
+
 def _files_table(run_dir: Path, skip: Path) -> Table | None:
     rows = []
-    for path in sorted(run_dir.rglob("*")):
-        if not path.is_file() or path.suffix.lower() not in HASHED_SUFFIXES or path.resolve() == skip.resolve():
-            continue
-        if len(path.relative_to(run_dir).parts) > 3:
+    for path in _run_files(run_dir):
+        if path.suffix.lower() not in HASHED_SUFFIXES or os.path.abspath(path) == os.path.abspath(skip):
             continue
         try:
-            digest, size = sha256_file(path), path.stat().st_size
-        except OSError:
+            digest, size = _digest(path)
+        except (OSError, RobauditError):
             continue
         rows.append(Row([Cell(str(path.relative_to(run_dir))), num_cell(size), Cell(digest, cls="wrap")]))
     if not rows:
@@ -969,12 +995,10 @@ def plot_batchnorm(bn: pd.DataFrame, after: pd.DataFrame | None) -> Plot:
 def _batchnorm_section(run_dir: Path, shown: Path) -> dict | None:
     from .. import bnaudit
 
-    bn = read_csv(run_dir / "bn.csv", ["layer", "clean_vs_running", "adv_vs_clean", "adv_vs_running"]) \
-        if (run_dir / "bn.csv").is_file() else None
+    bn = read_table(run_dir, "bn.csv")
     if bn is None or bn.empty:
         return None
-    after = read_csv(run_dir / "hardened" / "bn.csv", ["layer", "adv_vs_clean"]) \
-        if (run_dir / "hardened" / "bn.csv").is_file() else None
+    after = read_table(run_dir / "hardened", "bn.csv", root=run_dir) if (run_dir / "hardened").is_dir() else None
     v = bnaudit.verdict(bn)
     if v["recommend_dual_bn"]:
         sentence = Markup("Adversarial inputs shift the BatchNorm statistics <strong>{:.3g}x</strong> as far as clean "
@@ -1005,13 +1029,9 @@ def _fragile_section(run_dir: Path) -> dict | None:
     """The samples fooled by the most configurations, from samples.csv, which the report links."""
     from ..samples import most_fragile
 
-    path = run_dir / "samples.csv"
-    if not path.is_file():
+    samples = read_table(run_dir, "samples.csv")
+    if samples is None:
         return None
-    try:
-        samples = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise RobauditError(f"{path} is unreadable ({type(e).__name__}): rerun `robaudit analyze`") from e
     fragile = most_fragile(samples, FRAGILE_SHOWN)
     rows = [Row([num_cell(int(r["index"])), num_cell(int(r["label"])), num_cell(int(r["fooled_by"])),
                  Cell(r["fooled_configs"], cls="wrap")]) for r in fragile.to_dict("records")]
@@ -1065,41 +1085,40 @@ def _version() -> str:
 
 
 def _is_own_report(path: Path) -> bool:
-    """A file whose head carries the generator tag that robaudit's template writes."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(4096)
-    except OSError:
-        return False
-    return b'<meta name="generator" content="robaudit' in head
+    """A regular file (never through a symlink) whose head carries the generator tag of robaudit's template."""
+    return is_own_report(path)
+
+
+def check_page_out(out: Path, what: str = "report") -> None:
+    """Refuse, in one line, to replace anything at ``out`` but a robaudit page: a symlink, a directory, a FIFO or a
+    user's file stays as it is."""
+    if out.is_symlink():
+        raise RobauditError(f"{out} is a symbolic link: give --out a path of its own (robaudit replaces only its own "
+                            f"{what}s)")
+    if os.path.lexists(out) and not (out.is_file() and _is_own_report(out)):
+        raise RobauditError(f"{out} exists and is not a robaudit {what}: choose another --out (robaudit replaces "
+                            f"only its own {what}s)")
 
 
 def _write_atomic(out: Path, text: str) -> None:
+    """Write a page through an exclusive temporary file beside ``out`` (a random name, never followed), renamed
+    into place; a full disk or an unwritable folder is one line."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     except OSError as exc:
         raise RobauditError(f"cannot write {out} ({exc.strerror}): pass --out with a writable path") from exc
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise RobauditError(f"cannot write {out} ({exc.strerror}): pass --out with a writable path") from exc
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with safeio.atomic_file(out, binary=False) as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _hardened_run(run_dir: Path) -> Run | None:
     """``run_dir/hardened`` read back, or ``None`` when there is no hardened analysis to show."""
+    check_inside(run_dir / "hardened", run_dir)
     if not (run_dir / "hardened").is_dir():
         return None
-    hardened = read_run(run_dir / "hardened", required=())
+    hardened = read_run(run_dir / "hardened", required=(), root=run_dir)
     return hardened if hardened.lsa is not None or hardened.accuracy is not None else None
 
 
@@ -1135,18 +1154,24 @@ def render_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = No
         is_dir = False
     if not is_dir:
         raise RobauditError(f"{run_dir} is not a robaudit run directory: run `robaudit analyze` first")
+    if out is not None and Path(out).is_dir() and not Path(out).is_symlink():
+        out = Path(out) / "report.html"
     out = Path(out) if out is not None else run_dir / "report.html"
-    if out.is_dir():
-        out = out / "report.html"
-    if out.is_file() and not _is_own_report(out):
-        raise RobauditError(f"{out} exists and is not a robaudit report: choose another --out (robaudit replaces "
-                            "only its own reports)")
+    # one robaudit at a time writes the page: the run's lock for a report inside the run, else the page's own;
+    # a staging copy (``name``) is the analysis' own and already locked
+    inside_run = os.path.abspath(out.parent) == os.path.abspath(run_dir)
+    with contextlib.nullcontext() if name is not None else write_lock(run_dir if inside_run else out):
+        check_page_out(out)
+        return _render(run_dir, out, shown)
 
+
+def _render(run_dir: Path, out: Path, shown: Path) -> Path:
+    """:func:`render_report` once the page may be written."""
     run = read_run(run_dir, required=("lsa.csv",))
     hardened = _hardened_run(run_dir)
-    history = read_csv(_find(run_dir, "history.csv"), ["epoch"])
-    comparison = read_csv(_find(run_dir, "comparison.csv"), ["kind", "before", "after"])
-    settings = read_json_object(_find(run_dir, "harden.json"))
+    history = read_table(_find(run_dir, "history.csv"), "history.csv", root=run_dir)
+    comparison = read_table(_find(run_dir, "comparison.csv"), "comparison.csv", root=run_dir)
+    settings = read_document(_find(run_dir, "harden.json"), "harden.json", root=run_dir)
     hardened_any = hardened is not None or history is not None or comparison is not None or settings is not None
 
     mvl_layers = [str(item.get("layer")) for item in (run.mvl or {}).get("layers") or []]

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .. import dist
+from .. import dist, safeio
 from ..errors import RobauditError
 
 CHECKPOINT_NAME = "harden-checkpoint.pt"
@@ -15,19 +15,25 @@ CHECKPOINT_FORMAT = "robaudit-harden-checkpoint"
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary name, then rename: a reader never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` into a fresh exclusive temporary file (``.NAME.PID.RANDOM.tmp``, written through its
+    descriptor, never through a symlink), then rename: a reader never sees a half-written file."""
+    with safeio.atomic_file(path) as fh:
+        torch.save(obj, fh)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a hardening checkpoint (``weights_only``: no code runs from the file)."""
+    """Read a hardening checkpoint (``weights_only``: no code runs from the file; a regular file, never a
+    symlink out of the run)."""
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise RobauditError(f"no hardening checkpoint at {path}: run without --resume to start")
+    if path.is_symlink():
+        raise RobauditError(f"the checkpoint {path} is a symbolic link, not the file robaudit wrote: delete it and "
+                            "run without --resume")
+    fd = safeio.open_regular(path, what="hardening checkpoint")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with os.fdopen(fd, "rb") as fh:
+            state = torch.load(fh, map_location="cpu", weights_only=True)
     except Exception as e:
         raise RobauditError(f"the checkpoint {path} is unreadable ({type(e).__name__}): delete it and run without "
                             "--resume") from e
@@ -57,7 +63,12 @@ class Checkpointer:
         self.fingerprint = fingerprint
 
     def prepare(self, *, resume: bool) -> dict | None:
-        """Create the directory (a fresh run) or read and check the checkpoint to resume from."""
+        """Create the directory (a fresh run) or read and check the checkpoint to resume from; a temporary file
+        that a killed harden left beside the checkpoint is removed (its exact name, its process gone)."""
+        if dist.is_main():
+            from ..rundir import _remove_stale_staging
+
+            _remove_stale_staging(self.path)
         if not resume:
             if not dist.is_main():
                 return None
