@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import sys
 import warnings
@@ -72,14 +73,14 @@ class _Group(click.Group):
             if _debug(ctx):
                 raise
             if not _said_by_rank0(e):
-                click.echo(f"error{_process_tag()}: {e}", err=True)
+                _echo(f"error{_process_tag()}: {e}", err=True)
             ctx.exit(getattr(e, "exit_code", EXIT_USER))
         except Exception as e:  # a bug, not the user's fault: still one line, with the way to learn more
             if _debug(ctx):
                 raise
             if not _said_by_rank0(e):
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                click.echo(f"error{_process_tag()}: unexpected {type(e).__name__}: {first[:300]} (rerun with --debug "
+                _echo(f"error{_process_tag()}: unexpected {type(e).__name__}: {first[:300]} (rerun with --debug "
                            "for the traceback)", err=True)
             ctx.exit(EXIT_INTERNAL)
 
@@ -109,6 +110,22 @@ def _said_by_rank0(error: BaseException) -> bool:
 def _debug(ctx: click.Context) -> bool:
     root = ctx.find_root()
     return bool(root.params.get("debug")) if root is not None else False
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _printable(text) -> str:
+    """``text`` without control characters (C0, DEL, C1: no escape sequence from a file or a model reaches the
+    terminal); tabs and line breaks become spaces, so a value stays on its line."""
+    return _CONTROL.sub("", re.sub(r"[\t\n\r]", " ", str(text)))
+
+
+def _echo(text="", *, err: bool = False) -> None:
+    """``click.echo`` of a line made :func:`_printable`, its leading blank lines kept."""
+    text = str(text)
+    body = text.lstrip("\n")
+    click.echo("\n" * (len(text) - len(body)) + _printable(body), err=err)
 
 
 def _floats(text: str | None, option: str) -> list[float] | None:
@@ -226,7 +243,7 @@ def _say(as_json: bool):
 
     if not dist.is_main():
         return lambda text: None
-    return (lambda text: click.echo(text, err=True)) if as_json else click.echo
+    return (lambda text: _echo(text, err=True)) if as_json else _echo
 
 
 def _verdict_and_gate(ctx, run_dir: Path, bars, as_json: bool, *, before: Path | None = None,
@@ -252,15 +269,15 @@ def _verdict_and_gate(ctx, run_dir: Path, bars, as_json: bool, *, before: Path |
         click.echo(json.dumps(obj, indent=2, allow_nan=False))
     else:
         report = run_dir / "report.html"
-        click.echo("")
+        _echo("")
         for line in verdict.sanity_lines(checks, report=str(report) if report.exists() else None,
                                          run_dir=str(run_dir.parent if before else run_dir)):
-            click.echo(line)
+            _echo(line)
         for name in introduced or []:
-            click.echo(f"  hardening introduced a warning the original model did not have: {name} -- the classic "
+            _echo(f"  hardening introduced a warning the original model did not have: {name} -- the classic "
                        "sign of a defence that only masks gradients")
         for o in outcomes:
-            click.echo(f"{'bar met' if o.met else 'MISSED'}: {o.bar.name} ({o.text})")
+            _echo(f"{'bar met' if o.met else 'MISSED'}: {o.bar.name} ({o.text})")
     if missed:
         ctx.exit(gate.EXIT_MISSED)
 
@@ -338,31 +355,31 @@ def echo_summary(run) -> None:
     from .sanity import format_eps
     res, mvl = run.result, run.mvl
     acc = res.accuracy
-    click.echo(f"{run.manifest['model']['path']} on {run.manifest['dataset']['name']} "
+    _echo(f"{run.manifest['model']['path']} on {run.manifest['dataset']['name']} "
                f"({res.n_samples} samples, {res.seconds:.1f} s)")
-    click.echo(f"clean accuracy: {100 * res.clean_accuracy:.1f}%")
+    _echo(f"clean accuracy: {100 * res.clean_accuracy:.1f}%")
     for eps_val, rows in acc[acc["attack"] != "clean"].groupby(acc["eps"].fillna(-1.0), sort=True):
         if eps_val < 0:  # minimal-perturbation attacks: the size they needed, not an accuracy
             items = ", ".join(f"{r.attack} fools {100 * r.success_rate:.1f}%" + (
                 "" if r.pert_median != r.pert_median else f" at median {r.norm} {r.pert_median:.3g}")
                 for r in rows.itertuples())
-            click.echo(f"  minimal perturbation: {items}")
+            _echo(f"  minimal perturbation: {items}")
             continue
         items = ", ".join(f"{r.attack} {100 * r.accuracy:.1f}%" for r in rows.itertuples())
-        click.echo(f"  eps {format_eps(eps_val)}: {items}")
+        _echo(f"  eps {format_eps(eps_val)}: {items}")
     eps_txt = f" at eps {format_eps(mvl.eps)}" if mvl.eps is not None else ""
-    click.echo(f"\nMost Vulnerable Layers (ranked by {mvl.metric} under {mvl.attack}{eps_txt}):")
+    _echo(f"\nMost Vulnerable Layers (ranked by {mvl.metric} under {mvl.attack}{eps_txt}):")
     width = max([len(n) for n in mvl.names] + [5])
-    click.echo(f"  {'rank':>4}  {'layer':<{width}}  {'type':<14} {mvl.metric:>9}")
+    _echo(f"  {'rank':>4}  {'layer':<{width}}  {'type':<14} {mvl.metric:>9}")
     for i, r in enumerate(mvl.layers.itertuples(), 1):
-        click.echo(f"  {i:>4}  {r.layer:<{width}}  {r.layer_type:<14} {r.score:>9.4f}")
+        _echo(f"  {i:>4}  {_printable(r.layer):<{width}}  {_printable(r.layer_type):<14} {r.score:>9.4f}")
     if mvl.excluded:
-        click.echo(f"  (not ranked: {', '.join(mvl.excluded)} -- output and pass-through layers; "
+        _echo(f"  (not ranked: {', '.join(mvl.excluded)} -- output and pass-through layers; "
                    "--include-output ranks the output layer)")
-    click.echo(f"\nrun directory: {run.path}")
+    _echo(f"\nrun directory: {run.path}")
     report = Path(run.path) / "report.html"
     if report.exists():
-        click.echo(f"report: {report}")
+        _echo(f"report: {report}")
 
 
 @main.command()
@@ -374,7 +391,7 @@ def report(run_dir, out):
     from .rundir import latest_run
 
     path = render_report(run_dir or latest_run(), out)
-    click.echo(f"report: {path}")
+    _echo(f"report: {path}")
 
 
 @main.command()
@@ -399,7 +416,7 @@ def compare(run_a, run_b, out, as_json):
         click.echo(json.dumps(cmp.to_dict(), indent=2, allow_nan=False, default=str))
         return
     path = render_compare(cmp, out or Path(f"compare-{Path(run_a).name}-vs-{Path(run_b).name}.html"))
-    click.echo(f"comparison: {path}")
+    _echo(f"comparison: {path}")
 
 
 @main.command("attacks")
@@ -557,7 +574,7 @@ def _harden_run(ctx, run_dir: Path, cfg: HardenConfig, **options):
     except HardenInterrupted as e:
         if _debug(ctx):
             raise
-        click.echo(f"interrupted{_process_tag()}: {e}", err=True)
+        _echo(f"interrupted{_process_tag()}: {e}", err=True)
         ctx.exit(EXIT_INTERRUPTED)
     finally:
         warnings.showwarning = show
@@ -633,43 +650,42 @@ def _echo_accuracy(run_dir: Path) -> None:
     from .sanity import format_eps
 
     summary = verdict.summarize(read_run(run_dir))
-    click.echo(f"{summary['model']} on {summary['dataset']} ({summary['n_samples']} samples): {run_dir}")
+    _echo(f"{summary['model']} on {summary['dataset']} ({summary['n_samples']} samples): {run_dir}")
     if summary["clean_accuracy"] is not None:
-        click.echo(f"clean accuracy: {100 * summary['clean_accuracy']:.1f}%")
+        _echo(f"clean accuracy: {100 * summary['clean_accuracy']:.1f}%")
     for w in summary["worst_case"]:
-        click.echo(f"  worst case at eps {format_eps(w['eps'])}: {100 * w['accuracy']:.1f}%")
+        _echo(f"  worst case at eps {format_eps(w['eps'])}: {100 * w['accuracy']:.1f}%")
 
 
 def _echo_harden(done, *, warned=()) -> None:
     """Print the settings, the before/after comparison and where the outputs are."""
     from .sanity import format_eps
     s, res = done.settings, done.result
-    click.echo(f"{s['method']} on {', '.join(s['mvl_layers']) or 'no layer'} (eps {format_eps(s['eps'])}, {s['epochs']} epochs, "
+    _echo(f"{s['method']} on {', '.join(s['mvl_layers']) or 'no layer'} (eps {format_eps(s['eps'])}, {s['epochs']} epochs, "
                f"{s['seconds_training']:.1f} s); validation: {res.validation}")
-    click.echo(f"BatchNorm at test: {res.bn_at_test}")
+    _echo(f"BatchNorm at test: {res.bn_at_test}")
     if s.get("layers_rule"):
-        click.echo(f"layers regularized: {s['layers_rule']}")
+        _echo(f"layers regularized: {s['layers_rule']}")
     for note in res.notes:
         if note not in warned:
-            click.echo(f"note: {note}")
+            _echo(f"note: {note}")
     comp = done.comparison
     acc = comp[comp["kind"] == "accuracy"]
     acc = acc[acc["eps"].notna() | (acc["attack"] == "clean")]  # minimal-perturbation attacks: no robust accuracy
     labels = [r.attack if r.eps is None or r.eps != r.eps else f"{r.attack} eps {format_eps(r.eps)}" for r in acc.itertuples()]
     width = max([len(x) for x in labels] + [8])
-    click.echo(f"\n  {'accuracy':<{width}}  {'before':>7}  {'after':>7}  {'delta':>6}")
+    _echo(f"\n  {'accuracy':<{width}}  {'before':>7}  {'after':>7}  {'delta':>6}")
     for label, r in zip(labels, acc.itertuples()):
-        click.echo(f"  {label:<{width}}  {100 * r.before:6.1f}%  {100 * r.after:6.1f}%  {100 * r.delta:+6.1f}")
+        _echo(f"  {label:<{width}}  {100 * r.before:6.1f}%  {100 * r.after:6.1f}%  {100 * r.delta:+6.1f}")
     after = done.analysis.accuracy
     minimal = after[after["eps"].isna() & (after["kind"] == "adversarial")]
-    before_file = Path(done.run_dir) / "accuracy.csv"
-    if len(minimal) and before_file.is_file():
-        import pandas as pd
+    if len(minimal):
+        from .rundir import read_run
 
-        before = pd.read_csv(before_file).set_index("attack")
+        before = read_run(done.run_dir).accuracy.set_index("attack")  # read as every run is: checked
         for r in minimal.itertuples():
             if r.attack in before.index and "pert_median" in before.columns:
-                click.echo(f"  {r.attack}: median {r.norm} perturbation to fool a sample "
+                _echo(f"  {r.attack}: median {r.norm} perturbation to fool a sample "
                            f"{before.loc[r.attack, 'pert_median']:.3g} -> {r.pert_median:.3g}")
     re_rows = comp[comp["kind"] == "re"]
     if len(re_rows):
@@ -677,11 +693,11 @@ def _echo_harden(done, *, warned=()) -> None:
         eps_txt = f" eps {format_eps(r0['eps'])}" if r0["eps"] == r0["eps"] and r0["eps"] is not None else ""
         lw = max([len(str(x)) for x in re_rows["layer"]] + [5])
         metric = done.settings['mvl_ranking']['metric']
-        click.echo(f"\nRE ({'re_mean' if metric == 're_gain' else metric}) of the regularized layers under "
+        _echo(f"\nRE ({'re_mean' if metric == 're_gain' else metric}) of the regularized layers under "
                    f"{r0['attack']}{eps_txt}:")
-        click.echo(f"  {'layer':<{lw}}  {'before':>8}  {'after':>8}")
+        _echo(f"  {'layer':<{lw}}  {'before':>8}  {'after':>8}")
         for r in re_rows.itertuples():
-            click.echo(f"  {r.layer:<{lw}}  {r.before:8.4f}  {r.after:8.4f}")
-    click.echo(f"\nhardened model: {done.model_path}")
-    click.echo(f"outputs: {done.hardened_dir}/ (history.csv, comparison.csv, harden.json, lsa.csv, accuracy.csv, "
+            _echo(f"  {_printable(r.layer):<{lw}}  {r.before:8.4f}  {r.after:8.4f}")
+    _echo(f"\nhardened model: {done.model_path}")
+    _echo(f"outputs: {done.hardened_dir}/ (history.csv, comparison.csv, harden.json, lsa.csv, accuracy.csv, "
                "mvl.json)")
