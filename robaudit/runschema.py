@@ -237,8 +237,10 @@ def fraction(value, field, path):
     return _number(value, field, path, "a number in [0, 1]", lambda v: 0 <= v <= 1)
 
 
-def eps(value, field, path):
-    return _number(value, field, path, f"an eps in (0, {limits.L2_MAX:g}]", lambda v: 0 < v <= limits.L2_MAX)
+def sweep_eps(value, field, path):
+    """An eps of the analysis' sweep: ``--eps`` takes (0, 1] (the Linf budgets the sweep gives its attacks)."""
+    high = limits.EPS_LINF[1]
+    return _number(value, field, path, f"an eps in (0, {high:g}]", lambda v: 0 < v <= high)
 
 
 def whole(low: int, high: int) -> Check:
@@ -322,7 +324,7 @@ MANIFEST = obj({
                         "num_classes": opt(whole(1, limits.CLASSES_MAX)), "input_shape": opt(list_of(POSITIVE)),
                         "image_size": opt(whole(1, limits.IMAGE_SIZE_MAX)), "class_map": OSTR})),
     "n_samples": opt(COUNT_), "seed": whole(0, SEED_MAX), "device": OSTR, "batch_size": whole(1, limits.BATCH_MAX),
-    "attacks": OSTRS, "configurations": OSTRS, "eps": opt(list_of(eps)),
+    "attacks": OSTRS, "configurations": OSTRS, "eps": opt(list_of(sweep_eps)),
     "layers": opt(obj({"patterns": OSTRS, "types": OSTRS, "probe": opt(one_of(*PROBES))})),
     "num_layers": opt(COUNT_),
     "mvl": opt(obj({"top": opt(POSITIVE), "z": opt(finite), "attack": OSTR, "metric": OSTR,

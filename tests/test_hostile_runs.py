@@ -329,6 +329,8 @@ TAMPERED = {
                               ["harden", "--run", "{run}", *HARDEN], ("manifest.json", "batch_size")),
     "manifest std 0": (lambda r: _set_json(r, "manifest.json", ("normalization",), {"mean": [0.5], "std": [0]}),
                        ["harden", "--run", "{run}", *HARDEN], ("manifest.json", "normalization.std[0]")),
+    "manifest eps 1e4": (lambda r: _set_json(r, "manifest.json", ("eps",), [0.1, 1e4]),
+                         ["harden", "--run", "{run}", *HARDEN], ("manifest.json", "eps[1]")),
     "manifest seed string": (lambda r: _set_json(r, "manifest.json", ("seed",), "0"),
                              ["harden", "--run", "{run}", *HARDEN], ("manifest.json", "seed")),
     "manifest attack": (lambda r: _set_json(r, "manifest.json", ("attacks",), ["fgsm", "rm -rf"]),
@@ -350,7 +352,7 @@ def test_a_tampered_value_is_one_line_naming_the_file_and_field(case, digits_run
     tamper, args, needles = TAMPERED[case]
     tamper(run)
     err = one_line(invoke(*[str(a).replace("{run}", str(run)) for a in args]), *needles)
-    assert "--batch-size" not in err and "--std" not in err and "--seed" not in err
+    assert not any(option in err for option in ("--batch-size", "--std", "--seed", "--eps"))
     assert not (run / "hardened").exists()
 
 

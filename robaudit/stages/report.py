@@ -32,7 +32,8 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 
 from .. import safeio, sanity, verdict
 from ..errors import RobauditError
-from ..rundir import Run, check_inside, is_own_report, read_document, read_run, read_table, rows_at
+from ..rundir import (Run, _remove_stale_staging, check_inside, is_own_report, read_document, read_run, read_table,
+                      rows_at)
 from ..writelock import write_lock
 from ..sanity import attack_name
 
@@ -956,7 +957,8 @@ def _reproduce_section(run: Run, settings: dict | None, run_dir: Path, out: Path
     if settings and settings.get("command"):
         commands.append({"title": "Rerun the hardening", "text": str(settings["command"])})
     commands.append({"title": "Render this report again", "text": f"robaudit report --run {shown}"})
-    manifest = _kv_table(_flatten(man), caption="manifest.json") if man else Table(
+    shown_manifest = {k: v for k, v in man.items() if k != "files"}  # the files table below lists them
+    manifest = _kv_table(_flatten(shown_manifest), caption="manifest.json") if man else Table(
         [Column("Field"), Column("Value")], [Row([Cell("manifest.json"), Cell("missing")])], sortable=False)
     return {"commands": commands, "manifest": manifest, "files": _files_table(run_dir, out)}
 
@@ -1107,6 +1109,7 @@ def _write_atomic(out: Path, text: str) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RobauditError(f"cannot write {out} ({exc.strerror}): pass --out with a writable path") from exc
+    _remove_stale_staging(out)  # what a killed render left beside the page (its exact name, its process gone)
     with safeio.atomic_file(out, binary=False) as fh:
         fh.write(text)
         fh.flush()
