@@ -440,12 +440,14 @@ def read_table(directory: str | os.PathLike, name: str, *, root: str | os.PathLi
         if len(columns) > COLUMNS_MAX:
             raise RobauditError(f"{path} has {len(columns)} columns, more than robaudit ever writes: {fix}")
         fh.seek(0)
-        text_columns = {c: str for c in runschema.TEXT_COLUMNS.get(name, ())}
+        text = set(runschema.TEXT_COLUMNS.get(name, ()))
+        missing = {c: [""] if c in text else runschema.NA_VALUES for c in columns}
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", pd.errors.ParserWarning)
                 warnings.simplefilter("ignore", pd.errors.DtypeWarning)
-                frame = pd.read_csv(fh, dtype=text_columns, index_col=False, encoding="utf-8")
+                frame = pd.read_csv(fh, dtype={c: str for c in text}, index_col=False, encoding="utf-8",
+                                    keep_default_na=False, na_values=missing)
         except (ValueError, UnicodeDecodeError, OverflowError, pd.errors.ParserError, pd.errors.EmptyDataError,
                 pd.errors.ParserWarning, csv.Error) as exc:
             raise RobauditError(f"{path} is not a CSV table robaudit can read ({type(exc).__name__}): {fix}") from None

@@ -65,6 +65,9 @@ REQUIRED_COLUMNS = {"lsa.csv": ("layer", "attack", "eps", "re_mean", "order", "k
                     "samples.csv": ("index", "label", "clean_correct")}
 TEXT_COLUMNS = {name: [c for c, (kind, _) in cols.items() if kind in (TEXT, KIND)] for name, cols in TABLES.items()}
 FORMULA_START = "=+-@\t\r"
+# what pandas reads as a missing number; a text cell is missing only when empty (a layer may be named "None")
+NA_VALUES = ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
+             "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]
 _ESCAPED = re.compile(r"'+[=+\-@\t\r]")
 
 
@@ -151,9 +154,15 @@ def _check_column(values: pd.Series, kind: str, optional: bool, col: str, path: 
             raise _bad(path, f"{col} in row {_first(wrong)} is not one of {', '.join(KINDS)}")
         return text
     if kind == FLAG:
-        mapping = {"true": True, "false": False, "1": True, "0": False, "1.0": True, "0.0": False}
-        flags = values.map(lambda v: v if _na(v) else mapping.get(str(v).strip().lower()))
-        wrong = present & flags.isna()
+        if pd.api.types.is_bool_dtype(values.dtype):
+            return values
+        if pd.api.types.is_numeric_dtype(values.dtype):  # 0/1 (samples.csv): checked without a Python loop
+            wrong = present & ~np.isin(values.to_numpy(dtype=float), (0.0, 1.0))
+            flags = values
+        else:
+            mapping = {"true": True, "false": False, "1": True, "0": False, "1.0": True, "0.0": False}
+            flags = values.map(lambda v: v if _na(v) else mapping.get(str(v).strip().lower()))
+            wrong = present & flags.isna()
         if wrong.any():
             raise _bad(path, f"{col} in row {_first(wrong)} is not true/false (or 1/0)")
         return flags

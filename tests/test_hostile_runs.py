@@ -358,7 +358,7 @@ def test_a_tampered_value_is_one_line_naming_the_file_and_field(case, digits_run
 
 # -- 5. no spreadsheet formula and no terminal escape from a run or a model -------------------------------
 def test_csv_cells_never_start_a_formula_and_read_back_unchanged(tmp_path):
-    evil = ['=HYPERLINK("http://x","y")', "@SUM(A1)", "+1", "-2+3", "\tx", "\rx", "'=quoted", "plain", "a-b"]
+    evil = ['=HYPERLINK("http://x","y")', "@SUM(A1)", "+1", "-2+3", "\tx", "\rx", "'=quoted", "None", "a-b"]
     frame = pd.DataFrame({"layer": evil, "attack": ["pgd"] * len(evil), "eps": [0.1] * len(evil),
                           "re_mean": [0.5] * len(evil), "order": range(len(evil)), "kind": ["adversarial"] * len(evil),
                           "score": [-0.5, float("-inf"), -1.0, 0.0, 1.0, -2.0, 3.0, float("nan"), -0.25]})
