@@ -130,7 +130,7 @@ def _sanity(bar: Bar, checks: list[sanity.Check]) -> Outcome:
 
 def _max_re(bar: Bar, run: Run) -> Outcome:
     mvl = run.mvl or {}
-    metric = mvl.get("metric") or "re_mean"
+    metric = "re_mean" if mvl.get("metric") in (None, "", "re_gain") else mvl["metric"]  # a bar on RE, not on gain
     lsa = rows_at(run.lsa, mvl.get("attack"), mvl.get("eps"))
     lsa = lsa[lsa[metric].notna()]
     if lsa.empty:

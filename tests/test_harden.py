@@ -376,6 +376,43 @@ def test_cli_harden(moons_run):
     assert res.exit_code == 2 and "positive" in res.stderr
 
 
+def test_the_control_rules_pick_the_layers_they_say(moons_run):
+    """MoonsMLP's candidates in forward order: net.0 ... net.5 (Linear, ReLU, ...); net.6 is the output layer."""
+    from robaudit.rundir import read_run
+    from robaudit.stages.harden import _select_layers
+    from robaudit.training.layers import LayerRule
+
+    run = read_run(moons_run)
+    pick = lambda rule, seed=0, **kw: _select_layers(run, kw.pop("top", 2), kw.pop("out", False), rule, seed)[0]
+    assert pick(LayerRule.DEEPEST) == ["net.5", "net.4"]
+    assert pick(LayerRule.DEEPEST, top=None) == ["net.5", "net.4"]  # as many as the run's MVL list (2)
+    assert pick(LayerRule.DEEPEST, top=3, out=True) == ["net.6", "net.5", "net.4"]
+    assert pick(LayerRule.RANDOM, 0) == ["net.3", "net.5"] == pick(LayerRule.RANDOM, 0)  # the same seed, the same draw
+    assert pick(LayerRule.RANDOM, 1) == ["net.1", "net.4"]  # another seed, another draw
+    names, ranking = _select_layers(run, 2, False, LayerRule.RANDOM, 0)
+    assert ranking["layers_from"] == "random" and ranking["layers_rule"] == \
+        "2 probed layers drawn at random (control), not the MVL list"
+    with pytest.raises(RobauditError, match="--mvl-top 7 is more than the 6 layers"):
+        _select_layers(run, 7, False, LayerRule.DEEPEST, 0)
+    with pytest.raises(RobauditError, match="unknown --layers-from 'widest': use mvl, deepest, random"):
+        LayerRule.of("widest")
+
+
+def test_a_control_harden_records_its_rule_and_the_report_names_it(moons_run):
+    from robaudit.stages.report import render_report
+
+    done = harden_run(moons_run, mvl_top=2, layers_from="deepest", epochs=1, steps=1, batch_size=256, force=True,
+                      device="cpu")
+    assert done.result.mvl_layers == ["net.5", "net.4"]
+    settings = json.loads((moons_run / "hardened" / "harden.json").read_text())
+    assert settings["layers_from"] == "deepest" and settings["mvl_layers"] == ["net.5", "net.4"]
+    assert "--layers-from deepest" in settings["command"]  # the command that reruns it
+    manifest = json.loads((moons_run / "hardened" / "manifest.json").read_text())
+    assert manifest["hardened_from"]["layers_from"] == "deepest"
+    text = render_report(moons_run).read_text(encoding="utf-8")
+    assert "Layers regularized: the 2 deepest probed layers (control), not the MVL list (net.5, net.4)." in text
+
+
 def test_the_layerwise_perturbation_stays_within_layer_eps():
     from robaudit.metrics import relative_error
     from robaudit.training.layers import LayerwisePerturber

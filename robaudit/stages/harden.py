@@ -22,7 +22,7 @@ from .. import attacks as atk
 from .. import dist
 from ..data import DATASETS, IMAGEFOLDER_PREFIX, class_folders, load_dataset
 from ..errors import RobauditError
-from ..lsa import resolve_device, select_mvl
+from ..lsa import ranking_rows, re_column, resolve_device, select_mvl
 from ..models import (LoadedModel, check_stored_arch, export_model, load_model, save_checkpoint,
                       save_exported_weights, sha256_file, with_normalization)
 from ..rundir import rows_at, atomic_dir, fill_run, foreign_entries, read_run, write_csv, write_json
@@ -30,7 +30,7 @@ from ..writelock import write_lock
 from ..training.checkpoint import CHECKPOINT_NAME
 from ..training.config import HardenConfig
 from ..training.harden import HardenResult, global_batch_size, harden
-from ..training.layers import batchnorm_modules
+from ..training.layers import LayerRule, batchnorm_modules, control_layers
 from ..training.loop import HardenInterrupted
 from .analyze import (analyze_for_run, api_command, batchnorm_audit, is_image_folder, load_run_data,
                       model_checks, now)
@@ -86,8 +86,10 @@ def comparison_frame(before_acc: pd.DataFrame, after_acc: pd.DataFrame, before_l
     return pd.DataFrame(rows, columns=["kind", "attack", "eps", "norm", "layer", "before", "after", "delta"])
 
 
-def _select_layers(run, mvl_top: int | None, include_output: bool) -> tuple[list[str], dict]:
-    """The MVL layers to harden, re-ranked from the run's LSA under the run's MVL attack/eps/metric."""
+def _select_layers(run, mvl_top: int | None, include_output: bool, rule: LayerRule = LayerRule.MVL,
+                   seed: int = 0) -> tuple[list[str], dict]:
+    """The layers to harden: the MVL layers, re-ranked from the run's LSA under the run's MVL attack/eps/metric,
+    or (``rule`` a control) as many of the same candidate layers chosen by depth or at random with ``seed``."""
 
     mvl = run.mvl or {}
     attack, eps, metric = mvl.get("attack"), mvl.get("eps"), mvl.get("metric") or "re_mean"
@@ -97,12 +99,19 @@ def _select_layers(run, mvl_top: int | None, include_output: bool) -> tuple[list
         names = [l["layer"] for l in mvl.get("layers", []) if include_output or l["layer"] not in outputs]
         if not names:
             raise RobauditError(f"the MVL list in {run.path} is empty: pass --mvl-top K")
-        return names, {"attack": attack, "eps": eps, "metric": metric, "criterion": "the run's MVL list"}
-    if int(mvl_top) != mvl_top or mvl_top < 1:
-        raise RobauditError(f"--mvl-top must be a positive whole number, not {mvl_top}")
-    sel = select_mvl(run.lsa, run.accuracy, k=int(mvl_top), attack=attack, eps=eps, metric=metric,
-                     include_output=include_output)
-    return sel.names, {"attack": sel.attack, "eps": sel.eps, "metric": sel.metric, "criterion": f"top-{mvl_top}"}
+        ranking = {"attack": attack, "eps": eps, "metric": metric, "criterion": "the run's MVL list"}
+    else:
+        if int(mvl_top) != mvl_top or mvl_top < 1:
+            raise RobauditError(f"--mvl-top must be a positive whole number, not {mvl_top}")
+        sel = select_mvl(run.lsa, run.accuracy, k=int(mvl_top), attack=attack, eps=eps, metric=metric,
+                         include_output=include_output)
+        names, ranking = sel.names, {"attack": sel.attack, "eps": sel.eps, "metric": sel.metric,
+                                     "criterion": f"top-{mvl_top}"}
+    if rule is not LayerRule.MVL:  # a control: as many layers as the MVL list, chosen without its ranking
+        rows = ranking_rows(run.lsa, run.accuracy, attack=ranking["attack"], eps=ranking["eps"],
+                            metric=ranking["metric"], include_output=include_output)[0]
+        names = control_layers(rows, rule, k=len(names), seed=seed)
+    return names, {**ranking, "layers_from": rule.value, "layers_rule": rule.describe(names)}
 
 
 def _holding_the_run(fn):
@@ -122,6 +131,7 @@ def harden_run(
     *,
     mvl_top: int | None = None,
     include_output: bool = False,
+    layers_from: str | LayerRule = LayerRule.MVL,
     train_data: str | os.PathLike | None = None,
     resume: bool = False,
     force: bool = False,
@@ -143,8 +153,11 @@ def harden_run(
     the training samples of a run whose data set has no train split. The re-analysis reloads the run's samples
     as its manifest records them, streamed batch by batch as the analysis read them.
     ``config`` (or keywords) as for :func:`harden`; its ``seed`` defaults to the analysis seed.
+    ``layers_from`` (``mvl``, ``deepest`` or ``random``) says which layers AT-LR regularizes: the MVL list, or a
+    control of as many layers from the same candidates, the deepest or drawn with that seed.
     """
 
+    rule = LayerRule.of(layers_from)
     cfg = HardenConfig(**settings) if config is None else dataclasses.replace(config, **settings)
     started = now()
     run_dir = Path(run_dir)
@@ -159,9 +172,9 @@ def harden_run(
         if eps is None:
             raise RobauditError("the run has no eps sweep to take the training eps from: pass --eps")
         cfg = dataclasses.replace(cfg, eps=eps)
-    layers, ranking = _select_layers(run, mvl_top, include_output)
     if cfg.seed is None:
         cfg = dataclasses.replace(cfg, seed=int(man.get("seed", 0)))
+    layers, ranking = _select_layers(run, mvl_top, include_output, rule, cfg.seed)
     loaded, model_path = _load_run_model(run, arch=arch, trust_model=trust_model)
     # every process refuses a batch too small for them here, at once, not after rank 0 alone read the data first
     global_batch_size(cfg.batch_size, loaded.module.__dict__.get("_robaudit_fixed_batch"), [])
@@ -217,10 +230,11 @@ def _finish(run, cfg: HardenConfig, result: HardenResult, loaded: LoadedModel, t
                                                  samples_path=tmp / "samples.csv" if main else None)
         comparison = comparison_frame(run.accuracy, analysis.accuracy, run.lsa, analysis.lsa,
                                       layers=result.mvl_layers, attack=ranking["attack"], eps=ranking["eps"],
-                                      metric=ranking["metric"])
+                                      metric=re_column(ranking["metric"]))
         out_settings = result.settings
         if main:
-            cmd = command or _api_command(run_dir, cfg.method.value, mvl_top, cfg.eps, cfg.epochs, cfg.seed)
+            cmd = command or _api_command(run_dir, cfg.method.value, mvl_top, cfg.eps, cfg.epochs, cfg.seed,
+                                          layers_from=ranking.get("layers_from"))
             h_manifest, out_settings = _records(
                 run, cfg, result, loaded, hardened, analysis, command=cmd, started=started, dev=dev, fmt=fmt,
                 model_file=tmp / fname, final_model=final_model, model_path=model_path, train_desc=train_desc,
@@ -246,11 +260,13 @@ def _records(run, cfg: HardenConfig, result: HardenResult, loaded: LoadedModel, 
         "n_samples": analysis.n_samples, "clean_accuracy": analysis.clean_accuracy,
         "seconds": round(analysis.seconds, 3), "started": started, "finished": now(),
         "hardened_from": {"run": str(run_dir.resolve()), "model": str(model_path.resolve()),
-                          "sha256": (man.get("model") or {}).get("sha256"), "method": cfg.method.value},
+                          "sha256": (man.get("model") or {}).get("sha256"), "method": cfg.method.value,
+                          "layers_from": ranking.get("layers_from", "mvl")},
     })
     out_settings = dict(result.settings)
     out_settings.update({
         "command": command, "run": str(run_dir.resolve()), "mvl_top": mvl_top, "mvl_ranking": ranking,
+        "layers_from": ranking.get("layers_from", "mvl"), "layers_rule": ranking.get("layers_rule"),
         "include_output": include_output, "train": train_desc, "device": str(dev),
         "resumed_from_epoch": result.resumed_from_epoch, "notes": result.notes,
         "input_model": {"path": str(model_path.resolve()), "format": loaded.format,
@@ -416,7 +432,8 @@ def _write_hardened(tmp: Path, analysis, h_mvl, manifest: dict, checks, history:
     fill_run(tmp, analysis, h_mvl, manifest, checks, tables={"bn.csv": bn} if bn is not None else None)  # sealed last
 
 
-def _api_command(run_dir: Path, method: str, mvl_top, eps: float, epochs: int, seed: int) -> str:
+def _api_command(run_dir: Path, method: str, mvl_top, eps: float, epochs: int, seed: int,
+                 layers_from: str | None = None) -> str:
 
     return api_command("harden", run=run_dir, method=method, mvl_top=mvl_top, eps=f"{eps:g}", epochs=epochs,
-                       seed=seed)
+                       seed=seed, layers_from=None if layers_from in (None, "mvl") else layers_from)

@@ -561,22 +561,45 @@ def _mvl_section(run: Run) -> dict | None:
     return {"description": description, "table": table}
 
 
+def _gain_column(run: Run, lsa: pd.DataFrame, layers, configs) -> tuple[str, np.ndarray] | None:
+    """Each layer's own gain (``re_gain``) under the ranking configuration: its header and values, or None."""
+    mvl = run.mvl or {}
+    if "re_gain" not in lsa.columns or not mvl.get("attack"):
+        return None
+    for j, (attack, eps, norm, _) in enumerate(configs):
+        if attack == mvl["attack"] and (_isnan(eps) if mvl.get("eps") is None else
+                                        not _isnan(eps) and np.isclose(eps, float(mvl["eps"]))):
+            label = _config_label(attack, eps, norm, show_norm=False)
+            return f"Gain re_gain ({label})", _re_matrix(lsa, layers, configs[j:j + 1], "re_gain")[:, 0]
+    return None
+
+
 def _layers_section(run: Run, palette: Palette, mvl_names: set[str]) -> dict:
     lsa = run.lsa
-    metric = (run.mvl or {}).get("metric", "re_mean")
-    metric = metric if metric in lsa.columns else "re_mean"
+    ranked_by = (run.mvl or {}).get("metric", "re_mean")
+    # the RE shown: the ranking's own column, or re_mean when the ranking is by gain (shown in its own column)
+    metric = ranked_by if ranked_by in lsa.columns and ranked_by != "re_gain" else "re_mean"
     layers, configs = _layers(lsa), _configs(lsa)
     show_norm = lsa.loc[lsa["eps"].notna(), "norm"].nunique() > 1
     mat = _re_matrix(lsa, layers, configs, metric)
     figures = [plot_heatmap(layers, configs, mat, mvl_names, metric, show_norm),
                plot_profile(layers, configs, mat, mvl_names, palette, metric, show_norm)]
+    gain = _gain_column(run, lsa, layers, configs)
     columns = [Column("#", True), Column("Layer"), Column("Type")]
+    columns += [Column(gain[0], True)] if gain is not None else []
     columns += [Column(_config_label(a, e, n, show_norm=show_norm), True) for a, e, n, _ in configs]
     rows = []
     for i, (order, name, ltype) in enumerate(layers):
-        cells = [num_cell(order), Cell(name, cls="layer"), Cell(ltype)] + [num_cell(v, fmt_re) for v in mat[i]]
+        cells = [num_cell(order), Cell(name, cls="layer"), Cell(ltype)]
+        cells += [num_cell(gain[1][i], fmt_re)] if gain is not None else []
+        cells += [num_cell(v, fmt_re) for v in mat[i]]
         rows.append(Row(cells, cls="mvl" if name in mvl_names else ""))
-    table = Table(columns, rows, caption=f"RE ({metric}) per layer; click a column header to sort.")
+    caption = f"RE ({metric}) per layer; click a column header to sort."
+    if gain is not None:
+        caption = (f"RE ({metric}) per layer, and each layer's own gain under the ranking attack (its RE over the "
+                   "RE of the layer before it; above 1: the layer amplifies the perturbation); click a column "
+                   "header to sort.")
+    table = Table(columns, rows, caption=caption)
     return {"metric": metric, "n_layers": len(layers), "n_configs": len(configs), "figures": figures, "table": table}
 
 
@@ -658,6 +681,11 @@ def _hardening_section(run: Run, hardened: Run | None, history, settings, acc_cm
     if settings.get("epochs") is not None:
         bits.append(f"{fmt_num(settings['epochs'])} epochs")
     description = "; ".join(bits) + "."
+    regularized = settings.get("mvl_layers")
+    if isinstance(regularized, list) and regularized:  # which rule chose them: the MVL list, or a control
+        rule = settings.get("layers_rule")
+        rule = rule if isinstance(rule, str) and rule else f"the {len(regularized)} most vulnerable layers (the MVL list)"
+        description += f" Layers regularized: {rule} ({', '.join(map(str, regularized))})."
     figures, tables = [], []
     if history is not None:
         plot = plot_history(history)

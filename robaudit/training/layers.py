@@ -1,15 +1,19 @@
-"""Hooks on the MVL layers while training: the AT-LR recorder, the layerwise perturber, dual BatchNorm."""
+"""The layers hardening works on and its hooks on them: which layers (:class:`LayerRule`: the MVL list or a
+control), the AT-LR recorder, the layerwise perturber, dual BatchNorm."""
 from __future__ import annotations
 
 import contextlib
 import math
+import random
 from typing import Iterator, Mapping, Sequence
 
+import pandas as pd
 import torch
 from torch import nn
 
 from ..errors import RobauditError
 from ..probe import Layer
+from .config import _Choice
 
 _BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -23,6 +27,44 @@ def batchnorm_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def batch_independent(module: nn.Module, exported: bool = False) -> bool:
     """True when no layer computes batch statistics in training (no trainable BatchNorm)."""
     return exported or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+class LayerRule(_Choice):
+    """Which layers hardening regularizes: the MVL list, or a control that ignores the RE ranking."""
+
+    MVL = "mvl"  # the Most Vulnerable Layers, most vulnerable first
+    DEEPEST = "deepest"  # the k deepest candidate layers, deepest first
+    RANDOM = "random"  # k candidate layers drawn with the seed, in forward order
+
+    @classmethod
+    def of(cls, value) -> "LayerRule":
+        return cls.parse(value, "unknown --layers-from {value!r}: use {choices}")
+
+    def describe(self, names: Sequence[str]) -> str:
+        """How a report names this rule's choice of ``names``, e.g. "the 5 deepest probed layers (control)"."""
+        k = len(names)
+        noun = "layer" if k == 1 else "layers"
+        if self is LayerRule.DEEPEST:
+            return f"the {k} deepest probed {noun} (control), not the MVL list"
+        if self is LayerRule.RANDOM:
+            return f"{k} probed {noun} drawn at random (control), not the MVL list"
+        return f"the {k} most vulnerable {noun} (the MVL list)"
+
+
+def control_layers(candidates: pd.DataFrame, rule: LayerRule, *, k: int, seed: int) -> list[str]:
+    """The ``k`` layers a control rule picks from ``candidates`` (the rows the MVL list ranks: ``layer`` and
+    forward ``order``): the deepest, deepest first; or ``k`` drawn with ``seed`` (the same seed, the same draw),
+    listed in forward order."""
+    layers = candidates.drop_duplicates("layer").sort_values("order")["layer"].tolist()
+    if k < 1 or k > len(layers):
+        raise RobauditError(f"--layers-from {rule.value} needs {k} layers but the analysis has {len(layers)} to "
+                            f"choose from: use --mvl-top {len(layers)} or fewer")
+    if rule is LayerRule.DEEPEST:
+        return layers[::-1][:k]
+    if rule is LayerRule.RANDOM:
+        picked = set(random.Random(seed).sample(range(len(layers)), k))
+        return [name for i, name in enumerate(layers) if i in picked]
+    raise RobauditError(f"--layers-from {rule.value} is not a control: the MVL list comes from the run")
 
 
 def layer_modules(names: Sequence[str]) -> list[str]:
