@@ -61,8 +61,9 @@ def whole(value, what: str, *, low: int = 1, high: int, hint: str = "") -> int:
         number = _number(value, what)
     ok = (isinstance(number, int) or (math.isfinite(number) and number == int(number))) and low <= number <= high
     if not ok:
-        kind = "a positive whole number" if low == 1 else f"a whole number >= {low}"
-        raise RobauditError(f"{what} must be {kind}, at most {high}, not {_shown(value)}" + (f": {hint}" if hint else ""))
+        bounds = f"a whole number >= {low}, at most {high}" if low < 1 else \
+            f"at least {low} and at most {high} (a positive whole number)"
+        raise RobauditError(f"{what} must be {bounds}, not {_shown(value)}" + (f": {hint}" if hint else ""))
     return int(number)
 
 
