@@ -135,6 +135,7 @@ class Totals:
     worst: list[int]  # one per Setup.worst_keys
     seconds: list[float]
     sizes: list[dict[str, float]]
+    pairs: list[list[int]] = field(default_factory=list)  # rows of accuracy.csv: right under i, wrong under j
     outcomes: dict[int, torch.Tensor] = field(default_factory=dict)
     bn: BatchNormMoments | None = None
 
@@ -154,6 +155,9 @@ class Battery:
         self.sums: dict[tuple[tuple[str, ...], tuple[int, ...]], torch.Tensor] = {}
         self.output_hits: dict[str, torch.Tensor] = {}  # layer -> batches where its clean output is the logits
         self.counts = torch.zeros(1 + n + len(setup.worst_keys), dtype=torch.float64, device=dev)
+        # rows of accuracy.csv (clean, configurations, worst cases) x the same: samples right under one, wrong under
+        # the other -- the per-sample pairs that the sanity checks' exact tests compare two rows on
+        self.pairs = torch.zeros(len(self.counts), len(self.counts), dtype=torch.float64, device=dev)
         self.seconds = [0.0] * n  # time spent generating each configuration's perturbed inputs
         self.sizes = [PerturbationSizes(s.norm) for s in setup.specs]
         self.kept: dict[int, dict[int, torch.Tensor]] = {i: {} for i in range(n)}  # config -> batch -> outcomes
@@ -213,6 +217,8 @@ class Battery:
         base = 1 + n
         for j, k in enumerate(self.s.worst_keys):
             self.counts[base + j] += robust[k].sum()
+        right = torch.stack([ok_clean, *oks, *(robust[k] for k in self.s.worst_keys)]).double()
+        self.pairs += right @ (1 - right).T
         self._record(b, start, y, logits[0].argmax(1), oks, perts, [robust[k] for k in self.s.worst_keys])
         self.batches.append(b)
 
@@ -330,17 +336,20 @@ class Battery:
         states = self.states()
         flat = torch.cat([*(states.get(k, zeros) for k in re_keys),
                           torch.stack([self.output_hits.get(k, one) for k in out_keys]) if out_keys else zeros[:0],
-                          self.counts, torch.tensor(self.seconds, dtype=torch.float64, device=self.s.device), bn])
+                          self.counts, torch.tensor(self.seconds, dtype=torch.float64, device=self.s.device),
+                          self.pairs.flatten(), bn])
         flat = dist.all_reduce_sum(flat).cpu()  # the one read back of the device statistics
         bn_sums, values = flat[len(flat) - len(bn):], flat[:len(flat) - len(bn)].tolist()
         re = {k: RelativeError.summarize(values[j * width:(j + 1) * width]) for j, k in enumerate(re_keys)}
         pos = len(re_keys) * width
         hits, pos = values[pos:pos + len(out_keys)], pos + len(out_keys)
-        n = len(self.s.specs)
-        counts, seconds = values[pos:pos + len(self.counts)], values[pos + len(self.counts):]
+        n, m = len(self.s.specs), len(self.counts)
+        counts, pos = values[pos:pos + m], pos + m
+        seconds, pos = values[pos:pos + n], pos + n
+        pairs = [[int(round(v)) for v in values[pos + i * m:pos + (i + 1) * m]] for i in range(m)]
         correct = [int(round(c)) for c in counts]
         return Totals(layers=layers, re=re, output_layers={k for k, h in zip(out_keys, hits) if h > 0},
-                      correct=correct[:1 + n], worst=correct[1 + n:], seconds=seconds,
+                      correct=correct[:1 + n], worst=correct[1 + n:], seconds=seconds, pairs=pairs,
                       sizes=[self._sizes(i, payloads).compute() for i in range(n)],
                       outcomes={i: t for i in range(n) if (t := _in_order([p["kept"][i] for p in payloads])) is not None},
                       bn=self.s.bn.moments(bn_sums.view_as(self.s.bn.sums)) if self.s.bn is not None else None)

@@ -96,6 +96,9 @@ class LSAResult:
     outcomes: dict[int, torch.Tensor] = field(default_factory=dict)
     # BatchNorm input moments of the clean and each adversarial configuration's pass (bnaudit)
     bn_moments: BatchNormMoments | None = None
+    # accuracy.csv's rows (attack, eps, norm) and, per pair of them, the samples right under one and wrong under the
+    # other: what the sanity checks test two attacks on (checks.json's battery_pairs)
+    pairs: dict | None = None
 
     def to_frame(self) -> pd.DataFrame:
         return self.lsa.copy()
@@ -152,7 +155,8 @@ def re_column(metric: str) -> str:
 
 
 def ranking_rows(lsa: pd.DataFrame, accuracy: pd.DataFrame, *, attack: str | None = None, eps: float | None = None,
-                 metric: str = "re_mean", include_output: bool = False) -> tuple[pd.DataFrame, list[str], str, float | None]:
+                 metric: str = "re_mean",
+                 include_output: bool = False) -> tuple[pd.DataFrame, list[str], str, float | None]:
     """The layers the MVL list chooses from: ``(rows, excluded, attack, eps)``, one row per layer under the ranking
     configuration (by default the strongest attack at its largest eps) whose ``metric`` is defined.
 
@@ -422,5 +426,7 @@ def _result(setup: Setup, totals: Totals, *, n_total: int, seconds: float) -> LS
     lsa_finite = lsa[["re_mean", "re_pooled"]].replace([np.inf, -np.inf], np.nan)
     if len(lsa) and lsa_finite.isna().all().all():
         raise NonFiniteError("every layer's relative error is undefined: the model's activations are all zero")
+    pairs = {"rows": [["clean", None, None]] + [[s.label, s.eps, s.norm] for s in specs]
+             + [["worst-case", e, norm] for norm, e in setup.worst_keys], "robust_only": totals.pairs}
     return LSAResult(lsa=lsa, accuracy=accuracy, layers=totals.layers, attacks=specs, n_samples=n_total,
-                     seconds=seconds, outcomes=totals.outcomes, bn_moments=totals.bn)
+                     seconds=seconds, outcomes=totals.outcomes, bn_moments=totals.bn, pairs=pairs)

@@ -6,11 +6,13 @@ Two halves:
   zero or non-finite input gradients, a forward pass that is not deterministic (the checks AutoAttack
   runs), and FGSM, PGD-10 and PGD-50 at the battery's own largest Linf eps (never a larger one),
   reusing the battery's own FGSM and PGD-10 outcomes where it ran them. :func:`plan_checks` sizes the
-  sample count so that the checks cost at most :data:`CHECK_SHARE` of the battery. It returns raw
-  numbers as a JSON-serializable dict, written to the run directory as ``checks.json``.
+  sample count so that the checks cost at most :data:`CHECK_SHARE` of the battery, but never fewer than the
+  :data:`MIN_PAIRED_SAMPLES` on which a comparison can be conclusive. It returns raw numbers and the probes'
+  per-sample pairs as a JSON-serializable dict, written to the run directory as ``checks.json``.
 - :func:`evaluate` reads an ``accuracy.csv`` frame and that dict and decides pass / warn / skip, each
-  with the numbers behind it. All thresholds live here, so re-rendering an old run applies them
-  again.
+  with the numbers behind it. A comparison warns only when an exact one-sided test finds its difference
+  significant at :data:`ALPHA` (the p-value is in the message); otherwise it is inconclusive (``skip``), not a
+  warning. All thresholds live here, so re-rendering an old run applies them again.
 """
 from __future__ import annotations
 
@@ -44,6 +46,14 @@ __all__ = [
     "PROBABILITIES",
     "GRADIENTS",
     "DETERMINISM",
+    "ALPHA",
+    "MIN_PAIRED_SAMPLES",
+    "binomial_tail",
+    "sign_test",
+    "rate_test",
+    "Paired",
+    "paired",
+    "BatteryPairs",
 ]
 
 # Check names, in the order evaluate() returns them.
@@ -67,13 +77,14 @@ FORWARD_COST = 1.0 / 3.0
 # Small models on CPU pay about this much per call (the digits CNN: 0.8 ms fixed, 0.056 ms per sample).
 CALL_OVERHEAD = 16
 
-# A difference of half a point, or of one sample on small sets, is noise rather than evidence.
-MIN_TOLERANCE = 0.005
+# A check warns only on a significant difference: an exact one-sided test at this level (a sign test on the samples
+# where two attacks disagree, McNemar's exact test; a binomial test against a rate). Otherwise it is inconclusive.
+ALPHA = 0.01
 # "Near zero": the accuracy an untargeted attack should reach at LARGE_EPS_VALUE.
 LARGE_EPS_MAX_ACCURACY = 0.05
 LARGE_EPS_VALUE = 0.5  # Linf, on inputs in [0, 1]
 LARGE_EPS_STEPS = 10  # checks.json of older runs: their probe at LARGE_EPS_VALUE
-# PGD-50 falling this far below PGD-10 means PGD-10 had not converged.
+# PGD-50 falling this far below PGD-10 (and significantly) means PGD-10 had not converged.
 CONVERGENCE_GAP = 0.05
 # "Well above chance": clean accuracy above 1/K plus this margin, or plus 3 binomial standard deviations of
 # an at-chance model on n samples where that is larger (a chance-level model on a few samples can reach 1/K + 10 points).
@@ -105,13 +116,115 @@ AttackFn = Callable[..., "Tensor"]
 
 @dataclass(frozen=True)
 class Check:
-    """One sanity check: its name, ``pass`` / ``warn`` / ``skip``, the numbers behind the status, and the
-    threshold the numbers were held to."""
+    """One sanity check: its name, ``pass`` / ``warn`` / ``skip`` (``skip`` also when the data are inconclusive),
+    the numbers behind the status, the threshold they were held to, the p-value that decided a statistical check,
+    and whether a warning is a sign of masked gradients (``masking``) or of something else (``meaning`` says what)."""
 
     name: str
     status: str
     detail: str
     threshold: str = ""
+    p_value: float | None = None
+    masking: bool = True
+    meaning: str = ""
+
+
+# ------------------------------------------------------------------------------------------- statistics
+
+
+def binomial_tail(k: int, n: int, p: float) -> float:
+    """``P(X >= k)`` for ``X ~ Binomial(n, p)``, summed exactly term by term (in log space, so n may be large)."""
+    if k <= 0:
+        return 1.0
+    if k > n or p <= 0.0:
+        return 0.0
+    if p >= 1.0:
+        return 1.0
+    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p)
+            + (n - i) * math.log1p(-p) for i in range(k, n + 1)]
+    top = max(logs)
+    return min(1.0, math.exp(top) * math.fsum(math.exp(v - top) for v in logs))
+
+
+def sign_test(bad: int, good: int) -> float:
+    """One-sided exact McNemar test: of the ``bad + good`` samples on which two attacks disagree, ``bad`` went the
+    way the check looks for; ``P(X >= bad)`` for ``X ~ Binomial(bad + good, 1/2)`` (1 when they never disagree)."""
+    return binomial_tail(int(bad), int(bad) + int(good), 0.5)
+
+
+def rate_test(k: int, n: int, rate: float) -> float:
+    """One-sided exact binomial test that ``k`` of ``n`` exceeds ``rate``: ``P(X >= k)``, ``X ~ Binomial(n, rate)``."""
+    return binomial_tail(int(k), int(n), rate)
+
+
+def min_conclusive_pairs(alpha: float = ALPHA) -> int:
+    """The fewest samples on which a paired comparison can be significant at all: the smallest m with the most
+    extreme outcome (all m disagreements one way) at ``0.5 ** m < alpha`` (7 at 0.01)."""
+    m = 1
+    while 0.5 ** m >= alpha:
+        m += 1
+    return m
+
+
+# The model checks never attack fewer samples than a paired comparison needs to be conclusive.
+MIN_PAIRED_SAMPLES = min_conclusive_pairs()
+
+
+def _p(p: float) -> str:
+    return f"{p:.2g}"
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Two attacks on the same samples, the ``strong`` one expected to leave no more robust: ``bad`` samples are
+    robust to it but fooled by the weak one, ``good`` the reverse; ``p`` is the one-sided exact test of the excess.
+    ``exact``: the per-sample pairs were recorded; otherwise only the robust counts were, and the pairing least
+    favourable to a warning that they allow is taken (the largest p any pairing gives)."""
+
+    strong: int  # samples robust to the strong attack
+    weak: int  # samples robust to the weak attack
+    n: int
+    bad: int
+    good: int
+    exact: bool
+
+    @property
+    def excess(self) -> bool:
+        return self.bad > self.good
+
+    @property
+    def p(self) -> float:
+        return sign_test(self.bad, self.good) if self.excess else 1.0
+
+    @property
+    def reverse_p(self) -> float:
+        """The same test the other way: the weak attack leaving more robust (the strong one finding more)."""
+        return sign_test(self.good, self.bad) if self.good > self.bad else 1.0
+
+    @property
+    def significant(self) -> bool:
+        return self.excess and self.p < ALPHA
+
+    def text(self, strong: str, weak: str) -> str:
+        """The evidence in a few words: the discordant samples and the p-value."""
+        if self.exact:
+            return (f"{self.bad} samples robust to {strong} but fooled by {weak}, {self.good} the reverse, exact "
+                    f"McNemar p = {_p(self.p)}")
+        return (f"{self.strong} vs {self.weak} of {self.n} samples robust, p <= {_p(self.p)} for any pairing of "
+                "them")
+
+
+def paired(strong: int, weak: int, n: int, pair: tuple[int, int] | None = None) -> Paired:
+    """The comparison of two attacks that left ``strong`` and ``weak`` of the same ``n`` samples robust; ``pair``:
+    the recorded (robust to strong but fooled by weak, the reverse) counts, when there are any."""
+    if pair is not None:
+        return Paired(strong, weak, n, int(pair[0]), int(pair[1]), True)
+    d = strong - weak  # = bad - good, whatever the pairing; the most disagreements the counts allow is the least
+    if d >= 0:  # favourable to a finding either way
+        good = max(0, min(weak, n - strong))
+        return Paired(strong, weak, n, good + d, good, False)
+    bad = max(0, min(strong, n - weak))
+    return Paired(strong, weak, n, bad, bad - d, False)
 
 
 def attack_family(label: str) -> str:
@@ -153,15 +266,12 @@ def _eps(e: float) -> str:
     return format_eps(e)
 
 
-def _tolerance_text(n: float | None) -> str:
-    return (f"{100 * _tolerance(n):.2g} points (the larger of {100 * MIN_TOLERANCE:.2g} points and one sample"
-            + (f" of {int(n)})" if n else ")"))
+def _inconclusive(n: float | None) -> str:
+    return f"inconclusive on {int(n)} samples" if n else "inconclusive (the sample count is not recorded)"
 
 
-def _tolerance(n: float | None) -> float:
-    if n is None or not n or (isinstance(n, float) and math.isnan(n)):
-        return MIN_TOLERANCE
-    return max(MIN_TOLERANCE, 1.0 / float(n))
+PAIRED_TEST = (f"one-sided exact McNemar test on the samples where the two disagree, a warning at p < {ALPHA:g}, "
+               f"which needs at least {MIN_PAIRED_SAMPLES} samples")
 
 
 # --------------------------------------------------------------------------- accuracy frame checks
@@ -189,6 +299,55 @@ def _n(rows: pd.DataFrame) -> float | None:
     return float(n.min()) if len(n) else None
 
 
+class BatteryPairs:
+    """The battery's per-sample pairs as ``checks.json`` records them (``battery_pairs``): ``rows`` are (attack,
+    eps, norm) of ``accuracy.csv`` (the clean row, every configuration, the worst-case rows) and
+    ``robust_only[i][j]`` counts the samples classified correctly under row i and wrongly under row j. A missing
+    or malformed record holds nothing: the comparisons then take the pairing least favourable to a warning."""
+
+    def __init__(self, raw) -> None:
+        self.rows: list[tuple[str, float | None, str | None]] = []
+        self.counts: list[list[int]] = []
+        try:
+            rows, counts = raw["rows"], raw["robust_only"]
+            keys = [(str(a), None if e is None else float(e), None if m is None else str(m)) for a, e, m in rows]
+            table = [[int(v) for v in line] for line in counts]
+            if len(table) != len(keys) or any(len(line) != len(keys) or min(line, default=0) < 0 for line in table):
+                return
+        except (KeyError, TypeError, ValueError):
+            return
+        self.rows, self.counts = keys, table
+
+    def _index(self, attack, eps, norm) -> int | None:
+        for i, (a, e, m) in enumerate(self.rows):
+            if a != str(attack):
+                continue
+            if a == CLEAN:
+                return i
+            if (e is None) != (eps is None or (isinstance(eps, float) and math.isnan(eps))):
+                continue
+            if e is not None and not math.isclose(e, float(eps), rel_tol=1e-9, abs_tol=1e-12):
+                continue
+            if m is None or norm is None or str(norm) == m:
+                return i
+        return None
+
+    def pair(self, strong: tuple, weak: tuple) -> tuple[int, int] | None:
+        """(robust under ``strong`` but fooled under ``weak``, the reverse) for two (attack, eps, norm) rows."""
+        i, j = self._index(*strong), self._index(*weak)
+        if i is None or j is None:
+            return None
+        return self.counts[i][j], self.counts[j][i]
+
+
+def _counted(strong_acc: float, weak_acc: float, n: float | None, pair: tuple[int, int] | None) -> Paired | None:
+    """Two attacks' accuracies on the same ``n`` samples as a :class:`Paired` comparison (None without ``n``)."""
+    if not n:
+        return None
+    n = int(n)
+    return paired(int(round(strong_acc * n)), int(round(weak_acc * n)), n, pair)
+
+
 def _stronger_check(
     name: str,
     rows: pd.DataFrame,
@@ -196,14 +355,15 @@ def _stronger_check(
     weak: frozenset[str],
     strong_word: str,
     weak_word: str,
-    extra: list[tuple[str, float, str, float, float, str, float]] = (),
+    extra: list[tuple] = (),
+    pairs: BatteryPairs | None = None,
 ) -> Check:
-    """Per (eps, norm): the best attack of ``strong`` must reach an accuracy no higher than the best of ``weak``.
+    """Per (eps, norm): the best attack of ``strong`` must leave no significantly more samples robust than the
+    best of ``weak``, on the samples where the two disagree.
 
-    ``extra`` holds comparisons from the model probes: (strong label, acc, weak label, acc, eps, norm,
-    tolerance).
+    ``extra`` holds comparisons from the model probes: (eps, norm, strong label, acc, weak label, acc, Paired, n).
     """
-    comparisons = []  # (eps, norm, strong label, strong acc, weak label, weak acc, tolerance)
+    comparisons = []  # (eps, norm, strong label, strong acc, weak label, weak acc, Paired or None, n)
     for (eps, norm), group in rows.groupby(["eps", "norm"], sort=True):
         s = group[group["family"].isin(strong)]
         w = group[group["family"].isin(weak)]
@@ -211,55 +371,78 @@ def _stronger_check(
             continue
         sb = s.loc[s["accuracy"].idxmin()]
         wb = w.loc[w["accuracy"].idxmin()]
+        n = _n(group)
+        pair = pairs.pair((sb["attack"], eps, norm), (wb["attack"], eps, norm)) if pairs is not None else None
         comparisons.append((eps, norm, attack_name(sb["attack"]), sb["accuracy"], attack_name(wb["attack"]),
-                            wb["accuracy"], _tolerance(_n(group))))
-    for s_label, s_acc, w_label, w_acc, eps, norm, tol in extra:
-        comparisons.append((eps, norm, s_label, s_acc, w_label, w_acc, tol))
-    tolerances = " or ".join(f"{100 * t:.2g}" for t in sorted({c[6] for c in comparisons}))
-    threshold = (f"at each eps, the best {strong_word} attack's accuracy at most the best {weak_word} attack's + "
-                 + (f"{tolerances} points" if tolerances else "a tolerance")
-                 + f" (the larger of {100 * MIN_TOLERANCE:.2g} points and one sample)")
+                            wb["accuracy"], _counted(sb["accuracy"], wb["accuracy"], n, pair), n))
+    comparisons += list(extra)
+    threshold = (f"at each eps, the best {strong_word} attack leaves no more samples robust than the best "
+                 f"{weak_word} one beyond chance ({PAIRED_TEST})")
     if not comparisons:
         return Check(name, "skip", f"no {strong_word} and {weak_word} attack ran at the same eps", threshold)
-    bad = [c for c in comparisons if c[3] > c[5] + c[6]]
-    parts = [f"eps {_eps(e)} {n}: {sl} {_pct(sa)} vs {wl} {_pct(wa)}" for e, n, sl, sa, wl, wa, _ in comparisons]
+    parts = "All comparisons: " + "; ".join(
+        f"eps {_eps(e)} {m}: {sl} {_pct(sa)} vs {wl} {_pct(wa)}" for e, m, sl, sa, wl, wa, _, _ in comparisons) + "."
+    bad = [c for c in comparisons if c[6] is not None and c[6].significant]
     if bad:
-        e, n, sl, sa, wl, wa, _ = bad[0]
+        e, m, sl, sa, wl, wa, ev, _ = min(bad, key=lambda c: c[6].p)
         return Check(name, "warn", (
-            f"{wl} ({weak_word}) leaves {_pct(wa)} accuracy at eps {_eps(e)} {n} but {sl} ({strong_word}) "
-            f"leaves {_pct(sa)}: a {strong_word} attack should be at least as strong; {MASKING}. "
-            + "All comparisons: " + "; ".join(parts) + "."), threshold)
-    return Check(name, "pass", "; ".join(parts) + ".", threshold)
+            f"{wl} ({weak_word}) leaves {_pct(wa)} accuracy at eps {_eps(e)} {m} but {sl} ({strong_word}) leaves "
+            f"{_pct(sa)} ({ev.text(sl, wl)}): a {strong_word} attack should be at least as strong; {MASKING}. "
+            + parts), threshold, p_value=ev.p)
+    unclear = [c for c in comparisons if (c[6].excess if c[6] is not None else c[3] > c[5])]
+    if unclear:
+        e, m, sl, sa, wl, wa, ev, n = unclear[0]
+        evidence = f" ({ev.text(sl, wl)})" if ev is not None else ""
+        return Check(name, "skip", (
+            f"{_inconclusive(n)}: {sl} ({strong_word}) leaves {_pct(sa)} at eps {_eps(e)} {m}, {wl} ({weak_word}) "
+            f"{_pct(wa)}{evidence}, not significant at p < {ALPHA:g}; not a warning. " + parts), threshold,
+            p_value=ev.p if ev is not None else None)
+    return Check(name, "pass", parts[len("All comparisons: "):], threshold)
 
 
-def _monotone_check(accuracy: pd.DataFrame, rows: pd.DataFrame) -> Check:
+def _monotone_check(accuracy: pd.DataFrame, rows: pd.DataFrame, pairs: BatteryPairs | None = None) -> Check:
     clean = accuracy[accuracy["attack"].astype(str) == CLEAN]
     clean_acc = float(pd.to_numeric(clean["accuracy"], errors="coerce").iloc[0]) if len(clean) else None
-    curves, bad = 0, []
+    curves, bad, unclear = 0, [], []
     for (attack, norm), group in rows.groupby(["attack", "norm"], sort=True):
         group = group.sort_values("eps")
-        points = [(0.0, clean_acc)] if clean_acc is not None else []
-        points += list(zip(group["eps"], group["accuracy"]))
+        n = _n(group)
+        points = [(0.0, clean_acc, (CLEAN, None, None))] if clean_acc is not None else []
+        points += [(e, a, (attack, e, norm)) for e, a in zip(group["eps"], group["accuracy"])]
         if len(points) < 2:
             continue
         curves += 1
-        tol = _tolerance(_n(group))
-        for (e0, a0), (e1, a1) in zip(points, points[1:]):
-            if a1 > a0 + tol:
-                bad.append(f"{attack_name(attack)} ({norm}) rises from {_pct(a0)} at eps {_eps(e0)} to {_pct(a1)} at eps {_eps(e1)}")
-    threshold = (f"no rise between consecutive eps (clean accuracy at eps 0) above {_tolerance_text(_n(rows))}")
+        for (e0, a0, k0), (e1, a1, k1) in zip(points, points[1:]):
+            if a1 <= a0:
+                continue
+            ev = _counted(a1, a0, n, pairs.pair(k1, k0) if pairs is not None else None)
+            text = (f"{attack_name(attack)} ({norm}) rises from {_pct(a0)} at eps {_eps(e0)} to {_pct(a1)} at eps "
+                    f"{_eps(e1)}")
+            if ev is not None:
+                name = attack_name(attack)
+                weak = f"{name} at eps {_eps(e0)}" if k0[0] != CLEAN else "the clean inputs (misclassified)"
+                text += f" ({ev.text(f'{name} at eps {_eps(e1)}', weak)})"
+            (bad if ev is not None and ev.significant else unclear).append((text, ev, n))
+    threshold = f"no rise between consecutive eps (clean accuracy at eps 0) beyond chance ({PAIRED_TEST})"
     if not curves:
         return Check(MONOTONE, "skip", "no attack ran at more than one eps", threshold)
     if bad:
-        return Check(MONOTONE, "warn", "; ".join(bad) + f": a larger eps can only help the attacker; {MASKING}.",
-                     threshold)
+        return Check(MONOTONE, "warn", "; ".join(t for t, _, _ in bad)
+                     + f": a larger eps can only help the attacker; {MASKING}.", threshold,
+                     p_value=min(ev.p for _, ev, _ in bad))
+    if unclear:
+        text, ev, n = unclear[0]
+        return Check(MONOTONE, "skip", f"{_inconclusive(n)}: {text}, not significant at p < {ALPHA:g}; not a warning.",
+                     threshold, p_value=ev.p if ev is not None else None)
     return Check(MONOTONE, "pass", f"{curves} accuracy curves (clean accuracy at eps 0) never rise with eps.", threshold)
 
 
-def _large_eps_check(rows: pd.DataFrame, attacks: dict | None) -> Check:
-    threshold = f"accuracy at most {_pct(LARGE_EPS_MAX_ACCURACY)} at eps >= {_eps(LARGE_EPS_VALUE)} Linf"
+def _large_eps_check(rows: pd.DataFrame, attacks: dict | None, n_checks: float | None) -> Check:
+    threshold = (f"accuracy at most {_pct(LARGE_EPS_MAX_ACCURACY)} at eps >= {_eps(LARGE_EPS_VALUE)} Linf, beyond "
+                 f"chance (one-sided exact binomial test against {_pct(LARGE_EPS_MAX_ACCURACY)}, a warning at "
+                 f"p < {ALPHA:g})")
     if attacks and attacks.get("pgd_large") is not None:
-        eps, acc = attacks["large_eps"], attacks["pgd_large"]
+        eps, acc, n = attacks["large_eps"], attacks["pgd_large"], n_checks
         source = f"PGD-{attacks.get('pgd_large_steps', LARGE_EPS_STEPS)} at eps {_eps(eps)} Linf (model checks)"
     else:
         large = rows[(rows["norm"] == "Linf") & (rows["eps"] >= LARGE_EPS_VALUE)]
@@ -271,44 +454,76 @@ def _large_eps_check(rows: pd.DataFrame, attacks: dict | None) -> Check:
             return Check(LARGE_EPS, "skip", f"no attack ran at eps >= {_eps(LARGE_EPS_VALUE)} Linf ({reason}).",
                          threshold)
         best = large.loc[large["accuracy"].idxmin()]
-        eps, acc = float(best["eps"]), float(best["accuracy"])
+        eps, acc, n = float(best["eps"]), float(best["accuracy"]), _n(large)
         source = f"{attack_name(best['attack'])} at eps {_eps(eps)} Linf"
-    if acc > LARGE_EPS_MAX_ACCURACY:
-        return Check(LARGE_EPS, "warn", (
-            f"{source} leaves {_pct(acc)} accuracy (expected <= {_pct(LARGE_EPS_MAX_ACCURACY)}): an attack this "
-            f"large should break almost every input; {MASKING}."), threshold)
-    return Check(LARGE_EPS, "pass", f"{source}: {_pct(acc)} accuracy.", threshold)
+    if acc <= LARGE_EPS_MAX_ACCURACY:
+        return Check(LARGE_EPS, "pass", f"{source}: {_pct(acc)} accuracy.", threshold)
+    if not n:
+        return Check(LARGE_EPS, "skip", f"{_inconclusive(n)}: {source} leaves {_pct(acc)} accuracy; not a warning.",
+                     threshold)
+    k, n = int(round(acc * n)), int(n)
+    p = rate_test(k, n, LARGE_EPS_MAX_ACCURACY)
+    numbers = (f"{source} leaves {_pct(acc)} accuracy ({k} of {n} samples robust, expected <= "
+               f"{_pct(LARGE_EPS_MAX_ACCURACY)}, exact binomial p = {_p(p)})")
+    if p < ALPHA:
+        return Check(LARGE_EPS, "warn", f"{numbers}: an attack this large should break almost every input; {MASKING}.",
+                     threshold, p_value=p)
+    return Check(LARGE_EPS, "skip", f"{_inconclusive(n)}: {numbers}, not significant at p < {ALPHA:g}; not a warning.",
+                 threshold, p_value=p)
+
+
+NOT_CONVERGED = "the battery's PGD had not converged: its robust accuracies are upper bounds; use more steps"
+
+
+def _probe_pair(attacks: dict, strong: str, weak: str, n: float | None) -> Paired | None:
+    """The model probes ``strong`` and ``weak`` (``pgd50``, ``pgd10``, ``fgsm``) as a :class:`Paired` comparison,
+    exact when ``checks.json`` recorded their per-sample pairs (``robust_only``)."""
+    table = attacks.get("robust_only")
+    pair = None
+    try:
+        pair = (int(table[strong][weak]), int(table[weak][strong]))
+        if min(pair) < 0:
+            pair = None
+    except (KeyError, TypeError, ValueError):
+        pair = None
+    return _counted(attacks[strong], attacks[weak], n, pair)
 
 
 def _more_steps_check(attacks: dict | None, n: float | None) -> Check:
-    """PGD-50 and PGD-10 run on the same samples from the same random start: a single sample more left
-    robust by PGD-50 is a warning (no tolerance that one or two samples could hide behind)."""
-    threshold = (f"PGD-50 leaves no more samples robust than PGD-10 (0 samples tolerance from the same random "
-                 f"start, 1 sample against the battery's PGD-10), and at most "
-                 f"{100 * CONVERGENCE_GAP:.3g} points below it (else PGD-10 had not converged)")
+    """PGD-50 and PGD-10 on the same samples: PGD-50 leaving significantly more of them robust is a sign of masked
+    gradients; PGD-50 fooling significantly (and 5 points) more means the battery's PGD-10 had not converged."""
+    threshold = (f"PGD-50 leaves no more samples robust than PGD-10 beyond chance ({PAIRED_TEST}); PGD-50 "
+                 f"significantly and more than {100 * CONVERGENCE_GAP:.3g} points below PGD-10 means PGD-10 had not "
+                 "converged")
     if not attacks or attacks.get("pgd10") is None or attacks.get("pgd50") is None:
         reason = (attacks or {}).get("skipped") or "model checks not run"
         return Check(MORE_STEPS, "skip", f"PGD-10 vs PGD-50 not compared ({reason}).", threshold)
     a10, a50 = attacks["pgd10"], attacks["pgd50"]
-    where = f"at eps {_eps(attacks['eps_max'])} Linf"
-    # The battery's PGD-10 started from its own random point: one sample may differ by the start alone.
-    own_start = attacks.get("pgd10_source", "checks") == "checks"
-    numbers = f"PGD-10 {_pct(a10)}, PGD-50 {_pct(a50)} {where}"
-    if not own_start:
+    numbers = f"PGD-10 {_pct(a10)}, PGD-50 {_pct(a50)} at eps {_eps(attacks['eps_max'])} Linf"
+    if attacks.get("pgd10_source", "checks") != "checks":
         numbers += " (PGD-10 from the battery, on the same samples)"
-    if n:
-        c10, c50 = round(a10 * n), round(a50 * n)
-        numbers += f" ({c10} vs {c50} of {int(n)} samples robust)"
-        more = c50 > c10 + (0 if own_start else 1)
-    else:
-        more = a50 > a10 + (1e-12 if own_start else MIN_TOLERANCE)
-    if more:
-        return Check(MORE_STEPS, "warn", f"{numbers}: more steps raised the accuracy; {MASKING}.", threshold)
-    if a50 < a10 - CONVERGENCE_GAP:
+    ev = _probe_pair(attacks, "pgd50", "pgd10", n)
+    if ev is None or ev.n < MIN_PAIRED_SAMPLES:
+        return Check(MORE_STEPS, "skip", (
+            f"{_inconclusive(n)}: {numbers}; fewer than the {MIN_PAIRED_SAMPLES} samples a significant difference "
+            f"needs at p < {ALPHA:g}, so no conclusion either way; not a warning."), threshold)
+    if ev.significant:
+        return Check(MORE_STEPS, "warn", f"{numbers} ({ev.text('PGD-50', 'PGD-10')}): more steps raised the accuracy; "
+                     f"{MASKING}.", threshold, p_value=ev.p)
+    if ev.reverse_p < ALPHA and a50 < a10 - CONVERGENCE_GAP:
+        reverse = (f"{ev.good} samples robust to PGD-10 but fooled by PGD-50, {ev.bad} the reverse, "
+                   + ("exact McNemar" if ev.exact else "for any pairing,") + f" p = {_p(ev.reverse_p)}")
         return Check(MORE_STEPS, "warn", (
-            f"{numbers}: PGD-10 had not converged, so attacks with few steps overstate robustness; "
-            "rerun the battery with more steps."), threshold)
-    return Check(MORE_STEPS, "pass", numbers + ".", threshold)
+            f"{numbers} ({reverse}): PGD-50 finds significantly more adversarial examples, so the battery's PGD-10 "
+            "had not converged and its robust accuracies overstate robustness (upper bounds). This is not a sign of "
+            "masked gradients: rerun the battery with more steps, e.g. --attack pgd:steps=50."), threshold,
+            p_value=ev.reverse_p, masking=False, meaning=NOT_CONVERGED)
+    if ev.excess:
+        return Check(MORE_STEPS, "skip", (
+            f"{_inconclusive(ev.n)}: {numbers} ({ev.text('PGD-50', 'PGD-10')}), not significant at p < {ALPHA:g}; "
+            "not a warning."), threshold, p_value=ev.p)
+    return Check(MORE_STEPS, "pass", f"{numbers} ({ev.bad} vs {ev.good} samples robust to only one of them).",
+                 threshold)
 
 
 def chance_threshold(num_classes: int, n: float | None) -> float:
@@ -335,7 +550,7 @@ def _chance_check(accuracy: pd.DataFrame, num_classes: int | None) -> Check:
     if value <= bar:
         return Check(CHANCE, "warn", (
             f"{numbers}: the model is at or near chance, so every robustness number in this report is noise; "
-            "check the model file, its normalization (--mean/--std) and the data set."), threshold)
+            "check the model file, its normalization (--mean/--std) and the data set."), threshold, masking=False)
     return Check(CHANCE, "pass", numbers + ".", threshold)
 
 
@@ -390,7 +605,9 @@ def evaluate(accuracy: pd.DataFrame | None, model_checks: dict | None = None, *,
 
     ``accuracy`` has the columns ``attack, eps, accuracy, n_samples, kind, norm``; either argument may be
     None, which turns the checks that need it into ``skip``. ``num_classes`` (the manifest's, or
-    ``checks.json``'s) sets chance level for the clean-accuracy check.
+    ``checks.json``'s) sets chance level for the clean-accuracy check. The comparisons of two attacks on the same
+    samples read their per-sample pairs from ``checks.json`` (``battery_pairs``, and the probes' ``robust_only``)
+    where it has them; without them they take the pairing least favourable to a warning.
     """
     if accuracy is None:
         accuracy = pd.DataFrame(columns=["attack", "eps", "accuracy", "n_samples", "kind", "norm"])
@@ -398,23 +615,26 @@ def evaluate(accuracy: pd.DataFrame | None, model_checks: dict | None = None, *,
     mc = model_checks or {}
     attacks = mc.get("attacks")
     n = mc.get("n_samples")
+    pairs = BatteryPairs(mc.get("battery_pairs"))
     white = SINGLE_STEP_ATTACKS | ITERATIVE_ATTACKS
 
     probes = []
     if attacks and attacks.get("fgsm") is not None:
-        eps, tol = attacks["eps_max"], _tolerance(n)
+        eps = attacks["eps_max"]
         for key, label in (("pgd10", "PGD-10"), ("pgd50", "PGD-50")):
             if attacks.get(key) is not None:
-                probes.append((label, attacks[key], "FGSM", attacks["fgsm"], eps, "Linf (model checks)", tol))
+                probes.append((eps, "Linf (model checks)", label, attacks[key], "FGSM", attacks["fgsm"],
+                               _probe_pair(attacks, key, "fgsm", n), n))
         if len(probes) == 2:  # compare the stronger of the two PGD probes, as for the battery
-            probes = [min(probes, key=lambda p: p[1])]
+            probes = [min(probes, key=lambda p: p[3])]
 
     return [
         _chance_check(accuracy, num_classes or mc.get("num_classes")),
-        _stronger_check(ITERATIVE, rows, ITERATIVE_ATTACKS, SINGLE_STEP_ATTACKS, "iterative", "single-step", probes),
-        _stronger_check(WHITE_BOX, rows, white, BLACK_BOX_ATTACKS, "white-box", "black-box"),
-        _monotone_check(accuracy, rows),
-        _large_eps_check(rows, attacks),
+        _stronger_check(ITERATIVE, rows, ITERATIVE_ATTACKS, SINGLE_STEP_ATTACKS, "iterative", "single-step", probes,
+                        pairs),
+        _stronger_check(WHITE_BOX, rows, white, BLACK_BOX_ATTACKS, "white-box", "black-box", pairs=pairs),
+        _monotone_check(accuracy, rows, pairs),
+        _large_eps_check(rows, attacks, n),
         _more_steps_check(attacks, n),
         _probability_check(mc.get("outputs")),
         _gradient_check(mc.get("gradients")),
@@ -485,17 +705,33 @@ class CheckPlan:
     check_cost: float
     budget: float  # in sample-passes: share x the battery's passes x (batch + CALL_OVERHEAD) summed over batches
     share: float
+    min_samples: int = MIN_PAIRED_SAMPLES  # the fewest samples the attack probes' comparisons can be conclusive on
+    over_budget: bool = False  # raised to min_samples beyond the share of the battery
+
+    @property
+    def note(self) -> str:
+        """What the plan decided beyond the share, in a sentence ("" when nothing)."""
+        if self.over_budget:
+            return (f"raised to the {self.min_samples} samples a paired comparison needs to be conclusive at "
+                    f"p < {ALPHA:g}, which costs more than {100 * self.share:.0f} % of the battery")
+        if self.eps_max is not None and not self.attacks:
+            return (f"no attack probes: the data set has fewer than the {self.min_samples} samples a paired "
+                    f"comparison needs to be conclusive at p < {ALPHA:g}")
+        return ""
 
     def to_dict(self) -> dict:
         return {"n_samples": self.n_samples, "attacks": self.attacks, "eps_max": self.eps_max,
                 "reused": sorted(self.reuse), "battery_cost_per_sample": round(self.battery_cost, 4),
                 "check_cost_per_sample": round(self.check_cost, 4), "budget": round(self.budget, 4),
-                "share": self.share}
+                "share": self.share, "min_samples": self.min_samples, "over_budget": self.over_budget,
+                "note": self.note}
 
 
 def plan_checks(specs, *, n_battery: int, num_classes: int, batch_size: int = 128, max_samples: int = 128,
                 share: float = CHECK_SHARE) -> CheckPlan:
-    """Size the model checks so that they cost at most ``share`` of the battery on ``n_battery`` samples.
+    """Size the model checks so that they cost at most ``share`` of the battery on ``n_battery`` samples, but never
+    fewer than :data:`MIN_PAIRED_SAMPLES` for the attack probes, whose comparisons could not be conclusive on fewer
+    (the plan says so when that costs more than the share).
 
     Costs are counted in forward+backward passes per sample (a forward alone is :data:`FORWARD_COST`),
     from the battery's configurations, each pass over a batch of b samples costing b + :data:`CALL_OVERHEAD`
@@ -512,18 +748,18 @@ def plan_checks(specs, *, n_battery: int, num_classes: int, batch_size: int = 12
     batches = [min(batch_size, n_battery - start) for start in range(0, n_battery, max(1, batch_size))]
     budget = share * battery_cost(specs, num_classes=num_classes) * sum(b + CALL_OVERHEAD for b in batches)
     base = 2 * FORWARD_COST + 1.0  # determinism (two forwards, the first also gives clean accuracy), gradient
-    probes = 0.0
-    if eps_max is not None:
-        probes += (50 + FORWARD_COST) + sum(steps + FORWARD_COST for key, steps in (("fgsm", 1), ("pgd10", 10))
-                                            if key not in reuse)
     cap = min(int(max_samples), int(n_battery))
-    for cost, attacks in ((base + probes, eps_max is not None), (base, False)):
-        n = min(cap, int(budget // cost) - CALL_OVERHEAD)
-        if n >= 1 or not attacks:
-            break
-    return CheckPlan(n_samples=max(0, n), attacks=attacks and n >= 1, eps_max=eps_max,
-                     reuse=reuse if attacks else {}, battery_cost=battery_cost(specs, num_classes=num_classes),
-                     check_cost=cost, budget=budget, share=share)
+    affordable = lambda cost: min(cap, int(budget // cost) - CALL_OVERHEAD)  # noqa: E731
+    if eps_max is not None and cap >= MIN_PAIRED_SAMPLES:  # the attack probes, on at least as many as they need
+        cost = base + (50 + FORWARD_COST) + sum(steps + FORWARD_COST for key, steps in (("fgsm", 1), ("pgd10", 10))
+                                                if key not in reuse)
+        n = affordable(cost)
+        return CheckPlan(n_samples=max(n, MIN_PAIRED_SAMPLES), attacks=True, eps_max=eps_max, reuse=reuse,
+                         battery_cost=battery_cost(specs, num_classes=num_classes), check_cost=cost, budget=budget,
+                         share=share, over_budget=n < MIN_PAIRED_SAMPLES)
+    return CheckPlan(n_samples=max(0, affordable(base)), attacks=False, eps_max=eps_max, reuse={},
+                     battery_cost=battery_cost(specs, num_classes=num_classes), check_cost=base, budget=budget,
+                     share=share)
 
 
 def _battery_attack(model: "nn.Module", x: "Tensor", y: "Tensor", *, kind: str, eps: float, steps: int) -> "Tensor":
@@ -606,11 +842,14 @@ def run_model_checks(
         gradients["zero_fraction"] = float((flat.abs().sum(dim=1) == 0).float().mean())
         result["gradients"] = gradients
 
-        if attacks:
+        if attacks and len(x) >= MIN_PAIRED_SAMPLES:
             result["attacks"] = _attack_probes(model, x, y, eps_max=eps_max, attack_fn=attack_fn, reuse=reuse or {})
+        elif attacks:
+            result["attacks"] = {"skipped": f"{len(x)} samples are fewer than the {MIN_PAIRED_SAMPLES} on which a "
+                                            f"paired comparison can be conclusive at p < {ALPHA:g}"}
         else:
-            result["attacks"] = {"skipped": f"the battery is too cheap to pay for attack probes within "
-                                            f"{100 * CHECK_SHARE:.0f} % of its cost"}
+            result["attacks"] = {"skipped": "the plan left the attack probes out (no Linf eps, or fewer than "
+                                            f"{MIN_PAIRED_SAMPLES} samples)"}
     finally:
         model.train(was_training)
     result["seconds"] = round(time.perf_counter() - start, 3)
@@ -628,29 +867,35 @@ def _attack_probes(model, x, y, *, eps_max, attack_fn, reuse) -> dict:
 
     seed = torch.initial_seed()
 
-    def accuracy(kind: str, eps: float, steps: int) -> float:
+    def robust(kind: str, eps: float, steps: int) -> "Tensor":
         torch.manual_seed(seed)  # every probe from the same random start: PGD-10 and PGD-50 compare like for like
         x_adv = attack_fn(model, x, y, kind=kind, eps=eps, steps=steps)
         with torch.no_grad():
-            return float((model(x_adv).argmax(dim=1) == y).float().mean())
+            return (model(x_adv).argmax(dim=1) == y).cpu()
 
-    def reused(key: str) -> float:
+    def reused(key: str) -> "Tensor":
         ok = torch.as_tensor(reuse[key])[:len(x)]
         if len(ok) != len(x):
             raise ValueError(f"the battery's {key} outcomes cover {len(ok)} samples, not the {len(x)} checked")
-        return float(ok.double().mean())
+        return ok.bool().cpu()
 
     probes: dict = {"norm": "Linf", "eps_max": eps_max, "fgsm": None, "pgd10": None, "pgd50": None,
                     "fgsm_source": None, "pgd10_source": None}
     if not eps_max:
         return probes
+    outcomes = {}  # probe -> per sample: still classified correctly
     try:
         for key, kind, steps in (("fgsm", "fgsm", 1), ("pgd10", "pgd", 10)):
             if key in reuse:
-                probes[key], probes[key + "_source"] = reused(key), "battery"
+                outcomes[key], probes[key + "_source"] = reused(key), "battery"
             else:
-                probes[key], probes[key + "_source"] = accuracy(kind, eps_max, steps), "checks"
-        probes["pgd50"] = accuracy("pgd", eps_max, 50)
+                outcomes[key], probes[key + "_source"] = robust(kind, eps_max, steps), "checks"
+        outcomes["pgd50"] = robust("pgd", eps_max, 50)
     except RuntimeError as exc:  # no gradient to follow at all: the gradient check reports why
         return {"skipped": "the attack probes failed: " + str(exc).splitlines()[0][:200]}
+    for key, ok in outcomes.items():
+        probes[key] = float(ok.double().mean())
+    # the per-sample pairs the comparisons test: robust_only[a][b] = samples robust to a but fooled by b
+    probes["robust_only"] = {a: {b: int((oa & ~ob).sum()) for b, ob in outcomes.items() if b != a}
+                             for a, oa in outcomes.items()}
     return probes

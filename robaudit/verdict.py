@@ -35,19 +35,29 @@ def checks_of(run: Run, *, num_classes: int | None = None) -> list[sanity.Check]
     return sanity.evaluate(run.accuracy, run.checks, num_classes=num_classes)
 
 
+def meaning(check: sanity.Check) -> str:
+    """What a warning of ``check`` means, in a few words: its own (e.g. an attack that had not converged), its
+    check's, or masked gradients."""
+    return getattr(check, "meaning", "") or MEANING.get(check.name, DEFAULT_MEANING)
+
+
 def short(check: sanity.Check) -> str:
-    """One terminal line for a warning: the check, the numbers that tripped it, what it means."""
+    """One terminal line for a warning: the check, the numbers that tripped it (with the p-value that made them
+    significant), what it means."""
     numbers = check.detail.split(": a ")[0].split(". ")[0].split("; ")[0].rstrip(".")
     if len(numbers) > 140:
         numbers = numbers[:137] + "..."
-    return f"{check.name}: {numbers} -> {MEANING.get(check.name, DEFAULT_MEANING)}"
+    p = getattr(check, "p_value", None)
+    if p is not None and "p = " not in numbers and "p <= " not in numbers:
+        numbers += f" (p = {p:.2g})"
+    return f"{check.name}: {numbers} -> {meaning(check)}"
 
 
 def sanity_verdict(checks: list[sanity.Check]) -> dict:
     counts = {s: sum(c.status == s for c in checks) for s in ("pass", "warn", "skip")}
     return {**counts, "all_pass": counts["warn"] == 0,
-            "warnings": [{"check": c.name, "detail": c.detail, "threshold": c.threshold,
-                          "meaning": MEANING.get(c.name, DEFAULT_MEANING), "line": short(c)}
+            "warnings": [{"check": c.name, "detail": c.detail, "threshold": c.threshold, "p_value": c.p_value,
+                          "meaning": meaning(c), "line": short(c)}
                          for c in checks if c.status == "warn"]}
 
 
@@ -72,9 +82,12 @@ def sanity_lines(checks: list[sanity.Check], *, report: str | None = None, run_d
 
 
 def introduced_warnings(before: list[sanity.Check], after: list[sanity.Check]) -> list[str]:
-    """Checks that warn after hardening but did not before: the classic sign of a defence that masks gradients."""
-    warned = {c.name for c in before if c.status == "warn"}
-    return [c.name for c in after if c.status == "warn" and c.name not in warned]
+    """Checks that warn of masked gradients after hardening but did not before: the classic sign of a defence that
+    masks gradients. Only a significant difference warns (each check's exact test at p < 0.01; an inconclusive one
+    is ``skip``), so a change decided by a sample or two is never one; a warning that means something else (an
+    attack that had not converged, a model at chance) is no sign of masking."""
+    warned = {c.name for c in before if c.status == "warn" and getattr(c, "masking", True)}
+    return [c.name for c in after if c.status == "warn" and getattr(c, "masking", True) and c.name not in warned]
 
 
 def summarize(run: Run, checks: list[sanity.Check] | None = None) -> dict:

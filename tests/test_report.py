@@ -370,12 +370,21 @@ def test_cards_never_green_while_a_check_about_them_warns(tmp_path):
     run = make_run(tmp_path / "run", n_layers=5, hardened=True)
     (run / "hardened" / "checks.json").write_text(json.dumps(model_checks()))
     assert _cards(render_report(run).read_text())["After hardening"] == "pass"
-    # the hardened model: PGD-50 leaves more samples robust than PGD-10 (possible masking)
+    # the hardened model: PGD-50 leaves one sample more robust than PGD-10: inconclusive, no warning
     (run / "hardened" / "checks.json").write_text(json.dumps(model_checks(
         attacks={**model_checks()["attacks"], "pgd10": 2 / 128, "pgd50": 3 / 128})))
     text = render_report(run).read_text()
+    assert _cards(text)["After hardening"] == "pass"
+    assert "inconclusive on 128 samples" in visible(section(text, "sanity"))
+    # 9 samples robust to PGD-50 but fooled by PGD-10, none the reverse (p = 0.002): possible masking
+    (run / "hardened" / "checks.json").write_text(json.dumps(model_checks(
+        attacks={**model_checks()["attacks"], "pgd10": 2 / 128, "pgd50": 11 / 128,
+                 "robust_only": {"pgd50": {"pgd10": 9}, "pgd10": {"pgd50": 0}}})))
+    text = render_report(run).read_text()
     assert _cards(text)["After hardening"] == "warn"
-    assert "PGD-50 leaves no more samples robust than PGD-10" in visible(section(text, "sanity"))  # threshold shown
+    sanity_text = visible(section(text, "sanity"))
+    assert "PGD-50 leaves no more samples robust than PGD-10" in sanity_text  # threshold shown
+    assert "exact McNemar p = 0.002" in sanity_text and "Hardening introduced a warning" in sanity_text
 
 
 def test_chance_level_model_is_flagged(tmp_path):
@@ -436,3 +445,28 @@ def test_sanity_section_shows_the_model_checks_sample_count(tmp_path):
     text = visible(section(render_report(run).read_text(encoding="utf-8"), "sanity"))
     assert "used 20 samples" in text and "at most 10 % of the battery" in text
     assert "reused the battery's own PGD-10 outcomes" in text and "0.5 s against the battery's 6 s" in text
+
+
+def test_sanity_section_says_when_the_checks_were_raised_beyond_their_share(tmp_path):
+    from robaudit import sanity
+    from robaudit.attacks import expand, parse
+
+    run = make_run(tmp_path / "run", n_layers=3, minimal=())
+    plan = sanity.plan_checks(expand([parse("pgd")], [0.1]), n_battery=64, num_classes=10).to_dict()
+    assert plan["over_budget"] and plan["n_samples"] == 7
+    (run / "checks.json").write_text(json.dumps(model_checks(n_samples=7, plan=plan)))
+    text = visible(section(render_report(run).read_text(encoding="utf-8"), "sanity"))
+    assert ("used 7 samples, sized to cost at most 10 % of the battery" in text
+            and "raised to the 7 samples a paired comparison needs to be conclusive at p < 0.01, which costs more "
+                "than 10 % of the battery" in text)
+
+
+def test_the_layer_table_shows_each_layers_gain_under_the_ranking_attack(tmp_path):
+    run = make_run(tmp_path / "run", n_layers=3, minimal=())
+    lsa = pd.read_csv(run / "lsa.csv")
+    lsa["re_gain"] = 1.5 + lsa["order"]  # 1.5, 2.5, 3.5 per layer
+    lsa.to_csv(run / "lsa.csv", index=False)
+    layers = section(render_report(run).read_text(encoding="utf-8"), "layers")
+    assert "Gain re_gain (PGD ε=0.1)" in visible(layers) and "own gain under the ranking attack" in visible(layers)
+    for value in ("1.5", "2.5", "3.5"):
+        assert f">{fmt_re(float(value))}<" in layers

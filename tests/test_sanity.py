@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from robaudit import sanity
+from robaudit import sanity, verdict
 from robaudit.sanity import Check, evaluate, run_model_checks
 
 from _rundir import model_checks
@@ -61,14 +61,73 @@ def test_chance_level_model_warns():
     assert by_name(evaluate(at_chance))[sanity.CHANCE].status == "skip"  # no class count recorded
 
 
-def test_more_steps_warns_on_a_single_sample():
-    """PGD-50 leaving 3 of 128 samples robust where PGD-10 leaves 2 (2.3 % vs 1.6 %) is evidence, not noise."""
+def test_more_steps_on_a_sample_or_two_is_inconclusive_not_a_warning():
+    """PGD-50 leaving 3 of 128 samples robust where PGD-10 leaves 2 is no evidence: at most 3 samples disagree one
+    way, so p >= 0.125 whatever the pairing. The run that prompted this: PGD-10 100 %, PGD-50 50 % on 2 samples."""
     mc = model_checks(n_samples=128, attacks={**model_checks()["attacks"], "pgd10": 2 / 128, "pgd50": 3 / 128})
     check = by_name(evaluate(frame(HEALTHY), mc))[sanity.MORE_STEPS]
-    assert check.status == "warn" and "2 vs 3 of 128 samples" in check.detail
-    assert "0 samples" in check.threshold
-    mc = model_checks(n_samples=128, attacks={**model_checks()["attacks"], "pgd10": 2 / 128, "pgd50": 2 / 128})
-    assert by_name(evaluate(frame(HEALTHY), mc))[sanity.MORE_STEPS].status == "pass"
+    assert check.status == "skip" and check.detail.startswith("inconclusive on 128 samples")
+    assert "3 vs 2 of 128 samples robust" in check.detail and "not a warning" in check.detail
+    assert check.p_value >= 0.125 and "p < 0.01" in check.threshold and "at least 7 samples" in check.threshold
+    two = model_checks(n_samples=2, attacks={**model_checks()["attacks"], "pgd10": 1.0, "pgd50": 0.5})
+    check = by_name(evaluate(frame(HEALTHY), two))[sanity.MORE_STEPS]
+    assert check.status == "skip" and "inconclusive on 2 samples" in check.detail and "fewer than the 7" in check.detail
+
+
+def test_more_steps_warns_only_when_significant_and_shows_the_p_value():
+    base = model_checks()["attacks"]
+    # 9 samples robust to PGD-50 but fooled by PGD-10, none the reverse: one-sided p = 0.5 ** 9 = 0.001953125
+    masked = model_checks(n_samples=128, attacks={**base, "pgd10": 0.10, "pgd50": 0.10 + 9 / 128,
+                                                   "robust_only": {"pgd50": {"pgd10": 9}, "pgd10": {"pgd50": 0}}})
+    check = by_name(evaluate(frame(HEALTHY), masked))[sanity.MORE_STEPS]
+    assert check.status == "warn" and check.masking and check.p_value == pytest.approx(0.001953125)
+    assert "9 samples robust to PGD-50 but fooled by PGD-10, 0 the reverse, exact McNemar p = 0.002" in check.detail
+    assert "p = 0.002" in verdict.short(check) and verdict.short(check).endswith(verdict.DEFAULT_MEANING)
+    # 6 one way, none the other: p = 0.5 ** 6 = 0.015625, not significant at 0.01
+    six = model_checks(n_samples=128, attacks={**base, "pgd10": 0.10, "pgd50": 0.10 + 6 / 128,
+                                                "robust_only": {"pgd50": {"pgd10": 6}, "pgd10": {"pgd50": 0}}})
+    check = by_name(evaluate(frame(HEALTHY), six))[sanity.MORE_STEPS]
+    assert check.status == "skip" and check.p_value == pytest.approx(0.015625) and "p = 0.016" in check.detail
+
+
+def test_pgd50_finding_more_means_pgd10_had_not_converged_not_masking():
+    """PGD-50 fools 20 samples PGD-10 left robust (none the reverse): the battery's PGD had not converged."""
+    base = model_checks()["attacks"]
+    mc = model_checks(n_samples=128, attacks={**base, "pgd10": 0.50, "pgd50": 0.50 - 20 / 128,
+                                               "robust_only": {"pgd50": {"pgd10": 0}, "pgd10": {"pgd50": 20}}})
+    check = by_name(evaluate(frame(HEALTHY), mc))[sanity.MORE_STEPS]
+    assert check.status == "warn" and not check.masking and check.p_value == pytest.approx(0.5 ** 20)
+    assert "had not converged" in check.detail and "not a sign of masked gradients" in check.detail
+    assert verdict.short(check).endswith(sanity.NOT_CONVERGED) and "masked" not in verdict.short(check)
+    healthy = by_name(evaluate(frame(HEALTHY), model_checks()))[sanity.MORE_STEPS]
+    assert verdict.introduced_warnings([healthy], [check]) == []  # not a sign of masking
+
+
+def test_hardening_introduces_only_significant_masking_warnings():
+    base = model_checks()["attacks"]
+    before = evaluate(frame(HEALTHY), model_checks())
+    noise = evaluate(frame(HEALTHY), model_checks(attacks={**base, "pgd10": 2 / 128, "pgd50": 3 / 128}))
+    masked = evaluate(frame(HEALTHY), model_checks(attacks={**base, "pgd10": 0.1, "pgd50": 0.1 + 9 / 128,
+                                                            "robust_only": {"pgd50": {"pgd10": 9},
+                                                                            "pgd10": {"pgd50": 0}}}))
+    assert verdict.introduced_warnings(before, noise) == []  # one sample more: inconclusive, never introduced
+    assert verdict.introduced_warnings(before, masked) == [sanity.MORE_STEPS]
+    assert verdict.introduced_warnings(masked, masked) == []
+
+
+def test_the_exact_tests_by_hand():
+    assert sanity.MIN_PAIRED_SAMPLES == 7  # 0.5 ** 6 = 0.015625 >= 0.01 > 0.5 ** 7
+    assert sanity.sign_test(7, 0) == pytest.approx(0.0078125, rel=1e-12)  # one-sided: 0.5 ** 7
+    assert sanity.sign_test(6, 0) == pytest.approx(0.015625, rel=1e-12)
+    assert sanity.sign_test(8, 1) == pytest.approx(10 / 512, rel=1e-12)  # (C(9, 8) + C(9, 9)) / 2 ** 9
+    assert sanity.sign_test(0, 5) == 1.0 and sanity.sign_test(0, 0) == 1.0
+    assert sanity.binomial_tail(2, 4, 0.5) == pytest.approx(11 / 16, rel=1e-12)  # (6 + 4 + 1) / 16
+    assert sanity.rate_test(3, 3, 0.05) == pytest.approx(0.05 ** 3, rel=1e-12)
+    # only the robust counts recorded: 12 vs 2 of 128 robust allow at most 2 samples the other way, so
+    # p <= P(X >= 12 | X ~ Bin(14, 1/2)) = (C(14, 12) + C(14, 13) + C(14, 14)) / 2 ** 14 = 106 / 16384
+    ev = sanity.paired(12, 2, 128)
+    assert (ev.bad, ev.good, ev.exact) == (12, 2, False) and ev.p == pytest.approx(106 / 16384, rel=1e-12)
+    assert sanity.paired(12, 2, 128, (11, 1)).p == pytest.approx(13 / 4096, rel=1e-12)  # (C(12, 11) + 1) / 2 ** 12
 
 
 def test_single_step_stronger_than_iterative_warns():
@@ -101,8 +160,9 @@ def test_attack_above_clean_accuracy_warns():
 def test_differences_within_one_sample_are_noise():
     rows = [("fgsm", 0.1, 0.300), ("pgd", 0.1, 0.3025), ("pgd", 0.2, 0.3050)]
     checks = by_name(evaluate(frame(rows, n=400)))
-    assert checks[sanity.ITERATIVE].status == "pass"
-    assert checks[sanity.MONOTONE].status == "pass"
+    for name in (sanity.ITERATIVE, sanity.MONOTONE):
+        assert checks[name].status == "skip" and checks[name].detail.startswith("inconclusive on 400 samples")
+        assert checks[name].p_value > 0.4
 
 
 def test_large_eps_accuracy_not_near_zero_warns():
@@ -298,16 +358,19 @@ def test_plan_keeps_the_checks_within_a_tenth_of_the_battery():
     # a long battery buys the cap of 128
     assert sanity.plan_checks(specs("pgd:steps=100", eps=(0.1,)), n_battery=10_000,
                               num_classes=10).n_samples == 128
-    # too short a battery for the attack probes: the cheap probes alone, within the same budget
+    assert not plan.over_budget and plan.to_dict()["min_samples"] == 7
+    # too short a battery to pay for 7 samples: raised to 7 anyway, beyond the budget, and the plan says so
     short = sanity.plan_checks(specs("pgd", eps=(0.1,)), n_battery=256, num_classes=10)
-    assert not short.attacks and short.reuse == {}
-    assert (short.n_samples + k) * short.check_cost <= short.budget and short.check_cost == pytest.approx(2 * f + 1)
+    assert short.attacks and short.n_samples == sanity.MIN_PAIRED_SAMPLES == 7 and short.over_budget
+    assert (short.n_samples + k) * short.check_cost > short.budget
+    assert "raised to the 7 samples" in short.to_dict()["note"] and "more than 10 %" in short.to_dict()["note"]
 
 
-def test_plan_drops_the_attack_probes_before_breaking_the_budget():
+def test_plan_never_gives_the_attack_probes_fewer_samples_than_a_conclusive_comparison_needs():
     plan = sanity.plan_checks(specs("gaussian", "fgsm", eps=(0.1,)), n_battery=1000, num_classes=10)
-    assert not plan.attacks and plan.n_samples >= 1 and plan.reuse == {}
-    assert (plan.n_samples + sanity.CALL_OVERHEAD) * plan.check_cost <= plan.budget
+    assert plan.attacks and plan.n_samples == 7 and plan.over_budget and plan.reuse == {"fgsm": 1}
+    few = sanity.plan_checks(specs("fgsm", eps=(0.1,)), n_battery=6, num_classes=10)  # 6 samples: never conclusive
+    assert not few.attacks and few.reuse == {} and "fewer than the 7 samples" in few.note
     assert sanity.plan_checks(specs("gaussian", eps=(0.1,)), n_battery=2, num_classes=10).n_samples == 0
 
 
@@ -329,14 +392,19 @@ def test_model_checks_read_reused_outcomes_instead_of_attacking(batch):
     assert a["pgd10_source"] == a["fgsm_source"] == "battery"
 
 
-def test_more_steps_against_the_batterys_pgd10_allows_one_sample():
-    base = model_checks(n_samples=20)["attacks"]
-    one = model_checks(n_samples=20, attacks={**base, "pgd10": 0.10, "pgd50": 0.15, "pgd10_source": "battery"})
-    two = model_checks(n_samples=20, attacks={**base, "pgd10": 0.10, "pgd50": 0.20, "pgd10_source": "battery"})
-    own = model_checks(n_samples=20, attacks={**base, "pgd10": 0.10, "pgd50": 0.15, "pgd10_source": "checks"})
-    assert by_name(evaluate(frame(HEALTHY), one))[sanity.MORE_STEPS].status == "pass"
-    assert by_name(evaluate(frame(HEALTHY), two))[sanity.MORE_STEPS].status == "warn"
-    assert by_name(evaluate(frame(HEALTHY), own))[sanity.MORE_STEPS].status == "warn"
+def test_battery_comparisons_read_the_recorded_pairs():
+    """FGSM 20 %, PGD 22 % of 1000: 20 samples more robust to PGD. Recorded pairs decide: 20 one way and none the
+    other is significant; the counts alone allow 200 the other way (p <= 0.34), which is not."""
+    rows = [("fgsm", 0.1, 0.20), ("pgd", 0.1, 0.22)]
+    alone = by_name(evaluate(frame(rows)))[sanity.ITERATIVE]
+    assert alone.status == "skip" and "for any pairing" in alone.detail
+    pairs = {"rows": [["clean", None, None], ["fgsm", 0.1, "Linf"], ["pgd", 0.1, "Linf"]],
+             "robust_only": [[0, 750, 730], [0, 0, 0], [0, 20, 0]]}
+    check = by_name(evaluate(frame(rows), {"battery_pairs": pairs}))[sanity.ITERATIVE]
+    assert check.status == "warn" and check.p_value == pytest.approx(0.5 ** 20)
+    assert "20 samples robust to PGD but fooled by FGSM, 0 the reverse" in check.detail
+    broken = by_name(evaluate(frame(rows), {"battery_pairs": {"rows": [1], "robust_only": "x"}}))[sanity.ITERATIVE]
+    assert broken.status == "skip"  # a malformed record is no record
 
 
 def test_analyze_run_sizes_its_checks_and_reuses_the_batterys_pgd(tmp_path):
@@ -358,3 +426,64 @@ def test_analyze_run_sizes_its_checks_and_reuses_the_batterys_pgd(tmp_path):
     assert len(ok) == checks["n_samples"]
     assert checks["attacks"]["pgd10"] == pytest.approx(float(ok.double().mean()))
     assert checks["attacks"]["pgd10_source"] == "battery"
+
+
+# ----------------------------------------------------------------------------- significance end to end
+
+
+def test_a_healthy_model_with_the_default_battery_warns_on_nothing_below_the_minimum(tmp_path):
+    """The example digits CNN on 48 samples: the share of the battery buys fewer than 7 samples of model checks, so
+    the plan raises them to 7 and says so; no check warns, and a warning could only come with p < 0.01."""
+    from robaudit import examples
+    from robaudit.rundir import read_run
+    from robaudit.stages.analyze import analyze_run
+
+    run = analyze_run(examples.path("digits_cnn.pt2"), "digits", out=tmp_path / "run", samples=48, report=False)
+    written = json.loads((run.path / "checks.json").read_text())
+    plan = written["plan"]
+    assert written["n_samples"] == plan["n_samples"] == plan["min_samples"] == sanity.MIN_PAIRED_SAMPLES
+    assert plan["over_budget"] and "raised to the 7 samples" in plan["note"]
+    assert set(written["attacks"]["robust_only"]) == {"fgsm", "pgd10", "pgd50"}  # the probes' per-sample pairs
+    assert written["battery_pairs"]["rows"][0] == ["clean", None, None]
+    checks = verdict.checks_of(read_run(run.path))
+    assert [c.name for c in checks if c.status == "warn"] == []
+    assert all(c.p_value is not None and c.p_value < sanity.ALPHA for c in checks if c.status == "warn")
+
+
+class _Misleading(torch.autograd.Function):
+    """Identity forward; backward passes the true gradient only at inputs on the 1/8 grid of the data, and its
+    opposite anywhere else: FGSM (from the clean input) works, PGD (from a random start) climbs the wrong way."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        on_grid = ((x * 8 - (x * 8).round()).abs() < 1e-4).flatten(1).all(1)
+        return grad * torch.where(on_grid, 1.0, -1.0).view(-1, *[1] * (grad.dim() - 1))
+
+
+class Misleading(nn.Module):
+    def forward(self, x):
+        return _Misleading.apply(x)
+
+
+def test_a_model_with_misleading_gradients_still_warns_with_its_p_value():
+    model = mlp(Misleading()).eval()
+    x = torch.randint(0, 9, (64, 1, 8, 8), generator=torch.Generator().manual_seed(1)).float() / 8
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every sample classified correctly
+    result = run_model_checks(model, x, y, device="cpu", seed=0, eps_max=0.1, max_samples=32)
+    a = result["attacks"]
+    assert a["fgsm"] < 0.5 and a["pgd10"] == a["pgd50"] == 1.0
+    checks = by_name(evaluate(None, result))
+    iterative = checks[sanity.ITERATIVE]
+    fooled = a["robust_only"]["pgd10"]["fgsm"]  # robust to PGD-10, fooled by FGSM; never the reverse
+    assert iterative.status == "warn" and iterative.p_value == pytest.approx(0.5 ** fooled, rel=1e-9)
+    assert (f"{fooled} samples robust to PGD-10 but fooled by FGSM, 0 the reverse, exact McNemar p = "
+            in iterative.detail)
+    assert checks[sanity.GRADIENTS].status == "pass"  # only the comparison shows it
+    assert f"p = {iterative.p_value:.2g}" in verdict.short(iterative)

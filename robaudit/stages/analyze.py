@@ -356,7 +356,7 @@ def model_checks(loaded: LoadedModel, data, result: LSAResult, plan: CheckPlan |
     if plan is None:
         return None
     dev = resolve_device(device)
-    info = {"plan": plan.to_dict(), "battery_seconds": round(result.seconds, 3)}
+    info = {"plan": plan.to_dict(), "battery_seconds": round(result.seconds, 3), "battery_pairs": result.pairs}
     if plan.n_samples < 1:
         return {"n_samples": 0, "seed": int(seed), "device": str(dev), **info,
                 "skipped": f"the battery is too cheap to pay for model checks within {100 * plan.share:.0f} % of its cost"}

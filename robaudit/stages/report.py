@@ -733,6 +733,8 @@ def _checks_note(model_checks: dict | None) -> str:
         text += (f", sized to cost at most {100 * plan['share']:.0f} % of the battery "
                  f"({plan.get('check_cost_per_sample', 0):.3g} vs {plan.get('battery_cost_per_sample', 0):.3g} "
                  "forward+backward passes per sample)")
+    if plan.get("note"):  # e.g. raised to the samples a conclusive comparison needs, beyond the share
+        text += f" ({plan['note']})"
     if plan.get("reused"):
         text += "; reused the battery's own " + " and ".join(
             {"fgsm": "FGSM", "pgd10": "PGD-10"}.get(k, k) for k in plan["reused"]) + " outcomes"
@@ -770,8 +772,10 @@ def _sanity_sentence(who: str, checks: list[sanity.Check]) -> Markup:
     why = []
     if any(c.status == "warn" and c.name == sanity.CHANCE for c in checks):
         why.append("The model is at or near chance: every robustness number is noise.")
-    if any(c.status == "warn" and c.name != sanity.CHANCE for c in checks):
+    if any(c.status == "warn" and c.name != sanity.CHANCE and getattr(c, "masking", True) for c in checks):
         why.append("The model may be masking gradients.")
+    why += sorted({f"{c.meaning[:1].upper()}{c.meaning[1:]}." for c in checks
+                   if c.status == "warn" and not getattr(c, "masking", True) and getattr(c, "meaning", "")})
     return Markup("{}: <strong>{} sanity check{} {}</strong>: {}. {} See section 5.{}").format(
         who, counts["warn"], "" if counts["warn"] == 1 else "s", verb, names, " ".join(why), Markup(skipped))
 
