@@ -132,18 +132,39 @@ class Check:
 # ------------------------------------------------------------------------------------------- statistics
 
 
+# Up to this many samples a tail is summed exactly; beyond it (no real battery, but a tampered checks.json could
+# claim one) a normal approximation with continuity correction answers in constant time.
+EXACT_MAX_N = 10_000_000
+
+
 def binomial_tail(k: int, n: int, p: float) -> float:
-    """``P(X >= k)`` for ``X ~ Binomial(n, p)``, summed exactly term by term (in log space, so n may be large)."""
+    """``P(X >= k)`` for ``X ~ Binomial(n, p)``, summed exactly term by term in log space from the end nearer to
+    ``k`` (the upper tail above the mean, one minus the lower tail below it), until the terms stop counting."""
+    k, n = int(k), int(n)
     if k <= 0:
         return 1.0
     if k > n or p <= 0.0:
         return 0.0
     if p >= 1.0:
         return 1.0
-    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p)
-            + (n - i) * math.log1p(-p) for i in range(k, n + 1)]
-    top = max(logs)
-    return min(1.0, math.exp(top) * math.fsum(math.exp(v - top) for v in logs))
+    if n > EXACT_MAX_N:
+        return 0.5 * math.erfc((k - 0.5 - n * p) / math.sqrt(2.0 * n * p * (1.0 - p)))
+    if k > n * p:
+        return min(1.0, _tail_sum(k, n, p, +1))
+    return max(0.0, 1.0 - _tail_sum(k - 1, n, p, -1))
+
+
+def _tail_sum(start: int, n: int, p: float, step: int) -> float:
+    """The binomial terms from ``start`` away from the mean (``step`` +1 up to n, -1 down to 0), summed."""
+    log_p, log_q, log_n = math.log(p), math.log1p(-p), math.lgamma(n + 1)
+    terms, i = [], start
+    while 0 <= i <= n:
+        term = math.exp(log_n - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q)
+        terms.append(term)
+        if term == 0.0 or (len(terms) > 1 and term < 1e-18 * terms[0]):
+            break  # every further term is smaller still: beyond the start the terms fall away from the mean
+        i += step
+    return math.fsum(terms)
 
 
 def sign_test(bad: int, good: int) -> float:
@@ -217,7 +238,7 @@ class Paired:
 def paired(strong: int, weak: int, n: int, pair: tuple[int, int] | None = None) -> Paired:
     """The comparison of two attacks that left ``strong`` and ``weak`` of the same ``n`` samples robust; ``pair``:
     the recorded (robust to strong but fooled by weak, the reverse) counts, when there are any."""
-    if pair is not None:
+    if pair is not None and 0 <= pair[0] and 0 <= pair[1] and pair[0] + pair[1] <= n:  # else not a real record
         return Paired(strong, weak, n, int(pair[0]), int(pair[1]), True)
     d = strong - weak  # = bad - good, whatever the pairing; the most disagreements the counts allow is the least
     if d >= 0:  # favourable to a finding either way
@@ -314,7 +335,7 @@ class BatteryPairs:
             table = [[int(v) for v in line] for line in counts]
             if len(table) != len(keys) or any(len(line) != len(keys) or min(line, default=0) < 0 for line in table):
                 return
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             return
         self.rows, self.counts = keys, table
 
@@ -484,7 +505,7 @@ def _probe_pair(attacks: dict, strong: str, weak: str, n: float | None) -> Paire
         pair = (int(table[strong][weak]), int(table[weak][strong]))
         if min(pair) < 0:
             pair = None
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         pair = None
     return _counted(attacks[strong], attacks[weak], n, pair)
 

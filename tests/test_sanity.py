@@ -487,3 +487,14 @@ def test_a_model_with_misleading_gradients_still_warns_with_its_p_value():
             in iterative.detail)
     assert checks[sanity.GRADIENTS].status == "pass"  # only the comparison shows it
     assert f"p = {iterative.p_value:.2g}" in verdict.short(iterative)
+
+
+def test_tampered_pairs_and_counts_decide_nothing_and_cost_nothing():
+    base = model_checks()["attacks"]
+    forged = model_checks(n_samples=128, attacks={**base, "pgd10": 2 / 128, "pgd50": 3 / 128,
+                                                   "robust_only": {"pgd50": {"pgd10": 10 ** 15}, "pgd10": {"pgd50": 0}}})
+    check = by_name(evaluate(frame(HEALTHY), forged))[sanity.MORE_STEPS]
+    assert check.status == "skip" and "for any pairing" in check.detail  # more pairs than samples: no record
+    huge = frame([("fgsm", 0.1, 0.20), ("pgd", 0.1, 0.2000001)], n=2 ** 53)  # ~9e8 samples more: still answered
+    assert by_name(evaluate(huge))[sanity.ITERATIVE].status in ("skip", "warn")
+    assert sanity.binomial_tail(2 ** 40, 2 ** 41, 0.5) == pytest.approx(0.5, abs=1e-6)
