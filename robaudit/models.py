@@ -149,14 +149,16 @@ def _quiet_torch_export_logs():
 
 
 def _load_export(path: Path, *, trust_model: bool = False) -> LoadedModel:
-    if not trust_model:
-        check_archive(path)  # before torch reads a byte of it: its loader unpickles and pastes names into code
-    try:
-        with _quiet_torch_export_logs(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ep = torch.export.load(str(path))
-    except Exception as e:  # a corrupt or foreign archive
-        raise RobauditError(f"{path.name} is not a readable torch.export archive ({type(e).__name__}): re-export it") from e
+    with open(path, "rb") as fh:  # one open file: torch reads exactly the bytes that were checked
+        if not trust_model:
+            check_archive(path, fh)  # before torch reads a byte: its loader unpickles and pastes names into code
+        try:
+            with _quiet_torch_export_logs(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ep = torch.export.load(fh)
+        except Exception as e:  # a corrupt or foreign archive
+            raise RobauditError(f"{path.name} is not a readable torch.export archive ({type(e).__name__}): "
+                                "re-export it") from e
     # shape guards are kept as Python source that ExportedProgram.module() would exec; robaudit never calls
     # it, and drops them so that a re-saved archive does not carry a stranger's code on
     if not trust_model:
