@@ -19,7 +19,7 @@ test: $(STAMP)  ## run the test suite
 	$(BIN)/python -m pytest -q
 
 security: $(STAMP)  ## hostile model, run and data files through every loader, and the data-safety checks
-	$(BIN)/python -m pytest -q tests/test_hostile.py tests/test_data_safety.py tests/test_hostile_runs.py
+	$(BIN)/python -m pytest -q tests/test_hostile.py tests/test_hostile_pt2.py tests/test_data_safety.py tests/test_hostile_runs.py
 
 bench: $(STAMP)  ## side-by-side speed and memory ratios (not tests)
 	$(BIN)/python benchmarks/bench_analyze.py
