@@ -58,3 +58,17 @@ def test_examples_resolve_inside_the_installed_package(installed, tmp_path):
 def test_readme_block_runs_outside_the_checkout(installed, tmp_path, index):
     proc = run_python(BLOCKS[index], installed, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_every_security_promise_names_tests_that_exist():
+    """The Security section names the test that keeps each promise: each name must be a test in that file."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Security\n"):text.index("\n## ", text.index("## Security\n") + 1)]
+    cited, current = 0, None
+    for file, name in re.findall(r"`([\w.]*)::(test_\w+)`", section):  # a bare ::name is in the file named last
+        current = file or current
+        assert current, f"{name} names no test file"
+        source = (REPO / "tests" / current).read_text(encoding="utf-8")
+        assert re.search(rf"^def {name}\(", source, flags=re.M), f"{current}::{name} does not exist"
+        cited += 1
+    assert cited >= 40
