@@ -7,7 +7,6 @@ Each refusal is one line, nothing from the file runs, no byte outside the test's
 """
 from __future__ import annotations
 
-import io
 import json
 import pickle
 import random
@@ -19,32 +18,15 @@ import pytest
 import torch
 from torch import nn
 
-from tests.helpers import NUM_CLASSES, export_dynamic, make_cnn
+from tests.helpers import NUM_CLASSES, export_dynamic
 from tests.helpers import single_thread  # noqa: F401  (autouse fixture)
+from tests.test_hostile import Payload, clean_pt2, marker  # noqa: F401  (fixtures shared with round one)
 from tests.zipcraft import Entry, build_zip, read_members
 from robaudit.archive import UnsafeArchiveError
 from robaudit.errors import RobauditError
 from robaudit.models import check_compatible, load_model
 
 MiB = 1 << 20
-
-
-class Payload:
-    def __init__(self, marker: Path) -> None:
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-@pytest.fixture(scope="module")
-def clean_pt2(tmp_path_factory):
-    return export_dynamic(make_cnn(1), tmp_path_factory.mktemp("clean") / "cnn.pt2", torch.rand(2, 1, 8, 8))
-
-
-@pytest.fixture
-def marker(tmp_path):
-    return tmp_path / "payload-ran"
 
 
 def members_of(path: Path) -> tuple[bytes, list[tuple[bytes, bytes]]]:
