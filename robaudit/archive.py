@@ -20,7 +20,7 @@ import torch
 from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE
 
 from .errors import RobauditError
-from .graph_policy import MutationTracker, input_origins, op_refusal, resolve_op
+from .graph_policy import MutationTracker, input_origins, op_refusal, resolve_op, size_refusal
 from .pt2zip import STORED, ZipIndex, ZipProblem
 from .safeio import MiB, parse_json
 
@@ -143,6 +143,9 @@ def _check_graph(graph: dict, origins: dict[str, str], member: str, refuse: _Ref
         reason = _target_refusal(target)
         if reason:
             refuse(member, f"calls {str(target)[:80]!r}, which {reason}")
+        reason = size_refusal(node)
+        if reason:
+            refuse(member, f"calls {target[:80]!r}, which {reason}", why="running it could exhaust memory")
         op = resolve_op(target)
         if op is not None:
             reason = tracker.visit(op, node)

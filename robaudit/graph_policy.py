@@ -16,6 +16,8 @@ import torch
 DENIED_OPS = frozenset({"from_file", "save", "set", "set_", "_print", "warn", "_set_item"})
 _FILE_ARGS = frozenset({"filename", "path", "file", "fname"})
 WRITABLE = frozenset({"buffer", "fresh"})  # where an in-place operator may write
+MAX_ELEMENTS = 1 << 31  # a literal size beyond this (8 GB of float32) is an allocation bomb, not a layer
+_SIZE_ARGS = frozenset({"size", "sizes", "shape"})
 
 
 def resolve_op(target: str) -> torch._ops.OpOverload | None:
@@ -41,6 +43,23 @@ def op_refusal(op: torch._ops.OpOverload) -> str | None:
             return f"takes a storage ({arg.name})"
         if "str" in kind and arg.name in _FILE_ARGS:
             return f"takes a file name ({arg.name})"
+    return None
+
+
+def size_refusal(node: dict) -> str | None:
+    """Why a node's literal size argument would exhaust memory (``aten.zeros([10**12])``), or None."""
+    for item in node.get("inputs") or []:
+        if not isinstance(item, dict) or item.get("name") not in _SIZE_ARGS or not isinstance(item.get("arg"), dict):
+            continue
+        dims = item["arg"].get("as_ints")
+        if not isinstance(dims, list):
+            dims = [d.get("as_int") for d in item["arg"].get("as_sym_ints") or [] if isinstance(d, dict)]
+        numel = 1
+        for d in dims:
+            if isinstance(d, int) and not isinstance(d, bool) and d > 0:
+                numel *= d
+        if numel > MAX_ELEMENTS:
+            return f"asks for {numel} elements (at most {MAX_ELEMENTS} are allowed)"
     return None
 
 

@@ -206,6 +206,16 @@ def test_from_file_in_a_graph_is_refused_and_would_write_the_file(clean_pt2, tmp
     assert victim.read_bytes() == b"B" * 16
 
 
+def test_a_literal_allocation_bomb_is_refused(clean_pt2, tmp_path):
+    """``aten.zeros([2**20, 2**20])`` would ask for 4 TB at the first forward pass."""
+    def edit(doc):
+        g = doc["graph_module"]["graph"]
+        g["tensor_values"]["big"] = _byte_tensor_meta(g)
+        g["nodes"].insert(0, _node(g, "torch.ops.aten.zeros.default", [("size", {"as_ints": [2**20, 2**20]})], "big"))
+    message = refused(rebuild(clean_pt2, tmp_path / "evil.pt2", edit), "elements")
+    assert "exhaust memory" in message
+
+
 class InPlace(nn.Module):
     """In-place writes that torch.export keeps: into an intermediate (``relu_``) and into a buffer."""
 
