@@ -19,6 +19,7 @@ from torch import nn
 from . import attacks as atk
 from . import dist
 from .errors import RobauditError
+from .exported import current_chunk, fixed_batch
 
 BN_TYPES = frozenset({"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm"})
 BN_COLUMNS = ["layer", "layer_type", "channels", "n_clean", "n_adv", "clean_vs_running", "adv_vs_clean",
@@ -244,9 +245,9 @@ class BatchNormStreams:
             if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] != c:
                 return
             rows = index
-            chunk = self.root.__dict__.get("_robaudit_chunk")  # a fixed-batch archive: one chunk, real rows only
+            chunk = current_chunk(self.root)  # a fixed-batch archive: one chunk, real rows only
             if chunk is not None:
-                first = chunk[0] * self.root.__dict__["_robaudit_fixed_batch"]
+                first = chunk[0] * fixed_batch(self.root)
                 x, rows = x[:chunk[1]], index[first:first + chunk[1]]
             if len(x) != len(rows):  # samples folded into the batch dimension inside the model (batch-major)
                 if len(rows) == 0 or len(x) % len(rows):

@@ -28,7 +28,8 @@ from .errors import NonFiniteError, RobauditError
 from .battery import Battery, PerturbationSizes, Setup, Totals, write_rows  # noqa: F401 (PerturbationSizes: API)
 from .bnaudit import BatchNormMoments, BatchNormStreams
 from .metrics import INPUT_LAYER, RelativeError, layer_gains, per_sample_sq_norms, relative_error  # noqa: F401
-from .models import LoadedModel, as_graph, with_normalization
+from .exported import as_graph, fixed_batch
+from .models import LoadedModel, with_normalization
 from .rundir import rows_at
 from .probe import PROBE_MODES, Layer, LayerProbe, select_modules
 from .samples import SampleLog
@@ -360,7 +361,7 @@ def _prepare(model, data, *, attacks, eps, layers, layer_types, mean, std, batch
     seed_everything(seed)
     builders = [atk.build(s, attacked, num_classes=num_classes, seed=seed) for s in specs]
     # a fixed-batch archive runs in chunks, whose outputs the probe joins: read them after the pass
-    streaming = model.__dict__.get("_robaudit_fixed_batch") is None
+    streaming = fixed_batch(model) is None
     setup = Setup(model=model, eager=eager, full=full, attacked=attacked, specs=specs, builders=builders,
                   device=device, seed=seed, streaming=streaming, num_classes=num_classes,
                   bn=BatchNormStreams(model, type_map, len(specs), device))

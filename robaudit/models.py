@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .archive import check_archive, is_dotted_name, is_identifier
+from .exported import export_dynamic_batch, exported_batch, run_at_fixed_batch, save_program, unflatten_program
 from .errors import NonFiniteError, RobauditError
 
 CHECKPOINT_KEY = "robaudit_checkpoint"
@@ -163,170 +164,13 @@ def _load_export(path: Path, *, trust_model: bool = False) -> LoadedModel:
     # it, and drops them so that a re-saved archive does not carry a stranger's code on
     if not trust_model:
         ep._guards_code = []
-    fixed = _fixed_batch(ep)
+    fixed = exported_batch(ep)
     module, type_map = unflatten_program(ep)
     if fixed is not None:
         run_at_fixed_batch(module, fixed)
         warnings.warn(f"{path.name} was exported with a fixed batch size of {fixed}: it runs in batches of {fixed}, "
                       f"the last one padded (padded rows are dropped); {EXPORT_HINT}", stacklevel=3)
     return LoadedModel(module=module, format="export", type_map=type_map, exported=ep)
-
-
-def unflatten_program(ep) -> tuple[nn.Module, dict[str, str]]:
-    """Rebuild an exported program's module tree; return it with its original classes by qualified name.
-
-    Every submodule runs its generated code (the fx Interpreter is about 7x slower on a small CNN),
-    which still calls each submodule, so forward hooks fire; probed functional ops get a tap module.
-    """
-    from .probe import add_op_taps
-
-    module = torch.export.unflatten(ep)
-    type_map: dict[str, str] = {}
-    for node in ep.graph.nodes:
-        stack = node.meta.get("nn_module_stack")
-        if not stack:
-            continue
-        for qualname, cls in stack.values():
-            if qualname:
-                cls_name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
-                type_map.setdefault(qualname, cls_name.rsplit(".", 1)[-1])
-    # unflatten generates each submodule's code before it merges repeated calls (``relu``,
-    # ``relu@1``) into one module, so that code can name modules that no longer exist: rebuild it.
-    for sub in module.modules():
-        if hasattr(sub, "_run_with_interpreter"):
-            if hasattr(sub, "finalize"):
-                sub.finalize()
-            sub._run_with_interpreter = False
-    add_op_taps(module, type_map)
-    return module, type_map
-
-
-def as_graph(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, dict[str, str]]:
-    """Export an eager model internally and unflatten it, so its ops are layers named as in its ``.pt2``."""
-    was_training = model.training
-    model.eval()
-    try:
-        batch = torch.export.Dim("batch", min=1, max=65536)
-        x = example[:2] if example.shape[0] >= 2 else example.repeat(2, *([1] * (example.dim() - 1)))
-        ep = torch.export.export(model, (x.detach(),), dynamic_shapes=({0: batch},))
-    finally:
-        model.train(was_training)
-    return unflatten_program(ep)
-
-
-# leaf modules whose train mode differs from eval mode, and the aten op each becomes in an export
-TRAINABLE_LEAVES = {
-    "BatchNorm1d": "batch_norm", "BatchNorm2d": "batch_norm", "BatchNorm3d": "batch_norm",
-    "Dropout": "dropout", "Dropout1d": "feature_dropout", "Dropout2d": "feature_dropout",
-    "Dropout3d": "feature_dropout", "LayerNorm": "layer_norm", "GroupNorm": "group_norm",
-}
-
-
-def _rebuild_leaf(sub: nn.Module, cls_name: str) -> nn.Module | None:
-    """A real ``torch.nn`` module equivalent to the unflattened leaf ``sub``, sharing its tensors; or None."""
-    graph = sub.__dict__.get("graph")
-    if graph is None:
-        return None
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    calls = [n for n in graph.nodes if n.op == "call_function"]
-    if len(placeholders) != 1 or len(calls) != 1 or str(calls[0].target).split(".")[1] != TRAINABLE_LEAVES[cls_name]:
-        return None
-    args = list(calls[0].args)
-
-    def attr(a):
-        return getattr(sub, a.target) if getattr(a, "op", None) == "get_attr" else None
-
-    cls = getattr(nn, cls_name)
-    if cls_name.startswith("BatchNorm"):  # (x, weight, bias, running_mean, running_var, training, momentum, eps, _)
-        weight, bias, mean, var = (attr(a) for a in args[1:5])
-        if mean is None:
-            return None
-        new = cls(mean.shape[0], eps=float(args[7]), momentum=float(args[6]), affine=weight is not None)
-        for name, value in (("weight", weight), ("bias", bias)):
-            if value is not None:
-                setattr(new, name, value if isinstance(value, nn.Parameter) else nn.Parameter(value))
-        new.running_mean, new.running_var = mean, var
-        if hasattr(sub, "num_batches_tracked"):
-            new.num_batches_tracked = sub.num_batches_tracked
-    elif cls_name.startswith("Dropout"):  # (x, p, train)
-        new = cls(p=float(args[1]))
-    elif cls_name == "LayerNorm":  # (x, normalized_shape, weight, bias, eps, _)
-        weight, bias = attr(args[2]) if len(args) > 2 else None, attr(args[3]) if len(args) > 3 else None
-        new = cls(list(args[1]), eps=float(args[4]) if len(args) > 4 else 1e-5, elementwise_affine=weight is not None,
-                  bias=bias is not None)
-        if weight is not None:
-            new.weight = weight
-        if bias is not None:
-            new.bias = bias
-    else:  # GroupNorm: (x, num_groups, weight, bias, eps, _)
-        weight, bias = attr(args[2]), attr(args[3])
-        if weight is None:
-            return None
-        new = cls(int(args[1]), weight.shape[0], eps=float(args[4]), affine=True)
-        new.weight, new.bias = weight, bias
-    return new
-
-
-def make_trainable(module: nn.Module, type_map: dict[str, str]) -> tuple[list[str], list[str]]:
-    """Replace an unflattened program's BatchNorm/Dropout/LayerNorm/GroupNorm leaves by real ``torch.nn``
-    modules holding the same parameters and buffers, so that train mode behaves as in eager (BN statistics
-    update, dropout drops). Returns ``(rebuilt, left_frozen)`` qualified names; the state dict keeps its keys.
-    """
-    rebuilt, frozen = [], []
-    for name, sub in list(module.named_modules()):
-        cls_name = type_map.get(name)
-        if not name or cls_name not in TRAINABLE_LEAVES or "graph" not in sub.__dict__:
-            continue
-        new = _rebuild_leaf(sub, cls_name)
-        if new is None:
-            frozen.append(name)
-            continue
-        parent_name, _, attr_name = name.rpartition(".")
-        new.train(sub.training)
-        setattr(module.get_submodule(parent_name), attr_name, new)
-        rebuilt.append(name)
-    return rebuilt, frozen
-
-
-def _fixed_batch(ep) -> int | None:
-    """The batch size an archive was exported with, or None when its batch dimension is dynamic."""
-    inputs = set(ep.graph_signature.user_inputs)
-    for node in ep.graph.nodes:
-        if node.op == "placeholder" and node.name in inputs:
-            val = node.meta.get("val")
-            shape = getattr(val, "shape", None)
-            if shape is not None and len(shape) > 0 and isinstance(shape[0], int):
-                return int(shape[0])
-    return None
-
-
-def run_at_fixed_batch(module: nn.Module, batch: int) -> None:
-    """Let a module that accepts only batches of ``batch`` rows take any batch.
-
-    Inputs are cut into chunks of ``batch`` rows, the last padded with copies of its last row; the
-    padded rows are dropped from the output. While a chunk runs, ``module._robaudit_chunk`` holds
-    ``(index, valid_rows)`` so that a :class:`~robaudit.probe.LayerProbe` can join the chunks' layer
-    outputs and leave the padding out.
-    """
-    inner = type(module).forward
-
-    def forward(x, *args, **kwargs):
-        outs = []
-        try:
-            for i, start in enumerate(range(0, x.shape[0], batch)):
-                part = x[start:start + batch]
-                valid = part.shape[0]
-                if valid < batch:
-                    part = torch.cat([part, part[-1:].expand(batch - valid, *part.shape[1:])])
-                module.__dict__["_robaudit_chunk"] = (i, valid)
-                outs.append(inner(module, part, *args, **kwargs)[:valid])
-        finally:
-            module.__dict__["_robaudit_chunk"] = None
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-    module.forward = forward
-    module.__dict__["_robaudit_fixed_batch"] = batch
-    module.__dict__["_robaudit_chunk"] = None
 
 
 def _load_torch_file(path: Path, *, arch: str | None, arch_kwargs: dict | None, trust_model: bool) -> LoadedModel:
@@ -522,20 +366,7 @@ def save_checkpoint(path: str | os.PathLike, module: nn.Module, *, arch: str, ar
 
 def export_model(path: str | os.PathLike, module: nn.Module, example: torch.Tensor) -> Path:
     """Save ``module`` as a ``torch.export`` archive with a dynamic batch dimension."""
-    path = Path(path)
-    was_training = module.training
-    module.eval()
-    try:
-        batch = torch.export.Dim("batch", min=1, max=65536)
-        x = example[:2] if example.shape[0] >= 2 else example.repeat(2, *([1] * (example.dim() - 1)))
-        ep = torch.export.export(module, (x.cpu(),), dynamic_shapes=({0: batch},))
-    finally:
-        module.train(was_training)
-    from . import safeio
-
-    with safeio.atomic_file(path) as fh:  # an exclusive, random temporary name: never through a symlink
-        torch.export.save(ep, fh)
-    return path
+    return save_program(path, export_dynamic_batch(module, example.cpu()))
 
 
 def save_exported_weights(path: str | os.PathLike, loaded: LoadedModel, module: nn.Module) -> Path:
@@ -549,8 +380,4 @@ def save_exported_weights(path: str | os.PathLike, loaded: LoadedModel, module: 
             # the program's verifier wants parameters to stay nn.Parameter objects
             ep.state_dict[key] = nn.Parameter(value, requires_grad=old.requires_grad) \
                 if isinstance(old, nn.Parameter) else value
-    from . import safeio
-
-    with safeio.atomic_file(path) as fh:  # an exclusive, random temporary name: never through a symlink
-        torch.export.save(ep, fh)
-    return path
+    return save_program(path, ep)

@@ -15,89 +15,14 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
-import torch.fx
-
 import torch
 from torch import nn
 
 from .errors import RobauditError
+from .exported import TUPLE_MODULES, OpTap, current_chunk, fixed_batch
 
 
 PROBE_MODES = ("modules", "ops", "all")
-
-# functional activations (aten names, in-place variants included) probed as layers of their caller
-ACTIVATION_OPS = frozenset({"relu", "relu6", "gelu", "silu", "hardtanh", "leaky_relu", "elu", "sigmoid", "tanh"})
-# torch.nn modules whose output is a tuple: the first tensor is the layer's output (attention)
-TUPLE_MODULES = frozenset({"MultiheadAttention"})
-_CONTAINERS = {"Module", "Sequential", "ModuleList", "ModuleDict", "ParameterList", "ParameterDict", "Container"}
-# classes of torch.nn: ops inside them belong to the module, which is probed as a whole
-NN_CLASSES = frozenset(n for n in dir(nn) if isinstance(getattr(nn, n), type)
-                       and issubclass(getattr(nn, n), nn.Module) and n not in _CONTAINERS)
-
-
-class OpTap(nn.Module):
-    """An identity module inserted after a functional op in a graph, so that a forward hook sees its output."""
-
-    def __init__(self, layer: str, op: str) -> None:
-        super().__init__()
-        self.layer = layer  # the layer name without call index, e.g. "layers.3:relu"
-        self.op = op
-
-    def forward(self, x):
-        return x
-
-
-def _op_name(node: "torch.fx.Node") -> str | None:
-    """The probed op a graph node runs (``relu``, ``relu6``, ``add`` ...), or None."""
-    if node.op != "call_function":
-        return None
-    target = str(node.target)
-    if not target.startswith("aten."):
-        return None
-    base = target.split(".")[1].rstrip("_")
-    if base == "add" and target.split(".")[2] == "Tensor":
-        vals = [getattr(a, "meta", {}).get("val") for a in node.args[:2]]
-        if len(vals) == 2 and all(isinstance(v, torch.Tensor) for v in vals):
-            return "add"
-        return None
-    if base not in ACTIVATION_OPS:
-        return None
-    if base == "hardtanh":
-        lo, hi = (list(node.args[1:3]) + [-1.0, 1.0][len(node.args) - 1:])[:2]
-        return "relu6" if (float(lo), float(hi)) == (0.0, 6.0) else "hardtanh"
-    return base
-
-
-def add_op_taps(root: nn.Module, type_map: Mapping[str, str]) -> int:
-    """Insert an :class:`OpTap` after every probed op of an unflattened program's graphs; return how many.
-
-    Ops inside torch.nn modules (the ReLU module's own ``relu``, attention's internals) are left to
-    the module. Each changed graph's code is generated again.
-    """
-    n = 0
-    for qual, sub in list(root.named_modules()):
-        graph = sub.__dict__.get("graph")
-        if not isinstance(graph, torch.fx.Graph) or not hasattr(sub, "finalize"):
-            continue
-        if qual and type_map.get(qual, type(sub).__name__) in NN_CLASSES:
-            continue
-        changed = False
-        for node in list(graph.nodes):
-            op = _op_name(node)
-            if op is None:
-                continue
-            tap_name = f"_robaudit_op{n}"
-            n += 1
-            sub.add_module(tap_name, OpTap(f"{qual}:{op}", op))
-            with graph.inserting_after(node):
-                tap = graph.create_node("call_module", tap_name, (node,))
-            tap.meta = dict(node.meta)
-            node.replace_all_uses_with(tap, delete_user_cb=lambda user, tap=tap: user is not tap)
-            changed = True
-        if changed:
-            sub.finalize()  # builds a new GraphModule over the changed graph, and lints it
-    return n
-
 
 def op_layers(model: nn.Module) -> dict[str, list[str]]:
     """Op layer name (``layers.3:relu``) -> qualified names of its taps, in graph order."""
@@ -330,10 +255,10 @@ class LayerProbe:
                 output = output[index]
             if not isinstance(output, torch.Tensor):
                 return None
-            chunk = self.model.__dict__.get("_robaudit_chunk")  # a fixed-batch model running one chunk
+            chunk = current_chunk(self.model)  # a fixed-batch model running one chunk
             n = self._batch
             if chunk is not None:
-                n = self.model.__dict__.get("_robaudit_fixed_batch", n)
+                n = fixed_batch(self.model)
                 if chunk[0] != self._chunk:  # each chunk is the same forward pass again: count its calls afresh
                     self._chunk = chunk[0]
                     self._calls.clear()

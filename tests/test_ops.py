@@ -14,7 +14,8 @@ from tests.helpers import single_thread  # noqa: F401  (autouse fixture)
 from robaudit.errors import RobauditError
 from robaudit.training.harden import harden
 from robaudit.lsa import analyze
-from robaudit.models import as_graph, load_model, make_trainable
+from robaudit.exported import as_graph, make_trainable
+from robaudit.models import load_model
 from robaudit.probe import LayerProbe, select_modules
 
 FUNCS = {  # layer type -> the call, on a tensor of values in (-2, 2)

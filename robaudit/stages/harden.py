@@ -22,6 +22,7 @@ from .. import attacks as atk
 from .. import dist
 from ..data import DATASETS, IMAGEFOLDER_PREFIX, class_folders, load_dataset
 from ..errors import RobauditError
+from ..exported import export_dynamic_batch, fixed_batch
 from ..lsa import ranking_rows, re_column, resolve_device, select_mvl
 from ..models import (LoadedModel, check_stored_arch, export_model, load_model, save_checkpoint,
                       save_exported_weights, sha256_file, with_normalization)
@@ -177,7 +178,7 @@ def harden_run(
     layers, ranking = _select_layers(run, mvl_top, include_output, rule, cfg.seed)
     loaded, model_path = _load_run_model(run, arch=arch, trust_model=trust_model)
     # every process refuses a batch too small for them here, at once, not after rank 0 alone read the data first
-    global_batch_size(cfg.batch_size, loaded.module.__dict__.get("_robaudit_fixed_batch"), [])
+    global_batch_size(cfg.batch_size, fixed_batch(loaded.module), [])
     norm = man.get("normalization") or {}
     mean, std = norm.get("mean"), norm.get("std")
     with dist.main_first():  # a download happens once, in rank 0, while the others wait
@@ -376,8 +377,7 @@ def _check_trainable(cfg: HardenConfig, loaded: LoadedModel, train_set) -> None:
         try:
             first = train_set.head(2)[0]
             ex = with_normalization(copy.deepcopy(loaded.module), None, None, ndim=first.dim())
-            torch.export.export(ex.eval(), (first,),
-                                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},))
+            export_dynamic_batch(ex, first)
         except Exception as e:
             raise RobauditError(f"the pickled model cannot be saved as a torch.export archive ({type(e).__name__}); "
                                 "harden a checkpoint with an architecture instead") from e

@@ -59,6 +59,7 @@ from torch import nn
 from .. import attacks as atk
 from .. import dist
 from ..data import StreamingDataset, as_dataset, subset
+from ..exported import fixed_batch
 from ..errors import RobauditError
 from ..models import LoadedModel, check_compatible, with_normalization
 from .checkpoint import CHECKPOINT_NAME, Checkpointer
@@ -267,7 +268,7 @@ def _prepare_model(model, type_map, mvl_layers: Sequence[str], example: torch.Te
     """Make ``model`` trainable: a graph when MVL names hold op layers, rebuilt norms for an archive."""
     from torch.export.unflatten import UnflattenedModule
 
-    from ..models import as_graph, make_trainable
+    from ..exported import as_graph, make_trainable
     from ..probe import op_layers
 
     exported, eager = False, None
@@ -293,7 +294,7 @@ def _prepare_model(model, type_map, mvl_layers: Sequence[str], example: torch.Te
             "train them") if frozen else None
     return _Prepared(module=module, eager=eager, type_map=type_map,
                      frozen_bn=exported and any("batchnorm" in t.lower() for t in frozen),
-                     fixed_batch=module.__dict__.get("_robaudit_fixed_batch"), frozen_note=note)
+                     fixed_batch=fixed_batch(module), frozen_note=note)
 
 
 def _uses_clean_pass(cfg: HardenConfig, gammas: Mapping[str, float]) -> bool:
