@@ -285,11 +285,9 @@ def analyze(
 ) -> LSAResult:
     """Run the attack battery on ``data`` and measure every probed layer's relative error.
 
-    ``keep_outcomes`` keeps, per configuration, which of the first that many samples stay correctly
-    classified (``LSAResult.outcomes``), so that the sanity checks reuse them instead of attacking again.
-    A streaming data set is read through a ``DataLoader`` (``workers`` processes), its uint8 batches
-    turned into floats only once on the device. ``samples_path`` streams one row per sample there
-    (``samples.csv``: see :mod:`robaudit.samples`).
+    ``keep_outcomes``: per configuration, which of the first that many samples stay correct
+    (``LSAResult.outcomes``), for the sanity checks to reuse. A streaming data set is read by a ``DataLoader``
+    (``workers`` processes). ``samples_path`` streams one row per sample (:mod:`robaudit.samples`).
 
     ``model`` is the user's classifier (inputs in [0, 1], or normalized by ``mean``/``std``);
     ``data`` a :class:`robaudit.data.Dataset` or an ``(x, y)`` pair. Per batch: every configuration's
@@ -312,25 +310,33 @@ def analyze(
             setup, probe_ = _prepare(model, data, attacks=attacks, eps=eps, layers=layers, layer_types=layer_types,
                                      mean=mean, std=std, batch_size=batch_size, device=dev, seed=seed,
                                      type_map=type_map, probe=probe, stack=stack)
-            one = dist.world_size() == 1
-            log = stack.enter_context(_sample_log(samples_path, setup)) if one and samples_path is not None else None
-            battery = Battery(setup, probe_, keep_outcomes=keep_outcomes, log=log, keep_rows=not one,
-                              bar=_progress_bar(stack, progress, len(data.y), batch_size, len(setup.specs)))
-            for start, x, y in batches(data, batch_size=batch_size, device=dev, workers=workers,
-                                       part=(dist.rank(), dist.world_size())):
-                battery.step(start // batch_size, start, x, y)
-            battery.flush()
+            battery = _run_battery(setup, probe_, data, stack, batch_size=batch_size, device=dev, workers=workers,
+                                   keep_outcomes=keep_outcomes, samples_path=samples_path, progress=progress)
             payload = {**battery.payload(probe_.layers), "wants_rows": samples_path is not None}
         except Exception as e:
             error = e
         payloads = dist.exchange(payload, error)
         totals = battery.totals(payloads)
-        if not one and payloads[0]["wants_rows"]:  # the rows come to rank 0, which writes them in order
+        if dist.world_size() > 1 and payloads[0]["wants_rows"]:  # the rows come to rank 0, which writes them in order
             gathered = dist.gather_to_main(battery.rows)
             if gathered is not None:
                 with _sample_log(samples_path, setup) as log:
                     write_rows(log, gathered)
     return _result(setup, totals, n_total=len(data.y), seconds=time.perf_counter() - started)
+
+
+def _run_battery(setup: Setup, probe_: LayerProbe, data, stack: contextlib.ExitStack, *, batch_size: int,
+                 device: torch.device, workers: int, keep_outcomes: int, samples_path, progress: bool) -> Battery:
+    """Step the battery over this process's share of the batches; rows stream to ``samples_path`` in one process."""
+    one = dist.world_size() == 1
+    log = stack.enter_context(_sample_log(samples_path, setup)) if one and samples_path is not None else None
+    battery = Battery(setup, probe_, keep_outcomes=keep_outcomes, log=log, keep_rows=not one,
+                      bar=_progress_bar(stack, progress, len(data.y), batch_size, len(setup.specs)))
+    for start, x, y in batches(data, batch_size=batch_size, device=device, workers=workers,
+                               part=(dist.rank(), dist.world_size())):
+        battery.step(start // batch_size, start, x, y)
+    battery.flush()
+    return battery
 
 
 def _prepare(model, data, *, attacks, eps, layers, layer_types, mean, std, batch_size, device, seed, type_map,

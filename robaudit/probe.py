@@ -245,6 +245,29 @@ class LayerProbe:
             return f"{n} rows ({self.stacked} stacked batches of {n // self.stacked} samples)"
         return f"the batch of {n}"
 
+    def _next_call(self, name: str, chunk: tuple[int, int] | None) -> tuple[str, int, int | None]:
+        """The layer key of this call of module ``name``, its call index and the rows a batch has."""
+        n = self._batch
+        if chunk is not None:  # a fixed-batch model running one chunk
+            n = fixed_batch(self.model)
+            if chunk[0] != self._chunk:  # each chunk is the same forward pass again: count its calls afresh
+                self._chunk = chunk[0]
+                self._calls.clear()
+        call = self._calls.get(name, 0) + 1
+        self._calls[name] = call
+        return (name if call == 1 else f"{name}#{call}"), call, n
+
+    def _record(self, key: str, out: torch.Tensor, chunk: tuple[int, int] | None) -> None:
+        """Keep a layer's output; a later chunk of a fixed-batch model appends its rows."""
+        if not self.record:
+            return
+        # clone: a later in-place op (ReLU(inplace=True), ``out += identity``) would otherwise
+        # rewrite the recorded activation through shared storage
+        record = out.detach().clone() if self.detach else out
+        if chunk is not None and chunk[0] > 0 and key in self._outputs:
+            record = torch.cat([self._outputs[key], record])
+        self._outputs[key] = record
+
     def _make_hook(self, name: str):
         def hook(module, inputs, output):
             whole, index = output, None
@@ -255,16 +278,8 @@ class LayerProbe:
                 output = output[index]
             if not isinstance(output, torch.Tensor):
                 return None
-            chunk = current_chunk(self.model)  # a fixed-batch model running one chunk
-            n = self._batch
-            if chunk is not None:
-                n = fixed_batch(self.model)
-                if chunk[0] != self._chunk:  # each chunk is the same forward pass again: count its calls afresh
-                    self._chunk = chunk[0]
-                    self._calls.clear()
-            call = self._calls.get(name, 0) + 1
-            self._calls[name] = call
-            key = name if call == 1 else f"{name}#{call}"
+            chunk = current_chunk(self.model)
+            key, call, n = self._next_call(name, chunk)
             dim = self._batch_dim(key, output, n)
             if dim is None:
                 if key not in self._no_batch:
@@ -279,21 +294,12 @@ class LayerProbe:
                 view, rest = view[:chunk[1]], view[chunk[1]:]
             layer = self._layers.get(key)
             if layer is None:
-                layer = Layer(name, call, self.types.get(name, type(module).__name__), len(self._layers))
-                self._layers[key] = layer
-            new = None
-            if self.transform is not None:
-                new = self.transform(layer, view)
-                if new is view:  # an observer: the output goes on untouched
-                    new = None
-            # clone: a later in-place op (ReLU(inplace=True), ``out += identity``) would otherwise
-            # rewrite the recorded activation through shared storage
-            cur = new if new is not None else view
-            record = (cur.detach().clone() if self.detach else cur) if self.record else None
-            if self.record:
-                if chunk is not None and chunk[0] > 0 and key in self._outputs:
-                    record = torch.cat([self._outputs[key], record])
-                self._outputs[key] = record
+                layer = self._layers[key] = Layer(name, call, self.types.get(name, type(module).__name__),
+                                                  len(self._layers))
+            new = self.transform(layer, view) if self.transform is not None else None
+            if new is view:  # an observer: the output goes on untouched
+                new = None
+            self._record(key, new if new is not None else view, chunk)
             if new is None:
                 return None
             if rest is not None:  # the padded rows go on unchanged
