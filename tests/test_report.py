@@ -448,11 +448,11 @@ def test_sanity_section_shows_the_model_checks_sample_count(tmp_path):
 
 
 def test_sanity_section_says_when_the_checks_were_raised_beyond_their_share(tmp_path):
-    from robaudit import sanity
     from robaudit.attacks import expand, parse
+    from robaudit.model_checks import plan_model_checks
 
     run = make_run(tmp_path / "run", n_layers=3, minimal=())
-    plan = sanity.plan_checks(expand([parse("pgd")], [0.1]), n_battery=64, num_classes=10).to_dict()
+    plan = plan_model_checks(expand([parse("pgd")], [0.1]), n_battery=64, num_classes=10).to_dict()
     assert plan["over_budget"] and plan["n_samples"] == 7
     (run / "checks.json").write_text(json.dumps(model_checks(n_samples=7, plan=plan)))
     text = visible(section(render_report(run).read_text(encoding="utf-8"), "sanity"))

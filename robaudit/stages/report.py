@@ -35,7 +35,7 @@ from ..errors import RobauditError
 from ..rundir import (Run, _remove_stale_staging, check_inside, is_own_report, read_document, read_run, read_table,
                       rows_at)
 from ..writelock import write_lock
-from ..sanity import attack_name
+from ..labels import CLEAN, WORST_CASE, attack_name, format_eps
 
 __all__ = ["render_report"]
 
@@ -92,7 +92,7 @@ def fmt_points(v: Any) -> str:
 
 def fmt_eps(v: Any) -> str:
     """An eps as the user wrote it (``8/255`` stays a fraction)."""
-    return "" if _isnan(v) else sanity.format_eps(v)
+    return "" if _isnan(v) else format_eps(v)
 
 
 def fmt_re(v: Any) -> str:
@@ -261,12 +261,12 @@ class Palette:
             if df is None:
                 continue
             for attack, kind in df[["attack", "kind"]].drop_duplicates().itertuples(index=False):
-                if attack in (sanity.CLEAN, sanity.WORST_CASE):
+                if attack in (CLEAN, WORST_CASE):
                     continue
                 target = noise if kind == "noise" else adversarial
                 if attack not in target:
                     target.append(attack)
-        self.style: dict[str, dict] = {sanity.WORST_CASE: {"color": "#111111", "linestyle": "-", "linewidth": 2.4}}
+        self.style: dict[str, dict] = {WORST_CASE: {"color": "#111111", "linestyle": "-", "linewidth": 2.4}}
         for i, a in enumerate(sorted(adversarial)):
             self.style[a] = {"color": ADVERSARIAL_COLORS[i % len(ADVERSARIAL_COLORS)], "linestyle": "-", "linewidth": 1.5}
         for i, a in enumerate(sorted(noise)):
@@ -381,7 +381,7 @@ def accuracy_figure(before: pd.DataFrame, after: pd.DataFrame | None, palette: P
     """Accuracy against eps: a curve from the clean accuracy at eps 0 for attacks measured at several eps,
     a marker alone for an attack measured at one eps (no line through eps where it never ran).
     Adversarial solid with circles, noise dotted with crosses, the hardened model dashed with squares."""
-    curves = before[before["eps"].notna() & (before["attack"] != sanity.CLEAN)]
+    curves = before[before["eps"].notna() & (before["attack"] != CLEAN)]
     if curves.empty:
         return None
     norms = sorted(curves["norm"].unique())
@@ -391,11 +391,11 @@ def accuracy_figure(before: pd.DataFrame, after: pd.DataFrame | None, palette: P
         for frame, tag, dashed in ((before, "", False), (after, " (hardened)", True)):
             if frame is None:
                 continue
-            clean = frame.loc[frame["attack"] == sanity.CLEAN, "accuracy"]
-            part = frame[frame["eps"].notna() & (frame["norm"] == norm) & (frame["attack"] != sanity.CLEAN)]
+            clean = frame.loc[frame["attack"] == CLEAN, "accuracy"]
+            part = frame[frame["eps"].notna() & (frame["norm"] == norm) & (frame["attack"] != CLEAN)]
             if dashed:
                 part = part[part["kind"] != "noise"]
-            for attack in sorted(part["attack"].unique(), key=lambda a: (a == sanity.WORST_CASE, a)):
+            for attack in sorted(part["attack"].unique(), key=lambda a: (a == WORST_CASE, a)):
                 pts = part[part["attack"] == attack].sort_values("eps")
                 xs, ys = list(pts["eps"]), list(pts["accuracy"] * 100)
                 single = len(pts) == 1
@@ -493,7 +493,7 @@ def _at_eps(df: pd.DataFrame, attack: str, eps: float, norm: str | None = None) 
 def _clean_acc(df: pd.DataFrame | None) -> tuple[float | None, Any]:
     if df is None:
         return None, None
-    rows = df[df["attack"] == sanity.CLEAN]
+    rows = df[df["attack"] == CLEAN]
     if rows.empty:
         return None, None
     n = rows["n_samples"].iloc[0] if "n_samples" in rows.columns else None
@@ -607,7 +607,7 @@ def _minimal_rows(df: pd.DataFrame | None) -> pd.DataFrame:
     """The rows of minimal-perturbation attacks (CW, DeepFool): adversarial, no eps."""
     if df is None:
         return pd.DataFrame(columns=["attack"])
-    return df[df["eps"].isna() & (df["kind"] == "adversarial") & ~df["attack"].isin([sanity.CLEAN, sanity.WORST_CASE])]
+    return df[df["eps"].isna() & (df["kind"] == "adversarial") & ~df["attack"].isin([CLEAN, WORST_CASE])]
 
 
 def _col(r, name: str) -> Any:
@@ -656,13 +656,13 @@ def _accuracy_section(run: Run, hardened: Run | None, palette: Palette) -> dict 
         after_map = {(a, fmt_eps(e), n): v for a, e, n, v in after[["attack", "eps", "norm", "accuracy"]].itertuples(index=False)}
     rows = []
     for r in acc.itertuples(index=False):
-        cells = [Cell(attack_name(r.attack)), Cell(r.kind if r.attack != sanity.CLEAN else ""),
+        cells = [Cell(attack_name(r.attack)), Cell(r.kind if r.attack != CLEAN else ""),
                  Cell(r.norm if not _isnan(r.eps) else ""), num_cell(r.eps, fmt_eps), num_cell(r.accuracy, fmt_pct),
                  num_cell(_col(r, "success_rate"), fmt_pct), num_cell(getattr(r, "n_samples", None))]
         if after is not None:
             v = after_map.get((r.attack, fmt_eps(r.eps), r.norm))
             cells += [num_cell(v, fmt_pct), num_cell(None if v is None else v - r.accuracy, fmt_points)]
-        rows.append(Row(cells, cls="strong" if r.attack in (sanity.CLEAN, sanity.WORST_CASE) else ""))
+        rows.append(Row(cells, cls="strong" if r.attack in (CLEAN, WORST_CASE) else ""))
     return {"figures": [plot] if plot else [], "perturbation": perturbation,
             "table": Table(columns, rows, caption=(
                 "Accuracy under every attack with an eps budget; success rate: the share of correctly classified "
@@ -707,8 +707,8 @@ def _hardening_section(run: Run, hardened: Run | None, history, settings, acc_cm
              Column("Change", True)],
             [Row([Cell(attack_name(r.attack)), Cell("" if _isnan(r.eps) else r.norm), num_cell(r.eps, fmt_eps),
                   num_cell(r.before, fmt_pct), num_cell(r.after, fmt_pct), num_cell(r.delta, fmt_points)],
-                 cls="strong" if r.attack in (sanity.CLEAN, sanity.WORST_CASE) else "")
-             for r in acc_cmp.itertuples(index=False) if not (_isnan(r.eps) and r.attack != sanity.CLEAN)],
+                 cls="strong" if r.attack in (CLEAN, WORST_CASE) else "")
+             for r in acc_cmp.itertuples(index=False) if not (_isnan(r.eps) and r.attack != CLEAN)],
             caption="Accuracy before and after hardening (attacks with an eps budget)."))
     if history is not None and not history.empty:
         pct_cols = set(ACCURACY_HISTORY_COLUMNS)
@@ -805,16 +805,16 @@ def _verdict(run: Run, hardened: Run | None, acc_cmp: pd.DataFrame, settings: di
 
 def _verdict_worst_case(acc: pd.DataFrame | None, mvl: dict, checks, sentences: list, cards: list) -> None:
     """Worst case over the battery at the ranking eps (else the largest), and at the other eps."""
-    worst = acc[(acc["attack"] == sanity.WORST_CASE) & acc["eps"].notna()].sort_values("eps") if acc is not None else None
+    worst = acc[(acc["attack"] == WORST_CASE) & acc["eps"].notna()].sort_values("eps") if acc is not None else None
     if acc is not None and worst is not None:
         head_eps = None
-        if mvl.get("eps") is not None and _at_eps(acc, sanity.WORST_CASE, float(mvl["eps"])) is not None:
+        if mvl.get("eps") is not None and _at_eps(acc, WORST_CASE, float(mvl["eps"])) is not None:
             head_eps = float(mvl["eps"])
         elif not worst.empty:
             head_eps = float(worst["eps"].iloc[-1])
         if head_eps is not None:
             head_norm = worst.loc[np.isclose(worst["eps"], head_eps), "norm"].iloc[0]
-            w = _at_eps(acc, sanity.WORST_CASE, head_eps, head_norm)
+            w = _at_eps(acc, WORST_CASE, head_eps, head_norm)
             a = _at_eps(acc, str(mvl["attack"]), head_eps, head_norm) if mvl.get("attack") else None
             if a is not None:
                 sentences.append(Markup("Under {} at eps {}, accuracy falls to <strong>{}</strong>; worst case over "
@@ -864,18 +864,18 @@ def _verdict_hardening(acc_cmp: pd.DataFrame, mvl: dict, settings: dict | None, 
     method = (settings or {}).get("method")
     method = METHOD_NAMES.get(str(method).lower(), method) if method else "hardening"
     parts = []
-    for r in acc_cmp[acc_cmp["attack"] == sanity.WORST_CASE].dropna(subset=["delta"]).sort_values("eps").itertuples(index=False):
+    for r in acc_cmp[acc_cmp["attack"] == WORST_CASE].dropna(subset=["delta"]).sort_values("eps").itertuples(index=False):
         verb = "rose" if r.delta >= 0 else "fell"
         parts.append(f"at eps {fmt_eps(r.eps)} it {verb} from {fmt_pct(r.before)} to {fmt_pct(r.after)} "
                      f"({fmt_points(r.delta)})")
-    clean_rows = acc_cmp[acc_cmp["attack"] == sanity.CLEAN].dropna(subset=["delta"])
+    clean_rows = acc_cmp[acc_cmp["attack"] == CLEAN].dropna(subset=["delta"])
     if parts:
         sentences.append(Markup("After {}, worst-case accuracy changed: <strong>{}</strong>.").format(method, "; ".join(parts)))
     if not clean_rows.empty:
         r = clean_rows.iloc[0]
         sentences.append(Markup("Clean accuracy after {}: {} (was {}, {}).").format(
             method, fmt_pct(r["after"]), fmt_pct(r["before"]), fmt_points(r["delta"])))
-    head = acc_cmp[acc_cmp["attack"] == sanity.WORST_CASE].dropna(subset=["delta"])
+    head = acc_cmp[acc_cmp["attack"] == WORST_CASE].dropna(subset=["delta"])
     if mvl.get("eps") is not None and not head.empty:
         match = head[np.isclose(head["eps"].astype(float), float(mvl["eps"]))]
         head = match if not match.empty else head
@@ -922,7 +922,7 @@ def _verdict_table(acc: pd.DataFrame | None, after: pd.DataFrame | None) -> Tabl
     eps_cols = sorted({(n, float(e)) for e, n in adv[["eps", "norm"]].itertuples(index=False)})
     show_norm = len({n for n, _ in eps_cols}) > 1
     columns = [Column("Attack")] + [Column(f"eps {fmt_eps(e)}" + (f" {n}" if show_norm else ""), True) for n, e in eps_cols]
-    attacks = sorted(adv["attack"].unique(), key=lambda a: (a == sanity.WORST_CASE, a))
+    attacks = sorted(adv["attack"].unique(), key=lambda a: (a == WORST_CASE, a))
     rows = []
     for attack in attacks:
         cells = [Cell(attack_name(attack))]
@@ -934,7 +934,7 @@ def _verdict_table(acc: pd.DataFrame | None, after: pd.DataFrame | None) -> Tabl
                 if w is not None:
                     text += f" → {fmt_pct(w)}"
             cells.append(Cell(text, _sort_key(v) if v is not None else None, "num"))
-        rows.append(Row(cells, cls="strong" if attack == sanity.WORST_CASE else ""))
+        rows.append(Row(cells, cls="strong" if attack == WORST_CASE else ""))
     caption = "Accuracy under attack" + (" (before → after hardening)" if after is not None else "")
     return Table(columns, rows, caption=caption + ".", sortable=False)
 
