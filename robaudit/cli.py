@@ -352,7 +352,7 @@ def analyze(ctx, model, arch, arch_kwargs, trust_model, dataset, data_dir, split
 
 def echo_summary(run) -> None:
     """Print the accuracy table, the MVL list and where the outputs are."""
-    from .labels import format_eps
+    from .sanity import format_eps
     res, mvl = run.result, run.mvl
     acc = res.accuracy
     _echo(f"{run.manifest['model']['path']} on {run.manifest['dataset']['name']} "
@@ -647,7 +647,7 @@ def _echo_accuracy(run_dir: Path) -> None:
     """The run's clean and worst-case accuracies, one line each, before the verdict."""
     from . import verdict
     from .rundir import read_run
-    from .labels import format_eps
+    from .sanity import format_eps
 
     summary = verdict.summarize(read_run(run_dir))
     _echo(f"{summary['model']} on {summary['dataset']} ({summary['n_samples']} samples): {run_dir}")
@@ -659,7 +659,7 @@ def _echo_accuracy(run_dir: Path) -> None:
 
 def _echo_harden(done, *, warned=()) -> None:
     """Print the settings, the before/after comparison and where the outputs are."""
-    from .labels import format_eps
+    from .sanity import format_eps
     s, res = done.settings, done.result
     _echo(f"{s['method']} on {', '.join(s['mvl_layers']) or 'no layer'} (eps {format_eps(s['eps'])}, {s['epochs']} epochs, "
                f"{s['seconds_training']:.1f} s); validation: {res.validation}")

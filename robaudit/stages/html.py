@@ -156,8 +156,8 @@ def flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def figure_svg(fig: Figure, prefix: str, label: str, dpi: int = 100) -> Markup:
-    """``fig`` as inline SVG markup (no date or creator: the same figure gives the same bytes), its ids
-    prefixed with ``prefix``, labelled ``label`` for screen readers."""
+    """``fig`` as inline SVG markup without date or creator metadata, its ids prefixed with ``prefix``,
+    labelled ``label`` for screen readers (see :func:`clean_svg`)."""
     buf = io.StringIO()
     fig.savefig(buf, format="svg", dpi=dpi, metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
     return Markup(clean_svg(buf.getvalue(), prefix, label))
