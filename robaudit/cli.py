@@ -409,7 +409,7 @@ def compare(run_a, run_b, out, as_json):
     """
     import json
 
-    from .compare import compare_runs, render_compare
+    from .stages.compare import compare_runs, render_compare
 
     cmp = compare_runs(run_a, run_b)
     if as_json:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from . import sanity
 from .attacks import parse_number
 from .errors import RobauditError
+from .labels import CLEAN, format_eps
 from .rundir import Run, rows_at
 
 EXIT_MISSED = 3
@@ -105,19 +106,19 @@ def _accuracy(bar: Bar, run: Run) -> Outcome:
         known = ", ".join(sorted(set(acc["attack"])))
         raise RobauditError(f"--fail-under names {bar.attack!r}, which is not in this run's accuracy.csv: "
                             f"use one of {known}")
-    if bar.attack != sanity.CLEAN:
+    if bar.attack != CLEAN:
         bounded = rows[rows["eps"].notna()]
         if bar.eps is None:
             rows = bounded[bounded["eps"] == bounded["eps"].max()] if not bounded.empty else rows
         else:
             rows = rows_at(bounded, bar.attack, bar.eps)
             if rows.empty:
-                known = ", ".join(sanity.format_eps(e) for e in sorted(set(bounded["eps"])))
+                known = ", ".join(format_eps(e) for e in sorted(set(bounded["eps"])))
                 raise RobauditError(f"--fail-under {bar.name}: {bar.attack} ran at eps {known or 'no eps'}, not "
                                     f"{bar.eps_text}")
     value = float(rows["accuracy"].min())
     eps = rows["eps"].iloc[0] if rows["eps"].notna().any() else None
-    where = f"{bar.attack}" + (f" at eps {sanity.format_eps(float(eps))}" if eps is not None else "")
+    where = f"{bar.attack}" + (f" at eps {format_eps(float(eps))}" if eps is not None else "")
     met = value >= bar.value
     return Outcome(bar, met, value, f"{where}: {100 * value:.1f}% {'>=' if met else '<'} {100 * bar.value:.1f}%")
 

@@ -201,7 +201,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _remove_stale_staging(dest: Path) -> None:
+def remove_stale_staging(dest: Path) -> None:
     """Remove staging directories and files that a killed robaudit left next to ``dest`` (``.NAME.PID.RANDOM.tmp``).
 
     Only entries of that exact form, whose process is gone, are touched, never through a symlink: they are
@@ -230,7 +230,7 @@ def staging_file(dest: str | os.PathLike) -> Path:
     dest = Path(dest)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_staging(dest)
+        remove_stale_staging(dest)
         path = safeio.temp_name(dest)
         os.close(safeio.create_exclusive(path))
     except OSError as exc:
@@ -260,7 +260,7 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise safeio.disk_error(exc, dest) from None
-    _remove_stale_staging(dest)
+    remove_stale_staging(dest)
     tmp = _staging_dir(dest)
     try:
         with safeio.staged_as(tmp, dest):

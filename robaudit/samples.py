@@ -14,7 +14,7 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from .sanity import format_eps
+from .labels import format_eps
 
 
 def config_key(label: str, eps: float | None) -> str:

@@ -1,43 +1,27 @@
 """Evaluation sanity checks after Carlini et al. 2019, "On Evaluating Adversarial Robustness".
 
-Two halves:
-
-- :func:`run_model_checks` probes a model on a small batch: outputs that are already probabilities,
-  zero or non-finite input gradients, a forward pass that is not deterministic (the checks AutoAttack
-  runs), and FGSM, PGD-10 and PGD-50 at the battery's own largest Linf eps (never a larger one),
-  reusing the battery's own FGSM and PGD-10 outcomes where it ran them. :func:`plan_checks` sizes the
-  sample count so that the checks cost at most :data:`CHECK_SHARE` of the battery, but never fewer than the
-  :data:`MIN_PAIRED_SAMPLES` on which a comparison can be conclusive. It returns raw numbers and the probes'
-  per-sample pairs as a JSON-serializable dict, written to the run directory as ``checks.json``.
-- :func:`evaluate` reads an ``accuracy.csv`` frame and that dict and decides pass / warn / skip, each
-  with the numbers behind it. A comparison warns only when an exact one-sided test finds its difference
-  significant at :data:`ALPHA` (the p-value is in the message); otherwise it is inconclusive (``skip``), not a
-  warning. All thresholds live here, so re-rendering an old run applies them again.
+:func:`evaluate` reads an ``accuracy.csv`` frame and the ``checks.json`` dict that
+:func:`robaudit.model_checks.run_model_checks` wrote, and decides pass / warn / skip, each with the numbers behind
+it. A comparison warns only when an exact one-sided test (:mod:`robaudit.significance`) finds its difference
+significant at :data:`ALPHA` (the p-value is in the message); otherwise it is inconclusive (``skip``), not a
+warning. All thresholds live here, so re-rendering an old run applies them again.
 """
 from __future__ import annotations
 
 import math
-import re
-import time
 from dataclasses import dataclass
-from fractions import Fraction
-from typing import TYPE_CHECKING, Callable
 
 import pandas as pd
 
-if TYPE_CHECKING:  # torch is imported lazily: evaluate() only needs pandas
-    from torch import Tensor, nn
+from .labels import (BLACK_BOX_ATTACKS, CLEAN, ITERATIVE_ATTACKS, SINGLE_STEP_ATTACKS, attack_family, attack_name,
+                     format_eps)
+from .significance import ALPHA, MIN_PAIRED_SAMPLES, Paired, format_p, paired, rate_test
 
 __all__ = [
     "Check",
-    "attack_name",
-    "format_eps",
     "CHANCE",
     "evaluate",
-    "run_model_checks",
-    "plan_checks",
-    "CheckPlan",
-    "CHECK_SHARE",
+    "chance_threshold",
     "ITERATIVE",
     "WHITE_BOX",
     "MONOTONE",
@@ -46,13 +30,7 @@ __all__ = [
     "PROBABILITIES",
     "GRADIENTS",
     "DETERMINISM",
-    "ALPHA",
-    "MIN_PAIRED_SAMPLES",
-    "binomial_tail",
-    "sign_test",
-    "rate_test",
-    "Paired",
-    "paired",
+    "NOT_CONVERGED",
     "BatteryPairs",
 ]
 
@@ -69,17 +47,6 @@ DETERMINISM = "Forward pass deterministic"
 
 MASKING = "the model may be masking gradients, so the robust accuracies above are upper bounds"
 
-# The model checks cost at most this share of the battery (in forward+backward passes per sample).
-CHECK_SHARE = 0.10
-# A forward pass alone counts as this share of a forward+backward pass (backward is about 2 forwards).
-FORWARD_COST = 1.0 / 3.0
-# The fixed cost of one pass over a batch, in samples: a pass over b samples costs b + CALL_OVERHEAD.
-# Small models on CPU pay about this much per call (the digits CNN: 0.8 ms fixed, 0.056 ms per sample).
-CALL_OVERHEAD = 16
-
-# A check warns only on a significant difference: an exact one-sided test at this level (a sign test on the samples
-# where two attacks disagree, McNemar's exact test; a binomial test against a rate). Otherwise it is inconclusive.
-ALPHA = 0.01
 # "Near zero": the accuracy an untargeted attack should reach at LARGE_EPS_VALUE.
 LARGE_EPS_MAX_ACCURACY = 0.05
 LARGE_EPS_VALUE = 0.5  # Linf, on inputs in [0, 1]
@@ -93,25 +60,6 @@ CHANCE_SIGMAS = 3.0
 # Two forward passes of one batch may differ by this much (relative to the output scale).
 DETERMINISM_RTOL = 1e-5
 PROBABILITY_ATOL = 1e-4
-
-SINGLE_STEP_ATTACKS = frozenset({"fgsm", "ffgsm", "rfgsm", "fgm"})
-ITERATIVE_ATTACKS = frozenset({
-    "pgd", "pgdl2", "pgdrs", "pgdrsl2", "bim", "apgd", "apgdt", "mifgsm", "difgsm", "tifgsm",
-    "vmifgsm", "vnifgsm", "nifgsm", "sinifgsm", "eotpgd", "tpgd", "upgd", "autoattack", "fab",
-    "cw", "deepfool", "jsma", "sparsefool", "eaden", "eadl1", "jitter", "spsa",
-})
-BLACK_BOX_ATTACKS = frozenset({"square", "onepixel", "pixle", "simba", "hsja", "boundary"})
-WORST_CASE = "worst-case"
-CLEAN = "clean"
-ATTACK_NAMES = {
-    "clean": "clean", "worst-case": "worst case", "fgsm": "FGSM", "ffgsm": "FFGSM", "rfgsm": "R+FGSM",
-    "pgd": "PGD", "pgdl2": "PGD-L2", "bim": "BIM", "apgd": "APGD", "apgdt": "APGD-T", "mifgsm": "MI-FGSM",
-    "cw": "CW", "deepfool": "DeepFool", "fab": "FAB", "square": "Square", "autoattack": "AutoAttack",
-    "gaussian": "Gaussian noise", "uniform": "uniform noise", "saltpepper": "salt-and-pepper noise",
-}
-
-# attack_fn(model, x, y, *, kind, eps, steps) -> adversarial x; kind is "fgsm" or "pgd" (Linf).
-AttackFn = Callable[..., "Tensor"]
 
 
 @dataclass(frozen=True)
@@ -129,158 +77,8 @@ class Check:
     meaning: str = ""
 
 
-# ------------------------------------------------------------------------------------------- statistics
-
-
-# Up to this many samples a tail is summed exactly; beyond it (no real battery, but a tampered checks.json could
-# claim one) a normal approximation with continuity correction answers in constant time.
-EXACT_MAX_N = 10_000_000
-
-
-def binomial_tail(k: int, n: int, p: float) -> float:
-    """``P(X >= k)`` for ``X ~ Binomial(n, p)``, summed exactly term by term in log space from the end nearer to
-    ``k`` (the upper tail above the mean, one minus the lower tail below it), until the terms stop counting."""
-    k, n = int(k), int(n)
-    if k <= 0:
-        return 1.0
-    if k > n or p <= 0.0:
-        return 0.0
-    if p >= 1.0:
-        return 1.0
-    if n > EXACT_MAX_N:
-        return 0.5 * math.erfc((k - 0.5 - n * p) / math.sqrt(2.0 * n * p * (1.0 - p)))
-    if k > n * p:
-        return min(1.0, _tail_sum(k, n, p, +1))
-    return max(0.0, 1.0 - _tail_sum(k - 1, n, p, -1))
-
-
-def _tail_sum(start: int, n: int, p: float, step: int) -> float:
-    """The binomial terms from ``start`` away from the mean (``step`` +1 up to n, -1 down to 0), summed."""
-    log_p, log_q, log_n = math.log(p), math.log1p(-p), math.lgamma(n + 1)
-    terms, i = [], start
-    while 0 <= i <= n:
-        term = math.exp(log_n - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q)
-        terms.append(term)
-        if term == 0.0 or (len(terms) > 1 and term < 1e-18 * terms[0]):
-            break  # every further term is smaller still: beyond the start the terms fall away from the mean
-        i += step
-    return math.fsum(terms)
-
-
-def sign_test(bad: int, good: int) -> float:
-    """One-sided exact McNemar test: of the ``bad + good`` samples on which two attacks disagree, ``bad`` went the
-    way the check looks for; ``P(X >= bad)`` for ``X ~ Binomial(bad + good, 1/2)`` (1 when they never disagree)."""
-    return binomial_tail(int(bad), int(bad) + int(good), 0.5)
-
-
-def rate_test(k: int, n: int, rate: float) -> float:
-    """One-sided exact binomial test that ``k`` of ``n`` exceeds ``rate``: ``P(X >= k)``, ``X ~ Binomial(n, rate)``."""
-    return binomial_tail(int(k), int(n), rate)
-
-
-def min_conclusive_pairs(alpha: float = ALPHA) -> int:
-    """The fewest samples on which a paired comparison can be significant at all: the smallest m with the most
-    extreme outcome (all m disagreements one way) at ``0.5 ** m < alpha`` (7 at 0.01)."""
-    m = 1
-    while 0.5 ** m >= alpha:
-        m += 1
-    return m
-
-
-# The model checks never attack fewer samples than a paired comparison needs to be conclusive.
-MIN_PAIRED_SAMPLES = min_conclusive_pairs()
-
-
-def _p(p: float) -> str:
-    return f"{p:.2g}"
-
-
-@dataclass(frozen=True)
-class Paired:
-    """Two attacks on the same samples, the ``strong`` one expected to leave no more robust: ``bad`` samples are
-    robust to it but fooled by the weak one, ``good`` the reverse; ``p`` is the one-sided exact test of the excess.
-    ``exact``: the per-sample pairs were recorded; otherwise only the robust counts were, and the pairing least
-    favourable to a warning that they allow is taken (the largest p any pairing gives)."""
-
-    strong: int  # samples robust to the strong attack
-    weak: int  # samples robust to the weak attack
-    n: int
-    bad: int
-    good: int
-    exact: bool
-
-    @property
-    def excess(self) -> bool:
-        return self.bad > self.good
-
-    @property
-    def p(self) -> float:
-        return sign_test(self.bad, self.good) if self.excess else 1.0
-
-    @property
-    def reverse_p(self) -> float:
-        """The same test the other way: the weak attack leaving more robust (the strong one finding more)."""
-        return sign_test(self.good, self.bad) if self.good > self.bad else 1.0
-
-    @property
-    def significant(self) -> bool:
-        return self.excess and self.p < ALPHA
-
-    def text(self, strong: str, weak: str) -> str:
-        """The evidence in a few words: the discordant samples and the p-value."""
-        if self.exact:
-            return (f"{self.bad} samples robust to {strong} but fooled by {weak}, {self.good} the reverse, exact "
-                    f"McNemar p = {_p(self.p)}")
-        return (f"{self.strong} vs {self.weak} of {self.n} samples robust, p <= {_p(self.p)} for any pairing of "
-                "them")
-
-
-def paired(strong: int, weak: int, n: int, pair: tuple[int, int] | None = None) -> Paired:
-    """The comparison of two attacks that left ``strong`` and ``weak`` of the same ``n`` samples robust; ``pair``:
-    the recorded (robust to strong but fooled by weak, the reverse) counts, when there are any."""
-    if pair is not None and 0 <= pair[0] and 0 <= pair[1] and pair[0] + pair[1] <= n:  # else not a real record
-        return Paired(strong, weak, n, int(pair[0]), int(pair[1]), True)
-    d = strong - weak  # = bad - good, whatever the pairing; the most disagreements the counts allow is the least
-    if d >= 0:  # favourable to a finding either way
-        good = max(0, min(weak, n - strong))
-        return Paired(strong, weak, n, good + d, good, False)
-    bad = max(0, min(strong, n - weak))
-    return Paired(strong, weak, n, bad, bad - d, False)
-
-
-def attack_family(label: str) -> str:
-    """The base name of an attack label: ``"PGD-50"`` -> ``"pgd"``, ``"pgdl2"`` -> ``"pgdl2"``."""
-    token = re.split(r"[^a-z0-9]+", str(label).strip().lower())[0]
-    known = SINGLE_STEP_ATTACKS | ITERATIVE_ATTACKS | BLACK_BOX_ATTACKS
-    if token in known:
-        return token
-    stripped = token.rstrip("0123456789")
-    return stripped if stripped in known else token
-
-
-def attack_name(label) -> str:
-    """How an attack label of the CSVs reads in prose: ``"pgd" -> "PGD"``; unknown labels stay as they are."""
-    text = str(label)
-    head = re.match(r"[A-Za-z0-9_-]+", text)
-    if head is None:
-        return text
-    return ATTACK_NAMES.get(head.group(0).lower(), head.group(0)) + text[head.end():]
-
-
 def _pct(x: float) -> str:
     return f"{100.0 * x:.1f} %"
-
-
-def format_eps(value: float) -> str:
-    """An eps as the user wrote it: ``0.1`` stays ``0.1``, ``8/255`` stays ``8/255`` (not ``0.03137``)."""
-    v = float(value)
-    short = f"{v:.4g}"
-    if not math.isfinite(v) or float(short) == v:
-        return short
-    frac = Fraction(v).limit_denominator(1024)
-    if frac.denominator > 1 and abs(float(frac) - v) <= 1e-12 * max(1.0, abs(v)):
-        return f"{frac.numerator}/{frac.denominator}"
-    return short
 
 
 def _eps(e: float) -> str:
@@ -485,7 +283,7 @@ def _large_eps_check(rows: pd.DataFrame, attacks: dict | None, n_checks: float |
     k, n = int(round(acc * n)), int(n)
     p = rate_test(k, n, LARGE_EPS_MAX_ACCURACY)
     numbers = (f"{source} leaves {_pct(acc)} accuracy ({k} of {n} samples robust, expected <= "
-               f"{_pct(LARGE_EPS_MAX_ACCURACY)}, exact binomial p = {_p(p)})")
+               f"{_pct(LARGE_EPS_MAX_ACCURACY)}, exact binomial p = {format_p(p)})")
     if p < ALPHA:
         return Check(LARGE_EPS, "warn", f"{numbers}: an attack this large should break almost every input; {MASKING}.",
                      threshold, p_value=p)
@@ -533,7 +331,7 @@ def _more_steps_check(attacks: dict | None, n: float | None) -> Check:
                      f"{MASKING}.", threshold, p_value=ev.p)
     if ev.reverse_p < ALPHA and a50 < a10 - CONVERGENCE_GAP:
         reverse = (f"{ev.good} samples robust to PGD-10 but fooled by PGD-50, {ev.bad} the reverse, "
-                   + ("exact McNemar" if ev.exact else "for any pairing,") + f" p = {_p(ev.reverse_p)}")
+                   + ("exact McNemar" if ev.exact else "for any pairing,") + f" p = {format_p(ev.reverse_p)}")
         return Check(MORE_STEPS, "warn", (
             f"{numbers} ({reverse}): PGD-50 finds significantly more adversarial examples, so the battery's PGD-10 "
             "had not converged and its robust accuracies overstate robustness (upper bounds). This is not a sign of "
@@ -575,7 +373,7 @@ def _chance_check(accuracy: pd.DataFrame, num_classes: int | None) -> Check:
     return Check(CHANCE, "pass", numbers + ".", threshold)
 
 
-# ------------------------------------------------------------------------------- model checks
+# ------------------------------------------------------------------------ model check rules
 
 
 def _probability_check(outputs: dict | None) -> Check:
@@ -661,262 +459,3 @@ def evaluate(accuracy: pd.DataFrame | None, model_checks: dict | None = None, *,
         _gradient_check(mc.get("gradients")),
         _determinism_check(mc.get("determinism")),
     ]
-
-
-# --------------------------------------------------------------------------------- model probes
-
-
-# Per-sample cost of one attack configuration in forward+backward passes: a lower bound (attacks that
-# stop early, or on fooled samples, cost at least this), so the checks never outgrow their share.
-def attack_cost(spec, *, num_classes: int) -> float:
-    """A lower bound on what ``spec`` costs per sample, in forward+backward passes."""
-    p = spec.param_dict
-    name = spec.name
-    if spec.kind == "noise":
-        return 0.0
-    if name == "fgsm":
-        return 1.0
-    if name in ("pgd", "pgdl2", "cw"):
-        return float(p["steps"])
-    if name == "deepfool":  # at least one Jacobian of every logit
-        return float(num_classes)
-    if name == "autoattack":  # at least APGD-CE's 100 iterations
-        return 100.0
-    if name == "square":  # at least one query
-        return FORWARD_COST
-    return 1.0
-
-
-def battery_cost(specs, *, num_classes: int) -> float:
-    """Per-sample cost of the battery: the clean rows of the hooked pass, and per configuration its attack
-    plus its perturbed rows of that pass."""
-    return FORWARD_COST + sum(attack_cost(s, num_classes=num_classes) + FORWARD_COST for s in specs)
-
-
-def _reusable(spec, eps_max: float | None) -> str | None:
-    """``"pgd10"`` or ``"fgsm"`` when the battery's configuration is that probe at ``eps_max``."""
-    if eps_max is None or spec.norm != "Linf" or spec.eps is None or not math.isclose(spec.eps, eps_max):
-        return None
-    p = spec.param_dict
-    if spec.name == "fgsm":
-        return "fgsm"
-    if (spec.name == "pgd" and p["steps"] == 10 and p["random_start"]
-            and (p["alpha"] is None or math.isclose(p["alpha"], 2.5 * eps_max / 10))):
-        return "pgd10"
-    return None
-
-
-def largest_linf_eps(specs) -> float | None:
-    """The battery's largest Linf eps over its adversarial, eps-bounded configurations."""
-    values = [float(s.eps) for s in specs
-              if s.kind == "adversarial" and s.bounded and s.norm == "Linf" and s.eps is not None]
-    return max(values) if values else None
-
-
-@dataclass(frozen=True)
-class CheckPlan:
-    """How many samples the model checks use, which probes run, and the costs that decided it
-    (per sample, in forward+backward passes)."""
-
-    n_samples: int
-    attacks: bool
-    eps_max: float | None
-    reuse: dict  # probe name -> index of the battery configuration it reuses
-    battery_cost: float
-    check_cost: float
-    budget: float  # in sample-passes: share x the battery's passes x (batch + CALL_OVERHEAD) summed over batches
-    share: float
-    min_samples: int = MIN_PAIRED_SAMPLES  # the fewest samples the attack probes' comparisons can be conclusive on
-    over_budget: bool = False  # raised to min_samples beyond the share of the battery
-
-    @property
-    def note(self) -> str:
-        """What the plan decided beyond the share, in a sentence ("" when nothing)."""
-        if self.over_budget:
-            return (f"raised to the {self.min_samples} samples a paired comparison needs to be conclusive at "
-                    f"p < {ALPHA:g}, which costs more than {100 * self.share:.0f} % of the battery")
-        if self.eps_max is not None and not self.attacks:
-            return (f"no attack probes: the data set has fewer than the {self.min_samples} samples a paired "
-                    f"comparison needs to be conclusive at p < {ALPHA:g}")
-        return ""
-
-    def to_dict(self) -> dict:
-        return {"n_samples": self.n_samples, "attacks": self.attacks, "eps_max": self.eps_max,
-                "reused": sorted(self.reuse), "battery_cost_per_sample": round(self.battery_cost, 4),
-                "check_cost_per_sample": round(self.check_cost, 4), "budget": round(self.budget, 4),
-                "share": self.share, "min_samples": self.min_samples, "over_budget": self.over_budget,
-                "note": self.note}
-
-
-def plan_checks(specs, *, n_battery: int, num_classes: int, batch_size: int = 128, max_samples: int = 128,
-                share: float = CHECK_SHARE) -> CheckPlan:
-    """Size the model checks so that they cost at most ``share`` of the battery on ``n_battery`` samples, but never
-    fewer than :data:`MIN_PAIRED_SAMPLES` for the attack probes, whose comparisons could not be conclusive on fewer
-    (the plan says so when that costs more than the share).
-
-    Costs are counted in forward+backward passes per sample (a forward alone is :data:`FORWARD_COST`),
-    from the battery's configurations, each pass over a batch of b samples costing b + :data:`CALL_OVERHEAD`
-    (the checks run as one batch), so the plan is the same on every machine and for every seed.
-    Probes the battery already ran (FGSM, PGD-10 at its largest Linf eps) are reused, not rerun.
-    """
-    specs = list(specs)
-    eps_max = largest_linf_eps(specs)
-    reuse: dict[str, int] = {}
-    for i, s in enumerate(specs):
-        key = _reusable(s, eps_max)
-        if key and key not in reuse:
-            reuse[key] = i
-    batches = [min(batch_size, n_battery - start) for start in range(0, n_battery, max(1, batch_size))]
-    budget = share * battery_cost(specs, num_classes=num_classes) * sum(b + CALL_OVERHEAD for b in batches)
-    base = 2 * FORWARD_COST + 1.0  # determinism (two forwards, the first also gives clean accuracy), gradient
-    cap = min(int(max_samples), int(n_battery))
-    affordable = lambda cost: min(cap, int(budget // cost) - CALL_OVERHEAD)  # noqa: E731
-    if eps_max is not None and cap >= MIN_PAIRED_SAMPLES:  # the attack probes, on at least as many as they need
-        cost = base + (50 + FORWARD_COST) + sum(steps + FORWARD_COST for key, steps in (("fgsm", 1), ("pgd10", 10))
-                                                if key not in reuse)
-        n = affordable(cost)
-        return CheckPlan(n_samples=max(n, MIN_PAIRED_SAMPLES), attacks=True, eps_max=eps_max, reuse=reuse,
-                         battery_cost=battery_cost(specs, num_classes=num_classes), check_cost=cost, budget=budget,
-                         share=share, over_budget=n < MIN_PAIRED_SAMPLES)
-    return CheckPlan(n_samples=max(0, affordable(base)), attacks=False, eps_max=eps_max, reuse={},
-                     battery_cost=battery_cost(specs, num_classes=num_classes), check_cost=base, budget=budget,
-                     share=share)
-
-
-def _battery_attack(model: "nn.Module", x: "Tensor", y: "Tensor", *, kind: str, eps: float, steps: int) -> "Tensor":
-    """The probe's FGSM or PGD-``steps`` at Linf ``eps``, built as the battery builds its own (``attacks.build``)."""
-    from dataclasses import replace
-
-    from . import attacks
-
-    spec = replace(attacks.parse("fgsm" if kind == "fgsm" else f"pgd:steps={int(steps)}"), eps=float(eps))
-    return attacks.build(spec, model, num_classes=int(y.max()) + 1)(x, y)
-
-
-def _finite_or_none(v: float) -> float | None:
-    return v if math.isfinite(v) else None
-
-
-def run_model_checks(
-    model: "nn.Module",
-    x: "Tensor",
-    y: "Tensor",
-    *,
-    device,
-    seed: int,
-    eps_max: float | None = None,
-    attack_fn: AttackFn | None = None,
-    max_samples: int = 128,
-    reuse: dict | None = None,
-    attacks: bool = True,
-) -> dict:
-    """Probe ``model`` on at most ``max_samples`` of ``(x, y)`` and return the raw numbers (JSON-serializable).
-
-    ``eps_max`` is the largest Linf eps of the battery (PGD-10, PGD-50 and FGSM run there; None skips them).
-    ``reuse`` maps ``"fgsm"``/``"pgd10"`` to the battery's per-sample outcomes (True: still classified
-    correctly) on the same leading samples: those probes are read from it, not rerun. ``attacks=False``
-    leaves the attack probes out (a battery too cheap to pay for them).
-    ``attack_fn(model, x, y, *, kind, eps, steps)`` returns adversarial inputs for ``kind`` ``"fgsm"`` or
-    ``"pgd"`` (Linf); by default torchattacks runs, which needs inputs in [0, 1]. The model runs in eval
-    mode and is returned to its previous mode.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    start = time.perf_counter()
-    device = torch.device(device)
-    x = x[:max_samples].to(device)
-    y = y[:max_samples].to(device).long()
-    was_training = model.training
-    model.eval()
-    torch.manual_seed(seed)
-    result: dict = {"n_samples": int(len(x)), "seed": int(seed), "device": str(device)}
-    try:
-        with torch.no_grad():
-            out1 = model(x).float()
-            out2 = model(x).float()
-        finite_out = bool(torch.isfinite(out1).all())
-        scale = max(1.0, float(out1[torch.isfinite(out1)].abs().max())) if out1.numel() and finite_out else 1.0
-        diff = float((out1 - out2).abs().max()) if out1.numel() else 0.0
-        result["determinism"] = {"max_rel_diff": _finite_or_none(diff / scale)}
-        outputs = {"finite": finite_out, "min": None, "max": None, "max_row_sum_error": None}
-        if finite_out and out1.numel():
-            outputs["min"], outputs["max"] = float(out1.min()), float(out1.max())
-            if out1.dim() == 2 and out1.shape[1] >= 2:
-                outputs["max_row_sum_error"] = float((out1.sum(dim=1) - 1.0).abs().max())
-        result["outputs"] = outputs
-        result["clean_accuracy"] = float((out1.argmax(dim=1) == y).float().mean()) if out1.dim() == 2 else None
-
-        xg = x.clone().requires_grad_(True)
-        gradients: dict = {"error": None}
-        try:
-            logits = model(xg)
-            loss = F.cross_entropy(logits.float(), y, reduction="sum")
-            grad = torch.autograd.grad(loss, xg, allow_unused=True)[0] if loss.requires_grad else None
-        except RuntimeError as exc:  # a graph cut by .detach(), numpy, integer casts ...
-            grad, gradients["error"] = None, str(exc).splitlines()[0][:200]
-        if grad is None:
-            grad = torch.zeros_like(x)
-            gradients["error"] = gradients["error"] or "the output does not depend differentiably on the input"
-        flat = grad.reshape(len(x), -1)
-        gradients["finite"] = bool(torch.isfinite(flat).all()) and finite_out
-        gradients["zero_fraction"] = float((flat.abs().sum(dim=1) == 0).float().mean())
-        result["gradients"] = gradients
-
-        if attacks and len(x) >= MIN_PAIRED_SAMPLES:
-            result["attacks"] = _attack_probes(model, x, y, eps_max=eps_max, attack_fn=attack_fn, reuse=reuse or {})
-        elif attacks:
-            result["attacks"] = {"skipped": f"{len(x)} samples are fewer than the {MIN_PAIRED_SAMPLES} on which a "
-                                            f"paired comparison can be conclusive at p < {ALPHA:g}"}
-        else:
-            result["attacks"] = {"skipped": "the plan left the attack probes out (no Linf eps, or fewer than "
-                                            f"{MIN_PAIRED_SAMPLES} samples)"}
-    finally:
-        model.train(was_training)
-    result["seconds"] = round(time.perf_counter() - start, 3)
-    return result
-
-
-def _attack_probes(model, x, y, *, eps_max, attack_fn, reuse) -> dict:
-    import torch
-
-    if attack_fn is None:
-        lo, hi = float(x.min()), float(x.max())
-        if lo < 0.0 or hi > 1.0:
-            return {"skipped": f"inputs span [{lo:.3g}, {hi:.3g}], not [0, 1]; pass attack_fn to probe them"}
-        attack_fn = _battery_attack
-
-    seed = torch.initial_seed()
-
-    def robust(kind: str, eps: float, steps: int) -> "Tensor":
-        torch.manual_seed(seed)  # every probe from the same random start: PGD-10 and PGD-50 compare like for like
-        x_adv = attack_fn(model, x, y, kind=kind, eps=eps, steps=steps)
-        with torch.no_grad():
-            return (model(x_adv).argmax(dim=1) == y).cpu()
-
-    def reused(key: str) -> "Tensor":
-        ok = torch.as_tensor(reuse[key])[:len(x)]
-        if len(ok) != len(x):
-            raise ValueError(f"the battery's {key} outcomes cover {len(ok)} samples, not the {len(x)} checked")
-        return ok.bool().cpu()
-
-    probes: dict = {"norm": "Linf", "eps_max": eps_max, "fgsm": None, "pgd10": None, "pgd50": None,
-                    "fgsm_source": None, "pgd10_source": None}
-    if not eps_max:
-        return probes
-    outcomes = {}  # probe -> per sample: still classified correctly
-    try:
-        for key, kind, steps in (("fgsm", "fgsm", 1), ("pgd10", "pgd", 10)):
-            if key in reuse:
-                outcomes[key], probes[key + "_source"] = reused(key), "battery"
-            else:
-                outcomes[key], probes[key + "_source"] = robust(kind, eps_max, steps), "checks"
-        outcomes["pgd50"] = robust("pgd", eps_max, 50)
-    except RuntimeError as exc:  # no gradient to follow at all: the gradient check reports why
-        return {"skipped": "the attack probes failed: " + str(exc).splitlines()[0][:200]}
-    for key, ok in outcomes.items():
-        probes[key] = float(ok.double().mean())
-    # the per-sample pairs the comparisons test: robust_only[a][b] = samples robust to a but fooled by b
-    probes["robust_only"] = {a: {b: int((oa & ~ob).sum()) for b, ob in outcomes.items() if b != a}
-                             for a, oa in outcomes.items()}
-    return probes

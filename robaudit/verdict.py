@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 from . import sanity
+from .labels import CLEAN, WORST_CASE
 from .rundir import Run
 
 SECTION_TITLE = "Evaluation sanity checks"
@@ -98,8 +99,8 @@ def summarize(run: Run, checks: list[sanity.Check] | None = None) -> dict:
                         "pert_p90") if c in acc.columns]
     rows = [{k: _num(v) for k, v in r.items()} for r in acc[cols].astype(object).where(acc[cols].notna(), None)
             .to_dict("records")]
-    worst = acc[(acc["attack"] == sanity.WORST_CASE) & acc["eps"].notna()]
-    clean = acc.loc[acc["attack"] == sanity.CLEAN, "accuracy"]
+    worst = acc[(acc["attack"] == WORST_CASE) & acc["eps"].notna()]
+    clean = acc.loc[acc["attack"] == CLEAN, "accuracy"]
     mvl = run.mvl or {}
     return {
         "run_dir": str(run.path),

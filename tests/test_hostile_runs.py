@@ -23,7 +23,7 @@ from click.testing import CliRunner
 
 from robaudit import gate, rundir, safeio, verdict, writelock
 from robaudit.cli import main
-from robaudit.compare import compare_runs
+from robaudit.stages.compare import compare_runs
 from robaudit.errors import RobauditError
 from robaudit.rundir import read_run
 from robaudit.stages.report import render_report
@@ -131,7 +131,7 @@ def _writers(tmp_path: Path):
     import torch
 
     from robaudit.models import save_checkpoint
-    from robaudit.stages.report import _write_atomic
+    from robaudit.stages.html import write_atomic
     from robaudit.training.checkpoint import atomic_torch_save
 
     module = torch.nn.Linear(2, 2)
@@ -140,7 +140,7 @@ def _writers(tmp_path: Path):
         "write_csv": (tmp_path / "lsa.csv", lambda p: rundir.write_csv(p, pd.DataFrame({"a": [1]}))),
         "atomic_torch_save": (tmp_path / "harden-checkpoint.pt", lambda p: atomic_torch_save({"a": 1}, p)),
         "save_checkpoint": (tmp_path / "model.pt", lambda p: save_checkpoint(p, module, arch="torch.nn:Linear")),
-        "report": (tmp_path / "report.html", lambda p: _write_atomic(p, "<html>")),
+        "report": (tmp_path / "report.html", lambda p: write_atomic(p, "<html>")),
         "staging_file": (tmp_path / "run", lambda p: rundir.staging_file(p)),
     }
 
@@ -230,7 +230,7 @@ def test_stale_staging_is_removed_only_in_its_exact_form(tmp_path, user):
     for name in keep:
         (tmp_path / name).write_text("x")
     (tmp_path / f".run.{dead}.{'f' * 12}.tmp").symlink_to(user.home / "docs")
-    rundir._remove_stale_staging(dest)
+    rundir.remove_stale_staging(dest)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == \
         sorted(keep + [f".run.{dead}.{'f' * 12}.tmp"])
 

@@ -18,7 +18,8 @@ import pandas as pd
 import pytest
 
 from robaudit.errors import RobauditError
-from robaudit.stages.report import fmt_eps, fmt_pct, fmt_re, render_report
+from robaudit.stages.html import fmt_eps, fmt_pct, fmt_re
+from robaudit.stages.report import render_report
 
 from markupsafe import escape
 
@@ -183,7 +184,7 @@ def test_history_with_harden_column_names():
     """harden writes val_clean_acc / val_robust_acc, ce_adv and an epoch-0 row without loss terms."""
     import matplotlib
 
-    from robaudit.stages.report import MPL_RC, plot_history
+    from robaudit.stages.plots import MPL_RC, plot_history
 
     history = pd.DataFrame({"epoch": [0, 1, 2], "lr": [np.nan, 0.01, 0.01], "loss": [np.nan, 1.0, 0.8],
                             "ce_adv": [np.nan, 0.9, 0.7], "reg": [np.nan, 0.1, 0.1], "re:<b>x</b>": [np.nan, 0.3, 0.2],
@@ -331,7 +332,7 @@ def test_minimal_perturbation_attacks_by_size_not_accuracy(tmp_path):
 def test_accuracy_plot_single_eps_markers_and_distinct_styles():
     import matplotlib
 
-    from robaudit.stages.report import MPL_RC, Palette, accuracy_figure
+    from robaudit.stages.plots import MPL_RC, Palette, accuracy_figure
 
     def frame(shift: float) -> pd.DataFrame:
         rows = [("clean", np.nan, 0.95, "clean", "")]
@@ -402,10 +403,10 @@ def test_history_plot_whole_epochs_and_legends_beside_the_data(monkeypatch):
     import matplotlib
     from matplotlib.figure import Figure
 
-    from robaudit.stages import report as R
+    from robaudit.stages import plots as R
 
     captured = []
-    real = R._svg
+    real = R.figure_svg
 
     def keep(fig, *args, **kwargs):
         captured.append(fig)
@@ -414,7 +415,7 @@ def test_history_plot_whole_epochs_and_legends_beside_the_data(monkeypatch):
     history = pd.DataFrame({"epoch": [0, 1], "loss": [np.nan, 0.95], "ce_adv": [np.nan, 0.9], "reg": [np.nan, 0.05],
                             "val_clean_acc": [0.99, 0.97], "val_robust_acc": [0.1, 0.4]})
     re_rows = pd.DataFrame({"label": ["a", "b"], "before": [1.0, 2.0], "after": [0.5, 1.0]})
-    monkeypatch.setattr(R, "_svg", keep)
+    monkeypatch.setattr(R, "figure_svg", keep)
     with matplotlib.rc_context(R.MPL_RC):
         R.plot_history(history)
         R.plot_re_before_after(re_rows)
@@ -448,11 +449,11 @@ def test_sanity_section_shows_the_model_checks_sample_count(tmp_path):
 
 
 def test_sanity_section_says_when_the_checks_were_raised_beyond_their_share(tmp_path):
-    from robaudit import sanity
     from robaudit.attacks import expand, parse
+    from robaudit.model_checks import plan_model_checks
 
     run = make_run(tmp_path / "run", n_layers=3, minimal=())
-    plan = sanity.plan_checks(expand([parse("pgd")], [0.1]), n_battery=64, num_classes=10).to_dict()
+    plan = plan_model_checks(expand([parse("pgd")], [0.1]), n_battery=64, num_classes=10).to_dict()
     assert plan["over_budget"] and plan["n_samples"] == 7
     (run / "checks.json").write_text(json.dumps(model_checks(n_samples=7, plan=plan)))
     text = visible(section(render_report(run).read_text(encoding="utf-8"), "sanity"))

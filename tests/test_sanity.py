@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from robaudit import sanity, verdict
-from robaudit.sanity import Check, evaluate, run_model_checks
+from robaudit import labels, sanity, significance, verdict
+from robaudit.model_checks import CALL_OVERHEAD, FORWARD_COST, plan_model_checks, run_model_checks
+from robaudit.sanity import Check, evaluate
 
 from _rundir import model_checks
 
@@ -116,18 +117,18 @@ def test_hardening_introduces_only_significant_masking_warnings():
 
 
 def test_the_exact_tests_by_hand():
-    assert sanity.MIN_PAIRED_SAMPLES == 7  # 0.5 ** 6 = 0.015625 >= 0.01 > 0.5 ** 7
-    assert sanity.sign_test(7, 0) == pytest.approx(0.0078125, rel=1e-12)  # one-sided: 0.5 ** 7
-    assert sanity.sign_test(6, 0) == pytest.approx(0.015625, rel=1e-12)
-    assert sanity.sign_test(8, 1) == pytest.approx(10 / 512, rel=1e-12)  # (C(9, 8) + C(9, 9)) / 2 ** 9
-    assert sanity.sign_test(0, 5) == 1.0 and sanity.sign_test(0, 0) == 1.0
-    assert sanity.binomial_tail(2, 4, 0.5) == pytest.approx(11 / 16, rel=1e-12)  # (6 + 4 + 1) / 16
-    assert sanity.rate_test(3, 3, 0.05) == pytest.approx(0.05 ** 3, rel=1e-12)
+    assert significance.MIN_PAIRED_SAMPLES == 7  # 0.5 ** 6 = 0.015625 >= 0.01 > 0.5 ** 7
+    assert significance.sign_test(7, 0) == pytest.approx(0.0078125, rel=1e-12)  # one-sided: 0.5 ** 7
+    assert significance.sign_test(6, 0) == pytest.approx(0.015625, rel=1e-12)
+    assert significance.sign_test(8, 1) == pytest.approx(10 / 512, rel=1e-12)  # (C(9, 8) + C(9, 9)) / 2 ** 9
+    assert significance.sign_test(0, 5) == 1.0 and significance.sign_test(0, 0) == 1.0
+    assert significance.binomial_tail(2, 4, 0.5) == pytest.approx(11 / 16, rel=1e-12)  # (6 + 4 + 1) / 16
+    assert significance.rate_test(3, 3, 0.05) == pytest.approx(0.05 ** 3, rel=1e-12)
     # only the robust counts recorded: 12 vs 2 of 128 robust allow at most 2 samples the other way, so
     # p <= P(X >= 12 | X ~ Bin(14, 1/2)) = (C(14, 12) + C(14, 13) + C(14, 14)) / 2 ** 14 = 106 / 16384
-    ev = sanity.paired(12, 2, 128)
+    ev = significance.paired(12, 2, 128)
     assert (ev.bad, ev.good, ev.exact) == (12, 2, False) and ev.p == pytest.approx(106 / 16384, rel=1e-12)
-    assert sanity.paired(12, 2, 128, (11, 1)).p == pytest.approx(13 / 4096, rel=1e-12)  # (C(12, 11) + 1) / 2 ** 12
+    assert significance.paired(12, 2, 128, (11, 1)).p == pytest.approx(13 / 4096, rel=1e-12)  # (C(12, 11) + 1) / 2 ** 12
 
 
 def test_single_step_stronger_than_iterative_warns():
@@ -321,9 +322,9 @@ def test_model_checks_are_seeded(batch):
 
 
 def test_eps_keeps_the_users_fraction():
-    assert [sanity.format_eps(v) for v in (0.1, 0.05, 8 / 255, 2 / 255, 1 / 3, 0.0313725)] == [
+    assert [labels.format_eps(v) for v in (0.1, 0.05, 8 / 255, 2 / 255, 1 / 3, 0.0313725)] == [
         "0.1", "0.05", "8/255", "2/255", "1/3", "0.03137"]
-    assert sanity.format_eps(float(repr(8 / 255)[:-1])) == "8/255"  # one digit less after a CSV round trip
+    assert labels.format_eps(float(repr(8 / 255)[:-1])) == "8/255"  # one digit less after a CSV round trip
 
 
 # ----------------------------------------------------------------------------- proportionate checks
@@ -336,19 +337,19 @@ def specs(*texts, eps=(0.05, 0.1)):
 
 
 def test_plan_uses_the_batterys_largest_linf_eps_and_reuses_its_pgd10_and_fgsm():
-    plan = sanity.plan_checks(specs("fgsm", "pgd", "pgdl2:eps=2.0", "pgd:eps=0.08,steps=20"), n_battery=1000,
-                              num_classes=10)
+    plan = plan_model_checks(specs("fgsm", "pgd", "pgdl2:eps=2.0", "pgd:eps=0.08,steps=20"), n_battery=1000,
+                             num_classes=10)
     assert plan.eps_max == 0.1  # not the L2 eps 2.0, not a larger default
     assert sorted(plan.reuse) == ["fgsm", "pgd10"]
-    f = sanity.FORWARD_COST
+    f = FORWARD_COST
     assert plan.check_cost == pytest.approx(2 * f + 1 + 50 + f)  # determinism, gradient, PGD-50 only
 
 
 def test_plan_keeps_the_checks_within_a_tenth_of_the_battery():
     # PGD-10 alone at one eps: (10 + 2/3) passes per sample; the checks reuse PGD-10 and run FGSM and PGD-50.
     # Each pass over a batch of b costs b + CALL_OVERHEAD: 8 batches of 128 for the battery, one of n for the checks.
-    f, k = sanity.FORWARD_COST, sanity.CALL_OVERHEAD
-    plan = sanity.plan_checks(specs("pgd", eps=(0.1,)), n_battery=1024, num_classes=10, batch_size=128)
+    f, k = FORWARD_COST, CALL_OVERHEAD
+    plan = plan_model_checks(specs("pgd", eps=(0.1,)), n_battery=1024, num_classes=10, batch_size=128)
     battery = f + 10 + f
     check = 2 * f + 1 + (1 + f) + (50 + f)
     budget = 0.1 * battery * 8 * (128 + k)
@@ -356,22 +357,22 @@ def test_plan_keeps_the_checks_within_a_tenth_of_the_battery():
     assert plan.attacks and plan.n_samples == int(budget // check) - k == 7
     assert (plan.n_samples + k) * plan.check_cost <= budget < (plan.n_samples + 1 + k) * plan.check_cost
     # a long battery buys the cap of 128
-    assert sanity.plan_checks(specs("pgd:steps=100", eps=(0.1,)), n_battery=10_000,
-                              num_classes=10).n_samples == 128
+    assert plan_model_checks(specs("pgd:steps=100", eps=(0.1,)), n_battery=10_000,
+                             num_classes=10).n_samples == 128
     assert not plan.over_budget and plan.to_dict()["min_samples"] == 7
     # too short a battery to pay for 7 samples: raised to 7 anyway, beyond the budget, and the plan says so
-    short = sanity.plan_checks(specs("pgd", eps=(0.1,)), n_battery=256, num_classes=10)
-    assert short.attacks and short.n_samples == sanity.MIN_PAIRED_SAMPLES == 7 and short.over_budget
+    short = plan_model_checks(specs("pgd", eps=(0.1,)), n_battery=256, num_classes=10)
+    assert short.attacks and short.n_samples == significance.MIN_PAIRED_SAMPLES == 7 and short.over_budget
     assert (short.n_samples + k) * short.check_cost > short.budget
     assert "raised to the 7 samples" in short.to_dict()["note"] and "more than 10 %" in short.to_dict()["note"]
 
 
 def test_plan_never_gives_the_attack_probes_fewer_samples_than_a_conclusive_comparison_needs():
-    plan = sanity.plan_checks(specs("gaussian", "fgsm", eps=(0.1,)), n_battery=1000, num_classes=10)
+    plan = plan_model_checks(specs("gaussian", "fgsm", eps=(0.1,)), n_battery=1000, num_classes=10)
     assert plan.attacks and plan.n_samples == 7 and plan.over_budget and plan.reuse == {"fgsm": 1}
-    few = sanity.plan_checks(specs("fgsm", eps=(0.1,)), n_battery=6, num_classes=10)  # 6 samples: never conclusive
+    few = plan_model_checks(specs("fgsm", eps=(0.1,)), n_battery=6, num_classes=10)  # 6 samples: never conclusive
     assert not few.attacks and few.reuse == {} and "fewer than the 7 samples" in few.note
-    assert sanity.plan_checks(specs("gaussian", eps=(0.1,)), n_battery=2, num_classes=10).n_samples == 0
+    assert plan_model_checks(specs("gaussian", eps=(0.1,)), n_battery=2, num_classes=10).n_samples == 0
 
 
 def test_model_checks_read_reused_outcomes_instead_of_attacking(batch):
@@ -418,7 +419,7 @@ def test_analyze_run_sizes_its_checks_and_reuses_the_batterys_pgd(tmp_path):
     run = analyze_run(path, "moons", out=tmp_path / "run", samples=500, attacks=["fgsm", "pgd"], eps=[0.05, 0.1],
                       report=False, seed=1)
     checks = json.loads((run.path / "checks.json").read_text())
-    plan = sanity.plan_checks(run.result.attacks, n_battery=500, num_classes=2, batch_size=128)
+    plan = plan_model_checks(run.result.attacks, n_battery=500, num_classes=2, batch_size=128)
     assert 1 <= checks["n_samples"] == plan.n_samples == checks["plan"]["n_samples"] < 128
     assert checks["attacks"]["eps_max"] == 0.1 and checks["plan"]["reused"] == ["fgsm", "pgd10"]
     pgd = [i for i, s in enumerate(run.result.attacks) if s.name == "pgd" and s.eps == 0.1][0]
@@ -441,13 +442,13 @@ def test_a_healthy_model_with_the_default_battery_warns_on_nothing_below_the_min
     run = analyze_run(examples.path("digits_cnn.pt2"), "digits", out=tmp_path / "run", samples=48, report=False)
     written = json.loads((run.path / "checks.json").read_text())
     plan = written["plan"]
-    assert written["n_samples"] == plan["n_samples"] == plan["min_samples"] == sanity.MIN_PAIRED_SAMPLES
+    assert written["n_samples"] == plan["n_samples"] == plan["min_samples"] == significance.MIN_PAIRED_SAMPLES
     assert plan["over_budget"] and "raised to the 7 samples" in plan["note"]
     assert set(written["attacks"]["robust_only"]) == {"fgsm", "pgd10", "pgd50"}  # the probes' per-sample pairs
     assert written["battery_pairs"]["rows"][0] == ["clean", None, None]
     checks = verdict.checks_of(read_run(run.path))
     assert [c.name for c in checks if c.status == "warn"] == []
-    assert all(c.p_value is not None and c.p_value < sanity.ALPHA for c in checks if c.status == "warn")
+    assert all(c.p_value is not None and c.p_value < significance.ALPHA for c in checks if c.status == "warn")
 
 
 class _Misleading(torch.autograd.Function):
@@ -497,4 +498,4 @@ def test_tampered_pairs_and_counts_decide_nothing_and_cost_nothing():
     assert check.status == "skip" and "for any pairing" in check.detail  # more pairs than samples: no record
     huge = frame([("fgsm", 0.1, 0.20), ("pgd", 0.1, 0.2000001)], n=2 ** 53)  # ~9e8 samples more: still answered
     assert by_name(evaluate(huge))[sanity.ITERATIVE].status in ("skip", "warn")
-    assert sanity.binomial_tail(2 ** 40, 2 ** 41, 0.5) == pytest.approx(0.5, abs=1e-6)
+    assert significance.binomial_tail(2 ** 40, 2 ** 41, 0.5) == pytest.approx(0.5, abs=1e-6)

@@ -28,7 +28,7 @@ from ..rundir import check_output_dir, staging_file, write_run
 from ..writelock import write_lock
 
 if TYPE_CHECKING:
-    from ..sanity import CheckPlan
+    from ..model_checks import ModelCheckPlan
 
 log = logging.getLogger(__name__)
 
@@ -67,25 +67,25 @@ def api_command(stage: str, *args, **options) -> str:
     return shlex.join(parts)
 
 
-def check_plan(attacks, eps, data, *, batch_size: int):
-    """How many leading samples the model checks afford, and which battery outcomes they reuse."""
-    from ..sanity import plan_checks
+def plan_run_checks(attacks, eps, data, *, batch_size: int):
+    """How many leading samples the model checks of this run afford, and which battery outcomes they reuse."""
+    from ..model_checks import plan_model_checks
 
-    return plan_checks(atk.expand(list(attacks) if attacks else atk.default_battery(eps), eps), n_battery=len(data.y),
-                       num_classes=data.num_classes, batch_size=batch_size)
+    return plan_model_checks(atk.expand(list(attacks) if attacks else atk.default_battery(eps), eps),
+                             n_battery=len(data.y), num_classes=data.num_classes, batch_size=batch_size)
 
 
 def analyze_for_run(loaded: LoadedModel, data, *, attacks, eps, layers=None, layer_types=None,
                     probe: str = "all", mean=None, std=None, batch_size: int = 128, device="cpu", seed: int = 0,
                     progress: bool = False, checks: bool = True, workers: int = 0,
-                    samples_path: Path | None = None) -> tuple[LSAResult, CheckPlan | None]:
+                    samples_path: Path | None = None) -> tuple[LSAResult, ModelCheckPlan | None]:
     """The layer analysis of a run directory, keeping the outcomes that the model checks (``checks``) reuse,
     and the plan that sizes those checks; ``samples_path`` streams ``samples.csv`` there.
 
     Under ``torchrun`` every process runs its share. The checks themselves (:func:`model_checks`) run on
     rank 0 alone, after the stage's last collective (the BatchNorm audit), once the others have left: no
     process then waits on rank 0's solo work inside a collective, which has a timeout."""
-    plan = check_plan(attacks, eps, data, batch_size=batch_size) if checks else None
+    plan = plan_run_checks(attacks, eps, data, batch_size=batch_size) if checks else None
     result = analyze(loaded, data, attacks=attacks, eps=eps, layers=layers, layer_types=layer_types, probe=probe,
                      mean=mean, std=std, batch_size=batch_size, device=resolve_device(device), seed=seed,
                      progress=progress, keep_outcomes=plan.n_samples if plan else 0, workers=workers,
@@ -347,11 +347,11 @@ def load_run_data(manifest: Mapping, *, stream: bool = True, download: bool = Tr
                         class_map=record.get("class_map"), stream=stream)
 
 
-def model_checks(loaded: LoadedModel, data, result: LSAResult, plan: CheckPlan | None, *, mean, std, device,
+def model_checks(loaded: LoadedModel, data, result: LSAResult, plan: ModelCheckPlan | None, *, mean, std, device,
                  seed: int) -> dict | None:
-    """The model checks AutoAttack runs before attacking, plus gradient-masking probes (sanity module),
+    """The model checks AutoAttack runs before attacking, plus gradient-masking probes (model_checks module),
     on as many leading samples as ``plan`` affords, reusing the battery's outcomes there; None without a plan."""
-    from ..sanity import run_model_checks
+    from ..model_checks import run_model_checks
 
     if plan is None:
         return None

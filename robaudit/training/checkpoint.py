@@ -66,9 +66,9 @@ class Checkpointer:
         """Create the directory (a fresh run) or read and check the checkpoint to resume from; a temporary file
         that a killed harden left beside the checkpoint is removed (its exact name, its process gone)."""
         if dist.is_main():
-            from ..rundir import _remove_stale_staging
+            from ..rundir import remove_stale_staging
 
-            _remove_stale_staging(self.path)
+            remove_stale_staging(self.path)
         if not resume:
             if not dist.is_main():
                 return None

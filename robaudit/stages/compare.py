@@ -18,9 +18,13 @@ import pandas as pd
 from markupsafe import Markup
 from matplotlib.figure import Figure
 
-from .errors import RobauditError
-from .rundir import Run, read_run, rows_at
-from .writelock import write_lock
+from ..errors import RobauditError
+from ..labels import attack_name
+from ..rundir import Run, read_run, rows_at
+from ..writelock import write_lock
+from .html import (Cell, Column, Row, Table, check_page_out, content_security_policy, environment, figure_svg, fmt_eps,
+                   fmt_pct, fmt_points, fmt_re, num_cell, plain, read_resource, version, write_atomic)
+from .plots import MPL_RC
 
 # manifest fields whose difference explains a difference in the numbers
 MANIFEST_FIELDS = (
@@ -110,8 +114,6 @@ def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike) -> Comparis
 
 
 def _plot_re(cmp: Comparison, label_a: str, label_b: str) -> Markup | None:
-    from .stages.report import MPL_RC, _svg
-
     if cmp.re.empty:
         return None
     with matplotlib.rc_context(MPL_RC):
@@ -123,57 +125,53 @@ def _plot_re(cmp: Comparison, label_a: str, label_b: str) -> Markup | None:
         ax.set_xticks(x, list(cmp.re["layer"]), rotation=90, fontsize=6.5)
         ax.set_ylabel(cmp.ranking["metric"])
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
-        return _svg(fig, "comparere", "RE per layer, run A and run B")
+        return figure_svg(fig, "comparere", "RE per layer, run A and run B")
 
 
 def render_compare(cmp: Comparison, out: str | os.PathLike) -> Path:
     """Write the comparison page (refusing to overwrite a file that is not robaudit's own)."""
-    from .stages import report as R
-
     out = Path(out)
     if out.is_dir() and not out.is_symlink():
         raise RobauditError(f"--out {out} is a directory: give the HTML file to write")
     with write_lock(out):
-        R.check_page_out(out, "page")
+        check_page_out(out, "page")
         return _render_compare(cmp, out)
 
 
 def _render_compare(cmp: Comparison, out: Path) -> Path:
     """:func:`render_compare` once the page may be written."""
-    from .stages import report as R
-
     la, lb = f"A: {cmp.a.path.name}", f"B: {cmp.b.path.name}"
-    acc_rows = [R.Row([R.Cell(R.attack_name(r.attack)), R.num_cell(r.eps, R.fmt_eps), R.Cell(r.norm or ""),
-                       R.num_cell(r.a, R.fmt_pct), R.num_cell(r.b, R.fmt_pct), R.num_cell(r.delta, R.fmt_points)],
-                      cls="strong" if r.attack in ("clean", "worst-case") else "")
+    acc_rows = [Row([Cell(attack_name(r.attack)), num_cell(r.eps, fmt_eps), Cell(r.norm or ""),
+                     num_cell(r.a, fmt_pct), num_cell(r.b, fmt_pct), num_cell(r.delta, fmt_points)],
+                    cls="strong" if r.attack in ("clean", "worst-case") else "")
                 for r in cmp.accuracy.itertuples()]
-    re_rows = [R.Row([R.Cell(r.layer), R.num_cell(r.a, R.fmt_re), R.num_cell(r.b, R.fmt_re),
-                      R.num_cell(r.delta, R.fmt_re)]) for r in cmp.re.itertuples()]
+    re_rows = [Row([Cell(r.layer), num_cell(r.a, fmt_re), num_cell(r.b, fmt_re), num_cell(r.delta, fmt_re)])
+               for r in cmp.re.itertuples()]
     depth = max(len(cmp.mvl_a), len(cmp.mvl_b))
-    mvl_rows = [R.Row([R.Cell(str(i + 1)), R.Cell(cmp.mvl_a[i] if i < len(cmp.mvl_a) else ""),
-                       R.Cell(cmp.mvl_b[i] if i < len(cmp.mvl_b) else "")]) for i in range(depth)]
-    man_rows = [R.Row([R.Cell(f), R.Cell(R._plain(x), cls="wrap"), R.Cell(R._plain(y), cls="wrap")])
+    mvl_rows = [Row([Cell(str(i + 1)), Cell(cmp.mvl_a[i] if i < len(cmp.mvl_a) else ""),
+                     Cell(cmp.mvl_b[i] if i < len(cmp.mvl_b) else "")]) for i in range(depth)]
+    man_rows = [Row([Cell(f), Cell(plain(x), cls="wrap"), Cell(plain(y), cls="wrap")])
                 for f, x, y in cmp.manifest]
-    css, script = R._read_resource("report.css"), R._read_resource("sort.js")
+    css, script = read_resource("report.css"), read_resource("sort.js")
     rk = cmp.ranking
     context = {
         "title": f"Audit comparison: {cmp.a.path.name} vs {cmp.b.path.name}",
         "subtitle": f"A = {cmp.a.path}; B = {cmp.b.path}; delta = B - A",
-        "version": R._version(), "css": Markup(css), "script": Markup(script),
-        "csp": R.content_security_policy(css, script),
-        "accuracy": R.Table([R.Column("Attack"), R.Column("eps", True), R.Column("Norm"), R.Column("A", True),
-                             R.Column("B", True), R.Column("Δ (points)", True)], acc_rows),
-        "re": R.Table([R.Column("Layer"), R.Column("A", True), R.Column("B", True), R.Column("Δ", True)], re_rows),
-        "re_note": (f"{rk['metric']} under {R.attack_name(rk['attack'])}"
-                    + (f" at eps {R.fmt_eps(rk['eps'])}" if rk["eps"] is not None else "")
+        "version": version(), "css": Markup(css), "script": Markup(script),
+        "csp": content_security_policy(css, script),
+        "accuracy": Table([Column("Attack"), Column("eps", True), Column("Norm"), Column("A", True),
+                           Column("B", True), Column("Δ (points)", True)], acc_rows),
+        "re": Table([Column("Layer"), Column("A", True), Column("B", True), Column("Δ", True)], re_rows),
+        "re_note": (f"{rk['metric']} under {attack_name(rk['attack'])}"
+                    + (f" at eps {fmt_eps(rk['eps'])}" if rk["eps"] is not None else "")
                     + f" (run A's ranking attack); {rk['matched']} layers match by name, of {rk['layers_a']} in A "
                     f"and {rk['layers_b']} in B."),
         "re_plot": _plot_re(cmp, la, lb),
-        "mvl": R.Table([R.Column("Rank"), R.Column("A"), R.Column("B")], mvl_rows, sortable=False),
+        "mvl": Table([Column("Rank"), Column("A"), Column("B")], mvl_rows, sortable=False),
         "mvl_common": ", ".join(l for l in cmp.mvl_a if l in cmp.mvl_b) or "none",
-        "manifest": R.Table([R.Column("Field"), R.Column("A"), R.Column("B")], man_rows, sortable=False)
+        "manifest": Table([Column("Field"), Column("A"), Column("B")], man_rows, sortable=False)
         if man_rows else None,
     }
-    text = R._environment().get_template("compare.html.j2").render(**context)
-    R._write_atomic(out, text)
+    text = environment().get_template("compare.html.j2").render(**context)
+    write_atomic(out, text)
     return out
