@@ -86,6 +86,9 @@ def test_bn_csv_and_the_report_section(tmp_path):
     assert 'id="batchnorm"' in html and "symmetric KL" in html
     v = bnaudit.verdict(bn)
     assert (f"robaudit harden --run {out} --dual-bn" in html) == v["recommend_dual_bn"]
+    from robaudit.stages.report import render_report  # the BatchNorm plot is drawn in the report's style too:
+    again = render_report(out, tmp_path / "again.html").read_text()  # fixed SVG ids, the same bytes twice
+    assert again == html.replace(str(out / "report.html"), str(tmp_path / "again.html")) or again == html
     moons = tmp_path / "moons"
     assert invoke("analyze", MOONS_PT2, "--dataset", "moons", "--samples", "20", "--attack", "fgsm", "--eps", "0.1",
                   "--no-checks", "--out", moons).exit_code == 0

@@ -483,6 +483,7 @@ def _render(run_dir: Path, out: Path, shown: Path) -> Path:
         layers = _layers_section(run, palette, set(mvl_layers))
         accuracy = _accuracy_section(run, hardened, palette)
         hardening = _hardening_section(run, hardened, history, settings, acc_cmp, re_cmp) if hardened_any else None
+        batchnorm = _batchnorm_section(run_dir, shown)  # in the report's style, with its fixed SVG ids
 
     sanity_groups = [sanity_group("Audited model" if checks_after is not None else "Checks", checks, run.checks)]
     if checks_after is not None:
@@ -505,7 +506,7 @@ def _render(run_dir: Path, out: Path, shown: Path) -> Path:
         "hardening": hardening,
         "sanity": sanity_groups,
         "reproduce": _reproduce_section(run, settings, run_dir, out, shown),
-        "batchnorm": _batchnorm_section(run_dir, shown),
+        "batchnorm": batchnorm,
         "fragile": _fragile_section(run_dir),
     }
     text = environment().get_template(TEMPLATE).render(**context)
