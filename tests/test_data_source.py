@@ -12,6 +12,7 @@ import torch
 from robaudit.data import DataKind, DataSource, load_dataset
 from robaudit.errors import RobauditError
 from robaudit.stages.analyze import default_out
+from tests.helpers import interrupt_training
 from tests.test_cli import MOONS_PT2, invoke
 from tests.test_data import write_cifar10, write_images
 
@@ -92,24 +93,15 @@ def folder_case(tmp_path: Path):
 
 @pytest.mark.parametrize("case", [cifar_case, npy_case, folder_case], ids=["CIFAR-10", "x.npy", "imagefolder"])
 def test_harden_model_resume_finds_the_run_analyze_wrote(tmp_path, monkeypatch, case):
-    from robaudit.training.loop import Trainer
-
     model, dataset, run_name, extra = case(tmp_path)
     monkeypatch.chdir(tmp_path)
-    real = Trainer.train_epoch
-
-    def interrupted(self, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", interrupted)
+    resume_training = interrupt_training(monkeypatch, 2)
     stopped = invoke("harden", model, "--dataset", dataset, *extra, *FAST)
     assert stopped.exit_code == 130, stopped.output
     run = Path("reports") / run_name
     assert (run / "harden-checkpoint.pt").is_file(), sorted(map(str, Path("reports").rglob("*")))
     analyzed = (run / "lsa.csv").read_bytes()
-    monkeypatch.setattr(Trainer, "train_epoch", real)
+    resume_training()
     resumed = invoke("harden", model, "--dataset", dataset, *extra, *FAST, "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert resumed.stdout.splitlines()[0] == f"resuming the interrupted harden in {run}"
