@@ -14,6 +14,7 @@ a module of its own (:mod:`.idx`, :mod:`.cifar`, :mod:`.npz`, :mod:`.imagefolder
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import os
 import warnings
@@ -27,7 +28,7 @@ import torch.utils.data
 
 from ..errors import RobauditError
 from .cifar import CIFAR_SOURCES, load_cifar, read_cifar_batch, stream_cifar
-from .download import DOWNLOAD_TIMEOUT_S, download_file, fetch, safe_extract
+from .download import DOWNLOAD_TIMEOUT_S, safe_extract
 from .idx import IDX_CHUNK, IDX_SOURCES, load_idx, read_idx
 from .imagefolder import (IMAGE_DEFAULT_EPS, IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, PIXELS_ENV, FileList, ImageFiles,
                           class_folders, load_imagefolder, max_image_pixels, stream_imagefolder)
@@ -35,6 +36,16 @@ from .npz import NPZ_DEFAULT_EPS, NPZ_MEMBER_MAX, NPZ_RATIO_FLOOR, NPZ_RATIO_MAX
 from .source import (DATASETS, IMAGEFOLDER_PREFIX, SPLITS, DataKind, DataSource, canonical, is_image_folder_record,
                      unknown_dataset)
 from .streaming import ArrayRows, FileRows, in_unit_range, loader_batches, stacked
+
+__all__ = [  # the names robaudit.data has always offered, and the parsed --dataset value
+    "DATASETS", "SPLITS", "IMAGEFOLDER_PREFIX", "DataKind", "DataSource", "canonical", "is_image_folder_record",
+    "unknown_dataset", "DataSplit", "Dataset", "StreamingDataset", "DataSpec", "load_dataset", "dataset_info",
+    "default_data_dir", "as_dataset", "rows", "subset", "batches", "read_batches", "ArrayRows", "FileRows",
+    "FileList", "ImageFiles", "class_folders", "max_image_pixels", "read_idx", "read_cifar_batch", "safe_extract",
+    "read_npz", "IDX_SOURCES", "CIFAR_SOURCES", "IDX_CHUNK", "DOWNLOAD_TIMEOUT_S", "NPZ_DEFAULT_EPS", "NPZ_MEMBER_MAX",
+    "NPZ_RATIO_MAX", "NPZ_RATIO_FLOOR", "IMAGE_SUFFIXES", "IMAGE_DEFAULT_EPS", "MAX_IMAGE_PIXELS", "PIXELS_ENV",
+    "MOONS_POOL", "MOONS_TRAIN", "MOONS_NOISE", "MOONS_SEED", "DIGITS_TEST", "DIGITS_SEED",
+]
 
 # moons: a fixed pool of make_moons points (noise 0.2, random_state 0, already shuffled by scikit-learn);
 # the first 1500 are the train split, the last 500 the test split; both features are min/max scaled into
@@ -46,7 +57,7 @@ DIGITS_TEST, DIGITS_SEED = 360, 0
 
 
 @dataclass(kw_only=True)
-class DataSplit:
+class DataSplit(abc.ABC):
     """One split of a data set, held in memory (:class:`Dataset`) or read batch by batch
     (:class:`StreamingDataset`): the fields both carry and the reads both answer, each in its own way."""
 
@@ -66,28 +77,28 @@ class DataSplit:
         """Whether there is no sample to analyze or train on."""
         return len(self.y) == 0
 
+    @abc.abstractmethod
     def head(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``n`` samples as float32 in [0, 1] and their labels."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def rows(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Samples ``index`` (positions, a 1-D int64 tensor) as a float32 batch in [0, 1] on ``device``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def subset(self, index: torch.Tensor, split: str) -> DataSplit:
         """The samples ``index`` as a set of their own named ``split``, of this set's kind."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def read_batches(self, index: Sequence[Sequence[int]], *, device: torch.device,
                      workers: int = 0) -> Iterator[torch.Tensor]:
         """The samples at each list of positions in ``index``, in order, as float32 batches in [0, 1] on ``device``
         with the values :meth:`rows` gives."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _x_batches(self, starts: list[int], batch_size: int, device: torch.device,
                    workers: int) -> Iterator[torch.Tensor]:
         """The samples of the batches starting at ``starts`` on ``device``, in order."""
-        raise NotImplementedError
 
     def batches(self, *, batch_size: int, device: torch.device, workers: int = 0, part: tuple[int, int] = (0, 1)):
         """``(start, x, y)`` on ``device`` per batch, in order (float32 x in [0, 1]).
