@@ -47,6 +47,8 @@ def test_a_run_record_gives_back_the_source_it_analyzed(tmp_path):
     assert DataSource.of_record({"name": "cifar10", "source": "/data/cifar-10-batches-py"}).key == "cifar10"
     arrays = DataSource.of_record({"name": "x", "source": str(tmp_path / "x.npy")})
     assert arrays.kind is DataKind.ARRAYS and arrays.path == tmp_path / "x.npy"
+    with pytest.raises(RobauditError, match="apply to --dataset imagefolder:DIR only"):  # a record edited by hand
+        DataSource.of_record({"name": "digits", "source": "scikit-learn", "image_size": 4})
 
 
 # -- harden MODEL --dataset X --resume --------------------------------------------------------------------

@@ -85,12 +85,11 @@ class DataSource:
         (with its image size and class map) or the file, by the absolute paths the analysis resolved."""
         name = record.get("name")
         if name in DATASETS:
-            return cls.parse(str(name))
-        source = str(record.get("source") or name)
-        if not is_image_folder_record(record):
-            return cls.parse(source)
-        return cls.parse(f"{IMAGEFOLDER_PREFIX}{source}", image_size=record.get("image_size"),
-                         class_map=record.get("class_map"))
+            argument = str(name)
+        else:
+            source = str(record.get("source") or name)
+            argument = f"{IMAGEFOLDER_PREFIX}{source}" if is_image_folder_record(record) else source
+        return cls.parse(argument, image_size=record.get("image_size"), class_map=record.get("class_map"))
 
     @property
     def name(self) -> str:
