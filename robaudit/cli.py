@@ -606,9 +606,10 @@ def _analyze_before_harden(model, dataset, *, out, resume: bool, say, arch_kwarg
     from . import dist
     from .training.checkpoint import CHECKPOINT_NAME
     from .models import parse_arch_kwargs
+    from .data import DataSource
     from .stages.analyze import analyze_run, default_out
 
-    planned = Path(out) if out else default_out(model, dataset)
+    planned = Path(out) if out else default_out(model, DataSource.parse(dataset))  # named as analyze names it
     if resume and (planned / CHECKPOINT_NAME).is_file():
         say(f"resuming the interrupted harden in {planned}")
         return planned  # the analysis is there already; analyzing again would replace the checkpoint

@@ -8,7 +8,6 @@ trusts the file, because unpickling runs code from it). TorchScript cannot be ho
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -28,6 +27,7 @@ from torch import nn
 from .archive import check_archive, is_dotted_name, is_identifier
 from .exported import export_dynamic_batch, exported_batch, run_at_fixed_batch, save_program, unflatten_program
 from .errors import NonFiniteError, RobauditError
+from .safeio import file_digest
 
 CHECKPOINT_KEY = "robaudit_checkpoint"
 EXPORT_HINT = (
@@ -55,11 +55,8 @@ class LoadedModel:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """The hex SHA-256 of a model file, as manifests record it."""
+    return file_digest(path, "sha256")
 
 
 # -- architecture --------------------------------------------------------------------------

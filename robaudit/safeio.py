@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import secrets
@@ -135,33 +136,44 @@ def create_exclusive(path: Path, mode: int = 0o666) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0), mode)
 
 
-def disk_error(exc: OSError, target: Path) -> RobauditError:
-    """One line for an OSError met while writing ``target`` (a full disk says which device)."""
+def disk_error(exc: OSError, target: Path, *, where: str = "--out") -> RobauditError:
+    """One line for an OSError met while writing ``target`` (a full disk says which device); ``where`` is the
+    option or folder the user chooses again."""
     if exc.errno == errno.ENOSPC:
         return RobauditError(f"no space left on the device of {target.parent} while writing {target.name}: free "
-                             "some space or choose another --out")
+                             f"some space or choose another {where}")
     if exc.errno == errno.EDQUOT:
-        return RobauditError(f"disk quota exceeded while writing {target}: free some space or choose another --out")
-    return RobauditError(f"cannot write {target} ({exc.strerror or exc}): choose a writable --out")
+        return RobauditError(f"disk quota exceeded while writing {target}: free some space or choose another {where}")
+    return RobauditError(f"cannot write {target} ({exc.strerror or exc}): choose a writable {where}")
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """The hex digest of a file's bytes, read in 1 MiB chunks (a model or a download is never held whole)."""
+    digest = hashlib.new(algorithm, usedforsecurity=algorithm != "md5")  # md5: a checksum, not security
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(MiB), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager
-def atomic_path(dest: str | os.PathLike, *, suffix: str = "") -> Iterator[Path]:
+def atomic_path(dest: str | os.PathLike, *, suffix: str = "", where: str = "--out") -> Iterator[Path]:
     """Yield a fresh, exclusively created temporary path beside ``dest``; rename it onto ``dest`` if the block
-    succeeds, remove it otherwise. ``suffix`` keeps an ending a writer insists on (``.pt2``)."""
+    succeeds, remove it otherwise. ``suffix`` keeps an ending a writer insists on (``.pt2``); a failure to write
+    asks for another ``where``."""
     dest = Path(dest)
     tmp = temp_name(dest, "tmp") if not suffix else dest.with_name(
         f".{dest.stem}.{os.getpid()}.{secrets.token_hex(6)}.tmp{suffix}")
     try:
         os.close(create_exclusive(tmp))
     except OSError as exc:
-        raise disk_error(exc, dest) from None
+        raise disk_error(exc, dest, where=where) from None
     try:
         yield tmp
         os.replace(tmp, dest)
     except OSError as exc:
         _unlink_own(tmp)
-        raise disk_error(exc, dest) from None
+        raise disk_error(exc, dest, where=where) from None
     except BaseException:
         _unlink_own(tmp)
         raise

@@ -175,3 +175,19 @@ class NonFiniteOnFour(TinyCNN):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
         return out * float("nan") if len(x) in (4, 8) else out
+
+
+def interrupt_training(monkeypatch, epoch: int):
+    """Make harden's training stop with Ctrl-C as it starts ``epoch`` (as a user stops it); returns the function
+    that lets training run through again."""
+    from robaudit.training.loop import Trainer
+
+    real = Trainer.train_epoch
+
+    def interrupted(self, at: int):
+        if at == epoch:
+            raise KeyboardInterrupt
+        return real(self, at)
+
+    monkeypatch.setattr(Trainer, "train_epoch", interrupted)
+    return lambda: monkeypatch.setattr(Trainer, "train_epoch", real)

@@ -205,21 +205,14 @@ def test_harden_says_which_run_and_epoch_and_warns_once(tmp_path, monkeypatch):
     first = invoke("analyze", DIGITS_PT2, "--dataset", "digits", "--attack", "fgsm", "--eps", "0.1", "--samples", "24",
                    "--no-checks", "--no-report", "--out", "reports/digits")
     assert first.exit_code == 0, first.output
-    from robaudit.training.loop import Trainer
+    from tests.helpers import interrupt_training
 
-    real = Trainer.train_epoch
-
-    def interrupted(self, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", interrupted)
+    resume_training = interrupt_training(monkeypatch, 2)
     with pytest.warns(UserWarning, match="stay frozen"):
         stopped = invoke("harden", "--epochs", "2", "--steps", "2", "--batch-size", "256", "--no-report")
     assert stopped.exit_code == 130, stopped.output
     assert stopped.stdout.startswith("hardening the latest run under reports/: reports")  # said before training
-    monkeypatch.setattr(Trainer, "train_epoch", real)
+    resume_training()
     with pytest.warns(UserWarning, match="stay frozen while hardening") as shown:
         resumed = invoke("harden", "--run", "reports/digits", "--resume", "--epochs", "2", "--steps", "2",
                          "--batch-size", "256", "--no-report")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from robaudit import data
+from robaudit.data import download
 from robaudit.data import DATASETS, Dataset, dataset_info, load_dataset
 from robaudit.errors import RobauditError
 
@@ -257,12 +258,12 @@ def test_missing_files_without_download(tmp_path, name):
 
 def test_download_checksum(tmp_path, monkeypatch):
     payload = b"some bytes"
-    monkeypatch.setattr(data, "_fetch", lambda url, out: out.write(payload))
+    monkeypatch.setattr(download, "fetch", lambda url, out: out.write(payload))
     dest = tmp_path / "dl" / "file.gz"
     with pytest.raises(RobauditError, match="md5"):
-        data._download("MNIST", ["http://mirror/file.gz"], dest, "0" * 32)
+        download.download_file("MNIST", ["http://mirror/file.gz"], dest, "0" * 32)
     assert list((tmp_path / "dl").iterdir()) == []  # neither the file nor a temp file is left
-    data._download("MNIST", ["http://mirror/file.gz"], dest, hashlib.md5(payload).hexdigest())
+    download.download_file("MNIST", ["http://mirror/file.gz"], dest, hashlib.md5(payload).hexdigest())
     assert dest.read_bytes() == payload and list((tmp_path / "dl").iterdir()) == [dest]
 
 
@@ -275,9 +276,9 @@ def test_download_falls_back_to_next_mirror(tmp_path, monkeypatch):
             raise OSError("connection refused")
         out.write(b"ok")
 
-    monkeypatch.setattr(data, "_fetch", fetch)
+    monkeypatch.setattr(download, "fetch", fetch)
     dest = tmp_path / "f"
-    data._download("X", ["http://first/f", "http://second/f"], dest, hashlib.md5(b"ok").hexdigest())
+    download.download_file("X", ["http://first/f", "http://second/f"], dest, hashlib.md5(b"ok").hexdigest())
     assert calls == ["http://first/f", "http://second/f"] and dest.read_bytes() == b"ok"
 
 
@@ -286,7 +287,7 @@ def test_download_network_failure_message(tmp_path, monkeypatch):
         out.write(b"partial")
         raise OSError("no route to host")
 
-    monkeypatch.setattr(data, "_fetch", fetch)
+    monkeypatch.setattr(download, "fetch", fetch)
     with pytest.raises(RobauditError, match=r"cannot download MNIST to .*no route to host.*check the network") as err:
         load_dataset("mnist", data_dir=tmp_path / "empty")
     assert "\n" not in str(err.value)
@@ -303,9 +304,9 @@ def test_download_end_to_end_mnist(tmp_path, monkeypatch):
         fetched.append(url)
         out.write(files[url.rsplit("/", 1)[1]])
 
-    monkeypatch.setattr(data, "_fetch", fetch)
-    monkeypatch.setitem(data._IDX_SOURCES, "mnist", (
-        data._IDX_SOURCES["mnist"][0], data._IDX_SOURCES["mnist"][1],
+    monkeypatch.setattr(download, "fetch", fetch)
+    monkeypatch.setitem(data.IDX_SOURCES, "mnist", (
+        data.IDX_SOURCES["mnist"][0], data.IDX_SOURCES["mnist"][1],
         {k[:-3]: hashlib.md5(v).hexdigest() for k, v in files.items()}))
     d = load_dataset("mnist", data_dir=tmp_path)
     assert torch.equal(d.x, torch.tensor(images, dtype=torch.float32)[:, None] / 255)
@@ -321,19 +322,19 @@ def test_download_end_to_end_cifar(tmp_path, monkeypatch):
     archive = tmp_path / "a.tar.gz"
     targz_of(src / "cifar-10-batches-py", archive)
     blob = archive.read_bytes()
-    monkeypatch.setattr(data, "_fetch", lambda url, out: out.write(blob))
-    src_spec = data._CIFAR_SOURCES["cifar10"]
-    monkeypatch.setitem(data._CIFAR_SOURCES, "cifar10", src_spec[:-1] + (hashlib.md5(blob).hexdigest(),))
+    monkeypatch.setattr(download, "fetch", lambda url, out: out.write(blob))
+    src_spec = data.CIFAR_SOURCES["cifar10"]
+    monkeypatch.setitem(data.CIFAR_SOURCES, "cifar10", src_spec[:-1] + (hashlib.md5(blob).hexdigest(),))
     d = load_dataset("cifar10", data_dir=tmp_path / "dd")
     assert d.y.tolist() == batches["test_batch"][1]
     assert (tmp_path / "dd" / "cifar-10-python.tar.gz").is_file()
 
 
 def test_published_checksums():
-    assert data._IDX_SOURCES["mnist"][2]["train-images-idx3-ubyte"] == "f68b3c2dcbeaaa9fbdd348bbdeb94873"
-    assert data._IDX_SOURCES["fashion-mnist"][2]["t10k-labels-idx1-ubyte"] == "bb300cfdad3c16e7a12a480ee83cd310"
-    assert data._CIFAR_SOURCES["cifar10"][-1] == "c58f30108f718f92721af3b95e74349a"
-    assert data._CIFAR_SOURCES["cifar100"][-1] == "eb9058c3a382ffc7106e4002c42a8d85"
+    assert data.IDX_SOURCES["mnist"][2]["train-images-idx3-ubyte"] == "f68b3c2dcbeaaa9fbdd348bbdeb94873"
+    assert data.IDX_SOURCES["fashion-mnist"][2]["t10k-labels-idx1-ubyte"] == "bb300cfdad3c16e7a12a480ee83cd310"
+    assert data.CIFAR_SOURCES["cifar10"][-1] == "c58f30108f718f92721af3b95e74349a"
+    assert data.CIFAR_SOURCES["cifar100"][-1] == "eb9058c3a382ffc7106e4002c42a8d85"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -714,9 +715,9 @@ def test_npz_members_are_memory_mapped_when_stored(tmp_path, monkeypatch):
     x, y = rng.random((9, 1, 3, 3)).astype(np.float32), np.arange(9) % 3
     np.savez(tmp_path / "plain.npz", x=x, y=y)
     np.savez_compressed(tmp_path / "packed.npz", x=x, y=y)
-    mapped, _ = data._read_npz(tmp_path / "plain.npz", "fix")
+    mapped, _ = data.read_npz(tmp_path / "plain.npz", "fix")
     assert isinstance(mapped, np.memmap) and np.array_equal(mapped, x)
-    packed, _ = data._read_npz(tmp_path / "packed.npz", "fix")
+    packed, _ = data.read_npz(tmp_path / "packed.npz", "fix")
     assert not isinstance(packed, np.memmap) and np.array_equal(packed, x)
     for name in ("plain.npz", "packed.npz"):
         d = load_dataset(str(tmp_path / name), samples=4, shuffle=True, seed=2)

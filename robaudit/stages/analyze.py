@@ -20,7 +20,7 @@ import torch
 from .. import __version__
 from .. import attacks as atk
 from .. import dist
-from ..data import DATASETS, IMAGEFOLDER_PREFIX, load_dataset
+from ..data import DataSource, is_image_folder_record, load_dataset
 from ..errors import RobauditError
 from ..lsa import MVL, LSAResult, analyze, resolve_device
 from ..models import LoadedModel, load_model, with_normalization
@@ -44,9 +44,11 @@ class AnalysisRun:
     checks: dict | None
 
 
-def default_out(model_path: Path | None, dataset: str, root: str | Path = "reports") -> Path:
+def default_out(model_path: Path | None, source: DataSource, root: str | Path = "reports") -> Path:
+    """Where a run of ``model_path`` on ``source`` goes without --out: ``reports/<model>-<data set>``, named after
+    the data set as the run records it, so that a later command finds the run from the same options."""
     stem = model_path.stem if model_path else "model"
-    return Path(root) / f"{stem}-{Path(dataset).stem if dataset.endswith('.npz') else dataset}"
+    return Path(root) / f"{stem}-{source.name}"
 
 
 def now() -> str:
@@ -215,10 +217,10 @@ def _setup(model, dataset: str, *, out, arch, arch_kwargs, trust_model, data_dir
     specs = [atk.parse(a) for a in attacks] if attacks else None
     loaded = model if isinstance(model, LoadedModel) else load_model(
         model, arch=arch, arch_kwargs=arch_kwargs, trust_model=trust_model)
-    data = load_dataset(dataset, split=split, samples=samples, shuffle=shuffle, seed=seed, data_dir=data_dir,
-                        download=download, image_size=image_size, class_map=class_map,
-                        stream=True)  # every on-disk format streams; moons and digits are small, in memory
-    out = Path(out) if out else default_out(loaded.path, data.name)
+    source = DataSource.parse(dataset, image_size=image_size, class_map=class_map)
+    data = load_dataset(source, split=split, samples=samples, shuffle=shuffle, seed=seed, data_dir=data_dir,
+                        download=download, stream=True)  # every on-disk format streams; moons and digits are small
+    out = Path(out) if out else default_out(loaded.path, source)
     if dist.is_main():  # the other processes never look at the output
         _claim_output(out, force=force, held=held)
     mean, std = _normalization(data, normalize=normalize, mean=mean, std=std)
@@ -318,22 +320,7 @@ def _manifest(loaded: LoadedModel, data, result: LSAResult, *, command: str, tru
     }
 
 
-def is_image_folder(record: Mapping) -> bool:
-    """Whether a manifest's ``dataset`` record is an image folder's: only those take an image size or a class map,
-    and only they are named ``imagefolder-<folder>`` after their source (a file is named by its stem)."""
-    source = Path(str(record.get("source") or ""))
-    return ("image_size" in record or "class_map" in record
-            or record.get("name") == f"imagefolder-{source.name}")
-
-
-def run_data_name(record: Mapping) -> str:
-    """The data set name :func:`load_dataset` takes for a manifest's ``dataset`` record: the built-in data
-    set's name, ``imagefolder:FOLDER`` or the file, with the absolute paths the analysis resolved."""
-    name = record.get("name")
-    if name in DATASETS:
-        return str(name)
-    source = str(record.get("source") or name)
-    return f"{IMAGEFOLDER_PREFIX}{source}" if is_image_folder(record) else source
+is_image_folder = is_image_folder_record  # whether a manifest's ``dataset`` record is an image folder's
 
 
 def load_run_data(manifest: Mapping, *, stream: bool = True, download: bool = True):
@@ -341,10 +328,10 @@ def load_run_data(manifest: Mapping, *, stream: bool = True, download: bool = Tr
     an image folder with its image size and class map); ``stream`` reads every on-disk format batch by batch,
     as the analysis did, with the same values."""
     record = manifest.get("dataset") or {}
-    return load_dataset(run_data_name(record), split=record.get("split") or "test", samples=record.get("samples"),
-                        shuffle=bool(record.get("shuffle")), seed=int(manifest.get("seed", 0)),
-                        data_dir=record.get("data_dir"), download=download, image_size=record.get("image_size"),
-                        class_map=record.get("class_map"), stream=stream)
+    return load_dataset(DataSource.of_record(record), split=record.get("split") or "test",
+                        samples=record.get("samples"), shuffle=bool(record.get("shuffle")),
+                        seed=int(manifest.get("seed", 0)), data_dir=record.get("data_dir"), download=download,
+                        stream=stream)
 
 
 def model_checks(loaded: LoadedModel, data, result: LSAResult, plan: ModelCheckPlan | None, *, mean, std, device,
