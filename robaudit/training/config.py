@@ -10,7 +10,7 @@ from .. import limits
 from ..errors import RobauditError
 
 
-class _Choice(str, Enum):
+class Choice(str, Enum):
     """A string choice: compares equal to its value and prints as it."""
 
     def __str__(self) -> str:
@@ -28,14 +28,14 @@ class _Choice(str, Enum):
             raise RobauditError(message.format(value=value, choices=", ".join(m.value for m in cls))) from None
 
 
-class Method(_Choice):
+class Method(Choice):
     ATLR = "atlr"
     AT = "at"
     LAYERWISE = "layerwise"
     STANDARD = "standard"
 
 
-class ReMode(_Choice):
+class ReMode(Choice):
     POOLED = "pooled"
     PER_SAMPLE = "per-sample"
 
@@ -43,17 +43,17 @@ class ReMode(_Choice):
 _RE_ALIASES = {"per_sample": "per-sample", "persample": "per-sample", "mean": "per-sample"}
 
 
-class BaseAttack(_Choice):
+class BaseAttack(Choice):
     PGD = "pgd"
     FGSM = "fgsm"
 
 
-class Optimizer(_Choice):
+class Optimizer(Choice):
     ADAM = "adam"
     SGD = "sgd"
 
 
-class Schedule(_Choice):
+class Schedule(Choice):
     COSINE = "cosine"
     NONE = "none"
 

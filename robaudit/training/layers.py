@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import RobauditError
 from ..probe import Layer
-from .config import _Choice
+from .config import Choice
 
 _BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -29,7 +29,7 @@ def batch_independent(module: nn.Module, exported: bool = False) -> bool:
     return exported or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
-class LayerRule(_Choice):
+class LayerRule(Choice):
     """Which layers hardening regularizes: the MVL list, or a control that ignores the RE ranking."""
 
     MVL = "mvl"  # the Most Vulnerable Layers, most vulnerable first
