@@ -197,11 +197,11 @@ def test_report_without_a_run_fails_cleanly(tmp_path):
 
 
 def test_harden_says_which_run_and_epoch_and_warns_once(tmp_path, monkeypatch):
-    import robaudit.models
+    import robaudit.exported
 
     monkeypatch.chdir(tmp_path)
     # an archive whose BatchNorm cannot be rebuilt as a trainable module keeps it frozen, and says so
-    monkeypatch.setattr(robaudit.models, "_rebuild_leaf", lambda *args: None)
+    monkeypatch.setattr(robaudit.exported, "_rebuild_leaf", lambda *args: None)
     first = invoke("analyze", DIGITS_PT2, "--dataset", "digits", "--attack", "fgsm", "--eps", "0.1", "--samples", "24",
                    "--no-checks", "--no-report", "--out", "reports/digits")
     assert first.exit_code == 0, first.output
