@@ -9,7 +9,6 @@ import datetime as _dt
 import logging
 import math
 import platform
-import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from .. import __version__
 from .. import attacks as atk
 from .. import dist
+from ..cmdline import command_line
 from ..data import DATASETS, IMAGEFOLDER_PREFIX, load_dataset
 from ..errors import RobauditError
 from ..lsa import MVL, LSAResult, analyze, resolve_device
@@ -52,19 +52,6 @@ def default_out(model_path: Path | None, dataset: str, root: str | Path = "repor
 def now() -> str:
     """The current UTC time as the manifests record it (ISO 8601, seconds)."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def api_command(stage: str, *args, **options) -> str:
-    """The command line equivalent to an API call: ``robaudit STAGE ARGS --option value ...``.
-
-    Options are given in order; ``None`` is left out and a list repeats its option.
-    """
-    parts = ["robaudit", stage, *map(str, args)]
-    for name, value in options.items():
-        for v in value if isinstance(value, list) else [value]:
-            if v is not None:
-                parts += [f"--{name.replace('_', '-')}", str(v)]
-    return shlex.join(parts)
 
 
 def check_plan(attacks, eps, data, *, batch_size: int):
@@ -370,14 +357,7 @@ def model_checks(loaded: LoadedModel, data, result: LSAResult, plan: CheckPlan |
 
 def _api_command(loaded: LoadedModel, dataset: str, attacks, eps, seed: int, out: Path, *,
                  image_size: int | None = None, class_map=None) -> str:
-    parts = ["robaudit", "analyze", str(loaded.path) if loaded.path else "MODEL", "--dataset", dataset]
-    if image_size is not None:
-        parts += ["--image-size", str(image_size)]
-    if class_map is not None:
-        parts += ["--class-map", str(class_map)]
-    for a in attacks or []:
-        parts += ["--attack", a]
-    if eps:
-        parts += ["--eps", ",".join(f"{e:g}" for e in eps)]
-    parts += ["--seed", str(seed), "--out", str(out)]
-    return shlex.join(parts)
+    """The ``robaudit analyze`` command line equivalent to an :func:`analyze_run` call."""
+    return command_line("analyze", str(loaded.path) if loaded.path else "MODEL", dataset=dataset,
+                        image_size=image_size, class_map=class_map, attack=list(attacks or []),
+                        eps=",".join(f"{e:g}" for e in eps) if eps else None, seed=seed, out=out)

@@ -20,6 +20,7 @@ from torch import nn
 
 from .. import attacks as atk
 from .. import dist
+from ..cmdline import command_line
 from ..data import DATASETS, IMAGEFOLDER_PREFIX, class_folders, load_dataset
 from ..errors import RobauditError
 from ..lsa import ranking_rows, re_column, resolve_device, select_mvl
@@ -32,7 +33,7 @@ from ..training.config import HardenConfig
 from ..training.harden import HardenResult, global_batch_size, harden
 from ..training.layers import LayerRule, batchnorm_modules, control_layers
 from ..training.loop import HardenInterrupted
-from .analyze import (analyze_for_run, api_command, batchnorm_audit, is_image_folder, load_run_data,
+from .analyze import (analyze_for_run, batchnorm_audit, is_image_folder, load_run_data,
                       model_checks, now)
 
 HARDENED_DIR = "hardened"
@@ -435,5 +436,5 @@ def _write_hardened(tmp: Path, analysis, h_mvl, manifest: dict, checks, history:
 def _api_command(run_dir: Path, method: str, mvl_top, eps: float, epochs: int, seed: int,
                  layers_from: str | None = None) -> str:
 
-    return api_command("harden", run=run_dir, method=method, mvl_top=mvl_top, eps=f"{eps:g}", epochs=epochs,
+    return command_line("harden", run=run_dir, method=method, mvl_top=mvl_top, eps=f"{eps:g}", epochs=epochs,
                        seed=seed, layers_from=None if layers_from in (None, "mvl") else layers_from)
