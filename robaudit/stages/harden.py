@@ -28,7 +28,7 @@ from ..models import (LoadedModel, check_stored_arch, export_model, load_model, 
                       save_exported_weights, sha256_file, with_normalization)
 from ..rundir import rows_at, atomic_dir, fill_run, foreign_entries, read_run, write_csv, write_json
 from ..writelock import write_lock
-from ..training.checkpoint import CHECKPOINT_NAME
+from ..training.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from ..training.config import HardenConfig
 from ..training.harden import HardenResult, global_batch_size, harden
 from ..training.layers import LayerRule, batchnorm_modules, control_layers
@@ -201,6 +201,48 @@ def harden_run(
         with contextlib.suppress(FileNotFoundError):
             ck_path.unlink()
     return done
+
+
+def run_to_harden(model: str | os.PathLike | None, run_dir: str | os.PathLike | None, *, dataset: str | None,
+                  out: str | os.PathLike | None = None, resume: bool = False, device: str = "auto",
+                  analysis: Mapping[str, Any] | None = None) -> tuple[Path, list[str]]:
+    """The run directory ``robaudit harden`` works on, and lines that say how it was found.
+
+    Under ``torchrun`` every process joins the group here, for the whole command. ``model`` (with ``dataset``)
+    is analyzed first (:func:`~robaudit.stages.analyze.analyze_run` with ``analysis``), unless ``resume``
+    finds the checkpoint of an interrupted harden in its run directory; otherwise ``run_dir``, or the latest
+    run under ``reports/``. With ``resume``, a line says from which epoch training continues.
+    """
+    from ..rundir import latest_run
+
+    dist.init(resolve_device(device))
+    notes: list[str] = []
+    if model is not None:
+        run_dir = _analyze_first(Path(model), dataset, out=out, resume=resume, device=device, notes=notes,
+                                 **(analysis or {}))
+    elif run_dir is None:
+        run_dir = latest_run("reports")
+        notes.append(f"hardening the latest run under reports/: {run_dir}")
+    ck = Path(run_dir) / CHECKPOINT_NAME
+    if resume and ck.is_file():
+        epoch = int(load_checkpoint(ck)["epoch"])
+        notes.append(f"resuming from the checkpoint of epoch {epoch} ({ck}): training continues at epoch {epoch + 1}")
+    return Path(run_dir), notes
+
+
+def _analyze_first(model: Path, dataset: str, *, out, resume: bool, notes: list[str], **analysis) -> Path:
+    """``harden MODEL``: its analysis written first, unless an interrupted harden of that run is resumed."""
+    from .analyze import analyze_run, default_out
+
+    planned = Path(out) if out else default_out(model, dataset)
+    if resume and (planned / CHECKPOINT_NAME).is_file():
+        notes.append(f"resuming the interrupted harden in {planned}")
+        return planned  # the analysis is there already; analyzing again would replace the checkpoint
+    done = analyze_run(model, dataset, out=out, report=False, leave_group=False,
+                       **analysis)  # training goes on in the same process group
+    dist.barrier()  # under torchrun rank 0 wrote the run: the others read it from here on
+    notes.append(f"analyzed {model} -> {done.path}")
+    return done.path
 
 
 def _is_regular(path: Path) -> bool:
