@@ -30,7 +30,7 @@ from ..rundir import rows_at, atomic_dir, fill_run, foreign_entries, read_run, w
 from ..writelock import write_lock
 from ..training.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from ..training.config import HardenConfig
-from ..training.harden import HardenResult, global_batch_size, harden
+from ..training.fit import HardenResult, global_batch_size, harden
 from ..training.layers import LayerRule, batchnorm_modules, control_layers
 from ..training.loop import HardenInterrupted
 from .analyze import (analyze_for_run, batchnorm_audit, is_image_folder, load_run_data,
@@ -126,22 +126,11 @@ def _holding_the_run(fn):
 
 
 @_holding_the_run
-def harden_run(
-    run_dir: str | os.PathLike,
-    config: HardenConfig | None = None,
-    *,
-    mvl_top: int | None = None,
-    include_output: bool = False,
-    layers_from: str | LayerRule = LayerRule.MVL,
-    train_data: str | os.PathLike | None = None,
-    resume: bool = False,
-    force: bool = False,
-    command: str | None = None,
-    download: bool = True,
-    arch: str | None = None,
-    trust_model: bool = False,
-    **settings: Any,
-) -> HardenRun:
+def harden_run(run_dir: str | os.PathLike, config: HardenConfig | None = None, *, mvl_top: int | None = None,
+               include_output: bool = False, layers_from: str | LayerRule = LayerRule.MVL,
+               train_data: str | os.PathLike | None = None, resume: bool = False, force: bool = False,
+               command: str | None = None, download: bool = True, arch: str | None = None,
+               trust_model: bool = False, **settings: Any) -> HardenRun:
     """Harden the model of an analyzed run directory and write ``RUN/hardened/``.
 
     Reads the run (model, data set, normalization, attacks, MVL ranking), trains on the data set's
@@ -167,20 +156,12 @@ def harden_run(
     dest, ck_path = run_dir / HARDENED_DIR, run_dir / CHECKPOINT_NAME
     _check_run_dir(run, dest, ck_path, resume=resume, force=force)
     _check_attacks(run)
-    eps_list = man.get("eps") or []
-    if cfg.eps is None:
-        eps = default_train_eps(eps_list)
-        if eps is None:
-            raise RobauditError("the run has no eps sweep to take the training eps from: pass --eps")
-        cfg = dataclasses.replace(cfg, eps=eps)
-    if cfg.seed is None:
-        cfg = dataclasses.replace(cfg, seed=int(man.get("seed", 0)))
+    cfg = _run_config(cfg, man)
     layers, ranking = _select_layers(run, mvl_top, include_output, rule, cfg.seed)
     loaded, model_path = _load_run_model(run, arch=arch, trust_model=trust_model)
     # every process refuses a batch too small for them here, at once, not after rank 0 alone read the data first
     global_batch_size(cfg.batch_size, loaded.module.__dict__.get("_robaudit_fixed_batch"), [])
     norm = man.get("normalization") or {}
-    mean, std = norm.get("mean"), norm.get("std")
     with dist.main_first():  # a download happens once, in rank 0, while the others wait
         train_set, train_desc = _train_set(man.get("dataset") or {}, train_data, download=download)
         test = load_run_data(man, download=download)  # streamed, as the analysis read it
@@ -188,8 +169,9 @@ def harden_run(
     _check_trainable(cfg, loaded, train_set)
 
     fp_extra = {"model_sha256": (man.get("model") or {}).get("sha256"), "train": train_desc}
-    result = harden(loaded, train_set, None, cfg, mvl_layers=layers, mean=mean, std=std, checkpoint_dir=run_dir,
-                    resume=resume, type_map=loaded.type_map, fingerprint_extra=fp_extra, device=dev)
+    result = harden(loaded, train_set, None, cfg, mvl_layers=layers, mean=norm.get("mean"), std=norm.get("std"),
+                    checkpoint_dir=run_dir, resume=resume, type_map=loaded.type_map, fingerprint_extra=fp_extra,
+                    device=dev)
     try:
         done = _finish(run, cfg, result, loaded, train_set, test, dev, started=started, command=command,
                        model_path=model_path, train_desc=train_desc, mvl_top=mvl_top, ranking=ranking,
@@ -201,6 +183,19 @@ def harden_run(
         with contextlib.suppress(FileNotFoundError):
             ck_path.unlink()
     return done
+
+
+def _run_config(cfg: HardenConfig, manifest: Mapping) -> HardenConfig:
+    """``cfg`` with what it leaves open taken from the run: the training eps (:func:`default_train_eps` of the
+    analysis sweep) and the seed (the analysis seed)."""
+    if cfg.eps is None:
+        eps = default_train_eps(manifest.get("eps") or [])
+        if eps is None:
+            raise RobauditError("the run has no eps sweep to take the training eps from: pass --eps")
+        cfg = dataclasses.replace(cfg, eps=eps)
+    if cfg.seed is None:
+        cfg = dataclasses.replace(cfg, seed=int(manifest.get("seed", 0)))
+    return cfg
 
 
 def run_to_harden(model: str | os.PathLike | None, run_dir: str | os.PathLike | None, *, dataset: str | None,
