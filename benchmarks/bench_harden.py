@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from robaudit.data import load_dataset
-from robaudit.training.harden import harden
+from robaudit.training.fit import harden
 
 try:
     from robaudit.examples.models import DigitsCNN, MoonsMLP

@@ -41,7 +41,7 @@ import torch
 from robaudit import analyze
 from robaudit import attacks as atk
 from robaudit.data import load_dataset
-from robaudit.training.harden import harden
+from robaudit.training.fit import harden
 
 try:
     from robaudit.examples.models import DigitsCNN, MoonsMLP

@@ -11,7 +11,7 @@ from .errors import RobauditError  # noqa: E402
 from .lsa import MVL, LSAResult, analyze, relative_error, pooled_relative_error  # noqa: E402
 from .models import LoadedModel, load_model  # noqa: E402
 from .training.config import HardenConfig  # noqa: E402
-from .training.harden import HardenResult, harden  # noqa: E402
+from .training.fit import HardenResult, harden  # noqa: E402
 
 
 def load_example(name: str) -> LoadedModel:

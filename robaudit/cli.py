@@ -5,21 +5,23 @@ traceback instead.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
-import re
-import shlex
 import sys
 import warnings
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import click
 
-from . import limits
+from . import dist, limits, tables
+from .cmdline import invoked_command
 from .errors import RobauditError
+from .gate import EXIT_MISSED
 from .training.config import BaseAttack, HardenConfig, Method, Optimizer, ReMode, Schedule
 from .lsa import MVL_METRICS
 from .training.layers import LayerRule
+from .training.loop import HardenInterrupted
 
 EXIT_USER = 2
 EXIT_INTERNAL = 1
@@ -27,9 +29,9 @@ EXIT_INTERRUPTED = 130
 SEED_MAX = limits.SEED_MAX  # numpy's and torch's generators both take it
 
 
-def _worker() -> bool:
-    """A process of ``torchrun`` other than rank 0: it prints nothing (rank 0 reports for the group)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0
+def _finished(error: BaseException) -> bool:
+    """Whether ``error`` ends a command that ran to its end: a normal exit, or a missed bar's."""
+    return isinstance(error, click.exceptions.Exit) and error.exit_code in (0, EXIT_MISSED)
 
 
 class _Group(click.Group):
@@ -38,23 +40,18 @@ class _Group(click.Group):
     Under ``torchrun`` each process that fails says so in one line, tagged with its rank. An error that
     reached rank 0 through :func:`robaudit.dist.exchange` is said once, by rank 0, naming the process it
     came from; the other processes exit with the same status, silently. The process group is left at the
-    end: after a meeting on success, at once after a failure (so that the others fail instead of waiting).
+    end (:func:`robaudit.dist.lifetime`).
     """
 
     def invoke(self, ctx: click.Context):
-        failed = True
         try:
-            result = self._invoke(ctx)
-            failed = False
-            return result
-        except click.exceptions.Exit as e:
-            from .gate import EXIT_MISSED
-
-            failed = e.exit_code not in (0, EXIT_MISSED)  # a missed bar is a finished command
-            raise
-        finally:
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                _leave_group(ctx, failed=failed)
+            with dist.lifetime(finished=_finished):
+                return self._invoke(ctx)
+        except dist.GroupBroken as e:  # another process failed first: its own message says why
+            if _debug(ctx):
+                raise
+            _echo(f"error{dist.process_tag()}: {e}", err=True)
+            ctx.exit(EXIT_INTERNAL)
 
     def _invoke(self, ctx: click.Context):
         try:
@@ -64,47 +61,26 @@ class _Group(click.Group):
         except BrokenPipeError:  # output piped into e.g. `head`: nothing left to say
             sys.stderr.close()
             ctx.exit(EXIT_INTERNAL)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, HardenInterrupted) as e:
             if _debug(ctx):
                 raise
-            click.echo("interrupted: nothing half-written was left behind", err=True)
+            _echo(f"interrupted{dist.process_tag()}: {e}" if isinstance(e, HardenInterrupted)
+                  else "interrupted: nothing half-written was left behind", err=True)
             ctx.exit(EXIT_INTERRUPTED)
         except RobauditError as e:
             if _debug(ctx):
                 raise
-            if not _said_by_rank0(e):
-                _echo(f"error{_process_tag()}: {e}", err=True)
+            if not dist.reported_by_main(e):
+                _echo(f"error{dist.process_tag()}: {e}", err=True)
             ctx.exit(getattr(e, "exit_code", EXIT_USER))
         except Exception as e:  # a bug, not the user's fault: still one line, with the way to learn more
             if _debug(ctx):
                 raise
-            if not _said_by_rank0(e):
+            if not dist.reported_by_main(e):
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                _echo(f"error{_process_tag()}: unexpected {type(e).__name__}: {first[:300]} (rerun with --debug "
-                           "for the traceback)", err=True)
+                _echo(f"error{dist.process_tag()}: unexpected {type(e).__name__}: {first[:300]} (rerun with --debug "
+                      "for the traceback)", err=True)
             ctx.exit(EXIT_INTERNAL)
-
-
-def _leave_group(ctx: click.Context, *, failed: bool) -> None:
-    """Leave torchrun's process group; a meeting that fails because another process failed first is said in
-    one line (that process says why) and ends this one with a non-zero status."""
-    from . import dist
-
-    try:
-        dist.shutdown(failed=failed)
-    except Exception as e:  # the group broke while meeting at the end: another process failed
-        if _debug(ctx) or failed:
-            raise
-        click.echo(f"error{_process_tag()}: another process of the job failed before the end "
-                   f"({type(e).__name__}); its own message says why", err=True)
-        ctx.exit(EXIT_INTERNAL)
-
-
-def _said_by_rank0(error: BaseException) -> bool:
-    """Whether rank 0 reports ``error`` for this process (it went through :func:`robaudit.dist.exchange`)."""
-    from . import dist
-
-    return _worker() and (isinstance(error, dist.PeerError) or dist.was_shared(error))
 
 
 def _debug(ctx: click.Context) -> bool:
@@ -112,20 +88,14 @@ def _debug(ctx: click.Context) -> bool:
     return bool(root.params.get("debug")) if root is not None else False
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def _printable(text) -> str:
-    """``text`` without control characters (C0, DEL, C1: no escape sequence from a file or a model reaches the
-    terminal); tabs and line breaks become spaces, so a value stays on its line."""
-    return _CONTROL.sub("", re.sub(r"[\t\n\r]", " ", str(text)))
-
-
 def _echo(text="", *, err: bool = False) -> None:
-    """``click.echo`` of a line made :func:`_printable`, its leading blank lines kept."""
-    text = str(text)
-    body = text.lstrip("\n")
-    click.echo("\n" * (len(text) - len(body)) + _printable(body), err=err)
+    """``click.echo`` of a line made printable (:func:`robaudit.tables.terminal_line`)."""
+    click.echo(tables.terminal_line(text), err=err)
+
+
+def _echo_lines(lines: Iterable[str]) -> None:
+    for line in lines:
+        _echo(line)
 
 
 def _floats(text: str | None, option: str) -> list[float] | None:
@@ -173,7 +143,7 @@ def main(debug: bool, verbose: int) -> None:
     if not debug:
         warnings.simplefilter("ignore", FutureWarning)
         warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
-    if _worker():  # rank 0 alone speaks for a torchrun group
+    if not dist.is_main():  # rank 0 alone speaks for a torchrun group
         warnings.simplefilter("ignore")
         logging.getLogger().setLevel(logging.ERROR)
 
@@ -239,8 +209,6 @@ def _bars(fail_under, max_re, strict):
 
 def _say(as_json: bool):
     """Informational lines go to stderr when stdout carries the JSON object; under torchrun, from rank 0 only."""
-    from . import dist
-
     if not dist.is_main():
         return lambda text: None
     return (lambda text: _echo(text, err=True)) if as_json else _echo
@@ -251,35 +219,15 @@ def _verdict_and_gate(ctx, run_dir: Path, bars, as_json: bool, *, before: Path |
     """Print the sanity verdict (or the JSON object), hold the bars against the run, exit 3 if one is missed."""
     import json
 
-    from . import gate, verdict
-    from .rundir import read_run
+    from .gate import judge
 
-    run = read_run(run_dir)
-    checks = verdict.checks_of(run)
-    outcomes = gate.evaluate(bars, run, checks)
-    introduced = verdict.introduced_warnings(verdict.checks_of(read_run(before)), checks) if before else None
-    missed = [o for o in outcomes if not o.met]
+    judgement = judge(bars, run_dir, before=before)
     if as_json:
-        obj = verdict.summarize(run, checks)
-        if introduced is not None:
-            obj["introduced_warnings"] = introduced
-        obj.update(extra or {})
-        obj["bars"] = [o.to_dict() for o in outcomes]
-        obj["passed"] = not missed
-        click.echo(json.dumps(obj, indent=2, allow_nan=False))
+        click.echo(json.dumps(judgement.to_dict(extra), indent=2, allow_nan=False))
     else:
-        report = run_dir / "report.html"
-        _echo("")
-        for line in verdict.sanity_lines(checks, report=str(report) if report.exists() else None,
-                                         run_dir=str(run_dir.parent if before else run_dir)):
-            _echo(line)
-        for name in introduced or []:
-            _echo(f"  hardening introduced a warning the original model did not have: {name} -- the classic "
-                       "sign of a defence that only masks gradients")
-        for o in outcomes:
-            _echo(f"{'bar met' if o.met else 'MISSED'}: {o.bar.name} ({o.text})")
-    if missed:
-        ctx.exit(gate.EXIT_MISSED)
+        _echo_lines(tables.judgement_lines(judgement))
+    if not judgement.passed:
+        ctx.exit(EXIT_MISSED)
 
 
 @main.command()
@@ -339,9 +287,7 @@ def analyze(ctx, model, arch, arch_kwargs, trust_model, dataset, data_dir, split
         probe=probe, mean=mean, std=std, normalize=not no_normalize,
         mvl_top=mvl_top, mvl_z=mvl_z, mvl_attack=mvl_attack, mvl_metric=mvl_metric, include_output=include_output,
         batch_size=batch_size, device=device, seed=seed, checks=not no_checks, report=not no_report,
-        progress=sys.stderr.isatty() if progress is None else progress,
-        command=shlex.join(["robaudit", *sys.argv[1:]]) if Path(sys.argv[0]).name.startswith("robaudit")
-        else None, force=force,
+        progress=sys.stderr.isatty() if progress is None else progress, command=invoked_command(), force=force,
     )
     if run is None:  # a torchrun process other than rank 0: its share is in rank 0's run
         return
@@ -351,35 +297,8 @@ def analyze(ctx, model, arch, arch_kwargs, trust_model, dataset, data_dir, split
 
 
 def echo_summary(run) -> None:
-    """Print the accuracy table, the MVL list and where the outputs are."""
-    from .sanity import format_eps
-    res, mvl = run.result, run.mvl
-    acc = res.accuracy
-    _echo(f"{run.manifest['model']['path']} on {run.manifest['dataset']['name']} "
-               f"({res.n_samples} samples, {res.seconds:.1f} s)")
-    _echo(f"clean accuracy: {100 * res.clean_accuracy:.1f}%")
-    for eps_val, rows in acc[acc["attack"] != "clean"].groupby(acc["eps"].fillna(-1.0), sort=True):
-        if eps_val < 0:  # minimal-perturbation attacks: the size they needed, not an accuracy
-            items = ", ".join(f"{r.attack} fools {100 * r.success_rate:.1f}%" + (
-                "" if r.pert_median != r.pert_median else f" at median {r.norm} {r.pert_median:.3g}")
-                for r in rows.itertuples())
-            _echo(f"  minimal perturbation: {items}")
-            continue
-        items = ", ".join(f"{r.attack} {100 * r.accuracy:.1f}%" for r in rows.itertuples())
-        _echo(f"  eps {format_eps(eps_val)}: {items}")
-    eps_txt = f" at eps {format_eps(mvl.eps)}" if mvl.eps is not None else ""
-    _echo(f"\nMost Vulnerable Layers (ranked by {mvl.metric} under {mvl.attack}{eps_txt}):")
-    width = max([len(n) for n in mvl.names] + [5])
-    _echo(f"  {'rank':>4}  {'layer':<{width}}  {'type':<14} {mvl.metric:>9}")
-    for i, r in enumerate(mvl.layers.itertuples(), 1):
-        _echo(f"  {i:>4}  {_printable(r.layer):<{width}}  {_printable(r.layer_type):<14} {r.score:>9.4f}")
-    if mvl.excluded:
-        _echo(f"  (not ranked: {', '.join(mvl.excluded)} -- output and pass-through layers; "
-                   "--include-output ranks the output layer)")
-    _echo(f"\nrun directory: {run.path}")
-    report = Path(run.path) / "report.html"
-    if report.exists():
-        _echo(f"report: {report}")
+    """Print an analysis' accuracy table, its MVL list and where the outputs are."""
+    _echo_lines(tables.analysis_summary(run))
 
 
 @main.command()
@@ -422,17 +341,8 @@ def compare(run_a, run_b, out, as_json):
 @main.command("attacks")
 def list_attacks():
     """List the attacks and noise baselines the spec language knows."""
-    from .attacks import KINDS
-
-    for k in KINDS.values():
-        norms = k.norms or (k.norm,)
-        params = ", ".join(f"{p}={v}" for p, v in k.defaults.items())
-        eps = "eps, " if k.bounded else ""
-        choice = f"norm={k.norm} (or {', '.join(f'norm={n}' for n in norms if n != k.norm)}), " if len(norms) > 1 else ""
-        click.echo(f"{k.name:<11} {k.kind:<11} {'/'.join(norms):<7}  {k.description}")
-        if eps or params or choice:
-            click.echo(f"{'':<11} params: {eps}{choice}{params}".rstrip(", "))
-    click.echo("\ne.g. robaudit analyze MODEL -d digits --attack pgd:eps=8/255,steps=20 --attack square:norm=L2,eps=0.5")
+    for line in tables.attack_kinds():
+        click.echo(line)
 
 
 # --- harden ---
@@ -498,16 +408,15 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
       robaudit harden --run reports/m-digits --method at
       robaudit harden model.pt2 --dataset digits      # analyze first, then harden
     """
-    from . import dist
     from .attacks import parse_number
-    from .lsa import resolve_device
-    from .rundir import latest_run
+    from .models import parse_arch_kwargs
+    from .stages.harden import harden_run, run_to_harden
 
     if model is not None and run_dir is not None:
         raise RobauditError("give either MODEL (analyzed first) or --run DIR, not both")
     bars = _bars(fail_under, max_re, strict)
     show_progress = sys.stderr.isatty() if progress is None else progress
-    command = shlex.join(["robaudit", *sys.argv[1:]]) if Path(sys.argv[0]).name.startswith("robaudit") else None
+    download = not data_extra.get("no_download", False)
     # every setting is checked here, before an analysis that may take minutes
     cfg = HardenConfig(
         method=method, eps=parse_number(train_eps) if train_eps is not None else None, gamma=gamma,
@@ -521,61 +430,38 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
     if model is None and (image_size is not None or class_map is not None):
         raise RobauditError("--image-size and --class-map apply to harden MODEL --dataset imagefolder:DIR; a run "
                             "decodes its images as its analysis did")
-    dist.init(resolve_device(device))  # under torchrun: join the process group (the group leaves it)
-    say = _say(as_json)
-    if model is not None:
-        if not dataset:
-            raise RobauditError("--dataset is required with MODEL: e.g. robaudit harden model.pt2 --dataset digits")
-        run_dir = _analyze_before_harden(
-            model, dataset, out=out, resume=resume, say=say, arch=arch, arch_kwargs=arch_kwargs,
+    if model is not None and not dataset:
+        raise RobauditError("--dataset is required with MODEL: e.g. robaudit harden model.pt2 --dataset digits")
+    run_dir, notes = run_to_harden(
+        model, run_dir, dataset=dataset, out=out, resume=resume, device=device, analysis=dict(
+            arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs) if model is not None else None,
             trust_model=trust_model, data_dir=data_dir, split=split, samples=samples, shuffle=shuffle,
-            mvl_top=mvl_top, include_output=include_output, device=device, seed=seed or 0,
-            progress=show_progress, force=force, image_size=image_size, class_map=class_map, workers=workers,
-            **({"download": not data_extra["no_download"]} if "no_download" in data_extra else {}))
-    elif run_dir is None:
-        run_dir = latest_run("reports")
-        say(f"hardening the latest run under reports/: {run_dir}")
-    if resume:
-        _say_resume(run_dir, say)
-    done, warned = _harden_run(ctx, run_dir, cfg, mvl_top=mvl_top, include_output=include_output,
-                               layers_from=LayerRule.of(layers_from),
-                               train_data=train_data, resume=resume, force=force, command=command,
-                               download=not data_extra.get("no_download", False), arch=arch,
-                               trust_model=trust_model)
+            mvl_top=mvl_top, include_output=include_output, seed=seed or 0, progress=show_progress, force=force,
+            image_size=image_size, class_map=class_map, workers=workers, download=download))
+    for note in notes:
+        _say(as_json)(note)
+    with _warnings_recorded() as warned:
+        done = harden_run(run_dir, cfg, mvl_top=mvl_top, include_output=include_output,
+                          layers_from=LayerRule.of(layers_from), train_data=train_data, resume=resume, force=force,
+                          command=invoked_command(), download=download, arch=arch, trust_model=trust_model)
     if dist.is_main():  # the other processes of a torchrun job wrote and print nothing; the gate's exit is rank 0's
         _show_harden(ctx, done, warned, bars, as_json=as_json, report=not no_report)
 
 
-def _say_resume(run_dir: Path, say) -> None:
-    """Say from which epoch an interrupted harden continues."""
-    from .training.checkpoint import CHECKPOINT_NAME, load_checkpoint
-
-    ck = Path(run_dir) / CHECKPOINT_NAME
-    if ck.is_file():
-        epoch = int(load_checkpoint(ck)["epoch"])
-        say(f"resuming from the checkpoint of epoch {epoch} ({ck}): training continues at epoch {epoch + 1}")
-
-
-def _harden_run(ctx, run_dir: Path, cfg: HardenConfig, **options):
-    """:func:`harden_run`, its warnings recorded (not repeated among the notes), Ctrl-C a one-line exit."""
-    from .stages.harden import harden_run
-    from .training.loop import HardenInterrupted
-
+@contextlib.contextmanager
+def _warnings_recorded() -> Iterator[list[str]]:
+    """The messages of the warnings shown (as always) within the block: a note already shown as a warning is
+    not repeated among a hardening's notes."""
     warned: list[str] = []
     show = warnings.showwarning
 
-    def _record(message, *args, **kwargs):  # a note already shown as a warning is not repeated at the end
+    def _record(message, *args, **kwargs):
         warned.append(str(message))
         show(message, *args, **kwargs)
 
+    warnings.showwarning = _record
     try:
-        warnings.showwarning = _record
-        return harden_run(run_dir, cfg, **options), warned
-    except HardenInterrupted as e:
-        if _debug(ctx):
-            raise
-        _echo(f"interrupted{_process_tag()}: {e}", err=True)
-        ctx.exit(EXIT_INTERRUPTED)
+        yield warned
     finally:
         warnings.showwarning = show
 
@@ -585,7 +471,7 @@ def _show_harden(ctx, done, warned, bars, *, as_json: bool, report: bool) -> Non
     import importlib.util
 
     if not as_json:
-        _echo_harden(done, warned=warned)
+        _echo_lines(tables.harden_summary(done, warned=warned))
     if report and importlib.util.find_spec("robaudit.stages.report") is not None:
         from .stages.report import render_report
 
@@ -593,31 +479,6 @@ def _show_harden(ctx, done, warned, bars, *, as_json: bool, report: bool) -> Non
         _say(as_json)(f"report: {report_path}")
     _verdict_and_gate(ctx, Path(done.hardened_dir), bars, as_json, before=Path(done.run_dir),
                       extra={"original_run_dir": str(done.run_dir), "hardened_model": str(done.model_path)})
-
-
-def _process_tag() -> str:
-    """`` (process R)`` in a process of a torchrun job other than rank 0; empty otherwise."""
-    rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "0"
-    return f" (process {rank})" if rank != "0" else ""
-
-
-def _analyze_before_harden(model, dataset, *, out, resume: bool, say, arch_kwargs, **analysis) -> Path:
-    """``harden MODEL``: analyze first (the run directory to harden), unless resuming an interrupted harden."""
-    from . import dist
-    from .training.checkpoint import CHECKPOINT_NAME
-    from .models import parse_arch_kwargs
-    from .data import DataSource
-    from .stages.analyze import analyze_run, default_out
-
-    planned = Path(out) if out else default_out(model, DataSource.parse(dataset))  # named as analyze names it
-    if resume and (planned / CHECKPOINT_NAME).is_file():
-        say(f"resuming the interrupted harden in {planned}")
-        return planned  # the analysis is there already; analyzing again would replace the checkpoint
-    done = analyze_run(model, dataset, out=out, arch_kwargs=parse_arch_kwargs(arch_kwargs), report=False,
-                       leave_group=False, **analysis)  # training goes on in the same process group
-    dist.barrier()  # under torchrun rank 0 wrote the run: the others read it from here on
-    say(f"analyzed {model} -> {done.path}")
-    return done.path
 
 
 @main.command()
@@ -632,7 +493,7 @@ def check(ctx, run_dir, hardened, fail_under, max_re, strict, as_json):
       robaudit check reports/m-cifar10 --fail-under worst-case=0.40,clean=0.90 --max-re 0.8
       robaudit check --strict --json            # the latest run; fail on any sanity warning
     """
-    from .rundir import latest_run
+    from .rundir import latest_run, read_run
 
     bars = _bars(fail_under, max_re, strict)
     run_dir = Path(run_dir) if run_dir else latest_run("reports")
@@ -640,65 +501,5 @@ def check(ctx, run_dir, hardened, fail_under, max_re, strict, as_json):
     if hardened and not target.is_dir():
         raise RobauditError(f"{run_dir} has no hardened/ result: run `robaudit harden --run {run_dir}` first")
     if not as_json:
-        _echo_accuracy(target)
+        _echo_lines(tables.accuracy_summary(read_run(target), target))
     _verdict_and_gate(ctx, target, bars, as_json, before=run_dir if hardened else None)
-
-
-def _echo_accuracy(run_dir: Path) -> None:
-    """The run's clean and worst-case accuracies, one line each, before the verdict."""
-    from . import verdict
-    from .rundir import read_run
-    from .sanity import format_eps
-
-    summary = verdict.summarize(read_run(run_dir))
-    _echo(f"{summary['model']} on {summary['dataset']} ({summary['n_samples']} samples): {run_dir}")
-    if summary["clean_accuracy"] is not None:
-        _echo(f"clean accuracy: {100 * summary['clean_accuracy']:.1f}%")
-    for w in summary["worst_case"]:
-        _echo(f"  worst case at eps {format_eps(w['eps'])}: {100 * w['accuracy']:.1f}%")
-
-
-def _echo_harden(done, *, warned=()) -> None:
-    """Print the settings, the before/after comparison and where the outputs are."""
-    from .sanity import format_eps
-    s, res = done.settings, done.result
-    _echo(f"{s['method']} on {', '.join(s['mvl_layers']) or 'no layer'} (eps {format_eps(s['eps'])}, {s['epochs']} epochs, "
-               f"{s['seconds_training']:.1f} s); validation: {res.validation}")
-    _echo(f"BatchNorm at test: {res.bn_at_test}")
-    if s.get("layers_rule"):
-        _echo(f"layers regularized: {s['layers_rule']}")
-    for note in res.notes:
-        if note not in warned:
-            _echo(f"note: {note}")
-    comp = done.comparison
-    acc = comp[comp["kind"] == "accuracy"]
-    acc = acc[acc["eps"].notna() | (acc["attack"] == "clean")]  # minimal-perturbation attacks: no robust accuracy
-    labels = [r.attack if r.eps is None or r.eps != r.eps else f"{r.attack} eps {format_eps(r.eps)}" for r in acc.itertuples()]
-    width = max([len(x) for x in labels] + [8])
-    _echo(f"\n  {'accuracy':<{width}}  {'before':>7}  {'after':>7}  {'delta':>6}")
-    for label, r in zip(labels, acc.itertuples()):
-        _echo(f"  {label:<{width}}  {100 * r.before:6.1f}%  {100 * r.after:6.1f}%  {100 * r.delta:+6.1f}")
-    after = done.analysis.accuracy
-    minimal = after[after["eps"].isna() & (after["kind"] == "adversarial")]
-    if len(minimal):
-        from .rundir import read_run
-
-        before = read_run(done.run_dir).accuracy.set_index("attack")  # read as every run is: checked
-        for r in minimal.itertuples():
-            if r.attack in before.index and "pert_median" in before.columns:
-                _echo(f"  {r.attack}: median {r.norm} perturbation to fool a sample "
-                           f"{before.loc[r.attack, 'pert_median']:.3g} -> {r.pert_median:.3g}")
-    re_rows = comp[comp["kind"] == "re"]
-    if len(re_rows):
-        r0 = re_rows.iloc[0]
-        eps_txt = f" eps {format_eps(r0['eps'])}" if r0["eps"] == r0["eps"] and r0["eps"] is not None else ""
-        lw = max([len(str(x)) for x in re_rows["layer"]] + [5])
-        metric = done.settings['mvl_ranking']['metric']
-        _echo(f"\nRE ({'re_mean' if metric == 're_gain' else metric}) of the regularized layers under "
-                   f"{r0['attack']}{eps_txt}:")
-        _echo(f"  {'layer':<{lw}}  {'before':>8}  {'after':>8}")
-        for r in re_rows.itertuples():
-            _echo(f"  {_printable(r.layer):<{lw}}  {r.before:8.4f}  {r.after:8.4f}")
-    _echo(f"\nhardened model: {done.model_path}")
-    _echo(f"outputs: {done.hardened_dir}/ (history.csv, comparison.csv, harden.json, lsa.csv, accuracy.csv, "
-               "mvl.json)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as tdist
@@ -160,6 +160,54 @@ def shutdown(*, failed: bool = False) -> None:
         if not failed:
             barrier()
         tdist.destroy_process_group()
+
+
+class GroupBroken(RobauditError):
+    """The meeting at the end of a command broke: another process of the job failed first (its own message says
+    why)."""
+
+    exit_code = 1
+
+
+@contextlib.contextmanager
+def lifetime(*, finished: Callable[[BaseException], bool] = lambda error: False) -> Iterator[None]:
+    """One command's life in ``torchrun``'s process group, which the stages join when they need it: whatever
+    joined leaves at the end of the block, after a meeting when the block finished (without an exception, or
+    with one that ``finished`` accepts, e.g. the exit of a command that ran to its end), at once after a failure
+    (see :func:`shutdown`). A meeting that breaks although this process finished raises :class:`GroupBroken`.
+    Without torchrun, just the block."""
+    failed = True
+    try:
+        yield
+        failed = False
+    except BaseException as e:
+        failed = not finished(e)
+        raise
+    finally:
+        if launched():
+            _leave(failed=failed)
+
+
+def _leave(*, failed: bool) -> None:
+    try:
+        shutdown(failed=failed)
+    except Exception as e:  # the group broke while meeting at the end: another process failed
+        if failed:
+            raise
+        raise GroupBroken(f"another process of the job failed before the end ({type(e).__name__}); its own "
+                          "message says why") from e
+
+
+def reported_by_main(error: BaseException) -> bool:
+    """Whether rank 0 reports ``error`` for this process (it went through :func:`exchange`), so that this
+    process, another than rank 0, says nothing of it."""
+    return not is_main() and (isinstance(error, PeerError) or was_shared(error))
+
+
+def process_tag() -> str:
+    """`` (process R)`` in a process of a torchrun job other than rank 0, for its one-line messages; empty
+    otherwise."""
+    return "" if is_main() else f" (process {rank()})"
 
 
 def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:

@@ -1,19 +1,20 @@
 """Robustness bars for CI: ``--fail-under worst-case=0.40,clean=0.90,pgd@8/255=0.35,sanity`` and ``--max-re``.
 
 Bars are parsed once, before any work (:func:`parse_bars`), and held against a run directory
-(:func:`evaluate`). A run that misses a bar is still written whole; the command then exits with
+(:func:`evaluate`, or :func:`judge` for a run directory with its sanity checks). A run that misses a bar is still written whole; the command then exits with
 :data:`EXIT_MISSED`.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
-from . import sanity
+from . import sanity, verdict
 from .attacks import parse_number
 from .errors import RobauditError
 from .labels import CLEAN, format_eps
-from .rundir import Run, rows_at
+from .rundir import Run, read_run, rows_at
 
 EXIT_MISSED = 3
 SANITY = "sanity"
@@ -154,3 +155,40 @@ def evaluate(bars: list[Bar], run: Run, checks: list[sanity.Check]) -> list[Outc
         else:
             out.append(_accuracy(bar, run))
     return out
+
+
+@dataclass
+class Judgement:
+    """A run directory held to bars: its sanity checks, each bar's outcome and, for a hardened run (``before``:
+    the original run), the masking warnings hardening introduced."""
+
+    run: Run
+    run_dir: Path
+    checks: list[sanity.Check]
+    outcomes: list[Outcome]
+    before: Path | None = None
+    introduced: list[str] | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(o.met for o in self.outcomes)
+
+    def to_dict(self, extra: dict | None = None) -> dict:
+        """The JSON object of ``--json``: the run's summary, ``extra``, the bars and whether all were met."""
+        obj = verdict.summarize(self.run, self.checks)
+        if self.introduced is not None:
+            obj["introduced_warnings"] = self.introduced
+        obj.update(extra or {})
+        obj["bars"] = [o.to_dict() for o in self.outcomes]
+        obj["passed"] = self.passed
+        return obj
+
+
+def judge(bars: list[Bar], run_dir: Path, *, before: Path | None = None) -> Judgement:
+    """Read ``run_dir`` and hold every bar against it; ``before`` (the run it was hardened from) adds the
+    masking warnings that hardening introduced."""
+    run = read_run(run_dir)
+    checks = verdict.checks_of(run)
+    outcomes = evaluate(bars, run, checks)
+    introduced = verdict.introduced_warnings(verdict.checks_of(read_run(before)), checks) if before else None
+    return Judgement(run, Path(run_dir), checks, outcomes, before=before, introduced=introduced)

@@ -16,7 +16,7 @@ from torch import nn
 
 from robaudit import dist
 from robaudit.data import Dataset
-from robaudit.training.harden import harden
+from robaudit.training.fit import harden
 
 # (name, settings): one training batch of 7 samples, split 4 + 3 over two processes
 CASES = [

@@ -126,3 +126,55 @@ def test_an_error_on_rank_0_alone_does_not_leave_the_others_waiting(tmp_path):
     lines = _error_lines(proc)
     assert len(lines) == 1 and "exists and is not a directory" in lines[0], proc.stderr
     assert (tmp_path / "taken").read_text() == "a file, not a run directory"
+
+
+# -- the end of a command in torchrun's group (dist.lifetime), without starting processes -------------------
+def _as_rank(monkeypatch, rank: int) -> list:
+    """Pretend to be process ``rank`` of two; the calls to :func:`robaudit.dist.shutdown` are recorded."""
+    from robaudit import dist
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    calls: list = []
+    monkeypatch.setattr(dist, "shutdown", lambda *, failed=False: calls.append(failed))
+    return calls
+
+
+def test_lifetime_leaves_after_a_meeting_when_finished_and_at_once_after_a_failure(monkeypatch):
+    from robaudit import dist
+
+    calls = _as_rank(monkeypatch, 1)
+    with dist.lifetime():
+        pass
+    with pytest.raises(ValueError), dist.lifetime():
+        raise ValueError("boom")
+    with pytest.raises(SystemExit), dist.lifetime(finished=lambda e: isinstance(e, SystemExit) and e.code == 3):
+        raise SystemExit(3)  # e.g. a missed bar: the command ran to its end
+    assert calls == [False, True, False]
+    assert dist.process_tag() == " (process 1)"
+    monkeypatch.setenv("RANK", "0")
+    assert dist.process_tag() == ""
+    monkeypatch.delenv("WORLD_SIZE")
+    with dist.lifetime():  # without torchrun: just the block
+        pass
+    assert calls == [False, True, False]
+
+
+def test_a_meeting_that_breaks_after_this_process_finished_is_one_error(monkeypatch):
+    from robaudit import dist
+
+    _as_rank(monkeypatch, 1)
+
+    def broken(*, failed=False):
+        raise RuntimeError("connection reset by peer")
+
+    monkeypatch.setattr(dist, "shutdown", broken)
+    with pytest.raises(dist.GroupBroken, match="another process of the job failed before the end "
+                                                r"\(RuntimeError\)") as info:
+        with dist.lifetime():
+            pass
+    assert info.value.exit_code == 1 and not dist.reported_by_main(info.value)
+    with pytest.raises(RuntimeError, match="connection reset"):  # this process failed: its own error stays
+        with dist.lifetime():
+            raise ValueError("first")
+    assert dist.reported_by_main(dist.PeerError("rank 0 says it"))

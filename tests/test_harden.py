@@ -21,7 +21,7 @@ from robaudit.training.loop import Trainer
 from robaudit.stages.harden import harden_run
 from robaudit.training.checkpoint import CHECKPOINT_NAME
 from robaudit.training.config import HardenConfig
-from robaudit.training.harden import harden
+from robaudit.training.fit import harden
 from robaudit.training.layers import DualBatchNorm
 from robaudit.training.loop import HardenInterrupted
 from robaudit.training.objectives import atlr_loss, atlr_objective, layer_relative_error
@@ -600,7 +600,7 @@ def test_a_streamed_reanalysis_writes_what_the_in_memory_one_writes(tmp_path, mo
 
 def test_the_resume_fingerprint_leaves_out_processes_and_workers():
     """A checkpoint written with some number of processes or data workers resumes with any other."""
-    from robaudit.training.harden import _fingerprint
+    from robaudit.training.fit import _fingerprint
 
     module = nn.Linear(2, 2)
     prints = [_fingerprint({"method": "atlr", "processes": p, "workers": w}, module, None) for p, w in ((1, 0), (2, 4))]

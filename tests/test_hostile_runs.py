@@ -399,6 +399,26 @@ def test_the_mvl_table_strips_escapes_from_layer_names(capsys):
     assert "\x1b" not in out and "\x07" not in out and "=evil[31m next" in out
 
 
+def test_the_before_after_tables_strip_escapes_from_layer_names():
+    from robaudit import tables
+
+    comp = pd.DataFrame([
+        {"kind": "accuracy", "attack": "clean", "eps": None, "norm": None, "layer": None, "before": 0.9,
+         "after": 0.8, "delta": -0.1},
+        {"kind": "re", "attack": "pgd", "eps": 0.1, "norm": None, "layer": "evil\x1b]0;title\x07\nnext",
+         "before": 0.5, "after": 0.25, "delta": -0.25}])
+    after = pd.DataFrame({"attack": ["clean"], "eps": [float("nan")], "kind": ["clean"], "accuracy": [0.8]})
+    settings = {"method": "atlr", "mvl_layers": ["evil\x1b[2J"], "eps": 0.1, "epochs": 1, "seconds_training": 1.0,
+                "mvl_ranking": {"metric": "re_mean"}}
+    done = SimpleNamespace(settings=settings, comparison=comp, analysis=SimpleNamespace(accuracy=after),
+                           result=SimpleNamespace(validation="v", bn_at_test="none", notes=["shown", "\x1b[31mnew"]),
+                           run_dir=Path("nowhere"), model_path=Path("m.pt2"), hardened_dir=Path("nowhere/hardened"))
+    lines = [tables.terminal_line(line) for line in tables.harden_summary(done, warned=["shown"])]
+    out = "\n".join(lines)
+    assert not any(c in out for c in "\x1b\x07") and "evil]0;title next" in out
+    assert "note: [31mnew" in out and "note: shown" not in out  # a note shown as a warning is not repeated
+
+
 # -- 6. a full disk is one line, and nothing is left behind ---------------------------------------------
 def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     def full(self, *args, **kwargs):

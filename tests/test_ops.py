@@ -12,7 +12,7 @@ from torch import nn
 from tests.helpers import assert_no_hooks, export_dynamic, make_cnn, make_data
 from tests.helpers import single_thread  # noqa: F401  (autouse fixture)
 from robaudit.errors import RobauditError
-from robaudit.training.harden import harden
+from robaudit.training.fit import harden
 from robaudit.lsa import analyze
 from robaudit.exported import as_graph, make_trainable
 from robaudit.models import load_model

@@ -52,10 +52,14 @@ def test_merging_two_instances_equals_one_fed_everything():
     even, odd = RelativeError(), RelativeError()
     for b, lo in enumerate(range(0, 17, 4)):  # batches dealt alternately, as to two processes
         (even if b % 2 == 0 else odd).update(clean[lo:lo + 4], pert[lo:lo + 4])
-    merged = even.merge(odd).compute()
-    _assert_same(merged, whole.compute())
-    # the flat sum of the two states (what one all_reduce does) gives the same statistics
-    _assert_same(RelativeError.summarize((even.state).tolist()), whole.compute())
+    even_state, odd_state = even.state.clone(), odd.state.clone()  # merge adds into ``even`` in place
+    for half in (even_state, odd_state):  # each stream alone misses samples: only both together are the whole
+        assert RelativeError.summarize(half.tolist())["n_samples"] < whole.compute()["n_samples"]
+    merged = even.merge(odd)
+    _assert_same(merged.compute(), whole.compute())
+    # the flat sum of the two states taken before merging (what one all_reduce does) gives the same statistics
+    _assert_same(RelativeError.summarize((even_state + odd_state).tolist()), whole.compute())
+    torch.testing.assert_close(merged.state, even_state + odd_state, rtol=0, atol=0)
 
 
 def test_merging_an_empty_instance_changes_nothing_and_empty_is_nan():

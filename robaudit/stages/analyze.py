@@ -9,7 +9,6 @@ import datetime as _dt
 import logging
 import math
 import platform
-import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from .. import __version__
 from .. import attacks as atk
 from .. import dist
+from ..cmdline import command_line
 from ..data import DataSource, is_image_folder_record, load_dataset
 from ..errors import RobauditError
 from ..lsa import MVL, LSAResult, analyze, resolve_device
@@ -54,19 +54,6 @@ def default_out(model_path: Path | None, source: DataSource, root: str | Path = 
 def now() -> str:
     """The current UTC time as the manifests record it (ISO 8601, seconds)."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def api_command(stage: str, *args, **options) -> str:
-    """The command line equivalent to an API call: ``robaudit STAGE ARGS --option value ...``.
-
-    Options are given in order; ``None`` is left out and a list repeats its option.
-    """
-    parts = ["robaudit", stage, *map(str, args)]
-    for name, value in options.items():
-        for v in value if isinstance(value, list) else [value]:
-            if v is not None:
-                parts += [f"--{name.replace('_', '-')}", str(v)]
-    return shlex.join(parts)
 
 
 def plan_run_checks(attacks, eps, data, *, batch_size: int):
@@ -117,45 +104,18 @@ def batchnorm_audit(loaded: LoadedModel, data, result: LSAResult, mvl: MVL, *, m
                                    config=config, distributed=distributed)
 
 
-def analyze_run(
-    model: str | Path | LoadedModel,
-    dataset: str,
-    *,
-    out: str | Path | None = None,
-    arch: str | None = None,
-    arch_kwargs: dict | None = None,
-    trust_model: bool = False,
-    data_dir: str | Path | None = None,
-    split: str = "test",
-    samples: int | None = None,
-    shuffle: bool = False,
-    download: bool = True,
-    image_size: int | None = None,
-    class_map: str | Path | None = None,
-    workers: int = 0,
-    attacks: Sequence[str] | None = None,
-    eps: Sequence[float] | None = None,
-    layers: Sequence[str] | None = None,
-    layer_types: Sequence[str] | None = None,
-    probe: str = "all",
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    normalize: bool = True,
-    mvl_top: int | None = None,
-    mvl_z: float | None = None,
-    mvl_attack: str | None = None,
-    mvl_metric: str = "re_mean",
-    include_output: bool = False,
-    batch_size: int = 128,
-    device: str = "auto",
-    seed: int = 0,
-    checks: bool = True,
-    report: bool = True,
-    progress: bool = False,
-    command: str | None = None,
-    force: bool = False,
-    leave_group: bool = True,
-) -> AnalysisRun | None:
+def analyze_run(model: str | Path | LoadedModel, dataset: str, *, out: str | Path | None = None,
+                arch: str | None = None, arch_kwargs: dict | None = None, trust_model: bool = False,
+                data_dir: str | Path | None = None, split: str = "test", samples: int | None = None,
+                shuffle: bool = False, download: bool = True, image_size: int | None = None,
+                class_map: str | Path | None = None, workers: int = 0, attacks: Sequence[str] | None = None,
+                eps: Sequence[float] | None = None, layers: Sequence[str] | None = None,
+                layer_types: Sequence[str] | None = None, probe: str = "all", mean: Sequence[float] | None = None,
+                std: Sequence[float] | None = None, normalize: bool = True, mvl_top: int | None = None,
+                mvl_z: float | None = None, mvl_attack: str | None = None, mvl_metric: str = "re_mean",
+                include_output: bool = False, batch_size: int = 128, device: str = "auto", seed: int = 0,
+                checks: bool = True, report: bool = True, progress: bool = False, command: str | None = None,
+                force: bool = False, leave_group: bool = True) -> AnalysisRun | None:
     """Analyze a model file on a data set and write the run directory (and its report).
 
     An existing ``out`` must be an earlier robaudit run, and is replaced only with ``force``. Under
@@ -357,14 +317,7 @@ def model_checks(loaded: LoadedModel, data, result: LSAResult, plan: ModelCheckP
 
 def _api_command(loaded: LoadedModel, dataset: str, attacks, eps, seed: int, out: Path, *,
                  image_size: int | None = None, class_map=None) -> str:
-    parts = ["robaudit", "analyze", str(loaded.path) if loaded.path else "MODEL", "--dataset", dataset]
-    if image_size is not None:
-        parts += ["--image-size", str(image_size)]
-    if class_map is not None:
-        parts += ["--class-map", str(class_map)]
-    for a in attacks or []:
-        parts += ["--attack", a]
-    if eps:
-        parts += ["--eps", ",".join(f"{e:g}" for e in eps)]
-    parts += ["--seed", str(seed), "--out", str(out)]
-    return shlex.join(parts)
+    """The ``robaudit analyze`` command line equivalent to an :func:`analyze_run` call."""
+    return command_line("analyze", str(loaded.path) if loaded.path else "MODEL", dataset=dataset,
+                        image_size=image_size, class_map=class_map, attack=list(attacks or []),
+                        eps=",".join(f"{e:g}" for e in eps) if eps else None, seed=seed, out=out)

@@ -20,6 +20,7 @@ from torch import nn
 
 from .. import attacks as atk
 from .. import dist
+from ..cmdline import command_line
 from ..data import DATASETS, IMAGEFOLDER_PREFIX, class_folders, load_dataset
 from ..errors import RobauditError
 from ..exported import export_dynamic_batch, fixed_batch
@@ -28,12 +29,12 @@ from ..models import (LoadedModel, check_stored_arch, export_model, load_model, 
                       save_exported_weights, sha256_file, with_normalization)
 from ..rundir import rows_at, atomic_dir, fill_run, foreign_entries, read_run, write_csv, write_json
 from ..writelock import write_lock
-from ..training.checkpoint import CHECKPOINT_NAME
+from ..training.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from ..training.config import HardenConfig
-from ..training.harden import HardenResult, global_batch_size, harden
+from ..training.fit import HardenResult, global_batch_size, harden
 from ..training.layers import LayerRule, batchnorm_modules, control_layers
 from ..training.loop import HardenInterrupted
-from .analyze import (analyze_for_run, api_command, batchnorm_audit, is_image_folder, load_run_data,
+from .analyze import (analyze_for_run, batchnorm_audit, is_image_folder, load_run_data,
                       model_checks, now)
 
 HARDENED_DIR = "hardened"
@@ -126,22 +127,11 @@ def _holding_the_run(fn):
 
 
 @_holding_the_run
-def harden_run(
-    run_dir: str | os.PathLike,
-    config: HardenConfig | None = None,
-    *,
-    mvl_top: int | None = None,
-    include_output: bool = False,
-    layers_from: str | LayerRule = LayerRule.MVL,
-    train_data: str | os.PathLike | None = None,
-    resume: bool = False,
-    force: bool = False,
-    command: str | None = None,
-    download: bool = True,
-    arch: str | None = None,
-    trust_model: bool = False,
-    **settings: Any,
-) -> HardenRun:
+def harden_run(run_dir: str | os.PathLike, config: HardenConfig | None = None, *, mvl_top: int | None = None,
+               include_output: bool = False, layers_from: str | LayerRule = LayerRule.MVL,
+               train_data: str | os.PathLike | None = None, resume: bool = False, force: bool = False,
+               command: str | None = None, download: bool = True, arch: str | None = None,
+               trust_model: bool = False, **settings: Any) -> HardenRun:
     """Harden the model of an analyzed run directory and write ``RUN/hardened/``.
 
     Reads the run (model, data set, normalization, attacks, MVL ranking), trains on the data set's
@@ -167,20 +157,12 @@ def harden_run(
     dest, ck_path = run_dir / HARDENED_DIR, run_dir / CHECKPOINT_NAME
     _check_run_dir(run, dest, ck_path, resume=resume, force=force)
     _check_attacks(run)
-    eps_list = man.get("eps") or []
-    if cfg.eps is None:
-        eps = default_train_eps(eps_list)
-        if eps is None:
-            raise RobauditError("the run has no eps sweep to take the training eps from: pass --eps")
-        cfg = dataclasses.replace(cfg, eps=eps)
-    if cfg.seed is None:
-        cfg = dataclasses.replace(cfg, seed=int(man.get("seed", 0)))
+    cfg = _run_config(cfg, man)
     layers, ranking = _select_layers(run, mvl_top, include_output, rule, cfg.seed)
     loaded, model_path = _load_run_model(run, arch=arch, trust_model=trust_model)
     # every process refuses a batch too small for them here, at once, not after rank 0 alone read the data first
     global_batch_size(cfg.batch_size, fixed_batch(loaded.module), [])
     norm = man.get("normalization") or {}
-    mean, std = norm.get("mean"), norm.get("std")
     with dist.main_first():  # a download happens once, in rank 0, while the others wait
         train_set, train_desc = _train_set(man.get("dataset") or {}, train_data, download=download)
         test = load_run_data(man, download=download)  # streamed, as the analysis read it
@@ -188,8 +170,9 @@ def harden_run(
     _check_trainable(cfg, loaded, train_set)
 
     fp_extra = {"model_sha256": (man.get("model") or {}).get("sha256"), "train": train_desc}
-    result = harden(loaded, train_set, None, cfg, mvl_layers=layers, mean=mean, std=std, checkpoint_dir=run_dir,
-                    resume=resume, type_map=loaded.type_map, fingerprint_extra=fp_extra, device=dev)
+    result = harden(loaded, train_set, None, cfg, mvl_layers=layers, mean=norm.get("mean"), std=norm.get("std"),
+                    checkpoint_dir=run_dir, resume=resume, type_map=loaded.type_map, fingerprint_extra=fp_extra,
+                    device=dev)
     try:
         done = _finish(run, cfg, result, loaded, train_set, test, dev, started=started, command=command,
                        model_path=model_path, train_desc=train_desc, mvl_top=mvl_top, ranking=ranking,
@@ -201,6 +184,62 @@ def harden_run(
         with contextlib.suppress(FileNotFoundError):
             ck_path.unlink()
     return done
+
+
+def _run_config(cfg: HardenConfig, manifest: Mapping) -> HardenConfig:
+    """``cfg`` with what it leaves open taken from the run: the training eps (:func:`default_train_eps` of the
+    analysis sweep) and the seed (the analysis seed)."""
+    if cfg.eps is None:
+        eps = default_train_eps(manifest.get("eps") or [])
+        if eps is None:
+            raise RobauditError("the run has no eps sweep to take the training eps from: pass --eps")
+        cfg = dataclasses.replace(cfg, eps=eps)
+    if cfg.seed is None:
+        cfg = dataclasses.replace(cfg, seed=int(manifest.get("seed", 0)))
+    return cfg
+
+
+def run_to_harden(model: str | os.PathLike | None, run_dir: str | os.PathLike | None, *, dataset: str | None,
+                  out: str | os.PathLike | None = None, resume: bool = False, device: str = "auto",
+                  analysis: Mapping[str, Any] | None = None) -> tuple[Path, list[str]]:
+    """The run directory ``robaudit harden`` works on, and lines that say how it was found.
+
+    Under ``torchrun`` every process joins the group here, for the whole command. ``model`` (with ``dataset``)
+    is analyzed first (:func:`~robaudit.stages.analyze.analyze_run` with ``analysis``), unless ``resume``
+    finds the checkpoint of an interrupted harden in its run directory; otherwise ``run_dir``, or the latest
+    run under ``reports/``. With ``resume``, a line says from which epoch training continues.
+    """
+    from ..rundir import latest_run
+
+    dist.init(resolve_device(device))
+    notes: list[str] = []
+    if model is not None:
+        run_dir = _analyze_first(Path(model), dataset, out=out, resume=resume, device=device, notes=notes,
+                                 **(analysis or {}))
+    elif run_dir is None:
+        run_dir = latest_run("reports")
+        notes.append(f"hardening the latest run under reports/: {run_dir}")
+    ck = Path(run_dir) / CHECKPOINT_NAME
+    if resume and ck.is_file():
+        epoch = int(load_checkpoint(ck)["epoch"])
+        notes.append(f"resuming from the checkpoint of epoch {epoch} ({ck}): training continues at epoch {epoch + 1}")
+    return Path(run_dir), notes
+
+
+def _analyze_first(model: Path, dataset: str, *, out, resume: bool, notes: list[str], **analysis) -> Path:
+    """``harden MODEL``: its analysis written first, unless an interrupted harden of that run is resumed."""
+    from ..data import DataSource
+    from .analyze import analyze_run, default_out
+
+    planned = Path(out) if out else default_out(model, DataSource.parse(dataset))  # named as analyze names it
+    if resume and (planned / CHECKPOINT_NAME).is_file():
+        notes.append(f"resuming the interrupted harden in {planned}")
+        return planned  # the analysis is there already; analyzing again would replace the checkpoint
+    done = analyze_run(model, dataset, out=out, report=False, leave_group=False,
+                       **analysis)  # training goes on in the same process group
+    dist.barrier()  # under torchrun rank 0 wrote the run: the others read it from here on
+    notes.append(f"analyzed {model} -> {done.path}")
+    return done.path
 
 
 def _is_regular(path: Path) -> bool:
@@ -435,5 +474,5 @@ def _write_hardened(tmp: Path, analysis, h_mvl, manifest: dict, checks, history:
 def _api_command(run_dir: Path, method: str, mvl_top, eps: float, epochs: int, seed: int,
                  layers_from: str | None = None) -> str:
 
-    return api_command("harden", run=run_dir, method=method, mvl_top=mvl_top, eps=f"{eps:g}", epochs=epochs,
+    return command_line("harden", run=run_dir, method=method, mvl_top=mvl_top, eps=f"{eps:g}", epochs=epochs,
                        seed=seed, layers_from=None if layers_from in (None, "mvl") else layers_from)

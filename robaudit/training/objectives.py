@@ -181,7 +181,7 @@ def atlr_objective(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: to
                    layers: Sequence[str], gamma: float | Sequence[float] = 1.0, re_mode: str = "pooled",
                    clean_weight: float = 0.0, mean=None, std=None, type_map: Mapping[str, str] | None = None,
                    joint: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The AT-LR loss of one batch as :func:`~robaudit.training.harden.harden` computes it (clean, then adversarial pass).
+    """The AT-LR loss of one batch as :func:`~robaudit.training.fit.harden` computes it (clean, then adversarial pass).
 
     The model runs in its current mode (train mode in training); returns ``(loss, terms)``. ``joint``
     runs both halves as one concatenated pass when the model has no BatchNorm (as training does).

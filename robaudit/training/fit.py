@@ -71,8 +71,6 @@ from .loop import CollapseCheck, Objective, ProgressBar, TrainData, Trainer, Tra
 log = logging.getLogger(__name__)
 
 
-
-
 @dataclass
 class HardenResult:
     """What :func:`harden` did: the trained module (the caller's, trained in place) and its history."""
@@ -124,22 +122,11 @@ def _module_digest(module: nn.Module) -> str:
 # training
 
 
-def harden(
-    model: nn.Module | LoadedModel,
-    train,
-    val=None,
-    config: HardenConfig | None = None,
-    *,
-    mvl_layers: Sequence[str] | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    checkpoint_dir: str | os.PathLike | None = None,
-    resume: bool = False,
-    type_map: Mapping[str, str] | None = None,
-    fingerprint_extra: Mapping[str, Any] | None = None,
-    callbacks: Sequence[Any] = (),
-    **settings: Any,
-) -> HardenResult:
+def harden(model: nn.Module | LoadedModel, train, val=None, config: HardenConfig | None = None, *,
+           mvl_layers: Sequence[str] | None = None, mean: Sequence[float] | None = None,
+           std: Sequence[float] | None = None, checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
+           type_map: Mapping[str, str] | None = None, fingerprint_extra: Mapping[str, Any] | None = None,
+           callbacks: Sequence[Any] = (), **settings: Any) -> HardenResult:
     """Fine-tune ``model`` on ``train`` as ``config`` says; validate on ``val`` after every epoch.
 
     ``config`` is a :class:`HardenConfig`; its fields may also be given (or overridden) as keywords
@@ -159,22 +146,12 @@ def harden(
     cfg = HardenConfig(**settings) if config is None else dataclasses.replace(config, **settings)
     started = time.perf_counter()
     notes: list[str] = list(cfg.notes)
-    cfg.require_eps()
-    seed = 0 if cfg.seed is None else cfg.seed
     mvl_layers = list(mvl_layers or [])
-    if cfg.uses_mvl and not mvl_layers:
-        raise RobauditError(f"method {cfg.method} needs MVL layers: pass mvl_layers (or --mvl-top K)")
-    if checkpoint_dir is None and resume:
-        raise RobauditError("resume needs a checkpoint directory")
+    _check_request(cfg, mvl_layers, checkpoint_dir=checkpoint_dir, resume=resume)
+    seed = 0 if cfg.seed is None else cfg.seed
     train = as_dataset(train, "training")
     first = train.head(2)[0]  # an example batch (a streaming set reads just these)
-    prep = _prepare_model(model, type_map, mvl_layers, first)
-    batch_size = global_batch_size(cfg.batch_size, prep.fixed_batch, notes)
-    gammas = dict(zip(mvl_layers, parse_gamma(cfg.gamma, len(mvl_layers)))) if mvl_layers else {}
-    if prep.frozen_note:
-        warnings.warn(prep.frozen_note, stacklevel=2)
-        notes.append(prep.frozen_note)
-    bn_at_test = _bn_policy(cfg, prep, gammas, notes)
+    prep, batch_size, gammas, bn_at_test = _plan_model(model, cfg, type_map, mvl_layers, first, notes)
     train, val, val_desc, num_classes = _split_data(train, val, cfg.val_fraction, seed)
     dev = dist.local_device(resolve_device(cfg.device))
     module = prep.module.to(dev)
@@ -184,28 +161,60 @@ def harden(
                      num_classes=num_classes, batch_size=batch_size, epochs=cfg.epochs, seed=seed, device=dev,
                      workers=cfg.workers)
     settings_out = _settings(cfg, mvl_layers, gammas, data, val_desc, bn_at_test, mean, std)
-    fingerprint = _fingerprint(settings_out, module, fingerprint_extra)
-
+    fingerprint = _fingerprint(settings_out, module, fingerprint_extra)  # the starting weights, before DDP
     objective, parts = _build_parts(cfg, prep, full, gammas, mvl_layers, num_classes, seed, dev)
     checkpointer = Checkpointer(Path(checkpoint_dir) / CHECKPOINT_NAME, fingerprint) \
         if checkpoint_dir is not None else None
     trainer = Trainer(objective, parts, data, _callbacks(cfg, val.y, num_classes, checkpointer, callbacks))
+    history, state = _fit(trainer, checkpointer, resume=resume)
+    for note in notes:
+        log.info(note)
+    return HardenResult(module=_trained_module(module, prep), history=_history_frame(history),
+                        settings=settings_out, mvl_layers=mvl_layers, gammas=gammas, validation=val_desc,
+                        bn_at_test=bn_at_test, resumed_from_epoch=int(state["epoch"]) if state is not None else None,
+                        seconds=time.perf_counter() - started,
+                        checkpoint=checkpointer.path if checkpointer is not None else None, notes=notes)
+
+
+def _check_request(cfg: HardenConfig, mvl_layers: Sequence[str], *, checkpoint_dir, resume: bool) -> None:
+    """Refuse, before any work, settings that cannot train: no eps, no MVL layers for a method that needs them,
+    a resume without a checkpoint directory."""
+    cfg.require_eps()
+    if cfg.uses_mvl and not mvl_layers:
+        raise RobauditError(f"method {cfg.method} needs MVL layers: pass mvl_layers (or --mvl-top K)")
+    if checkpoint_dir is None and resume:
+        raise RobauditError("resume needs a checkpoint directory")
+
+
+def _plan_model(model, cfg: HardenConfig, type_map, mvl_layers: Sequence[str], first: torch.Tensor,
+                notes: list[str]) -> tuple[_Prepared, int, dict[str, float], str]:
+    """The module made trainable (:func:`_prepare_model`), the global batch size, each MVL layer's gamma and the
+    BatchNorm statistics used at test; what the user should know is added to ``notes`` (a frozen part warned)."""
+    prep = _prepare_model(model, type_map, mvl_layers, first)
+    batch_size = global_batch_size(cfg.batch_size, prep.fixed_batch, notes)
+    gammas = dict(zip(mvl_layers, parse_gamma(cfg.gamma, len(mvl_layers)))) if mvl_layers else {}
+    if prep.frozen_note:
+        warnings.warn(prep.frozen_note, stacklevel=3)  # the caller of harden()
+        notes.append(prep.frozen_note)
+    return prep, batch_size, gammas, _bn_policy(cfg, prep, gammas, notes)
+
+
+def _fit(trainer: Trainer, checkpointer: Checkpointer | None, *, resume: bool) -> tuple[list[dict], dict | None]:
+    """Train, from the checkpoint's state when resuming: the history and the state resumed from (or None)."""
     state = checkpointer.prepare(resume=resume) if checkpointer is not None else None
     if state is not None:
         trainer.load_state_dict(state)
         log.info("resuming from the checkpoint of epoch %d in %s", int(state["epoch"]), checkpointer.path)
-    history = trainer.fit()
+    return trainer.fit(), state
+
+
+def _trained_module(module: nn.Module, prep: _Prepared) -> nn.Module:
+    """The trained module in eval mode: the eager model, with the trained weights, when its graph trained."""
     module.eval()
     if prep.eager is not None:  # same state dict keys: hand the trained weights back to the eager model
         prep.eager.load_state_dict(module.state_dict())
-        module = prep.eager.eval()
-    for note in notes:
-        log.info(note)
-    return HardenResult(module=module, history=_history_frame(history), settings=settings_out,
-                        mvl_layers=mvl_layers, gammas=gammas, validation=val_desc, bn_at_test=bn_at_test,
-                        resumed_from_epoch=int(state["epoch"]) if state is not None else None,
-                        seconds=time.perf_counter() - started,
-                        checkpoint=checkpointer.path if checkpointer is not None else None, notes=notes)
+        return prep.eager.eval()
+    return module
 
 
 def _on_device(train, dev: torch.device):

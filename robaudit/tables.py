@@ -1,0 +1,183 @@
+"""The plain-text tables the commands print: an analysis' summary and MVL table, a run's accuracies, a
+hardening's before/after comparison, the bars' outcomes and the attack list.
+
+Each function returns lines; a line may begin with blank lines (a new section). Names and values from a run
+or a model may hold anything, so every line goes through :func:`terminal_line` on its way out, and a name
+padded into a column is made :func:`printable` first (its width is then the one shown).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Iterable
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text) -> str:
+    """``text`` without control characters (C0, DEL, C1: no escape sequence from a file or a model reaches the
+    terminal); tabs and line breaks become spaces, so a value stays on its line."""
+    return _CONTROL.sub("", re.sub(r"[\t\n\r]", " ", str(text)))
+
+
+def terminal_line(text) -> str:
+    """``text`` made :func:`printable`, its leading blank lines kept."""
+    text = str(text)
+    body = text.lstrip("\n")
+    return "\n" * (len(text) - len(body)) + printable(body)
+
+
+def _eps(value) -> str:
+    from .labels import format_eps
+
+    return format_eps(value)
+
+
+def analysis_summary(run) -> list[str]:
+    """An analysis (:class:`~robaudit.stages.analyze.AnalysisRun`): its accuracies, its MVL table and where
+    its outputs are."""
+    res = run.result
+    lines = [f"{run.manifest['model']['path']} on {run.manifest['dataset']['name']} "
+             f"({res.n_samples} samples, {res.seconds:.1f} s)",
+             f"clean accuracy: {100 * res.clean_accuracy:.1f}%", *_accuracy_by_eps(res.accuracy),
+             *mvl_table(run.mvl), f"\nrun directory: {run.path}"]
+    report = Path(run.path) / "report.html"
+    if report.exists():
+        lines.append(f"report: {report}")
+    return lines
+
+
+def _accuracy_by_eps(acc) -> list[str]:
+    """One line per eps with every attack's accuracy; minimal-perturbation attacks on a line of their own."""
+    lines = []
+    for eps_val, rows in acc[acc["attack"] != "clean"].groupby(acc["eps"].fillna(-1.0), sort=True):
+        if eps_val < 0:  # minimal-perturbation attacks: the size they needed, not an accuracy
+            items = ", ".join(f"{r.attack} fools {100 * r.success_rate:.1f}%" + (
+                "" if r.pert_median != r.pert_median else f" at median {r.norm} {r.pert_median:.3g}")
+                for r in rows.itertuples())
+            lines.append(f"  minimal perturbation: {items}")
+            continue
+        items = ", ".join(f"{r.attack} {100 * r.accuracy:.1f}%" for r in rows.itertuples())
+        lines.append(f"  eps {_eps(eps_val)}: {items}")
+    return lines
+
+
+def mvl_table(mvl) -> list[str]:
+    """The Most Vulnerable Layers (:class:`~robaudit.lsa.MVL`): rank, layer, type and score."""
+    eps_txt = f" at eps {_eps(mvl.eps)}" if mvl.eps is not None else ""
+    width = max([len(n) for n in mvl.names] + [5])
+    lines = [f"\nMost Vulnerable Layers (ranked by {mvl.metric} under {mvl.attack}{eps_txt}):",
+             f"  {'rank':>4}  {'layer':<{width}}  {'type':<14} {mvl.metric:>9}"]
+    for i, r in enumerate(mvl.layers.itertuples(), 1):
+        lines.append(f"  {i:>4}  {printable(r.layer):<{width}}  {printable(r.layer_type):<14} {r.score:>9.4f}")
+    if mvl.excluded:
+        lines.append(f"  (not ranked: {', '.join(mvl.excluded)} -- output and pass-through layers; "
+                     "--include-output ranks the output layer)")
+    return lines
+
+
+def accuracy_summary(run, run_dir: Path) -> list[str]:
+    """A run's clean and worst-case accuracies, one line each (``run``: the :class:`~robaudit.rundir.Run` read
+    from ``run_dir``)."""
+    from .verdict import summarize
+
+    summary = summarize(run)
+    lines = [f"{summary['model']} on {summary['dataset']} ({summary['n_samples']} samples): {run_dir}"]
+    if summary["clean_accuracy"] is not None:
+        lines.append(f"clean accuracy: {100 * summary['clean_accuracy']:.1f}%")
+    for w in summary["worst_case"]:
+        lines.append(f"  worst case at eps {_eps(w['eps'])}: {100 * w['accuracy']:.1f}%")
+    return lines
+
+
+def harden_summary(done, *, warned: Iterable[str] = ()) -> list[str]:
+    """A hardening (:class:`~robaudit.stages.harden.HardenRun`): its settings, the before/after comparison and
+    where its outputs are; notes already shown as ``warned`` warnings are not repeated."""
+    s, res = done.settings, done.result
+    lines = [f"{s['method']} on {', '.join(s['mvl_layers']) or 'no layer'} (eps {_eps(s['eps'])}, "
+             f"{s['epochs']} epochs, {s['seconds_training']:.1f} s); validation: {res.validation}",
+             f"BatchNorm at test: {res.bn_at_test}"]
+    if s.get("layers_rule"):
+        lines.append(f"layers regularized: {s['layers_rule']}")
+    warned = set(warned)
+    lines += [f"note: {note}" for note in res.notes if note not in warned]
+    lines += _accuracy_before_after(done.comparison)
+    lines += _perturbation_before_after(done.run_dir, done.analysis.accuracy)
+    lines += _re_before_after(done.comparison, s["mvl_ranking"]["metric"])
+    return lines + [f"\nhardened model: {done.model_path}",
+                    f"outputs: {done.hardened_dir}/ (history.csv, comparison.csv, harden.json, lsa.csv, "
+                    "accuracy.csv, mvl.json)"]
+
+
+def _accuracy_before_after(comp) -> list[str]:
+    """The accuracy rows of a comparison: before, after and the difference in points."""
+    acc = comp[comp["kind"] == "accuracy"]
+    acc = acc[acc["eps"].notna() | (acc["attack"] == "clean")]  # minimal-perturbation attacks: no robust accuracy
+    labels = [r.attack if r.eps is None or r.eps != r.eps else f"{r.attack} eps {_eps(r.eps)}"
+              for r in acc.itertuples()]
+    width = max([len(x) for x in labels] + [8])
+    lines = [f"\n  {'accuracy':<{width}}  {'before':>7}  {'after':>7}  {'delta':>6}"]
+    for label, r in zip(labels, acc.itertuples()):
+        lines.append(f"  {label:<{width}}  {100 * r.before:6.1f}%  {100 * r.after:6.1f}%  {100 * r.delta:+6.1f}")
+    return lines
+
+
+def _perturbation_before_after(run_dir: Path, after_accuracy) -> list[str]:
+    """The median perturbation each minimal-perturbation attack needed, before (the original run's) and after."""
+    minimal = after_accuracy[after_accuracy["eps"].isna() & (after_accuracy["kind"] == "adversarial")]
+    if not len(minimal):
+        return []
+    from .rundir import read_run
+
+    before = read_run(run_dir).accuracy.set_index("attack")  # read as every run is: checked
+    return [f"  {r.attack}: median {r.norm} perturbation to fool a sample "
+            f"{before.loc[r.attack, 'pert_median']:.3g} -> {r.pert_median:.3g}"
+            for r in minimal.itertuples() if r.attack in before.index and "pert_median" in before.columns]
+
+
+def _re_before_after(comp, metric: str) -> list[str]:
+    """The RE rows of a comparison: each regularized layer's RE before and after."""
+    re_rows = comp[comp["kind"] == "re"]
+    if not len(re_rows):
+        return []
+    r0 = re_rows.iloc[0]
+    eps_txt = f" eps {_eps(r0['eps'])}" if r0["eps"] == r0["eps"] and r0["eps"] is not None else ""
+    lw = max([len(str(x)) for x in re_rows["layer"]] + [5])
+    lines = [f"\nRE ({'re_mean' if metric == 're_gain' else metric}) of the regularized layers under "
+             f"{r0['attack']}{eps_txt}:",
+             f"  {'layer':<{lw}}  {'before':>8}  {'after':>8}"]
+    for r in re_rows.itertuples():
+        lines.append(f"  {printable(r.layer):<{lw}}  {r.before:8.4f}  {r.after:8.4f}")
+    return lines
+
+
+def judgement_lines(judgement) -> list[str]:
+    """The sanity verdict, the warnings hardening introduced and each bar's outcome
+    (``judgement``: :class:`robaudit.gate.Judgement`), after a blank line."""
+    from . import verdict
+
+    report = judgement.run_dir / "report.html"
+    lines = [""] + verdict.sanity_lines(
+        judgement.checks, report=str(report) if report.exists() else None,
+        run_dir=str(judgement.run_dir.parent if judgement.before else judgement.run_dir))
+    lines += [f"  hardening introduced a warning the original model did not have: {name} -- the classic sign of "
+              "a defence that only masks gradients" for name in judgement.introduced or []]
+    return lines + [f"{'bar met' if o.met else 'MISSED'}: {o.bar.name} ({o.text})" for o in judgement.outcomes]
+
+
+def attack_kinds() -> list[str]:
+    """The attacks and noise baselines the spec language knows, with their parameters, and an example."""
+    from .attacks import KINDS
+
+    lines = []
+    for k in KINDS.values():
+        norms = k.norms or (k.norm,)
+        params = ", ".join(f"{p}={v}" for p, v in k.defaults.items())
+        eps = "eps, " if k.bounded else ""
+        choice = (f"norm={k.norm} (or {', '.join(f'norm={n}' for n in norms if n != k.norm)}), "
+                  if len(norms) > 1 else "")
+        lines.append(f"{k.name:<11} {k.kind:<11} {'/'.join(norms):<7}  {k.description}")
+        if eps or params or choice:
+            lines.append(f"{'':<11} params: {eps}{choice}{params}".rstrip(", "))
+    return lines + ["\ne.g. robaudit analyze MODEL -d digits --attack pgd:eps=8/255,steps=20 --attack "
+                    "square:norm=L2,eps=0.5"]
