@@ -28,6 +28,7 @@ from .errors import NonFiniteError, RobauditError
 from .battery import Battery, PerturbationSizes, Setup, Totals, write_rows  # noqa: F401 (PerturbationSizes: API)
 from .bnaudit import BatchNormMoments, BatchNormStreams
 from .metrics import INPUT_LAYER, RelativeError, layer_gains, per_sample_sq_norms, relative_error  # noqa: F401
+from .device import resolve_device
 from .exported import as_graph, fixed_batch
 from .models import LoadedModel, with_normalization
 from .rundir import rows_at
@@ -243,18 +244,6 @@ def graph_for_ops(model: nn.Module, example: torch.Tensor, type_map: Mapping[str
         warnings.warn(f"the model cannot be exported ({type(e).__name__}: {first}), so its functional ops are "
                       "not probed; only its modules are (--probe modules silences this)", stacklevel=3)
         return model, type_map
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise RobauditError(f"unknown device {device!r}: use auto, cpu or cuda") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RobauditError("--device cuda was asked for but no CUDA device is available: use --device cpu")
-    return dev
 
 
 def seed_everything(seed: int) -> None:

@@ -17,7 +17,7 @@ import pickle
 import sys
 import warnings
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from .archive import check_archive, is_dotted_name, is_identifier
-from .exported import export_dynamic_batch, exported_batch, run_at_fixed_batch, save_program, unflatten_program
+from .exported import (export_dynamic_batch, exported_batch, fixed_batch, run_at_fixed_batch, save_program,
+                       unflatten_program)
 from .errors import NonFiniteError, RobauditError
 from .safeio import file_digest
 
@@ -48,6 +49,26 @@ class LoadedModel:
     arch: str | None = None
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     exported: Any = None  # the torch.export.ExportedProgram for .pt2 models
+    # the context a stage runs it in, resolved once (in_context) and passed down with the module
+    device: torch.device | None = None
+    mean: tuple[float, ...] | None = None  # the input normalization in front of the module
+    std: tuple[float, ...] | None = None
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size a fixed-batch ``.pt2`` runs in (its inputs are chunked), or None."""
+        return fixed_batch(self.module)
+
+    def in_context(self, *, device: torch.device, mean: Sequence[float] | None = None,
+                   std: Sequence[float] | None = None) -> "LoadedModel":
+        """This model as a stage runs it: on ``device`` (already resolved), behind ``mean``/``std``."""
+        return replace(self, device=device, mean=tuple(mean) if mean is not None else None,
+                       std=tuple(std) if std is not None else None)
+
+    def normalized(self, ndim: int) -> nn.Module:
+        """The module behind its normalization on the context's device, in eval mode: what attacks see."""
+        full = with_normalization(self.module, self.mean, self.std, ndim=ndim)
+        return full.to(self.device or torch.device("cpu")).eval()
 
     @property
     def stem(self) -> str:

@@ -342,3 +342,19 @@ def test_check_compatible_tells_a_failure_from_a_shape_mismatch():
 
     with pytest.raises(RobauditError, match=r"failed to run .*AttributeError.*not the cause"):
         check_compatible(Broken(), torch.rand(2, 1, 8, 8), 4)
+
+
+def test_a_loaded_model_carries_its_context(tmp_path):
+    """in_context sets device and normalization once; normalized() is the module behind (x - mean) / std."""
+    from robaudit.models import LoadedModel
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).eval()
+    loaded = LoadedModel(module=module, format="checkpoint")
+    assert loaded.device is None and loaded.mean is None and loaded.fixed_batch is None
+    ctx = loaded.in_context(device=torch.device("cpu"), mean=[0.5], std=[0.25])
+    assert ctx is not loaded and ctx.module is module and (ctx.mean, ctx.std) == ((0.5,), (0.25,))
+    x = torch.rand(2, 1, 2, 2)
+    expected = module((x - 0.5) / 0.25)
+    assert torch.allclose(ctx.normalized(ndim=4)(x), expected)
+    assert torch.allclose(loaded.in_context(device=torch.device("cpu")).normalized(ndim=4)(x), module(x))

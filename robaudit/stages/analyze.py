@@ -22,8 +22,9 @@ from .. import dist
 from ..cmdline import command_line
 from ..data import DataSource, is_image_folder_record, load_dataset
 from ..errors import RobauditError
-from ..lsa import MVL, LSAResult, analyze, resolve_device
-from ..models import LoadedModel, load_model, with_normalization
+from ..device import resolve_device
+from ..lsa import MVL, LSAResult, analyze
+from ..models import LoadedModel, load_model
 from ..rundir import check_output_dir, staging_file, write_run
 from ..writelock import write_lock
 
@@ -65,25 +66,26 @@ def plan_run_checks(attacks, eps, data, *, batch_size: int):
 
 
 def analyze_for_run(loaded: LoadedModel, data, *, attacks, eps, layers=None, layer_types=None,
-                    probe: str = "all", mean=None, std=None, batch_size: int = 128, device="cpu", seed: int = 0,
-                    progress: bool = False, checks: bool = True, workers: int = 0,
+                    probe: str = "all", batch_size: int = 128, seed: int = 0, progress: bool = False,
+                    checks: bool = True, workers: int = 0,
                     samples_path: Path | None = None) -> tuple[LSAResult, ModelCheckPlan | None]:
     """The layer analysis of a run directory, keeping the outcomes that the model checks (``checks``) reuse,
-    and the plan that sizes those checks; ``samples_path`` streams ``samples.csv`` there.
+    and the plan that sizes those checks; ``samples_path`` streams ``samples.csv`` there. ``loaded`` carries
+    its context (:meth:`LoadedModel.in_context`: device and normalization).
 
     Under ``torchrun`` every process runs its share. The checks themselves (:func:`model_checks`) run on
     rank 0 alone, after the stage's last collective (the BatchNorm audit), once the others have left: no
     process then waits on rank 0's solo work inside a collective, which has a timeout."""
     plan = plan_run_checks(attacks, eps, data, batch_size=batch_size) if checks else None
     result = analyze(loaded, data, attacks=attacks, eps=eps, layers=layers, layer_types=layer_types, probe=probe,
-                     mean=mean, std=std, batch_size=batch_size, device=resolve_device(device), seed=seed,
+                     mean=loaded.mean, std=loaded.std, batch_size=batch_size, device=loaded.device, seed=seed,
                      progress=progress, keep_outcomes=plan.n_samples if plan else 0, workers=workers,
                      samples_path=samples_path)
     return result, plan
 
 
-def batchnorm_audit(loaded: LoadedModel, data, result: LSAResult, mvl: MVL, *, mean, std, device, seed: int,
-                    batch_size: int, distributed: bool = False):
+def batchnorm_audit(loaded: LoadedModel, data, result: LSAResult, mvl: MVL, *, seed: int, batch_size: int,
+                    distributed: bool = False):
     """bn.csv: clean vs adversarial BatchNorm statistics under the ranking attack; None without BatchNorm.
 
     An adversarial ranking configuration's statistics were taken in the analysis' own passes (no attack runs
@@ -97,11 +99,10 @@ def batchnorm_audit(loaded: LoadedModel, data, result: LSAResult, mvl: MVL, *, m
     config = result.attacks.index(spec)
     if result.bn_moments is not None and spec.kind == "adversarial":  # measured in the analysis' own passes
         return result.bn_moments.table(config, loaded.module)
-    full = with_normalization(loaded.module, mean, std, ndim=len(data.input_shape) + 1)
+    full = loaded.normalized(ndim=len(data.input_shape) + 1)
     return bnaudit.audit_batchnorm(full, loaded.module, data, attack=spec, num_classes=data.num_classes,
-                                   type_map=loaded.type_map, batch_size=batch_size,
-                                   device=dist.local_device(resolve_device(device)), seed=seed,
-                                   config=config, distributed=distributed)
+                                   type_map=loaded.type_map, batch_size=batch_size, device=loaded.device,
+                                   seed=seed, config=config, distributed=distributed)
 
 
 def analyze_run(model: str | Path | LoadedModel, dataset: str, *, out: str | Path | None = None,
@@ -137,20 +138,20 @@ def analyze_run(model: str | Path | LoadedModel, dataset: str, *, out: str | Pat
                 normalize=normalize, mvl_top=mvl_top, mvl_z=mvl_z, seed=seed, force=force, held=held)
         samples_csv = staging_file(out) if dist.is_main() else None  # removed if anything below fails
         try:
+            loaded = loaded.in_context(device=dist.local_device(dev), mean=mean, std=std)  # once, for every step
             result, plan = analyze_for_run(
                 loaded, data, attacks=specs, eps=eps, layers=layers, layer_types=layer_types, probe=probe,
-                mean=mean, std=std, batch_size=batch_size, device=dev, seed=seed, progress=progress, checks=checks,
-                workers=workers, samples_path=samples_csv)
+                batch_size=batch_size, seed=seed, progress=progress, checks=checks, workers=workers,
+                samples_path=samples_csv)
             # every process: the MVL list names the attack that the BatchNorm audit, shared by all, runs again
             mvl = result.mvl(mvl_top, z=mvl_z, attack=mvl_attack, metric=mvl_metric, include_output=include_output)
             mvl_top = mvl.k if mvl_z is None else mvl_top  # select_mvl's default when none was given
-            bn = batchnorm_audit(loaded, data, result, mvl, mean=mean, std=std, device=dev, seed=seed,
-                                 batch_size=batch_size, distributed=True)
+            bn = batchnorm_audit(loaded, data, result, mvl, seed=seed, batch_size=batch_size, distributed=True)
             if leave_group:  # the last collective is done: the processes meet and leave the group
                 dist.shutdown()
             if not dist.is_main():  # the rest is rank 0's alone: the others are done
                 return None if leave_group else AnalysisRun(result, mvl, out, {}, None)
-            check_results = model_checks(loaded, data, result, plan, mean=mean, std=std, device=dev, seed=seed)
+            check_results = model_checks(loaded, data, result, plan, seed=seed)
             manifest = _manifest(
                 loaded, data, result, command=command or _api_command(loaded, dataset, attacks, eps, seed, out,
                                                                       image_size=image_size, class_map=class_map),
@@ -294,7 +295,7 @@ def load_run_data(manifest: Mapping, *, stream: bool = True, download: bool = Tr
                         stream=stream)
 
 
-def model_checks(loaded: LoadedModel, data, result: LSAResult, plan: ModelCheckPlan | None, *, mean, std, device,
+def model_checks(loaded: LoadedModel, data, result: LSAResult, plan: ModelCheckPlan | None, *,
                  seed: int) -> dict | None:
     """The model checks AutoAttack runs before attacking, plus gradient-masking probes (model_checks module),
     on as many leading samples as ``plan`` affords, reusing the battery's outcomes there; None without a plan."""
@@ -302,12 +303,12 @@ def model_checks(loaded: LoadedModel, data, result: LSAResult, plan: ModelCheckP
 
     if plan is None:
         return None
-    dev = resolve_device(device)
+    dev = loaded.device
     info = {"plan": plan.to_dict(), "battery_seconds": round(result.seconds, 3), "battery_pairs": result.pairs}
     if plan.n_samples < 1:
         return {"n_samples": 0, "seed": int(seed), "device": str(dev), **info,
                 "skipped": f"the battery is too cheap to pay for model checks within {100 * plan.share:.0f} % of its cost"}
-    full = with_normalization(loaded.module, mean, std, ndim=len(data.input_shape) + 1).to(dev).eval()
+    full = loaded.normalized(ndim=len(data.input_shape) + 1)
     x, y = data.head(plan.n_samples) if hasattr(data, "head") else (data.x, data.y)
     reuse = {key: result.outcomes[i] for key, i in plan.reuse.items()}
     out = run_model_checks(full, x, y, device=dev, seed=seed, eps_max=plan.eps_max,

@@ -23,8 +23,9 @@ from .. import dist
 from ..cmdline import command_line
 from ..data import DATASETS, IMAGEFOLDER_PREFIX, class_folders, load_dataset
 from ..errors import RobauditError
-from ..exported import export_dynamic_batch, fixed_batch
-from ..lsa import ranking_rows, re_column, resolve_device, select_mvl
+from ..device import resolve_device
+from ..exported import export_dynamic_batch
+from ..lsa import ranking_rows, re_column, select_mvl
 from ..models import (LoadedModel, check_stored_arch, export_model, load_model, save_checkpoint,
                       save_exported_weights, sha256_file, with_normalization)
 from ..rundir import rows_at, atomic_dir, fill_run, foreign_entries, read_run, write_csv, write_json
@@ -161,18 +162,19 @@ def harden_run(run_dir: str | os.PathLike, config: HardenConfig | None = None, *
     layers, ranking = _select_layers(run, mvl_top, include_output, rule, cfg.seed)
     loaded, model_path = _load_run_model(run, arch=arch, trust_model=trust_model)
     # every process refuses a batch too small for them here, at once, not after rank 0 alone read the data first
-    global_batch_size(cfg.batch_size, fixed_batch(loaded.module), [])
+    global_batch_size(cfg.batch_size, loaded.fixed_batch, [])
     norm = man.get("normalization") or {}
     with dist.main_first():  # a download happens once, in rank 0, while the others wait
         train_set, train_desc = _train_set(man.get("dataset") or {}, train_data, download=download)
         test = load_run_data(man, download=download)  # streamed, as the analysis read it
-    dev = dist.local_device(resolve_device(cfg.device))
+    loaded = loaded.in_context(device=dist.local_device(resolve_device(cfg.device)), mean=norm.get("mean"),
+                               std=norm.get("std"))  # once: training and the re-analysis run in this context
+    dev = loaded.device
     _check_trainable(cfg, loaded, train_set)
 
     fp_extra = {"model_sha256": (man.get("model") or {}).get("sha256"), "train": train_desc}
-    result = harden(loaded, train_set, None, cfg, mvl_layers=layers, mean=norm.get("mean"), std=norm.get("std"),
-                    checkpoint_dir=run_dir, resume=resume, type_map=loaded.type_map, fingerprint_extra=fp_extra,
-                    device=dev)
+    result = harden(loaded, train_set, None, cfg, mvl_layers=layers, checkpoint_dir=run_dir, resume=resume,
+                    type_map=loaded.type_map, fingerprint_extra=fp_extra)
     try:
         done = _finish(run, cfg, result, loaded, train_set, test, dev, started=started, command=command,
                        model_path=model_path, train_desc=train_desc, mvl_top=mvl_top, ranking=ranking,
@@ -441,10 +443,11 @@ def _reanalyze(run, hardened: LoadedModel, test, ranking: Mapping, dev, *, sampl
 
     man = run.manifest
     norm, layer_spec, eps_list = man.get("normalization") or {}, man.get("layers") or {}, man.get("eps") or []
+    hardened = hardened.in_context(device=dev, mean=norm.get("mean"), std=norm.get("std"))
     analysis, plan = analyze_for_run(
         hardened, test, attacks=man.get("attacks") or None, eps=eps_list or None, layers=layer_spec.get("patterns"),
-        layer_types=layer_spec.get("types"), probe=layer_spec.get("probe") or "all", mean=norm.get("mean"),
-        std=norm.get("std"), batch_size=int(man.get("batch_size", 128)), device=dev, seed=int(man.get("seed", 0)),
+        layer_types=layer_spec.get("types"), probe=layer_spec.get("probe") or "all",
+        batch_size=int(man.get("batch_size", 128)), seed=int(man.get("seed", 0)),
         checks=run.checks is not None, samples_path=samples_path, workers=workers)
     k, z = (run.mvl or {}).get("k"), (run.mvl or {}).get("z")
     try:
@@ -453,11 +456,10 @@ def _reanalyze(run, hardened: LoadedModel, test, ranking: Mapping, dev, *, sampl
                            include_output=bool((man.get("mvl") or {}).get("include_output")))
     except RobauditError:
         h_mvl = analysis.mvl(attack=ranking["attack"], eps=ranking["eps"], metric=ranking["metric"])
-    bn = batchnorm_audit(hardened, test, analysis, h_mvl, mean=norm.get("mean"), std=norm.get("std"), device=dev,
-                         seed=int(man.get("seed", 0)), batch_size=int(man.get("batch_size", 128)), distributed=True)
+    bn = batchnorm_audit(hardened, test, analysis, h_mvl, seed=int(man.get("seed", 0)),
+                         batch_size=int(man.get("batch_size", 128)), distributed=True)
     dist.shutdown()  # under torchrun the last collective is done: the processes meet and leave the group
-    checks = model_checks(hardened, test, analysis, plan, mean=norm.get("mean"), std=norm.get("std"), device=dev,
-                          seed=int(man.get("seed", 0))) if dist.is_main() else None
+    checks = model_checks(hardened, test, analysis, plan, seed=int(man.get("seed", 0))) if dist.is_main() else None
     return analysis, h_mvl, checks, bn
 
 

@@ -59,6 +59,7 @@ from torch import nn
 from .. import attacks as atk
 from .. import dist
 from ..data import StreamingDataset, as_dataset, subset
+from ..device import resolve_device
 from ..exported import fixed_batch
 from ..errors import RobauditError
 from ..models import LoadedModel, check_compatible, with_normalization
@@ -141,8 +142,6 @@ def harden(model: nn.Module | LoadedModel, train, val=None, config: HardenConfig
     every epoch and ``resume=True`` continues from it (the settings must match). ``callbacks`` are
     extra :class:`~robaudit.training.loop.Trainer` callbacks, called first.
     """
-    from ..lsa import resolve_device
-
     cfg = HardenConfig(**settings) if config is None else dataclasses.replace(config, **settings)
     started = time.perf_counter()
     notes: list[str] = list(cfg.notes)
@@ -153,7 +152,7 @@ def harden(model: nn.Module | LoadedModel, train, val=None, config: HardenConfig
     first = train.head(2)[0]  # an example batch (a streaming set reads just these)
     prep, batch_size, gammas, bn_at_test = _plan_model(model, cfg, type_map, mvl_layers, first, notes)
     train, val, val_desc, num_classes = _split_data(train, val, cfg.val_fraction, seed)
-    dev = dist.local_device(resolve_device(cfg.device))
+    dev, mean, std = _context(model, cfg, mean, std)
     module = prep.module.to(dev)
     full = with_normalization(module, mean, std, ndim=first.dim()).to(dev)
     check_compatible(full.eval(), first.to(dev), num_classes)
@@ -174,6 +173,14 @@ def harden(model: nn.Module | LoadedModel, train, val=None, config: HardenConfig
                         bn_at_test=bn_at_test, resumed_from_epoch=int(state["epoch"]) if state is not None else None,
                         seconds=time.perf_counter() - started,
                         checkpoint=checkpointer.path if checkpointer is not None else None, notes=notes)
+
+
+def _context(model, cfg: HardenConfig, mean, std) -> tuple[torch.device, Sequence[float] | None,
+                                                             Sequence[float] | None]:
+    """Device and normalization: a :class:`LoadedModel`'s own context when a stage set it, else from ``cfg``."""
+    if isinstance(model, LoadedModel) and model.device is not None:
+        return model.device, mean if mean is not None else model.mean, std if std is not None else model.std
+    return dist.local_device(resolve_device(cfg.device)), mean, std
 
 
 def _check_request(cfg: HardenConfig, mvl_layers: Sequence[str], *, checkpoint_dir, resume: bool) -> None:
