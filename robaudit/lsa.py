@@ -23,7 +23,7 @@ from torch import nn
 
 from . import attacks as atk
 from . import dist
-from .data import StreamingDataset, as_dataset, batches
+from .data import as_dataset, batches
 from .errors import NonFiniteError, RobauditError
 from .battery import Battery, PerturbationSizes, Setup, Totals, write_rows  # noqa: F401 (PerturbationSizes: API)
 from .bnaudit import BatchNormMoments, BatchNormStreams
@@ -335,7 +335,7 @@ def _prepare(model, data, *, attacks, eps, layers, layer_types, mean, std, batch
     if isinstance(model, LoadedModel):
         type_map = type_map or model.type_map
         model = model.module
-    x_all = data.head(2)[0] if isinstance(data, StreamingDataset) else data.x  # a stream's rest comes by batch
+    x_all = data.head(2)[0]  # an example batch: the rest comes batch by batch
     num_classes = data.num_classes
     if batch_size < 1:
         raise RobauditError("--batch-size must be at least 1")

@@ -90,6 +90,10 @@ class DataSplit(abc.ABC):
         """The samples ``index`` as a set of their own named ``split``, of this set's kind."""
 
     @abc.abstractmethod
+    def on_device(self, device: torch.device) -> DataSplit:
+        """The set a training loop reads its batches from on ``device``."""
+
+    @abc.abstractmethod
     def read_batches(self, index: Sequence[Sequence[int]], *, device: torch.device,
                      workers: int = 0) -> Iterator[torch.Tensor]:
         """The samples at each list of positions in ``index``, in order, as float32 batches in [0, 1] on ``device``
@@ -137,6 +141,10 @@ class Dataset(DataSplit):
     def subset(self, index: torch.Tensor, split: str) -> Dataset:
         return dataclasses.replace(self, x=self.x[index], y=self.y[index], split=split)
 
+    def on_device(self, device: torch.device) -> Dataset:
+        """The split with its samples moved to ``device`` whole (labels stay where they are)."""
+        return dataclasses.replace(self, x=self.x.to(device))
+
     def read_batches(self, index: Sequence[Sequence[int]], *, device: torch.device, workers: int = 0):
         """Gathers of the samples at each list of positions in ``index`` (``workers`` is for streamed sets)."""
         for positions in index:
@@ -177,6 +185,10 @@ class StreamingDataset(DataSplit):
     def subset(self, index: torch.Tensor, split: str) -> StreamingDataset:
         return dataclasses.replace(self, items=torch.utils.data.Subset(self.items, index.tolist()),
                                    y=self.y[index], split=split)
+
+    def on_device(self, device: torch.device) -> StreamingDataset:
+        """The split itself: its batches are read and moved one at a time."""
+        return self
 
     def read_batches(self, index: Sequence[Sequence[int]], *, device: torch.device, workers: int = 0):
         """Batches read by a DataLoader (``workers`` processes decode ahead, pinned for a GPU; uint8 until the

@@ -58,7 +58,7 @@ from torch import nn
 
 from .. import attacks as atk
 from .. import dist
-from ..data import StreamingDataset, as_dataset, subset
+from ..data import as_dataset, subset
 from ..device import resolve_device
 from ..exported import fixed_batch
 from ..errors import RobauditError
@@ -156,7 +156,7 @@ def harden(model: nn.Module | LoadedModel, train, val=None, config: HardenConfig
     module = prep.module.to(dev)
     full = with_normalization(module, mean, std, ndim=first.dim()).to(dev)
     check_compatible(full.eval(), first.to(dev), num_classes)
-    data = TrainData(train=_on_device(train, dev), y=train.y.to(dev), val=val, val_y=val.y,
+    data = TrainData(train=train.on_device(dev), y=train.y.to(dev), val=val, val_y=val.y,
                      num_classes=num_classes, batch_size=batch_size, epochs=cfg.epochs, seed=seed, device=dev,
                      workers=cfg.workers)
     settings_out = _settings(cfg, mvl_layers, gammas, data, val_desc, bn_at_test, mean, std)
@@ -222,12 +222,6 @@ def _trained_module(module: nn.Module, prep: _Prepared) -> nn.Module:
         prep.eager.load_state_dict(module.state_dict())
         return prep.eager.eval()
     return module
-
-
-def _on_device(train, dev: torch.device):
-    """The training set the loop reads its batches from: an in-memory set moved to ``dev`` whole, a streaming set
-    as it is (its batches are read and moved one at a time)."""
-    return train if isinstance(train, StreamingDataset) else dataclasses.replace(train, x=train.x.to(dev))
 
 
 def global_batch_size(asked: int, fixed: int | None, notes: list[str]) -> int:
