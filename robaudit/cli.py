@@ -148,22 +148,27 @@ def main(debug: bool, verbose: int) -> None:
         logging.getLogger().setLevel(logging.ERROR)
 
 
+def _apply(f, options: list):
+    """``f`` decorated with ``options`` in the order they are listed (the first shows first in --help)."""
+    for opt in reversed(options):
+        f = opt(f)
+    return f
+
+
 def model_options(f):
     """Options that say how to load a model file (shared by analyze and harden)."""
-    for opt in reversed([
+    return _apply(f, [
         click.option("--arch", help="Architecture for a state dict: 'package.module:Class' or 'file.py:Class'."),
         click.option("--arch-kwargs", help="JSON keyword arguments for --arch, e.g. '{\"width\": 32}'."),
         click.option("--trust-model", is_flag=True,
                      help="Run code from the model file: unpickle a module, load a .pt2 without inspecting it, "
                           "import a .py architecture a checkpoint names. Only for files whose source you trust."),
-    ]):
-        f = opt(f)
-    return f
+    ])
 
 
 def data_options(f):
     """Options that say which data to use (shared by analyze and harden)."""
-    for opt in reversed([
+    return _apply(f, [
         click.option("--dataset", "-d", required=False,
                      help="moons, digits, mnist, fashion-mnist, cifar10, cifar100, a path to an .npz or x.npy file, "
                           "or imagefolder:DIR (one subfolder of PNG/JPEG images per class)."),
@@ -180,14 +185,12 @@ def data_options(f):
         click.option("--workers", type=click.IntRange(0, limits.WORKERS_MAX), default=0, show_default=True,
                      help="DataLoader processes that read on-disk data ahead while the model runs (image folders "
                           "are decoded there); 0: in this process."),
-    ]):
-        f = opt(f)
-    return f
+    ])
 
 
 def gate_options(f):
     """Bars a run must meet (exit 3 when missed) and machine-readable output (shared by analyze, harden, check)."""
-    for opt in reversed([
+    return _apply(f, [
         click.option("--fail-under", metavar="BARS",
                      help="Exit 3 when an accuracy falls below its bar, e.g. 'worst-case=0.4,clean=0.9,pgd@8/255=0.35'; "
                           "'sanity' fails the run when any sanity check warns."),
@@ -196,9 +199,7 @@ def gate_options(f):
         click.option("--strict", is_flag=True, help="Exit 3 when any sanity check warns (same as --fail-under sanity)."),
         click.option("--json", "as_json", is_flag=True,
                      help="Print one JSON object (accuracies, worst case, MVL, sanity verdict, bars) and nothing else."),
-    ]):
-        f = opt(f)
-    return f
+    ])
 
 
 def _bars(fail_under, max_re, strict):
