@@ -122,7 +122,7 @@ def _foreign(directory: Path, *, top: bool, prefix: str) -> list[str]:
     return found
 
 
-def check_output_dir(out: str | os.PathLike, *, force: bool = False, option: str = "--out") -> Path:
+def usable_output_dir(out: str | os.PathLike, *, force: bool = False, option: str = "--out") -> Path:
     """Refuse, before any work, an output path that robaudit could not write or must not replace.
 
     robaudit replaces only its own run directories, and only with ``force``; it never deletes a user's files.
@@ -296,7 +296,7 @@ def write_run(out_dir: str | os.PathLike, result, mvl, manifest: dict, checks: d
     rendering the report) runs before the directory is renamed into place, so an interrupt never leaves a
     run without its report.
     """
-    out_dir = check_output_dir(out_dir, force=force)
+    out_dir = usable_output_dir(out_dir, force=force)
     with atomic_dir(out_dir) as tmp:
         for name, src in (files or {}).items():
             if name not in RUN_FILES:

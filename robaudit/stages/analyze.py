@@ -25,7 +25,7 @@ from ..errors import RobauditError
 from ..device import resolve_device
 from ..lsa import MVL, LSAResult, analyze
 from ..models import LoadedModel, load_model
-from ..rundir import check_output_dir, staging_file, write_run
+from ..rundir import usable_output_dir, staging_file, write_run
 from ..writelock import write_lock
 
 if TYPE_CHECKING:
@@ -192,9 +192,9 @@ def _setup(model, dataset: str, *, out, arch, arch_kwargs, trust_model, data_dir
 
 def _claim_output(out, *, force: bool, held: contextlib.ExitStack) -> None:
     """Check the output, lock it against a second robaudit writing there, and check it again under the lock."""
-    check_output_dir(out, force=force)
+    usable_output_dir(out, force=force)
     held.enter_context(write_lock(out))
-    check_output_dir(out, force=force)
+    usable_output_dir(out, force=force)
 
 
 def _check_mvl_options(mvl_top: int | None, mvl_z: float | None) -> None:
