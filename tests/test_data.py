@@ -566,6 +566,31 @@ def test_npz(tmp_path, shape):
     assert torch.equal(d3.x, torch.from_numpy(x[:3]))
 
 
+@pytest.mark.parametrize("save", ["savez", "savez_compressed", "npy"])
+def test_arrays_of_images_get_the_image_eps_sweep(tmp_path, save):
+    """3×32×32 images in an array get 2/255, 4/255, 8/255 as image folders do; vectors and 8×8 images keep
+    0.05-0.2, in memory and streamed."""
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1, 2, 0, 1, 2])
+    expected = {(6, 3, 32, 32): (2 / 255, 4 / 255, 8 / 255), (6, 3, 32, 15): (0.05, 0.1, 0.2),
+                (6, 1, 8, 8): (0.05, 0.1, 0.2), (6, 1024): (0.05, 0.1, 0.2)}
+    for i, (shape, eps) in enumerate(expected.items()):
+        x = rng.random(shape).astype(np.float32)
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        if save == "npy":
+            np.save(folder / "x.npy", x)
+            np.save(folder / "y.npy", y)
+            path = folder / "x.npy"
+        else:
+            path = folder / "set.npz"
+            getattr(np, save)(path, x=x, y=y)
+        for stream in (False, True):
+            d = load_dataset(path, stream=stream)
+            assert d.default_eps == pytest.approx(eps), (shape, stream)
+            assert d.input_shape == shape[1:]
+
+
 @pytest.mark.parametrize("x,y,match", [
     (np.full((3, 2), 1.5, np.float32), np.zeros(3, np.int64), "outside"),
     (np.full((3, 2), -0.1, np.float32), np.zeros(3, np.int64), "outside"),

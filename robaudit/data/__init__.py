@@ -32,7 +32,7 @@ from .download import DOWNLOAD_TIMEOUT_S, safe_extract
 from .idx import IDX_CHUNK, IDX_SOURCES, load_idx, read_idx
 from .imagefolder import (IMAGE_DEFAULT_EPS, IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, PIXELS_ENV, FileList, ImageFiles,
                           class_folders, load_imagefolder, max_image_pixels, stream_imagefolder)
-from .npz import NPZ_DEFAULT_EPS, NPZ_MEMBER_MAX, NPZ_RATIO_FLOOR, NPZ_RATIO_MAX, load_npz, read_npz
+from .npz import NPZ_DEFAULT_EPS, NPZ_MEMBER_MAX, npz_default_eps, NPZ_RATIO_FLOOR, NPZ_RATIO_MAX, load_npz, read_npz
 from .source import (DATASETS, IMAGEFOLDER_PREFIX, SPLITS, DataKind, DataSource, canonical, is_image_folder_record,
                      unknown_dataset)
 from .streaming import ArrayRows, FileRows, in_unit_range, loader_batches, stacked
@@ -43,7 +43,7 @@ __all__ = [  # the names robaudit.data has always offered, and the parsed --data
     "default_data_dir", "as_dataset", "rows", "subset", "batches", "read_batches", "ArrayRows", "FileRows",
     "FileList", "ImageFiles", "class_folders", "max_image_pixels", "read_idx", "read_cifar_batch", "safe_extract",
     "read_npz", "IDX_SOURCES", "CIFAR_SOURCES", "IDX_CHUNK", "DOWNLOAD_TIMEOUT_S", "NPZ_DEFAULT_EPS", "NPZ_MEMBER_MAX",
-    "NPZ_RATIO_MAX", "NPZ_RATIO_FLOOR", "IMAGE_SUFFIXES", "IMAGE_DEFAULT_EPS", "MAX_IMAGE_PIXELS", "PIXELS_ENV",
+    "npz_default_eps", "NPZ_RATIO_MAX", "NPZ_RATIO_FLOOR", "IMAGE_SUFFIXES", "IMAGE_DEFAULT_EPS", "MAX_IMAGE_PIXELS", "PIXELS_ENV",
     "MOONS_POOL", "MOONS_TRAIN", "MOONS_NOISE", "MOONS_SEED", "DIGITS_TEST", "DIGITS_SEED",
 ]
 
@@ -384,8 +384,8 @@ def _read(source: DataSource, split: str, select: Callable[[int, str], slice | n
             raise RobauditError(f"no such file: {path}: check the path to the {path.suffix.lower()} file")
         raise unknown_dataset(source.argument)
     x, y, keep, num_classes = load_npz(path, lambda n: select(n, f"{source.name} {split}"))
-    return _Read(source.name, x, y, 1.0, str(path.resolve()), num_classes, None, None, NPZ_DEFAULT_EPS, on_disk=True,
-                 keep=keep)
+    return _Read(source.name, x, y, 1.0, str(path.resolve()), num_classes, None, None, npz_default_eps(x.shape),
+                 on_disk=True, keep=keep)
 
 
 def _streamed_folder(source: DataSource, split: str, select: Callable[[int, str], slice | np.ndarray]):

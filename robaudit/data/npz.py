@@ -23,8 +23,10 @@ import numpy as np
 from .. import limits
 from ..errors import RobauditError
 from ..safeio import open_regular
+from .imagefolder import IMAGE_DEFAULT_EPS
 
 NPZ_DEFAULT_EPS = (0.05, 0.1, 0.2)
+IMAGE_SIDE_MIN = 16  # N×C×H×W arrays with H and W at least this get the image sweep
 NPZ_MEMBER_MAX = 16 << 30  # bytes a member may declare uncompressed
 NPZ_RATIO_MAX = 1000  # a deflated member inflating more than this ...
 NPZ_RATIO_FLOOR = 64 << 20  # ... to more than this many bytes is refused as a decompression bomb
@@ -36,6 +38,15 @@ _ROWS_CHUNK = 4 << 20  # bytes of rows inflated at a time
 _NPY_HEADER_ERRORS = (ValueError, SyntaxError, TypeError, RecursionError, MemoryError, tokenize.TokenError)
 _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, struct.error,
                NotImplementedError, OverflowError)  # what zipfile raises on a damaged archive
+
+
+def npz_default_eps(shape: tuple[int, ...]) -> tuple[float, ...]:
+    """The eps sweep of an array of ``shape``: N×C×H×W images with H, W >= :data:`IMAGE_SIDE_MIN` get the image
+    sweep (2/255, 4/255, 8/255, as image folders do), whose budgets keep a picture's content; vectors and small
+    images keep :data:`NPZ_DEFAULT_EPS`."""
+    if len(shape) == 4 and min(shape[2:]) >= IMAGE_SIDE_MIN:
+        return IMAGE_DEFAULT_EPS
+    return NPZ_DEFAULT_EPS
 
 
 @dataclass(frozen=True)
