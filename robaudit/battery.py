@@ -15,6 +15,7 @@ import functools
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -111,6 +112,8 @@ class Setup:
     streaming: bool  # False for a fixed-batch archive: its chunked outputs are read after the pass
     num_classes: int
     bn: BatchNormStreams | None = None  # BatchNorm input moments, taken in the hooked passes
+    # judges the first batch's clean logits: (eager module, x, y, logits) -> None, or a one-line error
+    first_batch: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
 
     def restore_eval(self) -> None:
         """Eval mode again after an attack (one may switch the mode it queries), once per distinct module."""
@@ -171,8 +174,9 @@ class Battery:
         of the clean batch stacked with up to :data:`JOINT_CONFIGS` perturbed ones, then the outcomes.
 
         The first batch also checks that model and data fit, instead of a forward pass of its own before it: its
-        clean logits must be logits for the data set's classes, and if it fails, a small forward pass says in one
-        line whether the model does not take these inputs or fails to run (the original error otherwise)."""
+        clean logits must be logits for the data set's classes, not at chance where another input normalization
+        is far above it (``Setup.first_batch``), and if it fails, a small forward pass says in one line whether the
+        model does not take these inputs or fails to run (the original error otherwise)."""
         if self.checked:
             return self._step(b, start, x, y)
         try:
@@ -196,6 +200,9 @@ class Battery:
             check_logits(logits[0], self.s.num_classes)
         if not torch.isfinite(logits[0]).all():
             raise NonFiniteError(f"the model returns non-finite outputs on clean samples {start}..{start + rows - 1}")
+        if not self.checked and self.s.first_batch is not None:
+            with self.probe.paused():
+                self.s.first_batch(self.s.eager, x, y, logits[0])
         bad = torch.stack([~torch.isfinite(a).all() for a in advs]) if advs else None
         if bad is not None and bad.any():  # one host sync per batch for every configuration's finiteness check
             spec = self.s.specs[int(bad.nonzero()[0])]

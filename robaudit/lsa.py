@@ -31,6 +31,7 @@ from .metrics import INPUT_LAYER, RelativeError, layer_gains, per_sample_sq_norm
 from .device import resolve_device
 from .exported import as_graph, fixed_batch
 from .models import LoadedModel, with_normalization
+from .normcheck import NormalizationCheck
 from .rundir import rows_at
 from .probe import PROBE_MODES, Layer, LayerProbe, select_modules
 from .samples import SampleLog
@@ -359,7 +360,9 @@ def _prepare(model, data, *, attacks, eps, layers, layer_types, mean, std, batch
     streaming = fixed_batch(model) is None
     setup = Setup(model=model, eager=eager, full=full, attacked=attacked, specs=specs, builders=builders,
                   device=device, seed=seed, streaming=streaming, num_classes=num_classes,
-                  bn=BatchNormStreams(model, type_map, len(specs), device))
+                  bn=BatchNormStreams(model, type_map, len(specs), device),
+                  first_batch=NormalizationCheck.of(mean=mean, std=std, data_mean=data.mean, data_std=data.std,
+                                                    num_classes=num_classes))
     return setup, stack.enter_context(LayerProbe(model, modules, type_map=type_map, detach=True))
 
 

@@ -36,9 +36,14 @@ def _eps(value) -> str:
 def analysis_summary(run) -> list[str]:
     """An analysis (:class:`~robaudit.stages.analyze.AnalysisRun`): its accuracies, its MVL table and where
     its outputs are."""
+    from .normcheck import describe
+
     res = run.result
+    norm = run.manifest.get("normalization") or {}
+    stats = None if norm.get("mean") is None else (norm["mean"], norm["std"])
     lines = [f"{run.manifest['model']['path']} on {run.manifest['dataset']['name']} "
              f"({res.n_samples} samples, {res.seconds:.1f} s)",
+             f"input normalization: {describe(stats)}",
              f"clean accuracy: {100 * res.clean_accuracy:.1f}%", *_accuracy_by_eps(res.accuracy),
              *mvl_table(run.mvl), f"\nrun directory: {run.path}"]
     report = Path(run.path) / "report.html"
