@@ -31,7 +31,8 @@ from .errors import RobauditError
 REQUIRED = ("lsa.csv", "accuracy.csv", "mvl.json", "manifest.json")
 # Every file robaudit writes into a run directory; a directory holding anything else is not replaced.
 RUN_FILES = frozenset(REQUIRED + ("checks.json", "bn.csv", "samples.csv", "report.html", "history.csv",
-                                  "comparison.csv", "harden.json"))
+                                  "comparison.csv", "harden.json",
+                                  "fragile.json"))
 RUN_ENTRIES = RUN_FILES | {"harden-checkpoint.pt", "hardened"}
 HARDENED_ENTRIES = RUN_FILES | {"model.pt", "model.pt2"}  # hardened/ holds files only
 # Files robaudit writes into a run after it was sealed (its manifest's file list): never listed there.
@@ -40,6 +41,7 @@ _SYSTEM_ROOTS = ("/proc", "/sys", "/dev")
 
 MiB = safeio.MiB
 JSON_MAX_BYTES = 8 * MiB
+DOCUMENT_MAX_BYTES = {"fragile.json": 1 * MiB}  # documents capped below JSON_MAX_BYTES (robaudit writes < 0.4 MB)
 CSV_MAX_BYTES = 64 * MiB
 SAMPLES_MAX_BYTES = 512 * MiB  # one row per sample, streamed: the one large file of a run
 HEADER_MAX_BYTES = 1 * MiB
@@ -287,7 +289,8 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
 
 def write_run(out_dir: str | os.PathLike, result, mvl, manifest: dict, checks: dict | None = None, *,
               force: bool = False, finish: Callable[[Path], None] | None = None,
-              tables: dict[str, pd.DataFrame] | None = None, files: dict[str, Path] | None = None) -> Path:
+              tables: dict[str, pd.DataFrame] | None = None, files: dict[str, Path] | None = None,
+              documents: dict[str, dict] | None = None) -> Path:
     """Write an analysis (an :class:`~robaudit.lsa.LSAResult` and its MVL) as a run directory.
 
     An earlier run there is replaced whole, and only with ``force``: a new analysis invalidates an old
@@ -302,20 +305,24 @@ def write_run(out_dir: str | os.PathLike, result, mvl, manifest: dict, checks: d
             if name not in RUN_FILES:
                 raise ValueError(f"{name} is not a run-directory file")
             os.replace(src, tmp / name)
-        fill_run(tmp, result, mvl, manifest, checks, tables=tables)
+        fill_run(tmp, result, mvl, manifest, checks, tables=tables, documents=documents)
         if finish is not None:
             finish(tmp)
     return out_dir
 
 
 def fill_run(directory: Path, result, mvl, manifest: dict, checks: dict | None = None, *,
-             tables: dict[str, pd.DataFrame] | None = None) -> None:
-    """Write the run files (and ``checks.json``, and optional tables such as ``bn.csv``) into a directory, the
-    manifest last, with the list of every file the directory then holds (see :func:`seal`)."""
-    for name, frame in (tables or {}).items():
+             tables: dict[str, pd.DataFrame] | None = None, documents: dict[str, dict] | None = None) -> None:
+    """Write the run files (and ``checks.json``, optional tables such as ``bn.csv`` and documents such as
+    ``fragile.json``) into a directory, the manifest last, with the list of every file the directory then holds
+    (see :func:`seal`)."""
+    for name in [*(tables or {}), *(documents or {})]:
         if name not in RUN_FILES:
             raise ValueError(f"{name} is not a run-directory file")  # a programming error: RUN_FILES lists them
+    for name, frame in (tables or {}).items():
         write_csv(directory / name, frame)
+    for name, document in (documents or {}).items():
+        write_json(directory / name, document)
     write_csv(directory / "lsa.csv", result.lsa)
     write_csv(directory / "accuracy.csv", result.accuracy)
     write_json(directory / "mvl.json", mvl.to_dict() if hasattr(mvl, "to_dict") else mvl)
@@ -406,12 +413,13 @@ def read_document(directory: str | os.PathLike, name: str, *, root: str | os.Pat
     against its schema, or ``None`` if it is absent; anything else is refused in one line."""
     directory = Path(directory)
     check_inside(directory, Path(root) if root is not None else directory)
-    fd = _run_file(directory, name, JSON_MAX_BYTES)
+    cap = DOCUMENT_MAX_BYTES.get(name, JSON_MAX_BYTES)
+    fd = _run_file(directory, name, cap)
     if fd is None:
         return None
     path = directory / name
     with os.fdopen(fd, "rb") as fh:
-        data = fh.read(JSON_MAX_BYTES + 1)
+        data = fh.read(cap + 1)
     value = safeio.parse_json(data, where=str(path), fix=runschema.fix_for(path))
     if not isinstance(value, dict):
         raise RobauditError(f"{path} does not hold a JSON object: {runschema.fix_for(path)}")

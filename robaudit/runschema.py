@@ -7,8 +7,11 @@ number. A violation is one line naming the file, the field (and row) and what to
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import re
+import struct
 from pathlib import Path
 from typing import Any, Callable
 
@@ -372,8 +375,38 @@ HARDEN = obj({
     "mvl_ranking": opt(obj({"attack": OSTR, "eps": opt(nonneg), "metric": OSTR})), "layers_rule": OSTR,
 })
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_SIDE_MAX = 1024  # pixels a side of a stored image may have (robaudit stores at most 256)
+
+
+def png_data(value, field, path):
+    """A PNG image as base64 text (the page embeds it as it is): strict base64 (nothing else can reach the
+    page), the PNG signature and a header of a sane size; the pixels are never decoded here."""
+    if not isinstance(value, str):
+        raise _bad(path, f"{_where(field)} is not a string")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise _bad(path, f"{_where(field)} is not base64") from None
+    if raw[:8] != PNG_SIGNATURE or raw[12:16] != b"IHDR" or len(raw) < 33:
+        raise _bad(path, f"{_where(field)} is not a PNG image")
+    width, height = struct.unpack(">II", raw[16:24])
+    if not (1 <= width <= PNG_SIDE_MAX and 1 <= height <= PNG_SIDE_MAX):
+        raise _bad(path, f"{_where(field)} is a {width}x{height} image, not one robaudit stores")
+    return value
+
+
+SIDE = whole(1, PNG_SIDE_MAX)
+FRAGILE_SAMPLE = obj({"index": COUNT_, "label": COUNT_, "clean_pred": COUNT_, "adv_pred": COUNT_, "config": STR,
+                      "amplification": nonneg, "clean": png_data, "adversarial": png_data, "perturbation": png_data},
+                     required=("index", "label", "clean_pred", "adv_pred", "config", "amplification", "clean",
+                               "adversarial", "perturbation"))
+FRAGILE = obj({"image_size": list_of(POSITIVE), "stored_size": list_of(SIDE), "budget_bytes": opt(COUNT_),
+               "left_out": opt(COUNT_), "samples": list_of(FRAGILE_SAMPLE)},
+              required=("image_size", "stored_size", "samples"))
+
 DOCUMENTS: dict[str, Check] = {"manifest.json": MANIFEST, "mvl.json": MVL, "checks.json": CHECKS,
-                               "harden.json": HARDEN}
+                               "harden.json": HARDEN, "fragile.json": FRAGILE}
 
 
 def check_document(value: Any, name: str, path: Path) -> dict:
@@ -384,4 +417,6 @@ def check_document(value: Any, name: str, path: Path) -> dict:
         mean, std = norm.get("mean"), norm.get("std")
         if (mean is None) != (std is None) or (mean is not None and len(mean) != len(std)):
             raise _bad(path, "normalization.mean and normalization.std do not give one value each per channel")
+    if name == "fragile.json" and not (len(value["image_size"]) == len(value["stored_size"]) == 2):
+        raise _bad(path, "image_size and stored_size do not give a height and a width")
     return value

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
+import pandas as pd
 import torch
 
 from .. import __version__
@@ -23,6 +24,7 @@ from ..cmdline import command_line
 from ..data import DataSource, is_image_folder_record, load_dataset
 from ..errors import RobauditError
 from ..device import resolve_device
+from ..fragile import FRAGILE_FILE, fragile_images, is_image_shape
 from ..lsa import MVL, LSAResult, analyze
 from ..models import LoadedModel, load_model
 from ..rundir import usable_output_dir, staging_file, write_run
@@ -145,23 +147,23 @@ def analyze_run(model: str | Path | LoadedModel, dataset: str, *, out: str | Pat
                 samples_path=samples_csv)
             # every process: the MVL list names the attack that the BatchNorm audit, shared by all, runs again
             mvl = result.mvl(mvl_top, z=mvl_z, attack=mvl_attack, metric=mvl_metric, include_output=include_output)
-            mvl_top = mvl.k if mvl_z is None else mvl_top  # select_mvl's default when none was given
             bn = batchnorm_audit(loaded, data, result, mvl, seed=seed, batch_size=batch_size, distributed=True)
             if leave_group:  # the last collective is done: the processes meet and leave the group
                 dist.shutdown()
             if not dist.is_main():  # the rest is rank 0's alone: the others are done
                 return None if leave_group else AnalysisRun(result, mvl, out, {}, None)
-            check_results = model_checks(loaded, data, result, plan, seed=seed)
+            check_results, images = _solo_work(loaded, data, result, plan, samples_csv, seed=seed,
+                                               batch_size=batch_size)
             manifest = _manifest(
                 loaded, data, result, command=command or _api_command(loaded, dataset, attacks, eps, seed, out,
                                                                       image_size=image_size, class_map=class_map),
                 trust_model=trust_model, mean=mean, std=std, split=split, samples=samples, shuffle=shuffle,
                 data_dir=data_dir, seed=seed, dev=dev, batch_size=batch_size, specs=specs, eps=eps, layers=layers,
                 layer_types=layer_types, probe=probe, started=started, image_size=image_size, class_map=class_map,
-                mvl={"top": mvl_top, "z": mvl_z, "attack": mvl_attack, "metric": mvl_metric,
-                     "include_output": include_output})
+                mvl={"top": mvl.k if mvl_z is None else mvl_top,  # select_mvl's default when none was given
+                     "z": mvl_z, "attack": mvl_attack, "metric": mvl_metric, "include_output": include_output})
             return _write(out, result, mvl, check_results, bn, samples_csv, force=force, report=report,
-                          manifest=manifest)
+                          manifest=manifest, images=images)
         finally:
             if samples_csv is not None:
                 samples_csv.unlink(missing_ok=True)  # moved into the run, unless something failed
@@ -213,8 +215,9 @@ def _normalization(data, *, normalize: bool, mean, std) -> tuple:
 
 
 def _write(out: Path, result: LSAResult, mvl: MVL, check_results, bn, samples_csv: Path, *, force: bool,
-           report: bool, manifest: dict) -> AnalysisRun:
-    """Write the run directory, with its report rendered before the run is renamed into place."""
+           report: bool, manifest: dict, images: dict | None = None) -> AnalysisRun:
+    """Write the run directory (with ``images``, the most fragile samples' ``fragile.json``), with its report
+    rendered before the run is renamed into place."""
     finish = None
     if report:
         from .report import render_report
@@ -223,7 +226,8 @@ def _write(out: Path, result: LSAResult, mvl: MVL, check_results, bn, samples_cs
             render_report(staging, name=out)
     write_run(out, result, mvl, manifest, check_results, force=force, finish=finish,
               tables={"bn.csv": bn} if bn is not None else None,
-              files={"samples.csv": samples_csv} if _written(samples_csv) else None)
+              files={"samples.csv": samples_csv} if _written(samples_csv) else None,
+              documents={FRAGILE_FILE: images} if images is not None else None)
     return AnalysisRun(result, mvl, out, manifest, check_results)
 
 
@@ -314,6 +318,18 @@ def model_checks(loaded: LoadedModel, data, result: LSAResult, plan: ModelCheckP
     out = run_model_checks(full, x, y, device=dev, seed=seed, eps_max=plan.eps_max,
                            max_samples=plan.n_samples, reuse=reuse, attacks=plan.attacks)
     return {**out, **info}
+
+
+def _solo_work(loaded: LoadedModel, data, result: LSAResult, plan: ModelCheckPlan | None, samples_csv: Path | None,
+               *, seed: int, batch_size: int) -> tuple[dict | None, dict | None]:
+    """Rank 0's work after the last collective: the model checks, and the images of the most fragile samples
+    (attacked again with the battery's draws: :mod:`robaudit.fragile`), None for data that are not images."""
+    checks = model_checks(loaded, data, result, plan, seed=seed)
+    samples = None
+    if samples_csv is not None and _written(samples_csv) and is_image_shape(tuple(data.input_shape)):
+        samples = pd.read_csv(samples_csv, usecols=lambda c: c in ("index", "label", "clean_correct")
+                              or c.endswith(":correct"))  # the analysis' own file, just written
+    return checks, fragile_images(loaded, data, result.attacks, samples, batch_size=batch_size, seed=seed)
 
 
 def _api_command(loaded: LoadedModel, dataset: str, attacks, eps, seed: int, out: Path, *,

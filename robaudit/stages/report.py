@@ -25,6 +25,8 @@ from .. import safeio, verdict
 from ..errors import RobauditError
 from ..labels import CLEAN, WORST_CASE, attack_name
 from ..rundir import Run, check_inside, read_document, read_run, read_table
+from ..fragile import FRAGILE_SHOWN
+from .report_fragile import fragile_examples
 from ..writelock import write_lock
 from .html import (Cell, Column, Row, Table, check_page_out, content_security_policy, environment, flatten, fmt_eps,
                    fmt_num, fmt_pct, fmt_points, fmt_re, is_missing, kv_table, num_cell, read_resource, version,
@@ -381,9 +383,6 @@ def _batchnorm_section(run_dir: Path, shown: Path) -> dict | None:
             "plot": plot_batchnorm(bn, after), "table": Table(columns, rows)}
 
 
-FRAGILE_SHOWN = 10
-
-
 def _fragile_section(run_dir: Path) -> dict | None:
     """The samples fooled by the most configurations, from samples.csv, which the report links."""
     from ..samples import most_fragile
@@ -395,7 +394,7 @@ def _fragile_section(run_dir: Path) -> dict | None:
     rows = [Row([num_cell(int(r["index"])), num_cell(int(r["label"])), num_cell(int(r["fooled_by"])),
                  Cell(r["fooled_configs"], cls="wrap")]) for r in fragile.to_dict("records")]
     n_conf = sum(c.endswith(":correct") for c in samples.columns)
-    return {"href": "samples.csv", "n": len(samples), "n_configs": n_conf,
+    return {"href": "samples.csv", "n": len(samples), "n_configs": n_conf, "examples": fragile_examples(run_dir),
             "table": Table([Column("Index", True), Column("Label", True), Column("Fooled by", True),
                             Column("Configurations that fooled it")], rows) if rows else None}
 
