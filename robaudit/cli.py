@@ -217,11 +217,15 @@ def _say(as_json: bool):
 def _verdict_and_gate(ctx, run_dir: Path, bars, as_json: bool, *, before: Path | None = None,
                       extra: dict | None = None) -> None:
     """Print the sanity verdict (or the JSON object), hold the bars against the run, exit 3 if one is missed."""
-    import json
-
     from .gate import judge
 
-    judgement = judge(bars, run_dir, before=before)
+    _show_judgement(ctx, judge(bars, run_dir, before=before), as_json, extra=extra)
+
+
+def _show_judgement(ctx, judgement, as_json: bool, *, extra: dict | None = None) -> None:
+    """Print a judged run's sanity verdict and bars (or the JSON object); exit 3 if a bar is missed."""
+    import json
+
     if as_json:
         click.echo(json.dumps(judgement.to_dict(extra), indent=2, allow_nan=False))
     else:
@@ -493,13 +497,15 @@ def check(ctx, run_dir, hardened, fail_under, max_re, strict, as_json):
       robaudit check reports/m-cifar10 --fail-under worst-case=0.40,clean=0.90 --max-re 0.8
       robaudit check --strict --json            # the latest run; fail on any sanity warning
     """
-    from .rundir import latest_run, read_run
+    from .gate import judge
+    from .rundir import latest_run
 
     bars = _bars(fail_under, max_re, strict)
     run_dir = Path(run_dir) if run_dir else latest_run("reports")
     target = run_dir / "hardened" if hardened else run_dir
     if hardened and not target.is_dir():
         raise RobauditError(f"{run_dir} has no hardened/ result: run `robaudit harden --run {run_dir}` first")
-    if not as_json:
-        _echo_lines(tables.accuracy_summary(read_run(target), target))
-    _verdict_and_gate(ctx, target, bars, as_json, before=run_dir if hardened else None)
+    judgement = judge(bars, target, before=run_dir if hardened else None)  # a bar the run cannot meet fails here,
+    if not as_json:  # before anything is printed
+        _echo_lines(tables.accuracy_summary(judgement.run, target))
+    _show_judgement(ctx, judgement, as_json)

@@ -322,10 +322,11 @@ def test_minimal_perturbation_attacks_by_size_not_accuracy(tmp_path):
     h_cw = pd.read_csv(run / "hardened" / "accuracy.csv").set_index("attack").loc["cw"]
     row = visible(re.search(r"<tr><td>CW</td>.*?</tr>", perturbation_table, re.S).group(0))
     for value in (fmt_re(cw["pert_median"]), fmt_re(cw["pert_p90"]), fmt_pct(cw["success_rate"]),
-                  fmt_re(h_cw["pert_median"])):
+                  fmt_re(cw["pert_median_all"]), fmt_re(h_cw["pert_median_all"])):
         assert value in row
     verdict = visible(section(text, "verdict"))
     assert f"median L2 perturbation of {fmt_re(cw['pert_median'])}" in verdict
+    assert f"half of all samples are misclassified at an L2 perturbation of {fmt_re(cw['pert_median_all'])}" in verdict
     assert "CW 0.0 %" not in visible(text) and "CW →" not in verdict
 
 

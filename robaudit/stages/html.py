@@ -31,7 +31,7 @@ from ..labels import format_eps
 from ..rundir import is_own_report, remove_stale_staging
 
 __all__ = ["Cell", "Column", "Row", "Table", "check_page_out", "clean_svg", "content_security_policy", "environment",
-           "figure_svg", "flatten", "fmt_eps", "fmt_num", "fmt_pct", "fmt_points", "fmt_re", "is_missing", "kv_table",
+           "figure_svg", "flatten", "fmt_eps", "fmt_num", "fmt_pct", "fmt_points", "fmt_re", "fmt_size", "is_missing", "kv_table",
            "num_cell", "plain", "read_resource", "sort_key", "version", "write_atomic"]
 
 
@@ -64,6 +64,11 @@ def fmt_eps(v: Any) -> str:
 def fmt_re(v: Any) -> str:
     """An RE (or a perturbation norm) with three significant digits; empty when missing."""
     return "" if is_missing(v) else f"{float(v):.3g}"
+
+
+def fmt_size(v: Any) -> str:
+    """A perturbation size: three significant digits, ``∞`` for a sample no perturbation fooled; empty when missing."""
+    return "∞" if not is_missing(v) and float(v) == float("inf") else fmt_re(v)
 
 
 def fmt_num(v: Any) -> str:

@@ -27,7 +27,7 @@ from ..labels import CLEAN, WORST_CASE, attack_name
 from ..rundir import Run, check_inside, read_document, read_run, read_table
 from ..writelock import write_lock
 from .html import (Cell, Column, Row, Table, check_page_out, content_security_policy, environment, flatten, fmt_eps,
-                   fmt_num, fmt_pct, fmt_points, fmt_re, is_missing, kv_table, num_cell, read_resource, version,
+                   fmt_num, fmt_pct, fmt_points, fmt_re, fmt_size, is_missing, kv_table, num_cell, read_resource, version,
                    write_atomic)
 from .plots import (ACCURACY_HISTORY_COLUMNS, BN_LABELS, MPL_RC, Palette, config_label, plot_accuracy, plot_batchnorm,
                     plot_heatmap, plot_history, plot_profile, plot_re_before_after)
@@ -192,25 +192,29 @@ def _perturbation_table(acc: pd.DataFrame, after: pd.DataFrame | None) -> Table 
     rows_before = minimal_rows(acc)
     if rows_before.empty:
         return None
-    columns = [Column("Attack"), Column("Norm"), Column("Success rate", True), Column("Median perturbation", True),
-               Column("90th percentile", True), Column("Samples", True)]
+    columns = [Column("Attack"), Column("Norm"), Column("Success rate", True), Column("Median, all samples", True),
+               Column("Median, fooled", True), Column("90th percentile, fooled", True), Column("Samples", True)]
     after_map = {}
     if after is not None:
-        columns += [Column("Median after hardening", True), Column("Success rate after", True)]
+        columns += [Column("Median, all, after hardening", True), Column("Success rate after", True)]
         after_map = {r.attack: r for r in minimal_rows(after).itertuples(index=False)}
     rows = []
     for r in rows_before.itertuples(index=False):
         cells = [Cell(attack_name(r.attack)), Cell(r.norm), num_cell(value_of(r, "success_rate"), fmt_pct),
-                 num_cell(value_of(r, "pert_median"), fmt_re), num_cell(value_of(r, "pert_p90"), fmt_re),
-                 num_cell(value_of(r, "n_samples"))]
+                 num_cell(value_of(r, "pert_median_all"), fmt_size), num_cell(value_of(r, "pert_median"), fmt_re),
+                 num_cell(value_of(r, "pert_p90"), fmt_re), num_cell(value_of(r, "n_samples"))]
         if after is not None:
             a = after_map.get(r.attack)
-            cells += [num_cell(value_of(a, "pert_median"), fmt_re), num_cell(value_of(a, "success_rate"), fmt_pct)]
+            cells += [num_cell(value_of(a, "pert_median_all"), fmt_size),
+                      num_cell(value_of(a, "success_rate"), fmt_pct)]
         rows.append(Row(cells))
     return Table(columns, rows, caption=(
         "Minimal-perturbation attacks (no eps): the share of correctly classified samples they fooled and the "
-        "norm of the perturbation that fooled them (a larger perturbation means a more robust model). Their "
-        "accuracy is not a robust accuracy and is not shown."))
+        "norm of the perturbation each sample needed. The median over all samples counts a sample misclassified "
+        "already as 0 and one never fooled as ∞: half of all samples are misclassified at that size, and a "
+        "larger one means a more robust model. The median over the fooled samples alone can shrink as a model "
+        "grows more robust (it is fooled only on its easiest samples). Their accuracy is not a robust accuracy "
+        "and is not shown."))
 
 
 def _accuracy_section(run: Run, hardened: Run | None, palette: Palette) -> dict | None:

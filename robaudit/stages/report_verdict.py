@@ -15,7 +15,7 @@ from markupsafe import Markup
 from .. import sanity, verdict
 from ..labels import CLEAN, WORST_CASE, attack_name
 from ..rundir import Run, rows_at
-from .html import Cell, Column, Row, Table, fmt_eps, fmt_num, fmt_pct, fmt_points, fmt_re, is_missing, sort_key
+from .html import Cell, Column, Row, Table, fmt_eps, fmt_num, fmt_pct, fmt_points, fmt_re, fmt_size, is_missing, sort_key
 
 __all__ = ["METHOD_NAMES", "minimal_rows", "sanity_group", "value_of", "verdict_section"]
 
@@ -167,9 +167,13 @@ def _verdict_minimal(acc: pd.DataFrame | None, sentences: list) -> None:
     for r in minimal_rows(acc).itertuples(index=False):
         if is_missing(value_of(r, "pert_median")):
             continue
-        sentences.append(Markup("{} (minimal perturbation) fools {} of the correctly classified samples with a median "
-                                "{} perturbation of <strong>{}</strong> (90th percentile {}).").format(
-            attack_name(r.attack), fmt_pct(value_of(r, "success_rate")), r.norm, fmt_re(r.pert_median),
+        over_all = value_of(r, "pert_median_all")
+        lead = Markup("") if is_missing(over_all) else Markup(
+            "half of all samples are misclassified at an {} perturbation of <strong>{}</strong>; ").format(
+            r.norm, fmt_size(over_all))
+        sentences.append(Markup("{} (minimal perturbation): {}it fools {} of the correctly classified samples, with a "
+                                "median {} perturbation of {} over the fooled ones (90th percentile {}).").format(
+            attack_name(r.attack), lead, fmt_pct(value_of(r, "success_rate")), r.norm, fmt_re(r.pert_median),
             fmt_re(value_of(r, "pert_p90"))))
 
 
