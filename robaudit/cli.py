@@ -121,6 +121,25 @@ def _image_size(ctx, param, value) -> int | None:
     return limits.image_size(value)
 
 
+def _threads(ctx, param, value) -> int | None:
+    """--threads as a whole number within limits (checked while the options are read)."""
+    return None if value is None else limits.threads(value)
+
+
+def threads_option(f):
+    """--threads N: torch's CPU threads for the whole command, set once where it starts (analyze, harden)."""
+    return click.option("--threads", metavar="N", callback=_threads,
+                        help="CPU threads torch uses (default: one per core). On a machine busy with other jobs, "
+                             "1 or 2 can be several times faster.")(f)
+
+
+def _use_threads(threads: int | None) -> None:
+    if threads is not None:
+        from .threads import use_threads
+
+        use_threads(threads)
+
+
 def _split_list(values) -> list[str] | None:
     out = [p.strip() for v in values or () for p in v.split(",") if p.strip()]
     return out or None
@@ -264,12 +283,13 @@ def _show_judgement(ctx, judgement, as_json: bool, *, extra: dict | None = None)
 @click.option("--no-report", is_flag=True, help="Do not render report.html.")
 @click.option("--no-checks", is_flag=True, help="Skip the gradient-masking sanity probes.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@threads_option
 @gate_options
 @click.pass_context
 def analyze(ctx, model, arch, arch_kwargs, trust_model, dataset, data_dir, split, samples, shuffle, no_download,
             attacks, image_size, class_map, workers, eps, layer_globs, layer_types, probe, mean, std, no_normalize, mvl_top, mvl_z, mvl_attack,
             mvl_metric, include_output, batch_size, device, seed, out, force, no_report, no_checks, progress,
-            fail_under, max_re, strict, as_json):
+            threads, fail_under, max_re, strict, as_json):
     """Layer Sustainability Analysis of MODEL: per-layer RE under an attack battery -> MVL list."""
     from .attacks import parse_eps_list
     from .models import parse_arch_kwargs
@@ -283,6 +303,7 @@ def analyze(ctx, model, arch, arch_kwargs, trust_model, dataset, data_dir, split
         raise RobauditError("choose one MVL criterion: --mvl-top K or --mvl-z Z")
     bars = _bars(fail_under, max_re, strict)
     mean, std = _mean_std(mean, std)
+    _use_threads(threads)
     run = analyze_run(
         model, dataset, out=out, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_model=trust_model,
         data_dir=data_dir, split=split, samples=samples, shuffle=shuffle, download=not no_download,
@@ -398,12 +419,13 @@ def list_attacks():
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda ...")
 @click.option("--no-report", is_flag=True, help="Do not render report.html.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@threads_option
 @gate_options
 @click.pass_context
 def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_dir, split, samples, shuffle, out,
            method, mvl_top, layers_from, gamma, re_mode, base_attack, train_eps, steps, alpha, layer_eps, epochs, batch_size, lr,
            optimizer, weight_decay, schedule, clean_weight, dual_bn, include_output, val_fraction, train_data,
-           resume, force, seed, device, no_report, progress, fail_under, max_re, strict, as_json, image_size,
+           resume, force, seed, device, no_report, progress, threads, fail_under, max_re, strict, as_json, image_size,
            class_map, workers, **data_extra):
     """Fine-tune the model so its Most Vulnerable Layers become sustainable; re-analyze; compare.
 
@@ -436,6 +458,7 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
                             "decodes its images as its analysis did")
     if model is not None and not dataset:
         raise RobauditError("--dataset is required with MODEL: e.g. robaudit harden model.pt2 --dataset digits")
+    _use_threads(threads)
     run_dir, notes = run_to_harden(
         model, run_dir, dataset=dataset, out=out, resume=resume, device=device, analysis=dict(
             arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs) if model is not None else None,
@@ -447,7 +470,8 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
     with _warnings_recorded() as warned:
         done = harden_run(run_dir, cfg, mvl_top=mvl_top, include_output=include_output,
                           layers_from=LayerRule.of(layers_from), train_data=train_data, resume=resume, force=force,
-                          command=invoked_command(), download=download, arch=arch, trust_model=trust_model)
+                          command=invoked_command(), download=download, arch=arch, trust_model=trust_model,
+                          estimate=_say(as_json))
     if dist.is_main():  # the other processes of a torchrun job wrote and print nothing; the gate's exit is rank 0's
         _show_harden(ctx, done, warned, bars, as_json=as_json, report=not no_report)
 
