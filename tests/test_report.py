@@ -387,6 +387,19 @@ def test_cards_never_green_while_a_check_about_them_warns(tmp_path):
     sanity_text = visible(section(text, "sanity"))
     assert "PGD-50 leaves no more samples robust than PGD-10" in sanity_text  # threshold shown
     assert "exact McNemar p = 0.002" in sanity_text and "Hardening introduced a warning" in sanity_text
+    # each model's verdict on a card of its own: never the two models' checks added up
+    cards = _cards(text)
+    assert "Sanity checks" not in cards
+    assert cards["Sanity checks, hardened model"] == "warn"
+    from robaudit import verdict as verdict_mod
+    from robaudit.rundir import read_run
+
+    for label, where in (("audited model", run), ("hardened model", run / "hardened")):
+        checks = verdict_mod.checks_of(read_run(where), num_classes=10)
+        counts = {s: sum(c.status == s for c in checks) for s in ("pass", "skip")}
+        card = re.search(rf'<div class="label">Sanity checks, {label}</div>(.*?)</div>\s*</div>',
+                         section(text, "verdict"), re.S).group(1)
+        assert f"{counts['pass']} pass, {counts['skip']} skipped of {len(checks)} checks" in visible(card)
 
 
 def test_chance_level_model_is_flagged(tmp_path):

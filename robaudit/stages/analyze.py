@@ -20,6 +20,7 @@ from .. import __version__
 from .. import attacks as atk
 from .. import dist
 from ..cmdline import command_line
+from ..labels import format_eps
 from ..data import DataSource, is_image_folder_record, load_dataset
 from ..errors import RobauditError
 from ..lsa import MVL, LSAResult, analyze, resolve_device
@@ -153,7 +154,8 @@ def analyze_run(model: str | Path | LoadedModel, dataset: str, *, out: str | Pat
             check_results = model_checks(loaded, data, result, plan, mean=mean, std=std, device=dev, seed=seed)
             manifest = _manifest(
                 loaded, data, result, command=command or _api_command(loaded, dataset, attacks, eps, seed, out,
-                                                                      image_size=image_size, class_map=class_map),
+                                                                      image_size=image_size, class_map=class_map,
+                                                                      samples=samples, shuffle=shuffle),
                 trust_model=trust_model, mean=mean, std=std, split=split, samples=samples, shuffle=shuffle,
                 data_dir=data_dir, seed=seed, dev=dev, batch_size=batch_size, specs=specs, eps=eps, layers=layers,
                 layer_types=layer_types, probe=probe, started=started, image_size=image_size, class_map=class_map,
@@ -316,8 +318,10 @@ def model_checks(loaded: LoadedModel, data, result: LSAResult, plan: ModelCheckP
 
 
 def _api_command(loaded: LoadedModel, dataset: str, attacks, eps, seed: int, out: Path, *,
-                 image_size: int | None = None, class_map=None) -> str:
+                 image_size: int | None = None, class_map=None, samples: int | None = None,
+                 shuffle: bool = False) -> str:
     """The ``robaudit analyze`` command line equivalent to an :func:`analyze_run` call."""
     return command_line("analyze", str(loaded.path) if loaded.path else "MODEL", dataset=dataset,
-                        image_size=image_size, class_map=class_map, attack=list(attacks or []),
-                        eps=",".join(f"{e:g}" for e in eps) if eps else None, seed=seed, out=out)
+                        image_size=image_size, class_map=class_map, samples=samples, shuffle=shuffle,
+                        attack=list(attacks or []), eps=",".join(format_eps(e) for e in eps) if eps else None,
+                        seed=seed, out=out)

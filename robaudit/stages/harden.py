@@ -21,6 +21,7 @@ from torch import nn
 from .. import attacks as atk
 from .. import dist
 from ..cmdline import command_line
+from ..labels import format_eps
 from ..data import DATASETS, IMAGEFOLDER_PREFIX, class_folders, load_dataset
 from ..errors import RobauditError
 from ..exported import export_dynamic_batch, fixed_batch
@@ -484,5 +485,5 @@ def _write_hardened(tmp: Path, analysis, h_mvl, manifest: dict, checks, history:
 def _api_command(run_dir: Path, method: str, mvl_top, eps: float, epochs: int, seed: int,
                  layers_from: str | None = None) -> str:
 
-    return command_line("harden", run=run_dir, method=method, mvl_top=mvl_top, eps=f"{eps:g}", epochs=epochs,
+    return command_line("harden", run=run_dir, method=method, mvl_top=mvl_top, eps=format_eps(eps), epochs=epochs,
                        seed=seed, layers_from=None if layers_from in (None, "mvl") else layers_from)

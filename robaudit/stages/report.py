@@ -23,6 +23,7 @@ from markupsafe import Markup
 
 from .. import safeio, verdict
 from ..errors import RobauditError
+from ..cmdline import command_line, with_force
 from ..labels import CLEAN, WORST_CASE, attack_name
 from ..rundir import Run, check_inside, read_document, read_run, read_table
 from ..writelock import write_lock
@@ -344,11 +345,11 @@ def _files_table(run_dir: Path, skip: Path) -> Table | None:
 def _reproduce_section(run: Run, settings: dict | None, run_dir: Path, out: Path, shown: Path) -> dict:
     man = run.manifest
     commands = []
-    if man.get("command"):
-        commands.append({"title": "Rerun the audit", "text": str(man["command"])})
+    if man.get("command"):  # the run (and its hardened/) exist: each command replaces them, as printed
+        commands.append({"title": "Rerun the audit", "text": with_force(str(man["command"]))})
     if settings and settings.get("command"):
-        commands.append({"title": "Rerun the hardening", "text": str(settings["command"])})
-    commands.append({"title": "Render this report again", "text": f"robaudit report --run {shown}"})
+        commands.append({"title": "Rerun the hardening", "text": with_force(str(settings["command"]))})
+    commands.append({"title": "Render this report again", "text": command_line("report", run=shown)})
     shown_manifest = {k: v for k, v in man.items() if k != "files"}  # the files table below lists them
     manifest = kv_table(flatten(shown_manifest), caption="manifest.json") if man else Table(
         [Column("Field"), Column("Value")], [Row([Cell("manifest.json"), Cell("missing")])], sortable=False)
@@ -368,7 +369,8 @@ def _batchnorm_section(run_dir: Path, shown: Path) -> dict | None:
                           "ones do ({:.3g} vs {:.3g}): the two domains want separate statistics (Xie &amp; Yuille). "
                           "Harden with separate clean BatchNorm statistics:").format(
             v["ratio"], v["adversarial_shift"], v["clean_shift"])
-        command = f"robaudit harden --run {shown} --dual-bn"
+        # an earlier harden is replaced (--force): the command must run as printed
+        command = command_line("harden", run=shown, dual_bn=True, force=os.path.lexists(run_dir / "hardened"))
     else:
         sentence = Markup("Adversarial inputs shift the BatchNorm statistics {:.3g}x as far as clean ones do "
                           "({:.3g} vs {:.3g}): no sign that BatchNorm mixes two domains.").format(

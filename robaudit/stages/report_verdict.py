@@ -229,16 +229,24 @@ def _verdict_sanity(checks, checks_after, sentences: list, cards: list) -> None:
                                     "that only masks gradients.").format(
                 "a sanity warning" if len(introduced) == 1 else f"{len(introduced)} sanity warnings",
                 "; ".join(introduced)))
-    all_checks = checks + (checks_after or [])
-    n_warn = sum(c.status == "warn" for c in all_checks)
-    cards.append({"label": "Sanity checks", "value": f"{n_warn} warn" if n_warn else "all pass",
-                  "sub": f"{sum(c.status == 'pass' for c in all_checks)} pass, {sum(c.status == 'skip' for c in all_checks)} skipped",
-                  "cls": "warn" if n_warn else "pass"})
+    if checks_after is None:
+        cards.append(_sanity_card("Sanity checks", checks))
+    else:  # one card per model: their counts are never added up
+        cards += [_sanity_card("Sanity checks, audited model", checks),
+                  _sanity_card("Sanity checks, hardened model", checks_after)]
     for card in cards:  # a card is never green while a check that concerns its number warns
         concerns = card.pop("concerns", [])
         if any(c.status == "warn" for c in concerns):
             card["cls"] = "warn"
             card["sub"] += f"; {sum(c.status == 'warn' for c in concerns)} check(s) warn"
+
+
+def _sanity_card(label: str, checks: list[sanity.Check]) -> dict:
+    """One model's sanity verdict as a card: how many of its checks warn, pass and were skipped."""
+    count = {s: sum(c.status == s for c in checks) for s in ("warn", "pass", "skip")}
+    return {"label": label, "value": f"{count['warn']} warn" if count["warn"] else "all pass",
+            "sub": f"{count['pass']} pass, {count['skip']} skipped of {len(checks)} checks",
+            "cls": "warn" if count["warn"] else "pass"}
 
 
 def _verdict_table(acc: pd.DataFrame | None, after: pd.DataFrame | None) -> Table | None:
