@@ -270,6 +270,42 @@ def test_renders_in_headless_chromium(small, tmp_path):
     assert "Content Security Policy" in chromium(bad.as_uri(), tmp_path, "--dump-dom").stderr
 
 
+MEASURE_TABLES = """<script>
+(function () {
+  var out = [];
+  document.querySelectorAll("table").forEach(function (table, i) {
+    var box = table.parentElement, main = document.querySelector("main");
+    var cap = table.caption ? table.caption.textContent.trim().slice(0, 50) : "";
+    var id = (table.closest("section") || {}).id || "";
+    if (box.scrollWidth > box.clientWidth + 1 || table.getBoundingClientRect().right > main.getBoundingClientRect().right + 1) {
+      out.push(id + " table " + i + " (" + cap + "): " + table.scrollWidth + " px in a box of " + box.clientWidth + " px");
+    }
+  });
+  document.body.setAttribute("data-overflow", out.length ? out.join(" | ") : "none");
+  document.body.setAttribute("data-width", String(document.documentElement.clientWidth));
+})();
+</script>"""
+
+
+def overflowing_tables(page: Path, tmp_path: Path, width: int = 1280) -> str:
+    """The tables of ``page`` wider than their box at a ``width`` px window, as Chromium lays them out ("none")."""
+    text = page.read_text(encoding="utf-8")
+    text = re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", text)  # lets the measuring script run
+    probe = tmp_path / f"measure-{page.stem}.html"
+    probe.write_text(text.replace("</body>", MEASURE_TABLES + "</body>"), encoding="utf-8")
+    dom = chromium(probe.as_uri(), tmp_path, f"--window-size={width},2000", "--dump-dom").stdout
+    assert f'data-width="{width}"' in dom, dom[-2000:]
+    return re.search(r'data-overflow="([^"]*)"', dom).group(1)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium)")
+def test_no_table_is_cut_off_at_1280_px(small, hardened, tmp_path):
+    """At a 1280 px window every table fits its box (none hides columns behind a scroll bar): the RE table of 50
+    layers x 12 configurations, the sanity table's Numbers column, the manifest and the files' SHA-256 digests."""
+    for run, out, _ in (small, hardened):
+        assert overflowing_tables(out, tmp_path) == "none"
+
+
 # ---------------------------------------------------------------------------------- a wheel
 
 
