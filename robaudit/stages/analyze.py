@@ -153,14 +153,13 @@ def analyze_run(model: str | Path | LoadedModel, dataset: str, *, out: str | Pat
                 return None if leave_group else AnalysisRun(result, mvl, out, {}, None)
             check_results = model_checks(loaded, data, result, plan, mean=mean, std=std, device=dev, seed=seed)
             manifest = _manifest(
-                loaded, data, result, command=command or _api_command(loaded, dataset, attacks, eps, seed, out,
-                                                                      image_size=image_size, class_map=class_map,
-                                                                      samples=samples, shuffle=shuffle),
+                loaded, data, result, command=command or _api_command(
+                    loaded, dataset, attacks, eps, seed, out, image_size=image_size, class_map=class_map,
+                    samples=samples, shuffle=shuffle),
                 trust_model=trust_model, mean=mean, std=std, split=split, samples=samples, shuffle=shuffle,
                 data_dir=data_dir, seed=seed, dev=dev, batch_size=batch_size, specs=specs, eps=eps, layers=layers,
                 layer_types=layer_types, probe=probe, started=started, image_size=image_size, class_map=class_map,
-                mvl={"top": mvl_top, "z": mvl_z, "attack": mvl_attack, "metric": mvl_metric,
-                     "include_output": include_output})
+                mvl={"top": mvl_top, "z": mvl_z, "attack": mvl_attack, "metric": mvl_metric, "include_output": include_output})
             return _write(out, result, mvl, check_results, bn, samples_csv, force=force, report=report,
                           manifest=manifest)
         finally:
