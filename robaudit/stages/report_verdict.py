@@ -168,9 +168,14 @@ def _verdict_minimal(acc: pd.DataFrame | None, sentences: list) -> None:
         if is_missing(value_of(r, "pert_median")):
             continue
         over_all = value_of(r, "pert_median_all")
-        lead = Markup("") if is_missing(over_all) else Markup(
-            "half of all samples are misclassified at an {} perturbation of <strong>{}</strong>; ").format(
-            r.norm, fmt_size(over_all))
+        if is_missing(over_all):
+            lead = Markup("")
+        elif float(over_all) == float("inf"):  # the median sample was never fooled
+            lead = Markup("fewer than half of all samples are misclassified at any {} perturbation it found "
+                          "(median over all samples <strong>∞</strong>); ").format(r.norm)
+        else:
+            lead = Markup("half of all samples are misclassified at an {} perturbation of <strong>{}</strong>; "
+                          ).format(r.norm, fmt_size(over_all))
         sentences.append(Markup("{} (minimal perturbation): {}it fools {} of the correctly classified samples, with a "
                                 "median {} perturbation of {} over the fooled ones (90th percentile {}).").format(
             attack_name(r.attack), lead, fmt_pct(value_of(r, "success_rate")), r.norm, fmt_re(r.pert_median),
