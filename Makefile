@@ -33,7 +33,7 @@ screenshot: $(STAMP)  ## regenerate docs/report-digits.png (the top of the examp
 	rm -rf $(SHOT_RUN) build/chromium-profile
 	$(BIN)/robaudit analyze examples/digits_cnn.pt2 --dataset digits --out $(SHOT_RUN)
 	$(CHROMIUM) --headless --no-sandbox --disable-gpu --hide-scrollbars --no-first-run --disable-background-networking \
-		--user-data-dir=$(abspath build/chromium-profile) --window-size=1200,1640 \
+		--user-data-dir=$(abspath build/chromium-profile) --window-size=1280,1640 \
 		--screenshot=$(abspath docs/report-digits.png) file://$(abspath $(SHOT_RUN))/report.html
 	rm -rf build/chromium-profile
 

@@ -37,7 +37,10 @@ class PerturbationSizes:
     A sample is *fooled* when the model classifies it correctly and its perturbed input wrongly;
     ``success_rate`` is fooled / correctly classified. ``pert_median`` and ``pert_p90`` are the median
     and 90th percentile (linear interpolation) of ``||x' - x||`` in the attack's own norm over the
-    fooled samples: for minimal-perturbation attacks (CW, DeepFool) the size they needed. Per batch,
+    fooled samples: for minimal-perturbation attacks (CW, DeepFool) the size they needed. For those (``minimal``)
+    ``pert_median_all`` is the median over all samples of the size each one needed (0 when already misclassified,
+    infinite when not fooled): the size at which half of all samples are misclassified, which grows with
+    robustness, unlike the median over the fooled ones (a robust model is fooled only on its easy samples). Per batch,
     host copies of the norms and outcomes are queued without waiting; :attr:`parts` gives them back per
     batch, so parts gathered from other processes in data-set order give the same numbers. Every
     :data:`JOIN_EVERY` batches the queued copies are joined into one tensor each: a small tensor kept per
@@ -46,8 +49,9 @@ class PerturbationSizes:
 
     JOIN_EVERY = 8
 
-    def __init__(self, norm: str) -> None:
+    def __init__(self, norm: str, *, minimal: bool = False) -> None:
         self.norm = norm
+        self.minimal = minimal
         self.device = torch.device("cpu")
         self._joined: list[tuple[torch.Tensor, ...]] = []  # at most one: norms, fooled, ok_clean of earlier batches
         self._queued: list[tuple[torch.Tensor, ...]] = []  # the latest batches' host copies
@@ -90,10 +94,20 @@ class PerturbationSizes:
         sizes = norms[fooled].numpy()
         n_correct = int(ok.sum())
         rate = len(sizes) / n_correct if n_correct else math.nan
-        if not len(sizes):
-            return {"success_rate": rate, "pert_median": math.nan, "pert_p90": math.nan}
-        return {"success_rate": rate, "pert_median": float(np.median(sizes)),
-                "pert_p90": float(np.percentile(sizes, 90))}
+        out = {"success_rate": rate, "pert_median": math.nan, "pert_p90": math.nan,
+               "pert_median_all": median_over_all(norms, fooled, ok) if self.minimal else math.nan}
+        if len(sizes):
+            out.update(pert_median=float(np.median(sizes)), pert_p90=float(np.percentile(sizes, 90)))
+        return out
+
+
+def median_over_all(norms: torch.Tensor, fooled: torch.Tensor, ok_clean: torch.Tensor) -> float:
+    """The median over all samples of the perturbation each needed: 0 if misclassified already, its norm if
+    fooled, infinite if not fooled (NaN for no sample)."""
+    if not len(norms):
+        return math.nan
+    needed = torch.where(fooled, norms.double(), torch.where(ok_clean, math.inf, 0.0))
+    return float(np.median(needed.numpy()))
 
 
 @dataclass
@@ -162,7 +176,7 @@ class Battery:
         # the other -- the per-sample pairs that the sanity checks' exact tests compare two rows on
         self.pairs = torch.zeros(len(self.counts), len(self.counts), dtype=torch.float64, device=dev)
         self.seconds = [0.0] * n  # time spent generating each configuration's perturbed inputs
-        self.sizes = [PerturbationSizes(s.norm) for s in setup.specs]
+        self.sizes = [PerturbationSizes(s.norm, minimal=not s.bounded) for s in setup.specs]
         self.kept: dict[int, dict[int, torch.Tensor]] = {i: {} for i in range(n)}  # config -> batch -> outcomes
         self.rows: dict[int, tuple] = {}  # batch -> samples.csv columns (host copies), with keep_rows
         self.batches: list[int] = []
@@ -372,7 +386,7 @@ class Battery:
 
     def _sizes(self, i: int, payloads: list[dict]) -> PerturbationSizes:
         """Configuration ``i``'s perturbation sizes with every process's batches, in data-set order."""
-        merged = PerturbationSizes(self.s.specs[i].norm)
+        merged = PerturbationSizes(self.s.specs[i].norm, minimal=not self.s.specs[i].bounded)
         pairs = [(b, part) for p in payloads for b, part in zip(p["batches"], p["sizes"][i])]
         merged.parts = [part for _, part in sorted(pairs, key=lambda pair: pair[0])]
         return merged

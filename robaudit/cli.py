@@ -121,6 +121,25 @@ def _image_size(ctx, param, value) -> int | None:
     return limits.image_size(value)
 
 
+def _threads(ctx, param, value) -> int | None:
+    """--threads as a whole number within limits (checked while the options are read)."""
+    return None if value is None else limits.threads(value)
+
+
+def threads_option(f):
+    """--threads N: torch's CPU threads for the whole command, set once where it starts (analyze, harden)."""
+    return click.option("--threads", metavar="N", callback=_threads,
+                        help="CPU threads torch uses (default: one per core). On a machine busy with other jobs, "
+                             "1 or 2 can be several times faster.")(f)
+
+
+def _use_threads(threads: int | None) -> None:
+    if threads is not None:
+        from .threads import use_threads
+
+        use_threads(threads)
+
+
 def _split_list(values) -> list[str] | None:
     out = [p.strip() for v in values or () for p in v.split(",") if p.strip()]
     return out or None
@@ -218,11 +237,15 @@ def _say(as_json: bool):
 def _verdict_and_gate(ctx, run_dir: Path, bars, as_json: bool, *, before: Path | None = None,
                       extra: dict | None = None) -> None:
     """Print the sanity verdict (or the JSON object), hold the bars against the run, exit 3 if one is missed."""
-    import json
-
     from .gate import judge
 
-    judgement = judge(bars, run_dir, before=before)
+    _show_judgement(ctx, judge(bars, run_dir, before=before), as_json, extra=extra)
+
+
+def _show_judgement(ctx, judgement, as_json: bool, *, extra: dict | None = None) -> None:
+    """Print a judged run's sanity verdict and bars (or the JSON object); exit 3 if a bar is missed."""
+    import json
+
     if as_json:
         click.echo(json.dumps(judgement.to_dict(extra), indent=2, allow_nan=False))
     else:
@@ -261,12 +284,13 @@ def _verdict_and_gate(ctx, run_dir: Path, bars, as_json: bool, *, before: Path |
 @click.option("--no-report", is_flag=True, help="Do not render report.html.")
 @click.option("--no-checks", is_flag=True, help="Skip the gradient-masking sanity probes.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@threads_option
 @gate_options
 @click.pass_context
 def analyze(ctx, model, arch, arch_kwargs, trust_model, dataset, data_dir, split, samples, shuffle, no_download,
             attacks, image_size, class_map, workers, eps, layer_globs, layer_types, probe, mean, std, no_normalize, mvl_top, mvl_z, mvl_attack,
             mvl_metric, include_output, batch_size, device, seed, out, force, no_report, no_checks, progress,
-            fail_under, max_re, strict, as_json):
+            threads, fail_under, max_re, strict, as_json):
     """Layer Sustainability Analysis of MODEL: per-layer RE under an attack battery -> MVL list."""
     from .attacks import parse_eps_list
     from .models import parse_arch_kwargs
@@ -280,6 +304,7 @@ def analyze(ctx, model, arch, arch_kwargs, trust_model, dataset, data_dir, split
         raise RobauditError("choose one MVL criterion: --mvl-top K or --mvl-z Z")
     bars = _bars(fail_under, max_re, strict)
     mean, std = _mean_std(mean, std)
+    _use_threads(threads)
     run = analyze_run(
         model, dataset, out=out, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_model=trust_model,
         data_dir=data_dir, split=split, samples=samples, shuffle=shuffle, download=not no_download,
@@ -395,12 +420,13 @@ def list_attacks():
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda ...")
 @click.option("--no-report", is_flag=True, help="Do not render report.html.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@threads_option
 @gate_options
 @click.pass_context
 def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_dir, split, samples, shuffle, out,
            method, mvl_top, layers_from, gamma, re_mode, base_attack, train_eps, steps, alpha, layer_eps, epochs, batch_size, lr,
            optimizer, weight_decay, schedule, clean_weight, dual_bn, include_output, val_fraction, train_data,
-           resume, force, seed, device, no_report, progress, fail_under, max_re, strict, as_json, image_size,
+           resume, force, seed, device, no_report, progress, threads, fail_under, max_re, strict, as_json, image_size,
            class_map, workers, **data_extra):
     """Fine-tune the model so its Most Vulnerable Layers become sustainable; re-analyze; compare.
 
@@ -433,6 +459,7 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
                             "decodes its images as its analysis did")
     if model is not None and not dataset:
         raise RobauditError("--dataset is required with MODEL: e.g. robaudit harden model.pt2 --dataset digits")
+    _use_threads(threads)
     run_dir, notes = run_to_harden(
         model, run_dir, dataset=dataset, out=out, resume=resume, device=device, analysis=dict(
             arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs) if model is not None else None,
@@ -444,7 +471,8 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
     with _warnings_recorded() as warned:
         done = harden_run(run_dir, cfg, mvl_top=mvl_top, include_output=include_output,
                           layers_from=LayerRule.of(layers_from), train_data=train_data, resume=resume, force=force,
-                          command=invoked_command(), download=download, arch=arch, trust_model=trust_model)
+                          command=invoked_command(), download=download, arch=arch, trust_model=trust_model,
+                          estimate=_say(as_json))
     if dist.is_main():  # the other processes of a torchrun job wrote and print nothing; the gate's exit is rank 0's
         _show_harden(ctx, done, warned, bars, as_json=as_json, report=not no_report)
 
@@ -494,13 +522,15 @@ def check(ctx, run_dir, hardened, fail_under, max_re, strict, as_json):
       robaudit check reports/m-cifar10 --fail-under worst-case=0.40,clean=0.90 --max-re 0.8
       robaudit check --strict --json            # the latest run; fail on any sanity warning
     """
-    from .rundir import latest_run, read_run
+    from .gate import judge
+    from .rundir import latest_run
 
     bars = _bars(fail_under, max_re, strict)
     run_dir = Path(run_dir) if run_dir else latest_run("reports")
     target = run_dir / "hardened" if hardened else run_dir
     if hardened and not target.is_dir():
         raise RobauditError(f"{run_dir} has no hardened/ result: run `robaudit harden --run {run_dir}` first")
-    if not as_json:
-        _echo_lines(tables.accuracy_summary(read_run(target), target))
-    _verdict_and_gate(ctx, target, bars, as_json, before=run_dir if hardened else None)
+    judgement = judge(bars, target, before=run_dir if hardened else None)  # a bar the run cannot meet fails here,
+    if not as_json:  # before anything is printed
+        _echo_lines(tables.accuracy_summary(judgement.run, target))
+    _show_judgement(ctx, judgement, as_json)

@@ -13,7 +13,7 @@ from pathlib import Path
 from . import sanity, verdict
 from .attacks import parse_number
 from .errors import RobauditError
-from .labels import CLEAN, format_eps
+from .labels import CLEAN, attack_family, attack_name, format_eps
 from .rundir import Run, read_run, rows_at
 
 EXIT_MISSED = 3
@@ -73,6 +73,18 @@ def _fraction(text: str, what: str) -> float:
     return value
 
 
+def _refuse_minimal(attack: str, item: str) -> None:
+    """A minimal-perturbation attack (CW, DeepFool) leaves no robust accuracy to hold to a bar: say what it has."""
+    from .attacks import KINDS
+
+    kind = KINDS.get(attack_family(attack))
+    if kind is not None and kind.kind == "adversarial" and not kind.bounded:
+        raise RobauditError(f"--fail-under {item!r}: {attack_name(attack)} finds a minimal perturbation, so its "
+                            "accuracy is no robust accuracy and takes no bar; its metrics are the success rate and the "
+                            "perturbation size (accuracy.csv's success_rate, pert_median_all, pert_median): bar an "
+                            "attack with an eps instead, e.g. pgd@8/255=0.35 or worst-case=0.4")
+
+
 def parse_bars(fail_under: str | None = None, *, max_re: float | None = None, strict: bool = False) -> list[Bar]:
     """Parse ``--fail-under``, ``--max-re`` and ``--strict`` into bars; one-line errors for bad syntax."""
     bars: list[Bar] = []
@@ -85,6 +97,7 @@ def parse_bars(fail_under: str | None = None, *, max_re: float | None = None, st
             raise RobauditError(f"--fail-under item {item!r} must look like metric=value (e.g. worst-case=0.4, "
                                 "clean=0.9, pgd@8/255=0.35) or be 'sanity'")
         attack, at, eps_text = metric.strip().rpartition("@") if "@" in metric else (metric.strip(), "", "")
+        _refuse_minimal(attack.strip(), item)
         eps = None
         if at:
             eps = parse_number(eps_text)

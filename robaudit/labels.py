@@ -10,7 +10,7 @@ import re
 from fractions import Fraction
 
 __all__ = ["CLEAN", "WORST_CASE", "ATTACK_NAMES", "SINGLE_STEP_ATTACKS", "ITERATIVE_ATTACKS", "BLACK_BOX_ATTACKS",
-           "attack_family", "attack_name", "format_eps"]
+           "attack_family", "attack_name", "eps_in_text", "format_eps"]
 
 SINGLE_STEP_ATTACKS = frozenset({"fgsm", "ffgsm", "rfgsm", "fgm"})
 ITERATIVE_ATTACKS = frozenset({
@@ -48,6 +48,15 @@ def attack_name(label) -> str:
     return ATTACK_NAMES.get(head.group(0).lower(), head.group(0)) + text[head.end():]
 
 
+_EPS_IN_TEXT = re.compile(r"(?<![\w.])(eps=)(\d+\.\d+(?:e-?\d+)?)")
+
+
+def eps_in_text(text: str) -> str:
+    """Every ``eps=NUMBER`` of an attack spec as :func:`format_eps` writes it: ``pgd:eps=0.0313725`` stays
+    ``pgd:eps=8/255`` as the user wrote it."""
+    return _EPS_IN_TEXT.sub(lambda m: m.group(1) + format_eps(float(m.group(2))), text)
+
+
 def format_eps(value: float) -> str:
     """An eps as the user wrote it: ``0.1`` stays ``0.1``, ``8/255`` stays ``8/255`` (not ``0.03137``)."""
     v = float(value)
@@ -55,6 +64,7 @@ def format_eps(value: float) -> str:
     if not math.isfinite(v) or float(short) == v:
         return short
     frac = Fraction(v).limit_denominator(1024)
-    if frac.denominator > 1 and abs(float(frac) - v) <= 1e-12 * max(1.0, abs(v)):
+    # 1e-9 relative: an eps a CSV stored to 9 or 10 significant digits (0.031372549) still reads 8/255
+    if frac.denominator > 1 and abs(float(frac) - v) <= 1e-9 * abs(v):
         return f"{frac.numerator}/{frac.denominator}"
     return short

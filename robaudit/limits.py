@@ -23,6 +23,7 @@ QUERIES_MAX = 1_000_000  # queries of a black-box attack
 EPOCHS_MAX = 100_000
 BATCH_MAX = 1 << 20
 WORKERS_MAX = 64
+THREADS_MAX = 1024  # torch's CPU threads per process (--threads)
 SEED_MAX = 2**32 - 1  # numpy's and torch's generators both take it
 IMAGE_SIZE_MAX = 4096  # pixels of --image-size: 4096 x 4096 x 3 bytes is 48 MB a decoded image
 CLASSES_MAX = 100_000  # labels are below this (ImageNet-21k has 21,841 classes)
@@ -95,6 +96,11 @@ def eps(value, what: str = "--eps", *, norm: str = "Linf", hint: str | None = No
 
 def steps(value, what: str = "steps") -> int:
     return whole(value, what, high=STEPS_MAX)
+
+
+def threads(value, what: str = "--threads") -> int:
+    """A number of CPU threads for torch: a whole number from 1 to :data:`THREADS_MAX`."""
+    return whole(value, what, high=THREADS_MAX, hint="torch's CPU threads in this process, e.g. 1 on a busy machine")
 
 
 def image_size(value, what: str = "--image-size") -> int | None:

@@ -43,7 +43,7 @@ LSA_COLUMNS = ["layer", "layer_type", "attack", "eps", "re_mean", "re_std", "re_
 # What the MVL list may rank by: the cumulative RE (per-sample mean or pooled), or each layer's own gain.
 MVL_METRICS = ("re_mean", "re_pooled", "re_gain")
 ACCURACY_COLUMNS = ["attack", "eps", "accuracy", "n_samples", "kind", "norm", "seconds", "success_rate",
-                    "pert_median", "pert_p90"]
+                    "pert_median", "pert_p90", "pert_median_all"]
 
 
 def pooled_relative_error(clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:

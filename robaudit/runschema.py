@@ -50,7 +50,7 @@ TABLES: dict[str, dict[str, tuple[str, bool]]] = {
     "accuracy.csv": {"attack": (TEXT, False), "eps": (EPS, True), "accuracy": (FRACTION, False),
                      "n_samples": (COUNT, True), "kind": (KIND, True), "norm": (TEXT, True),
                      "seconds": (NONNEG, True), "success_rate": (FRACTION, True), "pert_median": (NONNEG, True),
-                     "pert_p90": (NONNEG, True)},
+                     "pert_p90": (NONNEG, True), "pert_median_all": (RATIO, True)},
     "bn.csv": {"layer": (TEXT, False), "layer_type": (TEXT, True), "channels": (COUNT, True),
                "n_clean": (COUNT, True), "n_adv": (COUNT, True), "clean_vs_running": (NONNEG, True),
                "adv_vs_clean": (NONNEG, True), "adv_vs_running": (NONNEG, True)},

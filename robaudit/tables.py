@@ -57,14 +57,28 @@ def _accuracy_by_eps(acc) -> list[str]:
     lines = []
     for eps_val, rows in acc[acc["attack"] != "clean"].groupby(acc["eps"].fillna(-1.0), sort=True):
         if eps_val < 0:  # minimal-perturbation attacks: the size they needed, not an accuracy
-            items = ", ".join(f"{r.attack} fools {100 * r.success_rate:.1f}%" + (
-                "" if r.pert_median != r.pert_median else f" at median {r.norm} {r.pert_median:.3g}")
-                for r in rows.itertuples())
-            lines.append(f"  minimal perturbation: {items}")
+            lines.append(f"  minimal perturbation: {'; '.join(_minimal_item(r) for r in rows.itertuples())}")
             continue
         items = ", ".join(f"{r.attack} {100 * r.accuracy:.1f}%" for r in rows.itertuples())
         lines.append(f"  eps {_eps(eps_val)}: {items}")
     return lines
+
+
+def _size(v) -> str:
+    """A perturbation size for the terminal: ``inf`` for none that fooled, ``n/a`` when missing."""
+    return "n/a" if v is None or v != v else f"{v:.3g}"
+
+
+def _minimal_item(r) -> str:
+    """A minimal-perturbation attack's row: its success rate, the median size over all samples (misclassified
+    already: 0, never fooled: inf), which grows with robustness, and the median over the fooled ones."""
+    text = f"{r.attack} fools {100 * r.success_rate:.1f}%"
+    over_all = getattr(r, "pert_median_all", None)
+    if over_all is not None and over_all == over_all:
+        text += f", median {r.norm} {_size(over_all)} over all samples"
+    if r.pert_median == r.pert_median:
+        text += f", {_size(r.pert_median)} over the fooled"
+    return text
 
 
 def mvl_table(mvl) -> list[str]:
@@ -135,9 +149,16 @@ def _perturbation_before_after(run_dir: Path, after_accuracy) -> list[str]:
     from .rundir import read_run
 
     before = read_run(run_dir).accuracy.set_index("attack")  # read as every run is: checked
-    return [f"  {r.attack}: median {r.norm} perturbation to fool a sample "
-            f"{before.loc[r.attack, 'pert_median']:.3g} -> {r.pert_median:.3g}"
-            for r in minimal.itertuples() if r.attack in before.index and "pert_median" in before.columns]
+    lines = []
+    for r in minimal.itertuples():
+        if r.attack not in before.index or "pert_median" not in before.columns:
+            continue
+        was = before.loc[r.attack]
+        text = f"  {r.attack}: median {r.norm} perturbation"
+        if "pert_median_all" in before.columns and was["pert_median_all"] == was["pert_median_all"]:
+            text += f" over all samples {_size(was['pert_median_all'])} -> {_size(r.pert_median_all)};"
+        lines.append(f"{text} to fool a fooled sample {_size(was['pert_median'])} -> {_size(r.pert_median)}")
+    return lines
 
 
 def _re_before_after(comp, metric: str) -> list[str]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -212,6 +213,10 @@ def test_harden_says_which_run_and_epoch_and_warns_once(tmp_path, monkeypatch):
         stopped = invoke("harden", "--epochs", "2", "--steps", "2", "--batch-size", "256", "--no-report")
     assert stopped.exit_code == 130, stopped.output
     assert stopped.stdout.startswith("hardening the latest run under reports/: reports")  # said before training
+    # after its first epoch, harden says how long it will take (the epoch's time for the one left, plus the
+    # re-analysis at the analysis' own time)
+    assert re.search(r"^time estimate: epoch 1/2 took [\d.]+ s; about [\d.]+ s to go \(1 more epoch and the "
+                     r"re-analysis\), about [\d.]+ s in all$", stopped.stdout, re.M), stopped.stdout
     resume_training()
     with pytest.warns(UserWarning, match="stay frozen while hardening") as shown:
         resumed = invoke("harden", "--run", "reports/digits", "--resume", "--epochs", "2", "--steps", "2",
@@ -219,6 +224,7 @@ def test_harden_says_which_run_and_epoch_and_warns_once(tmp_path, monkeypatch):
     assert resumed.exit_code == 0, resumed.output
     assert resumed.stdout.splitlines()[0].startswith("resuming from the checkpoint of epoch 1 ")
     assert "continues at epoch 2" in resumed.stdout
+    assert "time estimate: epoch 2/2 took " in resumed.stdout and "to go (the re-analysis)" in resumed.stdout
     # the frozen-BatchNorm message: once as a warning, not again among the notes at the end
     assert len([w for w in shown if "stay frozen" in str(w.message)]) == 1
     assert "stay frozen while hardening" not in resumed.output
@@ -319,3 +325,46 @@ def test_harden_model_analyzes_an_image_folder_with_its_options_and_workers(tmp_
     assert json.loads((run / "hardened" / "harden.json").read_text())["workers"] == 2
     res = invoke("harden", "--run-dir", run, "--image-size", "8", "--epochs", "1", "--no-report", "--force")
     assert_one_line_failure(res, "--image-size and --class-map apply to harden MODEL")
+
+
+def test_threads_sets_torchs_threads_and_refuses_a_bad_count(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        result = invoke("analyze", MOONS_PT2, "--dataset", "moons", "--samples", "20", "--attack", "fgsm", "--eps", "0.1",
+                        "--no-checks", "--no-report", "--threads", "1", "--out", tmp_path / "run")
+        assert result.exit_code == 0, result.output
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    for bad in ("0", "-2", "1.5", "many"):
+        for command in (["analyze", MOONS_PT2, "--dataset", "moons"], ["harden", "--run", tmp_path / "run"]):
+            result = invoke(*command, "--threads", bad, "--out" if command[0] == "analyze" else "--epochs",
+                            tmp_path / "other" if command[0] == "analyze" else "1")
+            assert_one_line_failure(result, "--threads")
+    assert not (tmp_path / "other").exists() and not (tmp_path / "run" / "hardened").exists()
+
+
+def test_time_estimate_after_the_first_epoch_with_a_fake_clock():
+    from types import SimpleNamespace
+
+    from robaudit.training.loop import TimeEstimate
+
+    now, said = [100.0], []
+    estimate = TimeEstimate(said.append, after=30.0, clock=lambda: now[0])
+    trainer = SimpleNamespace(data=SimpleNamespace(epochs=10))
+    estimate.on_epoch_start(trainer, 1)
+    now[0] += 12.0
+    estimate.on_epoch_end(trainer, 1, {})
+    estimate.on_epoch_start(trainer, 2)
+    now[0] += 50.0
+    estimate.on_epoch_end(trainer, 2, {})  # said once, after the first epoch only
+    assert said == ["time estimate: epoch 1/10 took 12 s; about 2 min 18 s to go (9 more epochs and the "
+                    "re-analysis), about 2 min 30 s in all"]
+    last = TimeEstimate(said.append, clock=lambda: now[0])
+    last.on_epoch_start(trainer, 10)
+    now[0] += 4000.0
+    last.on_epoch_end(trainer, 10, {})
+    assert said[-1] == "time estimate: epoch 10/10 took 1 h 6 min; about 0.0 s to go (nothing), about 1 h 6 min in all"

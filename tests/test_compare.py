@@ -65,3 +65,30 @@ def test_the_page_is_self_contained_and_never_overwrites_a_foreign_file(two_runs
 
 def test_compare_needs_two_runs(two_runs, tmp_path):
     assert_one_line_failure(invoke("compare", two_runs[0], tmp_path / "nothing"), "not found")
+
+
+def test_minimal_perturbation_attacks_by_size_and_both_sanity_verdicts(tmp_path):
+    """CW is compared by success rate and perturbation size, never as an accuracy; each run's sanity verdict shows."""
+    from robaudit.stages.compare import compare_runs, render_compare
+    from robaudit.verdict import checks_of, verdict_line
+    from robaudit.rundir import read_run
+    from tests._rundir import make_run
+
+    run = make_run(tmp_path / "run", n_layers=4, attacks=("pgd",), noise=(), eps=(0.1,), minimal=("cw",),
+                   hardened=True)
+    cmp = compare_runs(run, run / "hardened")
+    assert "cw" not in set(cmp.accuracy["attack"])
+    (cw,) = cmp.minimal.itertuples()
+    before = pd.read_csv(run / "accuracy.csv").set_index("attack").loc["cw"]
+    after = pd.read_csv(run / "hardened" / "accuracy.csv").set_index("attack").loc["cw"]
+    assert (cw.success_a, cw.all_a, cw.fooled_a) == pytest.approx(
+        (before["success_rate"], before["pert_median_all"], before["pert_median"]))
+    assert (cw.success_b, cw.all_b, cw.fooled_b) == pytest.approx(
+        (after["success_rate"], after["pert_median_all"], after["pert_median"]))
+    obj = cmp.to_dict()
+    assert obj["minimal_perturbation"][0]["attack"] == "cw" and "cw" not in {r["attack"] for r in obj["accuracy"]}
+    assert obj["sanity"]["a"]["line"] == verdict_line(checks_of(read_run(run)))
+    html = render_compare(cmp, tmp_path / "cmp.html").read_text(encoding="utf-8")
+    assert "Minimal-perturbation attacks" in html and "Median, all samples A" in html
+    assert html.count("A: run: sanity checks: ") == 1 and html.count("B: hardened: sanity checks: ") == 1
+    assert not re.search(r"<td>CW</td>\s*<td[^>]*>[^<]*</td>\s*<td[^>]*>L2</td>", html)  # no accuracy row for CW

@@ -69,9 +69,17 @@ def test_bars_against_a_hand_made_run():
     assert not gate.evaluate(gate.parse_bars(None, max_re=0.849), run, [])[0].met
 
 
+@pytest.mark.parametrize("text", ["cw=0.5", "deepfool@0.1=0.2", "worst-case=0.3,cw(c=2)=50%"])
+def test_no_accuracy_bar_on_a_minimal_perturbation_attack(text):
+    """CW and DeepFool leave no robust accuracy: a bar on one is refused in one line naming the metrics they have."""
+    with pytest.raises(RobauditError, match="success rate and the perturbation size") as err:
+        gate.parse_bars(text)
+    assert "\n" not in str(err.value) and "minimal perturbation" in str(err.value)
+
+
 def test_a_bar_on_a_metric_the_run_lacks_names_what_it_has():
     with pytest.raises(RobauditError, match="clean, pgd, worst-case"):
-        gate.evaluate(gate.parse_bars("cw=0.5"), tiny_run(), [])
+        gate.evaluate(gate.parse_bars("autoattack=0.5"), tiny_run(), [])
     with pytest.raises(RobauditError, match="8/255, 16/255"):
         gate.evaluate(gate.parse_bars("pgd@0.5=0.1"), tiny_run(), [])
 
@@ -151,7 +159,9 @@ def test_check_applies_the_same_bars_without_recomputing(masked_run):
     as_json = json.loads(invoke("check", out, "--json", "--fail-under", "clean=0.5").stdout)
     assert as_json["passed"] is True and as_json["bars"][0]["met"] is True
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
-    assert_one_line_failure(invoke("check", out, "--fail-under", "deepfool=0.5"), "not in this run")
+    missing = invoke("check", out, "--fail-under", "autoattack=0.5")
+    assert_one_line_failure(missing, "not in this run")
+    assert missing.stdout == ""  # the bar is held against the run before the summary is printed
     assert invoke("check", out, "--fail-under", "clean=0.5", "--max-re", "1000").exit_code == 0
 
 
@@ -166,6 +176,8 @@ def test_a_healthy_model_gets_all_pass_and_exit_0(tmp_path):
 def test_bars_are_checked_before_the_analysis(tmp_path):
     result = invoke("analyze", tmp_path / "missing.pt2", "--dataset", "digits", "--fail-under", "clean=2")
     assert_one_line_failure(result, "between 0 and 1")
+    minimal = invoke("analyze", tmp_path / "missing.pt2", "--dataset", "digits", "--fail-under", "cw=0.5")
+    assert_one_line_failure(minimal, "success rate and the perturbation size")
 
 
 def test_harden_json_and_gate_speak_of_the_hardened_model(tmp_path):

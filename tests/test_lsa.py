@@ -480,6 +480,28 @@ def test_perturbation_sizes_by_hand():
     assert empty.compute()["success_rate"] == 0 and math.isnan(empty.compute()["pert_median"])
 
 
+def test_median_over_all_samples_reads_the_right_way_round():
+    """0 for a sample misclassified already, its norm when fooled, infinite when not fooled: a model fooled only
+    on its easy samples has the smaller median over the fooled ones but the larger median over all."""
+    from robaudit.battery import PerturbationSizes, median_over_all
+
+    ok = torch.tensor([True, True, True, True, False])
+    weak = torch.tensor([0.3, 0.4, 0.5, 0.6, 9.0]), torch.tensor([True, True, True, True, False])
+    robust = torch.tensor([0.1, 7.0, 7.0, 7.0, 9.0]), torch.tensor([True, False, False, False, False])
+    assert median_over_all(*weak, ok) == pytest.approx(0.4)  # sizes 0.3, 0.4, 0.5, 0.6 and 0
+    assert median_over_all(*robust, ok) == math.inf  # 0.1, inf, inf, inf and 0
+    assert float(np.median(weak[0][weak[1]])) > float(np.median(robust[0][robust[1]]))  # the misleading one
+    assert median_over_all(torch.tensor([0.1, 0.2]), torch.tensor([True, False]), torch.tensor([True, False])) \
+        == pytest.approx(0.05)  # 0.1 and 0: an even count takes the middle two's mean
+    assert math.isnan(median_over_all(torch.zeros(0), torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.bool)))
+    x = torch.zeros(5, 1)
+    minimal, bounded = PerturbationSizes("L2", minimal=True), PerturbationSizes("L2")
+    for sizes in (minimal, bounded):
+        sizes.update(x, weak[0][:, None], ok, ok & ~weak[1])
+    assert minimal.compute()["pert_median_all"] == pytest.approx(0.4)
+    assert math.isnan(bounded.compute()["pert_median_all"])  # an eps-bounded attack's miss says nothing of the size
+
+
 def test_accuracy_csv_success_rate_and_perturbation_by_hand():
     """Logit(1) - logit(0) = x1 + x2 - 1; FGSM at eps 0.2 moves both coordinates by 0.2 toward the other class."""
     lin = torch.nn.Linear(2, 2)

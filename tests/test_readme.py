@@ -54,6 +54,24 @@ def test_examples_resolve_inside_the_installed_package(installed, tmp_path):
     assert set(names.split(",")) == {"digits_cnn.pt", "digits_cnn.pt2", "moons_mlp.pt", "moons_mlp.pt2"}
 
 
+def test_a_bare_import_reaches_the_examples_and_every_subpackage(installed, tmp_path):
+    """``import robaudit`` alone gives ``robaudit.examples``; the wheel holds every package of the source tree."""
+    proc = run_python("import robaudit; print(','.join(robaudit.examples.names()))", installed, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "digits_cnn.pt2" in proc.stdout.split(",")
+    packages = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "robaudit").rglob("__init__.py")}
+    shipped = {".".join(p.parent.relative_to(installed).parts) for p in (installed / "robaudit").rglob("__init__.py")}
+    assert packages <= shipped, f"not in the wheel: {sorted(packages - shipped)} (list them in pyproject.toml)"
+
+
+def test_safetensors_comes_with_the_package():
+    """The README lists .safetensors among the model formats: ``pip install .`` brings the reader."""
+    project = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    deps = re.search(r"^dependencies = \[(.*?)^\]", project, flags=re.S | re.M).group(1)
+    assert re.search(r'^\s*"safetensors\b', deps, flags=re.M)
+    assert "`.safetensors`" in (REPO / "README.md").read_text(encoding="utf-8")
+
+
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_block_runs_outside_the_checkout(installed, tmp_path, index):
     proc = run_python(BLOCKS[index], installed, tmp_path)
@@ -72,3 +90,17 @@ def test_every_security_promise_names_tests_that_exist():
         assert re.search(rf"^def {name}\(", source, flags=re.M), f"{current}::{name} does not exist"
         cited += 1
     assert cited >= 40
+
+
+def test_every_readme_table_is_one_block():
+    """A table row right after a paragraph renders as text: every row follows a row, or opens a table (a header
+    row after a blank line, then its |---| separator)."""
+    lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+    fence = False
+    for i, line in enumerate(lines):
+        fence ^= line.startswith("```")
+        if fence or not line.startswith("|"):
+            continue
+        before = lines[i - 1] if i else ""
+        opens = not before.strip() and i + 1 < len(lines) and re.match(r"^\|[\s:|-]+\|$", lines[i + 1])
+        assert before.startswith("|") or opens, f"README.md line {i + 1} is a table row outside a table: {line[:60]}"

@@ -270,6 +270,42 @@ def test_renders_in_headless_chromium(small, tmp_path):
     assert "Content Security Policy" in chromium(bad.as_uri(), tmp_path, "--dump-dom").stderr
 
 
+MEASURE_TABLES = """<script>
+(function () {
+  var out = [];
+  document.querySelectorAll("table").forEach(function (table, i) {
+    var box = table.parentElement, main = document.querySelector("main");
+    var cap = table.caption ? table.caption.textContent.trim().slice(0, 50) : "";
+    var id = (table.closest("section") || {}).id || "";
+    if (box.scrollWidth > box.clientWidth + 1 || table.getBoundingClientRect().right > main.getBoundingClientRect().right + 1) {
+      out.push(id + " table " + i + " (" + cap + "): " + table.scrollWidth + " px in a box of " + box.clientWidth + " px");
+    }
+  });
+  document.body.setAttribute("data-overflow", out.length ? out.join(" | ") : "none");
+  document.body.setAttribute("data-width", String(document.documentElement.clientWidth));
+})();
+</script>"""
+
+
+def overflowing_tables(page: Path, tmp_path: Path, width: int = 1280) -> str:
+    """The tables of ``page`` wider than their box at a ``width`` px window, as Chromium lays them out ("none")."""
+    text = page.read_text(encoding="utf-8")
+    text = re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", text)  # lets the measuring script run
+    probe = tmp_path / f"measure-{page.stem}.html"
+    probe.write_text(text.replace("</body>", MEASURE_TABLES + "</body>"), encoding="utf-8")
+    dom = chromium(probe.as_uri(), tmp_path, f"--window-size={width},2000", "--dump-dom").stdout
+    assert f'data-width="{width}"' in dom, dom[-2000:]
+    return re.search(r'data-overflow="([^"]*)"', dom).group(1)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium)")
+def test_no_table_is_cut_off_at_1280_px(small, hardened, tmp_path):
+    """At a 1280 px window every table fits its box (none hides columns behind a scroll bar): the RE table of 50
+    layers x 12 configurations, the sanity table's Numbers column, the manifest and the files' SHA-256 digests."""
+    for run, out, _ in (small, hardened):
+        assert overflowing_tables(out, tmp_path) == "none"
+
+
 # ---------------------------------------------------------------------------------- a wheel
 
 
@@ -322,10 +358,11 @@ def test_minimal_perturbation_attacks_by_size_not_accuracy(tmp_path):
     h_cw = pd.read_csv(run / "hardened" / "accuracy.csv").set_index("attack").loc["cw"]
     row = visible(re.search(r"<tr><td>CW</td>.*?</tr>", perturbation_table, re.S).group(0))
     for value in (fmt_re(cw["pert_median"]), fmt_re(cw["pert_p90"]), fmt_pct(cw["success_rate"]),
-                  fmt_re(h_cw["pert_median"])):
+                  fmt_re(cw["pert_median_all"]), fmt_re(h_cw["pert_median_all"])):
         assert value in row
     verdict = visible(section(text, "verdict"))
     assert f"median L2 perturbation of {fmt_re(cw['pert_median'])}" in verdict
+    assert f"half of all samples are misclassified at an L2 perturbation of {fmt_re(cw['pert_median_all'])}" in verdict
     assert "CW 0.0 %" not in visible(text) and "CW →" not in verdict
 
 
@@ -386,6 +423,19 @@ def test_cards_never_green_while_a_check_about_them_warns(tmp_path):
     sanity_text = visible(section(text, "sanity"))
     assert "PGD-50 leaves no more samples robust than PGD-10" in sanity_text  # threshold shown
     assert "exact McNemar p = 0.002" in sanity_text and "Hardening introduced a warning" in sanity_text
+    # each model's verdict on a card of its own: never the two models' checks added up
+    cards = _cards(text)
+    assert "Sanity checks" not in cards
+    assert cards["Sanity checks, hardened model"] == "warn"
+    from robaudit import verdict as verdict_mod
+    from robaudit.rundir import read_run
+
+    for label, where in (("audited model", run), ("hardened model", run / "hardened")):
+        checks = verdict_mod.checks_of(read_run(where), num_classes=10)
+        counts = {s: sum(c.status == s for c in checks) for s in ("pass", "skip")}
+        card = re.search(rf'<div class="label">Sanity checks, {label}</div>(.*?)</div>\s*</div>',
+                         section(text, "verdict"), re.S).group(1)
+        assert f"{counts['pass']} pass, {counts['skip']} skipped of {len(checks)} checks" in visible(card)
 
 
 def test_chance_level_model_is_flagged(tmp_path):

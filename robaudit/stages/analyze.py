@@ -21,6 +21,7 @@ from .. import __version__
 from .. import attacks as atk
 from .. import dist
 from ..cmdline import command_line
+from ..labels import format_eps
 from ..data import DataSource, is_image_folder_record, load_dataset
 from ..errors import RobauditError
 from ..device import resolve_device
@@ -121,12 +122,11 @@ def analyze_run(model: str | Path | LoadedModel, dataset: str, *, out: str | Pat
                 force: bool = False, leave_group: bool = True) -> AnalysisRun | None:
     """Analyze a model file on a data set and write the run directory (and its report).
 
-    An existing ``out`` must be an earlier robaudit run, and is replaced only with ``force``. Under
-    ``torchrun`` every process runs this with the same arguments and analyzes its share of the batches;
-    the BatchNorm audit is shared too; then the processes leave the group, and rank 0 alone runs the model
-    checks, writes the run and returns it; the others write nothing and return ``None``. ``leave_group=False``
-    (a command that goes on with the group, as ``harden MODEL`` does) keeps the group, and the others return
-    the analysis without checks, with the run's path, which rank 0 is writing. An error on any process stops all of them.
+    An existing ``out`` must be an earlier robaudit run, replaced only with ``force``. Under ``torchrun`` every
+    process analyzes its share of the batches and of the BatchNorm audit, then they leave the group and rank 0
+    alone runs the model checks, writes the run and returns it (the others return ``None``); ``leave_group=False``
+    (``harden MODEL`` goes on with the group) keeps it, and the others return the analysis without checks, with
+    the run's path. An error on any process stops all of them.
     """
     started = now()
     dev = resolve_device(device)
@@ -155,8 +155,9 @@ def analyze_run(model: str | Path | LoadedModel, dataset: str, *, out: str | Pat
             check_results, images = _solo_work(loaded, data, result, plan, samples_csv, seed=seed,
                                                batch_size=batch_size)
             manifest = _manifest(
-                loaded, data, result, command=command or _api_command(loaded, dataset, attacks, eps, seed, out,
-                                                                      image_size=image_size, class_map=class_map),
+                loaded, data, result, command=command or _api_command(
+                    loaded, dataset, attacks, eps, seed, out, image_size=image_size, class_map=class_map,
+                    samples=samples, shuffle=shuffle),
                 trust_model=trust_model, mean=mean, std=std, split=split, samples=samples, shuffle=shuffle,
                 data_dir=data_dir, seed=seed, dev=dev, batch_size=batch_size, specs=specs, eps=eps, layers=layers,
                 layer_types=layer_types, probe=probe, started=started, image_size=image_size, class_map=class_map,
@@ -333,8 +334,10 @@ def _solo_work(loaded: LoadedModel, data, result: LSAResult, plan: ModelCheckPla
 
 
 def _api_command(loaded: LoadedModel, dataset: str, attacks, eps, seed: int, out: Path, *,
-                 image_size: int | None = None, class_map=None) -> str:
+                 image_size: int | None = None, class_map=None, samples: int | None = None,
+                 shuffle: bool = False) -> str:
     """The ``robaudit analyze`` command line equivalent to an :func:`analyze_run` call."""
     return command_line("analyze", str(loaded.path) if loaded.path else "MODEL", dataset=dataset,
-                        image_size=image_size, class_map=class_map, attack=list(attacks or []),
-                        eps=",".join(f"{e:g}" for e in eps) if eps else None, seed=seed, out=out)
+                        image_size=image_size, class_map=class_map, samples=samples, shuffle=shuffle,
+                        attack=list(attacks or []), eps=",".join(format_eps(e) for e in eps) if eps else None,
+                        seed=seed, out=out)

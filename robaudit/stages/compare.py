@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,12 @@ from matplotlib.figure import Figure
 from ..errors import RobauditError
 from ..labels import attack_name
 from ..rundir import Run, read_run, rows_at
+from ..verdict import checks_of, sanity_verdict, verdict_line
 from ..writelock import write_lock
 from .html import (Cell, Column, Row, Table, check_page_out, content_security_policy, environment, figure_svg, fmt_eps,
-                   fmt_pct, fmt_points, fmt_re, num_cell, plain, read_resource, version, write_atomic)
+                   fmt_pct, fmt_points, fmt_re, fmt_size, num_cell, plain, read_resource, version, write_atomic)
 from .plots import MPL_RC
+from .report_verdict import minimal_rows
 
 # manifest fields whose difference explains a difference in the numbers
 MANIFEST_FIELDS = (
@@ -47,6 +49,10 @@ class Comparison:
     mvl_a: list[str]
     mvl_b: list[str]
     manifest: list[tuple[str, Any, Any]]
+    # minimal-perturbation attacks (no eps), by success rate and perturbation size: attack, norm and per run
+    # success_*, all_* (median over all samples) and fooled_* (median over the fooled ones)
+    minimal: pd.DataFrame = field(default_factory=pd.DataFrame)
+    sanity: dict = field(default_factory=dict)  # "a", "b": each run's sanity verdict (verdict.sanity_verdict)
 
     def to_dict(self) -> dict:
         def records(df: pd.DataFrame) -> list[dict]:
@@ -56,7 +62,8 @@ class Comparison:
         return {"run_a": str(self.a.path), "run_b": str(self.b.path), "accuracy": records(self.accuracy),
                 "re": records(self.re), "re_ranking": self.ranking, "mvl_a": self.mvl_a, "mvl_b": self.mvl_b,
                 "mvl_common": [l for l in self.mvl_a if l in self.mvl_b],
-                "manifest_differences": [{"field": f, "a": x, "b": y} for f, x, y in self.manifest]}
+                "manifest_differences": [{"field": f, "a": x, "b": y} for f, x, y in self.manifest],
+                "minimal_perturbation": records(self.minimal), "sanity": self.sanity}
 
 
 def _get(d: dict, path: tuple[str, ...]) -> Any:
@@ -73,11 +80,42 @@ def _accuracy(a: Run, b: Run) -> pd.DataFrame:
         df["eps"] = df["eps"].astype(float).round(12)
         return df.rename(columns={"accuracy": name})
 
-    merged = frame(a, "a").merge(frame(b, "b"), on=cols, how="outer", sort=False)
+    merged = frame(_bounded(a), "a").merge(frame(_bounded(b), "b"), on=cols, how="outer", sort=False)
     merged["delta"] = merged["b"] - merged["a"]
     order = {name: i for i, name in enumerate(dict.fromkeys(list(a.accuracy["attack"]) + list(b.accuracy["attack"])))}
     merged["_o"] = merged["attack"].map(order)
     return merged.sort_values(["_o", "eps"], na_position="first").drop(columns="_o").reset_index(drop=True)
+
+
+def _bounded(run: Run) -> Run:
+    """``run`` without its minimal-perturbation rows: their accuracy is no robust accuracy (see :func:`_minimal`)."""
+    return replace(run, accuracy=run.accuracy.drop(index=minimal_rows(run.accuracy).index))
+
+
+MINIMAL_FIELDS = {"success": "success_rate", "all": "pert_median_all", "fooled": "pert_median"}
+
+
+def _minimal(a: Run, b: Run) -> pd.DataFrame:
+    """CW and DeepFool side by side by success rate and perturbation size (median over all samples, where a more
+    robust model reads larger, and over the fooled ones), never by accuracy."""
+    def frame(run: Run, side: str) -> pd.DataFrame:
+        rows = minimal_rows(run.accuracy)
+        out = pd.DataFrame({"attack": rows["attack"], "norm": rows["norm"] if "norm" in rows else None})
+        for name, column in MINIMAL_FIELDS.items():
+            out[f"{name}_{side}"] = rows[column].astype(float) if column in rows else np.nan
+        return out
+
+    return frame(a, "a").merge(frame(b, "b"), on=["attack", "norm"], how="outer", sort=False).reset_index(drop=True)
+
+
+def _sanity(a: Run, b: Run) -> dict:
+    """Each run's sanity verdict (a hardened run's manifest may leave the number of classes to its original's)."""
+    classes = [(run.manifest.get("dataset") or {}).get("num_classes") for run in (a, b)]
+    out = {}
+    for side, run, n in (("a", a, classes[0]), ("b", b, classes[1])):
+        checks = checks_of(run, num_classes=n or classes[0] or classes[1])
+        out[side] = {**sanity_verdict(checks), "line": verdict_line(checks)}
+    return out
 
 
 def _re(a: Run, b: Run) -> tuple[pd.DataFrame, dict]:
@@ -110,7 +148,8 @@ def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike) -> Comparis
         if x != y:
             manifest.append((".".join(path), x, y))
     names = lambda run: [str(l.get("layer")) for l in (run.mvl or {}).get("layers") or []]  # noqa: E731
-    return Comparison(a, b, _accuracy(a, b), re_frame, ranking, names(a), names(b), manifest)
+    return Comparison(a, b, _accuracy(a, b), re_frame, ranking, names(a), names(b), manifest, minimal=_minimal(a, b),
+                      sanity=_sanity(a, b))
 
 
 def _plot_re(cmp: Comparison, label_a: str, label_b: str) -> Markup | None:
@@ -154,6 +193,7 @@ def _render_compare(cmp: Comparison, out: Path) -> Path:
                 for f, x, y in cmp.manifest]
     css, script = read_resource("report.css"), read_resource("sort.js")
     rk = cmp.ranking
+    context_minimal = {"minimal": _minimal_table(cmp), "sanity": _sanity_lines(cmp, la, lb)}
     context = {
         "title": f"Audit comparison: {cmp.a.path.name} vs {cmp.b.path.name}",
         "subtitle": f"A = {cmp.a.path}; B = {cmp.b.path}; delta = B - A",
@@ -172,6 +212,34 @@ def _render_compare(cmp: Comparison, out: Path) -> Path:
         "manifest": Table([Column("Field"), Column("A"), Column("B")], man_rows, sortable=False)
         if man_rows else None,
     }
-    text = environment().get_template("compare.html.j2").render(**context)
+    text = environment().get_template("compare.html.j2").render(**context, **context_minimal)
     write_atomic(out, text)
     return out
+
+
+def _minimal_table(cmp: Comparison) -> Table | None:
+    """The minimal-perturbation attacks of both runs: success rate and perturbation size, with their change."""
+    if cmp.minimal.empty:
+        return None
+    rows = []
+    for r in cmp.minimal.itertuples():
+        rows.append(Row([Cell(attack_name(r.attack)), Cell(r.norm or ""), num_cell(r.success_a, fmt_pct),
+                         num_cell(r.success_b, fmt_pct), num_cell(r.all_a, fmt_size), num_cell(r.all_b, fmt_size),
+                         num_cell(r.fooled_a, fmt_re), num_cell(r.fooled_b, fmt_re)]))
+    return Table([Column("Attack"), Column("Norm"), Column("Success rate A", True), Column("Success rate B", True),
+                  Column("Median, all samples A", True), Column("Median, all samples B", True),
+                  Column("Median, fooled A", True), Column("Median, fooled B", True)], rows, caption=(
+        "Minimal-perturbation attacks (no eps) by the share of correctly classified samples they fooled and the "
+        "norm of the perturbation each sample needed; their accuracy is no robust accuracy and is not compared. "
+        "The median over all samples counts a sample misclassified already as 0 and one never fooled as ∞: the "
+        "more robust model has the larger one. The median over the fooled samples alone can shrink as a model "
+        "grows more robust (it is fooled only on its easiest samples)."))
+
+
+def _sanity_lines(cmp: Comparison, label_a: str, label_b: str) -> list[str]:
+    """Each run's sanity verdict in a line, as the terminal says it."""
+    def line(v: dict) -> str:
+        warned = "; ".join(w["check"] for w in v["warnings"])
+        return v["line"] + (f" ({warned})" if warned else "")
+
+    return [f"{label}: {line(cmp.sanity[side])}" for side, label in (("a", label_a), ("b", label_b)) if side in cmp.sanity]

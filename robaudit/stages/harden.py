@@ -12,7 +12,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -21,6 +21,7 @@ from torch import nn
 from .. import attacks as atk
 from .. import dist
 from ..cmdline import command_line
+from ..labels import format_eps
 from ..data import DATASETS, IMAGEFOLDER_PREFIX, class_folders, load_dataset
 from ..errors import RobauditError
 from ..device import resolve_device
@@ -34,7 +35,7 @@ from ..training.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from ..training.config import HardenConfig
 from ..training.fit import HardenResult, global_batch_size, harden
 from ..training.layers import LayerRule, batchnorm_modules, control_layers
-from ..training.loop import HardenInterrupted
+from ..training.loop import HardenInterrupted, TimeEstimate
 from .analyze import (analyze_for_run, batchnorm_audit, is_image_folder, load_run_data,
                       model_checks, now)
 
@@ -132,7 +133,8 @@ def harden_run(run_dir: str | os.PathLike, config: HardenConfig | None = None, *
                include_output: bool = False, layers_from: str | LayerRule = LayerRule.MVL,
                train_data: str | os.PathLike | None = None, resume: bool = False, force: bool = False,
                command: str | None = None, download: bool = True, arch: str | None = None,
-               trust_model: bool = False, **settings: Any) -> HardenRun:
+               trust_model: bool = False, estimate: Callable[[str], None] | None = None,
+               **settings: Any) -> HardenRun:
     """Harden the model of an analyzed run directory and write ``RUN/hardened/``.
 
     Reads the run (model, data set, normalization, attacks, MVL ranking), trains on the data set's
@@ -147,6 +149,7 @@ def harden_run(run_dir: str | os.PathLike, config: HardenConfig | None = None, *
     ``config`` (or keywords) as for :func:`harden`; its ``seed`` defaults to the analysis seed.
     ``layers_from`` (``mvl``, ``deepest`` or ``random``) says which layers AT-LR regularizes: the MVL list, or a
     control of as many layers from the same candidates, the deepest or drawn with that seed.
+    ``estimate`` gets one line after the first epoch: how long the whole hardening will take (:class:`TimeEstimate`).
     """
 
     rule = LayerRule.of(layers_from)
@@ -174,7 +177,7 @@ def harden_run(run_dir: str | os.PathLike, config: HardenConfig | None = None, *
 
     fp_extra = {"model_sha256": (man.get("model") or {}).get("sha256"), "train": train_desc}
     result = harden(loaded, train_set, None, cfg, mvl_layers=layers, checkpoint_dir=run_dir, resume=resume,
-                    type_map=loaded.type_map, fingerprint_extra=fp_extra)
+                    type_map=loaded.type_map, fingerprint_extra=fp_extra, callbacks=_estimate(estimate, man))
     try:
         done = _finish(run, cfg, result, loaded, train_set, test, dev, started=started, command=command,
                        model_path=model_path, train_desc=train_desc, mvl_top=mvl_top, ranking=ranking,
@@ -186,6 +189,14 @@ def harden_run(run_dir: str | os.PathLike, config: HardenConfig | None = None, *
         with contextlib.suppress(FileNotFoundError):
             ck_path.unlink()
     return done
+
+
+def _estimate(say: Callable[[str], None] | None, manifest: Mapping) -> list[TimeEstimate]:
+    """The time-estimate callback (on rank 0), which counts the re-analysis as long as the run's analysis took."""
+    if say is None or not dist.is_main():
+        return []
+    seconds = manifest.get("seconds")
+    return [TimeEstimate(say, after=float(seconds) if isinstance(seconds, (int, float)) else None)]
 
 
 def _run_config(cfg: HardenConfig, manifest: Mapping) -> HardenConfig:
@@ -476,5 +487,5 @@ def _write_hardened(tmp: Path, analysis, h_mvl, manifest: dict, checks, history:
 def _api_command(run_dir: Path, method: str, mvl_top, eps: float, epochs: int, seed: int,
                  layers_from: str | None = None) -> str:
 
-    return command_line("harden", run=run_dir, method=method, mvl_top=mvl_top, eps=f"{eps:g}", epochs=epochs,
+    return command_line("harden", run=run_dir, method=method, mvl_top=mvl_top, eps=format_eps(eps), epochs=epochs,
                        seed=seed, layers_from=None if layers_from in (None, "mvl") else layers_from)

@@ -27,11 +27,11 @@ from matplotlib.figure import Figure  # never pyplot: no global figure state, no
 
 from .. import safeio
 from ..errors import RobauditError
-from ..labels import format_eps
+from ..labels import eps_in_text, format_eps
 from ..rundir import is_own_report, remove_stale_staging
 
 __all__ = ["Cell", "Column", "Row", "Table", "check_page_out", "clean_svg", "content_security_policy", "environment",
-           "figure_svg", "flatten", "fmt_eps", "fmt_num", "fmt_pct", "fmt_points", "fmt_re", "is_missing", "kv_table",
+           "figure_svg", "flatten", "fmt_eps", "fmt_num", "fmt_pct", "fmt_points", "fmt_re", "fmt_size", "is_missing", "kv_table",
            "num_cell", "plain", "read_resource", "sort_key", "version", "write_atomic"]
 
 
@@ -64,6 +64,11 @@ def fmt_eps(v: Any) -> str:
 def fmt_re(v: Any) -> str:
     """An RE (or a perturbation norm) with three significant digits; empty when missing."""
     return "" if is_missing(v) else f"{float(v):.3g}"
+
+
+def fmt_size(v: Any) -> str:
+    """A perturbation size: three significant digits, ``∞`` for a sample no perturbation fooled; empty when missing."""
+    return "∞" if not is_missing(v) and float(v) == float("inf") else fmt_re(v)
 
 
 def fmt_num(v: Any) -> str:
@@ -124,9 +129,20 @@ def num_cell(v: Any, fmt=fmt_num) -> Cell:
 
 
 def kv_table(items: Iterable[tuple[str, Any]], caption: str = "") -> Table:
-    """A two-column Field / Value table of ``items`` (a manifest, the hardening settings)."""
-    rows = [Row([Cell(k), Cell(plain(v), cls="wrap")]) for k, v in items]
+    """A two-column Field / Value table of ``items`` (a manifest, the hardening settings); eps values read as
+    everywhere else in the report (``8/255``, not ``0.03137``)."""
+    rows = [Row([Cell(k), Cell(_kv_text(k, v), cls="wrap")]) for k, v in items]
     return Table([Column("Field"), Column("Value")], rows, caption=caption, sortable=False)
+
+
+def _kv_text(key: str, v: Any) -> str:
+    """A field's value as text: a field named ``*eps`` (``eps``, ``layer_eps``, ``mvl_ranking.eps``) through :func:`fmt_eps`, attack specs' ``eps=``
+    through :func:`~robaudit.labels.eps_in_text`."""
+    numbers = v if isinstance(v, (list, tuple)) else [v]
+    if key.split(".")[-1].endswith("eps") and numbers and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                       for x in numbers):
+        return ", ".join(fmt_eps(x) for x in numbers)
+    return eps_in_text(plain(v))
 
 
 def plain(v: Any) -> str:

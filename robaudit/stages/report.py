@@ -23,13 +23,14 @@ from markupsafe import Markup
 
 from .. import safeio, verdict
 from ..errors import RobauditError
+from ..cmdline import command_line, with_force
 from ..labels import CLEAN, WORST_CASE, attack_name
 from ..rundir import Run, check_inside, read_document, read_run, read_table
 from ..fragile import FRAGILE_SHOWN
 from .report_fragile import fragile_examples
 from ..writelock import write_lock
 from .html import (Cell, Column, Row, Table, check_page_out, content_security_policy, environment, flatten, fmt_eps,
-                   fmt_num, fmt_pct, fmt_points, fmt_re, is_missing, kv_table, num_cell, read_resource, version,
+                   fmt_num, fmt_pct, fmt_points, fmt_re, fmt_size, is_missing, kv_table, num_cell, read_resource, version,
                    write_atomic)
 from .plots import (ACCURACY_HISTORY_COLUMNS, BN_LABELS, MPL_RC, Palette, config_label, plot_accuracy, plot_batchnorm,
                     plot_heatmap, plot_history, plot_profile, plot_re_before_after)
@@ -194,25 +195,29 @@ def _perturbation_table(acc: pd.DataFrame, after: pd.DataFrame | None) -> Table 
     rows_before = minimal_rows(acc)
     if rows_before.empty:
         return None
-    columns = [Column("Attack"), Column("Norm"), Column("Success rate", True), Column("Median perturbation", True),
-               Column("90th percentile", True), Column("Samples", True)]
+    columns = [Column("Attack"), Column("Norm"), Column("Success rate", True), Column("Median, all samples", True),
+               Column("Median, fooled", True), Column("90th percentile, fooled", True), Column("Samples", True)]
     after_map = {}
     if after is not None:
-        columns += [Column("Median after hardening", True), Column("Success rate after", True)]
+        columns += [Column("Median, all, after hardening", True), Column("Success rate after", True)]
         after_map = {r.attack: r for r in minimal_rows(after).itertuples(index=False)}
     rows = []
     for r in rows_before.itertuples(index=False):
         cells = [Cell(attack_name(r.attack)), Cell(r.norm), num_cell(value_of(r, "success_rate"), fmt_pct),
-                 num_cell(value_of(r, "pert_median"), fmt_re), num_cell(value_of(r, "pert_p90"), fmt_re),
-                 num_cell(value_of(r, "n_samples"))]
+                 num_cell(value_of(r, "pert_median_all"), fmt_size), num_cell(value_of(r, "pert_median"), fmt_re),
+                 num_cell(value_of(r, "pert_p90"), fmt_re), num_cell(value_of(r, "n_samples"))]
         if after is not None:
             a = after_map.get(r.attack)
-            cells += [num_cell(value_of(a, "pert_median"), fmt_re), num_cell(value_of(a, "success_rate"), fmt_pct)]
+            cells += [num_cell(value_of(a, "pert_median_all"), fmt_size),
+                      num_cell(value_of(a, "success_rate"), fmt_pct)]
         rows.append(Row(cells))
     return Table(columns, rows, caption=(
         "Minimal-perturbation attacks (no eps): the share of correctly classified samples they fooled and the "
-        "norm of the perturbation that fooled them (a larger perturbation means a more robust model). Their "
-        "accuracy is not a robust accuracy and is not shown."))
+        "norm of the perturbation each sample needed. The median over all samples counts a sample misclassified "
+        "already as 0 and one never fooled as ∞: half of all samples are misclassified at that size, and a "
+        "larger one means a more robust model. The median over the fooled samples alone can shrink as a model "
+        "grows more robust (it is fooled only on its easiest samples). Their accuracy is not a robust accuracy "
+        "and is not shown."))
 
 
 def _accuracy_section(run: Run, hardened: Run | None, palette: Palette) -> dict | None:
@@ -342,11 +347,11 @@ def _files_table(run_dir: Path, skip: Path) -> Table | None:
 def _reproduce_section(run: Run, settings: dict | None, run_dir: Path, out: Path, shown: Path) -> dict:
     man = run.manifest
     commands = []
-    if man.get("command"):
-        commands.append({"title": "Rerun the audit", "text": str(man["command"])})
+    if man.get("command"):  # the run (and its hardened/) exist: each command replaces them, as printed
+        commands.append({"title": "Rerun the audit", "text": with_force(str(man["command"]))})
     if settings and settings.get("command"):
-        commands.append({"title": "Rerun the hardening", "text": str(settings["command"])})
-    commands.append({"title": "Render this report again", "text": f"robaudit report --run {shown}"})
+        commands.append({"title": "Rerun the hardening", "text": with_force(str(settings["command"]))})
+    commands.append({"title": "Render this report again", "text": command_line("report", run=shown)})
     shown_manifest = {k: v for k, v in man.items() if k != "files"}  # the files table below lists them
     manifest = kv_table(flatten(shown_manifest), caption="manifest.json") if man else Table(
         [Column("Field"), Column("Value")], [Row([Cell("manifest.json"), Cell("missing")])], sortable=False)
@@ -366,7 +371,8 @@ def _batchnorm_section(run_dir: Path, shown: Path) -> dict | None:
                           "ones do ({:.3g} vs {:.3g}): the two domains want separate statistics (Xie &amp; Yuille). "
                           "Harden with separate clean BatchNorm statistics:").format(
             v["ratio"], v["adversarial_shift"], v["clean_shift"])
-        command = f"robaudit harden --run {shown} --dual-bn"
+        # an earlier harden is replaced (--force): the command must run as printed
+        command = command_line("harden", run=shown, dual_bn=True, force=os.path.lexists(run_dir / "hardened"))
     else:
         sentence = Markup("Adversarial inputs shift the BatchNorm statistics {:.3g}x as far as clean ones do "
                           "({:.3g} vs {:.3g}): no sign that BatchNorm mixes two domains.").format(

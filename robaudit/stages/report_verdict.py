@@ -15,7 +15,7 @@ from markupsafe import Markup
 from .. import sanity, verdict
 from ..labels import CLEAN, WORST_CASE, attack_name
 from ..rundir import Run, rows_at
-from .html import Cell, Column, Row, Table, fmt_eps, fmt_num, fmt_pct, fmt_points, fmt_re, is_missing, sort_key
+from .html import Cell, Column, Row, Table, fmt_eps, fmt_num, fmt_pct, fmt_points, fmt_re, fmt_size, is_missing, sort_key
 
 __all__ = ["METHOD_NAMES", "minimal_rows", "sanity_group", "value_of", "verdict_section"]
 
@@ -167,9 +167,18 @@ def _verdict_minimal(acc: pd.DataFrame | None, sentences: list) -> None:
     for r in minimal_rows(acc).itertuples(index=False):
         if is_missing(value_of(r, "pert_median")):
             continue
-        sentences.append(Markup("{} (minimal perturbation) fools {} of the correctly classified samples with a median "
-                                "{} perturbation of <strong>{}</strong> (90th percentile {}).").format(
-            attack_name(r.attack), fmt_pct(value_of(r, "success_rate")), r.norm, fmt_re(r.pert_median),
+        over_all = value_of(r, "pert_median_all")
+        if is_missing(over_all):
+            lead = Markup("")
+        elif float(over_all) == float("inf"):  # the median sample was never fooled
+            lead = Markup("fewer than half of all samples are misclassified at any {} perturbation it found "
+                          "(median over all samples <strong>∞</strong>); ").format(r.norm)
+        else:
+            lead = Markup("half of all samples are misclassified at an {} perturbation of <strong>{}</strong>; "
+                          ).format(r.norm, fmt_size(over_all))
+        sentences.append(Markup("{} (minimal perturbation): {}it fools {} of the correctly classified samples, with a "
+                                "median {} perturbation of {} over the fooled ones (90th percentile {}).").format(
+            attack_name(r.attack), lead, fmt_pct(value_of(r, "success_rate")), r.norm, fmt_re(r.pert_median),
             fmt_re(value_of(r, "pert_p90"))))
 
 
@@ -225,16 +234,24 @@ def _verdict_sanity(checks, checks_after, sentences: list, cards: list) -> None:
                                     "that only masks gradients.").format(
                 "a sanity warning" if len(introduced) == 1 else f"{len(introduced)} sanity warnings",
                 "; ".join(introduced)))
-    all_checks = checks + (checks_after or [])
-    n_warn = sum(c.status == "warn" for c in all_checks)
-    cards.append({"label": "Sanity checks", "value": f"{n_warn} warn" if n_warn else "all pass",
-                  "sub": f"{sum(c.status == 'pass' for c in all_checks)} pass, {sum(c.status == 'skip' for c in all_checks)} skipped",
-                  "cls": "warn" if n_warn else "pass"})
+    if checks_after is None:
+        cards.append(_sanity_card("Sanity checks", checks))
+    else:  # one card per model: their counts are never added up
+        cards += [_sanity_card("Sanity checks, audited model", checks),
+                  _sanity_card("Sanity checks, hardened model", checks_after)]
     for card in cards:  # a card is never green while a check that concerns its number warns
         concerns = card.pop("concerns", [])
         if any(c.status == "warn" for c in concerns):
             card["cls"] = "warn"
             card["sub"] += f"; {sum(c.status == 'warn' for c in concerns)} check(s) warn"
+
+
+def _sanity_card(label: str, checks: list[sanity.Check]) -> dict:
+    """One model's sanity verdict as a card: how many of its checks warn, pass and were skipped."""
+    count = {s: sum(c.status == s for c in checks) for s in ("warn", "pass", "skip")}
+    return {"label": label, "value": f"{count['warn']} warn" if count["warn"] else "all pass",
+            "sub": f"{count['pass']} pass, {count['skip']} skipped of {len(checks)} checks",
+            "cls": "warn" if count["warn"] else "pass"}
 
 
 def _verdict_table(acc: pd.DataFrame | None, after: pd.DataFrame | None) -> Table | None:

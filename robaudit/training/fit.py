@@ -62,6 +62,7 @@ from ..data import as_dataset, subset
 from ..device import resolve_device
 from ..exported import fixed_batch
 from ..errors import RobauditError
+from ..labels import format_eps
 from ..models import LoadedModel, check_compatible, with_normalization
 from .checkpoint import CHECKPOINT_NAME, Checkpointer
 from .distributed import wrap
@@ -367,7 +368,7 @@ def _settings(cfg: HardenConfig, mvl_layers, gammas, data: TrainData, val_desc: 
         "clean_weight": cfg.clean_weight, "dual_bn": bool(cfg.dual_bn), "val_fraction": cfg.val_fraction,
         "seed": data.seed, "n_train": int(len(data.y)), "n_val": int(len(data.val_y)), "processes": dist.world_size(),
         "workers": data.workers,
-        "validation": val_desc, "val_attack": f"pgd:eps={eps:g},steps={steps}", "bn_at_test": bn_at_test,
+        "validation": val_desc, "val_attack": f"pgd:eps={format_eps(eps)},steps={steps}", "bn_at_test": bn_at_test,
         "mean": list(mean) if mean is not None else None, "std": list(std) if std is not None else None,
     }
 

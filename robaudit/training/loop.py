@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -149,6 +149,45 @@ class ProgressBar:
 
     def on_train_end(self, trainer: "Trainer", epoch: int, row: dict) -> None:
         self.bar.close()
+
+
+class TimeEstimate:
+    """After the first epoch this process trains, say how long the whole hardening will take: that epoch's time
+    (training and validation) for each epoch left, plus ``after`` seconds of work after training (the
+    re-analysis). ``say`` gets one line; ``clock`` is a monotonic clock in seconds."""
+
+    def __init__(self, say: Callable[[str], None], *, after: float | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.say, self.after, self.clock = say, after, clock
+        self.started: float | None = None
+        self.done = False
+
+    def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None:
+        if self.started is None:
+            self.started = self.clock()
+
+    def on_epoch_end(self, trainer: "Trainer", epoch: int, row: dict) -> None:
+        if self.done or self.started is None:
+            return
+        self.done = True
+        took = self.clock() - self.started
+        left = trainer.data.epochs - epoch
+        total = took * left + (self.after or 0.0)
+        rest = [f"{left} more epoch{'s' if left != 1 else ''}"] if left else []
+        rest += ["the re-analysis"] if self.after else []
+        self.say(f"time estimate: epoch {epoch}/{trainer.data.epochs} took {_duration(took)}; about "
+                 f"{_duration(total)} to go ({' and '.join(rest) or 'nothing'}), about {_duration(took + total)} "
+                 "in all")
+
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``3 min 5 s``, ``2 h 4 min``: a duration to the precision an estimate has."""
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60} min"
 
 
 class Trainer:
