@@ -110,13 +110,13 @@ def analyze_run(model: str | Path | LoadedModel, dataset: str, *, out: str | Pat
                 data_dir: str | Path | None = None, split: str = "test", samples: int | None = None,
                 shuffle: bool = False, download: bool = True, image_size: int | None = None,
                 class_map: str | Path | None = None, workers: int = 0, attacks: Sequence[str] | None = None,
-                battery: BatteryName | str | None = None, eps: Sequence[float] | None = None, layers: Sequence[str] | None = None,
-                layer_types: Sequence[str] | None = None, probe: str = "all", mean: Sequence[float] | None = None,
-                std: Sequence[float] | None = None, normalize: bool = True, mvl_top: int | None = None,
-                mvl_z: float | None = None, mvl_attack: str | None = None, mvl_metric: str = "re_mean",
-                include_output: bool = False, batch_size: int = 128, device: str = "auto", seed: int = 0,
-                checks: bool = True, report: bool = True, progress: bool = False, command: str | None = None,
-                force: bool = False, leave_group: bool = True) -> AnalysisRun | None:
+                battery: BatteryName | str | None = None, eps: Sequence[float] | None = None,
+                layers: Sequence[str] | None = None, layer_types: Sequence[str] | None = None, probe: str = "all",
+                mean: Sequence[float] | None = None, std: Sequence[float] | None = None, normalize: bool = True,
+                mvl_top: int | None = None, mvl_z: float | None = None, mvl_attack: str | None = None,
+                mvl_metric: str = "re_mean", include_output: bool = False, batch_size: int = 128, device: str = "auto",
+                seed: int = 0, checks: bool = True, report: bool = True, progress: bool = False,
+                command: str | None = None, force: bool = False, leave_group: bool = True) -> AnalysisRun | None:
     """Analyze a model file on a data set and write the run directory (and its report).
 
     An existing ``out`` must be an earlier robaudit run, and is replaced only with ``force``. Under
@@ -125,8 +125,7 @@ def analyze_run(model: str | Path | LoadedModel, dataset: str, *, out: str | Pat
     checks, writes the run and returns it; the others write nothing and return ``None``. ``leave_group=False``
     (a command that goes on with the group, as ``harden MODEL`` does) keeps the group, and the others return
     the analysis without checks, with the run's path, which rank 0 is writing. An error on any process stops all of them.
-    ``battery`` (default: :attr:`BatteryName.DEFAULT`) names the attacks when ``attacks`` does not; not both.
-    """
+    ``battery`` (default: :attr:`BatteryName.DEFAULT`) names the attacks when ``attacks`` does not; not both."""
     started = now()
     dev = resolve_device(device)
     dist.init(dev)
@@ -154,14 +153,13 @@ def analyze_run(model: str | Path | LoadedModel, dataset: str, *, out: str | Pat
                 return None if leave_group else AnalysisRun(result, mvl, out, {}, None)
             check_results = model_checks(loaded, data, result, plan, mean=mean, std=std, device=dev, seed=seed)
             manifest = _manifest(
-                loaded, data, result, command=command or _api_command(loaded, dataset, attacks, eps, seed, out,
-                                                                      image_size=image_size, class_map=class_map,
-                                                                      battery=battery),
+                loaded, data, result, command=command or _api_command(
+                    loaded, dataset, attacks, eps, seed, out, image_size=image_size, class_map=class_map, battery=battery),
                 trust_model=trust_model, mean=mean, std=std, split=split, samples=samples, shuffle=shuffle,
                 data_dir=data_dir, seed=seed, dev=dev, batch_size=batch_size, specs=specs, eps=eps, layers=layers,
                 layer_types=layer_types, probe=probe, started=started, image_size=image_size, class_map=class_map,
-                battery=battery.value if battery else CUSTOM, mvl={"top": mvl_top, "z": mvl_z, "attack": mvl_attack, "metric": mvl_metric,
-                     "include_output": include_output})
+                battery=battery.value if battery else CUSTOM, mvl={"top": mvl_top, "z": mvl_z, "attack": mvl_attack,
+                                                                   "metric": mvl_metric, "include_output": include_output})
             return _write(out, result, mvl, check_results, bn, samples_csv, force=force, report=report,
                           manifest=manifest)
         finally:
