@@ -2,7 +2,8 @@
 
 A spec is ``name`` or ``name:key=value,key=value`` (values may be fractions such as ``8/255``),
 e.g. ``pgd:eps=8/255,steps=10,alpha=2/255``. Specs are parsed once into :class:`AttackSpec`;
-:func:`expand` applies the eps sweep; :func:`build` makes a callable ``(x, y) -> x_adv``.
+:func:`expand` applies the eps sweep; :func:`build` makes a callable ``(x, y) -> x_adv``. The named
+batteries built from these specs are in :mod:`robaudit.batteries`.
 """
 from __future__ import annotations
 
@@ -46,6 +47,12 @@ KINDS: dict[str, AttackKind] = {
                    "DeepFool, minimal perturbation (no eps); batched over samples"),
         AttackKind("autoattack", "adversarial", "Linf", True, {"version": "standard"},
                    "AutoAttack ensemble (APGD-CE, APGD-T, FAB, Square)", ("Linf", "L2")),
+        AttackKind("apgd", "adversarial", "Linf", True, {"loss": "ce", "steps": 100, "n_restarts": 1, "rho": 0.75},
+                   "APGD (Croce & Hein 2020), step size adapted per sample, CE or DLR loss; DLR needs 3 classes: "
+                   "on 2 it runs as CE (the same sign steps)", ("Linf", "L2")),
+        AttackKind("apgdt", "adversarial", "Linf", True, {"steps": 100, "n_restarts": 1, "targets": 9, "rho": 0.75},
+                   "APGD-T, targeted DLR loss against the top `targets` other classes in turn; needs 4 classes: "
+                   "on 3 it runs as APGD-DLR, on 2 as APGD-CE", ("Linf", "L2")),
         AttackKind("square", "adversarial", "Linf", True, {"n_queries": 1000, "p_init": 0.8},
                    "Square attack, black-box (score-based); on N x D inputs a random search over "
                    "coordinate subsets with the same schedule", ("Linf", "L2")),
@@ -58,9 +65,6 @@ KINDS: dict[str, AttackKind] = {
     ]
 }
 NORMS = {"linf": "Linf", "inf": "Linf", "l2": "L2"}
-
-DEFAULT_BATTERY = ("fgsm", "pgd", "cw", "square:n_queries=200", "gaussian", "uniform", "saltpepper")
-
 
 @dataclass(frozen=True)
 class AttackSpec:
@@ -152,7 +156,7 @@ def _parse_value(key: str, text: str, default: Any, *, what: str, norm: str) -> 
     return limits.attack_param(key, parse_number(t), what, norm=norm)
 
 
-CHOICES = {("autoattack", "version"): ("standard", "plus", "rand")}
+CHOICES = {("autoattack", "version"): ("standard", "plus", "rand"), ("apgd", "loss"): ("ce", "dlr")}
 
 
 def parse(text: str) -> AttackSpec:
@@ -255,6 +259,8 @@ def build(spec: AttackSpec, model: nn.Module, *, num_classes: int, seed: int = 0
                                 f"(this data set has {num_classes}): {hint}")
         atk = _ImagesOnly(torchattacks.AutoAttack(model, norm=spec.norm, eps=spec.eps, version=p["version"],
                                                   n_classes=num_classes, seed=seed), spec.label)
+    elif name in ("apgd", "apgdt"):
+        atk = AnyShape(lambda m: apgd(spec, m, num_classes=num_classes, seed=seed), model)
     elif name == "square":
         atk = _Square(torchattacks.Square(model, norm=spec.norm, eps=spec.eps, n_queries=p["n_queries"],
                                           p_init=p["p_init"], seed=seed),
@@ -285,6 +291,8 @@ def _seeded_parts(attack) -> list:
         return _seeded_parts(attack.atk)
     if isinstance(attack, _Square):
         return [attack.image_attack, attack.vector_attack]
+    if isinstance(attack, AnyShape):
+        return [attack.image_attack, attack.flat_attack]
     members = getattr(getattr(attack, "_autoattack", None), "attacks", None)
     return list(members) if members is not None else []
 
@@ -336,6 +344,47 @@ def batched_deepfool(model: nn.Module, *, steps: int = 50, overshoot: float = 0.
             return adv.detach(), target_labels
 
     return BatchedDeepFool(model, steps=steps, overshoot=overshoot)
+
+
+def apgd(spec: AttackSpec, model: nn.Module, *, num_classes: int, seed: int = 0):
+    """torchattacks' APGD or APGD-T for ``spec`` (an ``apgd`` or ``apgdt`` spec), substituting where the class count
+    leaves a loss undefined: DLR ranks three logits, targeted DLR four. On two classes every margin loss gives
+    APGD-CE's sign steps, so CE stands in; on three, APGD-T runs as untargeted APGD-DLR."""
+    import torchattacks
+
+    p = spec.param_dict
+    common = dict(norm=spec.norm, eps=spec.eps, steps=p["steps"], n_restarts=p["n_restarts"], rho=p["rho"], seed=seed)
+    targets = min(int(p.get("targets", 0)), num_classes - 1)
+    if spec.name == "apgdt" and num_classes >= 4 and targets >= 1:
+        return torchattacks.APGDT(model, n_classes=targets + 1, **common)
+    loss = "dlr" if spec.name == "apgdt" or p.get("loss") == "dlr" else "ce"
+    return torchattacks.APGD(model, loss=loss if num_classes >= 3 else "ce", **common)
+
+
+class _Unflatten(nn.Module):
+    """A model seen through N x D x 1 x 1 inputs: reshapes them back to the shape it takes."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.shape = model, ()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.reshape(len(x), *self.shape))
+
+
+class AnyShape:
+    """A torchattacks attack written for N x C x H x W images, on any input shape: other inputs ride as
+    N x D x 1 x 1 (exact for attacks that only use per-sample norms and signs, as APGD does)."""
+
+    def __init__(self, make: Callable[[nn.Module], Any], model: nn.Module) -> None:
+        self.view = _Unflatten(model)
+        self.image_attack, self.flat_attack = make(model), make(self.view)
+
+    def __call__(self, x, y):
+        if x.dim() == 4:
+            return self.image_attack(x, y)
+        self.view.shape = tuple(x.shape[1:])
+        return self.flat_attack(x.reshape(len(x), -1, 1, 1), y).reshape(x.shape)
 
 
 class _ImagesOnly:
@@ -456,12 +505,3 @@ def _noise(spec: AttackSpec) -> AttackFn:
         return (x + raw * (target / norms)).clamp(0, 1)
 
     return fn
-
-
-def default_battery(eps: Sequence[float] | None = None) -> list[AttackSpec]:
-    """The default battery. Square, a black-box attack that costs hundreds of forward passes, runs
-    once at the largest eps: enough for the white-box-vs-black-box check, cheap enough for every model."""
-    specs = [parse(s) for s in DEFAULT_BATTERY]
-    if eps:
-        specs = [replace(s, eps=float(max(eps)), explicit_eps=True) if s.name == "square" else s for s in specs]
-    return specs

@@ -18,6 +18,7 @@ from . import dist, limits, tables
 from .cmdline import invoked_command
 from .errors import RobauditError
 from .gate import EXIT_MISSED
+from .batteries import BatteryName
 from .training.config import BaseAttack, HardenConfig, Method, Optimizer, ReMode, Schedule
 from .lsa import MVL_METRICS
 from .training.layers import LayerRule
@@ -207,6 +208,15 @@ def data_options(f):
     ])
 
 
+def battery_option(f):
+    """--battery: which attacks an analysis runs when no --attack names them (shared by analyze and harden MODEL)."""
+    return click.option(
+        "--battery", type=click.Choice([b.value for b in BatteryName]), default=None,
+        help="fast: FGSM, PGD-10, CW, Square-200 and noise (the original battery); default: those plus APGD-CE "
+             "and APGD-T (within a point of AutoAttack on the shipped examples); standard: AutoAttack's standard "
+             "version, as RobustBench runs it. [default: default]")(f)
+
+
 def gate_options(f):
     """Bars a run must meet (exit 3 when missed) and machine-readable output (shared by analyze, harden, check)."""
     return _apply(f, [
@@ -259,8 +269,8 @@ def _show_judgement(ctx, judgement, as_json: bool, *, extra: dict | None = None)
 @model_options
 @data_options
 @click.option("--attack", "-a", "attacks", multiple=True, metavar="SPEC",
-              help="Attack spec, repeatable: e.g. 'pgd:eps=8/255,steps=10'. Default: "
-                   "fgsm, pgd, cw, square and gaussian/uniform/salt-and-pepper noise.")
+              help="Attack spec, repeatable: e.g. 'pgd:eps=8/255,steps=10'; replaces the battery (--battery).")
+@battery_option
 @click.option("--eps", metavar="LIST", help="Eps sweep for every attack without its own eps, e.g. 2/255,4/255,8/255.")
 @click.option("--layers", "layer_globs", multiple=True, metavar="GLOB", help="Probe only layers matching these names.")
 @click.option("--layer-types", metavar="LIST", help="Probe only these module classes or ops, e.g. ReLU,Conv2d "
@@ -288,7 +298,7 @@ def _show_judgement(ctx, judgement, as_json: bool, *, extra: dict | None = None)
 @gate_options
 @click.pass_context
 def analyze(ctx, model, arch, arch_kwargs, trust_model, dataset, data_dir, split, samples, shuffle, no_download,
-            attacks, image_size, class_map, workers, eps, layer_globs, layer_types, probe, mean, std, no_normalize, mvl_top, mvl_z, mvl_attack,
+            attacks, battery, image_size, class_map, workers, eps, layer_globs, layer_types, probe, mean, std, no_normalize, mvl_top, mvl_z, mvl_attack,
             mvl_metric, include_output, batch_size, device, seed, out, force, no_report, no_checks, progress,
             threads, fail_under, max_re, strict, as_json):
     """Layer Sustainability Analysis of MODEL: per-layer RE under an attack battery -> MVL list."""
@@ -309,7 +319,7 @@ def analyze(ctx, model, arch, arch_kwargs, trust_model, dataset, data_dir, split
         model, dataset, out=out, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_model=trust_model,
         data_dir=data_dir, split=split, samples=samples, shuffle=shuffle, download=not no_download,
         image_size=image_size, class_map=class_map, workers=workers, attacks=list(attacks) or None,
-        eps=parse_eps_list(eps), layers=list(layer_globs) or None, layer_types=_split_list([layer_types] if layer_types else []),
+        battery=BatteryName.of(battery) if battery else None, eps=parse_eps_list(eps), layers=list(layer_globs) or None, layer_types=_split_list([layer_types] if layer_types else []),
         probe=probe, mean=mean, std=std, normalize=not no_normalize,
         mvl_top=mvl_top, mvl_z=mvl_z, mvl_attack=mvl_attack, mvl_metric=mvl_metric, include_output=include_output,
         batch_size=batch_size, device=device, seed=seed, checks=not no_checks, report=not no_report,
@@ -381,6 +391,7 @@ def list_attacks():
 @data_options
 @click.option("--out", "-o", type=click.Path(path_type=Path),
               help="With MODEL: run directory for the analysis that comes first (default reports/<model>-<dataset>/).")
+@battery_option
 @click.option("--method", type=click.Choice([m.value for m in Method]), default="atlr",
               show_default=True, help="atlr: AT-LR; at: plain PGD adversarial training (the baseline); layerwise: "
                                       "perturb the MVL activations (about the cost of ordinary training); standard.")
@@ -424,7 +435,7 @@ def list_attacks():
 @gate_options
 @click.pass_context
 def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_dir, split, samples, shuffle, out,
-           method, mvl_top, layers_from, gamma, re_mode, base_attack, train_eps, steps, alpha, layer_eps, epochs, batch_size, lr,
+           battery, method, mvl_top, layers_from, gamma, re_mode, base_attack, train_eps, steps, alpha, layer_eps, epochs, batch_size, lr,
            optimizer, weight_decay, schedule, clean_weight, dual_bn, include_output, val_fraction, train_data,
            resume, force, seed, device, no_report, progress, threads, fail_under, max_re, strict, as_json, image_size,
            class_map, workers, **data_extra):
@@ -460,12 +471,16 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
     if model is not None and not dataset:
         raise RobauditError("--dataset is required with MODEL: e.g. robaudit harden model.pt2 --dataset digits")
     _use_threads(threads)
+    if model is None and battery is not None:
+        raise RobauditError("--battery applies to harden MODEL (the analysis that comes first); a run's hardened "
+                            "model is analyzed with the run's own battery")
     run_dir, notes = run_to_harden(
         model, run_dir, dataset=dataset, out=out, resume=resume, device=device, analysis=dict(
             arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs) if model is not None else None,
             trust_model=trust_model, data_dir=data_dir, split=split, samples=samples, shuffle=shuffle,
             mvl_top=mvl_top, include_output=include_output, seed=seed or 0, progress=show_progress, force=force,
-            image_size=image_size, class_map=class_map, workers=workers, download=download))
+            image_size=image_size, class_map=class_map, workers=workers, download=download,
+            battery=BatteryName.of(battery) if battery else None))
     for note in notes:
         _say(as_json)(note)
     with _warnings_recorded() as warned:

@@ -9,8 +9,8 @@ import math
 import re
 from fractions import Fraction
 
-__all__ = ["CLEAN", "WORST_CASE", "ATTACK_NAMES", "SINGLE_STEP_ATTACKS", "ITERATIVE_ATTACKS", "BLACK_BOX_ATTACKS",
-           "attack_family", "attack_name", "eps_in_text", "format_eps"]
+__all__ = ["CLEAN", "WORST_CASE", "WORST_CASE_MEANING", "ATTACK_NAMES", "SINGLE_STEP_ATTACKS", "ITERATIVE_ATTACKS",
+           "BLACK_BOX_ATTACKS", "attack_family", "attack_name", "eps_in_text", "format_eps"]
 
 SINGLE_STEP_ATTACKS = frozenset({"fgsm", "ffgsm", "rfgsm", "fgm"})
 ITERATIVE_ATTACKS = frozenset({
@@ -20,6 +20,8 @@ ITERATIVE_ATTACKS = frozenset({
 })
 BLACK_BOX_ATTACKS = frozenset({"square", "onepixel", "pixle", "simba", "hsja", "boundary"})
 WORST_CASE = "worst-case"
+# what the worst case is, said wherever it is shown: no battery proves robustness, a stronger attack may go lower
+WORST_CASE_MEANING = "the lowest accuracy over the attacks run: an upper bound on the true robust accuracy"
 CLEAN = "clean"
 ATTACK_NAMES = {
     "clean": "clean", "worst-case": "worst case", "fgsm": "FGSM", "ffgsm": "FFGSM", "rfgsm": "R+FGSM",

@@ -130,8 +130,10 @@ def mean_std(mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
 # float parameters of the attack specs: (low, low excluded, high); a step size of 0 or less leaves the input where
 # it is and would read as perfect robustness
 ATTACK_FLOATS = {"alpha": (0.0, True, None), "lr": (0.0, True, PARAM_MAX), "c": (0.0, True, PARAM_MAX),
-                 "kappa": (0.0, False, PARAM_MAX), "overshoot": (0.0, False, PARAM_MAX), "p_init": (0.0, True, 1.0)}
-ATTACK_INTS = {"steps": STEPS_MAX, "n_queries": QUERIES_MAX}
+                 "kappa": (0.0, False, PARAM_MAX), "overshoot": (0.0, False, PARAM_MAX), "p_init": (0.0, True, 1.0),
+                 "rho": (0.0, True, 1.0)}
+RESTARTS_MAX = 1_000  # random restarts of an attack
+ATTACK_INTS = {"steps": STEPS_MAX, "n_queries": QUERIES_MAX, "n_restarts": RESTARTS_MAX, "targets": CLASSES_MAX}
 
 
 def attack_param(key: str, value, what: str, *, norm: str):

@@ -25,6 +25,7 @@ from . import attacks as atk
 from . import dist
 from .data import as_dataset, batches
 from .errors import NonFiniteError, RobauditError
+from . import batteries
 from .battery import Battery, PerturbationSizes, Setup, Totals, write_rows  # noqa: F401 (PerturbationSizes: API)
 from .bnaudit import BatchNormMoments, BatchNormStreams
 from .metrics import INPUT_LAYER, RelativeError, layer_gains, per_sample_sq_norms, relative_error  # noqa: F401
@@ -340,7 +341,7 @@ def _prepare(model, data, *, attacks, eps, layers, layer_types, mean, std, batch
     num_classes = data.num_classes
     if batch_size < 1:
         raise RobauditError("--batch-size must be at least 1")
-    specs = atk.expand(list(attacks) if attacks else atk.default_battery(eps), eps)
+    specs = atk.expand(list(attacks) if attacks else batteries.battery(batteries.BatteryName.DEFAULT, eps), eps)
     if probe not in PROBE_MODES:
         raise RobauditError(f"unknown probe mode {probe!r}: use {', '.join(PROBE_MODES)}")
     model = model.to(device).eval()

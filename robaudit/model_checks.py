@@ -48,6 +48,8 @@ def attack_cost(spec, *, num_classes: int) -> float:
         return 1.0
     if name in ("pgd", "pgdl2", "cw"):
         return float(p["steps"])
+    if name in ("apgd", "apgdt"):  # one restart (or target) on every sample, after APGD's own clean forward
+        return float(p["steps"]) + FORWARD_COST
     if name == "deepfool":  # at least one Jacobian of every logit
         return float(num_classes)
     if name == "autoattack":  # at least APGD-CE's 100 iterations

@@ -24,6 +24,7 @@ from .errors import RobauditError
 SEED_MAX = 2**32 - 1
 KINDS = ("adversarial", "noise", "clean")
 PROBES = ("modules", "ops", "all")
+BATTERIES = ("fast", "default", "standard", "custom")  # robaudit.batteries' names, and attacks given by --attack
 
 
 def fix_for(path: Path) -> str:
@@ -336,7 +337,7 @@ MANIFEST = obj({
                         "num_classes": opt(whole(1, limits.CLASSES_MAX)), "input_shape": opt(list_of(POSITIVE)),
                         "image_size": opt(whole(1, limits.IMAGE_SIZE_MAX)), "class_map": OSTR})),
     "n_samples": opt(COUNT_), "seed": whole(0, SEED_MAX), "device": OSTR, "batch_size": whole(1, limits.BATCH_MAX),
-    "attacks": OSTRS, "configurations": OSTRS, "eps": opt(list_of(sweep_eps)),
+    "battery": opt(one_of(*BATTERIES)), "attacks": OSTRS, "configurations": OSTRS, "eps": opt(list_of(sweep_eps)),
     "layers": opt(obj({"patterns": OSTRS, "types": OSTRS, "probe": opt(one_of(*PROBES))})),
     "num_layers": opt(COUNT_),
     "mvl": opt(obj({"top": opt(POSITIVE), "z": opt(finite), "attack": OSTR, "metric": OSTR,

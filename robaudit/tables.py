@@ -45,7 +45,7 @@ def analysis_summary(run) -> list[str]:
              f"({res.n_samples} samples, {res.seconds:.1f} s)",
              f"input normalization: {describe(stats)}",
              f"clean accuracy: {100 * res.clean_accuracy:.1f}%", *_accuracy_by_eps(res.accuracy),
-             *mvl_table(run.mvl), f"\nrun directory: {run.path}"]
+             *worst_case_note(run.manifest), *mvl_table(run.mvl), f"\nrun directory: {run.path}"]
     report = Path(run.path) / "report.html"
     if report.exists():
         lines.append(f"report: {report}")
@@ -106,7 +106,15 @@ def accuracy_summary(run, run_dir: Path) -> list[str]:
         lines.append(f"clean accuracy: {100 * summary['clean_accuracy']:.1f}%")
     for w in summary["worst_case"]:
         lines.append(f"  worst case at eps {_eps(w['eps'])}: {100 * w['accuracy']:.1f}%")
-    return lines
+    return lines + (worst_case_note(run.manifest) if summary["worst_case"] else [])
+
+
+def worst_case_note(manifest) -> list[str]:
+    """What the worst case is, and which battery produced it."""
+    from .batteries import describe
+    from .labels import WORST_CASE_MEANING
+
+    return [f"  worst case = {WORST_CASE_MEANING}", f"  battery: {describe((manifest or {}).get('battery'))}"]
 
 
 def harden_summary(done, *, warned: Iterable[str] = ()) -> list[str]:

@@ -107,6 +107,7 @@ def summarize(run: Run, checks: list[sanity.Check] | None = None) -> dict:
         "model": (run.manifest.get("model") or {}).get("path"),
         "dataset": (run.manifest.get("dataset") or {}).get("name"),
         "n_samples": run.manifest.get("n_samples"),
+        "battery": run.manifest.get("battery"),
         "clean_accuracy": float(clean.iloc[0]) if len(clean) else None,
         "accuracy": rows,
         "worst_case": [{"eps": float(r.eps), "norm": getattr(r, "norm", None), "accuracy": float(r.accuracy)}

@@ -9,6 +9,7 @@ import torch
 from tests.helpers import make_cnn, make_data
 from tests.helpers import single_thread  # noqa: F401  (autouse fixture)
 from robaudit import attacks as atk
+from robaudit import batteries
 from robaudit.attacks import KINDS, AttackSpec, build, expand, parse, parse_eps_list, parse_number
 from robaudit.errors import RobauditError
 from robaudit.models import Normalized
@@ -152,8 +153,8 @@ def test_expand_without_eps():
 
 
 def test_default_battery():
-    battery = atk.default_battery()
-    assert battery == [parse(s) for s in atk.DEFAULT_BATTERY]
+    battery = batteries.battery(batteries.BatteryName.DEFAULT)
+    assert battery == [parse(s) for s in batteries.BATTERIES[batteries.BatteryName.DEFAULT]]
     assert any(s.kind == "noise" for s in battery) and any(s.kind == "adversarial" for s in battery)
     assert any(s.kind == "adversarial" and not s.bounded for s in battery)  # a minimal-perturbation attack too
     for spec in expand(battery, [0.1, 0.2]):
@@ -171,6 +172,8 @@ TINY = {  # each attack in the cheapest setting that still exercises it
     "deepfool": "deepfool:steps=3",
     "autoattack": "autoattack:eps=0.1",  # every sample falls to its first attack (APGD-CE): the rest is skipped
     "square": "square:eps=0.1,n_queries=30",
+    "apgd": "apgd:eps=0.1,steps=3",
+    "apgdt": "apgdt:eps=0.1,steps=3,targets=2",
     "gaussian": "gaussian:eps=0.05",
     "uniform": "uniform:eps=0.05",
     "saltpepper": "saltpepper:eps=0.05",
@@ -207,9 +210,9 @@ def test_every_attack_builds_and_runs(name, victim):
     if spec.bounded and spec.kind == "adversarial":
         bound = delta.abs().amax(1) if spec.norm == "Linf" else delta.norm(dim=1)
         assert (bound <= spec.eps + 1e-5).all(), bound
-    if name not in ("cw", "deepfool", "square", "saltpepper"):  # these may leave a sample unchanged
+    if name not in ("cw", "deepfool", "square", "saltpepper", "apgd", "apgdt"):  # these may leave a sample unchanged
         assert (delta != 0).any(1).all()
-    if name in ("fgsm", "pgd", "autoattack", "square"):
+    if name in ("fgsm", "pgd", "autoattack", "square", "apgd", "apgdt"):
         with torch.no_grad():
             assert (model(x_adv).argmax(1) != y).any()  # this model is easy to fool
     assert not model.training

@@ -28,7 +28,7 @@ def test_example_with_the_default_battery(model, tmp_path):
     assert result.exit_code == 0, result.output
     acc = pd.read_csv(out / "accuracy.csv")
     families = {a.split("(")[0] for a in acc["attack"]}
-    assert {"fgsm", "pgd", "cw", "square", "gaussian", "uniform", "saltpepper"} <= families
+    assert {"fgsm", "pgd", "apgd", "apgdt", "cw", "square", "gaussian", "uniform", "saltpepper"} <= families
     checks = json.loads((out / "checks.json").read_text())
     assert 1 <= checks["n_samples"] == checks["plan"]["n_samples"] <= 16  # sized to the battery's cost
     assert (out / "report.html").stat().st_size > 0

@@ -74,7 +74,7 @@ def test_verdict_numbers_match_the_csvs(small):
     mvl = json.loads((run / "mvl.json").read_text())
     pgd = acc[(acc["attack"] == "pgd") & np.isclose(acc["eps"], mvl["eps"])]["accuracy"].iloc[0]
     worst = acc[(acc["attack"] == "worst-case") & np.isclose(acc["eps"], mvl["eps"])]["accuracy"].iloc[0]
-    assert f"Under PGD at eps {fmt_eps(mvl['eps'])}, accuracy falls to {fmt_pct(pgd)}; worst case over the battery {fmt_pct(worst)}" in verdict
+    assert f"Under PGD at eps {fmt_eps(mvl['eps'])}, accuracy falls to {fmt_pct(pgd)}; worst case over the attacks run {fmt_pct(worst)}" in verdict
     for r in acc[acc["attack"] == "worst-case"].itertuples():
         assert fmt_pct(r.accuracy) in verdict
     for r in acc[acc["kind"] == "adversarial"].dropna(subset=["eps"]).itertuples():  # the attack x eps table

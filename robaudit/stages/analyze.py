@@ -20,6 +20,7 @@ import torch
 from .. import __version__
 from .. import attacks as atk
 from .. import dist
+from ..batteries import CUSTOM, BatteryName, battery as battery_specs, check_standard
 from ..cmdline import command_line
 from ..labels import format_eps
 from ..data import DataSource, is_image_folder_record, load_dataset
@@ -64,7 +65,7 @@ def plan_run_checks(attacks, eps, data, *, batch_size: int):
     """How many leading samples the model checks of this run afford, and which battery outcomes they reuse."""
     from ..model_checks import plan_model_checks
 
-    return plan_model_checks(atk.expand(list(attacks) if attacks else atk.default_battery(eps), eps),
+    return plan_model_checks(atk.expand(list(attacks) if attacks else battery_specs(BatteryName.DEFAULT, eps), eps),
                              n_battery=len(data.y), num_classes=data.num_classes, batch_size=batch_size)
 
 
@@ -113,31 +114,30 @@ def analyze_run(model: str | Path | LoadedModel, dataset: str, *, out: str | Pat
                 data_dir: str | Path | None = None, split: str = "test", samples: int | None = None,
                 shuffle: bool = False, download: bool = True, image_size: int | None = None,
                 class_map: str | Path | None = None, workers: int = 0, attacks: Sequence[str] | None = None,
-                eps: Sequence[float] | None = None, layers: Sequence[str] | None = None,
-                layer_types: Sequence[str] | None = None, probe: str = "all", mean: Sequence[float] | None = None,
-                std: Sequence[float] | None = None, normalize: bool = True, mvl_top: int | None = None,
-                mvl_z: float | None = None, mvl_attack: str | None = None, mvl_metric: str = "re_mean",
-                include_output: bool = False, batch_size: int = 128, device: str = "auto", seed: int = 0,
-                checks: bool = True, report: bool = True, progress: bool = False, command: str | None = None,
-                force: bool = False, leave_group: bool = True) -> AnalysisRun | None:
+                battery: BatteryName | str | None = None, eps: Sequence[float] | None = None,
+                layers: Sequence[str] | None = None, layer_types: Sequence[str] | None = None, probe: str = "all",
+                mean: Sequence[float] | None = None, std: Sequence[float] | None = None, normalize: bool = True,
+                mvl_top: int | None = None, mvl_z: float | None = None, mvl_attack: str | None = None,
+                mvl_metric: str = "re_mean", include_output: bool = False, batch_size: int = 128, device: str = "auto",
+                seed: int = 0, checks: bool = True, report: bool = True, progress: bool = False,
+                command: str | None = None, force: bool = False, leave_group: bool = True) -> AnalysisRun | None:
     """Analyze a model file on a data set and write the run directory (and its report).
 
     An existing ``out`` must be an earlier robaudit run, replaced only with ``force``. Under ``torchrun`` every
-    process analyzes its share of the batches and of the BatchNorm audit, then they leave the group and rank 0
-    alone runs the model checks, writes the run and returns it (the others return ``None``); ``leave_group=False``
-    (``harden MODEL`` goes on with the group) keeps it, and the others return the analysis without checks, with
-    the run's path. An error on any process stops all of them.
-    """
+    process analyzes its share, then rank 0 alone runs the model checks, writes the run and returns it (the others
+    return ``None``; with ``leave_group=False``, as ``harden MODEL`` goes on with the group, the analysis without
+    checks). An error on any process stops all of them. ``battery`` (default: :attr:`BatteryName.DEFAULT`) names
+    the attacks when ``attacks`` does not; not both."""
     started = now()
     dev = resolve_device(device)
     dist.init(dev)
     with contextlib.ExitStack() as held:  # rank 0 holds the output's lock from its check to the final rename
         with dist.together():  # a failure here on any process (a missing file, say) stops every process
-            loaded, data, out, mean, std, eps, specs = _setup(
+            loaded, data, out, mean, std, eps, specs, battery = _setup(
                 model, dataset, out=out, arch=arch, arch_kwargs=arch_kwargs, trust_model=trust_model,
                 data_dir=data_dir, split=split, samples=samples, shuffle=shuffle, download=download,
-                image_size=image_size, class_map=class_map, attacks=attacks, eps=eps, mean=mean, std=std,
-                normalize=normalize, mvl_top=mvl_top, mvl_z=mvl_z, seed=seed, force=force, held=held)
+                image_size=image_size, class_map=class_map, attacks=attacks, battery=battery, eps=eps, mean=mean,
+                std=std, normalize=normalize, mvl_top=mvl_top, mvl_z=mvl_z, seed=seed, force=force, held=held)
         samples_csv = staging_file(out) if dist.is_main() else None  # removed if anything below fails
         try:
             loaded = loaded.in_context(device=dist.local_device(dev), mean=mean, std=std)  # once, for every step
@@ -157,10 +157,11 @@ def analyze_run(model: str | Path | LoadedModel, dataset: str, *, out: str | Pat
             manifest = _manifest(
                 loaded, data, result, command=command or _api_command(
                     loaded, dataset, attacks, eps, seed, out, image_size=image_size, class_map=class_map,
-                    samples=samples, shuffle=shuffle),
+                    samples=samples, shuffle=shuffle, battery=battery),
                 trust_model=trust_model, mean=mean, std=std, split=split, samples=samples, shuffle=shuffle,
                 data_dir=data_dir, seed=seed, dev=dev, batch_size=batch_size, specs=specs, eps=eps, layers=layers,
                 layer_types=layer_types, probe=probe, started=started, image_size=image_size, class_map=class_map,
+                battery=battery.value if battery else CUSTOM,
                 mvl={"top": mvl.k if mvl_z is None else mvl_top,  # select_mvl's default when none was given
                      "z": mvl_z, "attack": mvl_attack, "metric": mvl_metric, "include_output": include_output})
             return _write(out, result, mvl, check_results, bn, samples_csv, force=force, report=report,
@@ -171,14 +172,17 @@ def analyze_run(model: str | Path | LoadedModel, dataset: str, *, out: str | Pat
 
 
 def _setup(model, dataset: str, *, out, arch, arch_kwargs, trust_model, data_dir, split, samples, shuffle, download,
-           image_size, class_map, attacks, eps, mean, std, normalize, mvl_top, mvl_z, seed, force,
+           image_size, class_map, attacks, battery, eps, mean, std, normalize, mvl_top, mvl_z, seed, force,
            held: contextlib.ExitStack):
     """Check the options and the output (and take its lock into ``held``), load the model and the data:
-    everything before the analysis."""
+    everything before the analysis; the battery is None when ``attacks`` names the attacks."""
     if out is not None and dist.is_main():
         _claim_output(out, force=force, held=held)  # before minutes of analysis, not after
     _check_mvl_options(mvl_top, mvl_z)
     specs = [atk.parse(a) for a in attacks] if attacks else None
+    if specs and battery is not None:
+        raise RobauditError("give either --battery or --attack: --attack names every attack to run")
+    battery = None if specs else BatteryName.of(battery or BatteryName.DEFAULT)
     loaded = model if isinstance(model, LoadedModel) else load_model(
         model, arch=arch, arch_kwargs=arch_kwargs, trust_model=trust_model)
     source = DataSource.parse(dataset, image_size=image_size, class_map=class_map)
@@ -189,8 +193,10 @@ def _setup(model, dataset: str, *, out, arch, arch_kwargs, trust_model, data_dir
         _claim_output(out, force=force, held=held)
     mean, std = _normalization(data, normalize=normalize, mean=mean, std=std)
     eps = list(eps) if eps else list(data.default_eps)
-    specs = specs or atk.default_battery(eps)
-    return loaded, data, out, mean, std, eps, specs
+    if battery is BatteryName.STANDARD:
+        check_standard(data.num_classes, data.input_shape)
+    specs = specs or battery_specs(battery, eps)
+    return loaded, data, out, mean, std, eps, specs, battery
 
 
 def _claim_output(out, *, force: bool, held: contextlib.ExitStack) -> None:
@@ -243,7 +249,7 @@ def _written(path: Path) -> bool:
 
 def _manifest(loaded: LoadedModel, data, result: LSAResult, *, command: str, trust_model: bool, mean, std, split,
               samples, shuffle, data_dir, seed: int, dev, batch_size: int, specs, eps, layers, layer_types, probe,
-              started: str, mvl: dict, image_size: int | None = None, class_map=None) -> dict:
+              started: str, mvl: dict, image_size: int | None = None, class_map=None, battery: str = CUSTOM) -> dict:
     """``manifest.json`` of an analysis: how to reproduce it and what it ran on."""
     return {
         "robaudit_version": __version__,
@@ -272,6 +278,7 @@ def _manifest(loaded: LoadedModel, data, result: LSAResult, *, command: str, tru
         "seed": seed,
         "device": str(dev),
         "batch_size": batch_size,
+        "battery": battery,
         "attacks": [s.spec_string() for s in specs],
         "configurations": [s.spec_string() for s in result.attacks],
         "eps": eps,
@@ -335,9 +342,10 @@ def _solo_work(loaded: LoadedModel, data, result: LSAResult, plan: ModelCheckPla
 
 def _api_command(loaded: LoadedModel, dataset: str, attacks, eps, seed: int, out: Path, *,
                  image_size: int | None = None, class_map=None, samples: int | None = None,
-                 shuffle: bool = False) -> str:
+                 shuffle: bool = False, battery: BatteryName | None = None) -> str:
     """The ``robaudit analyze`` command line equivalent to an :func:`analyze_run` call."""
     return command_line("analyze", str(loaded.path) if loaded.path else "MODEL", dataset=dataset,
                         image_size=image_size, class_map=class_map, samples=samples, shuffle=shuffle,
-                        attack=list(attacks or []), eps=",".join(format_eps(e) for e in eps) if eps else None,
-                        seed=seed, out=out)
+                        attack=list(attacks or []),
+                        battery=battery.value if battery not in (None, BatteryName.DEFAULT) else None,
+                        eps=",".join(format_eps(e) for e in eps) if eps else None, seed=seed, out=out)

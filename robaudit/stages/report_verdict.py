@@ -13,7 +13,8 @@ import pandas as pd
 from markupsafe import Markup
 
 from .. import sanity, verdict
-from ..labels import CLEAN, WORST_CASE, attack_name
+from ..batteries import describe
+from ..labels import CLEAN, WORST_CASE, WORST_CASE_MEANING, attack_name
 from ..rundir import Run, rows_at
 from .html import Cell, Column, Row, Table, fmt_eps, fmt_num, fmt_pct, fmt_points, fmt_re, fmt_size, is_missing, sort_key
 
@@ -123,7 +124,7 @@ def verdict_section(run: Run, hardened: Run | None, acc_cmp: pd.DataFrame, setti
         cards.append({"label": "Clean accuracy", "value": fmt_pct(clean), "sub": f"{fmt_num(n)} samples", "cls": "",
                       "concerns": [c for c in checks if c.name == sanity.CHANCE]})
     mvl = run.mvl or {}
-    _verdict_worst_case(acc, mvl, checks, sentences, cards)
+    _verdict_worst_case(acc, mvl, checks, sentences, cards, battery=man.get("battery"))
     _verdict_minimal(acc, sentences)
     _verdict_mvl(mvl, sentences, cards)
     if hardened is not None or not acc_cmp.empty:
@@ -132,8 +133,10 @@ def verdict_section(run: Run, hardened: Run | None, acc_cmp: pd.DataFrame, setti
     return {"sentences": sentences, "cards": cards, "table": _verdict_table(acc, hardened.accuracy if hardened else None)}
 
 
-def _verdict_worst_case(acc: pd.DataFrame | None, mvl: dict, checks, sentences: list, cards: list) -> None:
-    """Worst case over the battery at the ranking eps (else the largest), and at the other eps."""
+def _verdict_worst_case(acc: pd.DataFrame | None, mvl: dict, checks, sentences: list, cards: list, *,
+                        battery: str | None) -> None:
+    """Worst case over the battery at the ranking eps (else the largest), and at the other eps; what the worst
+    case is, and which battery (``battery``, as the manifest records it) produced it."""
     worst = acc[(acc["attack"] == WORST_CASE) & acc["eps"].notna()].sort_values("eps") if acc is not None else None
     if acc is not None and worst is not None:
         head_eps = None
@@ -147,13 +150,14 @@ def _verdict_worst_case(acc: pd.DataFrame | None, mvl: dict, checks, sentences: 
             a = _at_eps(acc, str(mvl["attack"]), head_eps, head_norm) if mvl.get("attack") else None
             if a is not None:
                 sentences.append(Markup("Under {} at eps {}, accuracy falls to <strong>{}</strong>; worst case over "
-                                        "the battery <strong>{}</strong>.").format(
+                                        "the attacks run <strong>{}</strong>.").format(
                     attack_name(mvl["attack"]), fmt_eps(head_eps), fmt_pct(a), fmt_pct(w)))
             else:
-                sentences.append(Markup("At eps {}, worst-case accuracy over the battery is <strong>{}</strong>.").format(
-                    fmt_eps(head_eps), fmt_pct(w)))
-            cards.append({"label": "Worst-case accuracy", "value": fmt_pct(w), "sub": f"eps {fmt_eps(head_eps)} {head_norm}",
-                          "cls": "", "concerns": checks})
+                sentences.append(Markup("At eps {}, worst-case accuracy over the attacks run is <strong>{}</strong>.")
+                                 .format(fmt_eps(head_eps), fmt_pct(w)))
+            sentences.append(Markup("The worst case is {}. Battery: {}.").format(WORST_CASE_MEANING, describe(battery)))
+            cards.append({"label": "Worst-case accuracy", "value": fmt_pct(w),
+                          "sub": f"eps {fmt_eps(head_eps)} {head_norm}, an upper bound", "cls": "", "concerns": checks})
             others = [(e, nm, v) for e, nm, v in worst[["eps", "norm", "accuracy"]].itertuples(index=False)
                       if not (np.isclose(e, head_eps) and nm == head_norm)]
             if others:
