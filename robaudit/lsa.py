@@ -29,6 +29,7 @@ from .battery import Battery, PerturbationSizes, Setup, Totals, write_rows  # no
 from .bnaudit import BatchNormMoments, BatchNormStreams
 from .metrics import INPUT_LAYER, RelativeError, layer_gains, per_sample_sq_norms, relative_error  # noqa: F401
 from .exported import as_graph, fixed_batch
+from .intervals import with_intervals
 from .models import LoadedModel, with_normalization
 from .rundir import rows_at
 from .probe import PROBE_MODES, Layer, LayerProbe, select_modules
@@ -40,8 +41,8 @@ LSA_COLUMNS = ["layer", "layer_type", "attack", "eps", "re_mean", "re_std", "re_
                "order", "kind", "norm", "is_output", "re_gain"]
 # What the MVL list may rank by: the cumulative RE (per-sample mean or pooled), or each layer's own gain.
 MVL_METRICS = ("re_mean", "re_pooled", "re_gain")
-ACCURACY_COLUMNS = ["attack", "eps", "accuracy", "n_samples", "kind", "norm", "seconds", "success_rate",
-                    "pert_median", "pert_p90"]
+ACCURACY_COLUMNS = ["attack", "eps", "accuracy", "ci_low", "ci_high", "n_samples", "kind", "norm", "seconds",
+                    "success_rate", "pert_median", "pert_p90"]
 
 
 def pooled_relative_error(clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
@@ -429,7 +430,7 @@ def _result(setup: Setup, totals: Totals, *, n_total: int, seconds: float) -> LS
         rate = (clean - c) / clean if clean else math.nan
         acc_rows.append({"attack": "worst-case", "eps": e, "accuracy": c / n_total, "n_samples": n_total,
                          "kind": "adversarial", "norm": norm, "seconds": None, "success_rate": rate})
-    accuracy = pd.DataFrame(acc_rows, columns=ACCURACY_COLUMNS)
+    accuracy = with_intervals(pd.DataFrame(acc_rows, columns=ACCURACY_COLUMNS))  # every accuracy with its 95 % CI
     lsa_finite = lsa[["re_mean", "re_pooled"]].replace([np.inf, -np.inf], np.nan)
     if len(lsa) and lsa_finite.isna().all().all():
         raise NonFiniteError("every layer's relative error is undefined: the model's activations are all zero")

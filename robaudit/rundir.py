@@ -26,12 +26,13 @@ import numpy as np
 import pandas as pd
 
 from . import runschema, safeio
+from .intervals import with_intervals
 from .errors import RobauditError
 
 REQUIRED = ("lsa.csv", "accuracy.csv", "mvl.json", "manifest.json")
 # Every file robaudit writes into a run directory; a directory holding anything else is not replaced.
-RUN_FILES = frozenset(REQUIRED + ("checks.json", "bn.csv", "samples.csv", "report.html", "history.csv",
-                                  "comparison.csv", "harden.json"))
+RUN_FILES = frozenset(REQUIRED + ("checks.json", "bn.csv", "samples.csv", "classes.csv", "report.html",
+                                  "history.csv", "comparison.csv", "harden.json"))
 RUN_ENTRIES = RUN_FILES | {"harden-checkpoint.pt", "hardened"}
 HARDENED_ENTRIES = RUN_FILES | {"model.pt", "model.pt2"}  # hardened/ holds files only
 # Files robaudit writes into a run after it was sealed (its manifest's file list): never listed there.
@@ -502,6 +503,8 @@ def read_run(run_dir: str | os.PathLike, *, required: Iterable[str] = REQUIRED,
                             "run `robaudit analyze` first")
     lsa = _typed(read_table(path, "lsa.csv", root=root))
     accuracy = _typed(read_table(path, "accuracy.csv", root=root))
+    if accuracy is not None:  # a run written before the intervals: each computed from its accuracy and n_samples
+        accuracy = with_intervals(accuracy)
     mvl = read_document(path, "mvl.json", root=root)
     metric = (mvl or {}).get("metric")
     if metric is not None and lsa is not None and not runschema.is_metric(lsa, metric):
