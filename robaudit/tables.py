@@ -37,14 +37,28 @@ def analysis_summary(run) -> list[str]:
     """An analysis (:class:`~robaudit.stages.analyze.AnalysisRun`): its accuracies, its MVL table and where
     its outputs are."""
     res = run.result
+    clean = res.accuracy[res.accuracy["attack"] == "clean"].iloc[0]
     lines = [f"{run.manifest['model']['path']} on {run.manifest['dataset']['name']} "
-             f"({res.n_samples} samples, {res.seconds:.1f} s)",
-             f"clean accuracy: {100 * res.clean_accuracy:.1f}%", *_accuracy_by_eps(res.accuracy),
+             f"({res.n_samples} samples, {res.seconds:.1f} s; 95% Wilson intervals in parentheses)",
+             f"clean accuracy: {_row_with_interval(clean)}", *_accuracy_by_eps(res.accuracy),
              *mvl_table(run.mvl), f"\nrun directory: {run.path}"]
     report = Path(run.path) / "report.html"
     if report.exists():
         lines.append(f"report: {report}")
     return lines
+
+
+def with_interval(accuracy, low=None, high=None) -> str:
+    """An accuracy and its interval as ``57.5% (48.6-66.0%)``; the interval left out where it is missing."""
+    from .intervals import format_interval
+
+    ci = format_interval(low, high)
+    return f"{100 * float(accuracy):.1f}%" + (f" ({ci})" if ci else "")
+
+
+def _row_with_interval(row) -> str:
+    """An accuracy.csv row (a namedtuple or a Series) as :func:`with_interval` shows it."""
+    return with_interval(row.accuracy, getattr(row, "ci_low", None), getattr(row, "ci_high", None))
 
 
 def _accuracy_by_eps(acc) -> list[str]:
@@ -57,7 +71,7 @@ def _accuracy_by_eps(acc) -> list[str]:
                 for r in rows.itertuples())
             lines.append(f"  minimal perturbation: {items}")
             continue
-        items = ", ".join(f"{r.attack} {100 * r.accuracy:.1f}%" for r in rows.itertuples())
+        items = ", ".join(f"{r.attack} {_row_with_interval(r)}" for r in rows.itertuples())
         lines.append(f"  eps {_eps(eps_val)}: {items}")
     return lines
 
@@ -83,10 +97,11 @@ def accuracy_summary(run, run_dir: Path) -> list[str]:
 
     summary = summarize(run)
     lines = [f"{summary['model']} on {summary['dataset']} ({summary['n_samples']} samples): {run_dir}"]
-    if summary["clean_accuracy"] is not None:
-        lines.append(f"clean accuracy: {100 * summary['clean_accuracy']:.1f}%")
+    clean = run.accuracy[run.accuracy["attack"] == "clean"]
+    if len(clean):
+        lines.append(f"clean accuracy: {_row_with_interval(clean.iloc[0])}")
     for w in summary["worst_case"]:
-        lines.append(f"  worst case at eps {_eps(w['eps'])}: {100 * w['accuracy']:.1f}%")
+        lines.append(f"  worst case at eps {_eps(w['eps'])}: {with_interval(w['accuracy'], w['ci_low'], w['ci_high'])}")
     return lines
 
 
