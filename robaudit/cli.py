@@ -339,6 +339,7 @@ def compare(run_a, run_b, out, as_json):
         click.echo(json.dumps(cmp.to_dict(), indent=2, allow_nan=False, default=str))
         return
     path = render_compare(cmp, out or Path(f"compare-{Path(run_a).name}-vs-{Path(run_b).name}.html"))
+    _echo_lines(tables.comparison_lines(cmp))
     _echo(f"comparison: {path}")
 
 

@@ -166,6 +166,28 @@ def _re_before_after(comp, metric: str) -> list[str]:
     return lines
 
 
+def comparison_lines(cmp) -> list[str]:
+    """The accuracy rows of a comparison (:class:`~robaudit.stages.compare.Comparison`): A and B with their
+    intervals, the difference and its paired test, marked within or beyond noise."""
+    from .significance import NOISE_ALPHA, format_p
+
+    both = cmp.accuracy[cmp.accuracy["a"].notna() & cmp.accuracy["b"].notna()]
+    labels = [r.attack if r.eps != r.eps else f"{r.attack} eps {_eps(r.eps)}" for r in both.itertuples()]
+    width = max([len(printable(x)) for x in labels] + [8])
+    head = (f"accuracy, A -> B (95% Wilson intervals; exact McNemar test on the paired samples, within noise at "
+            f"p >= {NOISE_ALPHA:g}):" if not cmp.unpaired else
+            f"accuracy, A -> B (95% Wilson intervals); no paired test: {cmp.unpaired}")
+    lines = [head]
+    for label, r in zip(labels, both.itertuples()):
+        a, b = with_interval(r.a, r.a_ci_low, r.a_ci_high), with_interval(r.b, r.b_ci_low, r.b_ci_high)
+        delta = f"  {100 * r.delta:+.1f} points"
+        test = "" if r.p is None or r.p != r.p else \
+            f", p = {format_p(r.p)}, {'within noise' if r.within_noise else 'beyond noise'}"
+        lines.append(f"  {printable(label):<{width}}  {a} -> {b}{delta}{test}")
+    only = len(cmp.accuracy) - len(both)
+    return lines + ([f"  ({only} rows ran in one run only: the page lists them)"] if only else [])
+
+
 def judgement_lines(judgement) -> list[str]:
     """The sanity verdict, the warnings hardening introduced and each bar's outcome
     (``judgement``: :class:`robaudit.gate.Judgement`), after a blank line."""
