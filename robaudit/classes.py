@@ -79,9 +79,10 @@ def class_table(samples_csv: Path, accuracy: pd.DataFrame) -> pd.DataFrame | Non
 
 def weakest_class(classes: pd.DataFrame) -> pd.Series | None:
     """The class with the lowest worst-case accuracy at the largest eps (the lowest clean accuracy when the run
-    has no worst case; ties: the smaller label), or None for an empty table."""
+    has no worst case; ties: the lower upper bound, the better attested weakness, then the smaller label), or None
+    for an empty table."""
     worst = classes[(classes["attack"] == WORST_CASE) & classes["eps"].notna()]
     rows = worst[np.isclose(worst["eps"], worst["eps"].max())] if not worst.empty else classes[classes["attack"] == CLEAN]
     if rows.empty:
         return None
-    return rows.sort_values(["accuracy", "label"]).iloc[0]
+    return rows.sort_values(["accuracy", "ci_high", "label"]).iloc[0]

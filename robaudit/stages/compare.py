@@ -20,15 +20,15 @@ from markupsafe import Markup
 from matplotlib.figure import Figure
 
 from ..errors import RobauditError
-from ..intervals import CI_COLUMNS, format_interval
+from ..intervals import CI_COLUMNS
 from ..paired_runs import pair_samples, paired_tests
 from ..significance import NOISE_ALPHA, format_p
 from ..labels import attack_name
 from ..rundir import Run, read_run, rows_at
 from ..writelock import write_lock
 from .html import (Cell, Column, Row, Table, check_page_out, content_security_policy, environment, figure_svg, fmt_eps,
-                   fmt_pct, fmt_points, fmt_re, is_missing, num_cell, plain, read_resource, sort_key, version,
-                   write_atomic)
+                   fmt_pct, fmt_points, fmt_re, interval_cell, is_missing, num_cell, plain, read_resource, sort_key,
+                   version, write_atomic)
 from .plots import MPL_RC
 
 # manifest fields whose difference explains a difference in the numbers
@@ -172,8 +172,8 @@ def _accuracy_table(cmp: Comparison) -> Table:
     for r in cmp.accuracy.itertuples():
         tested = r.p is not None and not is_missing(r.p)
         rows.append(Row([Cell(attack_name(r.attack)), num_cell(r.eps, fmt_eps), Cell(r.norm or ""),
-                         num_cell(r.a, fmt_pct), Cell(format_interval(r.a_ci_low, r.a_ci_high), cls="num"),
-                         num_cell(r.b, fmt_pct), Cell(format_interval(r.b_ci_low, r.b_ci_high), cls="num"),
+                         num_cell(r.a, fmt_pct), interval_cell(r.a_ci_low, r.a_ci_high),
+                         num_cell(r.b, fmt_pct), interval_cell(r.b_ci_low, r.b_ci_high),
                          num_cell(r.delta, fmt_points),
                          Cell(format_p(r.p) if tested else "", sort_key(r.p) if tested else None, "num"),
                          Cell(noise_verdict(r.within_noise))],
