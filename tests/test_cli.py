@@ -271,8 +271,8 @@ def test_harden_trains_an_image_folder_run_on_a_train_folder(tmp_path, class_map
     hardened = invoke("harden", "--run-dir", run, "--train-data", f"imagefolder:{tmp_path / 'train'}", "--epochs", "1",
                       "--steps", "2", "--mvl-top", "2", "--no-report", "--device", "cpu")
     assert hardened.exit_code == 0, hardened.output
-    for name in ("model.pt2", "lsa.csv", "accuracy.csv", "mvl.json", "manifest.json", "samples.csv", "history.csv",
-                 "comparison.csv", "harden.json"):
+    for name in ("model.pt2", "lsa.csv", "accuracy.csv", "mvl.json", "manifest.json", "samples.csv", "classes.csv",
+                 "history.csv", "comparison.csv", "harden.json"):
         assert (run / "hardened" / name).is_file(), name
     assert set(pd.read_csv(run / "hardened" / "comparison.csv")["kind"]) == {"accuracy", "re"}
     settings = json.loads((run / "hardened" / "harden.json").read_text())
