@@ -121,7 +121,7 @@ def harden_summary(done, *, warned: Iterable[str] = ()) -> list[str]:
     lines += _re_before_after(done.comparison, s["mvl_ranking"]["metric"])
     return lines + [f"\nhardened model: {done.model_path}",
                     f"outputs: {done.hardened_dir}/ (history.csv, comparison.csv, harden.json, lsa.csv, "
-                    "accuracy.csv, mvl.json)"]
+                    "accuracy.csv, classes.csv, mvl.json)"]
 
 
 def _accuracy_before_after(comp) -> list[str]:

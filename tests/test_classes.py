@@ -71,3 +71,21 @@ def test_analyze_writes_classes_csv_that_agrees_with_samples_csv(tmp_path):
     files = json.loads((out / "manifest.json").read_text())["files"]
     assert files["classes.csv"] == (out / "classes.csv").stat().st_size
     assert "Weakest class: label " in (out / "report.html").read_text()
+
+
+def test_a_report_of_many_classes_lists_the_weakest(tmp_path):
+    from robaudit.stages.report import render_report
+    from robaudit.stages.report_classes import CLASSES_SHOWN
+
+    root = make_run(tmp_path / "run", eps=(0.1,))
+    n = CLASSES_SHOWN + 5
+    labels = [i for i in range(n) for _ in range(4)]  # 4 samples per class; class c keeps min(c, 4) robust
+    robust = [int(k < min(c, 4)) for c in range(n) for k in range(4)]
+    path = write_samples(root, labels, {"worst-case@0.1:robust": robust})
+    class_table(path, read_run(root).accuracy).to_csv(root / "classes.csv", index=False)
+    html = render_report(root).read_text()
+    assert f"The {CLASSES_SHOWN} weakest of {n} classes." in html
+    assert "Weakest class: label 0," in html
+    section = html[html.index("Accuracy per class"):html.index("Most fragile samples") if "Most fragile" in html
+                   else None]
+    assert section.count("<tr") == CLASSES_SHOWN + 1  # the header and the 20 weakest

@@ -16,7 +16,9 @@ from ..labels import CLEAN
 from ..rundir import read_table
 from .html import Cell, Column, Row, Table, fmt_eps, fmt_pct, is_missing, num_cell, sort_key
 
-__all__ = ["classes_section"]
+__all__ = ["CLASSES_SHOWN", "classes_section"]
+
+CLASSES_SHOWN = 20  # more classes than this (ImageNet's 1,000): the weakest ones, the rest in classes.csv
 
 
 def _header(attack: str, eps, norm: str) -> str:
@@ -38,7 +40,9 @@ def _table(classes: pd.DataFrame, weakest: pd.Series | None, caption: str) -> Ta
                                else "") for r in classes.itertuples(index=False)))
     columns = [Column("Class (label)", True), Column("Samples", True)] + [Column(_header(*k), True) for k in keys]
     rows = []
-    for label, group in classes.groupby("label", sort=True):
+    groups = dict(tuple(classes.groupby("label", sort=True)))
+    for label in _shown(classes, weakest):
+        group = groups[label]
         cells = [num_cell(int(label)), num_cell(int(group["n_samples"].iloc[0]))]
         for attack, eps, norm in keys:
             hit = group[group["attack"] == attack]
@@ -48,6 +52,20 @@ def _table(classes: pd.DataFrame, weakest: pd.Series | None, caption: str) -> Ta
         is_weakest = weakest is not None and int(label) == int(weakest["label"])
         rows.append(Row(cells, cls="weakest" if is_weakest else ""))
     return Table(columns, rows, caption=caption)
+
+
+def _shown(classes: pd.DataFrame, weakest: pd.Series | None) -> list:
+    """The labels the table lists: every class, or the :data:`CLASSES_SHOWN` weakest (by the weakest class's
+    measure, worst first), in label order."""
+    labels = sorted(classes["label"].unique())
+    if len(labels) <= CLASSES_SHOWN or weakest is None:
+        return labels
+    measure = classes[classes["attack"] == weakest["attack"]]
+    if not is_missing(weakest["eps"]):
+        measure = measure[np.isclose(measure["eps"].astype(float), float(weakest["eps"]))]
+        measure = measure[measure["norm"] == weakest["norm"]]
+    worst = measure.sort_values(["accuracy", "ci_high", "label"])["label"].head(CLASSES_SHOWN)
+    return sorted(worst)
 
 
 def _sentence(weakest: pd.Series | None, accuracy: pd.DataFrame | None) -> str:
@@ -80,8 +98,10 @@ def classes_section(run_dir: Path, accuracy: pd.DataFrame | None, hardened_accur
         if classes is None or classes.empty:
             continue
         weakest = weakest_class(classes)
+        n_classes = classes["label"].nunique()
+        shown = "" if n_classes <= CLASSES_SHOWN else f" The {CLASSES_SHOWN} weakest of {n_classes} classes."
         caption = (f"{title}: accuracy per class (95 % Wilson interval in parentheses), clean and worst case over "
-                   "the battery per eps; the weakest class is highlighted.")
+                   f"the battery per eps; the weakest class is highlighted.{shown}")
         out.append({"title": title, "sentence": _sentence(weakest, acc), "table": _table(classes, weakest, caption),
                     "href": str(Path(directory.name) / "classes.csv") if directory != run_dir else "classes.csv"})
     return out
