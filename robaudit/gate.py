@@ -1,10 +1,9 @@
 """Robustness bars for CI: ``--fail-under worst-case=0.40,clean=0.90,pgd@8/255=0.35,sanity`` and ``--max-re``.
 
 An accuracy bar judges the estimate, or with ``--gate-on lower`` the lower end of its 95 % interval (a bar met
-only by luck of the sample then fails). Bars are parsed once, before any work (:func:`parse_bars`), and held
-against a run directory
-(:func:`evaluate`, or :func:`judge` for a run directory with its sanity checks). A run that misses a bar is still written whole; the command then exits with
-:data:`EXIT_MISSED`.
+only by the luck of the sample then fails). Bars are parsed once, before any work (:func:`parse_bars`), and held
+against a run directory (:func:`evaluate`, or :func:`judge` for a run directory with its sanity checks). A run
+that misses a bar is still written whole; the command then exits with :data:`EXIT_MISSED`.
 """
 from __future__ import annotations
 
