@@ -34,8 +34,8 @@ from ..training.config import HardenConfig
 from ..training.fit import HardenResult, global_batch_size, harden
 from ..training.layers import LayerRule, batchnorm_modules, control_layers
 from ..training.loop import HardenInterrupted
-from .analyze import (analyze_for_run, batchnorm_audit, is_image_folder, load_run_data, run_tables,
-                      model_checks, now)
+from .analyze import (analyze_for_run, batchnorm_audit, is_image_folder, load_run_data, model_checks, now,
+                      run_tables)
 
 HARDENED_DIR = "hardened"
 
