@@ -41,8 +41,9 @@ LSA_COLUMNS = ["layer", "layer_type", "attack", "eps", "re_mean", "re_std", "re_
                "order", "kind", "norm", "is_output", "re_gain"]
 # What the MVL list may rank by: the cumulative RE (per-sample mean or pooled), or each layer's own gain.
 MVL_METRICS = ("re_mean", "re_pooled", "re_gain")
-ACCURACY_COLUMNS = ["attack", "eps", "accuracy", "ci_low", "ci_high", "n_samples", "kind", "norm", "seconds",
-                    "success_rate", "pert_median", "pert_p90"]
+# the intervals come last: a reader of the columns by position before them reads what it always read
+ACCURACY_COLUMNS = ["attack", "eps", "accuracy", "n_samples", "kind", "norm", "seconds", "success_rate",
+                    "pert_median", "pert_p90", "ci_low", "ci_high"]
 
 
 def pooled_relative_error(clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:

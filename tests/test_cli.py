@@ -56,6 +56,8 @@ def test_analyze_writes_the_run_directory_contract(digits_run):
     assert (lsa["n_samples"] <= 48).all() and (lsa["re_pooled"] >= 0).all()
     acc = pd.read_csv(out / "accuracy.csv")
     assert list(acc.columns[:4]) == ["attack", "eps", "accuracy", "n_samples"]
+    assert list(acc.columns[-2:]) == ["ci_low", "ci_high"]
+    assert ((acc["ci_low"] <= acc["accuracy"]) & (acc["accuracy"] <= acc["ci_high"])).all()
     assert acc.loc[acc["attack"] == "clean", "accuracy"].item() > 0.9
     for eps in (0.1, 0.2):
         at = acc[np.isclose(acc["eps"], eps)]
