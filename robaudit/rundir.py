@@ -313,12 +313,13 @@ def fill_run(directory: Path, result, mvl, manifest: dict, checks: dict | None =
              tables: dict[str, pd.DataFrame] | None = None) -> None:
     """Write the run files (and ``checks.json``, and optional tables such as ``bn.csv``) into a directory, the
     manifest last, with the list of every file the directory then holds (see :func:`seal`)."""
-    for name, frame in (tables or {}).items():
-        if name not in RUN_FILES:
-            raise ValueError(f"{name} is not a run-directory file")  # a programming error: RUN_FILES lists them
-        write_csv(directory / name, frame)
+    unknown = [name for name in tables or {} if name not in RUN_FILES]
+    if unknown:
+        raise ValueError(f"{unknown[0]} is not a run-directory file")  # a programming error: RUN_FILES lists them
     write_csv(directory / "lsa.csv", result.lsa)
     write_csv(directory / "accuracy.csv", result.accuracy)
+    for name, frame in (tables or {}).items():
+        write_csv(directory / name, frame)
     write_json(directory / "mvl.json", mvl.to_dict() if hasattr(mvl, "to_dict") else mvl)
     if checks is not None:
         write_json(directory / "checks.json", checks)
