@@ -17,7 +17,7 @@ import click
 from . import dist, limits, tables
 from .cmdline import invoked_command
 from .errors import RobauditError
-from .gate import EXIT_MISSED
+from .gate import EXIT_MISSED, GateOn
 from .batteries import BatteryName
 from .training.config import BaseAttack, HardenConfig, Method, Optimizer, ReMode, Schedule
 from .lsa import MVL_METRICS
@@ -223,6 +223,10 @@ def gate_options(f):
         click.option("--fail-under", metavar="BARS",
                      help="Exit 3 when an accuracy falls below its bar, e.g. 'worst-case=0.4,clean=0.9,pgd@8/255=0.35'; "
                           "'sanity' fails the run when any sanity check warns."),
+        click.option("--gate-on", type=click.Choice([g.value for g in GateOn]), default=GateOn.ESTIMATE.value,
+                     show_default=True,
+                     help="What an accuracy bar of --fail-under judges: the estimate, or the lower end of its 95% "
+                          "Wilson interval (fails a bar met only by the luck of the sample)."),
         click.option("--max-re", type=float, metavar="R",
                      help="Exit 3 when any layer's RE under the ranking attack exceeds R."),
         click.option("--strict", is_flag=True, help="Exit 3 when any sanity check warns (same as --fail-under sanity)."),
@@ -231,10 +235,10 @@ def gate_options(f):
     ])
 
 
-def _bars(fail_under, max_re, strict):
+def _bars(fail_under, max_re, strict, gate_on):
     from .gate import parse_bars
 
-    return parse_bars(fail_under, max_re=max_re, strict=strict)
+    return parse_bars(fail_under, max_re=max_re, strict=strict, gate_on=GateOn.parse(gate_on))
 
 
 def _say(as_json: bool):
@@ -300,7 +304,7 @@ def _show_judgement(ctx, judgement, as_json: bool, *, extra: dict | None = None)
 def analyze(ctx, model, arch, arch_kwargs, trust_model, dataset, data_dir, split, samples, shuffle, no_download,
             attacks, battery, image_size, class_map, workers, eps, layer_globs, layer_types, probe, mean, std, no_normalize, mvl_top, mvl_z, mvl_attack,
             mvl_metric, include_output, batch_size, device, seed, out, force, no_report, no_checks, progress,
-            threads, fail_under, max_re, strict, as_json):
+            threads, fail_under, gate_on, max_re, strict, as_json):
     """Layer Sustainability Analysis of MODEL: per-layer RE under an attack battery -> MVL list."""
     from .attacks import parse_eps_list
     from .models import parse_arch_kwargs
@@ -312,7 +316,7 @@ def analyze(ctx, model, arch, arch_kwargs, trust_model, dataset, data_dir, split
         raise RobauditError("--samples must be at least 1")
     if mvl_top is not None and mvl_z is not None:
         raise RobauditError("choose one MVL criterion: --mvl-top K or --mvl-z Z")
-    bars = _bars(fail_under, max_re, strict)
+    bars = _bars(fail_under, max_re, strict, gate_on)
     mean, std = _mean_std(mean, std)
     _use_threads(threads)
     run = analyze_run(
@@ -371,6 +375,7 @@ def compare(run_a, run_b, out, as_json):
         click.echo(json.dumps(cmp.to_dict(), indent=2, allow_nan=False, default=str))
         return
     path = render_compare(cmp, out or Path(f"compare-{Path(run_a).name}-vs-{Path(run_b).name}.html"))
+    _echo_lines(tables.comparison_lines(cmp))
     _echo(f"comparison: {path}")
 
 
@@ -437,7 +442,7 @@ def list_attacks():
 def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_dir, split, samples, shuffle, out,
            battery, method, mvl_top, layers_from, gamma, re_mode, base_attack, train_eps, steps, alpha, layer_eps, epochs, batch_size, lr,
            optimizer, weight_decay, schedule, clean_weight, dual_bn, include_output, val_fraction, train_data,
-           resume, force, seed, device, no_report, progress, threads, fail_under, max_re, strict, as_json, image_size,
+           resume, force, seed, device, no_report, progress, threads, fail_under, gate_on, max_re, strict, as_json, image_size,
            class_map, workers, **data_extra):
     """Fine-tune the model so its Most Vulnerable Layers become sustainable; re-analyze; compare.
 
@@ -452,7 +457,7 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
 
     if model is not None and run_dir is not None:
         raise RobauditError("give either MODEL (analyzed first) or --run DIR, not both")
-    bars = _bars(fail_under, max_re, strict)
+    bars = _bars(fail_under, max_re, strict, gate_on)
     show_progress = sys.stderr.isatty() if progress is None else progress
     download = not data_extra.get("no_download", False)
     # every setting is checked here, before an analysis that may take minutes
@@ -530,7 +535,7 @@ def _show_harden(ctx, done, warned, bars, *, as_json: bool, report: bool) -> Non
 @click.option("--hardened", is_flag=True, help="Check the hardened model of RUN (RUN/hardened/).")
 @gate_options
 @click.pass_context
-def check(ctx, run_dir, hardened, fail_under, max_re, strict, as_json):
+def check(ctx, run_dir, hardened, fail_under, gate_on, max_re, strict, as_json):
     """Hold an existing run to bars without recomputing anything; exit 3 when one is missed.
 
     \b
@@ -540,7 +545,7 @@ def check(ctx, run_dir, hardened, fail_under, max_re, strict, as_json):
     from .gate import judge
     from .rundir import latest_run
 
-    bars = _bars(fail_under, max_re, strict)
+    bars = _bars(fail_under, max_re, strict, gate_on)
     run_dir = Path(run_dir) if run_dir else latest_run("reports")
     target = run_dir / "hardened" if hardened else run_dir
     if hardened and not target.is_dir():

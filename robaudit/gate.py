@@ -1,11 +1,13 @@
 """Robustness bars for CI: ``--fail-under worst-case=0.40,clean=0.90,pgd@8/255=0.35,sanity`` and ``--max-re``.
 
-Bars are parsed once, before any work (:func:`parse_bars`), and held against a run directory
-(:func:`evaluate`, or :func:`judge` for a run directory with its sanity checks). A run that misses a bar is still written whole; the command then exits with
-:data:`EXIT_MISSED`.
+An accuracy bar judges the estimate, or with ``--gate-on lower`` the lower end of its 95 % interval (a bar met
+only by the luck of the sample then fails). Bars are parsed once, before any work (:func:`parse_bars`), and held
+against a run directory (:func:`evaluate`, or :func:`judge` for a run directory with its sanity checks). A run
+that misses a bar is still written whole; the command then exits with :data:`EXIT_MISSED`.
 """
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,20 @@ SANITY = "sanity"
 MAX_RE = "max-re"
 
 
+class GateOn(str, enum.Enum):
+    """What an accuracy bar judges: the accuracy itself, or the lower end of its 95 % interval."""
+
+    ESTIMATE = "estimate"
+    LOWER = "lower"
+
+    @classmethod
+    def parse(cls, text: str | GateOn) -> GateOn:
+        try:
+            return cls(text)
+        except ValueError:
+            raise RobauditError(f"--gate-on must be one of {', '.join(g.value for g in cls)}, got {text!r}") from None
+
+
 @dataclass(frozen=True)
 class Bar:
     """One bar: an accuracy metric (``attack``, optional ``eps``) at least ``value``, no sanity warning, or
@@ -31,6 +47,7 @@ class Bar:
     eps: float | None = None
     eps_text: str = ""
     value: float | None = None
+    on: GateOn = GateOn.ESTIMATE  # an accuracy bar: what it judges
 
     @property
     def name(self) -> str:
@@ -49,7 +66,8 @@ class Outcome:
     text: str
 
     def to_dict(self) -> dict:
-        return {"bar": self.bar.name, "met": self.met, "value": self.value, "text": self.text}
+        judged = {"judged": self.bar.on.value} if self.bar.kind == "accuracy" else {}
+        return {"bar": self.bar.name, "met": self.met, "value": self.value, **judged, "text": self.text}
 
 
 def _split(text: str) -> list[str]:
@@ -85,8 +103,11 @@ def _refuse_minimal(attack: str, item: str) -> None:
                             "attack with an eps instead, e.g. pgd@8/255=0.35 or worst-case=0.4")
 
 
-def parse_bars(fail_under: str | None = None, *, max_re: float | None = None, strict: bool = False) -> list[Bar]:
-    """Parse ``--fail-under``, ``--max-re`` and ``--strict`` into bars; one-line errors for bad syntax."""
+def parse_bars(fail_under: str | None = None, *, max_re: float | None = None, strict: bool = False,
+               gate_on: str | GateOn = GateOn.ESTIMATE) -> list[Bar]:
+    """Parse ``--fail-under``, ``--max-re``, ``--strict`` and ``--gate-on`` (what an accuracy bar judges) into
+    bars; one-line errors for bad syntax."""
+    on = GateOn.parse(gate_on)
     bars: list[Bar] = []
     for item in _split(fail_under or ""):
         if item.lower() == SANITY:
@@ -103,7 +124,8 @@ def parse_bars(fail_under: str | None = None, *, max_re: float | None = None, st
             eps = parse_number(eps_text)
             if not math.isfinite(eps) or eps <= 0:
                 raise RobauditError(f"--fail-under {item!r}: eps must be positive")
-        bars.append(Bar("accuracy", attack.strip(), eps, eps_text.strip(), _fraction(value, f"--fail-under {item!r}")))
+        bars.append(Bar("accuracy", attack.strip(), eps, eps_text.strip(), _fraction(value, f"--fail-under {item!r}"),
+                        on=on))
     if strict and not any(b.kind == SANITY for b in bars):
         bars.append(Bar(SANITY))
     if max_re is not None:
@@ -130,11 +152,21 @@ def _accuracy(bar: Bar, run: Run) -> Outcome:
                 known = ", ".join(format_eps(e) for e in sorted(set(bounded["eps"])))
                 raise RobauditError(f"--fail-under {bar.name}: {bar.attack} ran at eps {known or 'no eps'}, not "
                                     f"{bar.eps_text}")
-    value = float(rows["accuracy"].min())
+    estimate = float(rows["accuracy"].min())
     eps = rows["eps"].iloc[0] if rows["eps"].notna().any() else None
     where = f"{bar.attack}" + (f" at eps {format_eps(float(eps))}" if eps is not None else "")
+    if bar.on is GateOn.ESTIMATE:
+        met = estimate >= bar.value
+        return Outcome(bar, met, estimate, f"{where}: {100 * estimate:.1f}% {'>=' if met else '<'} "
+                                           f"{100 * bar.value:.1f}%")
+    lows = rows["ci_low"] if "ci_low" in rows.columns else rows["accuracy"] * math.nan
+    if lows.isna().any():
+        raise RobauditError(f"--gate-on lower: {where} has no 95% interval (accuracy.csv lacks its n_samples): "
+                            "rerun robaudit analyze, or judge the estimate with --gate-on estimate")
+    value = float(lows.min())
     met = value >= bar.value
-    return Outcome(bar, met, value, f"{where}: {100 * value:.1f}% {'>=' if met else '<'} {100 * bar.value:.1f}%")
+    return Outcome(bar, met, value, f"{where}: lower 95% bound {100 * value:.1f}% {'>=' if met else '<'} "
+                                    f"{100 * bar.value:.1f}% (estimate {100 * estimate:.1f}%)")
 
 
 def _sanity(bar: Bar, checks: list[sanity.Check]) -> Outcome:

@@ -31,6 +31,7 @@ from .bnaudit import BatchNormMoments, BatchNormStreams
 from .metrics import INPUT_LAYER, RelativeError, layer_gains, per_sample_sq_norms, relative_error  # noqa: F401
 from .device import resolve_device
 from .exported import as_graph, fixed_batch
+from .intervals import with_intervals
 from .models import LoadedModel, with_normalization
 from .normcheck import NormalizationCheck
 from .rundir import rows_at
@@ -43,8 +44,9 @@ LSA_COLUMNS = ["layer", "layer_type", "attack", "eps", "re_mean", "re_std", "re_
                "order", "kind", "norm", "is_output", "re_gain"]
 # What the MVL list may rank by: the cumulative RE (per-sample mean or pooled), or each layer's own gain.
 MVL_METRICS = ("re_mean", "re_pooled", "re_gain")
+# the intervals come last: a reader of the columns by position before them reads what it always read
 ACCURACY_COLUMNS = ["attack", "eps", "accuracy", "n_samples", "kind", "norm", "seconds", "success_rate",
-                    "pert_median", "pert_p90", "pert_median_all"]
+                    "pert_median", "pert_p90", "pert_median_all", "ci_low", "ci_high"]
 
 
 def pooled_relative_error(clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
@@ -422,7 +424,7 @@ def _result(setup: Setup, totals: Totals, *, n_total: int, seconds: float) -> LS
         rate = (clean - c) / clean if clean else math.nan
         acc_rows.append({"attack": "worst-case", "eps": e, "accuracy": c / n_total, "n_samples": n_total,
                          "kind": "adversarial", "norm": norm, "seconds": None, "success_rate": rate})
-    accuracy = pd.DataFrame(acc_rows, columns=ACCURACY_COLUMNS)
+    accuracy = with_intervals(pd.DataFrame(acc_rows, columns=ACCURACY_COLUMNS))  # every accuracy with its 95 % CI
     lsa_finite = lsa[["re_mean", "re_pooled"]].replace([np.inf, -np.inf], np.nan)
     if len(lsa) and lsa_finite.isna().all().all():
         raise NonFiniteError("every layer's relative error is undefined: the model's activations are all zero")

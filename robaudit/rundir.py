@@ -26,13 +26,13 @@ import numpy as np
 import pandas as pd
 
 from . import runschema, safeio
+from .intervals import with_intervals
 from .errors import RobauditError
 
 REQUIRED = ("lsa.csv", "accuracy.csv", "mvl.json", "manifest.json")
 # Every file robaudit writes into a run directory; a directory holding anything else is not replaced.
-RUN_FILES = frozenset(REQUIRED + ("checks.json", "bn.csv", "samples.csv", "report.html", "history.csv",
-                                  "comparison.csv", "harden.json",
-                                  "fragile.json"))
+RUN_FILES = frozenset(REQUIRED + ("checks.json", "bn.csv", "samples.csv", "classes.csv", "report.html",
+                                  "history.csv", "comparison.csv", "harden.json", "fragile.json"))
 RUN_ENTRIES = RUN_FILES | {"harden-checkpoint.pt", "hardened"}
 HARDENED_ENTRIES = RUN_FILES | {"model.pt", "model.pt2"}  # hardened/ holds files only
 # Files robaudit writes into a run after it was sealed (its manifest's file list): never listed there.
@@ -313,18 +313,18 @@ def write_run(out_dir: str | os.PathLike, result, mvl, manifest: dict, checks: d
 
 def fill_run(directory: Path, result, mvl, manifest: dict, checks: dict | None = None, *,
              tables: dict[str, pd.DataFrame] | None = None, documents: dict[str, dict] | None = None) -> None:
-    """Write the run files (and ``checks.json``, optional tables such as ``bn.csv`` and documents such as
-    ``fragile.json``) into a directory, the manifest last, with the list of every file the directory then holds
-    (see :func:`seal`)."""
-    for name in [*(tables or {}), *(documents or {})]:
-        if name not in RUN_FILES:
-            raise ValueError(f"{name} is not a run-directory file")  # a programming error: RUN_FILES lists them
+    """Write the run files (``lsa.csv`` and ``accuracy.csv`` first, then ``checks.json``, optional tables such as
+    ``bn.csv`` and documents such as ``fragile.json``) into a directory, the manifest last, with the list of every
+    file the directory then holds (see :func:`seal`)."""
+    unknown = [name for name in [*(tables or {}), *(documents or {})] if name not in RUN_FILES]
+    if unknown:
+        raise ValueError(f"{unknown[0]} is not a run-directory file")  # a programming error: RUN_FILES lists them
+    write_csv(directory / "lsa.csv", result.lsa)
+    write_csv(directory / "accuracy.csv", result.accuracy)
     for name, frame in (tables or {}).items():
         write_csv(directory / name, frame)
     for name, document in (documents or {}).items():
         write_json(directory / name, document)
-    write_csv(directory / "lsa.csv", result.lsa)
-    write_csv(directory / "accuracy.csv", result.accuracy)
     write_json(directory / "mvl.json", mvl.to_dict() if hasattr(mvl, "to_dict") else mvl)
     if checks is not None:
         write_json(directory / "checks.json", checks)
@@ -510,6 +510,8 @@ def read_run(run_dir: str | os.PathLike, *, required: Iterable[str] = REQUIRED,
                             "run `robaudit analyze` first")
     lsa = _typed(read_table(path, "lsa.csv", root=root))
     accuracy = _typed(read_table(path, "accuracy.csv", root=root))
+    if accuracy is not None:  # a run written before the intervals: each computed from its accuracy and n_samples
+        accuracy = with_intervals(accuracy)
     mvl = read_document(path, "mvl.json", root=root)
     metric = (mvl or {}).get("metric")
     if metric is not None and lsa is not None and not runschema.is_metric(lsa, metric):

@@ -49,15 +49,19 @@ TABLES: dict[str, dict[str, tuple[str, bool]]] = {
                 "re_gain": (RATIO, True), "n_samples": (COUNT, True), "order": (COUNT, False), "kind": (KIND, True),
                 "norm": (TEXT, True), "is_output": (FLAG, True)},
     "accuracy.csv": {"attack": (TEXT, False), "eps": (EPS, True), "accuracy": (FRACTION, False),
-                     "n_samples": (COUNT, True), "kind": (KIND, True), "norm": (TEXT, True),
-                     "seconds": (NONNEG, True), "success_rate": (FRACTION, True), "pert_median": (NONNEG, True),
-                     "pert_p90": (NONNEG, True), "pert_median_all": (RATIO, True)},
+                     "ci_low": (FRACTION, True), "ci_high": (FRACTION, True), "n_samples": (COUNT, True),
+                     "kind": (KIND, True), "norm": (TEXT, True), "seconds": (NONNEG, True),
+                     "success_rate": (FRACTION, True), "pert_median": (NONNEG, True), "pert_p90": (NONNEG, True),
+                     "pert_median_all": (RATIO, True)},
     "bn.csv": {"layer": (TEXT, False), "layer_type": (TEXT, True), "channels": (COUNT, True),
                "n_clean": (COUNT, True), "n_adv": (COUNT, True), "clean_vs_running": (NONNEG, True),
                "adv_vs_clean": (NONNEG, True), "adv_vs_running": (NONNEG, True)},
     "comparison.csv": {"kind": (TEXT, False), "attack": (TEXT, True), "eps": (EPS, True), "norm": (TEXT, True),
                        "layer": (TEXT, True), "before": (FINITE, True), "after": (FINITE, True),
                        "delta": (FINITE, True)},
+    "classes.csv": {"label": (COUNT, False), "n_samples": (COUNT, False), "attack": (TEXT, False),
+                    "eps": (EPS, True), "norm": (TEXT, True), "accuracy": (FRACTION, False),
+                    "ci_low": (FRACTION, True), "ci_high": (FRACTION, True)},
     "history.csv": {"epoch": (COUNT, False)},  # every other column: a finite number or empty
     "samples.csv": {"index": (COUNT, False), "label": (COUNT, False), "clean_pred": (COUNT, False),
                     "clean_correct": (FLAG, False)},  # plus per configuration :correct, :pert and :robust
@@ -65,6 +69,7 @@ TABLES: dict[str, dict[str, tuple[str, bool]]] = {
 REQUIRED_COLUMNS = {"lsa.csv": ("layer", "attack", "eps", "re_mean", "order", "kind"),
                     "accuracy.csv": ("attack", "eps", "accuracy"),
                     "bn.csv": ("layer", "clean_vs_running", "adv_vs_clean", "adv_vs_running"),
+                    "classes.csv": ("label", "n_samples", "attack", "accuracy"),
                     "comparison.csv": ("kind", "before", "after"), "history.csv": ("epoch",),
                     "samples.csv": ("index", "label", "clean_correct")}
 TEXT_COLUMNS = {name: [c for c, (kind, _) in cols.items() if kind in (TEXT, KIND)] for name, cols in TABLES.items()}

@@ -22,6 +22,22 @@ def config_key(label: str, eps: float | None) -> str:
     return label if eps is None else f"{label}@{format_eps(eps)}"
 
 
+def worst_key(norm: str, eps: float) -> str:
+    """The worst case's column prefix at ``eps``: ``worst-case@0.1``, with the norm when it is not Linf."""
+    return f"worst-case@{format_eps(eps)}" + ("" if norm == "Linf" else f"({norm})")
+
+
+def outcome_column(attack: str, eps: float | None, norm: str | None) -> str:
+    """The column of ``samples.csv`` holding each sample's outcome under a row of ``accuracy.csv`` (``clean``, an
+    attack configuration, or the worst case at ``eps``): 1 where the sample stayed correct."""
+    eps = None if eps is None or eps != eps else float(eps)  # NaN: a row without eps
+    if attack == "clean":
+        return "clean_correct"
+    if attack == "worst-case" and eps is not None:
+        return f"{worst_key(norm or 'Linf', eps)}:robust"
+    return f"{config_key(attack, eps)}:correct"
+
+
 class SampleLog:
     """Writes ``samples.csv`` row by row; the columns are fixed by the battery when it is opened."""
 
@@ -29,7 +45,7 @@ class SampleLog:
                  worst: Sequence[tuple[str, float]]) -> None:
         self.path = Path(path)
         self.keys = [config_key(label, eps) for label, eps in configs]
-        self.worst = [f"worst-case@{format_eps(eps)}" + ("" if norm == "Linf" else f"({norm})") for norm, eps in worst]
+        self.worst = [worst_key(norm, eps) for norm, eps in worst]
         self.columns = ["index", "label", "clean_pred", "clean_correct"]
         for k in self.keys:
             self.columns += [f"{k}:correct", f"{k}:pert"]

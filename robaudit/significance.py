@@ -1,20 +1,26 @@
-"""Exact one-sided tests for the sanity checks: is one attack's excess over another, or a rate over a bound,
-more than chance?
+"""Exact tests: is one attack's excess over another, a rate over a bound, or the difference between two runs'
+accuracies on the same samples more than chance?
 
-Two attacks on the same samples are compared on the samples where they disagree (McNemar's exact test, a sign
-test); a robust count against an expected rate by a binomial test. A warning needs p < :data:`ALPHA`.
+Two outcomes on the same samples are compared on the samples where they disagree (McNemar's exact test, a sign
+test); a robust count against an expected rate by a binomial test. A sanity warning needs a one-sided
+p < :data:`ALPHA`; ``compare`` calls a difference between two runs within noise when its two-sided
+p >= :data:`NOISE_ALPHA`.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-__all__ = ["ALPHA", "EXACT_MAX_N", "MIN_PAIRED_SAMPLES", "Paired", "binomial_tail", "format_p",
-           "min_conclusive_pairs", "paired", "rate_test", "sign_test"]
+__all__ = ["ALPHA", "EXACT_MAX_N", "MIN_PAIRED_SAMPLES", "NOISE_ALPHA", "Paired", "binomial_tail", "format_p",
+           "mcnemar", "min_conclusive_pairs", "paired", "rate_test", "sign_test"]
 
 # A check warns only on a significant difference: an exact one-sided test at this level (a sign test on the samples
 # where two attacks disagree, McNemar's exact test; a binomial test against a rate). Otherwise it is inconclusive.
 ALPHA = 0.01
+
+# Two runs' accuracies on the same samples differ beyond noise when the two-sided exact McNemar test gives
+# p < this level (the usual 5 %); at or above it ``compare`` marks the difference as within noise.
+NOISE_ALPHA = 0.05
 
 
 # Up to this many samples a tail is summed exactly; beyond it (no real battery, but a tampered checks.json could
@@ -56,6 +62,14 @@ def sign_test(bad: int, good: int) -> float:
     """One-sided exact McNemar test: of the ``bad + good`` samples on which two attacks disagree, ``bad`` went the
     way the check looks for; ``P(X >= bad)`` for ``X ~ Binomial(bad + good, 1/2)`` (1 when they never disagree)."""
     return binomial_tail(int(bad), int(bad) + int(good), 0.5)
+
+
+def mcnemar(a_only: int, b_only: int) -> float:
+    """Two-sided exact McNemar test of two outcomes on the same samples: ``a_only`` samples right under the first
+    and wrong under the second, ``b_only`` the reverse; twice the smaller tail of ``Binomial(a_only + b_only, 1/2)``,
+    at most 1 (1 when they never disagree)."""
+    a_only, b_only = int(a_only), int(b_only)
+    return min(1.0, 2.0 * sign_test(max(a_only, b_only), min(a_only, b_only)))
 
 
 def rate_test(k: int, n: int, rate: float) -> float:

@@ -41,15 +41,29 @@ def analysis_summary(run) -> list[str]:
     res = run.result
     norm = run.manifest.get("normalization") or {}
     stats = None if norm.get("mean") is None else (norm["mean"], norm["std"])
+    clean = res.accuracy[res.accuracy["attack"] == "clean"].iloc[0]
     lines = [f"{run.manifest['model']['path']} on {run.manifest['dataset']['name']} "
-             f"({res.n_samples} samples, {res.seconds:.1f} s)",
+             f"({res.n_samples} samples, {res.seconds:.1f} s; 95% Wilson intervals in parentheses)",
              f"input normalization: {describe(stats)}",
-             f"clean accuracy: {100 * res.clean_accuracy:.1f}%", *_accuracy_by_eps(res.accuracy),
+             f"clean accuracy: {_row_with_interval(clean)}", *_accuracy_by_eps(res.accuracy),
              *worst_case_note(run.manifest), *mvl_table(run.mvl), f"\nrun directory: {run.path}"]
     report = Path(run.path) / "report.html"
     if report.exists():
         lines.append(f"report: {report}")
     return lines
+
+
+def with_interval(accuracy, low=None, high=None) -> str:
+    """An accuracy and its interval as ``57.5% (48.6-66.0%)``; the interval left out where it is missing."""
+    from .intervals import format_interval
+
+    ci = format_interval(low, high)
+    return f"{100 * float(accuracy):.1f}%" + (f" ({ci})" if ci else "")
+
+
+def _row_with_interval(row) -> str:
+    """An accuracy.csv row (a namedtuple or a Series) as :func:`with_interval` shows it."""
+    return with_interval(row.accuracy, getattr(row, "ci_low", None), getattr(row, "ci_high", None))
 
 
 def _accuracy_by_eps(acc) -> list[str]:
@@ -59,7 +73,7 @@ def _accuracy_by_eps(acc) -> list[str]:
         if eps_val < 0:  # minimal-perturbation attacks: the size they needed, not an accuracy
             lines.append(f"  minimal perturbation: {'; '.join(_minimal_item(r) for r in rows.itertuples())}")
             continue
-        items = ", ".join(f"{r.attack} {100 * r.accuracy:.1f}%" for r in rows.itertuples())
+        items = ", ".join(f"{r.attack} {_row_with_interval(r)}" for r in rows.itertuples())
         lines.append(f"  eps {_eps(eps_val)}: {items}")
     return lines
 
@@ -102,10 +116,11 @@ def accuracy_summary(run, run_dir: Path) -> list[str]:
 
     summary = summarize(run)
     lines = [f"{summary['model']} on {summary['dataset']} ({summary['n_samples']} samples): {run_dir}"]
-    if summary["clean_accuracy"] is not None:
-        lines.append(f"clean accuracy: {100 * summary['clean_accuracy']:.1f}%")
+    clean = run.accuracy[run.accuracy["attack"] == "clean"]
+    if len(clean):
+        lines.append(f"clean accuracy: {_row_with_interval(clean.iloc[0])}")
     for w in summary["worst_case"]:
-        lines.append(f"  worst case at eps {_eps(w['eps'])}: {100 * w['accuracy']:.1f}%")
+        lines.append(f"  worst case at eps {_eps(w['eps'])}: {with_interval(w['accuracy'], w['ci_low'], w['ci_high'])}")
     return lines + (worst_case_note(run.manifest) if summary["worst_case"] else [])
 
 
@@ -133,7 +148,7 @@ def harden_summary(done, *, warned: Iterable[str] = ()) -> list[str]:
     lines += _re_before_after(done.comparison, s["mvl_ranking"]["metric"])
     return lines + [f"\nhardened model: {done.model_path}",
                     f"outputs: {done.hardened_dir}/ (history.csv, comparison.csv, harden.json, lsa.csv, "
-                    "accuracy.csv, mvl.json)"]
+                    "accuracy.csv, classes.csv, mvl.json)"]
 
 
 def _accuracy_before_after(comp) -> list[str]:
@@ -183,6 +198,28 @@ def _re_before_after(comp, metric: str) -> list[str]:
     for r in re_rows.itertuples():
         lines.append(f"  {printable(r.layer):<{lw}}  {r.before:8.4f}  {r.after:8.4f}")
     return lines
+
+
+def comparison_lines(cmp) -> list[str]:
+    """The accuracy rows of a comparison (:class:`~robaudit.stages.compare.Comparison`): A and B with their
+    intervals, the difference and its paired test, marked within or beyond noise."""
+    from .significance import NOISE_ALPHA, format_p
+
+    both = cmp.accuracy[cmp.accuracy["a"].notna() & cmp.accuracy["b"].notna()]
+    labels = [r.attack if r.eps != r.eps else f"{r.attack} eps {_eps(r.eps)}" for r in both.itertuples()]
+    width = max([len(printable(x)) for x in labels] + [8])
+    head = (f"accuracy, A -> B (95% Wilson intervals; exact McNemar test on the paired samples, within noise at "
+            f"p >= {NOISE_ALPHA:g}):" if not cmp.unpaired else
+            f"accuracy, A -> B (95% Wilson intervals); no paired test: {cmp.unpaired}")
+    lines = [head]
+    for label, r in zip(labels, both.itertuples()):
+        a, b = with_interval(r.a, r.a_ci_low, r.a_ci_high), with_interval(r.b, r.b_ci_low, r.b_ci_high)
+        delta = f"  {100 * r.delta:+.1f} points"
+        test = "" if r.p is None or r.p != r.p else \
+            f", p = {format_p(r.p)}, {'within noise' if r.within_noise else 'beyond noise'}"
+        lines.append(f"  {printable(label):<{width}}  {a} -> {b}{delta}{test}")
+    only = len(cmp.accuracy) - len(both)
+    return lines + ([f"  ({only} rows ran in one run only: the page lists them)"] if only else [])
 
 
 def judgement_lines(judgement) -> list[str]:

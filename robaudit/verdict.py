@@ -95,8 +95,8 @@ def summarize(run: Run, checks: list[sanity.Check] | None = None) -> dict:
     """The JSON object of ``--json``: accuracies, worst case per eps, MVL, sanity verdict, run directory."""
     checks = checks_of(run) if checks is None else checks
     acc = run.accuracy
-    cols = [c for c in ("attack", "eps", "norm", "kind", "accuracy", "n_samples", "success_rate", "pert_median",
-                        "pert_p90") if c in acc.columns]
+    cols = [c for c in ("attack", "eps", "norm", "kind", "accuracy", "ci_low", "ci_high", "n_samples", "success_rate",
+                        "pert_median", "pert_p90") if c in acc.columns]
     rows = [{k: _num(v) for k, v in r.items()} for r in acc[cols].astype(object).where(acc[cols].notna(), None)
             .to_dict("records")]
     worst = acc[(acc["attack"] == WORST_CASE) & acc["eps"].notna()]
@@ -110,7 +110,8 @@ def summarize(run: Run, checks: list[sanity.Check] | None = None) -> dict:
         "battery": run.manifest.get("battery"),
         "clean_accuracy": float(clean.iloc[0]) if len(clean) else None,
         "accuracy": rows,
-        "worst_case": [{"eps": float(r.eps), "norm": getattr(r, "norm", None), "accuracy": float(r.accuracy)}
+        "worst_case": [{"eps": float(r.eps), "norm": getattr(r, "norm", None), "accuracy": float(r.accuracy),
+                        "ci_low": _num(getattr(r, "ci_low", None)), "ci_high": _num(getattr(r, "ci_high", None))}
                        for r in worst.sort_values("eps").itertuples()],
         "mvl": {"attack": mvl.get("attack"), "eps": mvl.get("eps"), "metric": mvl.get("metric"),
                 "layers": [{"layer": l.get("layer"), "layer_type": l.get("layer_type"), "score": l.get("score")}

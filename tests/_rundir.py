@@ -172,3 +172,17 @@ def model_checks(**overrides) -> dict:
     }
     d.update(overrides)
     return d
+
+
+def write_samples(root: Path, labels: list[int], outcomes: dict[str, list[int]], *, index: list[int] | None = None,
+                  clean: list[int] | None = None) -> Path:
+    """A ``samples.csv`` in ``root`` of hand-chosen per-sample outcomes: ``labels`` per sample, ``outcomes``
+    column -> 0/1 per sample (``pgd@0.1:correct``, ``worst-case@0.1:robust``), ``clean`` the ``clean_correct``
+    column (all 1 by default). ``clean_pred`` is the label where the sample is clean-correct."""
+    n = len(labels)
+    clean = [1] * n if clean is None else clean
+    frame = pd.DataFrame({"index": list(range(n)) if index is None else index, "label": labels,
+                          "clean_pred": [y if ok else (y + 1) % 10 for y, ok in zip(labels, clean)],
+                          "clean_correct": clean, **outcomes})
+    frame.to_csv(Path(root) / "samples.csv", index=False)
+    return Path(root) / "samples.csv"

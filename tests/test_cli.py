@@ -57,6 +57,8 @@ def test_analyze_writes_the_run_directory_contract(digits_run):
     assert (lsa["n_samples"] <= 48).all() and (lsa["re_pooled"] >= 0).all()
     acc = pd.read_csv(out / "accuracy.csv")
     assert list(acc.columns[:4]) == ["attack", "eps", "accuracy", "n_samples"]
+    assert list(acc.columns[-2:]) == ["ci_low", "ci_high"]
+    assert ((acc["ci_low"] <= acc["accuracy"]) & (acc["accuracy"] <= acc["ci_high"])).all()
     assert acc.loc[acc["attack"] == "clean", "accuracy"].item() > 0.9
     for eps in (0.1, 0.2):
         at = acc[np.isclose(acc["eps"], eps)]
@@ -277,8 +279,8 @@ def test_harden_trains_an_image_folder_run_on_a_train_folder(tmp_path, class_map
     hardened = invoke("harden", "--run-dir", run, "--train-data", f"imagefolder:{tmp_path / 'train'}", "--epochs", "1",
                       "--steps", "2", "--mvl-top", "2", "--no-report", "--device", "cpu")
     assert hardened.exit_code == 0, hardened.output
-    for name in ("model.pt2", "lsa.csv", "accuracy.csv", "mvl.json", "manifest.json", "samples.csv", "history.csv",
-                 "comparison.csv", "harden.json"):
+    for name in ("model.pt2", "lsa.csv", "accuracy.csv", "mvl.json", "manifest.json", "samples.csv", "classes.csv",
+                 "history.csv", "comparison.csv", "harden.json"):
         assert (run / "hardened" / name).is_file(), name
     assert set(pd.read_csv(run / "hardened" / "comparison.csv")["kind"]) == {"accuracy", "re"}
     settings = json.loads((run / "hardened" / "harden.json").read_text())

@@ -23,7 +23,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 HARDEN = ["--dataset", "digits", "--samples", "48", "--method", "atlr", "--mvl-top", "2", "--steps", "2",
           "--epochs", "4", "--batch-size", "64", "--no-report"]
 HARDENED = {"model.pt2", "lsa.csv", "accuracy.csv", "mvl.json", "manifest.json", "checks.json", "history.csv",
-            "comparison.csv", "harden.json", "samples.csv"}
+            "comparison.csv", "harden.json", "samples.csv", "classes.csv"}
 
 
 def torchrun(args, cwd: Path, *, module: bool = True) -> subprocess.Popen:

@@ -237,7 +237,7 @@ def test_stale_staging_is_removed_only_in_its_exact_form(tmp_path, user):
 
 # -- 3. reading never follows a symlink out of a run ---------------------------------------------------
 @pytest.mark.parametrize("name", ["manifest.json", "mvl.json", "checks.json", "lsa.csv", "accuracy.csv",
-                                  "samples.csv", "bn.csv"])
+                                  "samples.csv", "classes.csv", "bn.csv"])
 def test_no_command_reads_through_a_symlink_out_of_the_run(name, digits_run, tmp_path, user):
     run = copy_run(digits_run, tmp_path)
     (run / "report.html").unlink()
@@ -250,7 +250,8 @@ def test_no_command_reads_through_a_symlink_out_of_the_run(name, digits_run, tmp
     (run / name).unlink()
     (run / name).symlink_to(secret)
     readers = [["report", "--run", run]]  # the report reads every file; check and compare read the analysis
-    readers += [["check", run], ["compare", run, run, "--json"]] if name not in ("samples.csv", "bn.csv") else []
+    readers += [["check", run], ["compare", run, run, "--json"]] if name not in ("samples.csv", "bn.csv", "classes.csv") \
+        else []
     for args in readers:
         one_line(invoke(*args), "symbolic link", name)
     assert not (run / "report.html").exists()
@@ -339,6 +340,12 @@ TAMPERED = {
                            ("checks.json", "outputs.min")),
     "samples label": (lambda r: _set_cell(r, "samples.csv", "label", 0, "-3"), ["report", "--run", "{run}"],
                       ("samples.csv", "label in row 1")),
+    "accuracy interval": (lambda r: _set_cell(r, "accuracy.csv", "ci_low", 0, "1.5"), ["check", "{run}"],
+                          ("accuracy.csv", "ci_low in row 1")),
+    "classes accuracy": (lambda r: _set_cell(r, "classes.csv", "accuracy", 0, "2"), ["report", "--run", "{run}"],
+                         ("classes.csv", "accuracy in row 1")),
+    "samples index": (lambda r: _set_cell(r, "samples.csv", "index", 0, "x"), ["compare", "{run}", "{run}"],
+                      ("samples.csv", "index in row 1")),
     "bn distance": (lambda r: _set_cell(r, "bn.csv", "adv_vs_clean", 0, "-inf"), ["report", "--run", "{run}"],
                     ("bn.csv", "adv_vs_clean")),
     "not utf-8": (lambda r: (r / "lsa.csv").write_bytes(b"layer,attack\n\xff\xfe,x\n"), ["check", "{run}"],

@@ -231,11 +231,24 @@ def _write(out: Path, result: LSAResult, mvl: MVL, check_results, bn, samples_cs
 
         def finish(staging: Path) -> None:
             render_report(staging, name=out)
+    streamed = _written(samples_csv)
     write_run(out, result, mvl, manifest, check_results, force=force, finish=finish,
-              tables={"bn.csv": bn} if bn is not None else None,
-              files={"samples.csv": samples_csv} if _written(samples_csv) else None,
+              tables=run_tables(result, bn, samples_csv if streamed else None),
+              files={"samples.csv": samples_csv} if streamed else None,
               documents={FRAGILE_FILE: images} if images is not None else None)
     return AnalysisRun(result, mvl, out, manifest, check_results)
+
+
+def run_tables(result: LSAResult, bn, samples_csv: Path | None) -> dict:
+    """The optional tables of a run besides lsa.csv and accuracy.csv: ``bn.csv`` (a model with BatchNorm) and
+    ``classes.csv`` (accuracy per class, from the ``samples.csv`` the analysis streamed)."""
+    from ..classes import class_table
+
+    tables = {"bn.csv": bn} if bn is not None else {}
+    classes = class_table(samples_csv, result.accuracy) if samples_csv is not None else None
+    if classes is not None:
+        tables["classes.csv"] = classes
+    return tables
 
 
 def _written(path: Path) -> bool:

@@ -1,6 +1,7 @@
 """``robaudit compare RUN_A RUN_B``: what changed between two audits, as deltas and one self-contained page.
 
-Model v1 against v2, or before against after a change: accuracy per attack and eps, RE per layer where
+Model v1 against v2, or before against after a change: accuracy per attack and eps with its 95 % interval
+and, for runs of the same samples, an exact paired test of each difference, RE per layer where
 the layer names match (under A's ranking attack), the two MVL lists, and the manifest fields that differ.
 The page uses the report's style, CSP and table macros, and fetches nothing.
 """
@@ -19,12 +20,16 @@ from markupsafe import Markup
 from matplotlib.figure import Figure
 
 from ..errors import RobauditError
+from ..intervals import CI_COLUMNS
+from ..paired_runs import pair_samples, paired_tests
+from ..significance import NOISE_ALPHA, format_p
 from ..labels import attack_name
 from ..rundir import Run, read_run, rows_at
 from ..verdict import checks_of, sanity_verdict, verdict_line
 from ..writelock import write_lock
 from .html import (Cell, Column, Row, Table, check_page_out, content_security_policy, environment, figure_svg, fmt_eps,
-                   fmt_pct, fmt_points, fmt_re, fmt_size, num_cell, plain, read_resource, version, write_atomic)
+                   fmt_pct, fmt_points, fmt_re, fmt_size, interval_cell, is_missing, num_cell, plain, read_resource,
+                   sort_key, version, write_atomic)
 from .plots import MPL_RC
 from .report_verdict import minimal_rows
 
@@ -43,7 +48,7 @@ class Comparison:
 
     a: Run
     b: Run
-    accuracy: pd.DataFrame  # attack, eps, norm, a, b, delta
+    accuracy: pd.DataFrame  # attack, eps, norm, a, b, delta, their intervals, the paired test (paired_runs)
     re: pd.DataFrame  # layer, order, a, b, delta (under A's ranking attack at its eps)
     ranking: dict
     mvl_a: list[str]
@@ -53,6 +58,7 @@ class Comparison:
     # success_*, all_* (median over all samples) and fooled_* (median over the fooled ones)
     minimal: pd.DataFrame = field(default_factory=pd.DataFrame)
     sanity: dict = field(default_factory=dict)  # "a", "b": each run's sanity verdict (verdict.sanity_verdict)
+    unpaired: str | None = None  # why the differences were not tested (None: tested sample by sample)
 
     def to_dict(self) -> dict:
         def records(df: pd.DataFrame) -> list[dict]:
@@ -60,6 +66,8 @@ class Comparison:
                     for r in df.astype(object).where(df.notna(), None).to_dict("records")]
 
         return {"run_a": str(self.a.path), "run_b": str(self.b.path), "accuracy": records(self.accuracy),
+                "paired_test": {"test": "exact McNemar, two-sided", "within_noise_at_p": NOISE_ALPHA,
+                                "unpaired": self.unpaired},
                 "re": records(self.re), "re_ranking": self.ranking, "mvl_a": self.mvl_a, "mvl_b": self.mvl_b,
                 "mvl_common": [l for l in self.mvl_a if l in self.mvl_b],
                 "manifest_differences": [{"field": f, "a": x, "b": y} for f, x, y in self.manifest],
@@ -76,9 +84,9 @@ def _accuracy(a: Run, b: Run) -> pd.DataFrame:
     cols = ["attack", "eps", "norm"]
 
     def frame(run: Run, name: str) -> pd.DataFrame:
-        df = run.accuracy[[c for c in cols if c in run.accuracy] + ["accuracy"]].copy()
+        df = run.accuracy[[c for c in cols if c in run.accuracy] + ["accuracy", *CI_COLUMNS]].copy()
         df["eps"] = df["eps"].astype(float).round(12)
-        return df.rename(columns={"accuracy": name})
+        return df.rename(columns={"accuracy": name, **{c: f"{name}_{c}" for c in CI_COLUMNS}})
 
     merged = frame(_bounded(a), "a").merge(frame(_bounded(b), "b"), on=cols, how="outer", sort=False)
     merged["delta"] = merged["b"] - merged["a"]
@@ -148,8 +156,10 @@ def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike) -> Comparis
         if x != y:
             manifest.append((".".join(path), x, y))
     names = lambda run: [str(l.get("layer")) for l in (run.mvl or {}).get("layers") or []]  # noqa: E731
-    return Comparison(a, b, _accuracy(a, b), re_frame, ranking, names(a), names(b), manifest, minimal=_minimal(a, b),
-                      sanity=_sanity(a, b))
+    pairing = pair_samples(a.table("samples.csv"), b.table("samples.csv"))
+    accuracy = paired_tests(_accuracy(a, b), pairing)
+    return Comparison(a, b, accuracy, re_frame, ranking, names(a), names(b), manifest, minimal=_minimal(a, b),
+                      sanity=_sanity(a, b), unpaired=pairing.unpaired)
 
 
 def _plot_re(cmp: Comparison, label_a: str, label_b: str) -> Markup | None:
@@ -177,13 +187,44 @@ def render_compare(cmp: Comparison, out: str | os.PathLike) -> Path:
         return _render_compare(cmp, out)
 
 
+def accuracy_note(cmp: Comparison) -> str:
+    """How the accuracy differences were judged: the intervals, the paired test and its threshold, or why no
+    test was made."""
+    intervals = "Intervals: 95 % Wilson score intervals of each run's accuracy."
+    if cmp.unpaired:
+        return f"{intervals} No paired test: {cmp.unpaired}."
+    return (f"{intervals} Each difference is tested on the samples both runs audited (two-sided exact McNemar test on "
+            f"the samples whose outcome differs); p >= {NOISE_ALPHA:g} is within noise: the sample alone could "
+            "produce it.")
+
+
+def noise_verdict(within) -> str:
+    """A tested difference in words: within noise or beyond it; empty when untested."""
+    if within is None or is_missing(within):
+        return ""
+    return "within noise" if within else "beyond noise"
+
+
+def _accuracy_table(cmp: Comparison) -> Table:
+    """Accuracy per attack and eps: A and B with their intervals, the difference and its paired test."""
+    rows = []
+    for r in cmp.accuracy.itertuples():
+        tested = r.p is not None and not is_missing(r.p)
+        rows.append(Row([Cell(attack_name(r.attack)), num_cell(r.eps, fmt_eps), Cell(r.norm or ""),
+                         num_cell(r.a, fmt_pct), interval_cell(r.a_ci_low, r.a_ci_high),
+                         num_cell(r.b, fmt_pct), interval_cell(r.b_ci_low, r.b_ci_high),
+                         num_cell(r.delta, fmt_points),
+                         Cell(format_p(r.p) if tested else "", sort_key(r.p) if tested else None, "num"),
+                         Cell(noise_verdict(r.within_noise))],
+                        cls="strong" if r.attack in ("clean", "worst-case") else ""))
+    return Table([Column("Attack"), Column("eps", True), Column("Norm"), Column("A", True), Column("A 95 % CI", True),
+                  Column("B", True), Column("B 95 % CI", True), Column("Δ (points)", True),
+                  Column("McNemar p", True), Column("Difference")], rows)
+
+
 def _render_compare(cmp: Comparison, out: Path) -> Path:
     """:func:`render_compare` once the page may be written."""
     la, lb = f"A: {cmp.a.path.name}", f"B: {cmp.b.path.name}"
-    acc_rows = [Row([Cell(attack_name(r.attack)), num_cell(r.eps, fmt_eps), Cell(r.norm or ""),
-                     num_cell(r.a, fmt_pct), num_cell(r.b, fmt_pct), num_cell(r.delta, fmt_points)],
-                    cls="strong" if r.attack in ("clean", "worst-case") else "")
-                for r in cmp.accuracy.itertuples()]
     re_rows = [Row([Cell(r.layer), num_cell(r.a, fmt_re), num_cell(r.b, fmt_re), num_cell(r.delta, fmt_re)])
                for r in cmp.re.itertuples()]
     depth = max(len(cmp.mvl_a), len(cmp.mvl_b))
@@ -199,8 +240,8 @@ def _render_compare(cmp: Comparison, out: Path) -> Path:
         "subtitle": f"A = {cmp.a.path}; B = {cmp.b.path}; delta = B - A",
         "version": version(), "css": Markup(css), "script": Markup(script),
         "csp": content_security_policy(css, script),
-        "accuracy": Table([Column("Attack"), Column("eps", True), Column("Norm"), Column("A", True),
-                           Column("B", True), Column("Δ (points)", True)], acc_rows),
+        "accuracy": _accuracy_table(cmp),
+        "accuracy_note": accuracy_note(cmp),
         "re": Table([Column("Layer"), Column("A", True), Column("B", True), Column("Δ", True)], re_rows),
         "re_note": (f"{rk['metric']} under {attack_name(rk['attack'])}"
                     + (f" at eps {fmt_eps(rk['eps'])}" if rk["eps"] is not None else "")

@@ -36,8 +36,8 @@ from ..training.config import HardenConfig
 from ..training.fit import HardenResult, global_batch_size, harden
 from ..training.layers import LayerRule, batchnorm_modules, control_layers
 from ..training.loop import HardenInterrupted, TimeEstimate
-from .analyze import (analyze_for_run, batchnorm_audit, is_image_folder, load_run_data,
-                      model_checks, now)
+from .analyze import (analyze_for_run, batchnorm_audit, is_image_folder, load_run_data, model_checks, now,
+                      run_tables)
 
 HARDENED_DIR = "hardened"
 
@@ -481,7 +481,9 @@ def _write_hardened(tmp: Path, analysis, h_mvl, manifest: dict, checks, history:
     write_csv(tmp / "history.csv", history)
     write_csv(tmp / "comparison.csv", comparison)
     write_json(tmp / "harden.json", settings)
-    fill_run(tmp, analysis, h_mvl, manifest, checks, tables={"bn.csv": bn} if bn is not None else None)  # sealed last
+    samples = tmp / "samples.csv"
+    fill_run(tmp, analysis, h_mvl, manifest, checks,  # sealed last
+             tables=run_tables(analysis, bn, samples if samples.is_file() else None))
 
 
 def _api_command(run_dir: Path, method: str, mvl_top, eps: float, epochs: int, seed: int,

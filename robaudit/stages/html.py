@@ -31,7 +31,8 @@ from ..labels import eps_in_text, format_eps
 from ..rundir import is_own_report, remove_stale_staging
 
 __all__ = ["Cell", "Column", "Row", "Table", "check_page_out", "clean_svg", "content_security_policy", "environment",
-           "figure_svg", "flatten", "fmt_eps", "fmt_num", "fmt_pct", "fmt_points", "fmt_re", "fmt_size", "is_missing", "kv_table",
+           "figure_svg", "flatten", "fmt_eps", "fmt_num", "fmt_pct", "fmt_points", "fmt_re", "fmt_size",
+           "interval_cell", "is_missing", "kv_table",
            "num_cell", "plain", "read_resource", "sort_key", "version", "write_atomic"]
 
 
@@ -126,6 +127,13 @@ class Table:
 def num_cell(v: Any, fmt=fmt_num) -> Cell:
     """A numeric cell: ``fmt(v)`` shown, sorted by the number itself."""
     return Cell(fmt(v), sort_key(v), "num")
+
+
+def interval_cell(low: Any, high: Any) -> Cell:
+    """A 95 % interval's cell, ``41.2-48.9 %``, sorted by its lower end; empty when missing."""
+    from ..intervals import format_interval
+
+    return Cell(format_interval(low, high, unit=" %"), sort_key(low), "num")
 
 
 def kv_table(items: Iterable[tuple[str, Any]], caption: str = "") -> Table:

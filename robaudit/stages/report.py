@@ -30,10 +30,11 @@ from ..fragile import FRAGILE_SHOWN
 from .report_fragile import fragile_examples
 from ..writelock import write_lock
 from .html import (Cell, Column, Row, Table, check_page_out, content_security_policy, environment, flatten, fmt_eps,
-                   fmt_num, fmt_pct, fmt_points, fmt_re, fmt_size, is_missing, kv_table, num_cell, read_resource, version,
-                   write_atomic)
+                   fmt_num, fmt_pct, fmt_points, fmt_re, fmt_size, interval_cell, is_missing, kv_table, num_cell,
+                   read_resource, version, write_atomic)
 from .plots import (ACCURACY_HISTORY_COLUMNS, BN_LABELS, MPL_RC, Palette, config_label, plot_accuracy, plot_batchnorm,
                     plot_heatmap, plot_history, plot_profile, plot_re_before_after)
+from .report_classes import classes_section
 from .report_verdict import METHOD_NAMES, minimal_rows, sanity_group, value_of, verdict_section
 
 __all__ = ["render_report"]
@@ -229,24 +230,28 @@ def _accuracy_section(run: Run, hardened: Run | None, palette: Palette) -> dict 
     perturbation = _perturbation_table(acc, after)
     acc = acc.drop(index=minimal_rows(acc).index)
     columns = [Column("Attack"), Column("Kind"), Column("Norm"), Column("eps", True), Column("Accuracy", True),
-               Column("Success rate", True), Column("Samples", True)]
+               Column("95 % CI", True), Column("Success rate", True), Column("Samples", True)]
     after_map = {}
     if after is not None:
-        columns += [Column("Hardened", True), Column("Change", True)]
-        after_map = {(a, fmt_eps(e), n): v for a, e, n, v in after[["attack", "eps", "norm", "accuracy"]].itertuples(index=False)}
+        columns += [Column("Hardened", True), Column("Hardened 95 % CI", True), Column("Change", True)]
+        after_map = {(r.attack, fmt_eps(r.eps), r.norm): r for r in after.itertuples(index=False)}
     rows = []
     for r in acc.itertuples(index=False):
         cells = [Cell(attack_name(r.attack)), Cell(r.kind if r.attack != CLEAN else ""),
                  Cell(r.norm if not is_missing(r.eps) else ""), num_cell(r.eps, fmt_eps), num_cell(r.accuracy, fmt_pct),
-                 num_cell(value_of(r, "success_rate"), fmt_pct), num_cell(getattr(r, "n_samples", None))]
+                 interval_cell(value_of(r, "ci_low"), value_of(r, "ci_high")), num_cell(value_of(r, "success_rate"), fmt_pct),
+                 num_cell(getattr(r, "n_samples", None))]
         if after is not None:
-            v = after_map.get((r.attack, fmt_eps(r.eps), r.norm))
-            cells += [num_cell(v, fmt_pct), num_cell(None if v is None else v - r.accuracy, fmt_points)]
+            a = after_map.get((r.attack, fmt_eps(r.eps), r.norm))
+            v = None if a is None else a.accuracy
+            cells += [num_cell(v, fmt_pct), interval_cell(value_of(a, "ci_low"), value_of(a, "ci_high")),
+                      num_cell(None if v is None else v - r.accuracy, fmt_points)]
         rows.append(Row(cells, cls="strong" if r.attack in (CLEAN, WORST_CASE) else ""))
     return {"figures": [plot] if plot else [], "perturbation": perturbation,
             "table": Table(columns, rows, caption=(
-                "Accuracy under every attack with an eps budget; success rate: the share of correctly classified "
-                "samples the attack fooled."))}
+                "Accuracy under every attack with an eps budget, with its 95 % Wilson interval (the range the "
+                "accuracy on all such data plausibly lies in, given this many samples); success rate: the share of "
+                "correctly classified samples the attack fooled."))}
 
 
 def _hardening_section(run: Run, hardened: Run | None, history, settings, acc_cmp, re_cmp) -> dict | None:
@@ -513,6 +518,7 @@ def _render(run_dir: Path, out: Path, shown: Path) -> Path:
         "reproduce": _reproduce_section(run, settings, run_dir, out, shown),
         "batchnorm": batchnorm,
         "fragile": _fragile_section(run_dir),
+        "classes": classes_section(run_dir, run.accuracy, hardened.accuracy if hardened is not None else None),
     }
     text = environment().get_template(TEMPLATE).render(**context)
     write_atomic(out, text)

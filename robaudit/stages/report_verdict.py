@@ -14,6 +14,7 @@ from markupsafe import Markup
 
 from .. import sanity, verdict
 from ..batteries import describe
+from ..intervals import format_interval
 from ..labels import CLEAN, WORST_CASE, WORST_CASE_MEANING, attack_name
 from ..rundir import Run, rows_at
 from .html import Cell, Column, Row, Table, fmt_eps, fmt_num, fmt_pct, fmt_points, fmt_re, fmt_size, is_missing, sort_key
@@ -27,6 +28,15 @@ METHOD_NAMES = {"atlr": "AT-LR", "at-lr": "AT-LR", "at": "adversarial training",
 def _at_eps(df: pd.DataFrame, attack: str, eps: float, norm: str | None = None) -> float | None:
     rows = rows_at(df, attack, eps, norm)
     return None if rows.empty else float(rows["accuracy"].iloc[0])
+
+
+def _ci_text(df: pd.DataFrame, attack: str, eps: float | None = None, norm: str | None = None) -> str:
+    """``; 95 % CI 41.2-48.9 %`` for a card's line, from the row's interval; empty without one."""
+    rows = rows_at(df, attack, eps, norm)
+    if rows.empty or "ci_low" not in rows.columns:
+        return ""
+    ci = format_interval(rows["ci_low"].iloc[0], rows["ci_high"].iloc[0], unit=" %")
+    return f"; 95 % CI {ci}" if ci else ""
 
 
 def _clean_acc(df: pd.DataFrame | None) -> tuple[float | None, Any]:
@@ -121,7 +131,8 @@ def verdict_section(run: Run, hardened: Run | None, acc_cmp: pd.DataFrame, setti
     n = n if n is not None else man.get("n_samples")
     if clean is not None:
         sentences.append(Markup("Clean accuracy <strong>{}</strong> ({} samples).").format(fmt_pct(clean), fmt_num(n)))
-        cards.append({"label": "Clean accuracy", "value": fmt_pct(clean), "sub": f"{fmt_num(n)} samples", "cls": "",
+        cards.append({"label": "Clean accuracy", "value": fmt_pct(clean), "sub": f"{fmt_num(n)} samples{_ci_text(acc, CLEAN)}",
+                      "cls": "",
                       "concerns": [c for c in checks if c.name == sanity.CHANCE]})
     mvl = run.mvl or {}
     _verdict_worst_case(acc, mvl, checks, sentences, cards, battery=man.get("battery"))
@@ -157,7 +168,8 @@ def _verdict_worst_case(acc: pd.DataFrame | None, mvl: dict, checks, sentences: 
                                  .format(fmt_eps(head_eps), fmt_pct(w)))
             sentences.append(Markup("The worst case is {}. Battery: {}.").format(WORST_CASE_MEANING, describe(battery)))
             cards.append({"label": "Worst-case accuracy", "value": fmt_pct(w),
-                          "sub": f"eps {fmt_eps(head_eps)} {head_norm}, an upper bound", "cls": "", "concerns": checks})
+                          "sub": f"eps {fmt_eps(head_eps)} {head_norm}, an upper bound"
+                                 f"{_ci_text(acc, WORST_CASE, head_eps, head_norm)}", "cls": "", "concerns": checks})
             others = [(e, nm, v) for e, nm, v in worst[["eps", "norm", "accuracy"]].itertuples(index=False)
                       if not (np.isclose(e, head_eps) and nm == head_norm)]
             if others:
