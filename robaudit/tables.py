@@ -143,7 +143,7 @@ def harden_summary(done, *, warned: Iterable[str] = ()) -> list[str]:
         lines.append(f"layers regularized: {s['layers_rule']}")
     warned = set(warned)
     lines += [f"note: {note}" for note in res.notes if note not in warned]
-    lines += _accuracy_before_after(done.comparison)
+    lines += _accuracy_before_after(done.comparison, done.run_dir, done.hardened_dir)
     lines += _perturbation_before_after(done.run_dir, done.analysis.accuracy)
     lines += _re_before_after(done.comparison, s["mvl_ranking"]["metric"])
     return lines + [f"\nhardened model: {done.model_path}",
@@ -151,16 +151,29 @@ def harden_summary(done, *, warned: Iterable[str] = ()) -> list[str]:
                     "accuracy.csv, classes.csv, mvl.json)"]
 
 
-def _accuracy_before_after(comp) -> list[str]:
-    """The accuracy rows of a comparison: before, after and the difference in points."""
+def _accuracy_before_after(comp, run_dir: Path, hardened_dir: Path) -> list[str]:
+    """The accuracy rows of a comparison: before and after with their 95 % intervals, the difference in points and
+    whether it is more than the noise of the sample (exact McNemar on the two runs' samples.csv)."""
+    from .paired_runs import pair_samples, paired_tests
+    from .rundir import read_run
+
     acc = comp[comp["kind"] == "accuracy"]
     acc = acc[acc["eps"].notna() | (acc["attack"] == "clean")]  # minimal-perturbation attacks: no robust accuracy
+    before, after = read_run(run_dir), read_run(hardened_dir)  # read as every run is: checked
+    acc = paired_tests(acc.reset_index(drop=True), pair_samples(before.table("samples.csv"),
+                                                                after.table("samples.csv")))
+    keys = ["attack", "eps", "norm"]
+    for tag, run in (("before", before), ("after", after)):
+        cis = run.accuracy[keys + ["ci_low", "ci_high"]].rename(columns={"ci_low": f"{tag}_low", "ci_high": f"{tag}_high"})
+        acc = acc.merge(cis, on=keys, how="left")
     labels = [r.attack if r.eps is None or r.eps != r.eps else f"{r.attack} eps {_eps(r.eps)}"
               for r in acc.itertuples()]
     width = max([len(x) for x in labels] + [8])
-    lines = [f"\n  {'accuracy':<{width}}  {'before':>7}  {'after':>7}  {'delta':>6}"]
+    lines = [f"\n  {'accuracy':<{width}}  {'before (95% CI)':>21}  {'after (95% CI)':>21}  {'delta':>6}  paired test"]
     for label, r in zip(labels, acc.itertuples()):
-        lines.append(f"  {label:<{width}}  {100 * r.before:6.1f}%  {100 * r.after:6.1f}%  {100 * r.delta:+6.1f}")
+        test = "no test" if r.p is None else f"p={r.p:.2g}, {'within' if r.within_noise else 'beyond'} noise"
+        lines.append(f"  {label:<{width}}  {with_interval(r.before, r.before_low, r.before_high):>21}  "
+                     f"{with_interval(r.after, r.after_low, r.after_high):>21}  {100 * r.delta:+6.1f}  {test}")
     return lines
 
 

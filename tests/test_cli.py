@@ -227,6 +227,13 @@ def test_harden_says_which_run_and_epoch_and_warns_once(tmp_path, monkeypatch):
     assert resumed.stdout.splitlines()[0].startswith("resuming from the checkpoint of epoch 1 ")
     assert "continues at epoch 2" in resumed.stdout
     assert "time estimate: epoch 2/2 took " in resumed.stdout and "to go (the re-analysis)" in resumed.stdout
+    # before and after with their intervals, and the paired test of the same 24 samples
+    assert re.search(r"^  accuracy +before \(95% CI\) +after \(95% CI\) +delta  paired test$", resumed.stdout, re.M)
+    row = re.search(r"^  fgsm eps 0\.1 +(\S+)% \((\S+)-(\S+)%\) +(\S+)% \((\S+)-(\S+)%\) +\S+  p=(\S+), "
+                    r"(within|beyond) noise$", resumed.stdout, re.M)
+    assert row, resumed.stdout
+    before, low, high = (float(v) for v in row.groups()[:3])
+    assert low <= before <= high and 0 <= float(row.group(7)) <= 1
     # the frozen-BatchNorm message: once as a warning, not again among the notes at the end
     assert len([w for w in shown if "stay frozen" in str(w.message)]) == 1
     assert "stay frozen while hardening" not in resumed.output
