@@ -154,6 +154,8 @@ def harden_summary(done, *, warned: Iterable[str] = ()) -> list[str]:
 def _accuracy_before_after(comp, run_dir: Path, hardened_dir: Path) -> list[str]:
     """The accuracy rows of a comparison: before and after with their 95 % intervals, the difference in points and
     whether it is more than the noise of the sample (exact McNemar on the two runs' samples.csv)."""
+    import pandas as pd
+
     from .paired_runs import pair_samples, paired_tests
     from .rundir import read_run
 
@@ -163,9 +165,16 @@ def _accuracy_before_after(comp, run_dir: Path, hardened_dir: Path) -> list[str]
     acc = paired_tests(acc.reset_index(drop=True), pair_samples(before.table("samples.csv"),
                                                                 after.table("samples.csv")))
     keys = ["attack", "eps", "norm"]
+
+    def keyed(frame):  # the clean row has no eps or norm: None in one frame, NaN in another
+        return frame.assign(eps=pd.to_numeric(frame["eps"], errors="coerce").fillna(-1.0),
+                            norm=frame["norm"].where(frame["norm"].notna(), ""))
+
+    acc = keyed(acc)
     for tag, run in (("before", before), ("after", after)):
-        cis = run.accuracy[keys + ["ci_low", "ci_high"]].rename(columns={"ci_low": f"{tag}_low", "ci_high": f"{tag}_high"})
-        acc = acc.merge(cis, on=keys, how="left")
+        cis = keyed(run.accuracy)[keys + ["ci_low", "ci_high"]]
+        acc = acc.merge(cis.rename(columns={"ci_low": f"{tag}_low", "ci_high": f"{tag}_high"}), on=keys, how="left")
+    acc["eps"] = acc["eps"].where(acc["eps"] >= 0)
     labels = [r.attack if r.eps is None or r.eps != r.eps else f"{r.attack} eps {_eps(r.eps)}"
               for r in acc.itertuples()]
     width = max([len(x) for x in labels] + [8])

@@ -406,8 +406,12 @@ def test_the_mvl_table_strips_escapes_from_layer_names(capsys):
     assert "\x1b" not in out and "\x07" not in out and "=evil[31m next" in out
 
 
-def test_the_before_after_tables_strip_escapes_from_layer_names():
+def test_the_before_after_tables_strip_escapes_from_layer_names(tmp_path):
     from robaudit import tables
+
+    from _rundir import make_run
+
+    run = make_run(tmp_path / "run", hardened=True)  # the before/after runs whose intervals the table reads
 
     comp = pd.DataFrame([
         {"kind": "accuracy", "attack": "clean", "eps": None, "norm": None, "layer": None, "before": 0.9,
@@ -419,11 +423,14 @@ def test_the_before_after_tables_strip_escapes_from_layer_names():
                 "mvl_ranking": {"metric": "re_mean"}}
     done = SimpleNamespace(settings=settings, comparison=comp, analysis=SimpleNamespace(accuracy=after),
                            result=SimpleNamespace(validation="v", bn_at_test="none", notes=["shown", "\x1b[31mnew"]),
-                           run_dir=Path("nowhere"), model_path=Path("m.pt2"), hardened_dir=Path("nowhere/hardened"))
+                           run_dir=run, model_path=Path("m.pt2"), hardened_dir=run / "hardened")
     lines = [tables.terminal_line(line) for line in tables.harden_summary(done, warned=["shown"])]
     out = "\n".join(lines)
     assert not any(c in out for c in "\x1b\x07") and "evil]0;title next" in out
     assert "note: [31mnew" in out and "note: shown" not in out  # a note shown as a warning is not repeated
+    import re
+
+    assert re.search(r"^  clean +\S+% \(\S+-\S+%\) +\S+% \(\S+-\S+%\) +-10\.0  no test$", out, re.M), out
 
 
 # -- 6. a full disk is one line, and nothing is left behind ---------------------------------------------
