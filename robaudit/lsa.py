@@ -105,6 +105,8 @@ class LSAResult:
     # accuracy.csv's rows (attack, eps, norm) and, per pair of them, the samples right under one and wrong under the
     # other: what the sanity checks test two attacks on (checks.json's battery_pairs)
     pairs: dict | None = None
+    # layers left out because their output holds no per-sample activation (layer -> why), as the probe warned
+    unprobed: dict[str, str] = field(default_factory=dict)
 
     def to_frame(self) -> pd.DataFrame:
         return self.lsa.copy()
@@ -264,8 +266,7 @@ def analyze(
     eps: Sequence[float] | None = None,
     layers: Sequence[str] | None = None,
     layer_types: Sequence[str] | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
+    mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
     batch_size: int = 128,
     device: str | torch.device = "auto",
     seed: int = 0,
@@ -305,7 +306,8 @@ def analyze(
                                      type_map=type_map, probe=probe, stack=stack)
             battery = _run_battery(setup, probe_, data, stack, batch_size=batch_size, device=dev, workers=workers,
                                    keep_outcomes=keep_outcomes, samples_path=samples_path, progress=progress)
-            payload = {**battery.payload(probe_.layers), "wants_rows": samples_path is not None}
+            payload = {**battery.payload(probe_.layers), "wants_rows": samples_path is not None,
+                       "unprobed": dict(probe_.unprobed)}
         except Exception as e:
             error = e
         payloads = dist.exchange(payload, error)
@@ -315,7 +317,7 @@ def analyze(
             if gathered is not None:
                 with _sample_log(samples_path, setup) as log:
                     write_rows(log, gathered)
-    return _result(setup, totals, n_total=len(data.y), seconds=time.perf_counter() - started)
+    return _result(setup, totals, payloads, n_total=len(data.y), seconds=time.perf_counter() - started)
 
 
 def _run_battery(setup: Setup, probe_: LayerProbe, data, stack: contextlib.ExitStack, *, batch_size: int,
@@ -391,8 +393,8 @@ def _progress_bar(stack: contextlib.ExitStack, progress: bool, n_total: int, bat
     return stack.enter_context(tqdm(total=mine * n_configs, desc="analyze", unit="ex", leave=False))
 
 
-def _result(setup: Setup, totals: Totals, *, n_total: int, seconds: float) -> LSAResult:
-    """The ``lsa.csv`` and ``accuracy.csv`` tables of the battery's totals."""
+def _result(setup: Setup, totals: Totals, payloads: list[dict], *, n_total: int, seconds: float) -> LSAResult:
+    """The ``lsa.csv`` and ``accuracy.csv`` tables of the battery's totals, and the layers no process could probe."""
     specs = setup.specs
     gains: dict[tuple[str, int], float] = {}  # per configuration: each layer over the one before it in forward order
     for i in range(len(specs)):
@@ -431,4 +433,5 @@ def _result(setup: Setup, totals: Totals, *, n_total: int, seconds: float) -> LS
     pairs = {"rows": [["clean", None, None]] + [[s.label, s.eps, s.norm] for s in specs]
              + [["worst-case", e, norm] for norm, e in setup.worst_keys], "robust_only": totals.pairs}
     return LSAResult(lsa=lsa, accuracy=accuracy, layers=totals.layers, attacks=specs, n_samples=n_total,
-                     seconds=seconds, outcomes=totals.outcomes, bn_moments=totals.bn, pairs=pairs)
+                     seconds=seconds, outcomes=totals.outcomes, bn_moments=totals.bn, pairs=pairs,
+                     unprobed={k: v for p in payloads for k, v in p["unprobed"].items()})

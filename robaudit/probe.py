@@ -167,7 +167,7 @@ class LayerProbe:
         self._layers: dict[str, Layer] = {}
         self._batch: int | None = None  # the batch size of the forward pass now running
         self._batch_dims: dict[str, int] = {}  # per layer key, learned from an unambiguous call
-        self._no_batch: set[str] = set()
+        self.unprobed: dict[str, str] = {}  # layer key -> why its output holds no per-sample activation
         self._targets: list[tuple[nn.Module, Callable]] | None = None  # (module, hook), found once
 
     # -- hook management -------------------------------------------------------------------
@@ -228,16 +228,25 @@ class LayerProbe:
                 raise RobauditError(f"layer {key}: its output {tuple(t.shape)} no longer holds {self._rows(n)} at "
                                     f"dim {known}; the model's layout depends on its input: restrict --layers")
             return known
+        if key in self.unprobed:
+            return None
         dims = [i for i, size in enumerate(t.shape) if size == n]
         if not dims:
-            return None
+            return self._skip(key, f"its output {tuple(t.shape)} has no dimension of {self._rows(n)}, so it holds "
+                                   "no per-sample activation")
         if len(dims) == 1 or dims[0] != 0:
-            if len(dims) > 1:
-                raise RobauditError(f"layer {key}: its output {tuple(t.shape)} has {n} entries at dims "
-                                    f"{', '.join(map(str, dims))} ({self._rows(n)}), so the batch dimension is "
-                                    "unclear: choose another --batch-size")
+            if len(dims) > 1:  # e.g. windows folded into the batch (Swin): one op's layout never stops an audit
+                return self._skip(key, f"its output {tuple(t.shape)} has {n} entries at dims "
+                                       f"{', '.join(map(str, dims))} ({self._rows(n)}), so its batch dimension is "
+                                       "unclear")
             self._batch_dims[key] = dims[0]
         return dims[0]
+
+    def _skip(self, key: str, why: str) -> None:
+        """Leave layer ``key`` out of the analysis, once, with a warning; :attr:`unprobed` keeps the reason."""
+        self.unprobed[key] = why
+        warnings.warn(f"layer {key}: {why}; it is not probed", stacklevel=4)
+        return None
 
     def _rows(self, n: int | None) -> str:
         """The batch of ``n`` rows, in a message: the samples of each stacked batch when there are several."""
@@ -282,11 +291,6 @@ class LayerProbe:
             key, call, n = self._next_call(name, chunk)
             dim = self._batch_dim(key, output, n)
             if dim is None:
-                if key not in self._no_batch:
-                    self._no_batch.add(key)
-                    warnings.warn(f"layer {key}: its output {tuple(output.shape)} has no dimension of "
-                                  f"{self._rows(n)}, so it holds no per-sample activation; it is not probed",
-                                  stacklevel=2)
                 return None
             view = output.movedim(dim, 0) if dim else output
             rest = None

@@ -344,7 +344,7 @@ MANIFEST = obj({
     "n_samples": opt(COUNT_), "seed": whole(0, SEED_MAX), "device": OSTR, "batch_size": whole(1, limits.BATCH_MAX),
     "battery": opt(one_of(*BATTERIES)), "attacks": OSTRS, "configurations": OSTRS, "eps": opt(list_of(sweep_eps)),
     "layers": opt(obj({"patterns": OSTRS, "types": OSTRS, "probe": opt(one_of(*PROBES))})),
-    "num_layers": opt(COUNT_),
+    "num_layers": opt(COUNT_), "unprobed_layers": opt(map_of(text)),
     "mvl": opt(obj({"top": opt(POSITIVE), "z": opt(finite), "attack": OSTR, "metric": OSTR,
                     "include_output": opt(flag)})),
     "clean_accuracy": opt(fraction), "seconds": opt(nonneg), "started": OSTR, "finished": OSTR,

@@ -451,3 +451,53 @@ def test_an_output_without_a_batch_dimension_is_not_probed():
     with pytest.warns(UserWarning, match=r"summary.*no dimension of 8 rows \(2 stacked batches of 4 samples\)"):
         res = analyze(model, (x, y), attacks=["fgsm"], eps=[0.1], batch_size=4, device="cpu", probe="modules")
     assert res.lsa["layer"].unique().tolist() == ["scale"]
+
+
+class FoldWindows(nn.Module):
+    """A Swin-like block: 2x2 windows of an n x 3 x 2m x 2m map folded into the batch, batch-major, as (4n, 3, m, m).
+
+    With m equal to the rows of a pass, the folded output has that many entries at dims 2 and 3 and none at
+    dim 0, so which dimension holds the samples cannot be told from its shape."""
+
+    def __init__(self, m: int, num_classes: int = 3) -> None:
+        super().__init__()
+        self.m = m
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.window = nn.ReLU()
+        self.head = nn.Linear(3 * 4 * m * m, num_classes)
+
+    def forward(self, x):
+        n, m = x.shape[0], self.m
+        h = self.conv(x).reshape(n, 3, 2, m, 2, m).permute(0, 2, 4, 1, 3, 5).reshape(4 * n, 3, m, m)
+        h = self.window(h)
+        back = h.reshape(n, 2, 2, 3, m, m).permute(0, 3, 1, 4, 2, 5).reshape(n, 3, 2 * m, 2 * m)
+        return self.head(back.flatten(1))
+
+
+def test_a_layer_of_unclear_layout_is_skipped_and_the_audit_goes_on(tmp_path):
+    """One internal op's layout never stops an audit: the layer is left out with a warning, recorded in the
+    result, the manifest and the report, and every other layer is analyzed."""
+    torch.manual_seed(0)
+    model = FoldWindows(m=8).eval()  # the analysis stacks 2 batches of 4 samples: 8 rows, like the window side
+    with pytest.warns(UserWarning, match=r"window: its output \(32, 3, 8, 8\) has 8 entries at dims 2, 3 .*not probed"):
+        with LayerProbe(model, ["conv", "window", "head"]) as probe:
+            _, outs = probe.run(model, torch.rand(8, 1, 16, 16))
+    assert list(outs) == ["conv", "head"] and list(probe.unprobed) == ["window"]
+    x, y = torch.rand(12, 1, 16, 16), torch.arange(12) % 3
+    with pytest.warns(UserWarning, match="window: .*not probed"):
+        res = analyze(model, (x, y), attacks=["fgsm"], eps=[0.1], batch_size=4, device="cpu", probe="modules")
+    assert res.lsa["layer"].unique().tolist() == ["conv", "head"] and list(res.unprobed) == ["window"]
+    assert "dims 2, 3" in res.unprobed["window"]
+
+    import numpy as np
+
+    from robaudit.models import LoadedModel
+    from robaudit.stages.analyze import analyze_run
+
+    np.savez(tmp_path / "w.npz", x=torch.rand(12, 1, 16, 16).numpy(), y=(np.arange(12) % 3))
+    with pytest.warns(UserWarning, match="window: .*not probed"):
+        done = analyze_run(LoadedModel(module=model, format="checkpoint"), str(tmp_path / "w.npz"), out=tmp_path / "run", attacks=["fgsm"], eps=[0.1],
+                           batch_size=4, probe="modules", checks=False, device="cpu")
+    assert list(done.manifest["unprobed_layers"]) == ["window"]
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "Not probed (1)" in page and "<code>window</code>" in page

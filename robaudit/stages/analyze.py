@@ -298,6 +298,7 @@ def _manifest(loaded: LoadedModel, data, result: LSAResult, *, command: str, tru
         "layers": {"patterns": list(layers) if layers else None, "types": list(layer_types) if layer_types else None,
                    "probe": probe},
         "num_layers": len(result.layers),
+        "unprobed_layers": dict(result.unprobed),  # left out: their output holds no per-sample activation
         "mvl": mvl,
         "clean_accuracy": result.clean_accuracy,
         "seconds": round(result.seconds, 3),

@@ -188,7 +188,9 @@ def _layers_section(run: Run, palette: Palette, mvl_names: set[str]) -> dict:
                    "RE of the layer before it; above 1: the layer amplifies the perturbation); click a column "
                    "header to sort.")
     table = Table(columns, rows, caption=caption)
-    return {"metric": metric, "n_layers": len(layers), "n_configs": len(configs), "figures": figures, "table": table}
+    unprobed = sorted((run.manifest.get("unprobed_layers") or {}).items())
+    return {"metric": metric, "n_layers": len(layers), "n_configs": len(configs), "figures": figures, "table": table,
+            "unprobed": unprobed}
 
 
 def _perturbation_table(acc: pd.DataFrame, after: pd.DataFrame | None) -> Table | None:
