@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from robaudit.cli import main
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-DATASETS = {"digits_cnn": "digits", "moons_mlp": "moons"}
+DATASETS = {"digits_cnn": "digits", "digits_deep_cnn": "digits", "moons_mlp": "moons"}
 SHIPPED = sorted(p for p in EXAMPLES.iterdir() if p.suffix in (".pt2", ".pt"))
 
 
@@ -32,3 +32,21 @@ def test_example_with_the_default_battery(model, tmp_path):
     checks = json.loads((out / "checks.json").read_text())
     assert 1 <= checks["n_samples"] == checks["plan"]["n_samples"] <= 16  # sized to the battery's cost
     assert (out / "report.html").stat().st_size > 0
+    # where the MVL layers sit: each one's depth among the probed layers, stored and printed
+    lsa = pd.read_csv(out / "lsa.csv")
+    probed = lsa.drop_duplicates("layer").sort_values("order")["layer"].tolist()
+    mvl = json.loads((out / "mvl.json").read_text())["layers"]
+    assert mvl and [m["depth"] for m in mvl] == [probed.index(m["layer"]) + 1 for m in mvl]
+    assert "depth" in result.output
+
+
+def test_the_deep_example_is_small_and_deep():
+    import torch
+
+    from robaudit.examples.models import DigitsDeepCNN
+
+    model = DigitsDeepCNN()
+    stages = [m for m in model.modules() if isinstance(m, torch.nn.ReLU)]
+    assert len(stages) >= 6 and sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) >= 6
+    for suffix in (".pt2", ".pt"):
+        assert (EXAMPLES / f"digits_deep_cnn{suffix}").stat().st_size < 1_000_000
