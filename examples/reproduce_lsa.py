@@ -226,12 +226,12 @@ def train_method(model, train, kind: str, opts: dict, layers: list[str], *, setu
     return float(res.history["seconds"].sum())
 
 
-def run_one(name: str, seed: int, regime: str, *, epochs: int | None, pre_epochs: int | None, gamma: float,
+def run_one(name: str, seed: int, regime: str, *, epochs: dict[str, int] | None, pre_epochs: int | None, gamma: float,
             re_mode: str, top: int, evaluation: Evaluation, methods) -> list[dict]:
     """Pretrain, rank layers by LSA, then train every method from the same starting point; evaluate each."""
     setup = SETUPS[name]
     pre_ep = pre_epochs or setup.pre_epochs
-    ep = epochs or (setup.finetune_epochs if regime == "pretrained" else setup.scratch_epochs)
+    ep = (epochs or {}).get(regime) or (setup.finetune_epochs if regime == "pretrained" else setup.scratch_epochs)
     train, test = load_dataset(setup.dataset, split="train"), load_dataset(setup.dataset, split="test")
     x, y = test.x[:evaluation.samples], test.y[:evaluation.samples]
     t0 = time.perf_counter()
@@ -428,6 +428,14 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def epochs_option(text: str) -> dict[str, int]:
+    """``--epochs N`` (both regimes) or ``P/S`` (pretrained / scratch)."""
+    parts = text.split("/")
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not N or P/S (positive whole numbers of epochs)")
+    return dict(zip(REGIMES, [int(p) for p in parts] * (3 - len(parts))))
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
@@ -436,7 +444,9 @@ def parse_args(argv):
     p.add_argument("--datasets", "--models", dest="models", default=",".join(SETUPS),
                    help=f"models to run, from {', '.join(SETUPS)}")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--epochs", type=int, help="training epochs of every method (default per model and regime)")
+    p.add_argument("--epochs", type=epochs_option, metavar="N or P/S",
+                   help="training epochs of every method: N in both regimes, or P (pretrained) / S (scratch); "
+                        "default per model and regime")
     p.add_argument("--pre-epochs", type=int, help="ordinary training epochs of the ranked model (default per model)")
     p.add_argument("--gamma", type=float, default=1.0)
     p.add_argument("--re-mode", default="pooled", choices=["pooled", "per-sample"])
@@ -487,7 +497,8 @@ def settings_text(command: str, args, seeds: int, evaluation: Evaluation, epochs
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     lengths = ", ".join(
         f"{m} {pre_epochs or SETUPS[m].pre_epochs}/"
-        + "/".join(str(epochs or (SETUPS[m].finetune_epochs if r == "pretrained" else SETUPS[m].scratch_epochs))
+        + "/".join(str((epochs or {}).get(r) or (SETUPS[m].finetune_epochs if r == "pretrained"
+                                                  else SETUPS[m].scratch_epochs))
                    for r in regimes) for m in models)
     n = "the whole test split" if evaluation.samples is None else f"the first {evaluation.samples} test samples"
     return (f"Command: `{command}`\n\n{seeds} seed(s); k = {args.top} layers for every AT-LR method; gamma "
@@ -535,7 +546,7 @@ def main(argv=None) -> int:
     logging.getLogger("robaudit").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     seeds = 1 if args.quick else args.seeds
-    epochs = args.epochs or (1 if args.quick else None)
+    epochs = args.epochs or (epochs_option("1") if args.quick else None)
     pre_epochs = args.pre_epochs or (2 if args.quick else None)
     evaluation = Evaluation(tuple(round(m * TRAIN_EPS, 6) for m in EVAL_MULTIPLES),
                             args.square_queries or (100 if args.quick else 1000),
