@@ -477,19 +477,26 @@ def parse_args(argv):
     return args
 
 
-def run_tasks(tasks, kw, *, jobs: int, threads: int) -> list[dict]:
-    """Every (model, seed, regime) task, in ``jobs`` processes (the deep model's first: they take longest)."""
+def run_tasks(tasks, kw, *, jobs: int, threads: int, done=lambda rows: None) -> list[dict]:
+    """Every (model, seed, regime) task, in ``jobs`` processes, seed by seed (a run cut short still holds whole
+    seeds); ``done(rows)`` gets the rows finished so far after every task."""
+    ordered = sorted(tasks, key=lambda t: (t[1], list(SETUPS).index(t[0]), REGIMES.index(t[2])))
+    finished: dict[tuple, list[dict]] = {}
     if jobs <= 1 or len(tasks) <= 1:
-        return [row for name, seed, regime in tasks for row in run_one(name, seed, regime, **kw)]
+        for t in ordered:
+            finished[t] = run_one(*t, **kw)
+            done([row for u in ordered if u in finished for row in finished[u]])
+        return [row for t in tasks for row in finished[t]]
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    cost = {"digits-deep": 0, "digits": 1}
-    ordered = sorted(tasks, key=lambda t: (cost.get(t[0], 2), t[2] != "scratch"))
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
                              initargs=(threads,)) as pool:
-        futures = {t: pool.submit(run_one, *t, **kw) for t in ordered}
-        return [row for t in tasks for row in futures[t].result()]
+        futures = {pool.submit(run_one, *t, **kw): t for t in ordered}
+        for f in as_completed(futures):
+            finished[futures[f]] = f.result()
+            done([row for u in ordered if u in finished for row in finished[u]])
+    return [row for t in tasks for row in finished[t]]
 
 
 def settings_text(command: str, args, seeds: int, evaluation: Evaluation, epochs, pre_epochs, regimes) -> str:
@@ -526,7 +533,9 @@ STRING_COLUMNS = ("draw", "layers", "depths", "same_as")
 
 def rebuild(source: Path, out: Path) -> int:
     """The tables and plot of an earlier run, from its per_seed.csv and run.json (nothing is trained)."""
-    results = pd.read_csv(source / "per_seed.csv", dtype={c: str for c in STRING_COLUMNS})
+    rows = source / "per_seed.csv"
+    rows = rows if rows.exists() else source / "per_seed.partial.csv"  # a run cut short
+    results = pd.read_csv(rows, dtype={c: str for c in STRING_COLUMNS})
     for c in STRING_COLUMNS:
         results[c] = results[c].fillna("")
     run = json.loads((source / "run.json").read_text())
@@ -562,12 +571,20 @@ def main(argv=None) -> int:
              for seed in range(seeds) for regime in regimes]
     kw = dict(epochs=epochs, pre_epochs=pre_epochs, gamma=args.gamma, re_mode=args.re_mode, top=args.top,
               evaluation=evaluation, methods=methods)
-    results = pd.DataFrame(run_tasks(tasks, kw, jobs=args.jobs, threads=args.threads))
-    seconds = time.perf_counter() - started
     command = " ".join(["python examples/reproduce_lsa.py", *argv])
     settings = settings_text(command, args, seeds, evaluation, epochs, pre_epochs, regimes)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def progress(rows: list[dict]) -> None:  # what a run cut short leaves: --tables-from rebuilds its tables
+        pd.DataFrame(rows).to_csv(args.out / "per_seed.partial.csv", index=False, float_format="%.6g")
+        (args.out / "run.json").write_text(json.dumps({"command": command, "settings": settings, "complete": False,
+                                                       "seconds": round(time.perf_counter() - started, 1)}) + "\n")
+
+    results = pd.DataFrame(run_tasks(tasks, kw, jobs=args.jobs, threads=args.threads, done=progress))
+    seconds = time.perf_counter() - started
     text = write_outputs(results, args.out, settings)
-    run = {"command": command, "settings": settings, "seconds": round(seconds, 1), "cpu_count": os.cpu_count(), "jobs": args.jobs,
+    (args.out / "per_seed.partial.csv").unlink(missing_ok=True)
+    run = {"command": command, "settings": settings, "complete": True, "seconds": round(seconds, 1), "cpu_count": os.cpu_count(), "jobs": args.jobs,
            "threads": args.threads, "load_average_at_start": [round(v, 2) for v in load],
            "load_average_at_end": [round(v, 2) for v in os.getloadavg()], "torch": torch.__version__}
     (args.out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
