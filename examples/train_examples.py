@@ -63,7 +63,8 @@ def build(stem: str, out: Path, seed: int = 0) -> None:
     train(model, train_set.x, train_set.y, epochs=epochs, lr=lr, seed=seed)
     export_model(out / f"{stem}.pt2", model, test_set.x[:2])
     save_checkpoint(out / f"{stem}.pt", model, arch=f"{ARCH_MODULE}:{cls.__name__}", arch_kwargs={})
-    print(f"{stem}: test accuracy {accuracy(model, test_set.x, test_set.y):.3f} -> {out / (stem + '.pt2')}")
+    n = sum(p.numel() for p in model.parameters())
+    print(f"{stem}: {n} parameters, test accuracy {accuracy(model, test_set.x, test_set.y):.3f} -> {out / (stem + '.pt2')}")
 
 
 if __name__ == "__main__":
