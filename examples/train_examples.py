@@ -64,7 +64,8 @@ def build(stem: str, out: Path, seed: int = 0) -> None:
     export_model(out / f"{stem}.pt2", model, test_set.x[:2])
     save_checkpoint(out / f"{stem}.pt", model, arch=f"{ARCH_MODULE}:{cls.__name__}", arch_kwargs={})
     n = sum(p.numel() for p in model.parameters())
-    print(f"{stem}: {n} parameters, test accuracy {accuracy(model, test_set.x, test_set.y):.3f} -> {out / (stem + '.pt2')}")
+    acc = accuracy(model, test_set.x, test_set.y)
+    print(f"{stem}: {n} parameters, test accuracy {acc:.3f} -> {out / (stem + '.pt2')}")
 
 
 if __name__ == "__main__":
