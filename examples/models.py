@@ -1,6 +1,6 @@
-"""Example architectures: a digits CNN with BatchNorm and a moons MLP.
+"""Example architectures: a digits CNN with BatchNorm, a deeper one with residual blocks, and a moons MLP.
 
-They are importable as ``robaudit.examples.models:DigitsCNN`` / ``:MoonsMLP`` once robaudit is
+They are importable as ``robaudit.examples.models:DigitsCNN`` / ``:DigitsDeepCNN`` / ``:MoonsMLP`` once robaudit is
 installed, so checkpoints that name them load anywhere.
 """
 from torch import nn
@@ -39,3 +39,47 @@ class MoonsMLP(nn.Module):
 
     def forward(self, x):
         return self.net(x)
+
+
+class ConvBNReLU(nn.Sequential):
+    """One conv-BN-ReLU stage (3x3, padding 1)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU())
+
+
+class ResidualBlock(nn.Module):
+    """Two conv-BN stages with an identity shortcut: ``relu(x + bn(conv(relu(bn(conv(x))))))``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu2(x + self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))))
+
+
+class DigitsDeepCNN(nn.Module):
+    """A deeper digits CNN with BatchNorm: seven conv-BN-ReLU stages, two of them residual blocks.
+
+    stem (8x8) -> stage -> residual block -> downsample to 4x4 -> residual block -> global average pool ->
+    linear: seven ReLU layers, so that "most vulnerable" and "deepest" can differ.
+    """
+
+    def __init__(self, width: int = 12, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            ConvBNReLU(1, width), ConvBNReLU(width, width), ResidualBlock(width),
+            ConvBNReLU(width, 2 * width, stride=2), ResidualBlock(2 * width),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(2 * width, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.pool(self.features(x)))

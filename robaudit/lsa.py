@@ -57,7 +57,11 @@ def pooled_relative_error(clean: torch.Tensor, perturbed: torch.Tensor) -> torch
 # -- results ---------------------------------------------------------------------------------
 @dataclass
 class MVL:
-    """The Most Vulnerable Layers list: which criterion and ranking picked them, most vulnerable first."""
+    """The Most Vulnerable Layers list: which criterion and ranking picked them, most vulnerable first.
+
+    ``layers``: ``layer``, ``score``, ``layer_type`` and ``depth``, the layer's position among the probed layers in
+    forward order (1 nearest the input): whether the most vulnerable layers are simply the deepest shows there.
+    """
 
     criterion: str
     attack: str
@@ -82,7 +86,8 @@ class MVL:
             "metric": self.metric,
             "excluded": list(self.excluded),
             "layers": [
-                {"layer": r.layer, "score": float(r.score), "layer_type": r.layer_type}
+                {"layer": r.layer, "score": float(r.score), "layer_type": r.layer_type,
+                 **({"depth": int(r.depth)} if "depth" in self.layers else {})}
                 for r in self.layers.itertuples()
             ],
         }
@@ -197,6 +202,12 @@ def ranking_rows(lsa: pd.DataFrame, accuracy: pd.DataFrame, *, attack: str | Non
     return rows[rows[metric].notna()], excluded, attack, eps
 
 
+def layer_depths(lsa: pd.DataFrame) -> dict[str, int]:
+    """Each probed layer's depth: its position among all the probed layers of ``lsa`` in forward order, from 1."""
+    orders = lsa.drop_duplicates("layer").sort_values("order", kind="stable")["layer"]
+    return {name: i for i, name in enumerate(orders, 1)}
+
+
 def select_mvl(lsa: pd.DataFrame, accuracy: pd.DataFrame, *, k: int | None = None, z: float | None = None,
                attack: str | None = None, eps: float | None = None, metric: str = "re_mean",
                include_output: bool = False) -> MVL:
@@ -224,6 +235,7 @@ def select_mvl(lsa: pd.DataFrame, accuracy: pd.DataFrame, *, k: int | None = Non
         ranked = ranked.head(k)
         criterion = "top-k"
     table = ranked[["layer", metric, "layer_type"]].rename(columns={metric: "score"}).reset_index(drop=True)
+    table["depth"] = table["layer"].map(layer_depths(lsa)).astype(int)
     return MVL(criterion, attack, eps, metric, table, k=k if criterion == "top-k" else None, z=z, excluded=excluded)
 
 

@@ -355,7 +355,8 @@ MANIFEST = obj({
 MVL = obj({
     "criterion": OSTR, "k": opt(POSITIVE), "z": opt(finite), "attack": OSTR, "eps": opt(nonneg),
     "metric": OSTR, "excluded": OSTRS,
-    "layers": opt(list_of(obj({"layer": STR, "score": opt(finite), "layer_type": OSTR}, required=("layer",)))),
+    "layers": opt(list_of(obj({"layer": STR, "score": opt(finite), "layer_type": OSTR, "depth": opt(POSITIVE)},
+                              required=("layer",)))),
 })
 
 CHECKS = obj({

@@ -96,13 +96,18 @@ def _minimal_item(r) -> str:
 
 
 def mvl_table(mvl) -> list[str]:
-    """The Most Vulnerable Layers (:class:`~robaudit.lsa.MVL`): rank, layer, type and score."""
+    """The Most Vulnerable Layers (:class:`~robaudit.lsa.MVL`): rank, layer, type, depth (when known) and score."""
     eps_txt = f" at eps {_eps(mvl.eps)}" if mvl.eps is not None else ""
     width = max([len(n) for n in mvl.names] + [5])
+    has_depth = "depth" in mvl.layers
+    depth_head = f" {'depth':>5}" if has_depth else ""
     lines = [f"\nMost Vulnerable Layers (ranked by {mvl.metric} under {mvl.attack}{eps_txt}):",
-             f"  {'rank':>4}  {'layer':<{width}}  {'type':<14} {mvl.metric:>9}"]
+             f"  {'rank':>4}  {'layer':<{width}}  {'type':<14}{depth_head} {mvl.metric:>9}"]
     for i, r in enumerate(mvl.layers.itertuples(), 1):
-        lines.append(f"  {i:>4}  {printable(r.layer):<{width}}  {printable(r.layer_type):<14} {r.score:>9.4f}")
+        depth = f" {int(r.depth):>5}" if has_depth else ""
+        lines.append(f"  {i:>4}  {printable(r.layer):<{width}}  {printable(r.layer_type):<14}{depth} {r.score:>9.4f}")
+    if has_depth:
+        lines.append("  (depth: the layer's position among the probed layers in forward order, 1 nearest the input)")
     if mvl.excluded:
         lines.append(f"  (not ranked: {', '.join(mvl.excluded)} -- output and pass-through layers; "
                      "--include-output ranks the output layer)")

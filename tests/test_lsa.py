@@ -382,7 +382,8 @@ def test_mvl_top_k_ranks_by_the_strongest_attack():
     assert mvl.names == ["l4", "l2", "l1"]
     assert list(mvl.layers["score"]) == [5.0, 1.1, 1.0]
     assert mvl.excluded == ["out"]
-    assert mvl.to_dict()["layers"][0] == {"layer": "l4", "score": 5.0, "layer_type": "ReLU"}
+    assert mvl.to_dict()["layers"][0] == {"layer": "l4", "score": 5.0, "layer_type": "ReLU", "depth": 4}
+    assert list(mvl.layers["depth"]) == [4, 2, 1]
 
 
 def test_mvl_output_layer_on_request():
@@ -685,6 +686,30 @@ def test_re_gain_of_a_three_layer_chain_by_hand():
     assert by_re.names == ["1", "2"] and by_gain.names == ["1", "0"]
     assert list(by_gain.layers["score"]) == pytest.approx(HAND_GAINS[1::-1], rel=1e-5)
     assert by_gain.to_dict()["metric"] == "re_gain"
+    # depth: the position among the probed layers in forward order (the chain's three layers are 1, 2, 3)
+    assert list(by_re.layers["depth"]) == [2, 3] and list(by_gain.layers["depth"]) == [2, 1]
+    assert [l["depth"] for l in by_gain.to_dict()["layers"]] == [2, 1]
+
+
+def test_the_mvl_table_shows_depth_and_an_older_mvl_json_without_it_still_reads(tmp_path):
+    from robaudit import runschema
+    from robaudit.lsa import MVL
+    from robaudit.tables import mvl_table
+
+    x, y = torch.tensor([[0.5, 0.25]]), torch.tensor([0])
+    res = run(hand_chain(), SimpleNamespace(x=x, y=y, num_classes=2), attacks=["fgsm"], eps=[0.1], probe="modules")
+    mvl = select_mvl(res.lsa, res.accuracy, k=2, metric="re_gain", include_output=True)
+    lines = mvl_table(mvl)
+    assert "depth" in lines[1] and lines[2].split()[:2] == ["1", "1"] and lines[2].split()[3] == "2"
+    assert any("position among the probed layers" in line for line in lines)
+    older = mvl.to_dict()
+    for layer in older["layers"]:
+        del layer["depth"]
+    runschema.DOCUMENTS["mvl.json"](older, "", tmp_path / "mvl.json")  # no error: depth is optional
+    table = mvl_table(MVL("top-k", "fgsm", 0.1, "re_gain", mvl.layers.drop(columns=["depth"]), k=2))
+    assert "depth" not in table[1] and table[2].split()[:3] == ["1", "1", "Linear"]
+    with pytest.raises(RobauditError, match="depth"):
+        runschema.DOCUMENTS["mvl.json"]({**older, "layers": [{"layer": "0", "depth": 0}]}, "", tmp_path / "mvl.json")
 
 
 def test_layer_gains_leave_undefined_ratios_nan():

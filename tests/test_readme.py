@@ -51,7 +51,8 @@ def test_examples_resolve_inside_the_installed_package(installed, tmp_path):
     module, example, names = proc.stdout.strip().splitlines()
     assert Path(module).is_relative_to(installed) and Path(example).is_relative_to(installed)
     assert Path(example).is_file()
-    assert set(names.split(",")) == {"digits_cnn.pt", "digits_cnn.pt2", "moons_mlp.pt", "moons_mlp.pt2"}
+    assert set(names.split(",")) == {"digits_cnn.pt", "digits_cnn.pt2", "digits_deep_cnn.pt", "digits_deep_cnn.pt2",
+                                     "moons_mlp.pt", "moons_mlp.pt2"}
 
 
 def test_a_bare_import_reaches_the_examples_and_every_subpackage(installed, tmp_path):
