@@ -38,6 +38,11 @@ def test_example_with_the_default_battery(model, tmp_path):
     mvl = json.loads((out / "mvl.json").read_text())["layers"]
     assert mvl and [m["depth"] for m in mvl] == [probed.index(m["layer"]) + 1 for m in mvl]
     assert "depth" in result.output
+    if model.stem == "digits_deep_cnn":  # healthy and deep: the default run warns of nothing it cannot show
+        from robaudit import verdict
+        from robaudit.rundir import read_run
+
+        assert [c.name for c in verdict.checks_of(read_run(out)) if c.status == "warn"] == []
 
 
 def test_the_deep_example_is_small_and_deep():
