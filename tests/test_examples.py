@@ -38,6 +38,8 @@ def test_example_with_the_default_battery(model, tmp_path):
     mvl = json.loads((out / "mvl.json").read_text())["layers"]
     assert mvl and [m["depth"] for m in mvl] == [probed.index(m["layer"]) + 1 for m in mvl]
     assert "depth" in result.output
+    page = (out / "report.html").read_text()  # and in the report's MVL table
+    assert "depth: position among the probed layers in forward order" in page
     if model.stem == "digits_deep_cnn":  # healthy and deep: the default run warns of nothing it cannot show
         from robaudit import verdict
         from robaudit.rundir import read_run

@@ -84,6 +84,13 @@ def test_verdict_numbers_match_the_csvs(small):
     assert "1 sanity check warns" in verdict and "Outputs are logits, not probabilities" in verdict
 
 
+def test_a_run_without_mvl_depths_shows_no_depth_column(small):
+    """mvl.json written before depths were recorded: the MVL table has no Depth column, nothing breaks."""
+    run, _, text = small
+    assert all("depth" not in item for item in json.loads((run / "mvl.json").read_text())["layers"])
+    assert "position among the probed layers" not in text and ">Depth</th>" not in text
+
+
 def test_every_mvl_layer_appears_in_the_layer_map(small):
     run, _, text = small
     layers = section(text, "layers")

@@ -138,11 +138,15 @@ def _mvl_section(run: Run) -> dict | None:
         how = f"layers whose RE exceeds the mean across layers by more than {fmt_num(mvl.get('z'))} standard deviations"
     else:
         how = f"the top {fmt_num(mvl.get('k', len(layers)))} layers"
+    depth = any(item.get("depth") is not None for item in layers)  # runs before depth was recorded have none
     rows = [Row([num_cell(i + 1), Cell(str(item.get("layer", "")), cls="layer"), Cell(str(item.get("layer_type", ""))),
-                 num_cell(item.get("score"), fmt_re)], cls="mvl")
+                 *([num_cell(item.get("depth"))] if depth else []), num_cell(item.get("score"), fmt_re)], cls="mvl")
             for i, item in enumerate(layers)]
-    table = Table([Column("Rank", True), Column("Layer"), Column("Type"), Column("Score (RE)", True)], rows,
-                  caption="MVL list, most vulnerable first")
+    columns = [Column("Rank", True), Column("Layer"), Column("Type"), *([Column("Depth", True)] if depth else []),
+               Column("Score (RE)", True)]
+    caption = "MVL list, most vulnerable first" + ("; depth: position among the probed layers in forward order, "
+                                                    "1 nearest the input" if depth else "")
+    table = Table(columns, rows, caption=caption)
     description = f"Ranked by {where}; selected: {how}. {len(layers)} layers."
     if mvl.get("excluded"):
         description += f" Not ranked (the output layer and pass-through layers such as Flatten): {', '.join(map(str, mvl['excluded']))}."
