@@ -148,25 +148,26 @@ def harden_summary(done, *, warned: Iterable[str] = ()) -> list[str]:
         lines.append(f"layers regularized: {s['layers_rule']}")
     warned = set(warned)
     lines += [f"note: {note}" for note in res.notes if note not in warned]
-    lines += _accuracy_before_after(done.comparison, done.run_dir, done.hardened_dir)
-    lines += _perturbation_before_after(done.run_dir, done.analysis.accuracy)
+    from .rundir import read_run
+
+    before, after = read_run(done.run_dir), read_run(done.hardened_dir)  # read once, as every run is: checked
+    lines += _accuracy_before_after(done.comparison, before, after)
+    lines += _perturbation_before_after(before, done.analysis.accuracy)
     lines += _re_before_after(done.comparison, s["mvl_ranking"]["metric"])
     return lines + [f"\nhardened model: {done.model_path}",
                     f"outputs: {done.hardened_dir}/ (history.csv, comparison.csv, harden.json, lsa.csv, "
                     "accuracy.csv, classes.csv, mvl.json)"]
 
 
-def _accuracy_before_after(comp, run_dir: Path, hardened_dir: Path) -> list[str]:
+def _accuracy_before_after(comp, before, after) -> list[str]:
     """The accuracy rows of a comparison: before and after with their 95 % intervals, the difference in points and
     whether it is more than the noise of the sample (exact McNemar on the two runs' samples.csv)."""
     import pandas as pd
 
     from .paired_runs import pair_samples, paired_tests
-    from .rundir import read_run
 
     acc = comp[comp["kind"] == "accuracy"]
     acc = acc[acc["eps"].notna() | (acc["attack"] == "clean")]  # minimal-perturbation attacks: no robust accuracy
-    before, after = read_run(run_dir), read_run(hardened_dir)  # read as every run is: checked
     acc = paired_tests(acc.reset_index(drop=True), pair_samples(before.table("samples.csv"),
                                                                 after.table("samples.csv")))
     keys = ["attack", "eps", "norm"]
@@ -191,14 +192,12 @@ def _accuracy_before_after(comp, run_dir: Path, hardened_dir: Path) -> list[str]
     return lines
 
 
-def _perturbation_before_after(run_dir: Path, after_accuracy) -> list[str]:
+def _perturbation_before_after(run, after_accuracy) -> list[str]:
     """The median perturbation each minimal-perturbation attack needed, before (the original run's) and after."""
     minimal = after_accuracy[after_accuracy["eps"].isna() & (after_accuracy["kind"] == "adversarial")]
     if not len(minimal):
         return []
-    from .rundir import read_run
-
-    before = read_run(run_dir).accuracy.set_index("attack")  # read as every run is: checked
+    before = run.accuracy.set_index("attack")
     lines = []
     for r in minimal.itertuples():
         if r.attack not in before.index or "pert_median" not in before.columns:
