@@ -133,16 +133,14 @@ def _is_node(value: Any) -> bool:
 
 
 def _check_graph(graph: dict, origins: dict[str, str], member: str, refuse: _Refuse) -> None:
-    """Each node calls plain computation and writes in place only into the graph's own buffers or into
-    tensors it created (nested graphs are checked with their inputs counted as foreign)."""
+    """Each node (its target already admitted by :func:`_check_program`) allocates a bounded literal size and
+    writes in place only into the graph's own buffers or into tensors it created (nested graphs are checked
+    with their inputs counted as foreign)."""
     tracker = MutationTracker(origins)
     for node in graph.get("nodes") or []:
         if not _is_node(node):
             continue
-        target = node.get("target")
-        reason = _target_refusal(target)
-        if reason:
-            refuse(member, f"calls {str(target)[:80]!r}, which {reason}")
+        target = node["target"]
         reason = size_refusal(node)
         if reason:
             refuse(member, f"calls {target[:80]!r}, which {reason}", why="running it could exhaust memory")
@@ -164,13 +162,11 @@ def _check_program(program: Any, member: str, refuse: _Refuse) -> None:
     for key in program.get("range_constraints") or {}:
         if not _safe_sympy(str(key)):
             refuse(member, f"has a shape constraint that is not a plain symbol ({str(key)[:60]!r})")
-    signature = gm.get("signature") if isinstance(gm.get("signature"), dict) else {}
-    _check_graph(gm["graph"], input_origins(signature), member, refuse)
     for key, value in _walk(gm):
         if _is_node(value):
             target = value.get("target")
             reason = _target_refusal(target)
-            if reason:  # nodes anywhere, in case a graph hides where _check_graph does not look
+            if reason:  # every node, wherever it sits: only plain computation is called
                 refuse(member, f"calls {str(target)[:80]!r}, which {reason}")
             name = value.get("name", "")
             if name and not (isinstance(name, str) and is_identifier(name)):
@@ -191,6 +187,8 @@ def _check_program(program: Any, member: str, refuse: _Refuse) -> None:
     for tensor_name in gm["graph"].get("tensor_values") or {}:
         if not is_identifier(tensor_name):
             refuse(member, f"names a tensor value {tensor_name[:60]!r}, not a plain identifier")
+    signature = gm.get("signature") if isinstance(gm.get("signature"), dict) else {}
+    _check_graph(gm["graph"], input_origins(signature), member, refuse)
 
 
 def is_class_path(name: str) -> bool:
