@@ -23,7 +23,7 @@ from .. import dist
 from ..batteries import CUSTOM, BatteryName, battery as battery_specs, check_standard
 from ..cmdline import command_line
 from ..labels import format_eps
-from ..data import DataSource, is_image_folder_record, load_dataset
+from ..data import DataSource, load_dataset
 from ..errors import RobauditError
 from ..device import resolve_device
 from ..fragile import FRAGILE_FILE, fragile_images, is_image_shape
@@ -305,9 +305,6 @@ def _manifest(loaded: LoadedModel, data, result: LSAResult, *, command: str, tru
         "started": started,
         "finished": now(),
     }
-
-
-is_image_folder = is_image_folder_record  # whether a manifest's ``dataset`` record is an image folder's
 
 
 def load_run_data(manifest: Mapping, *, stream: bool = True, download: bool = True):

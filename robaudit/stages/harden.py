@@ -22,7 +22,7 @@ from .. import attacks as atk
 from .. import dist
 from ..cmdline import command_line
 from ..labels import format_eps
-from ..data import DATASETS, IMAGEFOLDER_PREFIX, class_folders, load_dataset
+from ..data import DATASETS, IMAGEFOLDER_PREFIX, class_folders, is_image_folder_record, load_dataset
 from ..errors import RobauditError
 from ..device import resolve_device
 from ..exported import export_dynamic_batch
@@ -36,7 +36,7 @@ from ..training.config import HardenConfig
 from ..training.fit import HardenResult, global_batch_size, harden
 from ..training.layers import LayerRule, batchnorm_modules, control_layers
 from ..training.loop import HardenInterrupted, TimeEstimate
-from .analyze import (analyze_for_run, batchnorm_audit, is_image_folder, load_run_data, model_checks, now,
+from .analyze import (analyze_for_run, batchnorm_audit, load_run_data, model_checks, now,
                       run_tables)
 
 HARDENED_DIR = "hardened"
@@ -391,7 +391,7 @@ def _train_set(record: Mapping, train_data, *, download: bool):
     if record.get("name") in DATASETS:
         return load_dataset(record["name"], split="train", data_dir=record.get("data_dir"), download=download,
                             stream=True), f"{record['name']} train split"
-    what = "an image folder" if is_image_folder(record) else "a file"
+    what = "an image folder" if is_image_folder_record(record) else "a file"
     raise RobauditError(f"the run's data set {record.get('name')!r} is {what} with no train split: pass --train-data "
                         "FILE.npz or --train-data imagefolder:DIR with training samples")
 
@@ -401,7 +401,7 @@ def _train_folder(record: Mapping, train_data: str, *, download: bool):
     test images have one size and one label per class; without a class map its class folders must be the run's."""
     train = load_dataset(train_data, split="train", image_size=record.get("image_size"),
                          class_map=record.get("class_map"), download=download, stream=True)
-    if is_image_folder(record) and record.get("class_map") is None:
+    if is_image_folder_record(record) and record.get("class_map") is None:
         root = Path(train_data[len(IMAGEFOLDER_PREFIX):]).expanduser()
         ours, theirs = set(class_folders(root)), set(class_folders(Path(str(record.get("source")))))
         if ours != theirs:
