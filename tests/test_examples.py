@@ -87,6 +87,13 @@ def test_the_quick_reproduction_runs_every_control_on_every_model_in_both_regime
     rows = pd.read_csv(out / "per_seed.csv")
     assert sorted(rows.loc[rows["method"] == "atlr-random", "draw"].unique()) == [0, 1, 2]
     assert (out / "accuracy_vs_eps.png").stat().st_size > 0 and "atlr-deepest" in (out / "table.md").read_text()
+    run = json.loads((out / "run.json").read_text())
+    assert run["complete"] and len(run["tasks"]) == 6 and run["cpu_seconds"] > 0 and "256" in run["settings"]
+    # the tables rebuilt from per_seed.csv (what --tables-from does, nothing trained) are the run's own, to the digit
+    from robaudit.examples.reproduce_tables import read_rows, write_outputs
+
+    rebuilt = write_outputs(read_rows(out / "per_seed.csv"), tmp_path / "rebuilt", run["settings"], train_eps=0.1)
+    assert rebuilt == (out / "table.md").read_text()
     # the same seeds give the same numbers, whatever else runs beside them
     again = pd.read_csv(reproduce(tmp_path, "moons", "--models", "moons", "--init", "pretrained") / "per_seed.csv")
     first = rows[(rows["model"] == "moons") & (rows["regime"] == "pretrained")].reset_index(drop=True)
