@@ -95,7 +95,7 @@ class Setup:
 
 
 # The default lengths keep the whole default run (3 seeds, 3 models, both regimes, every control) near 20 minutes of
-# two cores: about 2,300 CPU seconds, half of them the deep model's, a third of all of it the evaluation.
+# two idle cores: about 2,300 CPU seconds, two thirds of them the deep model's (run.json has every task's seconds).
 SETUPS = {
     "moons": Setup("moons", MoonsMLP, 30, 20, 30, 1e-3),
     "digits": Setup("digits", DigitsCNN, 10, 6, 10, 1e-3),
