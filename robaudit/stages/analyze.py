@@ -123,16 +123,15 @@ def analyze_run(model: str | Path | LoadedModel, dataset: str, *, out: str | Pat
                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None, normalize: bool = True,
                 mvl_top: int | None = None, mvl_z: float | None = None, mvl_attack: str | None = None,
                 mvl_metric: str = "re_mean", include_output: bool = False, batch_size: int = 128, device: str = "auto",
-                seed: int = 0, checks: bool = True, report: bool = True, progress: bool = False,
-                command: str | None = None, force: bool = False, leave_group: bool = True,
-                source_options: SourceOptions | None = None) -> AnalysisRun | None:
+                seed: int = 0, checks: bool = True, report: bool = True, progress: bool = False, force: bool = False,
+                command: str | None = None, leave_group: bool = True, source_options: SourceOptions | None = None
+                ) -> AnalysisRun | None:
     """Analyze a model (a file, or a library spec built with ``source_options``) and write its run directory.
 
     An existing ``out`` must be an earlier robaudit run, replaced only with ``force``. Under ``torchrun`` every
-    process analyzes its share, then rank 0 alone runs the model checks, writes the run and returns it (the others
-    return ``None``; with ``leave_group=False``, as ``harden MODEL`` goes on with the group, the analysis without
-    checks). An error on any process stops all of them. ``battery`` (default: :attr:`BatteryName.DEFAULT`) names
-    the attacks when ``attacks`` does not; not both."""
+    process analyzes its share, then rank 0 alone runs the checks, writes the run and returns it (the others
+    ``None``; with ``leave_group=False``, as ``harden MODEL`` goes on with the group, the analysis without checks).
+    An error on any process stops all. ``battery`` (default: DEFAULT) names the attacks unless ``attacks`` does."""
     started, dev = now(), resolve_device(device)
     dist.init(dev)
     with contextlib.ExitStack() as held:  # rank 0 holds the output's lock from its check to the final rename
