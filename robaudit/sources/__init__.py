@@ -33,9 +33,11 @@ __all__ = ["ModelSource", "SourceKind", "SourceOptions", "THREAT_MODELS", "Built
 
 
 def load_any(model: str | os.PathLike, *, num_classes: int, arch: str | None = None, arch_kwargs: dict | None = None,
-             trust_model: bool = False, options: SourceOptions | None = None) -> LoadedModel:
-    """Load ``model``: a source spec through its library (for a data set of ``num_classes`` classes), or a
-    model file; options that only a library model takes are refused for a file, in one line."""
+             trust_model: bool = False, options: SourceOptions | None = None,
+             example: torch.Tensor | None = None) -> LoadedModel:
+    """Load ``model``: a source spec through its library (for a data set of ``num_classes`` classes; ``example``,
+    a few of its inputs, checks a conversion), or a model file; options only a library model takes are refused
+    for a file, in one line."""
     source = ModelSource.parse(model)
     options = options or SourceOptions()
     if source is None:
@@ -49,13 +51,18 @@ def load_any(model: str | os.PathLike, *, num_classes: int, arch: str | None = N
         raise RobauditError(f"--arch applies to a state dict; {source.spec()} names its own architecture")
     if arch_kwargs:
         options = dataclasses.replace(options, arch_kwargs={**options.arch_kwargs, **arch_kwargs})
-    return load_source(source, dataclasses.replace(options, trust_model=trust_model), num_classes=num_classes)
+    return load_source(source, dataclasses.replace(options, trust_model=trust_model), num_classes=num_classes,
+                       example=example)
 
 
-def load_source(source: ModelSource, options: SourceOptions, *, num_classes: int) -> LoadedModel:
-    """Build ``source`` with ``options`` (class count: ``--num-classes``, else the data set's) in eval mode."""
+def load_source(source: ModelSource, options: SourceOptions, *, num_classes: int,
+                example: torch.Tensor | None = None) -> LoadedModel:
+    """Build ``source`` with ``options`` (class count: ``--num-classes``, else the data set's) in eval mode.
+
+    A builder is ``build(source, options, *, num_classes, example) -> Built``; ``example`` (a few inputs of the
+    data set, in [0, 1], or None) lets a converted model be checked against its original."""
     builder = importlib.import_module(f".{_MODULES[source.kind]}", __name__)
-    built: Built = builder.build(source, options, num_classes=num_classes)
+    built: Built = builder.build(source, options, num_classes=num_classes, example=example)
     expected = options.num_classes or num_classes
     if built.classes is not None and built.classes != expected:
         raise RobauditError(f"{source.spec()} has {built.classes} classes and the data set {num_classes}: pass "
@@ -73,7 +80,8 @@ def load_source(source: ModelSource, options: SourceOptions, *, num_classes: int
 
 
 def reload_recorded(record: Mapping[str, Any], *, num_classes: int, trust_model: bool,
-                    weights: Path | None = None, download: bool = True) -> LoadedModel:
+                    weights: Path | None = None, download: bool = True,
+                    example: torch.Tensor | None = None) -> LoadedModel:
     """Build again the library model a manifest's ``model.source`` records (``weights``: other weights for it,
     e.g. the hardened ones); only this command's ``trust_model``, never the record's, lets code run."""
     source = ModelSource.parse(str(record.get("spec") or ""))
@@ -90,7 +98,7 @@ def reload_recorded(record: Mapping[str, Any], *, num_classes: int, trust_model:
         num_classes=record.get("num_classes"), arch_kwargs=dict(kwargs),
         model_dir=Path(str(record.get("model_dir") or "models")),
         threat_model=str(record.get("threat_model") or "Linf"), download=download, trust_model=trust_model)
-    return load_source(source, options, num_classes=num_classes)
+    return load_source(source, options, num_classes=num_classes, example=example)
 
 
 def save_weights(path: Path, module: nn.Module) -> Path:

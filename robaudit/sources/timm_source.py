@@ -11,7 +11,7 @@ from .spec import Built, ModelSource, SourceOptions
 from .weights import load_weights, read_state_dict
 
 
-def build(source: ModelSource, options: SourceOptions, *, num_classes: int) -> Built:
+def build(source: ModelSource, options: SourceOptions, *, num_classes: int, example=None) -> Built:
     """The timm model and the normalization its ``pretrained_cfg`` gives."""
     timm = require("timm", "timm")
     if source.name not in timm.list_models(pretrained=False) and not timm.is_model(source.name):

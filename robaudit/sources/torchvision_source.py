@@ -11,7 +11,7 @@ from .spec import Built, ModelSource, SourceOptions
 from .weights import load_weights, read_state_dict
 
 
-def build(source: ModelSource, options: SourceOptions, *, num_classes: int) -> Built:
+def build(source: ModelSource, options: SourceOptions, *, num_classes: int, example=None) -> Built:
     """The torchvision model and the normalization of its weights' transforms."""
     tv = require("torchvision", "torchvision")
     models = tv.models
