@@ -34,10 +34,10 @@ __all__ = ["ModelSource", "SourceKind", "SourceOptions", "THREAT_MODELS", "Built
 
 def load_any(model: str | os.PathLike, *, num_classes: int, arch: str | None = None, arch_kwargs: dict | None = None,
              trust_model: bool = False, options: SourceOptions | None = None,
-             example: torch.Tensor | None = None) -> LoadedModel:
-    """Load ``model``: a source spec through its library (for a data set of ``num_classes`` classes; ``example``,
-    a few of its inputs, checks a conversion), or a model file; options only a library model takes are refused
-    for a file, in one line."""
+             example: torch.Tensor | None = None, dataset: str | None = None) -> LoadedModel:
+    """Load ``model``: a source spec through its library (for the data set ``dataset`` of ``num_classes`` classes;
+    ``example``, a few of its inputs, checks a conversion), or a model file; options only a library model takes
+    are refused for a file, in one line."""
     source = ModelSource.parse(model)
     options = options or SourceOptions()
     if source is None:
@@ -51,6 +51,8 @@ def load_any(model: str | os.PathLike, *, num_classes: int, arch: str | None = N
         raise RobauditError(f"--arch applies to a state dict; {source.spec()} names its own architecture")
     if arch_kwargs:
         options = dataclasses.replace(options, arch_kwargs={**options.arch_kwargs, **arch_kwargs})
+    if dataset is not None:
+        options = dataclasses.replace(options, dataset=dataset)
     return load_source(source, dataclasses.replace(options, trust_model=trust_model), num_classes=num_classes,
                        example=example)
 
@@ -97,7 +99,8 @@ def reload_recorded(record: Mapping[str, Any], *, num_classes: int, trust_model:
         pretrained=None if (weights or recorded) else record.get("pretrained"),
         num_classes=record.get("num_classes"), arch_kwargs=dict(kwargs),
         model_dir=Path(str(record.get("model_dir") or "models")),
-        threat_model=str(record.get("threat_model") or "Linf"), download=download, trust_model=trust_model)
+        threat_model=str(record.get("threat_model") or "Linf"), download=download, trust_model=trust_model,
+        dataset=record.get("dataset"))
     return load_source(source, options, num_classes=num_classes, example=example)
 
 

@@ -103,6 +103,7 @@ class SourceOptions:
     download: bool = True
     trust_model: bool = False
     force_convert: bool = False
+    dataset: str | None = None  # robaudit's name of the data set (robustbench picks its leaderboard by it)
 
     def __post_init__(self) -> None:
         if self.threat_model not in THREAT_MODELS:
@@ -117,7 +118,7 @@ class SourceOptions:
         return {"weights": str(Path(self.weights).resolve()) if self.weights else None,
                 "pretrained": self.pretrained, "num_classes": self.num_classes,
                 "arch_kwargs": dict(self.arch_kwargs), "model_dir": str(self.model_dir),
-                "threat_model": self.threat_model}
+                "threat_model": self.threat_model, "dataset": self.dataset}
 
 
 @dataclass

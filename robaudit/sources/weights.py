@@ -77,11 +77,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as e:
             raise RobauditError(f"{path.name} is not a readable safetensors file ({type(e).__name__})") from e
     else:
-        state = _torch_state(path)
+        state = read_torch_file(path)
     return _unwrapped(state, path)
 
 
-def _torch_state(path: Path):
+def read_torch_file(path: Path):
+    """What ``torch.save`` wrote to ``path``, read with ``weights_only`` (tensors and containers, no code)."""
     with open(path, "rb") as fh:
         legacy = fh.read(1) == b"\x80"
     if not (legacy or zipfile.is_zipfile(path)):
