@@ -83,18 +83,17 @@ def _download(utils, entry, path: Path, options: SourceOptions) -> None:
 
 
 def _zoo_state(utils, checkpoint, name: str, module) -> dict:
-    """The state dict of a zoo checkpoint, unwrapped as RobustBench's own loader does (``module.``/``model.``
-    prefixes off; on for models whose own keys all have ``model.``, as its ImageNet wrappers do)."""
+    """The state dict of a zoo checkpoint, unwrapped as RobustBench's own loader does: ``module.``/``model.``
+    prefixes off, then ``model.`` on where the module's keys have it (its ImageNet wrappers around a network)."""
     if any(k in name for k in _LAST) and isinstance(checkpoint, dict) and "last" in checkpoint:
         checkpoint = checkpoint["last"]
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         raise RobauditError(f"the checkpoint of robustbench:{name} holds no state dict: delete it to download it again")
     state = utils.rm_substr_from_state_dict(utils.rm_substr_from_state_dict(state, "module."), "model.")
-    own = list(module.state_dict())
-    if own and all(k.startswith("model.") for k in own) and not any(k.startswith("model.") for k in state):
-        state = utils.add_substr_to_state_dict(state, "model.")
-    return state
+    own = set(module.state_dict())
+    prefixed = utils.add_substr_to_state_dict(state, "model.")
+    return prefixed if len(own & set(prefixed)) > len(own & set(state)) else state
 
 
 def _robustbench():
