@@ -6,10 +6,15 @@ STAMP := $(VENV)/.robaudit-installed
 
 .PHONY: demo test security bench screenshot clean
 
+# The tested pair of torch and torchvision, installed first so that no extra pulls another torch; then robaudit
+# with its tests and every model source (timm, torchvision, robustbench, transformers, onnx).
+TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q $(TORCH_PAIR)
+	$(BIN)/python -m pip install -q -e ".[test,all]"
 	touch $(STAMP)
 
 demo: $(STAMP)  ## analyze the example digits CNN; prints the MVL list and the run directory
