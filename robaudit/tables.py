@@ -11,6 +11,8 @@ import re
 from pathlib import Path
 from typing import Iterable
 
+from .sources.spec import shown_model
+
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -42,7 +44,7 @@ def analysis_summary(run) -> list[str]:
     norm = run.manifest.get("normalization") or {}
     stats = None if norm.get("mean") is None else (norm["mean"], norm["std"])
     clean = res.accuracy[res.accuracy["attack"] == "clean"].iloc[0]
-    lines = [f"{run.manifest['model']['path']} on {run.manifest['dataset']['name']} "
+    lines = [f"{shown_model(run.manifest['model'])} on {run.manifest['dataset']['name']} "
              f"({res.n_samples} samples, {res.seconds:.1f} s; 95% Wilson intervals in parentheses)",
              f"input normalization: {describe(stats)}",
              f"clean accuracy: {_row_with_interval(clean)}", *_accuracy_by_eps(res.accuracy),

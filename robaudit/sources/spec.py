@@ -87,6 +87,16 @@ _EXAMPLE = {SourceKind.TIMM: "resnet18", SourceKind.TORCHVISION: "resnet18",
 THREAT_MODELS = ("Linf", "L2", "corruptions")
 
 
+def shown_model(record) -> str | None:
+    """How a manifest's ``model`` record names the model to a reader: a library model by its spec
+    (``timm:resnet18``), a file by its path."""
+    record = record if isinstance(record, dict) else {}
+    source = record.get("source")
+    if isinstance(source, dict) and isinstance(source.get("spec"), str):
+        return source["spec"]
+    return record.get("path")
+
+
 @dataclass(frozen=True)
 class SourceOptions:
     """How to build a library model: its weights, class count and the library's own settings.

@@ -197,9 +197,10 @@ def _setup(model, dataset: str, *, out, arch, arch_kwargs, trust_model, data_dir
     if isinstance(model, LoadedModel):
         loaded = model
     elif model_source is not None:  # a library model is built for the data set's classes
-        loaded = load_any(model, num_classes=data.num_classes, arch=arch, arch_kwargs=arch_kwargs,
-                          trust_model=trust_model, options=source_options, example=data.head(8)[0],
-                          dataset=data.name)
+        with dist.main_first():  # a download or a hub cache fill happens once, in rank 0
+            loaded = load_any(model, num_classes=data.num_classes, arch=arch, arch_kwargs=arch_kwargs,
+                              trust_model=trust_model, options=source_options, example=data.head(8)[0],
+                              dataset=data.name)
     out = Path(out) if out else default_out(loaded.source["spec"] if loaded.source else loaded.path, source)
     if dist.is_main():  # the other processes never look at the output
         _claim_output(out, force=force, held=held)
