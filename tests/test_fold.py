@@ -213,3 +213,47 @@ def test_harden_regularizes_a_folded_layer():
                  eps=0.05, epochs=1, steps=1, batch_size=4, device="cpu", val_fraction=0.25, check_collapse=False)
     assert res.final["re:act"] > 0
 
+
+# -- timm's folding architectures (random weights, no network) -------------------------------------------------------
+TIMM = {  # name -> (create_model keywords, image side, probe mode, a folded module checked by hand, folded op layers)
+    "mobilevit_xxs": ({}, 64, "modules", "stages.3.1.transformer.0.mlp.act", []),
+    "swin_tiny_patch4_window7_224": (dict(img_size=32, window_size=4, embed_dim=16, depths=(2, 1), num_heads=(1, 2)),
+                                     32, "all", "layers.0.blocks.1.attn.proj",
+                                     ["layers.0.blocks.0.attn:add", "layers.0.blocks.1.attn:add"]),  # the mask's sum
+}
+
+
+@pytest.mark.parametrize("name", list(TIMM))
+def test_timm_models_that_fold_are_probed_at_every_activation(name):
+    """MobileViT folds patches into the batch, Swin windows: every activation call (counted by a TorchFunctionMode)
+    is a layer, nothing is skipped, and a folded layer's RE is each sample's, as computed by hand on the model."""
+    timm = pytest.importorskip("timm")
+    from tests.test_archs import ACTIVATION_TYPES, CountActivations
+
+    kwargs, side, probe, layer, ops = TIMM[name]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=3, **kwargs).eval()
+    x = torch.rand(6, 3, side, side, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(6) % 3
+    counter = CountActivations()
+    with torch.no_grad(), counter:
+        model(x[:2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # timm's and torch.export's own deprecations
+        warnings.simplefilter("error", UserWarning)  # no layer skipped
+        res = analyze(model, (x, y), attacks=["fgsm"], eps=[0.03], device="cpu", seed=0, probe=probe, batch_size=4)
+    activations = [l.name for l in res.layers if l.layer_type.lower() in ACTIVATION_TYPES]
+    assert counter.n > 0 and len(activations) == counter.n and not res.unprobed
+    assert res.folded[layer] > 1 and all(res.folded[op] == res.folded[layer] for op in ops)
+    seen = []
+    handle = model.get_submodule(layer).register_forward_hook(lambda m, i, out: seen.append(out.detach()))
+    fgsm = attacks.build(replace(attacks.parse("fgsm"), eps=0.03), model, num_classes=3)
+    x_adv = torch.cat([fgsm(x[:4], y[:4]), fgsm(x[4:], y[4:])])
+    seen.clear()
+    with torch.no_grad():
+        model(x), model(x_adv)
+    handle.remove()
+    clean, adv = (t.reshape(6, -1).double() for t in seen)  # timm folds batch-major: sample i's rows are a block
+    per_sample = (adv - clean).norm(dim=1) / clean.norm(dim=1)
+    row = res.lsa.set_index("layer").loc[layer]
+    assert row["n_samples"] == 6 and row["re_mean"] == pytest.approx(float(per_sample.mean()), rel=1e-4)
