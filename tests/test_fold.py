@@ -108,6 +108,28 @@ def test_a_sample_minor_fold_fails_the_proof_and_is_skipped():
     assert res.lsa["layer"].unique().tolist() == ["conv", "head"]
 
 
+def test_the_proof_costs_four_small_passes_once_and_only_where_a_layer_needs_it():
+    """A base pass of 3 samples and one per altered sample (first, middle, last), once per analysis; an analysis
+    whose layers hold no folded rows runs none."""
+    model = patches()
+    x, y = inputs(12)
+
+    def passes(layers):  # the batch size of every forward pass the analysis runs
+        sizes = []
+        handle = model.conv.register_forward_pre_hook(lambda m, args: sizes.append(len(args[0])))
+        try:
+            res = analyze(model, (x, y), attacks=["fgsm"], eps=[0.1], device="cpu", probe="modules", batch_size=4,
+                          layers=layers)
+        finally:
+            handle.remove()
+        return res, sizes
+
+    plain, plain_sizes = passes(["conv", "head"])
+    folded, folded_sizes = passes(["conv", "act", "head"])
+    assert not plain.folded and folded.folded == {"act": P}
+    assert 3 not in plain_sizes and sorted(folded_sizes) == sorted(plain_sizes + [3, 3, 3, 3])
+
+
 def test_a_transform_sees_each_sample_and_its_result_goes_back_folded():
     model = patches()
     x, _ = inputs(3)
