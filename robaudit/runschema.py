@@ -349,6 +349,7 @@ MANIFEST = obj({
     "battery": opt(one_of(*BATTERIES)), "attacks": OSTRS, "configurations": OSTRS, "eps": opt(list_of(sweep_eps)),
     "layers": opt(obj({"patterns": OSTRS, "types": OSTRS, "probe": opt(one_of(*PROBES))})),
     "num_layers": opt(COUNT_), "unprobed_layers": opt(map_of(text)),
+    "folded_layers": opt(map_of(POSITIVE)),
     "mvl": opt(obj({"top": opt(POSITIVE), "z": opt(finite), "attack": OSTR, "metric": OSTR,
                     "include_output": opt(flag)})),
     "clean_accuracy": opt(fraction), "seconds": opt(nonneg), "started": OSTR, "finished": OSTR,

@@ -337,6 +337,7 @@ def _manifest(loaded: LoadedModel, data, result: LSAResult, *, command: str, tru
                    "probe": probe},
         "num_layers": len(result.layers),
         "unprobed_layers": dict(result.unprobed),  # left out: their output holds no per-sample activation
+        "folded_layers": dict(result.folded),  # read per sample from rows folded into the batch: rows per sample
         "mvl": mvl,
         "clean_accuracy": result.clean_accuracy,
         "seconds": round(result.seconds, 3),

@@ -193,8 +193,9 @@ def _layers_section(run: Run, palette: Palette, mvl_names: set[str]) -> dict:
                    "header to sort.")
     table = Table(columns, rows, caption=caption)
     unprobed = sorted((run.manifest.get("unprobed_layers") or {}).items())
+    folded = sorted((run.manifest.get("folded_layers") or {}).items())
     return {"metric": metric, "n_layers": len(layers), "n_configs": len(configs), "figures": figures, "table": table,
-            "unprobed": unprobed}
+            "unprobed": unprobed, "folded": folded}
 
 
 def _perturbation_table(acc: pd.DataFrame, after: pd.DataFrame | None) -> Table | None:
