@@ -125,7 +125,7 @@ def source_flags(record: Mapping[str, Any] | None) -> dict[str, Any]:
     return {"weights": record.get("weights"), "pretrained": record.get("pretrained"),
             "num_classes": record.get("num_classes"),
             "arch_kwargs": json.dumps(kwargs, sort_keys=True) if kwargs else None,
-            "model_dir": record.get("model_dir") if rb else None,
+            "model_dir": record.get("model_dir") if rb or record.get("hub") else None,  # where downloads go
             "threat_model": record.get("threat_model") if rb else None}
 
 

@@ -53,8 +53,10 @@ class ModelSource:
 
     @property
     def local_path(self) -> Path | None:
-        """The file or folder this source reads from disk by its own name (ONNX file, transformers folder)."""
-        if self.kind is SourceKind.ONNX or (self.kind is SourceKind.HF and not _HF_NAME.fullmatch(self.name)):
+        """The file or folder this source reads from disk by its own name (ONNX file, transformers folder); as in
+        transformers, an existing folder ``ORG/NAME`` with a ``config.json`` is that folder, not the hub's model."""
+        if self.kind is SourceKind.ONNX or (self.kind is SourceKind.HF and (
+                not _HF_NAME.fullmatch(self.name) or (Path(self.name) / "config.json").is_file())):
             return Path(self.name)
         return None
 
