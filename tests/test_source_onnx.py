@@ -3,6 +3,7 @@ conversion checked against onnxruntime, and the ways a hostile file could reach 
 from __future__ import annotations
 
 import builtins
+import io
 import json
 import logging
 import os
@@ -245,9 +246,9 @@ def test_external_data_outside_the_models_folder_is_refused_unread(external, mon
     (folder / "link.bin").symlink_to(target)
     path = _save(_located(model, location), folder / "m.onnx")
     opened = []
-    real_open, real_os_open = builtins.open, os.open
-    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: opened.append(f) or real_open(f, *a, **k))
-    monkeypatch.setattr(os, "open", lambda f, *a, **k: opened.append(f) or real_os_open(f, *a, **k))
+    for module in (builtins, io, os):  # every way Python code opens a file
+        real = getattr(module, "open")
+        monkeypatch.setattr(module, "open", lambda f, *a, real=real, **k: opened.append(f) or real(f, *a, **k))
     with pytest.raises(RobauditError, match=re.escape(message)) as err:
         load_any(path, num_classes=2, example=torch.rand(3, 4))
     assert "\n" not in str(err.value)
