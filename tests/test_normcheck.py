@@ -106,7 +106,7 @@ def test_alternatives():
 
 
 def test_the_summary_always_prints_the_normalization_used(tmp_path):
-    from test_cli import DIGITS_PT2, FAST
+    from tests.test_cli import DIGITS_PT2, FAST
 
     plain = invoke("analyze", DIGITS_PT2, "--dataset", "digits", *FAST, "--out", tmp_path / "plain")
     assert plain.exit_code == 0, plain.output
