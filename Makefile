@@ -23,8 +23,9 @@ demo: $(STAMP)  ## analyze the example digits CNN; prints the MVL list and the r
 test: $(STAMP)  ## run the test suite
 	$(BIN)/python -m pytest -q
 
-security: $(STAMP)  ## hostile model, run and data files through every loader, and the data-safety checks
-	$(BIN)/python -m pytest -q tests/test_hostile.py tests/test_hostile_pt2.py tests/test_data_safety.py tests/test_hostile_runs.py
+security: $(STAMP)  ## hostile model, run and data files through every loader (library models too), and the data-safety checks
+	$(BIN)/python -m pytest -q tests/test_hostile.py tests/test_hostile_pt2.py tests/test_data_safety.py tests/test_hostile_runs.py \
+		tests/test_source_onnx.py tests/test_source_hf.py tests/test_source_torchvision.py tests/test_source_robustbench.py
 
 bench: $(STAMP)  ## side-by-side speed and memory ratios (not tests)
 	$(BIN)/python benchmarks/bench_analyze.py

@@ -88,3 +88,18 @@ def test_a_pickle_given_as_weights_is_refused_without_running(tmp_path):
     torch.save({"fc.weight": Boom()}, tmp_path / "evil.pth")
     with pytest.raises(RobauditError, match="holds more than weights"):
         load_any("torchvision:resnet18", num_classes=10, options=SourceOptions(weights=tmp_path / "evil.pth"))
+
+
+def test_a_forged_safetensors_header_is_refused(tmp_path):
+    """A header that promises more than the file holds, or a tensor outside the file, is refused before a byte of
+    weights is read."""
+    import struct
+
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
+    with pytest.raises(RobauditError, match="declares a 1,099,511,627,776-byte header in a 10-byte file"):
+        load_any("torchvision:resnet18", num_classes=10, options=SourceOptions(weights=path))
+    header = json.dumps({"fc.bias": {"dtype": "F32", "shape": [10], "data_offsets": [0, 4000]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 40)
+    with pytest.raises(RobauditError, match="tensor 'fc.bias' lies outside the file"):
+        load_any("torchvision:resnet18", num_classes=10, options=SourceOptions(weights=path))
