@@ -10,10 +10,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from tests.helpers import single_thread  # noqa: F401  (autouse fixture)
 from tests.test_archs import ACTIVATION_FUNCS, ACTIVATION_TYPES, CountActivations
+from robaudit.cli import main
 from robaudit.errors import RobauditError
 from robaudit.safeio import file_digest
 from robaudit.sources import SourceOptions, load_any
@@ -125,6 +127,14 @@ def test_harden_one_epoch_and_rebuild_from_the_record(case):
                      options=SourceOptions(weights=run_dir / "hardened" / "model.safetensors"))
     with torch.no_grad():
         torch.testing.assert_close(again.module(case["x"]), done.result.module.cpu().eval()(case["x"]))
+    # downstream commands read the run as any other: the report, the comparison and the gate name its spec
+    runner = CliRunner()
+    page = runner.invoke(main, ["report", "--run", str(run_dir)], catch_exceptions=False)
+    assert page.exit_code == 0 and f"timm:{case['name']}" in (run_dir / "report.html").read_text()
+    both = runner.invoke(main, ["compare", str(run_dir), str(run_dir / "hardened"), "--json"], catch_exceptions=False)
+    assert both.exit_code == 0 and json.loads(both.output)
+    gate = runner.invoke(main, ["check", str(run_dir), "--json"], catch_exceptions=False)
+    assert gate.exit_code == 0 and json.loads(gate.output)["model"] == f"timm:{case['name']}"
 
 
 def test_unknown_names_and_mismatched_weights_are_one_line(tmp_path):
