@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## analyze the example digits CNN; prints the MVL list and the run directory
 	$(BIN)/robaudit analyze examples/digits_cnn.pt2 --dataset digits --force
 
-test: $(STAMP)  ## run the test suite
-	$(BIN)/python -m pytest -q
+test: $(STAMP)  ## run the test suite, one test file at a time on each of two processes
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 security: $(STAMP)  ## hostile model, run and data files through every loader (library models too), and the data-safety checks
 	$(BIN)/python -m pytest -q tests/test_hostile.py tests/test_hostile_pt2.py tests/test_data_safety.py tests/test_hostile_runs.py \
