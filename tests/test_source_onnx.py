@@ -101,6 +101,8 @@ def test_analyze_model_onnx_from_the_command_line(cnn_onnx, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["format"] == "onnx" and manifest["model"]["source"]["spec"] == str(cnn_onnx)
     assert manifest["model"]["source"]["onnx_opset"] == 20
+    line = next(l for l in result.output.splitlines() if l.startswith("ONNX conversion:"))
+    assert line.endswith(f"on {manifest['model']['source']['onnx_checked_inputs']} inputs")  # printed, not only logged
 
 
 @pytest.mark.parametrize("batch, checked", [(1, 8), (8, 9)])
