@@ -1,7 +1,7 @@
 """Test the LSA paper's AT-LR claim against controls: is "most vulnerable" more than "deepest"?
 
     python examples/reproduce_lsa.py                    # 3 seeds, 3 models, both regimes, every control
-    python examples/reproduce_lsa.py --quick            # 1 seed, 1-2 epochs, a small evaluation: a smoke run
+    python examples/reproduce_lsa.py --quick            # 1 seed, 256 training samples, 1-2 epochs: a smoke run
     python examples/reproduce_lsa.py --ablation         # digits: gamma, per-sample RE, layer sets, dual BN
 
 For every model (``moons``: a three-layer MLP; ``digits``: a CNN with BatchNorm and three ReLU layers;
@@ -23,7 +23,7 @@ from the trained model's initial weights (the paper's regime):
 Two methods whose layer sets are equal are the same training (the regularized layers are passed in forward order,
 so the order they were ranked in does not matter): it runs once and both rows carry its numbers (``same_as``).
 
-Evaluation, on the test split, at 1x, 1.5x and 2x the training eps: PGD-20 (alpha 2.5 eps / 20, random start) and
+Evaluation, on the first 200 test samples (``--eval-samples``), at 1x, 1.5x and 2x the training eps: PGD-20 (alpha 2.5 eps / 20, random start) and
 Square (1,000 queries, black-box, so masked gradients do not fool it) on every sample PGD left correct; a sample is
 robust when both attacks leave it correct (the per-sample worst of the two). The tables give mean ± std over seeds
 and the paired difference (same seed, same starting weights) against ``atlr-deepest`` and against ``at``, with the
@@ -31,8 +31,10 @@ number of seeds won. Runs that collapse to a constant output are reported and le
 
 Outputs (``--out``, default ``reports/reproduce/``): ``per_seed.csv`` (one row per model, regime, seed, method,
 random draw and eps), ``summary.csv`` (means, stds and paired differences), ``table.md`` and
-``accuracy_vs_eps.png``; ``run.json`` holds the settings, the wall time and the machine's load. The same seeds
-give the same table.
+``accuracy_vs_eps.png``; ``run.json`` holds the settings, the wall and CPU seconds (of the run and of each task) and
+the machine's load average after every task: other jobs on the same cores slow a run down, and a task's CPU seconds
+over its wall seconds say by how much. Tasks run in two processes of one thread each (``--jobs``, ``--threads``).
+The same seeds give the same table, whatever the number of processes.
 """
 from __future__ import annotations
 
@@ -58,9 +60,11 @@ from robaudit.training.layers import LayerRule, control_layers
 
 try:
     from robaudit.examples.models import DigitsCNN, DigitsDeepCNN, MoonsMLP
+    from robaudit.examples.reproduce_tables import read_rows, write_outputs
 except ImportError:  # pragma: no cover - a source tree that was not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from models import DigitsCNN, DigitsDeepCNN, MoonsMLP
+    from reproduce_tables import read_rows, write_outputs
 
 log = logging.getLogger("reproduce_lsa")
 
@@ -73,6 +77,8 @@ ABLATION = ("at", "atlr", "atlr[gamma=3]", "atlr[re=per-sample]", "atlr-mvl1", "
 ALIASES = {"atlr-lvl": "bottom", "atlr-mvl1": "top1", "atlr-lvl1": "bottom1", "atlr-deepest": "deepest",
            "atlr-random": "random", "atlr-gain": "gain"}
 REGIMES = ("pretrained", "scratch")
+QUICK_TRAIN_SAMPLES = 256  # --quick, a smoke run: enough batches to exercise every method, not to learn much
+QUICK_EVAL_SAMPLES = 32
 
 
 @dataclass(frozen=True)
@@ -88,11 +94,14 @@ class Setup:
     batch_size: int = 64
 
 
+# The default lengths keep the whole default run (3 seeds, 3 models, both regimes, every control) near 20 minutes of
+# two cores: about 2,300 CPU seconds, half of them the deep model's, a third of all of it the evaluation.
 SETUPS = {
-    "moons": Setup("moons", MoonsMLP, 60, 20, 60, 1e-3),
-    "digits": Setup("digits", DigitsCNN, 15, 10, 15, 1e-3),
-    "digits-deep": Setup("digits", DigitsDeepCNN, 15, 6, 10, 2e-3),
+    "moons": Setup("moons", MoonsMLP, 30, 20, 30, 1e-3),
+    "digits": Setup("digits", DigitsCNN, 10, 6, 10, 1e-3),
+    "digits-deep": Setup("digits", DigitsDeepCNN, 10, 4, 8, 2e-3),
 }
+EVAL_SAMPLES = 200  # the first 200 test samples: one sample is half a point
 
 
 @dataclass(frozen=True)
@@ -227,12 +236,14 @@ def train_method(model, train, kind: str, opts: dict, layers: list[str], *, setu
 
 
 def run_one(name: str, seed: int, regime: str, *, epochs: dict[str, int] | None, pre_epochs: int | None, gamma: float,
-            re_mode: str, top: int, evaluation: Evaluation, methods) -> list[dict]:
+            re_mode: str, top: int, evaluation: Evaluation, methods, train_samples: int | None = None) -> list[dict]:
     """Pretrain, rank layers by LSA, then train every method from the same starting point; evaluate each."""
     setup = SETUPS[name]
     pre_ep = pre_epochs or setup.pre_epochs
     ep = (epochs or {}).get(regime) or (setup.finetune_epochs if regime == "pretrained" else setup.scratch_epochs)
     train, test = load_dataset(setup.dataset, split="train"), load_dataset(setup.dataset, split="test")
+    if train_samples is not None:  # a smoke run: the first samples of the training split
+        train = train.subset(torch.arange(min(train_samples, len(train.y))), "train")
     x, y = test.x[:evaluation.samples], test.y[:evaluation.samples]
     t0 = time.perf_counter()
     base, init_state = pretrain(setup, train, seed=seed, epochs=pre_ep)
@@ -273,137 +284,6 @@ def run_one(name: str, seed: int, regime: str, *, epochs: dict[str, int] | None,
     return rows
 
 
-# -- summaries ---------------------------------------------------------------------------------
-KEYS = ["model", "regime", "method", "eps"]
-
-
-def per_seed(results: pd.DataFrame) -> pd.DataFrame:
-    """One value per model, regime, seed, method and eps: random draws averaged, collapsed runs left out."""
-    kept = results[~results["collapsed"].astype(bool)]
-    return (kept.groupby(["model", "regime", "seed", "method", "eps"], sort=False)[["accuracy", "pgd_accuracy"]]
-            .mean().reset_index())
-
-
-def paired(seeds: pd.DataFrame, against: str) -> pd.DataFrame:
-    """Per model, regime, method and eps: mean and std of (method - ``against``) over seeds, and the seeds won."""
-    ref = seeds[seeds["method"] == against].set_index(["model", "regime", "seed", "eps"])["accuracy"]
-    m = seeds.set_index(["model", "regime", "seed", "eps"])
-    d = (m["accuracy"] - ref.reindex(m.index)).rename("diff")
-    frame = m[["method"]].assign(diff=d.values).dropna().reset_index()
-    g = frame.groupby(KEYS, sort=False)["diff"]
-    out = g.agg(["mean", "std"]).reset_index()
-    out["wins"] = g.apply(lambda s: int((s > 1e-12).sum())).values
-    out["losses"] = g.apply(lambda s: int((s < -1e-12).sum())).values
-    out["n"] = g.size().values
-    tag = against.replace("atlr-", "")
-    return out.rename(columns={c: f"{c}_vs_{tag}" for c in ("mean", "std", "wins", "losses", "n")})
-
-
-def summarize(results: pd.DataFrame) -> pd.DataFrame:
-    """summary.csv: mean ± std (worst-of-two and PGD-20 alone) over seeds, and the paired differences against
-    ``atlr-deepest`` and ``at``."""
-    seeds = per_seed(results)
-    agg = (seeds.groupby(KEYS, sort=False)
-           .agg(mean=("accuracy", "mean"), std=("accuracy", "std"), seeds=("accuracy", "size"),
-                pgd_mean=("pgd_accuracy", "mean"), pgd_std=("pgd_accuracy", "std")).reset_index())
-    for against in ("atlr-deepest", "at"):
-        if (seeds["method"] == against).any():
-            agg = agg.merge(paired(seeds, against), on=KEYS, how="left")
-    # every method run, with the seeds (random: draws) it collapsed on and those that reused another's training
-    runs = results.assign(same=results["same_as"].fillna("") != "", collapsed=results["collapsed"].astype(bool))
-    counts = (runs.groupby(KEYS, sort=False).agg(collapsed_runs=("collapsed", "sum"), runs=("collapsed", "size"),
-                                                 reused_runs=("same", "sum")).reset_index())
-    return counts[KEYS].merge(agg, on=KEYS, how="left").merge(counts, on=KEYS)
-
-
-def _pm(mean, std) -> str:
-    return f"{100 * mean:.1f} ± {100 * (0.0 if pd.isna(std) else std):.1f}"
-
-
-def _acc_cell(r) -> str:
-    """mean ± std, and how many runs collapsed to a constant output (left out of the mean)."""
-    if pd.isna(r["mean"]):
-        return f"collapsed ({int(r['collapsed_runs'])}/{int(r['runs'])})"
-    gone = f" ({int(r['collapsed_runs'])}/{int(r['runs'])} collapsed)" if r["collapsed_runs"] else ""
-    return _pm(r["mean"], r["std"]) + gone
-
-
-def _diff_cell(r, tag: str) -> str:
-    if pd.isna(r.get(f"mean_vs_{tag}")):
-        return ""
-    sd = 0.0 if pd.isna(r[f"std_vs_{tag}"]) else r[f"std_vs_{tag}"]
-    return (f"{100 * r[f'mean_vs_{tag}']:+.1f} ± {100 * sd:.1f} "
-            f"({int(r[f'wins_vs_{tag}'])}/{int(r[f'n_vs_{tag}'])})")
-
-
-def _eps_head(eps) -> str:
-    return " | ".join("clean" if e == 0 else f"eps {e:g}" for e in eps)
-
-
-def layer_lines(results: pd.DataFrame, model: str, regime: str) -> list[str]:
-    """Which layers each seed's ranking and controls chose (depth among the probed ReLU layers)."""
-    r = results[(results["model"] == model) & (results["regime"] == regime) & (results["eps"] == 0)]
-    lines = []
-    for seed, g in r.groupby("seed", sort=True):
-        depths = g.groupby("method", sort=False)["depths"].agg(lambda s: " / ".join("+".join(v.split()) for v in s))
-        picks = "; ".join(f"{m} {d}" for m, d in depths.items() if d)
-        lines.append(f"- seed {seed}: layer depths {picks}")
-    return lines
-
-
-def markdown(summary: pd.DataFrame, results: pd.DataFrame, settings: str) -> str:
-    lines = ["# AT-LR on the MVL list against controls", "", settings, ""]
-    for (model, regime), a in summary.groupby(["model", "regime"], sort=False):
-        eps = sorted(a["eps"].unique())
-        lines += [f"## {model}, {regime}: robust accuracy % (worst of PGD-20 and Square per sample; mean ± std "
-                  "over seeds)", "", "| method | " + _eps_head(eps) + " |", "|---|" + "---|" * len(eps)]
-        for method, r in a.groupby("method", sort=False):
-            r = r.set_index("eps")
-            lines.append(f"| {method} | " + " | ".join(_acc_cell(r.loc[e]) for e in eps) + " |")
-        for tag, name in (("deepest", "atlr-deepest"), ("at", "at")):
-            if f"mean_vs_{tag}" not in a:
-                continue
-            lines += ["", f"Paired difference against {name} (points, same seed and starting weights; "
-                          "(wins/seeds)):", "", "| method | " + _eps_head(eps) + " |", "|---|" + "---|" * len(eps)]
-            for method, r in a[a["method"] != name].groupby("method", sort=False):
-                r = r.set_index("eps")
-                lines.append(f"| {method} - {name} | " + " | ".join(_diff_cell(r.loc[e], tag) for e in eps) + " |")
-        lines += ["", "Layers chosen (depth among the probed ReLU layers, 1 nearest the input; random: the draws):",
-                  ""] + layer_lines(results, model, regime) + [""]
-    gone = results[results["collapsed"].astype(bool) & (results["eps"] == 0)]
-    if len(gone):
-        lines.append("Collapsed to a constant output (left out of the means above): " + ", ".join(
-            f"{r.model} {r.regime} seed {r.seed} {r.method}" + (f" (draw {r.draw})" if str(r.draw) else "")
-            for r in gone.itertuples()))
-    return "\n".join(lines) + "\n"
-
-
-def plot(summary: pd.DataFrame, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = list(summary.groupby(["regime", "model"], sort=False).groups)
-    regimes = list(dict.fromkeys(r for r, _ in panels))
-    models = list(dict.fromkeys(m for _, m in panels))
-    fig, axes = plt.subplots(len(regimes), len(models), figsize=(4.6 * len(models), 3.6 * len(regimes)),
-                             squeeze=False)
-    for (regime, model), a in summary.groupby(["regime", "model"], sort=False):
-        ax = axes[regimes.index(regime)][models.index(model)]
-        for method, r in a.groupby("method", sort=False):
-            r = r[r["eps"] > 0].sort_values("eps")
-            ax.errorbar(r["eps"], 100 * r["mean"], yerr=100 * r["std"].fillna(0), marker="o", capsize=3,
-                        label=method, linestyle="--" if method in ("atlr-deepest", "atlr-random", "atlr-lvl")
-                        else "-")
-        ax.set_title(f"{model}, {regime} (train eps {TRAIN_EPS:g})", fontsize=10)
-        ax.set_xlabel("eps (Linf)")
-        ax.set_ylabel("robust accuracy % (PGD-20 & Square)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, metadata={"Software": None})
-    plt.close(fig)
 
 
 # -- the command -------------------------------------------------------------------------------
@@ -436,10 +316,18 @@ def epochs_option(text: str) -> dict[str, int]:
     return dict(zip(REGIMES, [int(p) for p in parts] * (3 - len(parts))))
 
 
+def eval_samples(n: int | None, *, quick: bool) -> int | None:
+    """How many test samples are evaluated (None: all of them), from ``--eval-samples``."""
+    if n is None:
+        return QUICK_EVAL_SAMPLES if quick else EVAL_SAMPLES
+    return n or None
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
-                   help="1 seed, 2 pretraining epochs and 1 training epoch, 64 test samples, Square 100 queries")
+                   help=f"a smoke run: 1 seed, {QUICK_TRAIN_SAMPLES} training samples, 2 pretraining epochs and 1 "
+                        f"training epoch, {QUICK_EVAL_SAMPLES} test samples, Square 100 queries")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--datasets", "--models", dest="models", default=",".join(SETUPS),
                    help=f"models to run, from {', '.join(SETUPS)}")
@@ -455,7 +343,12 @@ def parse_args(argv):
                    help="pretrained: fine-tune the trained model (what `robaudit harden` does); scratch: train every "
                         "method from the trained model's initial weights (the paper's regime); both (default)")
     p.add_argument("--square-queries", type=int, help="Square's queries (default 1000; 100 with --quick)")
-    p.add_argument("--eval-samples", type=int, help="test samples evaluated (default all; 64 with --quick)")
+    p.add_argument("--eval-samples", type=int,
+                   help=f"the first N test samples are evaluated (default {EVAL_SAMPLES}; {QUICK_EVAL_SAMPLES} with "
+                        "--quick; 0: the whole test split)")
+    p.add_argument("--train-samples", type=int,
+                   help=f"train on the first N samples of the training split (default all; {QUICK_TRAIN_SAMPLES} "
+                        "with --quick)")
     p.add_argument("--ablation", action="store_true",
                    help="digits only: AT-LR with other gammas, per-sample RE and other layer sets, against AT")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (small models run best on one)")
@@ -477,29 +370,46 @@ def parse_args(argv):
     return args
 
 
-def run_tasks(tasks, kw, *, jobs: int, threads: int, done=lambda rows: None) -> list[dict]:
+def timed_one(name: str, seed: int, regime: str, **kw) -> tuple[list[dict], dict]:
+    """:func:`run_one`, and its wall and CPU seconds: on cores shared with other jobs, CPU over wall is the share of
+    a core the task got."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    rows = run_one(name, seed, regime, **kw)
+    return rows, {"model": name, "seed": seed, "regime": regime, "wall_s": round(time.perf_counter() - wall, 1),
+                  "cpu_s": round(time.process_time() - cpu, 1)}
+
+
+def run_tasks(tasks, kw, *, jobs: int, threads: int, done=lambda rows, times: None) -> list[dict]:
     """Every (model, seed, regime) task, in ``jobs`` processes, seed by seed (a run cut short still holds whole
-    seeds); ``done(rows)`` gets the rows finished so far after every task."""
-    ordered = sorted(tasks, key=lambda t: (t[1], list(SETUPS).index(t[0]), REGIMES.index(t[2])))
-    finished: dict[tuple, list[dict]] = {}
+    seeds), the longest first within a seed (SETUPS lists the models cheapest first; scratch trains longer), so the
+    last tasks are short and no process waits long for the other at the end. ``done(rows, times)`` gets the rows
+    finished so far and each task's seconds after every task."""
+    ordered = sorted(tasks, key=lambda t: (t[1], -list(SETUPS).index(t[0]), -REGIMES.index(t[2])))
+    finished: dict[tuple, tuple[list[dict], dict]] = {}
+
+    def report() -> None:
+        done([row for u in ordered if u in finished for row in finished[u][0]],
+             [finished[u][1] for u in ordered if u in finished])
+
     if jobs <= 1 or len(tasks) <= 1:
         for t in ordered:
-            finished[t] = run_one(*t, **kw)
-            done([row for u in ordered if u in finished for row in finished[u]])
-        return [row for t in tasks for row in finished[t]]
+            finished[t] = timed_one(*t, **kw)
+            report()
+        return [row for t in tasks for row in finished[t][0]]
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
                              initargs=(threads,)) as pool:
-        futures = {pool.submit(run_one, *t, **kw): t for t in ordered}
+        futures = {pool.submit(timed_one, *t, **kw): t for t in ordered}
         for f in as_completed(futures):
             finished[futures[f]] = f.result()
-            done([row for u in ordered if u in finished for row in finished[u]])
-    return [row for t in tasks for row in finished[t]]
+            report()
+    return [row for t in tasks for row in finished[t][0]]
 
 
-def settings_text(command: str, args, seeds: int, evaluation: Evaluation, epochs, pre_epochs, regimes) -> str:
+def settings_text(command: str, args, seeds: int, evaluation: Evaluation, epochs, pre_epochs, regimes,
+                  train_samples: int | None = None) -> str:
     """The line under the table's title: the command and every setting the numbers depend on."""
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     lengths = ", ".join(
@@ -509,41 +419,65 @@ def settings_text(command: str, args, seeds: int, evaluation: Evaluation, epochs
                    for r in regimes) for m in models)
     n = "the whole test split" if evaluation.samples is None else f"the first {evaluation.samples} test samples"
     return (f"Command: `{command}`\n\n{seeds} seed(s); k = {args.top} layers for every AT-LR method; gamma "
-            f"{args.gamma:g}, RE {args.re_mode}; PGD-10 training at eps {TRAIN_EPS:g}, Adam; epochs (ordinary "
+            f"{args.gamma:g}, RE {args.re_mode}; PGD-10 training at eps {TRAIN_EPS:g}, Adam, on "
+            f"{'the whole training split' if train_samples is None else f'its first {train_samples} samples'}; "
+            f"epochs (ordinary "
             f"training / {' / '.join(regimes)}): {lengths}. Layers ranked by the LSA of the ordinarily trained model "
             f"(ReLU outputs, PGD at eps {TRAIN_EPS:g}, whole test split). Evaluation on {n}: PGD-20 with a random "
             f"start, then Square ({evaluation.square_queries} queries) on the samples PGD left correct; eps "
             f"{', '.join(f'{e:g}' for e in evaluation.eps)}.")
 
 
-def write_outputs(results: pd.DataFrame, out: Path, settings: str) -> str:
-    """per_seed.csv, summary.csv, table.md and accuracy_vs_eps.png from the per-seed rows; the table's text."""
-    summary = summarize(results)
-    text = markdown(summary, results, settings)
-    out.mkdir(parents=True, exist_ok=True)
-    results.to_csv(out / "per_seed.csv", index=False, float_format="%.6g")
-    summary.to_csv(out / "summary.csv", index=False, float_format="%.6g")
-    (out / "table.md").write_text(text)
-    plot(summary, out / "accuracy_vs_eps.png")
-    return text
-
-
-STRING_COLUMNS = ("draw", "layers", "depths", "same_as")
-
-
 def rebuild(source: Path, out: Path) -> int:
     """The tables and plot of an earlier run, from its per_seed.csv and run.json (nothing is trained)."""
     rows = source / "per_seed.csv"
     rows = rows if rows.exists() else source / "per_seed.partial.csv"  # a run cut short
-    results = pd.read_csv(rows, dtype={c: str for c in STRING_COLUMNS})
-    for c in STRING_COLUMNS:
-        results[c] = results[c].fillna("")
+    results = read_rows(rows)
     run = json.loads((source / "run.json").read_text())
-    text = write_outputs(results, out, run["settings"])
+    text = write_outputs(results, out, run["settings"], train_eps=TRAIN_EPS)
     if out.resolve() != source.resolve():
         (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
     sys.stdout.write(text + f"\nrebuilt from {source}/ into {out}/\n")
     return 0
+
+
+class RunLog:
+    """What run.json says of a run: its command and settings, wall and CPU seconds, each task's seconds, and the
+    machine's load average (other jobs share its cores; this run's own processes count in it), after every task."""
+
+    def __init__(self, command: str, settings: str, *, jobs: int, threads: int) -> None:
+        self.head = {"command": command, "settings": settings}
+        self.machine = {"cpu_count": os.cpu_count(), "jobs": jobs, "threads": threads, "torch": torch.__version__}
+        self.started, self.times = time.perf_counter(), os.times()
+        self.loads = [[0.0, *self.load()]]
+        self.tasks: list[dict] = []
+
+    @staticmethod
+    def load() -> list[float]:
+        return [round(v, 2) for v in os.getloadavg()]
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    def progress(self, tasks: list[dict]) -> None:
+        self.tasks = tasks
+        self.loads.append([round(self.seconds(), 1), *self.load()])
+
+    def record(self, *, complete: bool) -> dict:
+        """run.json's content; once complete, the CPU seconds of this process and its workers (imports included)."""
+        seconds, now = self.seconds(), os.times()
+        task_cpu, task_wall = (sum(t[k] for t in self.tasks) for k in ("cpu_s", "wall_s"))
+        share = task_cpu / task_wall if task_wall else float("nan")
+        out = {**self.head, "complete": complete, "seconds": round(seconds, 1), **self.machine,
+               "task_cpu_seconds": round(task_cpu, 1), "task_wall_seconds": round(task_wall, 1),
+               "task_cpu_share": round(share, 3)}
+        if complete:
+            cpu = sum(getattr(now, f) - getattr(self.times, f)
+                      for f in ("user", "system", "children_user", "children_system"))
+            out |= {"cpu_seconds": round(cpu, 1), "cores_used": round(cpu / seconds, 2),
+                    "seconds_if_each_worker_had_a_core": round(seconds * share, 1)}
+        return out | {"load_average_at_start": self.loads[0][1:], "load_average_at_end": self.load(),
+                      "load_average_after_each_task": self.loads[1:], "tasks": self.tasks}
 
 
 def main(argv=None) -> int:
@@ -557,39 +491,38 @@ def main(argv=None) -> int:
     seeds = 1 if args.quick else args.seeds
     epochs = args.epochs or (epochs_option("1") if args.quick else None)
     pre_epochs = args.pre_epochs or (2 if args.quick else None)
+    train_samples = args.train_samples or (QUICK_TRAIN_SAMPLES if args.quick else None)
     evaluation = Evaluation(tuple(round(m * TRAIN_EPS, 6) for m in EVAL_MULTIPLES),
                             args.square_queries or (100 if args.quick else 1000),
-                            args.eval_samples or (64 if args.quick else None))
+                            eval_samples(args.eval_samples, quick=args.quick))
     methods = split_methods(args.methods)
     for m in methods:
         parse_method(m)
     if "at" not in methods:
         methods.insert(0, "at")
     regimes = REGIMES if args.init == "both" else (args.init,)
-    started, load = time.perf_counter(), os.getloadavg()
     tasks = [(name.strip(), seed, regime) for name in args.models.split(",") if name.strip()
              for seed in range(seeds) for regime in regimes]
     kw = dict(epochs=epochs, pre_epochs=pre_epochs, gamma=args.gamma, re_mode=args.re_mode, top=args.top,
-              evaluation=evaluation, methods=methods)
+              evaluation=evaluation, methods=methods, train_samples=train_samples)
     command = " ".join(["python examples/reproduce_lsa.py", *argv])
-    settings = settings_text(command, args, seeds, evaluation, epochs, pre_epochs, regimes)
+    settings = settings_text(command, args, seeds, evaluation, epochs, pre_epochs, regimes, train_samples)
     args.out.mkdir(parents=True, exist_ok=True)
+    clock = RunLog(command, settings, jobs=args.jobs, threads=args.threads)
 
-    def progress(rows: list[dict]) -> None:  # what a run cut short leaves: --tables-from rebuilds its tables
+    def progress(rows: list[dict], times: list[dict]) -> None:  # a run cut short: --tables-from rebuilds its tables
         pd.DataFrame(rows).to_csv(args.out / "per_seed.partial.csv", index=False, float_format="%.6g")
-        (args.out / "run.json").write_text(json.dumps({"command": command, "settings": settings, "complete": False,
-                                                       "seconds": round(time.perf_counter() - started, 1)}) + "\n")
+        clock.progress(times)
+        (args.out / "run.json").write_text(json.dumps(clock.record(complete=False), indent=2) + "\n")
 
     results = pd.DataFrame(run_tasks(tasks, kw, jobs=args.jobs, threads=args.threads, done=progress))
-    seconds = time.perf_counter() - started
-    text = write_outputs(results, args.out, settings)
+    run = clock.record(complete=True)
+    text = write_outputs(results, args.out, settings, train_eps=TRAIN_EPS)
     (args.out / "per_seed.partial.csv").unlink(missing_ok=True)
-    run = {"command": command, "settings": settings, "complete": True, "seconds": round(seconds, 1), "cpu_count": os.cpu_count(), "jobs": args.jobs,
-           "threads": args.threads, "load_average_at_start": [round(v, 2) for v in load],
-           "load_average_at_end": [round(v, 2) for v in os.getloadavg()], "torch": torch.__version__}
     (args.out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
-    sys.stdout.write(text + f"\n{seconds:.0f} s in all (load average {load[0]:.1f} at the start, "
-                            f"{os.getloadavg()[0]:.1f} at the end, {os.cpu_count()} CPUs); written to {args.out}/\n")
+    sys.stdout.write(text + f"\n{run['seconds']:.0f} s in all, {run['cpu_seconds']:.0f} s of CPU on {run['cpu_count']} "
+                            f"CPUs (load average {run['load_average_at_start'][0]:.1f} at the start, "
+                            f"{run['load_average_at_end'][0]:.1f} at the end); written to {args.out}/\n")
     return 0
 
 
