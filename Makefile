@@ -6,20 +6,26 @@ STAMP := $(VENV)/.robaudit-installed
 
 .PHONY: demo test security bench screenshot clean
 
+# The tested pair of torch and torchvision, installed first so that no extra pulls another torch; then robaudit
+# with its tests and every model source (timm, torchvision, robustbench, transformers, onnx).
+TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q $(TORCH_PAIR)
+	$(BIN)/python -m pip install -q -e ".[test,all]"
 	touch $(STAMP)
 
 demo: $(STAMP)  ## analyze the example digits CNN; prints the MVL list and the run directory
 	$(BIN)/robaudit analyze examples/digits_cnn.pt2 --dataset digits --force
 
-test: $(STAMP)  ## run the test suite
-	$(BIN)/python -m pytest -q
+test: $(STAMP)  ## run the test suite, one test file at a time on each of two processes
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
-security: $(STAMP)  ## hostile model, run and data files through every loader, and the data-safety checks
-	$(BIN)/python -m pytest -q tests/test_hostile.py tests/test_hostile_pt2.py tests/test_data_safety.py tests/test_hostile_runs.py
+security: $(STAMP)  ## hostile model, run and data files through every loader (library models too), and the data-safety checks
+	$(BIN)/python -m pytest -q tests/test_hostile.py tests/test_hostile_pt2.py tests/test_data_safety.py tests/test_hostile_runs.py \
+		tests/test_source_onnx.py tests/test_source_hf.py tests/test_source_torchvision.py tests/test_source_robustbench.py
 
 bench: $(STAMP)  ## side-by-side speed and memory ratios (not tests)
 	$(BIN)/python benchmarks/bench_analyze.py

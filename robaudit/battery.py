@@ -166,6 +166,8 @@ class Battery:
     def __init__(self, setup: Setup, probe: LayerProbe, *, keep_outcomes: int = 0, log: SampleLog | None = None,
                  keep_rows: bool = False, bar=None) -> None:
         self.s, self.probe, self.log, self.bar = setup, probe, log, bar
+        if setup.bn is not None:  # the probe's proof passes are no batch of the analysis
+            probe.aside = setup.bn.aside
         self.keep_outcomes, self.keep_rows = keep_outcomes, keep_rows
         n, dev = len(setup.specs), setup.device
         # (the pass's layers, its configurations) -> their RelativeError sums, layers x configurations x fields

@@ -222,6 +222,16 @@ class BatchNormStreams:
             self.offsets.append(self.offsets[-1] + 2 * c + 1)
         # one row per domain, and a last one that takes the rows of batches recorded into no domain
         self.sums = torch.zeros(2 + n_configs, self.offsets[-1], dtype=torch.float64, device=device)
+        self.quiet = False  # True while passes that are not the analysis' own run (the probe's proof passes)
+
+    @contextlib.contextmanager
+    def aside(self) -> Iterator[None]:
+        """Record nothing in this block: the passes in it are not the analysis' stacked batches."""
+        self.quiet = True
+        try:
+            yield
+        finally:
+            self.quiet = False
 
     @contextlib.contextmanager
     def recording(self, domains: Sequence[int | None], rows: int) -> Iterator[None]:
@@ -242,7 +252,7 @@ class BatchNormStreams:
     def _hook(self, name: str, off: int, c: int, index: torch.Tensor):
         def fn(mod, args):
             x = args[0] if args else None
-            if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] != c:
+            if self.quiet or not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] != c:
                 return
             rows = index
             chunk = current_chunk(self.root)  # a fixed-batch archive: one chunk, real rows only

@@ -19,6 +19,7 @@ from .cmdline import invoked_command
 from .errors import RobauditError
 from .gate import EXIT_MISSED, GateOn
 from .batteries import BatteryName
+from .sources.spec import THREAT_MODELS, SourceOptions
 from .training.config import BaseAttack, HardenConfig, Method, Optimizer, ReMode, Schedule
 from .lsa import MVL_METRICS
 from .training.layers import LayerRule
@@ -182,8 +183,36 @@ def model_options(f):
         click.option("--arch-kwargs", help="JSON keyword arguments for --arch, e.g. '{\"width\": 32}'."),
         click.option("--trust-model", is_flag=True,
                      help="Run code from the model file: unpickle a module, load a .pt2 without inspecting it, "
-                          "import a .py architecture a checkpoint names. Only for files whose source you trust."),
+                          "import a .py architecture a checkpoint names, run a hub model's own code. Only for "
+                          "files whose source you trust."),
+        click.option("--weights", "source_weights", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Library models (timm:, torchvision:, hf:): the weights, .safetensors or a state dict."),
+        click.option("--pretrained", "source_pretrained", is_flag=False, flag_value="DEFAULT", metavar="[NAME]",
+                     help="Library models: the library's own published weights (downloaded); torchvision takes a "
+                          "weights name such as IMAGENET1K_V1."),
+        click.option("--num-classes", "source_classes", type=click.IntRange(1, limits.CLASSES_MAX),
+                     help="Library models: the classifier's class count (default: the data set's)."),
+        click.option("--model-dir", "source_model_dir", type=click.Path(file_okay=False, path_type=Path),
+                     default=Path("models"), show_default=True,
+                     help="robustbench: where its checkpoints are; hf:ORG/NAME: downloaded to MODEL_DIR/hf/ORG/NAME."),
+        click.option("--threat-model", "source_threat", type=click.Choice(list(THREAT_MODELS)), default="Linf",
+                     show_default=True, help="robustbench: the leaderboard the model is from."),
+        click.option("--force-convert", "source_force", is_flag=True,
+                     help="model.onnx: keep a conversion whose logits differ from onnxruntime's."),
     ])
+
+
+def _source_options(extra: dict, *, download: bool, trust_model: bool, of_run: bool = False) -> SourceOptions:
+    """The library-model options of ``extra`` (the command's keyword arguments), checked once; ``of_run``: the
+    command works on a run, which rebuilds its model as its analysis recorded it."""
+    options = SourceOptions(weights=extra.pop("source_weights"), pretrained=extra.pop("source_pretrained"),
+                            num_classes=extra.pop("source_classes"), model_dir=extra.pop("source_model_dir"),
+                            threat_model=extra.pop("source_threat"), force_convert=extra.pop("source_force"),
+                            download=download, trust_model=trust_model)
+    if of_run and (options.weights or options.pretrained or options.num_classes):
+        raise RobauditError("--weights, --pretrained and --num-classes apply to harden MODEL; a run rebuilds its "
+                            "model as its analysis recorded it")
+    return options
 
 
 def data_options(f):
@@ -304,8 +333,11 @@ def _show_judgement(ctx, judgement, as_json: bool, *, extra: dict | None = None)
 def analyze(ctx, model, arch, arch_kwargs, trust_model, dataset, data_dir, split, samples, shuffle, no_download,
             attacks, battery, image_size, class_map, workers, eps, layer_globs, layer_types, probe, mean, std, no_normalize, mvl_top, mvl_z, mvl_attack,
             mvl_metric, include_output, batch_size, device, seed, out, force, no_report, no_checks, progress,
-            threads, fail_under, gate_on, max_re, strict, as_json):
-    """Layer Sustainability Analysis of MODEL: per-layer RE under an attack battery -> MVL list."""
+            threads, fail_under, gate_on, max_re, strict, as_json, **source):
+    """Layer Sustainability Analysis of MODEL: per-layer RE under an attack battery -> MVL list.
+
+    MODEL is a model file (.pt2, checkpoint, state dict with --arch), a library model (timm:NAME,
+    torchvision:NAME, robustbench:NAME, hf:ORG/NAME or a transformers folder) or an ONNX file."""
     from .attacks import parse_eps_list
     from .models import parse_arch_kwargs
     from .stages.analyze import analyze_run
@@ -328,6 +360,7 @@ def analyze(ctx, model, arch, arch_kwargs, trust_model, dataset, data_dir, split
         mvl_top=mvl_top, mvl_z=mvl_z, mvl_attack=mvl_attack, mvl_metric=mvl_metric, include_output=include_output,
         batch_size=batch_size, device=device, seed=seed, checks=not no_checks, report=not no_report,
         progress=sys.stderr.isatty() if progress is None else progress, command=invoked_command(), force=force,
+        source_options=_source_options(source, download=not no_download, trust_model=trust_model),
     )
     if run is None:  # a torchrun process other than rank 0: its share is in rank 0's run
         return
@@ -460,6 +493,7 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
     bars = _bars(fail_under, max_re, strict, gate_on)
     show_progress = sys.stderr.isatty() if progress is None else progress
     download = not data_extra.get("no_download", False)
+    source_options = _source_options(data_extra, download=download, trust_model=trust_model, of_run=model is None)
     # every setting is checked here, before an analysis that may take minutes
     cfg = HardenConfig(
         method=method, eps=parse_number(train_eps) if train_eps is not None else None, gamma=gamma,
@@ -482,7 +516,8 @@ def harden(ctx, model, run_dir, arch, arch_kwargs, trust_model, dataset, data_di
     run_dir, notes = run_to_harden(
         model, run_dir, dataset=dataset, out=out, resume=resume, device=device, analysis=dict(
             arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs) if model is not None else None,
-            trust_model=trust_model, data_dir=data_dir, split=split, samples=samples, shuffle=shuffle,
+            trust_model=trust_model, source_options=source_options,
+            data_dir=data_dir, split=split, samples=samples, shuffle=shuffle,
             mvl_top=mvl_top, include_output=include_output, seed=seed or 0, progress=show_progress, force=force,
             image_size=image_size, class_map=class_map, workers=workers, download=download,
             battery=BatteryName.of(battery) if battery else None))

@@ -112,6 +112,8 @@ class LSAResult:
     pairs: dict | None = None
     # layers left out because their output holds no per-sample activation (layer -> why), as the probe warned
     unprobed: dict[str, str] = field(default_factory=dict)
+    # layers whose output holds each sample's rows folded into the batch, batch-major (layer -> rows per sample)
+    folded: dict[str, int] = field(default_factory=dict)
 
     def to_frame(self) -> pd.DataFrame:
         return self.lsa.copy()
@@ -319,7 +321,7 @@ def analyze(
             battery = _run_battery(setup, probe_, data, stack, batch_size=batch_size, device=dev, workers=workers,
                                    keep_outcomes=keep_outcomes, samples_path=samples_path, progress=progress)
             payload = {**battery.payload(probe_.layers), "wants_rows": samples_path is not None,
-                       "unprobed": dict(probe_.unprobed)}
+                       "unprobed": dict(probe_.unprobed), "folded": dict(probe_.folded)}
         except Exception as e:
             error = e
         payloads = dist.exchange(payload, error)
@@ -446,4 +448,5 @@ def _result(setup: Setup, totals: Totals, payloads: list[dict], *, n_total: int,
              + [["worst-case", e, norm] for norm, e in setup.worst_keys], "robust_only": totals.pairs}
     return LSAResult(lsa=lsa, accuracy=accuracy, layers=totals.layers, attacks=specs, n_samples=n_total,
                      seconds=seconds, outcomes=totals.outcomes, bn_moments=totals.bn, pairs=pairs,
-                     unprobed={k: v for p in payloads for k, v in p["unprobed"].items()})
+                     unprobed={k: v for p in payloads for k, v in p["unprobed"].items()},
+                     folded={k: v for p in payloads for k, v in p["folded"].items()})

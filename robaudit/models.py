@@ -37,12 +37,22 @@ EXPORT_HINT = (
 )
 
 
+@dataclass(frozen=True)
+class InputNorm:
+    """The input normalization a model's source expects: ``mean``/``std`` per channel, or None for both when the
+    model takes [0, 1] inputs as they are (RobustBench); ``origin`` says where it was read, for the manifest."""
+
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    origin: str
+
+
 @dataclass
 class LoadedModel:
     """A model ready to probe: the module (in eval mode) plus where it came from."""
 
     module: nn.Module
-    format: str  # "export" | "checkpoint" | "state_dict" | "pickle"
+    format: str  # "export" | "checkpoint" | "state_dict" | "pickle" | a library source ("timm", "onnx", ...)
     path: Path | None = None
     sha256: str | None = None
     type_map: dict[str, str] = field(default_factory=dict)  # qualified name -> original class
@@ -53,6 +63,8 @@ class LoadedModel:
     device: torch.device | None = None
     mean: tuple[float, ...] | None = None  # the input normalization in front of the module
     std: tuple[float, ...] | None = None
+    source: dict[str, Any] | None = None  # a library model: its spec and build options (sources.ModelSource)
+    input_norm: InputNorm | None = None  # the normalization its source expects, when it says
 
     @property
     def fixed_batch(self) -> int | None:
@@ -72,6 +84,8 @@ class LoadedModel:
 
     @property
     def stem(self) -> str:
+        if self.source is not None:
+            return self.source["stem"]
         return self.path.stem if self.path else type(self.module).__name__
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import warnings
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
@@ -18,6 +19,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from . import fold
 from .errors import RobauditError
 from .exported import TUPLE_MODULES, OpTap, current_chunk, fixed_batch
 
@@ -141,7 +143,9 @@ class LayerProbe:
     sequence-first transformer's ``(L, N, E)``) is seen with its batch dimension moved to the front,
     so per-sample statistics are per sample. The batch dimension is the one whose size is the input's
     batch size, learned per layer from the first call that shows it unambiguously; an output with no
-    such dimension holds no per-sample activation and is not probed.
+    such dimension holds no per-sample activation and is not probed. An output whose dim 0 holds ``P`` rows per
+    sample, batch-major (windows or patches folded into the batch), is seen as ``(n, P, ...)`` once
+    :mod:`robaudit.fold`'s proof passes showed that layout (:attr:`folded`), and goes back folded.
     """
 
     def __init__(
@@ -168,6 +172,12 @@ class LayerProbe:
         self._batch: int | None = None  # the batch size of the forward pass now running
         self._batch_dims: dict[str, int] = {}  # per layer key, learned from an unambiguous call
         self.unprobed: dict[str, str] = {}  # layer key -> why its output holds no per-sample activation
+        self.folded: dict[str, int] = {}  # layer key -> rows per sample of its output, folded batch-major
+        # the context the proof passes run in: other observers of the hooked passes step aside
+        self.aside: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+        self._input: tuple | None = None  # the running pass's input (a weak reference) and its other arguments
+        self._proof: fold.FoldProof | None = None  # set while the proof passes run
+        self._verdicts: tuple[dict[str, int | str], str] | None = None  # the proof's verdicts, once it ran
         self._targets: list[tuple[nn.Module, Callable]] | None = None  # (module, hook), found once
 
     # -- hook management -------------------------------------------------------------------
@@ -216,36 +226,80 @@ class LayerProbe:
     def _note_batch(self, module, args) -> None:
         x = args[0] if args else None
         self._batch = int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() else None
+        self._input = (weakref.ref(x), args[1:]) if self._batch is not None else None
 
     def _batch_dim(self, key: str, t: torch.Tensor, n: int | None) -> int | None:
-        """Where the batch of ``n`` samples is in ``t``: dim 0 unless this layer showed it elsewhere; ``None``
-        when no dimension has ``n`` entries (the output does not hold one activation per sample)."""
+        """Where the batch of ``n`` samples is in ``t``: dim 0 unless this layer showed it elsewhere, dim 0 as well
+        for rows folded batch-major (:attr:`folded`); ``None`` when no dimension holds the samples (the output
+        does not hold one activation per sample) or which one does is unclear."""
         if n is None or t.dim() == 0:
             return 0 if t.dim() else None
-        known = self._batch_dims.get(key)
-        if known is not None:
-            if t.shape[known] != n:
+        known, per = self._batch_dims.get(key), self.folded.get(key)
+        if known is not None or per is not None:
+            held = t.shape[known] == n if per is None else t.shape[0] == n * per
+            if not held:
+                where = f"dim {known}" if per is None else f"dim 0, {per} rows per sample"
                 raise RobauditError(f"layer {key}: its output {tuple(t.shape)} no longer holds {self._rows(n)} at "
-                                    f"dim {known}; the model's layout depends on its input: restrict --layers")
-            return known
+                                    f"{where}; the model's layout depends on its input: restrict --layers")
+            return 0 if per is not None else known
         if key in self.unprobed:
             return None
         dims = [i for i, size in enumerate(t.shape) if size == n]
+        if dims and dims[0] == 0:
+            return 0
+        not_folded = ""
+        if t.shape[0] and t.shape[0] % n == 0:  # n blocks of P rows, one per sample? only a proof says so
+            verdict = self._fold_verdict(key)
+            if verdict == t.shape[0] // n:
+                self.folded[key] = verdict
+                return 0
+            if isinstance(verdict, int):
+                verdict = f"the proof passes showed {verdict} rows per sample"
+            not_folded = f", and its {t.shape[0]} rows are not read per sample: {verdict}"
         if not dims:
             return self._skip(key, f"its output {tuple(t.shape)} has no dimension of {self._rows(n)}, so it holds "
-                                   "no per-sample activation")
-        if len(dims) == 1 or dims[0] != 0:
-            if len(dims) > 1:  # e.g. windows folded into the batch (Swin): one op's layout never stops an audit
-                return self._skip(key, f"its output {tuple(t.shape)} has {n} entries at dims "
-                                       f"{', '.join(map(str, dims))} ({self._rows(n)}), so its batch dimension is "
-                                       "unclear")
-            self._batch_dims[key] = dims[0]
+                                   f"no per-sample activation{not_folded}")
+        if len(dims) > 1:  # e.g. windows folded into the batch sample-minor: one op's layout never stops an audit
+            return self._skip(key, f"its output {tuple(t.shape)} has {n} entries at dims "
+                                   f"{', '.join(map(str, dims))} ({self._rows(n)}), so its batch dimension is "
+                                   f"unclear{not_folded}")
+        self._batch_dims[key] = dims[0]
         return dims[0]
+
+    def _fold_verdict(self, key: str) -> int | str:
+        """Rows per sample of layer ``key``'s output as the proof passes showed them, or why they do not; the proof
+        runs once, at the first layer that needs it, inside the pass that met it."""
+        if self._verdicts is None:
+            self._verdicts = self._prove()
+        verdicts, otherwise = self._verdicts
+        return verdicts.get(key, otherwise)
+
+    def _prove(self) -> tuple[dict[str, int | str], str]:
+        """Run :mod:`robaudit.fold`'s proof passes on the running pass's input: the class's own forward (no
+        fixed-batch chunking, no hook on the model itself), without gradients, in eval mode, beside :attr:`aside`."""
+        x, rest = (self._input[0](), self._input[1]) if self._input is not None else (None, ())
+        k = fixed_batch(self.model) or fold.PROOF_SAMPLES
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or k < 2:
+            why = "the model's input is not floating-point" if k >= 2 else "a fixed batch of one sample has no order"
+            return {}, f"no proof of its layout ran ({why})"
+        proof = fold.FoldProof(k)
+        self._proof = proof
+        try:
+            with torch.no_grad(), fold.eval_mode(self.model), self.aside():
+                for batch in fold.proof_batches(x, k):
+                    proof.start_pass()
+                    type(self.model).forward(self.model, batch, *rest)
+        except Exception as e:  # the layers it concerns are skipped with this reason: the audit goes on
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+            return {}, f"the proof passes of {k} samples failed ({type(e).__name__}: {first})"
+        finally:
+            self._proof = None
+        return proof.verdicts(), f"in a pass of {k} samples its rows are not a multiple of {k}"
 
     def _skip(self, key: str, why: str) -> None:
         """Leave layer ``key`` out of the analysis, once, with a warning; :attr:`unprobed` keeps the reason."""
         self.unprobed[key] = why
-        warnings.warn(f"layer {key}: {why}; it is not probed", stacklevel=4)
+        warnings.warn(f"layer {key}: {why}; it is not probed", stacklevel=5)
         return None
 
     def _rows(self, n: int | None) -> str:
@@ -287,29 +341,12 @@ class LayerProbe:
                 output = output[index]
             if not isinstance(output, torch.Tensor):
                 return None
-            chunk = current_chunk(self.model)
-            key, call, n = self._next_call(name, chunk)
-            dim = self._batch_dim(key, output, n)
-            if dim is None:
+            if self._proof is not None:  # a proof pass: only its record
+                self._proof.see(name, output)
                 return None
-            view = output.movedim(dim, 0) if dim else output
-            rest = None
-            if chunk is not None and view.shape[0] > chunk[1]:
-                view, rest = view[:chunk[1]], view[chunk[1]:]
-            layer = self._layers.get(key)
-            if layer is None:
-                layer = self._layers[key] = Layer(name, call, self.types.get(name, type(module).__name__),
-                                                  len(self._layers))
-            new = self.transform(layer, view) if self.transform is not None else None
-            if new is view:  # an observer: the output goes on untouched
-                new = None
-            self._record(key, new if new is not None else view, chunk)
+            new = self._observe(name, module, output)
             if new is None:
                 return None
-            if rest is not None:  # the padded rows go on unchanged
-                new = torch.cat([new, rest])
-            if dim:
-                new = new.movedim(0, dim)
             if index is not None:
                 items = list(whole)
                 items[index] = new
@@ -317,6 +354,34 @@ class LayerProbe:
             return new
 
         return hook
+
+    def _observe(self, name: str, module: nn.Module, output: torch.Tensor) -> torch.Tensor | None:
+        """Record (and transform) one call's output per sample; the transformed output in the model's own layout,
+        or ``None`` to leave it as it is."""
+        chunk = current_chunk(self.model)
+        key, call, n = self._next_call(name, chunk)
+        dim = self._batch_dim(key, output, n)
+        if dim is None:
+            return None
+        per = self.folded.get(key)
+        view = output.unflatten(0, (-1, per)) if per is not None else output.movedim(dim, 0) if dim else output
+        rest = None
+        if chunk is not None and view.shape[0] > chunk[1]:
+            view, rest = view[:chunk[1]], view[chunk[1]:]
+        layer = self._layers.get(key)
+        if layer is None:
+            layer = self._layers[key] = Layer(name, call, self.types.get(name, type(module).__name__), len(self._layers))
+        new = self.transform(layer, view) if self.transform is not None else None
+        if new is view:  # an observer: the output goes on untouched, through the view it saw when in a graph
+            new = view if view is not output and output.requires_grad else None  # (its gradient hooks run)
+        self._record(key, new if new is not None else view, chunk)
+        if new is None:
+            return None
+        if rest is not None:  # the padded rows go on unchanged
+            new = torch.cat([new, rest])
+        if per is not None:
+            return new.flatten(0, 1)
+        return new.movedim(0, dim) if dim else new
 
     # -- results ---------------------------------------------------------------------------
     def reset(self) -> None:

@@ -11,6 +11,8 @@ import re
 from pathlib import Path
 from typing import Iterable
 
+from .sources.spec import shown_model
+
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -33,6 +35,17 @@ def _eps(value) -> str:
     return format_eps(value)
 
 
+def _conversion_line(model) -> list[str]:
+    """For a converted model (ONNX), how far its logits were from the original runtime's on the first inputs."""
+    source = (model or {}).get("source") if isinstance(model, dict) else None
+    if not isinstance(source, dict) or "onnx_max_abs_diff" not in source:
+        return []
+    forced = " (kept by --force-convert)" if source.get("onnx_forced") else ""
+    return [f"ONNX conversion: largest logit difference from onnxruntime {source['onnx_max_abs_diff']:.3g} "
+            f"({source.get('onnx_max_rel_diff', float('nan')):.3g} of the largest logit) on "
+            f"{source.get('onnx_checked_inputs')} inputs{forced}"]
+
+
 def analysis_summary(run) -> list[str]:
     """An analysis (:class:`~robaudit.stages.analyze.AnalysisRun`): its accuracies, its MVL table and where
     its outputs are."""
@@ -42,9 +55,9 @@ def analysis_summary(run) -> list[str]:
     norm = run.manifest.get("normalization") or {}
     stats = None if norm.get("mean") is None else (norm["mean"], norm["std"])
     clean = res.accuracy[res.accuracy["attack"] == "clean"].iloc[0]
-    lines = [f"{run.manifest['model']['path']} on {run.manifest['dataset']['name']} "
+    lines = [f"{shown_model(run.manifest['model'])} on {run.manifest['dataset']['name']} "
              f"({res.n_samples} samples, {res.seconds:.1f} s; 95% Wilson intervals in parentheses)",
-             f"input normalization: {describe(stats)}",
+             f"input normalization: {describe(stats)}", *_conversion_line(run.manifest.get("model")),
              f"clean accuracy: {_row_with_interval(clean)}", *_accuracy_by_eps(res.accuracy),
              *worst_case_note(run.manifest), *mvl_table(run.mvl), f"\nrun directory: {run.path}"]
     report = Path(run.path) / "report.html"

@@ -12,6 +12,7 @@ from typing import Any
 from . import sanity
 from .labels import CLEAN, WORST_CASE
 from .rundir import Run
+from .sources.spec import shown_model
 
 SECTION_TITLE = "Evaluation sanity checks"
 # What a warning of each check means, in a few words.
@@ -104,7 +105,7 @@ def summarize(run: Run, checks: list[sanity.Check] | None = None) -> dict:
     mvl = run.mvl or {}
     return {
         "run_dir": str(run.path),
-        "model": (run.manifest.get("model") or {}).get("path"),
+        "model": shown_model(run.manifest.get("model")),
         "dataset": (run.manifest.get("dataset") or {}).get("name"),
         "n_samples": run.manifest.get("n_samples"),
         "battery": run.manifest.get("battery"),

@@ -21,7 +21,7 @@ from robaudit.fragile import (FRAGILE_FILE, FragileExample, fragile_document, is
 from robaudit.stages.report import render_report
 from robaudit.stages.report_fragile import fragile_examples
 
-from test_cli import DIGITS_PT2, MOONS_PT2, assert_one_line_failure, invoke
+from tests.test_cli import DIGITS_PT2, MOONS_PT2, assert_one_line_failure, invoke
 
 ATTACKS = ["--attack", "fgsm", "--attack", "pgd:steps=3", "--attack", "gaussian", "--eps", "0.1,0.2"]
 IMG = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')

@@ -409,7 +409,7 @@ def test_the_mvl_table_strips_escapes_from_layer_names(capsys):
 def test_the_before_after_tables_strip_escapes_from_layer_names(tmp_path):
     from robaudit import tables
 
-    from _rundir import make_run
+    from tests._rundir import make_run
 
     run = make_run(tmp_path / "run", hardened=True)  # the before/after runs whose intervals the table reads
 

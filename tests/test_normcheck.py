@@ -12,8 +12,8 @@ from robaudit.errors import RobauditError
 from robaudit.lsa import analyze
 from robaudit.normcheck import NormalizationCheck, at_chance, far_above_chance
 
-from helpers import export_dynamic
-from test_cli import assert_one_line_failure, invoke
+from tests.helpers import export_dynamic
+from tests.test_cli import assert_one_line_failure, invoke
 
 MNIST = ((0.1307,), (0.3081,))  # the usual MNIST normalization
 
@@ -106,7 +106,7 @@ def test_alternatives():
 
 
 def test_the_summary_always_prints_the_normalization_used(tmp_path):
-    from test_cli import DIGITS_PT2, FAST
+    from tests.test_cli import DIGITS_PT2, FAST
 
     plain = invoke("analyze", DIGITS_PT2, "--dataset", "digits", *FAST, "--out", tmp_path / "plain")
     assert plain.exit_code == 0, plain.output

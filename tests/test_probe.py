@@ -1,6 +1,7 @@
 """Layer selection and hooks: repeated modules, filters on eager and exported models, cleanup."""
 from __future__ import annotations
 
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -454,50 +455,82 @@ def test_an_output_without_a_batch_dimension_is_not_probed():
 
 
 class FoldWindows(nn.Module):
-    """A Swin-like block: 2x2 windows of an n x 3 x 2m x 2m map folded into the batch, batch-major, as (4n, 3, m, m).
+    """A Swin-like block: 2x2 windows of an n x 3 x 2m x 2m map folded into the batch as (4n, 3, m, m), batch-major
+    (sample i's windows are rows 4i..4i+3, as Swin folds them) or sample-minor (window w of sample i is row w*n + i).
 
     With m equal to the rows of a pass, the folded output has that many entries at dims 2 and 3 and none at
-    dim 0, so which dimension holds the samples cannot be told from its shape."""
+    dim 0, so which dimension holds the samples cannot be told from its shape: only a proof pass tells."""
 
-    def __init__(self, m: int, num_classes: int = 3) -> None:
+    def __init__(self, m: int, num_classes: int = 3, *, major: bool = True) -> None:
         super().__init__()
-        self.m = m
+        self.m, self.major = m, major
         self.conv = nn.Conv2d(1, 3, 3, padding=1)
         self.window = nn.ReLU()
         self.head = nn.Linear(3 * 4 * m * m, num_classes)
 
+    def windows(self, h):
+        n, m = h.shape[0], self.m
+        w = h.reshape(n, 3, 2, m, 2, m).permute(0, 2, 4, 1, 3, 5).reshape(n, 4, 3, m, m)
+        return (w if self.major else w.transpose(0, 1)).reshape(4 * n, 3, m, m)
+
     def forward(self, x):
         n, m = x.shape[0], self.m
-        h = self.conv(x).reshape(n, 3, 2, m, 2, m).permute(0, 2, 4, 1, 3, 5).reshape(4 * n, 3, m, m)
-        h = self.window(h)
-        back = h.reshape(n, 2, 2, 3, m, m).permute(0, 3, 1, 4, 2, 5).reshape(n, 3, 2 * m, 2 * m)
+        h = self.window(self.windows(self.conv(x)))
+        w = h.reshape(n, 4, 3, m, m) if self.major else h.reshape(4, n, 3, m, m).transpose(0, 1)
+        back = w.reshape(n, 2, 2, 3, m, m).permute(0, 3, 1, 4, 2, 5).reshape(n, 3, 2 * m, 2 * m)
         return self.head(back.flatten(1))
 
 
-def test_a_layer_of_unclear_layout_is_skipped_and_the_audit_goes_on(tmp_path):
-    """One internal op's layout never stops an audit: the layer is left out with a warning, recorded in the
-    result, the manifest and the report, and every other layer is analyzed."""
-    torch.manual_seed(0)
-    model = FoldWindows(m=8).eval()  # the analysis stacks 2 batches of 4 samples: 8 rows, like the window side
-    with pytest.warns(UserWarning, match=r"window: its output \(32, 3, 8, 8\) has 8 entries at dims 2, 3 .*not probed"):
-        with LayerProbe(model, ["conv", "window", "head"]) as probe:
-            _, outs = probe.run(model, torch.rand(8, 1, 16, 16))
-    assert list(outs) == ["conv", "head"] and list(probe.unprobed) == ["window"]
-    x, y = torch.rand(12, 1, 16, 16), torch.arange(12) % 3
-    with pytest.warns(UserWarning, match="window: .*not probed"):
-        res = analyze(model, (x, y), attacks=["fgsm"], eps=[0.1], batch_size=4, device="cpu", probe="modules")
-    assert res.lsa["layer"].unique().tolist() == ["conv", "head"] and list(res.unprobed) == ["window"]
-    assert "dims 2, 3" in res.unprobed["window"]
-
+def _analyze_run(model, tmp_path):
     import numpy as np
 
     from robaudit.models import LoadedModel
     from robaudit.stages.analyze import analyze_run
 
     np.savez(tmp_path / "w.npz", x=torch.rand(12, 1, 16, 16).numpy(), y=(np.arange(12) % 3))
+    done = analyze_run(LoadedModel(module=model, format="checkpoint"), str(tmp_path / "w.npz"), out=tmp_path / "run",
+                       attacks=["fgsm"], eps=[0.1], batch_size=4, probe="modules", checks=False, device="cpu")
+    return done, (tmp_path / "run" / "report.html").read_text()
+
+
+def test_a_layer_of_unclear_layout_is_skipped_and_the_audit_goes_on(tmp_path):
+    """One internal op's layout never stops an audit: the layer is left out with a warning, recorded in the
+    result, the manifest and the report, and every other layer is analyzed."""
+    torch.manual_seed(0)
+    # sample-minor windows: the proof that each sample's rows are a block fails. The analysis stacks 2 batches of
+    # 4 samples: 8 rows, like the window side
+    model = FoldWindows(m=8, major=False).eval()
+    with pytest.warns(UserWarning, match=r"window: its output \(32, 3, 8, 8\) has 8 entries at dims 2, 3 .*not probed"):
+        with LayerProbe(model, ["conv", "window", "head"]) as probe:
+            _, outs = probe.run(model, torch.rand(8, 1, 16, 16))
+    assert list(outs) == ["conv", "head"] and list(probe.unprobed) == ["window"] and not probe.folded
+    assert "changing sample 0 alone changed row" in probe.unprobed["window"]
+    x, y = torch.rand(12, 1, 16, 16), torch.arange(12) % 3
     with pytest.warns(UserWarning, match="window: .*not probed"):
-        done = analyze_run(LoadedModel(module=model, format="checkpoint"), str(tmp_path / "w.npz"), out=tmp_path / "run", attacks=["fgsm"], eps=[0.1],
-                           batch_size=4, probe="modules", checks=False, device="cpu")
-    assert list(done.manifest["unprobed_layers"]) == ["window"]
-    page = (tmp_path / "run" / "report.html").read_text()
-    assert "Not probed (1)" in page and "<code>window</code>" in page
+        res = analyze(model, (x, y), attacks=["fgsm"], eps=[0.1], batch_size=4, device="cpu", probe="modules")
+    assert res.lsa["layer"].unique().tolist() == ["conv", "head"] and list(res.unprobed) == ["window"]
+    assert "dims 2, 3" in res.unprobed["window"]
+    with pytest.warns(UserWarning, match="window: .*not probed"):
+        done, page = _analyze_run(model, tmp_path)
+    assert list(done.manifest["unprobed_layers"]) == ["window"] and done.manifest["folded_layers"] == {}
+    assert "Not probed (1)" in page and "<code>window</code>" in page and "folded into the batch (" not in page
+
+
+def test_windows_folded_batch_major_are_read_per_sample_and_listed(tmp_path):
+    """Swin's layout: each sample's windows are a block of rows; the proof shows it, and the layer is read per
+    sample even where its shape alone is unclear (8 entries at dims 2 and 3, for 8 rows)."""
+    torch.manual_seed(0)
+    model = FoldWindows(m=8).eval()
+    x = torch.rand(8, 1, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is skipped
+        with LayerProbe(model, ["conv", "window", "head"]) as probe, torch.no_grad():
+            _, outs = probe.run(model, x)
+    assert list(outs) == ["conv", "window", "head"] and probe.folded == {"window": 4}
+    with torch.no_grad():  # by hand: each sample's 4 windows
+        torch.testing.assert_close(outs["window"], model.windows(model.conv(x)).relu().reshape(8, 4, 3, 8, 8))
+    done, page = _analyze_run(model, tmp_path)
+    assert done.manifest["folded_layers"] == {"window": 4} and done.manifest["unprobed_layers"] == {}
+    assert "window" in set(done.result.lsa["layer"])
+    assert "folded into the batch (1)" in page and "<code>window</code> (4 rows per sample)" in page
+    assert "Not probed (" not in page

@@ -23,7 +23,7 @@ from robaudit.stages.report import render_report
 
 from markupsafe import escape
 
-from _rundir import EVIL_LAYER, MATH_LAYER, make_run, model_checks
+from tests._rundir import EVIL_LAYER, MATH_LAYER, make_run, model_checks
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)

@@ -13,7 +13,7 @@ from robaudit import labels, sanity, significance, verdict
 from robaudit.model_checks import CALL_OVERHEAD, FORWARD_COST, plan_model_checks, run_model_checks
 from robaudit.sanity import Check, evaluate
 
-from _rundir import model_checks
+from tests._rundir import model_checks
 
 
 def frame(rows, n=1000) -> pd.DataFrame:

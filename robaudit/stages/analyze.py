@@ -5,6 +5,7 @@ This is what ``robaudit analyze`` calls; researchers can call :func:`analyze_run
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import logging
 import math
@@ -28,7 +29,8 @@ from ..errors import RobauditError
 from ..device import resolve_device
 from ..fragile import FRAGILE_FILE, fragile_images, is_image_shape
 from ..lsa import MVL, LSAResult, analyze
-from ..models import LoadedModel, load_model
+from ..models import LoadedModel
+from ..sources import ModelSource, SourceOptions, load_any, source_flags
 from ..rundir import usable_output_dir, staging_file, write_run
 from ..writelock import write_lock
 
@@ -49,10 +51,12 @@ class AnalysisRun:
     checks: dict | None
 
 
-def default_out(model_path: Path | None, source: DataSource, root: str | Path = "reports") -> Path:
-    """Where a run of ``model_path`` on ``source`` goes without --out: ``reports/<model>-<data set>``, named after
-    the data set as the run records it, so that a later command finds the run from the same options."""
-    stem = model_path.stem if model_path else "model"
+def default_out(model: str | Path | None, source: DataSource, root: str | Path = "reports") -> Path:
+    """Where a run of ``model`` (a file or a library model's spec) on ``source`` goes without --out:
+    ``reports/<model>-<data set>`` (``timm-resnet18-cifar10``), named after the data set as the run records it,
+    so that a later command finds the run from the same options."""
+    library = ModelSource.parse(model) if model is not None else None
+    stem = library.stem if library is not None else Path(model).stem if model is not None else "model"
     return Path(root) / f"{stem}-{source.name}"
 
 
@@ -119,17 +123,16 @@ def analyze_run(model: str | Path | LoadedModel, dataset: str, *, out: str | Pat
                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None, normalize: bool = True,
                 mvl_top: int | None = None, mvl_z: float | None = None, mvl_attack: str | None = None,
                 mvl_metric: str = "re_mean", include_output: bool = False, batch_size: int = 128, device: str = "auto",
-                seed: int = 0, checks: bool = True, report: bool = True, progress: bool = False,
-                command: str | None = None, force: bool = False, leave_group: bool = True) -> AnalysisRun | None:
-    """Analyze a model file on a data set and write the run directory (and its report).
+                seed: int = 0, checks: bool = True, report: bool = True, progress: bool = False, force: bool = False,
+                command: str | None = None, leave_group: bool = True, source_options: SourceOptions | None = None
+                ) -> AnalysisRun | None:
+    """Analyze a model (a file, or a library spec built with ``source_options``) and write its run directory.
 
     An existing ``out`` must be an earlier robaudit run, replaced only with ``force``. Under ``torchrun`` every
-    process analyzes its share, then rank 0 alone runs the model checks, writes the run and returns it (the others
-    return ``None``; with ``leave_group=False``, as ``harden MODEL`` goes on with the group, the analysis without
-    checks). An error on any process stops all of them. ``battery`` (default: :attr:`BatteryName.DEFAULT`) names
-    the attacks when ``attacks`` does not; not both."""
-    started = now()
-    dev = resolve_device(device)
+    process analyzes its share, then rank 0 alone runs the checks, writes the run and returns it (the others
+    ``None``; with ``leave_group=False``, as ``harden MODEL`` goes on with the group, the analysis without checks).
+    An error on any process stops all. ``battery`` (default: DEFAULT) names the attacks unless ``attacks`` does."""
+    started, dev = now(), resolve_device(device)
     dist.init(dev)
     with contextlib.ExitStack() as held:  # rank 0 holds the output's lock from its check to the final rename
         with dist.together():  # a failure here on any process (a missing file, say) stops every process
@@ -137,7 +140,8 @@ def analyze_run(model: str | Path | LoadedModel, dataset: str, *, out: str | Pat
                 model, dataset, out=out, arch=arch, arch_kwargs=arch_kwargs, trust_model=trust_model,
                 data_dir=data_dir, split=split, samples=samples, shuffle=shuffle, download=download,
                 image_size=image_size, class_map=class_map, attacks=attacks, battery=battery, eps=eps, mean=mean,
-                std=std, normalize=normalize, mvl_top=mvl_top, mvl_z=mvl_z, seed=seed, force=force, held=held)
+                std=std, normalize=normalize, mvl_top=mvl_top, mvl_z=mvl_z, seed=seed, force=force, held=held,
+                source_options=source_options)
         samples_csv = staging_file(out) if dist.is_main() else None  # removed if anything below fails
         try:
             loaded = loaded.in_context(device=dist.local_device(dev), mean=mean, std=std)  # once, for every step
@@ -173,7 +177,7 @@ def analyze_run(model: str | Path | LoadedModel, dataset: str, *, out: str | Pat
 
 def _setup(model, dataset: str, *, out, arch, arch_kwargs, trust_model, data_dir, split, samples, shuffle, download,
            image_size, class_map, attacks, battery, eps, mean, std, normalize, mvl_top, mvl_z, seed, force,
-           held: contextlib.ExitStack):
+           held: contextlib.ExitStack, source_options: SourceOptions | None = None):
     """Check the options and the output (and take its lock into ``held``), load the model and the data:
     everything before the analysis; the battery is None when ``attacks`` names the attacks."""
     if out is not None and dist.is_main():
@@ -183,15 +187,28 @@ def _setup(model, dataset: str, *, out, arch, arch_kwargs, trust_model, data_dir
     if specs and battery is not None:
         raise RobauditError("give either --battery or --attack: --attack names every attack to run")
     battery = None if specs else BatteryName.of(battery or BatteryName.DEFAULT)
-    loaded = model if isinstance(model, LoadedModel) else load_model(
-        model, arch=arch, arch_kwargs=arch_kwargs, trust_model=trust_model)
+    model_source = None if isinstance(model, LoadedModel) else ModelSource.parse(model)
+    if model_source is None and not isinstance(model, LoadedModel):
+        loaded = load_any(model, num_classes=0, arch=arch, arch_kwargs=arch_kwargs, trust_model=trust_model,
+                          options=source_options)  # a file: checked before the data set is read
     source = DataSource.parse(dataset, image_size=image_size, class_map=class_map)
     data = load_dataset(source, split=split, samples=samples, shuffle=shuffle, seed=seed, data_dir=data_dir,
                         download=download, stream=True)  # every on-disk format streams; moons and digits are small
-    out = Path(out) if out else default_out(loaded.path, source)
+    if isinstance(model, LoadedModel):
+        loaded = model
+    elif model_source is not None:  # a library model is built for the data set's classes
+        with dist.main_first():  # a download or a hub cache fill happens once, in rank 0
+            loaded = load_any(model, num_classes=data.num_classes, arch=arch, arch_kwargs=arch_kwargs,
+                              trust_model=trust_model, options=source_options, example=data.head(8)[0],
+                              dataset=data.name)
+    out = Path(out) if out else default_out(loaded.source["spec"] if loaded.source else loaded.path, source)
     if dist.is_main():  # the other processes never look at the output
         _claim_output(out, force=force, held=held)
-    mean, std = _normalization(data, normalize=normalize, mean=mean, std=std)
+    mean, std = _normalization(data, normalize=normalize, mean=mean, std=std, loaded=loaded)
+    _check_channels(mean, data, loaded)
+    norm = loaded.input_norm
+    if norm is not None and (mean, std) != (norm.mean, norm.std):  # the manifest names the origin it used
+        loaded = dataclasses.replace(loaded, input_norm=None)
     eps = list(eps) if eps else list(data.default_eps)
     if battery is BatteryName.STANDARD:
         check_standard(data.num_classes, data.input_shape)
@@ -214,9 +231,15 @@ def _check_mvl_options(mvl_top: int | None, mvl_z: float | None) -> None:
         raise RobauditError(f"--mvl-z must be a finite number of standard deviations, got {mvl_z}")
 
 
-def _normalization(data, *, normalize: bool, mean, std) -> tuple:
-    """The input normalization: the given one, the data set's (``normalize`` and none given), or none."""
+def _normalization(data, *, normalize: bool, mean, std, loaded: LoadedModel | None = None) -> tuple:
+    """The input normalization: the given one; with ``normalize`` and none given, the one the model's library
+    says (timm's config, torchvision's transforms; none for RobustBench), else the data set's; or none."""
     if normalize and mean is None and std is None:
+        norm = loaded.input_norm if loaded is not None else None
+        if norm is not None:
+            log.info("input normalization from %s: mean %s, std %s (--mean/--std or --no-normalize override it)",
+                     norm.origin, norm.mean, norm.std)
+            return norm.mean, norm.std
         return data.mean, data.std
     return (mean, std) if normalize else (None, None)
 
@@ -251,6 +274,19 @@ def run_tables(result: LSAResult, bn, samples_csv: Path | None) -> dict:
     return tables
 
 
+def _check_channels(mean, data, loaded: LoadedModel) -> None:
+    """A normalization has one value per input channel (or one for all): broadcasting 3 values over a 1-channel
+    image would feed the model a 3-channel one without a word."""
+    channels = int(data.input_shape[0]) if data.input_shape else 1
+    if mean is None or len(mean) in (1, channels):
+        return
+    norm = loaded.input_norm
+    where = (f"{norm.origin} gives" if norm is not None and tuple(mean) == norm.mean
+             else "--mean/--std (or the data set's usual normalization) give")
+    raise RobauditError(f"{where} {len(mean)} normalization values and the data has {channels} channel(s): pass "
+                        f"--mean/--std with {channels} value(s), or --no-normalize")
+
+
 def _written(path: Path) -> bool:
     """Whether the analysis wrote into its staging file (a regular file, not empty)."""
     try:
@@ -279,9 +315,11 @@ def _manifest(loaded: LoadedModel, data, result: LSAResult, *, command: str, tru
             "arch_kwargs": loaded.arch_kwargs,
             "trust_model": bool(trust_model),
             "class": type(loaded.module).__name__,
+            **({"source": loaded.source} if loaded.source is not None else {}),
         },
         "normalization": {"mean": list(mean) if mean is not None else None,
-                          "std": list(std) if std is not None else None},
+                          "std": list(std) if std is not None else None,
+                          **({"origin": loaded.input_norm.origin} if loaded.input_norm is not None else {})},
         "dataset": {"name": data.name, "split": split, "samples": samples, "shuffle": shuffle,
                     "data_dir": str(data_dir) if data_dir else None, "source": data.source,
                     "num_classes": data.num_classes, "input_shape": list(data.input_shape),
@@ -299,6 +337,7 @@ def _manifest(loaded: LoadedModel, data, result: LSAResult, *, command: str, tru
                    "probe": probe},
         "num_layers": len(result.layers),
         "unprobed_layers": dict(result.unprobed),  # left out: their output holds no per-sample activation
+        "folded_layers": dict(result.folded),  # read per sample from rows folded into the batch: rows per sample
         "mvl": mvl,
         "clean_accuracy": result.clean_accuracy,
         "seconds": round(result.seconds, 3),
@@ -355,7 +394,8 @@ def _api_command(loaded: LoadedModel, dataset: str, attacks, eps, seed: int, out
                  image_size: int | None = None, class_map=None, samples: int | None = None,
                  shuffle: bool = False, battery: BatteryName | None = None) -> str:
     """The ``robaudit analyze`` command line equivalent to an :func:`analyze_run` call."""
-    return command_line("analyze", str(loaded.path) if loaded.path else "MODEL", dataset=dataset,
+    model = loaded.source["spec"] if loaded.source else str(loaded.path) if loaded.path else "MODEL"
+    return command_line("analyze", model, **source_flags(loaded.source), dataset=dataset,
                         image_size=image_size, class_map=class_map, samples=samples, shuffle=shuffle,
                         attack=list(attacks or []),
                         battery=battery.value if battery not in (None, BatteryName.DEFAULT) else None,

@@ -27,6 +27,7 @@ from ..errors import RobauditError
 from ..device import resolve_device
 from ..exported import export_dynamic_batch
 from ..lsa import ranking_rows, re_column, select_mvl
+from ..sources import WEIGHTS_FILE, ModelSource, reload_recorded, save_weights, state_digest
 from ..models import (LoadedModel, check_stored_arch, export_model, load_model, save_checkpoint,
                       save_exported_weights, sha256_file, with_normalization)
 from ..rundir import rows_at, atomic_dir, fill_run, foreign_entries, read_run, write_csv, write_json
@@ -227,7 +228,7 @@ def run_to_harden(model: str | os.PathLike | None, run_dir: str | os.PathLike | 
     dist.init(resolve_device(device))
     notes: list[str] = []
     if model is not None:
-        run_dir = _analyze_first(Path(model), dataset, out=out, resume=resume, device=device, notes=notes,
+        run_dir = _analyze_first(os.fspath(model), dataset, out=out, resume=resume, device=device, notes=notes,
                                  **(analysis or {}))
     elif run_dir is None:
         run_dir = latest_run("reports")
@@ -239,7 +240,7 @@ def run_to_harden(model: str | os.PathLike | None, run_dir: str | os.PathLike | 
     return Path(run_dir), notes
 
 
-def _analyze_first(model: Path, dataset: str, *, out, resume: bool, notes: list[str], **analysis) -> Path:
+def _analyze_first(model: str, dataset: str, *, out, resume: bool, notes: list[str], **analysis) -> Path:
     """``harden MODEL``: its analysis written first, unless an interrupted harden of that run is resumed."""
     from ..data import DataSource
     from .analyze import analyze_run, default_out
@@ -273,7 +274,8 @@ def _finish(run, cfg: HardenConfig, result: HardenResult, loaded: LoadedModel, t
     """
     run_dir, dest = run.path, run.path / HARDENED_DIR
     module = result.module.cpu().eval()
-    fname, fmt = ("model.pt", "checkpoint") if loaded.format not in ("export", "pickle") else ("model.pt2", "export")
+    fname, fmt = (("model.pt2", "export") if loaded.format in ("export", "pickle")
+                  else (WEIGHTS_FILE, loaded.format) if loaded.source is not None else ("model.pt", "checkpoint"))
     final_model = (dest / fname).resolve()
     main = dist.is_main()
     with (atomic_dir(dest) if main else tempfile.TemporaryDirectory(prefix="robaudit-harden-")) as tmp:
@@ -309,10 +311,11 @@ def _records(run, cfg: HardenConfig, result: HardenResult, loaded: LoadedModel, 
         "model": {"path": str(final_model), "sha256": sha256_file(model_file), "format": fmt,
                   "arch": loaded.arch if fmt == "checkpoint" else None,
                   "arch_kwargs": loaded.arch_kwargs if fmt == "checkpoint" else {},
-                  "trust_model": False, "class": type(hardened.module).__name__},
+                  "trust_model": False, "class": type(hardened.module).__name__,
+                  **({"source": {**hardened.source, "weights": str(final_model)}} if hardened.source else {})},
         "n_samples": analysis.n_samples, "clean_accuracy": analysis.clean_accuracy,
         "seconds": round(analysis.seconds, 3), "started": started, "finished": now(),
-        "hardened_from": {"run": str(run_dir.resolve()), "model": str(model_path.resolve()),
+        "hardened_from": {"run": str(run_dir.resolve()), "model": _shown(model_path),
                           "sha256": (man.get("model") or {}).get("sha256"), "method": cfg.method.value,
                           "layers_from": ranking.get("layers_from", "mvl")},
     })
@@ -322,12 +325,17 @@ def _records(run, cfg: HardenConfig, result: HardenResult, loaded: LoadedModel, 
         "layers_from": ranking.get("layers_from", "mvl"), "layers_rule": ranking.get("layers_rule"),
         "include_output": include_output, "train": train_desc, "device": str(dev),
         "resumed_from_epoch": result.resumed_from_epoch, "notes": result.notes,
-        "input_model": {"path": str(model_path.resolve()), "format": loaded.format,
+        "input_model": {"path": _shown(model_path), "format": loaded.format,
                         "sha256": (man.get("model") or {}).get("sha256")},
         "output_model": {"path": str(final_model), "format": fmt},
         "seconds_training": round(result.seconds, 3), "started": started, "finished": now(),
     })
     return h_manifest, out_settings
+
+
+def _shown(model_path: Path) -> str:
+    """A model file's absolute path; a library spec (``timm:resnet18``) as it is."""
+    return str(model_path) if ModelSource.parse(str(model_path)) is not None else str(model_path.resolve())
 
 
 def _check_run_dir(run, dest: Path, ck_path: Path, *, resume: bool, force: bool) -> None:
@@ -366,6 +374,8 @@ def _load_run_model(run, *, arch: str | None, trust_model: bool) -> tuple[Loaded
     """The run's model file, unchanged since the analysis (sha256), loaded as the manifest says."""
 
     mm = run.manifest.get("model") or {}
+    if mm.get("source") is not None:
+        return _load_run_source(run, mm, trust_model=trust_model)
     model_path = Path(mm.get("path") or "")
     if not mm.get("path") or not model_path.is_file():
         raise RobauditError(f"the run's model file {mm.get('path')} is gone: restore it, or analyze again")
@@ -377,6 +387,25 @@ def _load_run_model(run, *, arch: str | None, trust_model: bool) -> tuple[Loaded
         arch = check_stored_arch(mm["arch"], run.path / "manifest.json", trust_model=trust_model)
     loaded = load_model(model_path, arch=arch, arch_kwargs=mm.get("arch_kwargs") or None, trust_model=trust_model)
     return loaded, model_path
+
+
+def _load_run_source(run, mm: Mapping, *, trust_model: bool) -> tuple[LoadedModel, Path]:
+    """The run's library model built again as its manifest records it; its weights (the file's sha256, or the
+    built state's for weights the library fetched) unchanged since the analysis."""
+    record = mm["source"]
+    if not isinstance(record, Mapping):
+        raise RobauditError(f"{run.path / 'manifest.json'}: model.source is not a JSON object: analyze again")
+    path = Path(mm["path"]) if mm.get("path") else None
+    if path is not None and not path.is_file():
+        raise RobauditError(f"the run's weights file {path} is gone: restore it, or analyze again")
+    if path is not None and mm.get("sha256") and sha256_file(path) != mm["sha256"]:
+        raise RobauditError(f"{path} changed since the analysis (sha256 differs): analyze it again first")
+    num_classes = int((run.manifest.get("dataset") or {}).get("num_classes") or 0)
+    loaded = reload_recorded(record, num_classes=num_classes, trust_model=trust_model)
+    if path is None and mm.get("sha256") and state_digest(loaded.module) != mm["sha256"]:
+        raise RobauditError(f"{record.get('spec')}'s weights differ from the analysis' (the library's download "
+                            "changed): analyze it again first")
+    return loaded, path or Path(str(record.get("spec")))
 
 
 def _train_set(record: Mapping, train_data, *, download: bool):
@@ -438,6 +467,9 @@ def _check_trainable(cfg: HardenConfig, loaded: LoadedModel, train_set) -> None:
 def _save_model(path: Path, loaded: LoadedModel, module: nn.Module, train_set) -> LoadedModel:
     """Save the hardened module in the input's format family and load it back as any user would."""
 
+    if loaded.source is not None:  # a library model: its weights, built again from the same record
+        save_weights(path, module)
+        return reload_recorded(loaded.source, num_classes=train_set.num_classes, trust_model=False, weights=path)
     if loaded.format == "export":
         save_exported_weights(path, loaded, module)
     elif loaded.format == "pickle":

@@ -193,8 +193,9 @@ def _layers_section(run: Run, palette: Palette, mvl_names: set[str]) -> dict:
                    "header to sort.")
     table = Table(columns, rows, caption=caption)
     unprobed = sorted((run.manifest.get("unprobed_layers") or {}).items())
+    folded = sorted((run.manifest.get("folded_layers") or {}).items())
     return {"metric": metric, "n_layers": len(layers), "n_configs": len(configs), "figures": figures, "table": table,
-            "unprobed": unprobed}
+            "unprobed": unprobed, "folded": folded}
 
 
 def _perturbation_table(acc: pd.DataFrame, after: pd.DataFrame | None) -> Table | None:
@@ -437,7 +438,9 @@ def _headline(man: dict, shown: Path) -> tuple[str, str]:
     """The report's title and the line under it: model, data set, samples, seed, when, model hash."""
     model = man.get("model") or {}
     dataset = man.get("dataset") or {}
-    model_name = Path(str(model.get("path"))).name if model.get("path") else shown.name
+    source = model.get("source") if isinstance(model.get("source"), dict) else None
+    model_name = (str(source.get("spec")) if source and source.get("spec") else
+                  Path(str(model.get("path"))).name if model.get("path") else shown.name)
     data_name = str(dataset.get("name") or "unknown data")
     sub = [f"data set {data_name}" + (f" ({dataset['split']} split)" if dataset.get("split") else "")]
     if man.get("n_samples") is not None:
